@@ -1,0 +1,43 @@
+# Every target a developer uses is the one CI uses (.ci/run).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install check format test test-fast bench demo hub clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Read-only: never rewrites a file.
+check: install
+	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format src tests bench scripts
+	$(BIN)/ruff check --fix src tests bench scripts
+
+# pytest exits 5 when it collected no test: that is a failure here, never a pass.
+test: install
+	$(PY) scripts/run-tests $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/run.py
+
+demo: install
+	$(PY) scripts/demo.py
+
+hub: install
+	$(BIN)/ipcbus hub
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

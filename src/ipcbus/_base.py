@@ -1,0 +1,309 @@
+"""The :class:`Broker` contract: its docstrings *are* the semantics every broker implements.
+
+Implementations document only where they differ, and say why (dramatiq's habit). Argument checks
+live here, in the public methods, so every broker rejects bad input the same way; subclasses
+implement the ``_publish`` / ``_subscribe`` / ``_cancel`` / ``_close`` hooks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ClassVar, Self, TypeVar
+
+from .exceptions import BrokerClosedError
+from .message import Message, get_unique_name_for_message
+
+__all__ = [
+    "AsyncMessageContext",
+    "Broker",
+    "Handler",
+    "Predicate",
+    "QueuePolicy",
+    "Subscription",
+]
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+Handler = Callable[[Any], Any | Awaitable[Any]]
+Predicate = Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """How a queue group retries a delivery whose handler raised.
+
+    A handler is called at most ``max_attempts`` times with one message; attempt ``n`` (n >= 2)
+    waits ``retry_backoff * 2 ** (n - 2)`` seconds first (brokers that run deterministically, like
+    :class:`~ipcbus.broker.TestBroker`, skip the wait). After the last attempt the message is
+    dead-lettered: published as a :class:`~ipcbus.message.DeadLetter`.
+    """
+
+    max_attempts: int = 3
+    retry_backoff: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, not {self.max_attempts}")
+        if self.retry_backoff < 0:
+            raise ValueError(f"retry_backoff must be >= 0, not {self.retry_backoff}")
+
+    def delay_before(self, attempt: int) -> float:
+        return 0.0 if attempt <= 1 else self.retry_backoff * 2 ** (attempt - 2)
+
+
+@dataclass(frozen=True)
+class AsyncMessageContext:
+    """The context of one delivery to a ``subscribe_async`` handler.
+
+    ``attempt`` is 1 on the first delivery and grows with each retry or redelivery;
+    ``published_at`` is the publisher's ``time.time()`` at ``publish()``.
+    """
+
+    queue_name: str
+    message_id: str
+    attempt: int
+    published_at: float
+
+    _current: ClassVar[ContextVar[AsyncMessageContext]] = ContextVar("ipcbus_async_context")
+
+    @classmethod
+    def current(cls) -> AsyncMessageContext:
+        """The context of the queue delivery being handled; ``LookupError`` outside a handler."""
+        try:
+            return cls._current.get()
+        except LookupError:
+            raise LookupError(
+                "AsyncMessageContext.current() is only available inside a subscribe_async handler"
+            ) from None
+
+
+class Subscription:
+    """A handler registered with a broker. ``cancel()`` stops delivery and is idempotent."""
+
+    __slots__ = (
+        "_broker",
+        "_cancelled",
+        "handler",
+        "message_type",
+        "policy",
+        "predicate",
+        "queue_name",
+        "topic",
+    )
+
+    def __init__(
+        self,
+        broker: Broker,
+        message_type: type[Message],
+        handler: Handler,
+        predicate: Predicate | None,
+        queue_name: str | None,
+        policy: QueuePolicy | None = None,
+    ) -> None:
+        self._broker = broker
+        self._cancelled = False
+        self.message_type = message_type
+        self.topic = get_unique_name_for_message(message_type)
+        self.handler = handler
+        self.predicate = predicate
+        self.queue_name = queue_name
+        self.policy = policy or QueuePolicy()
+
+    @property
+    def active(self) -> bool:
+        return not self._cancelled
+
+    def cancel(self) -> None:
+        """Stop delivering to this handler. Calling it again does nothing."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self._broker._cancel(self)
+
+    def accepts(self, message: Message) -> bool:
+        """Run the predicate in this process. A predicate that raises rejects (and is logged)."""
+        if self._cancelled:
+            return False
+        if self.predicate is None:
+            return True
+        try:
+            return bool(self.predicate(message))
+        except Exception:
+            logger.exception("predicate %r raised on %r: message rejected", self.predicate, message)
+            return False
+
+    def __repr__(self) -> str:
+        kind = f"queue {self.queue_name!r}" if self.queue_name is not None else "broadcast"
+        state = "cancelled" if self._cancelled else "active"
+        return f"<Subscription {self.topic} {kind} {self.handler!r} {state}>"
+
+
+def call_handler(subscription: Subscription, message: Message) -> Any:
+    """Call a handler, logging (never raising) its exception. Returns the exception or None."""
+    try:
+        subscription.handler(message)
+    except Exception as exc:
+        logger.exception("handler %r raised on %r", subscription.handler, message)
+        return exc
+    return None
+
+
+def describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Broker(ABC):
+    """A message broker: ``publish``, ``subscribe``, ``subscribe_async``.
+
+    - ``publish(message)`` delivers ``message`` to every broadcast subscription of its exact type
+      (routing is by :func:`~ipcbus.message.get_unique_name_for_message`, never by class identity)
+      whose predicate accepts it, once each, and to one subscription of each queue group.
+    - Predicates run in the subscriber's process; one that raises rejects and is logged.
+    - Handler exceptions are logged with traceback and never stop delivery to other handlers or of
+      later messages. Queue-group handlers that raise are retried (:class:`QueuePolicy`), then
+      dead-lettered.
+    - ``close()`` is idempotent; a closed broker raises :class:`BrokerClosedError`. Brokers are
+      context managers that close on exit.
+    """
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    # -- public API -------------------------------------------------------------------------
+
+    def publish(self, message: Message) -> None:
+        """Send ``message`` to its subscribers.
+
+        A non-:class:`Message` is a ``TypeError``; a message that cannot be serialised is a
+        :class:`~ipcbus.exceptions.MessageSerializationError` raised here, and nothing is sent.
+        """
+        if not isinstance(message, Message):
+            raise TypeError(f"publish() takes a Message instance, not {type(message).__name__}")
+        self._check_open()
+        self._publish(message)
+
+    def subscribe(
+        self,
+        message_type: type[M],
+        handler: Callable[[M], Any],
+        predicate: Callable[[M], bool] | None = None,
+    ) -> Subscription:
+        """Call ``handler(message)`` for every message of exactly ``message_type`` (broadcast).
+
+        Once ``subscribe()`` has returned, every message published afterwards by any process
+        reaches it. ``handler`` is a plain callable; coroutine functions belong to
+        ``subscribe_async``.
+        """
+        self._check_subscription(message_type, handler, predicate)
+        if inspect.iscoroutinefunction(handler):
+            raise TypeError(
+                f"subscribe() handlers are called synchronously; {handler!r} is a coroutine "
+                "function: use subscribe_async() for it"
+            )
+        self._check_open()
+        subscription = Subscription(self, message_type, handler, predicate, None)
+        self._subscribe(subscription)
+        return subscription
+
+    def subscribe_async(
+        self,
+        message_type: type[M],
+        handler: Callable[[M], Any],
+        queue_name: str,
+        predicate: Callable[[M], bool] | None = None,
+        *,
+        max_attempts: int = 3,
+        retry_backoff: float = 0.05,
+    ) -> Subscription:
+        """Join the queue group ``queue_name`` for ``message_type`` (competing consumers).
+
+        Each message goes to **one** subscription of each group whose predicate accepts it; every
+        group gets its own copy. ``handler`` may be a coroutine function or a plain function;
+        inside it :meth:`AsyncMessageContext.current` describes the delivery. A handler that
+        raises is retried up to ``max_attempts`` calls in all, then the message is published as a
+        :class:`~ipcbus.message.DeadLetter`.
+        """
+        self._check_subscription(message_type, handler, predicate)
+        if not isinstance(queue_name, str) or not queue_name:
+            raise TypeError(f"queue_name must be a non-empty str, not {queue_name!r}")
+        policy = QueuePolicy(max_attempts=max_attempts, retry_backoff=retry_backoff)
+        self._check_open()
+        subscription = Subscription(self, message_type, handler, predicate, queue_name, policy)
+        self._subscribe(subscription)
+        return subscription
+
+    def flush(self, timeout: float | None = None) -> None:  # noqa: B027 - optional hook
+        """Wait until everything published before this call has left this process's hands.
+
+        In-process brokers have nothing in flight for broadcast; see each broker for its queues.
+        """
+
+    def close(self) -> None:
+        """Release the broker. Idempotent; later use raises ``BrokerClosedError``."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- hooks for implementations ----------------------------------------------------------
+
+    @abstractmethod
+    def _publish(self, message: Message) -> None: ...
+
+    @abstractmethod
+    def _subscribe(self, subscription: Subscription) -> None: ...
+
+    @abstractmethod
+    def _cancel(self, subscription: Subscription) -> None: ...
+
+    def _close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; called once, by the first ``close()``."""
+
+    def _for_child(self) -> Broker:
+        """The broker a forked child gets from ``get_message_broker()``: fresh, not subscribed.
+
+        In-process brokers return a new instance of their class; a hub proxy reconnects.
+        """
+        return type(self)()
+
+    # -- shared checks ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrokerClosedError(f"{type(self).__name__} is closed")
+
+    @staticmethod
+    def _check_subscription(
+        message_type: object, handler: object, predicate: object | None
+    ) -> None:
+        if not (isinstance(message_type, type) and issubclass(message_type, Message)):
+            raise TypeError(f"message_type must be a Message subclass, not {message_type!r}")
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {handler!r}")
+        if predicate is not None and not callable(predicate):
+            raise TypeError(f"predicate must be callable or None, not {predicate!r}")

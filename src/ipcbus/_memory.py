@@ -1,0 +1,229 @@
+"""In-process brokers: MemoryBroker (real delivery) and NullBroker (delivers nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from ._base import (
+    AsyncMessageContext,
+    Broker,
+    Subscription,
+    call_handler,
+    describe_error,
+)
+from ._routing import RouteTable
+from .exceptions import BrokerClosedError, PublishTimeoutError
+from .message import DeadLetter, Message, get_unique_name_for_message
+
+__all__ = ["MemoryBroker", "NullBroker", "run_queue_handler"]
+
+logger = logging.getLogger(__name__)
+
+
+async def run_queue_handler(subscription: Subscription, message: Message) -> None:
+    """Run a queue handler to completion: coroutines are awaited, plain functions get a thread.
+
+    A plain function runs in a worker thread (``asyncio.to_thread`` copies the context, so
+    ``AsyncMessageContext.current()`` works there too) and cannot stall the event loop.
+    """
+    handler = subscription.handler
+    if inspect.iscoroutinefunction(handler):
+        await handler(message)
+        return
+    result = await asyncio.to_thread(handler, message)
+    if inspect.isawaitable(result):
+        await result
+
+
+class MemoryBroker(Broker):
+    """Delivers within this process.
+
+    ``subscribe`` handlers are called synchronously inside ``publish()``, in subscription order.
+    ``subscribe_async`` handlers run on an event loop: the running loop of the publishing thread if
+    there is one, else a loop this broker owns on a thread of its own. ``flush(timeout)`` waits for
+    the deliveries on the owned loop (retries included); ``close()`` waits for them at most
+    ``linger`` seconds, then cancels what is left.
+    """
+
+    def __init__(self, *, linger: float = 5.0) -> None:
+        super().__init__()
+        self._linger = linger
+        self._routes = RouteTable()
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._loop_lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._in_flight = 0
+        self._foreign_tasks: set[asyncio.Task[None]] = set()
+
+    def _for_child(self) -> MemoryBroker:
+        return type(self)(linger=self._linger)
+
+    # -- broker hooks ------------------------------------------------------------------------
+
+    def _publish(self, message: Message) -> None:
+        topic = get_unique_name_for_message(message)
+        for subscription in self._routes.broadcast(topic):
+            if subscription.accepts(message):
+                call_handler(subscription, message)
+        queue_names = self._routes.queue_names(topic)
+        if not queue_names:
+            return
+        published_at = time.time()
+        for queue_name in queue_names:
+            member = self._routes.pick(topic, queue_name, message)
+            if member is None:
+                logger.debug("no member of queue %r accepted %r: dropped", queue_name, message)
+                continue
+            message_id = f"{os.getpid()}-{next(self._ids)}"
+            self._schedule(self._deliver(member, message, message_id, published_at))
+
+    def _subscribe(self, subscription: Subscription) -> None:
+        self._routes.add(subscription)
+
+    def _cancel(self, subscription: Subscription) -> None:
+        self._routes.remove(subscription)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the owned loop has finished every delivery (retries included)."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._in_flight == 0, timeout):
+                raise PublishTimeoutError(
+                    f"{self._in_flight} queue deliveries still running after {timeout} s"
+                )
+
+    def _close(self) -> None:
+        try:
+            self.flush(self._linger)
+        except PublishTimeoutError:
+            logger.warning("closing MemoryBroker with %d deliveries still running", self._in_flight)
+        with self._loop_lock:
+            loop, thread = self._loop, self._loop_thread
+            self._loop = self._loop_thread = None
+        if loop is not None and thread is not None:
+            asyncio.run_coroutine_threadsafe(_cancel_all_then_stop(loop), loop)
+            thread.join(timeout=self._linger)
+        self._routes.clear()
+
+    # -- queue deliveries --------------------------------------------------------------------
+
+    def _schedule(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None:
+            task = running.create_task(coro)
+            # The loop keeps only weak references to tasks: hold them until they finish.
+            self._foreign_tasks.add(task)
+            task.add_done_callback(self._foreign_tasks.discard)
+            return
+        loop = self._owned_loop()
+        with self._idle:
+            self._in_flight += 1
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        future.add_done_callback(lambda _: self._delivery_done())
+
+    def _delivery_done(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
+
+    def _owned_loop(self) -> asyncio.AbstractEventLoop:
+        with self._loop_lock:
+            if self._closed:
+                raise BrokerClosedError("MemoryBroker is closed")
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=_run_forever, args=(loop,), name="ipcbus-memory-loop", daemon=True
+                )
+                thread.start()
+                self._loop, self._loop_thread = loop, thread
+            return self._loop
+
+    async def _deliver(
+        self, member: Subscription, message: Message, message_id: str, published_at: float
+    ) -> None:
+        queue_name = member.queue_name
+        assert queue_name is not None
+        policy = member.policy
+        attempt = 1
+        current: Subscription | None = member
+        while current is not None:
+            context = AsyncMessageContext(queue_name, message_id, attempt, published_at)
+            token = AsyncMessageContext._current.set(context)
+            try:
+                await run_queue_handler(current, message)
+                return
+            except Exception as exc:
+                logger.exception(
+                    "queue %r handler %r raised on %r (attempt %d of %d)",
+                    queue_name,
+                    current.handler,
+                    message,
+                    attempt,
+                    policy.max_attempts,
+                )
+                error = exc
+            finally:
+                AsyncMessageContext._current.reset(token)
+            if attempt >= policy.max_attempts:
+                self._dead_letter(queue_name, message, attempt, error)
+                return
+            attempt += 1
+            await asyncio.sleep(policy.delay_before(attempt))
+            current = self._routes.pick(current.topic, queue_name, message)
+        logger.warning("queue %r has no member left for %r: dropped", queue_name, message)
+
+    def _dead_letter(
+        self, queue_name: str, message: Message, attempts: int, exc: Exception
+    ) -> None:
+        logger.error("queue %r dead-lettered %r after %d attempts", queue_name, message, attempts)
+        if isinstance(message, DeadLetter):
+            return  # a failing dead-letter handler must not feed itself forever
+        try:
+            self.publish(DeadLetter(queue_name, message, attempts, describe_error(exc)))
+        except BrokerClosedError:
+            logger.warning("broker closed: DeadLetter for %r not published", message)
+
+
+def _run_forever(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
+async def _cancel_all_then_stop(loop: asyncio.AbstractEventLoop) -> None:
+    me = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not me]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    loop.stop()
+
+
+class NullBroker(Broker):
+    """Accepts everything (argument checks included) and delivers nothing."""
+
+    def _publish(self, message: Message) -> None:
+        pass
+
+    def _subscribe(self, subscription: Subscription) -> None:
+        pass
+
+    def _cancel(self, subscription: Subscription) -> None:
+        pass

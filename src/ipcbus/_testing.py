@@ -1,0 +1,186 @@
+"""TestBroker: a real broker for tests, deterministic and single-threaded."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+from ._base import (
+    AsyncMessageContext,
+    Broker,
+    Subscription,
+    call_handler,
+    describe_error,
+)
+from ._codec import dumps
+from ._routing import RouteTable
+from .message import DeadLetter, Message, get_unique_name_for_message
+
+__all__ = ["TestBroker"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """A queue delivery to attempt again (TestBroker skips the backoff: it is deterministic)."""
+
+    topic: str
+    queue_name: str
+    message: Message
+    message_id: str
+    published_at: float
+    attempt: int
+
+
+class TestBroker(Broker):
+    """Records what is published; ``process_messages()`` delivers it.
+
+    ``publish()`` checks that the message can be serialised, as production would, records it in
+    ``published`` and queues it; nothing is delivered until :meth:`process_messages`, which runs
+    broadcast and queue handlers (awaiting coroutines to completion, in this thread), retries and
+    dead letters included, and messages those handlers publish, until nothing is pending.
+    """
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, *, max_deliveries: int = 1_000_000) -> None:
+        super().__init__()
+        self.published: list[Message] = []
+        self._pending: deque[Message | _Retry] = deque()
+        self._routes = RouteTable()
+        self._ids = itertools.count(1)
+        self._max_deliveries = max_deliveries
+
+    def _for_child(self) -> TestBroker:
+        return type(self)(max_deliveries=self._max_deliveries)
+
+    def _publish(self, message: Message) -> None:
+        dumps(message)  # MessageSerializationError here, as the hub proxy would raise it
+        self.published.append(message)
+        self._pending.append(message)
+
+    def _subscribe(self, subscription: Subscription) -> None:
+        self._routes.add(subscription)
+
+    def _cancel(self, subscription: Subscription) -> None:
+        self._routes.remove(subscription)
+
+    @property
+    def pending(self) -> int:
+        """How many publishes and retries wait for ``process_messages()``."""
+        return len(self._pending)
+
+    def process_messages(self) -> int:
+        """Deliver everything pending, including what handlers publish meanwhile.
+
+        Returns the number of handler calls made (retries included). Raises ``RuntimeError`` past
+        ``max_deliveries`` calls, which only a handler that publishes forever reaches.
+        """
+        self._check_open()
+        calls = 0
+        while self._pending:
+            if calls >= self._max_deliveries:
+                raise RuntimeError(
+                    f"process_messages() made {calls} handler calls and messages are still "
+                    "pending: do handlers publish in a cycle?"
+                )
+            item = self._pending.popleft()
+            if isinstance(item, _Retry):
+                calls += self._attempt(item)
+                continue
+            topic = get_unique_name_for_message(item)
+            for subscription in self._routes.broadcast(topic):
+                if subscription.accepts(item):
+                    call_handler(subscription, item)
+                    calls += 1
+            published_at = time.time()
+            for queue_name in self._routes.queue_names(topic):
+                message_id = f"test-{next(self._ids)}"
+                calls += self._attempt(
+                    _Retry(topic, queue_name, item, message_id, published_at, attempt=1)
+                )
+        return calls
+
+    def _attempt(self, delivery: _Retry) -> int:
+        member = self._routes.pick(delivery.topic, delivery.queue_name, delivery.message)
+        if member is None:
+            logger.debug("no member of %r accepted %r", delivery.queue_name, delivery.message)
+            return 0
+        context = AsyncMessageContext(
+            delivery.queue_name, delivery.message_id, delivery.attempt, delivery.published_at
+        )
+        try:
+            _call(member, delivery.message, context)
+        except Exception as exc:
+            logger.exception(
+                "queue %r handler %r raised on %r (attempt %d of %d)",
+                delivery.queue_name,
+                member.handler,
+                delivery.message,
+                delivery.attempt,
+                member.policy.max_attempts,
+            )
+            if delivery.attempt < member.policy.max_attempts:
+                self._pending.append(
+                    _Retry(
+                        delivery.topic,
+                        delivery.queue_name,
+                        delivery.message,
+                        delivery.message_id,
+                        delivery.published_at,
+                        delivery.attempt + 1,
+                    )
+                )
+            elif not isinstance(delivery.message, DeadLetter):
+                self.publish(
+                    DeadLetter(
+                        delivery.queue_name, delivery.message, delivery.attempt, describe_error(exc)
+                    )
+                )
+        return 1
+
+
+def _call(subscription: Subscription, message: Message, context: AsyncMessageContext) -> None:
+    """Run one queue handler to completion in this thread, with its context set."""
+    token = AsyncMessageContext._current.set(context)
+    try:
+        result = subscription.handler(message)
+        if inspect.isawaitable(result):
+            _await(result)
+    finally:
+        AsyncMessageContext._current.reset(token)
+
+
+def _await(awaitable: Awaitable[Any]) -> None:
+    async def wrapper() -> None:
+        await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(wrapper())
+        return
+    # Called from async code: this thread's loop is busy running the caller, so the coroutine gets
+    # a private loop on a helper thread while the caller waits (still one delivery at a time).
+    errors: list[BaseException] = []
+
+    def in_thread() -> None:
+        try:
+            asyncio.run(wrapper())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=in_thread, name="ipcbus-test-delivery")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]

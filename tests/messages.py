@@ -1,0 +1,37 @@
+"""Message types shared by the test-suite (importable, so they pickle by reference)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from ipcbus import Message
+
+
+@dataclass(frozen=True)
+class OrderPlaced(Message):
+    order_id: int
+    amount: float = 0.0
+
+
+@dataclass(frozen=True)
+class PriorityOrderPlaced(OrderPlaced):
+    """A subclass: routing is by exact type, so OrderPlaced subscribers never see it."""
+
+
+@dataclass(frozen=True)
+class OrderShipped(Message):
+    order_id: int
+
+
+@dataclass(frozen=True)
+class Tick(Message):
+    seq: int
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Unpicklable(Message):
+    """Carries a lock: neither pickle nor cloudpickle can serialise it."""
+
+    lock: object = field(default_factory=threading.Lock)
