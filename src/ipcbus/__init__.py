@@ -1,5 +1,7 @@
 """ipcbus: publish / subscribe / subscribe_async, in-process or across processes."""
 
+from ._proxy import HubBroker as HubBroker
+from ._proxy import connect as connect
 from .broker import AsyncMessageContext as AsyncMessageContext
 from .broker import Broker as Broker
 from .broker import MemoryBroker as MemoryBroker
@@ -19,6 +21,9 @@ from .exceptions import HubUnavailableError as HubUnavailableError
 from .exceptions import MessageSerializationError as MessageSerializationError
 from .exceptions import PublishTimeoutError as PublishTimeoutError
 from .exceptions import PubSubError as PubSubError
+from .hub import Hub as Hub
+from .hub import HubAddressError as HubAddressError
+from .hub import HubStatistics as HubStatistics
 from .message import DeadLetter as DeadLetter
 from .message import Message as Message
 
@@ -32,6 +37,10 @@ __all__ = [
     "Consumer",
     "ConsumerAlreadyRegisteredError",
     "DeadLetter",
+    "Hub",
+    "HubAddressError",
+    "HubBroker",
+    "HubStatistics",
     "HubUnavailableError",
     "MemoryBroker",
     "Message",
@@ -42,6 +51,7 @@ __all__ = [
     "QueuePolicy",
     "Subscription",
     "TestBroker",
+    "connect",
     "get_message_broker",
     "get_unique_name_for_message",
     "override_message_broker",

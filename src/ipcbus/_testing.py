@@ -20,7 +20,7 @@ from ._base import (
     call_handler,
     describe_error,
 )
-from ._codec import dumps
+from ._codec import encode_batch
 from ._routing import RouteTable
 from .message import DeadLetter, Message, get_unique_name_for_message
 
@@ -64,7 +64,8 @@ class TestBroker(Broker):
         return type(self)(max_deliveries=self._max_deliveries)
 
     def _publish(self, message: Message) -> None:
-        dumps(message)  # MessageSerializationError here, as the hub proxy would raise it
+        # MessageSerializationError here, exactly where and when the hub proxy would raise it.
+        encode_batch(type(message), [message])
         self.published.append(message)
         self._pending.append(message)
 

@@ -1,0 +1,277 @@
+"""The proxy's I/O thread: the one thread that owns its ZeroMQ context and sockets.
+
+ZeroMQ sockets are not thread-safe (DESIGN.md §4), so other threads talk to this one through
+deques and an eventfd: publishers append messages to the outbox, the broker appends commands
+(subscribe, unsubscribe, stop), and a write to the eventfd wakes the poll.
+
+Natural batching: each turn sends whatever the outbox holds, as one frame per run of consecutive
+messages of the same type (never reordering across types: DESIGN.md §2.2). When idle a batch is one
+message, so latency does not suffer; under load batches grow up to ``max_batch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from . import _codec, _wire
+from .exceptions import HubUnavailableError, MessageSerializationError
+from .message import Message, get_unique_name_for_message
+
+__all__ = ["FlushMarker", "IOThread"]
+
+logger = logging.getLogger(__name__)
+
+_BURST = 256
+_IDLE_POLL_MS = 1000
+_HELD_POLL_MS = 1
+
+
+class FlushMarker:
+    """Placed in the outbox by ``flush()``: done once the hub confirmed everything before it."""
+
+    __slots__ = ("done", "token")
+
+    def __init__(self, token: bytes) -> None:
+        self.token = token
+        self.done = threading.Event()
+
+
+class IOThread:
+    """Owns the DEALER (publish, control) and SUB (fan-out) sockets of one proxy."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        deliver: Callable[[list[zmq.Frame]], bool],
+        *,
+        client_id: bytes,
+        hwm: int,
+        max_batch: int,
+        on_space: Callable[[], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        self.endpoint = endpoint
+        self.outbox: deque[Message | FlushMarker] = deque()
+        self._deliver = deliver
+        self._client_id = client_id
+        self._hwm = hwm
+        self._max_batch = max_batch
+        self._on_space = on_space
+        self._on_error = on_error
+        self._commands: deque[Callable[[], None]] = deque()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_pending = False
+        self._running = True
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._sent: list[Any] | None = None  # frames waiting for room in the DEALER pipe
+        self._held: list[zmq.Frame] | None = None  # a batch waiting for room in the dispatcher
+        self._flushes: dict[bytes, FlushMarker] = {}
+        self._syncs: dict[bytes, threading.Event] = {}
+        self._sync_ids = iter(range(1, 2**62))
+        self._topics: dict[type, bytes] = {}
+        self._thread = threading.Thread(target=self._run, name="ipcbus-io", daemon=True)
+        self._dealer: zmq.Socket[bytes] | None = None
+        self._sub: zmq.Socket[bytes] | None = None
+
+    # -- called from other threads -----------------------------------------------------------
+
+    def start(self, timeout: float | None) -> None:
+        """Connect; ``HubUnavailableError`` if no hub says WELCOME within ``timeout``."""
+        self._connect_timeout = timeout
+        self._thread.start()
+        self._ready.wait()
+        if self._failure is not None:
+            self._thread.join()
+            os.close(self._wake_fd)
+            raise self._failure
+
+    def wake(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            os.eventfd_write(self._wake_fd, 1)
+
+    def call(self, command: Callable[[], None]) -> None:
+        self._commands.append(command)
+        self.wake()
+
+    def subscribe(self, topic: bytes, live: threading.Event) -> None:
+        self.call(lambda: self._subscribe(topic, live))
+
+    def unsubscribe(self, topic: bytes) -> None:
+        self.call(lambda: self._unsubscribe(topic))
+
+    def stop(self, timeout: float | None) -> None:
+        def stop() -> None:
+            self._running = False
+
+        self.call(stop)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("ipcbus I/O thread did not stop within %s s", timeout)
+        else:
+            os.close(self._wake_fd)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        context = zmq.Context()
+        try:
+            if self._connect(context):
+                self._loop()
+        except Exception as exc:
+            logger.exception("ipcbus I/O thread failed")
+            self._on_error(exc)
+        finally:
+            for sock in (self._dealer, self._sub):
+                if sock is not None:
+                    sock.close(linger=0)
+            context.term()
+            self._ready.set()
+
+    def _connect(self, context: zmq.Context[Any]) -> bool:
+        dealer = self._dealer = context.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.sndhwm = dealer.rcvhwm = self._hwm
+        dealer.routing_id = self._client_id
+        dealer.connect(self.endpoint)
+        dealer.send_multipart([_wire.header(_wire.HELLO), self._client_id])
+        timeout = self._connect_timeout
+        if not dealer.poll(None if timeout is None else int(timeout * 1000)):
+            self._failure = HubUnavailableError(
+                f"no hub answered at {self.endpoint} within {timeout} s"
+            )
+            return False
+        head, pub_endpoint, _hub_id = dealer.recv_multipart()
+        if head != _wire.header(_wire.WELCOME):
+            self._failure = HubUnavailableError(f"unexpected answer {head!r} from {self.endpoint}")
+            return False
+        sub = self._sub = context.socket(zmq.SUB)
+        sub.linger = 0
+        sub.rcvhwm = self._hwm
+        sub.connect(pub_endpoint.decode())
+        self._ready.set()
+        return True
+
+    def _loop(self) -> None:
+        dealer, sub = self._dealer, self._sub
+        assert dealer is not None
+        assert sub is not None
+        poller = zmq.Poller()
+        poller.register(self._wake_fd, zmq.POLLIN)
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(sub, zmq.POLLIN)
+        while True:
+            while self._commands:
+                self._commands.popleft()()
+            if not self._running:
+                return
+            self._pump(dealer)
+            poller.modify(dealer, zmq.POLLIN | (zmq.POLLOUT if self._sent is not None else 0))
+            poller.modify(sub, 0 if self._held is not None else zmq.POLLIN)
+            timeout = _HELD_POLL_MS if self._held is not None else _IDLE_POLL_MS
+            events = dict(poller.poll(timeout))
+            if self._wake_fd in events:
+                # Clear the flag before reading: a publisher that appends after this point
+                # writes the eventfd again, so no message waits for the idle timeout.
+                self._wake_pending = False
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wake_fd)
+            if self._held is not None and self._deliver(self._held):
+                self._held = None
+            if dealer in events and events[dealer] & zmq.POLLIN:
+                self._read_replies(dealer)
+            if sub in events:
+                self._read_fanout(sub)
+
+    def _pump(self, dealer: zmq.Socket[bytes]) -> None:
+        """Send what the outbox holds until it is empty or the DEALER pipe is full."""
+        outbox = self.outbox
+        while True:
+            if self._sent is not None:
+                try:
+                    dealer.send_multipart(self._sent, zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return
+                self._sent = None
+            if not outbox:
+                return
+            first = outbox.popleft()
+            if isinstance(first, FlushMarker):
+                self._flushes[first.token] = first
+                self._sent = [_wire.header(_wire.FLUSH), first.token]
+                continue
+            cls = type(first)
+            batch = [first]
+            while outbox and len(batch) < self._max_batch and type(outbox[0]) is cls:
+                batch.append(outbox.popleft())  # type: ignore[arg-type]
+            self._on_space()
+            self._sent = self._encode(cls, batch)
+
+    def _encode(self, cls: type, batch: list[Message]) -> list[Any] | None:
+        topic = self._topics.get(cls)
+        if topic is None:
+            topic = self._topics[cls] = _wire.topic_for(get_unique_name_for_message(cls))
+        published_at = time.time()
+        try:
+            codec, frames = _codec.encode_batch(cls, batch)
+        except MessageSerializationError as exc:
+            # Only the first message of a type is checked in publish(); a later one that cannot
+            # be serialised is reported to the publisher's next publish()/flush() and logged.
+            self._on_error(exc)
+            logger.error("dropped a batch of %d %s: %s", len(batch), cls.__qualname__, exc)
+            return None
+        meta = _wire.pack_meta(codec, len(batch), published_at)
+        return [_wire.header(_wire.PUBLISH), topic, meta, *frames]
+
+    def _read_replies(self, dealer: zmq.Socket[bytes]) -> None:
+        for _ in range(_BURST):
+            try:
+                frames = dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if frames[0] == _wire.header(_wire.FLUSHED) and len(frames) == 2:
+                marker = self._flushes.pop(frames[1], None)
+                if marker is not None:
+                    marker.done.set()
+
+    def _read_fanout(self, sub: zmq.Socket[bytes]) -> None:
+        for _ in range(_BURST):
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) == 1:
+                topic = frames[0].bytes
+                live = self._syncs.pop(topic, None)
+                if live is not None:
+                    sub.setsockopt(zmq.UNSUBSCRIBE, topic)
+                    live.set()
+                continue
+            if not self._deliver(frames):
+                self._held = frames
+                return
+
+    def _subscribe(self, topic: bytes, live: threading.Event) -> None:
+        assert self._sub is not None
+        sync = _wire.SYNC_PREFIX + self._client_id + b":%d" % next(self._sync_ids)
+        self._syncs[sync] = live
+        self._sub.setsockopt(zmq.SUBSCRIBE, topic)
+        self._sub.setsockopt(zmq.SUBSCRIBE, sync)
+
+    def _unsubscribe(self, topic: bytes) -> None:
+        assert self._sub is not None
+        self._sub.setsockopt(zmq.UNSUBSCRIBE, topic)

@@ -1,0 +1,301 @@
+"""HubBroker: this process's proxy to a hub, and ``connect()``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import weakref
+from multiprocessing import util as mp_util
+from typing import Any
+
+import zmq
+
+from . import _codec, _wire
+from ._base import Broker, Subscription, call_handler
+from ._config import address_from_env, export_address
+from ._io import FlushMarker, IOThread
+from .exceptions import (
+    BrokerClosedError,
+    HubUnavailableError,
+    MessageSerializationError,
+    PublishTimeoutError,
+)
+from .message import Message
+
+__all__ = ["HubBroker", "connect"]
+
+logger = logging.getLogger(__name__)
+
+
+class HubBroker(Broker):
+    """A proxy to the hub at ``address``: publish and subscribe across processes.
+
+    - ``publish()`` is thread-safe and returns once the message is queued in this process; one I/O
+      thread batches and sends it. The first message of each type is serialised in the caller, so
+      an unserialisable type raises ``MessageSerializationError`` there. When ``max_pending``
+      messages wait (the hub or a subscriber is slow), ``publish()`` blocks; past ``timeout`` (per
+      call, else ``publish_timeout``) it raises ``PublishTimeoutError``.
+    - ``subscribe()`` returns once the hub has the subscription live: every message published
+      afterwards, by any process, reaches it. Handlers run on one dispatcher thread, in order.
+    - ``flush(timeout)`` waits until the hub has accepted everything published before it.
+    - ``close()`` flushes for at most ``linger`` seconds, then closes; interpreter exit (also of a
+      ``multiprocessing`` child) closes open brokers.
+    - A broker belongs to the process that created it. In a forked child it refuses use
+      (``BrokerClosedError``) and never touches the parent's sockets;
+      ``get_message_broker()`` there connects a new one to the same hub.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        connect_timeout: float | None = 10.0,
+        subscribe_timeout: float | None = 30.0,
+        publish_timeout: float | None = None,
+        linger: float = 10.0,
+        max_pending: int = 10_000,
+        max_batch: int = 1000,
+        hwm: int = 1000,
+        dispatch_queue: int = 64,
+    ) -> None:
+        super().__init__()
+        self.address = address
+        self._options: dict[str, Any] = {
+            "connect_timeout": connect_timeout,
+            "subscribe_timeout": subscribe_timeout,
+            "publish_timeout": publish_timeout,
+            "linger": linger,
+            "max_pending": max_pending,
+            "max_batch": max_batch,
+            "hwm": hwm,
+            "dispatch_queue": dispatch_queue,
+        }
+        self._owner = os.getpid()
+        self._subscribe_timeout = subscribe_timeout
+        self._publish_timeout = publish_timeout
+        self._linger = linger
+        self._max_pending = max_pending
+        self._checked_types: set[type] = set()
+        self._deferred_error: BaseException | None = None
+        self._space = threading.Condition()
+        self._waiting = 0
+        self._subs_lock = threading.Lock()
+        self._subscriptions: dict[str, tuple[Subscription, ...]] = {}
+        self._types: dict[str, type[Message]] = {}
+        self._live: dict[str, threading.Event] = {}
+        self._flush_ids = iter(range(1, 2**62))
+        self._inbox: queue.Queue[list[zmq.Frame] | None] = queue.Queue(dispatch_queue)
+        client_id = os.urandom(8).hex().encode()
+        self._io = IOThread(
+            address,
+            self._inbox_put,
+            client_id=client_id,
+            hwm=hwm,
+            max_batch=max_batch,
+            on_space=self._space_freed,
+            on_error=self._record_error,
+        )
+        self._io.start(connect_timeout)
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name="ipcbus-dispatch", daemon=True
+        )
+        self._dispatcher.start()
+        export_address(address)
+        # Runs at interpreter exit and at the exit of multiprocessing children (which skip
+        # atexit); ignored in any other process than this one.
+        mp_util.Finalize(self, _close_at_exit, args=(weakref.ref(self),), exitpriority=10)
+
+    def _for_child(self) -> HubBroker:
+        return HubBroker(self.address, **self._options)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<HubBroker {self.address} pid={self._owner} {state}>"
+
+    # -- publish -----------------------------------------------------------------------------
+
+    def publish(self, message: Message, timeout: float | None = None) -> None:
+        """See :class:`HubBroker`; ``timeout`` overrides ``publish_timeout`` for this call."""
+        if not isinstance(message, Message):
+            raise TypeError(f"publish() takes a Message instance, not {type(message).__name__}")
+        self._check_usable()
+        cls = type(message)
+        if cls not in self._checked_types:
+            _codec.encode_batch(cls, [message])  # MessageSerializationError, in the caller
+            self._checked_types.add(cls)
+        if len(self._io.outbox) >= self._max_pending:
+            self._wait_for_space(self._publish_timeout if timeout is None else timeout)
+        self._io.outbox.append(message)
+        self._io.wake()
+
+    def _publish(self, message: Message) -> None:  # pragma: no cover - publish() is overridden
+        self.publish(message)
+
+    def _wait_for_space(self, timeout: float | None) -> None:
+        outbox, limit = self._io.outbox, self._max_pending
+        with self._space:
+            self._waiting += 1
+            try:
+                ok = self._space.wait_for(
+                    lambda: len(outbox) < limit or self._closed or not self._io.alive, timeout
+                )
+            finally:
+                self._waiting -= 1
+        if not ok:
+            raise PublishTimeoutError(
+                f"{len(outbox)} messages still wait for the hub after {timeout} s (backpressure)"
+            )
+        self._check_usable()
+
+    def _space_freed(self) -> None:  # I/O thread
+        if self._waiting:
+            with self._space:
+                self._space.notify_all()
+
+    def _record_error(self, exc: BaseException) -> None:  # I/O thread
+        self._deferred_error = exc
+        self._space_freed()
+
+    def _check_usable(self) -> None:
+        if os.getpid() != self._owner:
+            raise BrokerClosedError(
+                f"this HubBroker belongs to process {self._owner}; in a forked child use "
+                "get_message_broker(), which connects the child's own"
+            )
+        self._check_open()
+        error, self._deferred_error = self._deferred_error, None
+        if isinstance(error, MessageSerializationError):
+            raise error
+        if error is not None or not self._io.alive:
+            raise HubUnavailableError(f"the connection to {self.address} failed") from error
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the hub has accepted everything published before this call."""
+        self._check_usable()
+        self._flush(timeout)
+
+    def _flush(self, timeout: float | None) -> None:
+        marker = FlushMarker(b"%d" % next(self._flush_ids))
+        self._io.outbox.append(marker)
+        self._io.wake()
+        if not marker.done.wait(timeout):
+            raise PublishTimeoutError(f"the hub did not confirm a flush within {timeout} s")
+        error, self._deferred_error = self._deferred_error, None
+        if error is not None:
+            raise error
+
+    # -- subscribe ---------------------------------------------------------------------------
+
+    def _subscribe(self, subscription: Subscription) -> None:
+        if subscription.queue_name is not None:
+            raise NotImplementedError(
+                "queue groups (subscribe_async) across processes are not available in this "
+                "version of HubBroker; use MemoryBroker for in-process queue groups"
+            )
+        self._check_usable()
+        topic = subscription.topic
+        with self._subs_lock:
+            self._types[topic] = subscription.message_type
+            self._subscriptions[topic] = (*self._subscriptions.get(topic, ()), subscription)
+            live = self._live.get(topic)
+            if live is None:
+                live = self._live[topic] = threading.Event()
+                self._io.subscribe(_wire.topic_for(topic), live)
+        if not live.wait(self._subscribe_timeout):
+            subscription.cancel()
+            raise HubUnavailableError(
+                f"the hub at {self.address} did not confirm the subscription to {topic} "
+                f"within {self._subscribe_timeout} s"
+            )
+
+    def _cancel(self, subscription: Subscription) -> None:
+        topic = subscription.topic
+        with self._subs_lock:
+            remaining = tuple(
+                s for s in self._subscriptions.get(topic, ()) if s is not subscription
+            )
+            self._subscriptions[topic] = remaining
+            if not remaining and topic in self._live and os.getpid() == self._owner:
+                del self._live[topic]
+                if not self._closed:
+                    self._io.unsubscribe(_wire.topic_for(topic))
+
+    # -- dispatch (own thread) ---------------------------------------------------------------
+
+    def _inbox_put(self, frames: list[zmq.Frame]) -> bool:  # I/O thread
+        try:
+            self._inbox.put_nowait(frames)
+        except queue.Full:
+            return False  # the I/O thread stops reading the SUB socket: backpressure
+        return True
+
+    def _dispatch(self) -> None:
+        while True:
+            frames = self._inbox.get()
+            if frames is None:
+                return
+            try:
+                self._dispatch_batch(frames)
+            except Exception:
+                logger.exception("ipcbus could not dispatch a batch; it is dropped")
+
+    def _dispatch_batch(self, frames: list[zmq.Frame]) -> None:
+        topic = frames[0].bytes[:-1].decode()
+        subscriptions = self._subscriptions.get(topic)
+        if not subscriptions:
+            return
+        codec, _count, _published_at = _wire.unpack_meta(frames[1].bytes)
+        messages = _codec.decode_batch(codec, frames[2:], self._types.get(topic))
+        for message in messages:
+            for subscription in subscriptions:
+                if subscription.accepts(message):
+                    call_handler(subscription, message)
+
+    # -- close -------------------------------------------------------------------------------
+
+    def _close(self) -> None:
+        if os.getpid() != self._owner:
+            return  # the sockets and threads belong to the parent: drop nothing, touch nothing
+        if self._io.alive:
+            try:
+                self._flush(self._linger)
+            except (PublishTimeoutError, HubUnavailableError, MessageSerializationError) as exc:
+                logger.warning("closing %r without a complete flush: %s", self, exc)
+        self._io.stop(self._linger)
+        self._stop_dispatcher()
+        with self._space:
+            self._space.notify_all()
+
+    def _stop_dispatcher(self) -> None:
+        try:
+            self._inbox.put(None, timeout=self._linger)
+        except queue.Full:
+            logger.warning("dispatcher of %r is stuck in a handler; not waiting for it", self)
+            return
+        if threading.current_thread() is not self._dispatcher:
+            self._dispatcher.join(self._linger)
+
+
+def _close_at_exit(ref: weakref.ref[HubBroker]) -> None:
+    broker = ref()
+    if broker is not None:
+        broker.close()
+
+
+def connect(address: str | None = None, **options: Any) -> HubBroker:
+    """Connect a :class:`HubBroker` to the hub at ``address`` (default: ``IPCBUS_ADDRESS``).
+
+    Raises ``HubUnavailableError`` when no address is known or no hub answers within
+    ``connect_timeout`` seconds. Sets ``IPCBUS_ADDRESS`` in this process when it is unset, so
+    children started afterwards find the same hub.
+    """
+    if address is None:
+        address = address_from_env()
+        if address is None:
+            raise HubUnavailableError(
+                "no hub address: pass one to connect() or set IPCBUS_ADDRESS "
+                "(the hub prints it when it starts)"
+            )
+    return HubBroker(address, **options)

@@ -1,0 +1,260 @@
+"""The hub's serving loop: runs inside the hub process, owns its sockets, never unpickles.
+
+Publishes arrive on a ROUTER socket (one DEALER per proxy keeps each publisher's order and pushes
+back instead of dropping); fan-out is an XPUB socket with ``XPUB_NODROP``, so a full subscriber pipe
+makes ``send`` fail with EAGAIN instead of silently dropping (DESIGN.md §2.4). The loop then holds
+that one message and stops reading the ROUTER until the subscriber drains: backpressure reaches the
+publishers through their DEALER high-water marks. Python runs per *batch* here, never per subscriber
+per message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import zmq
+
+from . import _wire
+
+__all__ = ["HubStatistics", "Relay"]
+
+logger = logging.getLogger(__name__)
+
+# How many inputs one loop turn handles before it polls again (keeps subscriptions responsive).
+_BURST = 256
+_IDLE_POLL_MS = 100
+# XPUB_NODROP gives no POLLOUT event for a full pipe: a stalled send is retried on this period.
+_STALLED_POLL_MS = 1
+
+
+@dataclass(frozen=True)
+class HubStatistics:
+    """What the hub has done since it started (a frozen record; ``ipcbus stats`` renders it)."""
+
+    address: str
+    pid: int
+    uptime: float
+    clients: int
+    topics: int
+    batches_relayed: int
+    messages_relayed: int
+    bytes_relayed: int
+    backpressure_stalls: int
+    malformed_dropped: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> HubStatistics:
+        return cls(**json.loads(text))
+
+
+class Relay:
+    """Binds the hub's sockets and relays until ``should_stop()`` or the watched fd closes."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        hwm: int = 1000,
+        max_frames: int = 64,
+        max_message_size: int = 256 * 1024 * 1024,
+    ) -> None:
+        self.endpoint = endpoint
+        self.pub_endpoint = _wire.pub_endpoint_for(endpoint)
+        self._hwm = hwm
+        self._max_frames = max_frames
+        self._max_message_size = max_message_size
+        self._hub_id = os.urandom(8).hex().encode()
+        self._started = time.monotonic()
+        self._clients: set[bytes] = set()
+        self._topics: dict[bytes, int] = {}
+        self._stalled: list[zmq.Frame] | None = None
+        self._sync_backlog: deque[bytes] = deque()
+        self._batches = self._messages = self._bytes = 0
+        self._stalls = self._malformed = 0
+
+    def statistics(self) -> HubStatistics:
+        return HubStatistics(
+            address=self.endpoint,
+            pid=os.getpid(),
+            uptime=time.monotonic() - self._started,
+            clients=len(self._clients),
+            topics=len(self._topics),
+            batches_relayed=self._batches,
+            messages_relayed=self._messages,
+            bytes_relayed=self._bytes,
+            backpressure_stalls=self._stalls,
+            malformed_dropped=self._malformed,
+        )
+
+    def serve(
+        self,
+        should_stop: Callable[[], bool],
+        ready: Callable[[], None] | None = None,
+        watch_fd: int | None = None,
+    ) -> None:
+        """Relay until ``should_stop()`` is true or ``watch_fd`` (the parent's pipe) hangs up."""
+        context = zmq.Context()
+        router = xpub = None
+        try:
+            router = context.socket(zmq.ROUTER)
+            router.linger = 0
+            router.rcvhwm = router.sndhwm = self._hwm
+            router.setsockopt(zmq.MAXMSGSIZE, self._max_message_size)
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable peer raises, not drops
+            router.bind(self.endpoint)
+            xpub = context.socket(zmq.XPUB)
+            xpub.linger = 0
+            xpub.sndhwm = self._hwm
+            xpub.setsockopt(zmq.XPUB_NODROP, 1)
+            xpub.bind(self.pub_endpoint)
+            self.pub_endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
+            _restrict_ipc_files(self.endpoint, self.pub_endpoint)
+            if ready is not None:
+                ready()
+            self._loop(router, xpub, should_stop, watch_fd)
+        finally:
+            for socket in (router, xpub):
+                if socket is not None:
+                    socket.close(linger=0)
+            context.term()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _loop(
+        self,
+        router: zmq.Socket[bytes],
+        xpub: zmq.Socket[bytes],
+        should_stop: Callable[[], bool],
+        watch_fd: int | None,
+    ) -> None:
+        full = zmq.Poller()
+        full.register(router, zmq.POLLIN)
+        full.register(xpub, zmq.POLLIN)
+        stalled = zmq.Poller()
+        stalled.register(xpub, zmq.POLLIN)
+        if watch_fd is not None:
+            full.register(watch_fd, zmq.POLLIN)
+            stalled.register(watch_fd, zmq.POLLIN)
+        while not should_stop():
+            blocked = self._stalled is not None or bool(self._sync_backlog)
+            poller, timeout = (stalled, _STALLED_POLL_MS) if blocked else (full, _IDLE_POLL_MS)
+            events = dict(poller.poll(timeout))
+            if watch_fd is not None and watch_fd in events:
+                logger.info("the process that started the hub is gone: stopping")
+                return
+            if xpub in events:
+                self._read_subscriptions(xpub)
+            self._send_sync_replies(xpub)
+            if self._stalled is not None:
+                if not self._send(xpub, self._stalled):
+                    continue
+                self._stalled = None
+            if router in events or blocked:
+                self._read_requests(router, xpub)
+
+    def _read_subscriptions(self, xpub: zmq.Socket[bytes]) -> None:
+        for _ in range(_BURST):
+            try:
+                event = xpub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not event:
+                continue
+            subscribe, topic = event[0] == 1, event[1:]
+            if _wire.is_sync_topic(topic):
+                if subscribe:
+                    self._sync_backlog.append(topic)
+                continue
+            if subscribe:
+                self._topics[topic] = self._topics.get(topic, 0) + 1
+            elif topic in self._topics:
+                del self._topics[topic]
+
+    def _send_sync_replies(self, xpub: zmq.Socket[bytes]) -> None:
+        while self._sync_backlog:
+            try:
+                xpub.send(self._sync_backlog[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return  # that subscriber's pipe is full: it drains, then gets its answer
+            self._sync_backlog.popleft()
+
+    def _send(self, xpub: zmq.Socket[bytes], frames: list[zmq.Frame]) -> bool:
+        try:
+            xpub.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._stalls += 1
+            return False
+        return True
+
+    def _read_requests(self, router: zmq.Socket[bytes], xpub: zmq.Socket[bytes]) -> None:
+        for _ in range(_BURST):
+            if self._stalled is not None:
+                return
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._handle(router, xpub, frames)
+            except (ValueError, IndexError) as exc:
+                self._malformed += 1
+                logger.debug("dropped malformed request: %s", exc)
+
+    def _handle(
+        self, router: zmq.Socket[bytes], xpub: zmq.Socket[bytes], frames: list[zmq.Frame]
+    ) -> None:
+        if not 2 <= len(frames) <= self._max_frames:
+            raise ValueError(f"{len(frames)} frames")
+        identity, head = frames[0].bytes, frames[1].bytes
+        if len(head) != _wire.HEADER_LEN or head[0] != _wire.VERSION:
+            raise ValueError(f"bad header {head[:8]!r}")
+        kind = head[1:]
+        if kind == _wire.PUBLISH:
+            if len(frames) < 5:
+                raise ValueError("PUBLISH without topic, meta and payload")
+            topic = frames[2].bytes
+            if (
+                not topic.endswith(_wire.TOPIC_END)
+                or _wire.is_sync_topic(topic)
+                or len(topic) > _wire.MAX_TOPIC_LEN
+            ):
+                raise ValueError(f"bad topic {topic[:64]!r}")
+            _, count, _ = _wire.unpack_meta(frames[3].bytes)
+            relayed = frames[2:]
+            self._batches += 1
+            self._messages += count
+            self._bytes += sum(len(frame) for frame in relayed)
+            if not self._send(xpub, relayed):
+                self._stalled = relayed
+        elif kind == _wire.HELLO:
+            self._clients.add(identity)
+            self._reply(router, identity, _wire.WELCOME, self.pub_endpoint.encode(), self._hub_id)
+        elif kind == _wire.FLUSH:
+            self._reply(router, identity, _wire.FLUSHED, *(f.bytes for f in frames[2:3]))
+        elif kind == _wire.STATS:
+            self._reply(router, identity, _wire.STATS, self.statistics().to_json().encode())
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+
+    def _reply(self, router: zmq.Socket[bytes], identity: bytes, kind: bytes, *body: bytes) -> None:
+        try:
+            router.send_multipart([identity, _wire.header(kind), *body], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH: the peer left; EAGAIN: it reads nothing. Either way it is not waiting.
+            logger.debug("reply to %r dropped: %s", identity, exc)
+
+
+def _restrict_ipc_files(*endpoints: str) -> None:
+    """Sockets 0600: only this user may connect (DESIGN.md §3)."""
+    for endpoint in endpoints:
+        if endpoint.startswith("ipc://"):
+            os.chmod(endpoint[len("ipc://") :], 0o600)
