@@ -35,3 +35,27 @@ class Unpicklable(Message):
     """Carries a lock: neither pickle nor cloudpickle can serialise it."""
 
     lock: object = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class Barrier(Message):
+    """Published after a test's messages: once a subscriber sees it, it has seen them too."""
+
+    token: str
+
+
+@dataclass(frozen=True)
+class Blob(Message):
+    seq: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    token: str
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    token: str
+    pid: int

@@ -244,6 +244,7 @@ def test_a_broker_is_a_context_manager_that_closes(harness: Harness) -> None:
 # -- queue groups -----------------------------------------------------------------------------
 
 
+@pytest.mark.queue_groups
 def test_a_queue_group_delivers_each_message_to_one_member(harness: Harness) -> None:
     calls: Counter[str] = Counter()
     seen: list[int] = []
@@ -264,6 +265,7 @@ def test_a_queue_group_delivers_each_message_to_one_member(harness: Harness) -> 
     assert set(calls) == {"a", "b", "c"}, f"round-robin should reach every member: {calls}"
 
 
+@pytest.mark.queue_groups
 def test_each_queue_group_gets_its_own_copy(harness: Harness) -> None:
     billing: list[int] = []
     audit: list[int] = []
@@ -280,6 +282,7 @@ def test_each_queue_group_gets_its_own_copy(harness: Harness) -> None:
     assert broadcast == list(range(10))
 
 
+@pytest.mark.queue_groups
 def test_coroutine_and_plain_queue_handlers_see_their_context(harness: Harness) -> None:
     contexts: list[tuple[str, AsyncMessageContext]] = []
 
@@ -322,6 +325,7 @@ def test_async_context_is_unavailable_outside_queue_handlers(harness: Harness) -
         AsyncMessageContext.current()
 
 
+@pytest.mark.queue_groups
 def test_a_failing_queue_handler_is_retried_then_dead_lettered(
     harness: Harness, errors_logged: pytest.LogCaptureFixture
 ) -> None:
@@ -341,6 +345,7 @@ def test_a_failing_queue_handler_is_retried_then_dead_lettered(
     assert dead == [DeadLetter("work", Tick(9), 3, "ValueError: cannot handle 9")]
 
 
+@pytest.mark.queue_groups
 def test_a_retry_that_succeeds_is_not_dead_lettered(harness: Harness) -> None:
     attempts: list[int] = []
     dead: list[DeadLetter] = []
@@ -359,6 +364,7 @@ def test_a_retry_that_succeeds_is_not_dead_lettered(harness: Harness) -> None:
     assert dead == []
 
 
+@pytest.mark.queue_groups
 def test_a_group_member_that_rejects_leaves_the_message_to_another(harness: Harness) -> None:
     evens: list[int] = []
     odds: list[int] = []
@@ -375,6 +381,7 @@ def test_a_group_member_that_rejects_leaves_the_message_to_another(harness: Harn
     assert sorted(odds) == [1, 3, 5, 7, 9]
 
 
+@pytest.mark.queue_groups
 def test_a_message_no_group_member_accepts_is_dropped(harness: Harness) -> None:
     taken: list[int] = []
     harness.broker.subscribe_async(Tick, lambda m: taken.append(m.seq), "q", lambda m: m.seq < 2)
@@ -384,6 +391,7 @@ def test_a_message_no_group_member_accepts_is_dropped(harness: Harness) -> None:
     assert sorted(taken) == [0, 1]
 
 
+@pytest.mark.queue_groups
 def test_a_cancelled_group_member_gets_nothing(harness: Harness) -> None:
     kept: list[int] = []
     gone: list[int] = []

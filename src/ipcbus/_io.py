@@ -80,6 +80,7 @@ class IOThread:
         self._sync_ids = iter(range(1, 2**62))
         self._topics: dict[type, bytes] = {}
         self._thread = threading.Thread(target=self._run, name="ipcbus-io", daemon=True)
+        self._control: zmq.Socket[bytes] | None = None
         self._dealer: zmq.Socket[bytes] | None = None
         self._sub: zmq.Socket[bytes] | None = None
 
@@ -136,29 +137,35 @@ class IOThread:
             logger.exception("ipcbus I/O thread failed")
             self._on_error(exc)
         finally:
-            for sock in (self._dealer, self._sub):
+            for sock in (self._control, self._dealer, self._sub):
                 if sock is not None:
                     sock.close(linger=0)
             context.term()
             self._ready.set()
 
     def _connect(self, context: zmq.Context[Any]) -> bool:
-        dealer = self._dealer = context.socket(zmq.DEALER)
-        dealer.linger = 0
-        dealer.sndhwm = dealer.rcvhwm = self._hwm
-        dealer.routing_id = self._client_id
-        dealer.connect(self.endpoint)
-        dealer.send_multipart([_wire.header(_wire.HELLO), self._client_id])
+        control = self._control = context.socket(zmq.DEALER)
+        control.linger = 0
+        control.connect(self.endpoint)
+        control.send_multipart([_wire.header(_wire.HELLO), self._client_id])
         timeout = self._connect_timeout
-        if not dealer.poll(None if timeout is None else int(timeout * 1000)):
+        if not control.poll(None if timeout is None else int(timeout * 1000)):
             self._failure = HubUnavailableError(
                 f"no hub answered at {self.endpoint} within {timeout} s"
             )
             return False
-        head, pub_endpoint, _hub_id = dealer.recv_multipart()
-        if head != _wire.header(_wire.WELCOME):
-            self._failure = HubUnavailableError(f"unexpected answer {head!r} from {self.endpoint}")
+        reply = control.recv_multipart()
+        if len(reply) != 4 or reply[0] != _wire.header(_wire.WELCOME):
+            self._failure = HubUnavailableError(
+                f"unexpected answer {reply[:1]!r} from {self.endpoint}"
+            )
             return False
+        _, in_endpoint, pub_endpoint, _hub_id = reply
+        dealer = self._dealer = context.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.sndhwm = dealer.rcvhwm = self._hwm
+        dealer.routing_id = self._client_id
+        dealer.connect(in_endpoint.decode())
         sub = self._sub = context.socket(zmq.SUB)
         sub.linger = 0
         sub.rcvhwm = self._hwm

@@ -63,7 +63,7 @@ class MemoryBroker(Broker):
         self._loop_lock = threading.Lock()
         self._idle = threading.Condition()
         self._in_flight = 0
-        self._foreign_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def _for_child(self) -> MemoryBroker:
         return type(self)(linger=self._linger)
@@ -121,11 +121,20 @@ class MemoryBroker(Broker):
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
+        if running is not None and running is self._loop:
+            # Published by a handler running on the owned loop: counted like any owned delivery.
+            with self._idle:
+                self._in_flight += 1
+            task = running.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda _: self._delivery_done())
+            return
         if running is not None:
             task = running.create_task(coro)
             # The loop keeps only weak references to tasks: hold them until they finish.
-            self._foreign_tasks.add(task)
-            task.add_done_callback(self._foreign_tasks.discard)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             return
         loop = self._owned_loop()
         with self._idle:

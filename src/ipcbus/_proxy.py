@@ -28,6 +28,18 @@ __all__ = ["HubBroker", "connect"]
 
 logger = logging.getLogger(__name__)
 
+# This process's pid, kept current across fork: os.getpid() is a system call, too slow for the
+# publish() hot path where it guards against a forked child using its parent's broker.
+_pid = os.getpid()
+
+
+def _update_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_update_pid)
+
 
 class HubBroker(Broker):
     """A proxy to the hub at ``address``: publish and subscribe across processes.
@@ -159,7 +171,7 @@ class HubBroker(Broker):
         self._space_freed()
 
     def _check_usable(self) -> None:
-        if os.getpid() != self._owner:
+        if _pid != self._owner:
             raise BrokerClosedError(
                 f"this HubBroker belongs to process {self._owner}; in a forked child use "
                 "get_message_broker(), which connects the child's own"

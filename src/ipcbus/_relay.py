@@ -68,7 +68,7 @@ class Relay:
         max_message_size: int = 256 * 1024 * 1024,
     ) -> None:
         self.endpoint = endpoint
-        self.pub_endpoint = _wire.pub_endpoint_for(endpoint)
+        self.in_endpoint, self.pub_endpoint = _wire.data_endpoints_for(endpoint)
         self._hwm = hwm
         self._max_frames = max_frames
         self._max_message_size = max_message_size
@@ -80,6 +80,10 @@ class Relay:
         self._sync_backlog: deque[bytes] = deque()
         self._batches = self._messages = self._bytes = 0
         self._stalls = self._malformed = 0
+
+    @property
+    def endpoints(self) -> tuple[str, str, str]:
+        return self.endpoint, self.in_endpoint, self.pub_endpoint
 
     def statistics(self) -> HubStatistics:
         return HubStatistics(
@@ -103,47 +107,52 @@ class Relay:
     ) -> None:
         """Relay until ``should_stop()`` is true or ``watch_fd`` (the parent's pipe) hangs up."""
         context = zmq.Context()
-        router = xpub = None
+        sockets: list[zmq.Socket[bytes]] = []
         try:
-            router = context.socket(zmq.ROUTER)
-            router.linger = 0
-            router.rcvhwm = router.sndhwm = self._hwm
-            router.setsockopt(zmq.MAXMSGSIZE, self._max_message_size)
-            router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable peer raises, not drops
-            router.bind(self.endpoint)
+            control = context.socket(zmq.ROUTER)
+            data = context.socket(zmq.ROUTER)
             xpub = context.socket(zmq.XPUB)
+            sockets += [control, data, xpub]
+            for router in (control, data):
+                router.linger = 0
+                router.rcvhwm = router.sndhwm = self._hwm
+                router.setsockopt(zmq.MAXMSGSIZE, self._max_message_size)
+                router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable peer raises
             xpub.linger = 0
             xpub.sndhwm = self._hwm
             xpub.setsockopt(zmq.XPUB_NODROP, 1)
+            control.bind(self.endpoint)
+            data.bind(self.in_endpoint)
             xpub.bind(self.pub_endpoint)
+            self.in_endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)
             self.pub_endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
-            _restrict_ipc_files(self.endpoint, self.pub_endpoint)
+            _restrict_ipc_files(*self.endpoints)
             if ready is not None:
                 ready()
-            self._loop(router, xpub, should_stop, watch_fd)
+            self._loop(control, data, xpub, should_stop, watch_fd)
         finally:
-            for socket in (router, xpub):
-                if socket is not None:
-                    socket.close(linger=0)
+            for socket in sockets:
+                socket.close(linger=0)
             context.term()
 
     # -- the loop ---------------------------------------------------------------------------
 
     def _loop(
         self,
-        router: zmq.Socket[bytes],
+        control: zmq.Socket[bytes],
+        data: zmq.Socket[bytes],
         xpub: zmq.Socket[bytes],
         should_stop: Callable[[], bool],
         watch_fd: int | None,
     ) -> None:
         full = zmq.Poller()
-        full.register(router, zmq.POLLIN)
-        full.register(xpub, zmq.POLLIN)
         stalled = zmq.Poller()
-        stalled.register(xpub, zmq.POLLIN)
-        if watch_fd is not None:
-            full.register(watch_fd, zmq.POLLIN)
-            stalled.register(watch_fd, zmq.POLLIN)
+        for poller in (full, stalled):
+            poller.register(control, zmq.POLLIN)
+            poller.register(xpub, zmq.POLLIN)
+            if watch_fd is not None:
+                poller.register(watch_fd, zmq.POLLIN)
+        full.register(data, zmq.POLLIN)
         while not should_stop():
             blocked = self._stalled is not None or bool(self._sync_backlog)
             poller, timeout = (stalled, _STALLED_POLL_MS) if blocked else (full, _IDLE_POLL_MS)
@@ -154,12 +163,14 @@ class Relay:
             if xpub in events:
                 self._read_subscriptions(xpub)
             self._send_sync_replies(xpub)
+            if control in events:
+                self._read(control, lambda frames: self._handle_control(control, frames))
             if self._stalled is not None:
                 if not self._send(xpub, self._stalled):
                     continue
                 self._stalled = None
-            if router in events or blocked:
-                self._read_requests(router, xpub)
+            if data in events or blocked:
+                self._read(data, lambda frames: self._handle_data(data, xpub, frames), True)
 
     def _read_subscriptions(self, xpub: zmq.Socket[bytes]) -> None:
         for _ in range(_BURST):
@@ -195,29 +206,35 @@ class Relay:
             return False
         return True
 
-    def _read_requests(self, router: zmq.Socket[bytes], xpub: zmq.Socket[bytes]) -> None:
+    def _read(
+        self,
+        router: zmq.Socket[bytes],
+        handle: Callable[[list[zmq.Frame]], None],
+        stop_when_stalled: bool = False,
+    ) -> None:
         for _ in range(_BURST):
-            if self._stalled is not None:
+            if stop_when_stalled and self._stalled is not None:
                 return
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             try:
-                self._handle(router, xpub, frames)
+                if not 2 <= len(frames) <= self._max_frames:
+                    raise ValueError(f"{len(frames)} frames")
+                head = frames[1].bytes
+                if len(head) != _wire.HEADER_LEN or head[0] != _wire.VERSION:
+                    raise ValueError(f"bad header {head[:8]!r}")
+                handle(frames)
             except (ValueError, IndexError) as exc:
+                # Malformed input is counted and dropped; the hub keeps serving (DESIGN.md §3).
                 self._malformed += 1
                 logger.debug("dropped malformed request: %s", exc)
 
-    def _handle(
-        self, router: zmq.Socket[bytes], xpub: zmq.Socket[bytes], frames: list[zmq.Frame]
+    def _handle_data(
+        self, data: zmq.Socket[bytes], xpub: zmq.Socket[bytes], frames: list[zmq.Frame]
     ) -> None:
-        if not 2 <= len(frames) <= self._max_frames:
-            raise ValueError(f"{len(frames)} frames")
-        identity, head = frames[0].bytes, frames[1].bytes
-        if len(head) != _wire.HEADER_LEN or head[0] != _wire.VERSION:
-            raise ValueError(f"bad header {head[:8]!r}")
-        kind = head[1:]
+        identity, kind = frames[0].bytes, frames[1].bytes[1:]
         if kind == _wire.PUBLISH:
             if len(frames) < 5:
                 raise ValueError("PUBLISH without topic, meta and payload")
@@ -235,15 +252,27 @@ class Relay:
             self._bytes += sum(len(frame) for frame in relayed)
             if not self._send(xpub, relayed):
                 self._stalled = relayed
-        elif kind == _wire.HELLO:
-            self._clients.add(identity)
-            self._reply(router, identity, _wire.WELCOME, self.pub_endpoint.encode(), self._hub_id)
-        elif kind == _wire.FLUSH:
-            self._reply(router, identity, _wire.FLUSHED, *(f.bytes for f in frames[2:3]))
-        elif kind == _wire.STATS:
-            self._reply(router, identity, _wire.STATS, self.statistics().to_json().encode())
+        elif kind == _wire.FLUSH and len(frames) == 3:
+            self._reply(data, identity, _wire.FLUSHED, frames[2].bytes)
         else:
-            raise ValueError(f"unknown kind {kind!r}")
+            raise ValueError(f"unknown data request {kind!r}")
+
+    def _handle_control(self, control: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
+        identity, kind = frames[0].bytes, frames[1].bytes[1:]
+        if kind == _wire.HELLO:
+            self._clients.add(identity)
+            self._reply(
+                control,
+                identity,
+                _wire.WELCOME,
+                self.in_endpoint.encode(),
+                self.pub_endpoint.encode(),
+                self._hub_id,
+            )
+        elif kind == _wire.STATS:
+            self._reply(control, identity, _wire.STATS, self.statistics().to_json().encode())
+        else:
+            raise ValueError(f"unknown control request {kind!r}")
 
     def _reply(self, router: zmq.Socket[bytes], identity: bytes, kind: bytes, *body: bytes) -> None:
         try:

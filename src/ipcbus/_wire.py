@@ -4,13 +4,17 @@ Every client→hub message starts with a two-byte header: the wire version, then
 routes on that header and the topic frame alone and relays payload frames as opaque bytes: it never
 unpickles (DESIGN.md §3).
 
-client DEALER → hub ROUTER        ``[header, *body]``
-    HELLO    ``[client_id]``                        → WELCOME ``[pub_endpoint, hub_id]``
-    PUBLISH  ``[topic, meta, payload, *buffers]``   relayed on XPUB without the header
-    FLUSH    ``[token]``                            → FLUSHED ``[token]`` once every earlier PUBLISH
-                                                      of this client was handed to the XPUB socket
-    STATS    ``[]``                                 → STATS ``[json]``
-hub XPUB → client SUB            ``[topic, meta, payload, *buffers]`` or ``[sync_topic]``
+A hub has three sockets. Control and data are separate so that backpressure on the data path
+never blocks the control path (a stalled hub still answers HELLO and STATS):
+
+client control DEALER → hub control ROUTER (the hub's address)     ``[header, *body]``
+    HELLO    ``[client_id]``  → WELCOME ``[publish_endpoint, fanout_endpoint, hub_id]``
+    STATS    ``[]``           → STATS ``[json]``
+client data DEALER → hub data ROUTER (``<address>.in``)
+    PUBLISH  ``[topic, meta, payload, *buffers]``  relayed on XPUB without the header
+    FLUSH    ``[token]``      → FLUSHED ``[token]`` once every earlier PUBLISH of this client was
+                                handed to the XPUB socket (one DEALER: the order is kept)
+hub XPUB (``<address>.pub``) → client SUB   ``[topic, meta, payload, *buffers]`` or ``[sync_topic]``
 
 Topics are the message type's unique name plus a terminator byte, so ``a.Tick`` is not a prefix of
 ``a.TickV2`` for the SUB socket's prefix matching. Sync topics start with ``\\x00`` (no unique name
@@ -39,7 +43,7 @@ __all__ = [
     "header",
     "is_sync_topic",
     "pack_meta",
-    "pub_endpoint_for",
+    "data_endpoints_for",
     "topic_for",
     "unpack_meta",
 ]
@@ -72,13 +76,13 @@ def is_sync_topic(topic: bytes) -> bool:
     return topic.startswith(SYNC_PREFIX)
 
 
-def pub_endpoint_for(endpoint: str) -> str:
-    """The hub's fan-out endpoint beside its request endpoint (``ipc://…/hub`` → ``…/hub.pub``)."""
+def data_endpoints_for(endpoint: str) -> tuple[str, str]:
+    """The hub's publish and fan-out endpoints beside its control endpoint."""
     if endpoint.startswith("ipc://"):
-        return endpoint + ".pub"
+        return endpoint + ".in", endpoint + ".pub"
     if endpoint.startswith("tcp://"):
         host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
-        return f"tcp://{host}:*"  # the hub reports the port it got in WELCOME
+        return f"tcp://{host}:*", f"tcp://{host}:*"  # the hub reports its ports in WELCOME
     raise ValueError(f"unsupported address {endpoint!r}: use ipc:// or tcp://")
 
 

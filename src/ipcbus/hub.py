@@ -192,14 +192,14 @@ def _serve_in_child(address: str, hwm: int, conn: multiprocessing.connection.Con
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from exc
     finally:
-        _remove_ipc_files(address, relay.pub_endpoint)
+        _remove_ipc_files(*relay.endpoints)
 
 
 def _check_address(address: str) -> None:
     """Fail clearly, before binding, on an address the hub cannot or must not take."""
     if address.startswith("ipc://"):
         path = address[len("ipc://") :]
-        longest = path + ".pub"
+        longest = max(_wire.data_endpoints_for(address), key=len)[len("ipc://") :]
         if len(longest) > zmq.IPC_PATH_MAX_LEN:
             raise HubAddressError(
                 f"ipc path {longest!r} is {len(longest)} bytes; this system allows "

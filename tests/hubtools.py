@@ -1,0 +1,148 @@
+"""Helpers for tests that cross process boundaries through a real hub."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import threading
+import uuid
+from typing import Any
+
+import cloudpickle
+
+from ipcbus import Broker, HubBroker, Message, Subscription, connect
+from ipcbus._base import Subscription as _Subscription
+
+from .messages import Barrier
+
+SETTLE_TIMEOUT = 20.0
+
+
+class BarrierWaiter:
+    """Subscribes to Barrier on ``broker``; ``wait(publish)`` returns once a fresh barrier,
+    published through ``publish``, came back: everything that publisher sent before it has been
+    handled by this process's broadcast handlers (one dispatcher thread, publish order kept)."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._seen: set[str] = set()
+        self._condition = threading.Condition()
+        self.subscription = broker.subscribe(Barrier, self._on_barrier)
+
+    def _on_barrier(self, message: Barrier) -> None:
+        with self._condition:
+            self._seen.add(message.token)
+            self._condition.notify_all()
+
+    def wait(self, publisher: Broker, timeout: float = SETTLE_TIMEOUT) -> None:
+        token = uuid.uuid4().hex
+        publisher.publish(Barrier(token))
+        with self._condition:
+            if not self._condition.wait_for(lambda: token in self._seen, timeout):
+                raise AssertionError(f"barrier not seen within {timeout} s")
+
+
+def _serve_publisher(address: str, conn: multiprocessing.connection.Connection) -> None:
+    """Child process: publish what the parent sends, answer with the outcome."""
+    broker = connect(address)
+    try:
+        while True:
+            try:
+                request = conn.recv_bytes()
+            except EOFError:
+                return
+            command, argument, qualname = cloudpickle.loads(request)
+            if qualname is not None and type(argument).__qualname__ != qualname:
+                # cloudpickle rebuilds a class sent by value under its bare __name__; the test's
+                # pipe sent it, not ipcbus, so restore the name the publishing test gave it.
+                type(argument).__qualname__ = qualname
+            try:
+                if command == "publish":
+                    broker.publish(argument)
+                elif command == "flush":
+                    broker.flush(argument)
+                elif command == "close":
+                    broker.close()
+                    conn.send_bytes(cloudpickle.dumps(("ok", None)))
+                    return
+                outcome: tuple[str, Any] = ("ok", None)
+            except Exception as exc:
+                outcome = ("error", exc)
+            conn.send_bytes(cloudpickle.dumps(outcome))
+    finally:
+        broker.close()
+
+
+class RemotePublisher:
+    """A HubBroker in another process (spawned), driven over a pipe."""
+
+    def __init__(self, address: str, start_method: str = "spawn") -> None:
+        context: Any = multiprocessing.get_context(start_method)
+        self._conn, child = context.Pipe()
+        self._lock = threading.Lock()
+        self.process = context.Process(target=_serve_publisher, args=(address, child), daemon=True)
+        self.process.start()
+        child.close()
+
+    def call(self, command: str, argument: Any = None, timeout: float = 30.0) -> None:
+        with self._lock:
+            qualname = type(argument).__qualname__ if isinstance(argument, Message) else None
+            self._conn.send_bytes(cloudpickle.dumps((command, argument, qualname)))
+            if not self._conn.poll(timeout):
+                raise AssertionError(f"remote publisher did not answer {command} in {timeout} s")
+            status, detail = cloudpickle.loads(self._conn.recv_bytes())
+        if status == "error":
+            raise detail
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.is_alive():
+            with contextlib.suppress(AssertionError, OSError, EOFError):
+                self.call("close", timeout=timeout)
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout)
+        self._conn.close()
+
+
+class SplitBroker(Broker):
+    """Subscribes through a HubBroker in this process, publishes from another process.
+
+    A real Broker (the argument checks are the base class's); only publishing crosses a process
+    boundary, so the contract suite can prove delivery between processes.
+    """
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.local = HubBroker(address)
+        self.remote = RemotePublisher(address)
+
+    def _publish(self, message: Message) -> None:
+        try:
+            cloudpickle.dumps(message)
+        except Exception:
+            # It cannot even reach the other process: let the local proxy reject it as it would.
+            self.local.publish(message)
+            raise AssertionError("HubBroker accepted an unserialisable message") from None
+        self.remote.call("publish", message)
+
+    def flush(self, timeout: float | None = None) -> None:
+        self.remote.call("flush", timeout)
+
+    def _subscribe(self, subscription: _Subscription) -> None:
+        raise AssertionError("unreachable: subscribe is delegated")
+
+    def subscribe(self, *args: Any, **kwargs: Any) -> Subscription:  # type: ignore[override]
+        self._check_open()
+        return self.local.subscribe(*args, **kwargs)
+
+    def subscribe_async(self, *args: Any, **kwargs: Any) -> Subscription:  # type: ignore[override]
+        self._check_open()
+        return self.local.subscribe_async(*args, **kwargs)
+
+    def _cancel(self, subscription: _Subscription) -> None:
+        raise AssertionError("unreachable: cancel is delegated")
+
+    def _close(self) -> None:
+        self.remote.stop()
+        self.local.close()

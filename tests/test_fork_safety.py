@@ -1,0 +1,165 @@
+"""Fork, spawn and forkserver children of a process with a live HubBroker (DESIGN.md §1 "Fork")."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from ipcbus import (
+    BrokerClosedError,
+    Hub,
+    HubBroker,
+    connect,
+    get_message_broker,
+    set_message_broker,
+)
+
+from .conftest import wait_until
+from .messages import Ping, Pong, Tick
+
+pytestmark = [pytest.mark.hub, pytest.mark.forks]
+
+
+def _wait_for_child(pid: int, timeout: float) -> int:
+    """waitpid with a deadline; SIGKILL and fail past it. Returns the exit status code."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"forked child {pid} hung")
+        time.sleep(0.01)
+
+
+def _forked_child_body(index: int, parent_broker: HubBroker, write_fd: int) -> None:
+    report: dict[str, Any] = {"index": index}
+    broker = get_message_broker()
+    report["own_broker"] = broker is not parent_broker and isinstance(broker, HubBroker)
+    try:
+        parent_broker.publish(Tick(-1, "from-child-through-parent"))
+        report["parent_refused"] = False
+    except BrokerClosedError:
+        report["parent_refused"] = True
+    received = threading.Event()
+    name = f"child-{index}"
+    broker.subscribe(Tick, lambda m: received.set(), lambda m: m.source == name)
+    broker.publish(Tick(index, name))
+    report["received_own"] = received.wait(20)
+    broker.close()
+    os.write(write_fd, json.dumps(report).encode())
+
+
+def test_fifty_os_fork_children_each_get_their_own_broker(hub: Hub) -> None:
+    parent_broker = HubBroker(hub.address)
+    set_message_broker(parent_broker)
+    seen: list[Tick] = []
+    parent_broker.subscribe(Tick, seen.append)
+    # Keep the parent's I/O and dispatch threads busy while it forks: a child must cope with
+    # being forked in the middle of a publish.
+    stop = threading.Event()
+    background = 0
+
+    def publish_in_background() -> None:
+        nonlocal background
+        while not stop.is_set():
+            parent_broker.publish(Tick(background, "parent-background"))
+            background += 1
+
+    publisher = threading.Thread(target=publish_in_background)
+    publisher.start()
+    children: list[tuple[int, int]] = []
+    try:
+        for index in range(50):
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # child
+                try:
+                    os.close(read_fd)
+                    _forked_child_body(index, parent_broker, write_fd)
+                finally:
+                    os._exit(0)
+            os.close(write_fd)
+            children.append((pid, read_fd))
+        reports = []
+        for pid, read_fd in children:
+            assert _wait_for_child(pid, 60) == 0
+            with os.fdopen(read_fd, "rb") as pipe:
+                reports.append(json.loads(pipe.read() or b"{}"))
+    finally:
+        stop.set()
+        publisher.join(30)
+    assert len(reports) == 50
+    for report in reports:
+        assert report.get("own_broker") is True, report
+        assert report.get("parent_refused") is True, report
+        assert report.get("received_own") is True, report
+    # The parent keeps working, and received what every child published through its own broker.
+    parent_broker.publish(Tick(0, "after"))
+    parent_broker.flush(30)
+    wait_until(lambda: any(m.source == "after" for m in seen), 30)
+    from_children = sorted(m.seq for m in seen if m.source.startswith("child-"))
+    assert from_children == list(range(50))
+    assert not any(m.source == "from-child-through-parent" for m in seen)
+    background_seqs = [m.seq for m in seen if m.source == "parent-background"]
+    assert background_seqs == list(range(background)), "parent lost or reordered while forking"
+    parent_broker.close()
+
+
+def _ping_worker(address: str, installed_by_parent: bool, ready: Any, stop: Any) -> None:
+    """Worker: a module-level Consumer (tests.workers) answers Ping with Pong."""
+    if installed_by_parent:
+        get_message_broker()  # a forked child: its own broker to the parent's hub
+    else:
+        assert os.environ.get("IPCBUS_ADDRESS") == address, "children find the hub by the env"
+        set_message_broker(connect())
+    from . import workers  # noqa: F401 - declares the Consumer, which binds at once
+
+    ready.set()
+    stop.wait(120)
+    get_message_broker().close()
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_multiprocessing_children_bind_consumers_and_talk_through_the_hub(
+    hub: Hub, start_method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IPCBUS_ADDRESS", hub.address)
+    context: Any = multiprocessing.get_context(start_method)
+    broker = HubBroker(hub.address)
+    set_message_broker(broker)
+    pongs: list[Pong] = []
+    broker.subscribe(Pong, pongs.append)
+    stop = context.Event()
+    workers = []
+    try:
+        for _ in range(3):
+            ready = context.Event()
+            worker = context.Process(
+                target=_ping_worker, args=(hub.address, start_method == "fork", ready, stop)
+            )
+            worker.start()
+            workers.append(worker)
+            assert ready.wait(60), f"{start_method} worker did not start"
+        broker.publish(Ping(start_method))
+        wait_until(lambda: len(pongs) >= 3, 30)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+            if worker.is_alive():
+                worker.kill()
+                worker.join(10)
+    assert {p.pid for p in pongs if p.token == start_method} == {w.pid for w in workers}
+    assert len(pongs) == 3
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    broker.close()

@@ -1,0 +1,141 @@
+"""Broadcast guarantees through a real hub, between real processes (DESIGN.md §2 items 1-4)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from typing import Any
+
+import pytest
+
+from ipcbus import Hub, HubBroker, PublishTimeoutError, connect
+
+from .messages import Barrier, Blob, Tick
+
+pytestmark = [pytest.mark.hub, pytest.mark.forks]
+
+SPAWN: Any = multiprocessing.get_context("spawn")
+
+
+def _collect_ticks(address: str, ready: Any, results: Any, hwm: int, dispatch_queue: int) -> None:
+    """Child: record every Tick's seq until a Barrier arrives, then report them."""
+    broker = connect(address, hwm=hwm, dispatch_queue=dispatch_queue)
+    seqs: list[int] = []
+    done = threading.Event()
+    gate = threading.Event()
+    broker.subscribe(Tick, lambda m: seqs.append(m.seq))
+    broker.subscribe(Blob, lambda m: (gate.wait(), seqs.append(m.seq)))
+    broker.subscribe(Barrier, lambda m: done.set())
+    ready.set()
+    if hwm < 1000:
+        # The slow-subscriber test: the handler stays blocked until the parent lets go.
+        results.get(timeout=120)
+        gate.set()
+    gate.set()
+    finished = done.wait(180)
+    results.put((finished, seqs))
+    broker.close()
+
+
+def _start_collectors(address: str, count: int, hwm: int = 1000, dispatch_queue: int = 64):  # type: ignore[no-untyped-def]
+    results = SPAWN.Queue()
+    processes = []
+    for _ in range(count):
+        ready = SPAWN.Event()
+        process = SPAWN.Process(
+            target=_collect_ticks, args=(address, ready, results, hwm, dispatch_queue), daemon=True
+        )
+        process.start()
+        assert ready.wait(60), "collector did not subscribe in time"
+        processes.append(process)
+    return processes, results
+
+
+def _join(processes: list[Any], timeout: float = 60) -> None:
+    for process in processes:
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout)
+            pytest.fail(f"{process} did not exit")
+        assert process.exitcode == 0
+
+
+@pytest.mark.slow
+def test_three_subscriber_processes_get_every_message_once_in_order(hub: Hub) -> None:
+    count = 20_000
+    processes, results = _start_collectors(hub.address, 3)
+    with HubBroker(hub.address) as publisher:
+        for seq in range(count):
+            publisher.publish(Tick(seq))
+        publisher.publish(Barrier("end"))
+        publisher.flush(60)
+    reports = [results.get(timeout=120) for _ in processes]
+    _join(processes)
+    for finished, seqs in reports:
+        assert finished
+        assert len(seqs) == count
+        assert seqs == list(range(count)), "lost, duplicated or reordered messages"
+
+
+def _publish_on_request(address: str, conn: Any) -> None:
+    """Child: publish Tick(n) for every n the parent sends, at once; stop on None."""
+    with connect(address) as broker:
+        while (trial := conn.recv()) is not None:
+            broker.publish(Tick(trial))
+
+
+@pytest.mark.slow
+def test_no_slow_joiner(hub: Hub) -> None:
+    """1 000 times: subscribe here, tell another process, which publishes once: never missed."""
+    trials = 1000
+    parent_end, child_end = SPAWN.Pipe()
+    publisher = SPAWN.Process(target=_publish_on_request, args=(hub.address, child_end))
+    publisher.start()
+    missed = []
+    try:
+        with HubBroker(hub.address) as broker:
+            for trial in range(trials):
+                received = threading.Event()
+                subscription = broker.subscribe(
+                    Tick, lambda m, r=received: r.set(), lambda m, t=trial: m.seq == t
+                )
+                parent_end.send(trial)
+                if not received.wait(10):
+                    missed.append(trial)
+                # Cancelling the only subscription unsubscribes the topic at the hub, so the next
+                # trial is a fresh subscription again.
+                subscription.cancel()
+    finally:
+        parent_end.send(None)
+        _join([publisher])
+    assert missed == []
+
+
+def test_a_slow_subscriber_slows_publishers_and_loses_nothing() -> None:
+    """Backpressure, not drops: with the subscriber's handler blocked, publish() ends up timing
+    out; once it is released, it receives exactly every message publish() accepted, in order."""
+    with Hub(hwm=4, start_method="spawn") as small_hub:
+        processes, control = _start_collectors(small_hub.address, 1, hwm=4, dispatch_queue=1)
+        accepted = 0
+        blob = b"x" * 65536
+        with HubBroker(small_hub.address, hwm=4, max_pending=20, max_batch=4) as publisher:
+            timed_out = False
+            for seq in range(100_000):
+                try:
+                    publisher.publish(Blob(seq, blob), timeout=0.5)
+                except PublishTimeoutError:
+                    timed_out = True
+                    break
+                accepted += 1
+            assert timed_out, "publish() never blocked: messages were dropped or buffered unbounded"
+            assert accepted > 0
+            stalls = small_hub.statistics().backpressure_stalls
+            control.put("release")
+            publisher.publish(Barrier("end"), timeout=60)
+            publisher.flush(60)
+        finished, seqs = control.get(timeout=120)
+        _join(processes)
+    assert finished
+    assert stalls > 0, "the hub should have held a message for the full subscriber pipe"
+    assert seqs == list(range(accepted)), f"accepted {accepted}, delivered {len(seqs)}"
