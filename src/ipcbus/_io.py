@@ -192,11 +192,13 @@ class IOThread:
             timeout = _HELD_POLL_MS if self._held is not None else _IDLE_POLL_MS
             events = dict(poller.poll(timeout))
             if self._wake_fd in events:
-                # Clear the flag before reading: a publisher that appends after this point
-                # writes the eventfd again, so no message waits for the idle timeout.
-                self._wake_pending = False
+                # Read, *then* clear the flag (the pump runs after both). Clearing first would
+                # let this read swallow the write of a publisher that set the flag meanwhile,
+                # leaving the flag set with nothing to wake the poll: later publishes would wait
+                # for the idle timeout (seen as 10x slower runs).
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self._wake_fd)
+                self._wake_pending = False
             if self._held is not None and self._deliver(self._held):
                 self._held = None
             if dealer in events and events[dealer] & zmq.POLLIN:
