@@ -7,6 +7,7 @@ implement the ``_publish`` / ``_subscribe`` / ``_cancel`` / ``_close`` hooks.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import threading
@@ -43,13 +44,18 @@ class QueuePolicy:
     A handler is called at most ``max_attempts`` times with one message; attempt ``n`` (n >= 2)
     waits ``retry_backoff * 2 ** (n - 2)`` seconds first (brokers that run deterministically, like
     :class:`~ipcbus.broker.TestBroker`, skip the wait). After the last attempt the message is
-    dead-lettered: published as a :class:`~ipcbus.message.DeadLetter`.
+    dead-lettered: published as a :class:`~ipcbus.message.DeadLetter`. Across processes a consumer
+    holds at most ``prefetch`` unacknowledged deliveries (fair dispatch); in-process brokers
+    have nothing to prefetch.
     """
 
     max_attempts: int = 3
     retry_backoff: float = 0.05
+    prefetch: int = 10
 
     def __post_init__(self) -> None:
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, not {self.prefetch}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, not {self.max_attempts}")
         if self.retry_backoff < 0:
@@ -156,6 +162,21 @@ def call_handler(subscription: Subscription, message: Message) -> Any:
     return None
 
 
+async def run_queue_handler(subscription: Subscription, message: Message) -> None:
+    """Run a queue handler to completion: coroutines are awaited, plain functions get a thread.
+
+    A plain function runs in a worker thread (``asyncio.to_thread`` copies the context, so
+    ``AsyncMessageContext.current()`` works there too) and cannot stall the event loop.
+    """
+    handler = subscription.handler
+    if inspect.iscoroutinefunction(handler):
+        await handler(message)
+        return
+    result = await asyncio.to_thread(handler, message)
+    if inspect.isawaitable(result):
+        await result
+
+
 def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -223,6 +244,7 @@ class Broker(ABC):
         *,
         max_attempts: int = 3,
         retry_backoff: float = 0.05,
+        prefetch: int = 10,
     ) -> Subscription:
         """Join the queue group ``queue_name`` for ``message_type`` (competing consumers).
 
@@ -230,12 +252,15 @@ class Broker(ABC):
         group gets its own copy. ``handler`` may be a coroutine function or a plain function;
         inside it :meth:`AsyncMessageContext.current` describes the delivery. A handler that
         raises is retried up to ``max_attempts`` calls in all, then the message is published as a
-        :class:`~ipcbus.message.DeadLetter`.
+        :class:`~ipcbus.message.DeadLetter`. Across processes a consumer holds at most
+        ``prefetch`` unacknowledged deliveries (fair dispatch).
         """
         self._check_subscription(message_type, handler, predicate)
         if not isinstance(queue_name, str) or not queue_name:
             raise TypeError(f"queue_name must be a non-empty str, not {queue_name!r}")
-        policy = QueuePolicy(max_attempts=max_attempts, retry_backoff=retry_backoff)
+        policy = QueuePolicy(
+            max_attempts=max_attempts, retry_backoff=retry_backoff, prefetch=prefetch
+        )
         self._check_open()
         subscription = Subscription(self, message_type, handler, predicate, queue_name, policy)
         self._subscribe(subscription)

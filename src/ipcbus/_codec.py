@@ -24,14 +24,29 @@ from typing import Any
 
 import cloudpickle
 
+from ._wire import MAX_BUFFERS
 from .exceptions import MessageSerializationError
 from .message import Message
 
-__all__ = ["DATACLASS", "OBJECTS", "PROTOCOL", "decode_batch", "encode_batch", "is_plain_dataclass"]
+__all__ = [
+    "DATACLASS",
+    "OBJECTS",
+    "PROTOCOL",
+    "decode_batch",
+    "decode_one",
+    "encode_batch",
+    "encode_split",
+    "is_plain_dataclass",
+]
 
 PROTOCOL = 5
 DATACLASS = b"D"
 OBJECTS = b"P"
+# The same two codecs, one frame per message (no out-of-band buffers), for topics that have queue
+# groups: the hub hands each message to a group without unpickling. Costs ~1 µs more per message
+# than a batch pickle (0.54 vs 0.15 µs dumps, 0.92 vs 0.25 µs loads), so only those topics pay.
+SPLIT_DATACLASS = b"d"
+SPLIT_OBJECTS = b"p"
 
 _PICKLING_HOOKS = ("__reduce__", "__reduce_ex__", "__getstate__")
 
@@ -58,8 +73,29 @@ def encode_batch(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[An
     return OBJECTS, _dumps(list(messages), cls)
 
 
+def encode_split(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[bytes]]:
+    """Serialise each message into a frame of its own: ``(codec, [payload, ...])``."""
+    if is_plain_dataclass(cls):
+        return SPLIT_DATACLASS, [_dumps_inband(message.__dict__, cls) for message in messages]
+    return SPLIT_OBJECTS, [_dumps_inband(message, cls) for message in messages]
+
+
+def decode_one(codec: bytes, payload: Any, cls: type | None) -> Message:
+    """Rebuild one message of a split batch."""
+    decoded = pickle.loads(payload)
+    if codec == SPLIT_OBJECTS:
+        return decoded  # type: ignore[no-any-return]
+    if codec != SPLIT_DATACLASS or cls is None:
+        raise ValueError(f"cannot decode codec {codec!r} for class {cls!r}")
+    message: Message = object.__new__(cls)
+    message.__dict__.update(decoded)
+    return message
+
+
 def decode_batch(codec: bytes, frames: Sequence[Any], cls: type | None) -> list[Message]:
     """Rebuild a batch; ``cls`` is this process's class for the topic (needed for DATACLASS)."""
+    if codec in (SPLIT_DATACLASS, SPLIT_OBJECTS):
+        return [decode_one(codec, frame, cls) for frame in frames]
     payload, *buffers = frames
     decoded = pickle.loads(payload, buffers=buffers)
     if codec == OBJECTS:
@@ -75,10 +111,27 @@ def decode_batch(codec: bytes, frames: Sequence[Any], cls: type | None) -> list[
     return messages
 
 
+def _dumps_inband(obj: Any, cls: type) -> bytes:
+    try:
+        return pickle.dumps(obj, protocol=PROTOCOL)
+    except Exception:
+        pass  # as in _dumps: the by-value attempt
+    try:
+        data: bytes = cloudpickle.dumps(obj, protocol=PROTOCOL)
+    except Exception as exc:
+        raise MessageSerializationError(
+            f"cannot serialise {cls.__qualname__}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return data
+
+
 def _dumps(obj: Any, cls: type) -> list[Any]:
     buffers: list[pickle.PickleBuffer] = []
     try:
         payload = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+        if len(buffers) > MAX_BUFFERS:
+            # Frames are bounded on the wire: this many buffers travel in-band instead.
+            return [_dumps_inband(obj, cls)]
     except Exception:
         # Local classes, lambdas and closures: pickle raises PicklingError, AttributeError or
         # TypeError depending on the object; all of them deserve the by-value attempt.

@@ -58,6 +58,7 @@ class IOThread:
         max_batch: int,
         on_space: Callable[[], None],
         on_error: Callable[[BaseException], None],
+        on_delivery: Callable[[list[bytes]], None],
     ) -> None:
         self.endpoint = endpoint
         self.outbox: deque[Message | FlushMarker] = deque()
@@ -67,6 +68,12 @@ class IOThread:
         self._max_batch = max_batch
         self._on_space = on_space
         self._on_error = on_error
+        self._on_delivery = on_delivery
+        self._grouped: frozenset[bytes] = frozenset()  # topics with queue groups: split codec
+        self._consumes: dict[bytes, list[bytes]] = {}  # subscription id -> CONSUME body
+        self._consuming: dict[bytes, threading.Event] = {}
+        self._heartbeat_interval = 0.5
+        self._next_ping = 0.0
         self._commands: deque[Callable[[], None]] = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_pending = False
@@ -111,6 +118,24 @@ class IOThread:
     def unsubscribe(self, topic: bytes) -> None:
         self.call(lambda: self._unsubscribe(topic))
 
+    def consume(self, subscription_id: bytes, body: list[bytes], live: threading.Event) -> None:
+        def consume() -> None:
+            self._consumes[subscription_id] = body
+            self._consuming[subscription_id] = live
+            self._send_control(_wire.CONSUME, *body)
+
+        self.call(consume)
+
+    def cancel_consume(self, subscription_id: bytes) -> None:
+        def cancel() -> None:
+            if self._consumes.pop(subscription_id, None) is not None:
+                self._send_control(_wire.CANCEL, subscription_id)
+
+        self.call(cancel)
+
+    def ack(self, delivery_id: bytes, outcome: bytes, error: str) -> None:
+        self.call(lambda: self._send_control(_wire.ACK, delivery_id, outcome, error.encode()))
+
     def stop(self, timeout: float | None) -> None:
         def stop() -> None:
             self._running = False
@@ -146,6 +171,7 @@ class IOThread:
     def _connect(self, context: zmq.Context[Any]) -> bool:
         control = self._control = context.socket(zmq.DEALER)
         control.linger = 0
+        control.routing_id = self._client_id
         control.connect(self.endpoint)
         control.send_multipart([_wire.header(_wire.HELLO), self._client_id])
         timeout = self._connect_timeout
@@ -155,41 +181,55 @@ class IOThread:
             )
             return False
         reply = control.recv_multipart()
-        if len(reply) != 4 or reply[0] != _wire.header(_wire.WELCOME):
+        if len(reply) < 5 or reply[0] != _wire.header(_wire.WELCOME):
             self._failure = HubUnavailableError(
                 f"unexpected answer {reply[:1]!r} from {self.endpoint}"
             )
             return False
-        _, in_endpoint, pub_endpoint, _hub_id = reply
+        in_endpoint, pub_endpoint = self._welcome(reply[1:])
         dealer = self._dealer = context.socket(zmq.DEALER)
         dealer.linger = 0
         dealer.sndhwm = dealer.rcvhwm = self._hwm
         dealer.routing_id = self._client_id
-        dealer.connect(in_endpoint.decode())
+        dealer.connect(in_endpoint)
         sub = self._sub = context.socket(zmq.SUB)
         sub.linger = 0
         sub.rcvhwm = self._hwm
-        sub.connect(pub_endpoint.decode())
+        sub.connect(pub_endpoint)
         self._ready.set()
         return True
 
+    def _welcome(self, body: list[bytes]) -> tuple[str, str]:
+        in_endpoint, pub_endpoint, _hub_id, interval, *grouped = body
+        self._heartbeat_interval = float(interval)
+        self._grouped = frozenset(grouped)
+        return in_endpoint.decode(), pub_endpoint.decode()
+
     def _loop(self) -> None:
-        dealer, sub = self._dealer, self._sub
+        control, dealer, sub = self._control, self._dealer, self._sub
+        assert control is not None
         assert dealer is not None
         assert sub is not None
         poller = zmq.Poller()
         poller.register(self._wake_fd, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
         poller.register(sub, zmq.POLLIN)
         while True:
             while self._commands:
                 self._commands.popleft()()
             if not self._running:
+                self._send_control(_wire.BYE)  # the hub hands what we hold to others, at once
                 return
             self._pump(dealer)
+            now = time.monotonic()
+            if now >= self._next_ping:
+                self._next_ping = now + self._heartbeat_interval
+                self._send_control(_wire.PING)
             poller.modify(dealer, zmq.POLLIN | (zmq.POLLOUT if self._sent is not None else 0))
             poller.modify(sub, 0 if self._held is not None else zmq.POLLIN)
             timeout = _HELD_POLL_MS if self._held is not None else _IDLE_POLL_MS
+            timeout = min(timeout, int((self._next_ping - now) * 1000) + 1)
             events = dict(poller.poll(timeout))
             if self._wake_fd in events:
                 # Read, *then* clear the flag (the pump runs after both). Clearing first would
@@ -201,10 +241,46 @@ class IOThread:
                 self._wake_pending = False
             if self._held is not None and self._deliver(self._held):
                 self._held = None
+            if control in events:
+                self._read_control(control)
             if dealer in events and events[dealer] & zmq.POLLIN:
                 self._read_replies(dealer)
             if sub in events:
                 self._read_fanout(sub)
+
+    def _send_control(self, kind: bytes, *body: bytes) -> None:
+        assert self._control is not None
+        try:
+            self._control.send_multipart([_wire.header(kind), *body], zmq.NOBLOCK)
+        except zmq.Again:
+            logger.debug("control message %r dropped: the hub reads nothing", kind)
+
+    def _read_control(self, control: zmq.Socket[bytes]) -> None:
+        for _ in range(_BURST):
+            try:
+                head, *body = control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = head[1:]
+            if kind == _wire.DELIVER:
+                self._on_delivery(body)
+            elif kind == _wire.GROUPS:
+                version, *grouped = body
+                self._grouped = frozenset(grouped)
+                self._send_control(_wire.GROUPS_ACK, version)
+            elif kind == _wire.CONSUMING:
+                live = self._consuming.pop(body[0], None)
+                if live is not None:
+                    live.set()
+            elif kind == _wire.RESET:
+                # The hub does not know us (it declared us gone, or it restarted): introduce
+                # ourselves again, then our queue consumers.
+                logger.warning("the hub at %s asked this client to start again", self.endpoint)
+                self._send_control(_wire.HELLO, self._client_id)
+            elif kind == _wire.WELCOME:
+                self._welcome(body)
+                for consume in self._consumes.values():
+                    self._send_control(_wire.CONSUME, *consume)
 
     def _pump(self, dealer: zmq.Socket[bytes]) -> None:
         """Send what the outbox holds until it is empty or the DEALER pipe is full."""
@@ -224,25 +300,38 @@ class IOThread:
                 self._sent = [_wire.header(_wire.FLUSH), first.token]
                 continue
             cls = type(first)
+            topic = self._topic(cls)
+            split = topic in self._grouped
+            limit = _wire.MAX_SPLIT_BATCH if split else self._max_batch
             batch = [first]
-            while outbox and len(batch) < self._max_batch and type(outbox[0]) is cls:
+            while outbox and len(batch) < limit and type(outbox[0]) is cls:
                 batch.append(outbox.popleft())  # type: ignore[arg-type]
             self._on_space()
-            self._sent = self._encode(cls, batch)
+            self._sent = self._encode(cls, topic, split, batch)
 
-    def _encode(self, cls: type, batch: list[Message]) -> list[Any] | None:
+    def _topic(self, cls: type) -> bytes:
         topic = self._topics.get(cls)
         if topic is None:
             topic = self._topics[cls] = _wire.topic_for(get_unique_name_for_message(cls))
+        return topic
+
+    def _encode(
+        self, cls: type, topic: bytes, split: bool, batch: list[Message]
+    ) -> list[Any] | None:
         published_at = time.time()
+        encode = _codec.encode_split if split else _codec.encode_batch
         try:
-            codec, frames = _codec.encode_batch(cls, batch)
+            codec, frames = encode(cls, batch)
         except MessageSerializationError as exc:
             # Only the first message of a type is checked in publish(); a later one that cannot
             # be serialised is reported to the publisher's next publish()/flush() and logged.
+            # It costs only itself: the rest of its batch is sent.
             self._on_error(exc)
-            logger.error("dropped a batch of %d %s: %s", len(batch), cls.__qualname__, exc)
-            return None
+            batch = [message for message in batch if _serialisable(cls, message)]
+            logger.error("dropped %s that cannot be serialised: %s", cls.__qualname__, exc)
+            if not batch:
+                return None
+            codec, frames = encode(cls, batch)
         meta = _wire.pack_meta(codec, len(batch), published_at)
         return [_wire.header(_wire.PUBLISH), topic, meta, *frames]
 
@@ -284,3 +373,11 @@ class IOThread:
     def _unsubscribe(self, topic: bytes) -> None:
         assert self._sub is not None
         self._sub.setsockopt(zmq.UNSUBSCRIBE, topic)
+
+
+def _serialisable(cls: type, message: Message) -> bool:
+    try:
+        _codec.encode_batch(cls, [message])
+    except MessageSerializationError:
+        return False
+    return True

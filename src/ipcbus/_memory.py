@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
 import os
@@ -18,29 +17,16 @@ from ._base import (
     Subscription,
     call_handler,
     describe_error,
+    run_queue_handler,
 )
 from ._routing import RouteTable
+from ._runner import run_loop_forever
 from .exceptions import BrokerClosedError, PublishTimeoutError
 from .message import DeadLetter, Message, get_unique_name_for_message
 
-__all__ = ["MemoryBroker", "NullBroker", "run_queue_handler"]
+__all__ = ["MemoryBroker", "NullBroker"]
 
 logger = logging.getLogger(__name__)
-
-
-async def run_queue_handler(subscription: Subscription, message: Message) -> None:
-    """Run a queue handler to completion: coroutines are awaited, plain functions get a thread.
-
-    A plain function runs in a worker thread (``asyncio.to_thread`` copies the context, so
-    ``AsyncMessageContext.current()`` works there too) and cannot stall the event loop.
-    """
-    handler = subscription.handler
-    if inspect.iscoroutinefunction(handler):
-        await handler(message)
-        return
-    result = await asyncio.to_thread(handler, message)
-    if inspect.isawaitable(result):
-        await result
 
 
 class MemoryBroker(Broker):
@@ -110,7 +96,7 @@ class MemoryBroker(Broker):
             loop, thread = self._loop, self._loop_thread
             self._loop = self._loop_thread = None
         if loop is not None and thread is not None:
-            asyncio.run_coroutine_threadsafe(_cancel_all_then_stop(loop), loop)
+            loop.call_soon_threadsafe(loop.stop)  # run_loop_forever cancels what is left
             thread.join(timeout=self._linger)
         self._routes.clear()
 
@@ -155,7 +141,7 @@ class MemoryBroker(Broker):
             if self._loop is None:
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(
-                    target=_run_forever, args=(loop,), name="ipcbus-memory-loop", daemon=True
+                    target=run_loop_forever, args=(loop,), name="ipcbus-memory-loop", daemon=True
                 )
                 thread.start()
                 self._loop, self._loop_thread = loop, thread
@@ -205,24 +191,6 @@ class MemoryBroker(Broker):
             self.publish(DeadLetter(queue_name, message, attempts, describe_error(exc)))
         except BrokerClosedError:
             logger.warning("broker closed: DeadLetter for %r not published", message)
-
-
-def _run_forever(loop: asyncio.AbstractEventLoop) -> None:
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_forever()
-    finally:
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
-
-
-async def _cancel_all_then_stop(loop: asyncio.AbstractEventLoop) -> None:
-    me = asyncio.current_task()
-    tasks = [task for task in asyncio.all_tasks() if task is not me]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    loop.stop()
 
 
 class NullBroker(Broker):

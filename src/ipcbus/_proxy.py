@@ -16,6 +16,7 @@ from . import _codec, _wire
 from ._base import Broker, Subscription, call_handler
 from ._config import address_from_env, export_address
 from ._io import FlushMarker, IOThread
+from ._runner import QueueRunner
 from .exceptions import (
     BrokerClosedError,
     HubUnavailableError,
@@ -99,6 +100,9 @@ class HubBroker(Broker):
         self._live: dict[str, threading.Event] = {}
         self._flush_ids = iter(range(1, 2**62))
         self._inbox: queue.Queue[list[zmq.Frame] | None] = queue.Queue(dispatch_queue)
+        self._queue_ids = iter(range(1, 2**62))
+        self._queue_subscriptions: dict[bytes, Subscription] = {}
+        self._runner = QueueRunner(self._queue_subscriptions.get, self._ack, self.publish)
         client_id = os.urandom(8).hex().encode()
         self._io = IOThread(
             address,
@@ -108,6 +112,7 @@ class HubBroker(Broker):
             max_batch=max_batch,
             on_space=self._space_freed,
             on_error=self._record_error,
+            on_delivery=self._on_delivery,
         )
         self._io.start(connect_timeout)
         self._dispatcher = threading.Thread(
@@ -201,12 +206,10 @@ class HubBroker(Broker):
     # -- subscribe ---------------------------------------------------------------------------
 
     def _subscribe(self, subscription: Subscription) -> None:
-        if subscription.queue_name is not None:
-            raise NotImplementedError(
-                "queue groups (subscribe_async) across processes are not available in this "
-                "version of HubBroker; use MemoryBroker for in-process queue groups"
-            )
         self._check_usable()
+        if subscription.queue_name is not None:
+            self._subscribe_queue(subscription)
+            return
         topic = subscription.topic
         with self._subs_lock:
             self._types[topic] = subscription.message_type
@@ -222,17 +225,53 @@ class HubBroker(Broker):
                 f"within {self._subscribe_timeout} s"
             )
 
+    def _subscribe_queue(self, subscription: Subscription) -> None:
+        assert subscription.queue_name is not None
+        subscription_id = b"%d" % next(self._queue_ids)
+        policy = subscription.policy
+        body = [
+            subscription_id,
+            _wire.topic_for(subscription.topic),
+            subscription.queue_name.encode(),
+            b"%d" % policy.prefetch,
+            b"%d" % policy.max_attempts,
+            repr(policy.retry_backoff).encode(),
+        ]
+        self._queue_subscriptions[subscription_id] = subscription
+        live = threading.Event()
+        self._io.consume(subscription_id, body, live)
+        if not live.wait(self._subscribe_timeout):
+            subscription.cancel()
+            raise HubUnavailableError(
+                f"the hub at {self.address} did not confirm the queue consumer "
+                f"{subscription.queue_name!r} within {self._subscribe_timeout} s"
+            )
+
     def _cancel(self, subscription: Subscription) -> None:
+        if _pid != self._owner:
+            return
+        if subscription.queue_name is not None:
+            for subscription_id, known in list(self._queue_subscriptions.items()):
+                if known is subscription:
+                    # Kept in the map: deliveries already on their way are answered "rejected".
+                    self._io.cancel_consume(subscription_id)
+            return
         topic = subscription.topic
         with self._subs_lock:
             remaining = tuple(
                 s for s in self._subscriptions.get(topic, ()) if s is not subscription
             )
             self._subscriptions[topic] = remaining
-            if not remaining and topic in self._live and os.getpid() == self._owner:
+            if not remaining and topic in self._live:
                 del self._live[topic]
                 if not self._closed:
                     self._io.unsubscribe(_wire.topic_for(topic))
+
+    def _on_delivery(self, frames: list[bytes]) -> None:  # I/O thread
+        self._runner.submit(frames)
+
+    def _ack(self, delivery_id: bytes, outcome: bytes, error: str) -> None:  # queue thread
+        self._io.ack(delivery_id, outcome, error)
 
     # -- dispatch (own thread) ---------------------------------------------------------------
 
@@ -268,14 +307,21 @@ class HubBroker(Broker):
     # -- close -------------------------------------------------------------------------------
 
     def _close(self) -> None:
-        if os.getpid() != self._owner:
+        if _pid != self._owner:
             return  # the sockets and threads belong to the parent: drop nothing, touch nothing
         if self._io.alive:
             try:
                 self._flush(self._linger)
             except (PublishTimeoutError, HubUnavailableError, MessageSerializationError) as exc:
                 logger.warning("closing %r without a complete flush: %s", self, exc)
+            # Take no new queue deliveries; finish (and ack) those in hand, within the linger.
+            # What is still unfinished then goes back to the hub with our goodbye.
+            for subscription_id in list(self._queue_subscriptions):
+                self._io.cancel_consume(subscription_id)
+            if not self._runner.wait_idle(self._linger):
+                logger.warning("closing %r with queue deliveries unfinished", self)
         self._io.stop(self._linger)
+        self._runner.stop(self._linger)
         self._stop_dispatcher()
         with self._space:
             self._space.notify_all()

@@ -16,11 +16,12 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import zmq
 
 from . import _wire
+from ._control import ControlPlane
 
 __all__ = ["HubStatistics", "Relay"]
 
@@ -47,6 +48,10 @@ class HubStatistics:
     bytes_relayed: int
     backpressure_stalls: int
     malformed_dropped: int
+    clients_lost: int = 0
+    late_acks: int = 0
+    unsplittable_dropped: int = 0
+    queues: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -64,8 +69,11 @@ class Relay:
         endpoint: str,
         *,
         hwm: int = 1000,
-        max_frames: int = 64,
+        max_frames: int = _wire.MAX_FRAMES,
         max_message_size: int = 256 * 1024 * 1024,
+        heartbeat_interval: float = 0.5,
+        heartbeat_timeout: float = 3.0,
+        max_held: int = 100_000,
     ) -> None:
         self.endpoint = endpoint
         self.in_endpoint, self.pub_endpoint = _wire.data_endpoints_for(endpoint)
@@ -74,12 +82,17 @@ class Relay:
         self._max_message_size = max_message_size
         self._hub_id = os.urandom(8).hex().encode()
         self._started = time.monotonic()
-        self._clients: set[bytes] = set()
+        self.control_plane = ControlPlane(
+            self._hub_id,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            max_held=max_held,
+        )
         self._topics: dict[bytes, int] = {}
         self._stalled: list[zmq.Frame] | None = None
         self._sync_backlog: deque[bytes] = deque()
         self._batches = self._messages = self._bytes = 0
-        self._stalls = self._malformed = 0
+        self._stalls = self._malformed = self._unsplittable = 0
 
     @property
     def endpoints(self) -> tuple[str, str, str]:
@@ -90,13 +103,17 @@ class Relay:
             address=self.endpoint,
             pid=os.getpid(),
             uptime=time.monotonic() - self._started,
-            clients=len(self._clients),
+            clients=len(self.control_plane.clients),
             topics=len(self._topics),
             batches_relayed=self._batches,
             messages_relayed=self._messages,
             bytes_relayed=self._bytes,
             backpressure_stalls=self._stalls,
             malformed_dropped=self._malformed,
+            clients_lost=self.control_plane.clients_lost,
+            late_acks=self.control_plane.book.late_acks,
+            unsplittable_dropped=self._unsplittable,
+            queues=self.control_plane.book.statistics(),
         )
 
     def serve(
@@ -153,9 +170,15 @@ class Relay:
             if watch_fd is not None:
                 poller.register(watch_fd, zmq.POLLIN)
         full.register(data, zmq.POLLIN)
+        book = self.control_plane.book
         while not should_stop():
-            blocked = self._stalled is not None or bool(self._sync_backlog)
-            poller, timeout = (stalled, _STALLED_POLL_MS) if blocked else (full, _IDLE_POLL_MS)
+            # Not accepting publishes while a send is stalled (a full subscriber pipe) or a queue
+            # group holds its maximum: publishers feel backpressure, nothing is dropped.
+            blocked = self._stalled is not None or bool(self._sync_backlog) or book.full()
+            if blocked:
+                poller, timeout = stalled, _STALLED_POLL_MS
+            else:
+                poller, timeout = full, self.control_plane.timeout_ms(_IDLE_POLL_MS)
             events = dict(poller.poll(timeout))
             if watch_fd is not None and watch_fd in events:
                 logger.info("the process that started the hub is gone: stopping")
@@ -165,11 +188,12 @@ class Relay:
             self._send_sync_replies(xpub)
             if control in events:
                 self._read(control, lambda frames: self._handle_control(control, frames))
+            self.control_plane.tick(control)
             if self._stalled is not None:
                 if not self._send(xpub, self._stalled):
                     continue
                 self._stalled = None
-            if data in events or blocked:
+            if (data in events or blocked) and not book.full():
                 self._read(data, lambda frames: self._handle_data(data, xpub, frames), True)
 
     def _read_subscriptions(self, xpub: zmq.Socket[bytes]) -> None:
@@ -245,11 +269,21 @@ class Relay:
                 or len(topic) > _wire.MAX_TOPIC_LEN
             ):
                 raise ValueError(f"bad topic {topic[:64]!r}")
-            _, count, _ = _wire.unpack_meta(frames[3].bytes)
+            meta = frames[3].bytes
+            codec, count, _ = _wire.unpack_meta(meta)
             relayed = frames[2:]
             self._batches += 1
             self._messages += count
             self._bytes += sum(len(frame) for frame in relayed)
+            book = self.control_plane.book
+            if book.has_groups(topic):
+                if codec in _wire.SPLIT_CODECS:
+                    book.enqueue(topic, meta, [frame.bytes for frame in frames[4:]])
+                else:
+                    # Encoded before its publisher learned the topic has queue groups, i.e.
+                    # published before the group's first subscribe_async() returned.
+                    self._unsplittable += count
+                    logger.warning("%d messages of %r reached no queue group", count, topic)
             if not self._send(xpub, relayed):
                 self._stalled = relayed
         elif kind == _wire.FLUSH and len(frames) == 3:
@@ -258,21 +292,11 @@ class Relay:
             raise ValueError(f"unknown data request {kind!r}")
 
     def _handle_control(self, control: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
-        identity, kind = frames[0].bytes, frames[1].bytes[1:]
-        if kind == _wire.HELLO:
-            self._clients.add(identity)
-            self._reply(
-                control,
-                identity,
-                _wire.WELCOME,
-                self.in_endpoint.encode(),
-                self.pub_endpoint.encode(),
-                self._hub_id,
-            )
-        elif kind == _wire.STATS:
-            self._reply(control, identity, _wire.STATS, self.statistics().to_json().encode())
+        if frames[1].bytes[1:] == _wire.STATS:
+            statistics = self.statistics().to_json().encode()
+            self._reply(control, frames[0].bytes, _wire.STATS, statistics)
         else:
-            raise ValueError(f"unknown control request {kind!r}")
+            self.control_plane.handle(control, frames, (self.in_endpoint, self.pub_endpoint))
 
     def _reply(self, router: zmq.Socket[bytes], identity: bytes, kind: bytes, *body: bytes) -> None:
         try:

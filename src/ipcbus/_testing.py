@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import itertools
 import logging
@@ -180,7 +181,9 @@ def _await(awaitable: Awaitable[Any]) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    thread = threading.Thread(target=in_thread, name="ipcbus-test-delivery")
+    # Run in a copy of this context, so AsyncMessageContext.current() works in the handler.
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(in_thread,), name="ipcbus-test-delivery")
     thread.start()
     thread.join()
     if errors:

@@ -8,13 +8,27 @@ A hub has three sockets. Control and data are separate so that backpressure on t
 never blocks the control path (a stalled hub still answers HELLO and STATS):
 
 client control DEALER → hub control ROUTER (the hub's address)     ``[header, *body]``
-    HELLO    ``[client_id]``  → WELCOME ``[publish_endpoint, fanout_endpoint, hub_id]``
+    HELLO    ``[client_id]``  → WELCOME ``[publish_endpoint, fanout_endpoint, hub_id,
+                                          heartbeat_interval, *grouped_topics]``
     STATS    ``[]``           → STATS ``[json]``
+    PING     ``[]``           → PONG ``[]``  (every heartbeat_interval, both ways alive)
+    CONSUME  ``[subscription_id, topic, queue_name, prefetch, max_attempts, retry_backoff]``
+                              → CONSUMING ``[subscription_id]`` once every client knows the
+                                topic is grouped (so it publishes it in a split codec)
+    CANCEL   ``[subscription_id]``  no new deliveries; those in flight may still be acked
+    ACK      ``[delivery_id, outcome, error]``  outcome: ok, failed, rejected, dead
+    BYE      ``[]``           the client leaves: its unacknowledged deliveries go to others
+  hub → client, unasked:
+    DELIVER  ``[subscription_id, delivery_id, message_id, attempt, final, topic, meta, payload]``
+    GROUPS   ``[version, *grouped_topics]`` → GROUPS_ACK ``[version]``
+    RESET    ``[]``           the hub does not know this client (it restarted, or declared the
+                                client gone): say HELLO and CONSUME again
 client data DEALER → hub data ROUTER (``<address>.in``)
-    PUBLISH  ``[topic, meta, payload, *buffers]``  relayed on XPUB without the header
+    PUBLISH  ``[topic, meta, payload, *frames]``  relayed on XPUB without the header; with a split
+                                codec each frame after meta is one message
     FLUSH    ``[token]``      → FLUSHED ``[token]`` once every earlier PUBLISH of this client was
                                 handed to the XPUB socket (one DEALER: the order is kept)
-hub XPUB (``<address>.pub``) → client SUB   ``[topic, meta, payload, *buffers]`` or ``[sync_topic]``
+hub XPUB (``<address>.pub``) → client SUB   ``[topic, meta, *payload]`` or ``[sync_topic]``
 
 Topics are the message type's unique name plus a terminator byte, so ``a.Tick`` is not a prefix of
 ``a.TickV2`` for the SUB socket's prefix matching. Sync topics start with ``\\x00`` (no unique name
@@ -29,12 +43,27 @@ from __future__ import annotations
 import struct
 
 __all__ = [
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "CONSUME",
+    "CONSUMING",
+    "DELIVER",
     "FLUSH",
     "FLUSHED",
+    "GROUPS",
+    "GROUPS_ACK",
     "HEADER_LEN",
     "HELLO",
+    "MAX_BUFFERS",
+    "MAX_FRAMES",
+    "MAX_SPLIT_BATCH",
     "MAX_TOPIC_LEN",
+    "PING",
+    "PONG",
     "PUBLISH",
+    "RESET",
+    "SPLIT_CODECS",
     "STATS",
     "SYNC_PREFIX",
     "VERSION",
@@ -51,12 +80,35 @@ __all__ = [
 VERSION = 1
 HEADER_LEN = 2
 
+# control, client -> hub
 HELLO = b"H"
+STATS = b"S"
+PING = b"h"
+CONSUME = b"C"
+CANCEL = b"X"
+ACK = b"A"
+GROUPS_ACK = b"g"
+BYE = b"B"
+# control, hub -> client
+WELCOME = b"W"
+PONG = b"o"
+CONSUMING = b"c"
+DELIVER = b"D"
+GROUPS = b"G"
+RESET = b"R"
+# data, client -> hub and back
 PUBLISH = b"P"
 FLUSH = b"F"
-STATS = b"S"
-WELCOME = b"W"
 FLUSHED = b"f"
+
+# Codecs whose payload is one frame per message (see _codec): the hub can hand each message of
+# such a batch to a queue group without unpickling anything.
+SPLIT_CODECS = frozenset({b"d", b"p"})
+# At most this many messages in a split batch, and out-of-band buffers in a batch: each is a frame,
+# and the hub drops requests with more than MAX_FRAMES frames (bounded input, DESIGN.md §3).
+MAX_SPLIT_BATCH = 64
+MAX_BUFFERS = 64
+MAX_FRAMES = 4 + max(MAX_SPLIT_BATCH, MAX_BUFFERS + 1)  # identity, header, topic, meta
 
 TOPIC_END = b"\x00"
 SYNC_PREFIX = b"\x00sync:"

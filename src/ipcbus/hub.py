@@ -49,12 +49,23 @@ class Hub:
         *,
         start_method: str = "spawn",
         hwm: int = 1000,
+        heartbeat_interval: float = 0.5,
+        heartbeat_timeout: float = 3.0,
+        max_held: int = 100_000,
     ) -> None:
         self._requested = address
         self._address: str | None = address
         self._private_dir: str | None = None
         self._start_method = start_method
-        self._hwm = hwm
+        # Relay options: `hwm` bounds each socket pipe (in batches); a client silent for
+        # `heartbeat_timeout` s is declared gone (its queue deliveries go to others); a queue
+        # group holds at most `max_held` messages before publishers feel backpressure.
+        self._options: dict[str, Any] = {
+            "hwm": hwm,
+            "heartbeat_interval": heartbeat_interval,
+            "heartbeat_timeout": heartbeat_timeout,
+            "max_held": max_held,
+        }
         self._process: multiprocessing.process.BaseProcess | None = None
         self._parent_end: multiprocessing.connection.Connection | None = None
         self._owner = os.getpid()
@@ -81,9 +92,11 @@ class Hub:
             stop.set()
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        relay = Relay(address, **self._options)
         try:
-            Relay(address, hwm=self._hwm).serve(stop.is_set)
+            relay.serve(stop.is_set)
         finally:
+            _remove_ipc_files(*relay.endpoints)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._remove_private_dir()
@@ -98,7 +111,7 @@ class Hub:
         parent_end, child_end = context.Pipe()
         process = context.Process(
             target=_serve_in_child,
-            args=(address, self._hwm, child_end),
+            args=(address, self._options, child_end),
             name="ipcbus-hub",
             daemon=True,
         )
@@ -173,11 +186,13 @@ class _WeakHub:
         self.get = weakref.ref(hub)
 
 
-def _serve_in_child(address: str, hwm: int, conn: multiprocessing.connection.Connection) -> None:
+def _serve_in_child(
+    address: str, options: dict[str, Any], conn: multiprocessing.connection.Connection
+) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
-    relay = Relay(address, hwm=hwm)
+    relay = Relay(address, **options)
     try:
         # The parent's end of the pipe closes when the parent dies: the hub then stops instead of
         # outliving the program (no leftover processes).

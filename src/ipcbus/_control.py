@@ -1,0 +1,202 @@
+"""The hub's control plane: clients, heartbeats and queue groups, over the control ROUTER.
+
+Separate from the data path so that backpressure on fan-out never delays a HELLO, a heartbeat, an
+ack or a delivery. Payloads stay opaque: queue deliveries carry the bytes the publisher sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import zmq
+
+from . import _wire
+from ._queues import Delivery, QueueBook
+
+__all__ = ["ControlPlane"]
+
+logger = logging.getLogger(__name__)
+
+Socket = zmq.Socket[Any]
+
+# Requests a client may send before HELLO (a STATS probe is not a client).
+_ANONYMOUS = frozenset({_wire.HELLO, _wire.STATS})
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        hub_id: bytes,
+        *,
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+        max_held: int,
+    ) -> None:
+        self.hub_id = hub_id
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.book = QueueBook(hub_id, max_held=max_held)
+        self.clients: dict[bytes, float] = {}  # identity -> when it was last heard from
+        self.clients_lost = 0
+        self._groups_version = 0
+        self._acked_version: dict[bytes, int] = {}
+        # CONSUME requests waiting for every client to know their topic is grouped:
+        # (identity, subscription id, groups version, deadline)
+        self._waiting: list[tuple[bytes, bytes, int, float]] = []
+        self._next_check = 0.0
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def handle(self, control: Socket, frames: list[zmq.Frame], endpoints: tuple[str, str]) -> None:
+        """One control request; raises ValueError/IndexError on malformed input."""
+        identity, kind = frames[0].bytes, frames[1].bytes[1:]
+        body = [frame.bytes for frame in frames[2:]]
+        now = time.monotonic()
+        if kind not in _ANONYMOUS and identity not in self.clients:
+            # Declared gone (missed heartbeats) or from before a hub restart: start again.
+            self._send(control, identity, _wire.RESET)
+            return
+        if kind == _wire.HELLO:
+            self.clients[identity] = now
+            self._acked_version[identity] = self._groups_version
+            interval = repr(self.heartbeat_interval).encode()
+            in_endpoint, pub_endpoint = (endpoint.encode() for endpoint in endpoints)
+            self._send(
+                control,
+                identity,
+                _wire.WELCOME,
+                in_endpoint,
+                pub_endpoint,
+                self.hub_id,
+                interval,
+                *self.book.grouped_topics,
+            )
+            return
+        if kind == _wire.STATS:
+            return  # answered by the relay, which owns the statistics
+        self.clients[identity] = now
+        if kind == _wire.PING:
+            self._send(control, identity, _wire.PONG)
+        elif kind == _wire.ACK:
+            delivery_id, outcome, error = body
+            self.book.settle(delivery_id, outcome, error.decode(errors="replace"), now)
+        elif kind == _wire.CONSUME:
+            self._consume(control, identity, body, now)
+        elif kind == _wire.CANCEL:
+            (subscription_id,) = body
+            self.book.cancel_consumer((identity, subscription_id))
+        elif kind == _wire.GROUPS_ACK:
+            (version,) = body
+            self._acked_version[identity] = int(version)
+        elif kind == _wire.BYE:
+            self._drop_client(identity, "said goodbye")
+        else:
+            raise ValueError(f"unknown control request {kind!r}")
+
+    def _consume(self, control: Socket, identity: bytes, body: list[bytes], now: float) -> None:
+        subscription_id, topic, queue_name, prefetch, max_attempts, retry_backoff = body
+        if not topic.endswith(_wire.TOPIC_END) or len(topic) > _wire.MAX_TOPIC_LEN:
+            raise ValueError(f"bad topic {topic[:64]!r}")
+        new_topic = not self.book.has_groups(topic)
+        self.book.add_consumer(
+            topic,
+            queue_name.decode(),
+            (identity, subscription_id),
+            prefetch=int(prefetch),
+            max_attempts=int(max_attempts),
+            retry_backoff=float(retry_backoff),
+        )
+        if not new_topic:
+            self._send(control, identity, _wire.CONSUMING, subscription_id)
+            return
+        # Publishers batch a grouped topic differently (one frame per message): every client
+        # must know before the first consumer may rely on receiving everything published.
+        self._groups_version += 1
+        self._announce_groups(control)
+        deadline = now + self.heartbeat_timeout
+        self._waiting.append((identity, subscription_id, self._groups_version, deadline))
+
+    def _announce_groups(self, control: Socket) -> None:
+        version = b"%d" % self._groups_version
+        for client in list(self.clients):
+            self._send(control, client, _wire.GROUPS, version, *self.book.grouped_topics)
+
+    # -- every loop turn --------------------------------------------------------------------
+
+    def tick(self, control: Socket) -> None:
+        now = time.monotonic()
+        if self._waiting:
+            self._answer_waiting(control, now)
+        for delivery in self.book.dispatch(now):
+            self._deliver(control, delivery)
+        if now >= self._next_check:
+            self._next_check = now + min(self.heartbeat_interval, 0.1)
+            silent_since = now - self.heartbeat_timeout
+            for identity, last_heard in list(self.clients.items()):
+                if last_heard < silent_since:
+                    self._drop_client(identity, f"silent for {now - last_heard:.1f} s")
+
+    def timeout_ms(self, default_ms: int) -> int:
+        """How long the relay may poll before ``tick`` has work (due retries, heartbeats)."""
+        wake = [self._next_check]
+        due = self.book.next_due()
+        if due is not None:
+            wake.append(due)
+        if self._waiting:
+            wake.append(time.monotonic() + 0.02)
+        seconds = min(wake) - time.monotonic()
+        return max(0, min(default_ms, int(seconds * 1000) + 1))
+
+    def _answer_waiting(self, control: Socket, now: float) -> None:
+        still_waiting = []
+        for identity, subscription_id, version, deadline in self._waiting:
+            everyone_knows = all(
+                self._acked_version.get(client, 0) >= version for client in self.clients
+            )
+            if everyone_knows or now >= deadline:
+                if not everyone_knows:
+                    logger.warning("not every client confirmed the queue groups; going on")
+                self._send(control, identity, _wire.CONSUMING, subscription_id)
+            else:
+                still_waiting.append((identity, subscription_id, version, deadline))
+        self._waiting = still_waiting
+
+    def _deliver(self, control: Socket, delivery: Delivery) -> None:
+        item = delivery.item
+        frames = [
+            delivery.identity,
+            _wire.header(_wire.DELIVER),
+            delivery.subscription_id,
+            delivery.delivery_id,
+            item.message_id,
+            b"%d" % item.attempt,
+            b"1" if delivery.final else b"0",
+            delivery.topic,
+            item.meta,
+            item.payload,
+        ]
+        try:
+            control.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self.book.unsend(delivery.delivery_id)  # its pipe is full: offer it again later
+        except zmq.ZMQError:
+            # EHOSTUNREACH: the client's connection is gone (the process died).
+            self._drop_client(delivery.identity, "unreachable")
+
+    def _drop_client(self, identity: bytes, why: str) -> None:
+        if self.clients.pop(identity, None) is None:
+            return
+        self._acked_version.pop(identity, None)
+        self.clients_lost += why != "said goodbye"
+        logger.info("client %s gone (%s): its deliveries go to others", identity.decode(), why)
+        self.book.remove_client(identity)
+
+    @staticmethod
+    def _send(control: Socket, identity: bytes, kind: bytes, *body: bytes) -> None:
+        try:
+            control.send_multipart([identity, _wire.header(kind), *body], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH: the peer left; EAGAIN: it reads nothing. Either way it is not waiting.
+            logger.debug("reply to %r dropped: %s", identity, exc)
