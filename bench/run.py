@@ -4,6 +4,10 @@
 - ipcbus: publisher HubBroker -> hub process -> subscriber HubBroker (3 processes)
 - multiprocessing.Queue: producer -> consumer (2 processes; the baseline users replace)
 
+1 producer -> 2 competing consumers (work queue):
+- ipcbus: subscribe_async in one queue group (acknowledged, redelivered on crash)
+- multiprocessing.Queue: two consumers get() from one queue (nothing acknowledged)
+
 Each case runs ``--repeat`` times, interleaved, and the median is reported. Clocks: the parent
 takes the start time and the receiving process the end time, both from time.monotonic()
 (CLOCK_MONOTONIC, shared by all processes of the machine).
@@ -25,6 +29,7 @@ from typing import Any
 from ipcbus import Hub, Message, connect
 
 SPAWN: Any = multiprocessing.get_context("spawn")
+PREFETCH = 100
 
 
 @dataclass(frozen=True)
@@ -88,13 +93,83 @@ def run_ipcbus(address: str, count: int) -> float:
     return count / (end - start)
 
 
+def _ipcbus_consumer(address: str, counter: Any, count: int, ready: Any, result: Any) -> None:
+    broker = connect(address)
+    done = threading.Event()
+
+    def on_tick(message: Tick) -> None:
+        with counter.get_lock():
+            counter.value += 1
+            if counter.value == count:
+                result.put(time.monotonic())
+                done.set()
+
+    broker.subscribe_async(Tick, on_tick, "work", prefetch=PREFETCH)
+    ready.set()
+    while not done.wait(0.05):
+        if counter.value >= count:
+            break
+    broker.close()
+
+
+def run_ipcbus_queue(address: str, count: int, consumers: int = 2) -> float:
+    counter, go, result = SPAWN.Value("q", 0), SPAWN.Event(), SPAWN.Queue()
+    processes = []
+    for _ in range(consumers):
+        ready = SPAWN.Event()
+        process = SPAWN.Process(
+            target=_ipcbus_consumer, args=(address, counter, count, ready, result)
+        )
+        process.start()
+        ready.wait(60)
+        processes.append(process)
+    publisher = SPAWN.Process(target=_ipcbus_publisher, args=(address, count, go))
+    publisher.start()
+    time.sleep(0.5)
+    start = time.monotonic()
+    go.set()
+    end = result.get(timeout=600)
+    for process in (publisher, *processes):
+        process.join(60)
+    return count / (end - start)
+
+
 # -- multiprocessing.Queue ------------------------------------------------------------------
 
 
 def _queue_consumer(queue: Any, count: int, result: Any) -> None:
     for _ in range(count):
-        queue.get()
+        if queue.get() is None:
+            break
     result.put(time.monotonic())
+
+
+def _queue_producer_n(queue: Any, count: int, consumers: int, go: Any) -> None:
+    go.wait(60)
+    for seq in range(count):
+        queue.put(_tick(seq))
+    for _ in range(consumers):
+        queue.put(None)
+    queue.close()
+    queue.join_thread()
+
+
+def run_mp_queue_shared(count: int, consumers: int = 2) -> float:
+    """Competing consumers on one multiprocessing.Queue; done when the last one drained."""
+    queue, go, result = SPAWN.Queue(), SPAWN.Event(), SPAWN.Queue()
+    processes = [
+        SPAWN.Process(target=_queue_consumer, args=(queue, count, result)) for _ in range(consumers)
+    ]
+    producer = SPAWN.Process(target=_queue_producer_n, args=(queue, count, consumers, go))
+    for process in (*processes, producer):
+        process.start()
+    time.sleep(0.5)
+    start = time.monotonic()
+    go.set()
+    end = max(result.get(timeout=600) for _ in processes)
+    for process in (producer, *processes):
+        process.join(60)
+    return count / (end - start)
 
 
 def _queue_producer(queue: Any, count: int, go: Any) -> None:
@@ -123,21 +198,31 @@ def run_mp_queue(count: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--queue-messages", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
-    results: dict[str, list[float]] = {"ipcbus (hub)": [], "multiprocessing.Queue": []}
-    with Hub() as hub:
-        for _ in range(args.repeat):
-            results["ipcbus (hub)"].append(run_ipcbus(hub.address, args.messages))
-            results["multiprocessing.Queue"].append(run_mp_queue(args.messages))
+    broadcast: dict[str, list[float]] = {"ipcbus broadcast": [], "multiprocessing.Queue": []}
+    queue: dict[str, list[float]] = {"ipcbus queue group": [], "multiprocessing.Queue": []}
+    for _ in range(args.repeat):
+        # A fresh hub each round: queue groups live as long as their hub.
+        with Hub() as hub:
+            broadcast["ipcbus broadcast"].append(run_ipcbus(hub.address, args.messages))
+            queue["ipcbus queue group"].append(run_ipcbus_queue(hub.address, args.queue_messages))
+        broadcast["multiprocessing.Queue"].append(run_mp_queue(args.messages))
+        queue["multiprocessing.Queue"].append(run_mp_queue_shared(args.queue_messages))
+    _report(f"1 publisher -> 1 subscriber, {args.messages} messages", broadcast, args.repeat)
+    _report(f"1 producer -> 2 consumers, {args.queue_messages} messages", queue, args.repeat)
+    return 0
+
+
+def _report(title: str, results: dict[str, list[float]], repeat: int) -> None:
     baseline = statistics.median(results["multiprocessing.Queue"])
-    print(f"1 publisher -> 1 subscriber, {args.messages} messages, median of {args.repeat}")
-    print(f"{'case':24} {'msg/s':>12} {'ratio':>7}   runs")
+    print(f"{title}, median of {repeat}")
+    print(f"  {'case':24} {'msg/s':>12} {'ratio':>7}   runs")
     for name, rates in results.items():
         median = statistics.median(rates)
         runs = ", ".join(f"{rate:,.0f}" for rate in rates)
-        print(f"{name:24} {median:>12,.0f} {median / baseline:>6.2f}x   {runs}")
-    return 0
+        print(f"  {name:24} {median:>12,.0f} {median / baseline:>6.2f}x   {runs}")
 
 
 if __name__ == "__main__":

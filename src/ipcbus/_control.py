@@ -80,8 +80,11 @@ class ControlPlane:
         if kind == _wire.PING:
             self._send(control, identity, _wire.PONG)
         elif kind == _wire.ACK:
-            delivery_id, outcome, error = body
-            self.book.settle(delivery_id, outcome, error.decode(errors="replace"), now)
+            if not body or len(body) % 3:
+                raise ValueError(f"ACK with {len(body)} frames")
+            for index in range(0, len(body), 3):
+                delivery_id, outcome, error = body[index : index + 3]
+                self.book.settle(delivery_id, outcome, error.decode(errors="replace"), now)
         elif kind == _wire.CONSUME:
             self._consume(control, identity, body, now)
         elif kind == _wire.CANCEL:
@@ -129,8 +132,9 @@ class ControlPlane:
         now = time.monotonic()
         if self._waiting:
             self._answer_waiting(control, now)
-        for delivery in self.book.dispatch(now):
-            self._deliver(control, delivery)
+        deliveries = self.book.dispatch(now)
+        if deliveries:
+            self._deliver(control, deliveries)
         if now >= self._next_check:
             self._next_check = now + min(self.heartbeat_interval, 0.1)
             silent_since = now - self.heartbeat_timeout
@@ -163,27 +167,34 @@ class ControlPlane:
                 still_waiting.append((identity, subscription_id, version, deadline))
         self._waiting = still_waiting
 
-    def _deliver(self, control: Socket, delivery: Delivery) -> None:
-        item = delivery.item
-        frames = [
-            delivery.identity,
-            _wire.header(_wire.DELIVER),
-            delivery.subscription_id,
-            delivery.delivery_id,
-            item.message_id,
-            b"%d" % item.attempt,
-            b"1" if delivery.final else b"0",
-            delivery.topic,
-            item.meta,
-            item.payload,
-        ]
-        try:
-            control.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            self.book.unsend(delivery.delivery_id)  # its pipe is full: offer it again later
-        except zmq.ZMQError:
-            # EHOSTUNREACH: the client's connection is gone (the process died).
-            self._drop_client(delivery.identity, "unreachable")
+    def _deliver(self, control: Socket, deliveries: list[Delivery]) -> None:
+        """Send each client its deliveries of this turn as one message (3 frames each)."""
+        by_client: dict[bytes, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_client.setdefault(delivery.identity, []).append(delivery)
+        for identity, batch in by_client.items():
+            frames = [identity, _wire.header(_wire.DELIVER)]
+            for delivery in batch:
+                item = delivery.item
+                descriptor = b" ".join(
+                    (
+                        delivery.subscription_id,
+                        delivery.delivery_id,
+                        item.message_id,
+                        b"%d" % item.attempt,
+                        b"1" if delivery.final else b"0",
+                        delivery.topic,
+                    )
+                )
+                frames += (descriptor, item.meta, item.payload)
+            try:
+                control.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                for delivery in batch:  # its pipe is full: offer them again later
+                    self.book.unsend(delivery.delivery_id)
+            except zmq.ZMQError:
+                # EHOSTUNREACH: the client's connection is gone (the process died).
+                self._drop_client(identity, "unreachable")
 
     def _drop_client(self, identity: bytes, why: str) -> None:
         if self.clients.pop(identity, None) is None:

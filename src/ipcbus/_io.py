@@ -58,7 +58,7 @@ class IOThread:
         max_batch: int,
         on_space: Callable[[], None],
         on_error: Callable[[BaseException], None],
-        on_delivery: Callable[[list[bytes]], None],
+        on_delivery: Callable[[list[bytes]], None],  # DELIVER's (descriptor, meta, payload)*n
     ) -> None:
         self.endpoint = endpoint
         self.outbox: deque[Message | FlushMarker] = deque()
@@ -73,6 +73,7 @@ class IOThread:
         self._consumes: dict[bytes, list[bytes]] = {}  # subscription id -> CONSUME body
         self._consuming: dict[bytes, threading.Event] = {}
         self._heartbeat_interval = 0.5
+        self._control_backlog: deque[list[bytes]] = deque()
         self._next_ping = 0.0
         self._commands: deque[Callable[[], None]] = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -133,8 +134,15 @@ class IOThread:
 
         self.call(cancel)
 
-    def ack(self, delivery_id: bytes, outcome: bytes, error: str) -> None:
-        self.call(lambda: self._send_control(_wire.ACK, delivery_id, outcome, error.encode()))
+    def ack(self, acks: list[bytes]) -> None:
+        """Send ``(delivery_id, outcome, error) * n``, in ACKs of at most MAX_ACKS each."""
+        step = 3 * _wire.MAX_ACKS
+
+        def send() -> None:
+            for start in range(0, len(acks), step):
+                self._send_control(_wire.ACK, *acks[start : start + step])
+
+        self.call(send)
 
     def stop(self, timeout: float | None) -> None:
         def stop() -> None:
@@ -226,7 +234,9 @@ class IOThread:
             if now >= self._next_ping:
                 self._next_ping = now + self._heartbeat_interval
                 self._send_control(_wire.PING)
+            self._drain_control()
             poller.modify(dealer, zmq.POLLIN | (zmq.POLLOUT if self._sent is not None else 0))
+            poller.modify(control, zmq.POLLIN | (zmq.POLLOUT if self._control_backlog else 0))
             poller.modify(sub, 0 if self._held is not None else zmq.POLLIN)
             timeout = _HELD_POLL_MS if self._held is not None else _IDLE_POLL_MS
             timeout = min(timeout, int((self._next_ping - now) * 1000) + 1)
@@ -241,7 +251,7 @@ class IOThread:
                 self._wake_pending = False
             if self._held is not None and self._deliver(self._held):
                 self._held = None
-            if control in events:
+            if control in events and events[control] & zmq.POLLIN:
                 self._read_control(control)
             if dealer in events and events[dealer] & zmq.POLLIN:
                 self._read_replies(dealer)
@@ -249,11 +259,18 @@ class IOThread:
                 self._read_fanout(sub)
 
     def _send_control(self, kind: bytes, *body: bytes) -> None:
+        """Send now, or after what waits already; never drop (an ack lost is a stuck delivery)."""
+        self._control_backlog.append([_wire.header(kind), *body])
+        self._drain_control()
+
+    def _drain_control(self) -> None:
         assert self._control is not None
-        try:
-            self._control.send_multipart([_wire.header(kind), *body], zmq.NOBLOCK)
-        except zmq.Again:
-            logger.debug("control message %r dropped: the hub reads nothing", kind)
+        while self._control_backlog:
+            try:
+                self._control.send_multipart(self._control_backlog[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return  # the pipe to the hub is full: the loop polls POLLOUT and comes back
+            self._control_backlog.popleft()
 
     def _read_control(self, control: zmq.Socket[bytes]) -> None:
         for _ in range(_BURST):

@@ -270,8 +270,8 @@ class HubBroker(Broker):
     def _on_delivery(self, frames: list[bytes]) -> None:  # I/O thread
         self._runner.submit(frames)
 
-    def _ack(self, delivery_id: bytes, outcome: bytes, error: str) -> None:  # queue thread
-        self._io.ack(delivery_id, outcome, error)
+    def _ack(self, acks: list[bytes]) -> None:  # queue thread
+        self._io.ack(acks)
 
     # -- dispatch (own thread) ---------------------------------------------------------------
 
@@ -320,6 +320,7 @@ class HubBroker(Broker):
                 self._io.cancel_consume(subscription_id)
             if not self._runner.wait_idle(self._linger):
                 logger.warning("closing %r with queue deliveries unfinished", self)
+            self._runner.flush_acks()
         self._io.stop(self._linger)
         self._runner.stop(self._linger)
         self._stop_dispatcher()

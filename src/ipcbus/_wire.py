@@ -16,10 +16,11 @@ client control DEALER → hub control ROUTER (the hub's address)     ``[header, 
                               → CONSUMING ``[subscription_id]`` once every client knows the
                                 topic is grouped (so it publishes it in a split codec)
     CANCEL   ``[subscription_id]``  no new deliveries; those in flight may still be acked
-    ACK      ``[delivery_id, outcome, error]``  outcome: ok, failed, rejected, dead
+    ACK      ``[(delivery_id, outcome, error) * n]``  outcome: ok, failed, rejected, dead
     BYE      ``[]``           the client leaves: its unacknowledged deliveries go to others
   hub → client, unasked:
-    DELIVER  ``[subscription_id, delivery_id, message_id, attempt, final, topic, meta, payload]``
+    DELIVER  ``[(descriptor, meta, payload) * n]``, descriptor = ``b" ".join([subscription_id,
+                                delivery_id, message_id, attempt, final, topic])``
     GROUPS   ``[version, *grouped_topics]`` → GROUPS_ACK ``[version]``
     RESET    ``[]``           the hub does not know this client (it restarted, or declared the
                                 client gone): say HELLO and CONSUME again
@@ -55,6 +56,7 @@ __all__ = [
     "GROUPS_ACK",
     "HEADER_LEN",
     "HELLO",
+    "MAX_ACKS",
     "MAX_BUFFERS",
     "MAX_FRAMES",
     "MAX_SPLIT_BATCH",
@@ -109,6 +111,8 @@ SPLIT_CODECS = frozenset({b"d", b"p"})
 MAX_SPLIT_BATCH = 64
 MAX_BUFFERS = 64
 MAX_FRAMES = 4 + max(MAX_SPLIT_BATCH, MAX_BUFFERS + 1)  # identity, header, topic, meta
+# An ACK carries three frames per delivery, so a client sends at most this many in one.
+MAX_ACKS = (MAX_FRAMES - 2) // 3
 
 TOPIC_END = b"\x00"
 SYNC_PREFIX = b"\x00sync:"
