@@ -336,10 +336,15 @@ def test_a_default_hub_serves_from_a_private_directory_removed_on_stop(
         entries = sorted(os.listdir(directory))
         assert entries, "the hub created no socket"
         for name in entries:
-            socket_info = os.stat(os.path.join(directory, name))
-            assert stat.S_ISSOCK(socket_info.st_mode), name
-            assert stat.S_IMODE(socket_info.st_mode) == 0o600, name
+            entry = os.stat(os.path.join(directory, name))
+            if name.endswith(".key"):  # the bus secret, beside the sockets
+                assert stat.S_ISREG(entry.st_mode), name
+                assert entry.st_size == 64, name
+            else:
+                assert stat.S_ISSOCK(entry.st_mode), name
+            assert stat.S_IMODE(entry.st_mode) == 0o600, name
         assert os.path.basename(path) in entries
+        assert os.path.basename(path) + ".key" in entries
 
         assert hub.statistics().pid == hub.pid
         _round_trip(address)

@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from . import _codec, _wire
+from . import _codec, _keys, _wire
 from .exceptions import HubUnavailableError, MessageSerializationError
 from .message import Message, get_unique_name_for_message
 
@@ -54,6 +54,7 @@ class IOThread:
         deliver: Callable[[list[zmq.Frame]], bool],
         *,
         client_id: bytes,
+        secret: bytes,
         hwm: int,
         max_batch: int,
         on_space: Callable[[], None],
@@ -64,6 +65,7 @@ class IOThread:
         self.outbox: deque[Message | FlushMarker] = deque()
         self._deliver = deliver
         self._client_id = client_id
+        self._secret = secret
         self._hwm = hwm
         self._max_batch = max_batch
         self._on_space = on_space
@@ -177,8 +179,7 @@ class IOThread:
             self._ready.set()
 
     def _connect(self, context: zmq.Context[Any]) -> bool:
-        control = self._control = context.socket(zmq.DEALER)
-        control.linger = 0
+        control = self._control = self._socket(context, zmq.DEALER)
         control.routing_id = self._client_id
         control.connect(self.endpoint)
         control.send_multipart([_wire.header(_wire.HELLO), self._client_id])
@@ -195,17 +196,23 @@ class IOThread:
             )
             return False
         in_endpoint, pub_endpoint = self._welcome(reply[1:])
-        dealer = self._dealer = context.socket(zmq.DEALER)
-        dealer.linger = 0
+        dealer = self._dealer = self._socket(context, zmq.DEALER)
         dealer.sndhwm = dealer.rcvhwm = self._hwm
         dealer.routing_id = self._client_id
         dealer.connect(in_endpoint)
-        sub = self._sub = context.socket(zmq.SUB)
-        sub.linger = 0
+        sub = self._sub = self._socket(context, zmq.SUB)
         sub.rcvhwm = self._hwm
         sub.connect(pub_endpoint)
         self._ready.set()
         return True
+
+    def _socket(self, context: zmq.Context[Any], kind: int) -> zmq.Socket[bytes]:
+        """A socket that proves the bus secret in its handshake (the hub's ZAP handler)."""
+        sock: zmq.Socket[bytes] = context.socket(kind)
+        sock.linger = 0
+        sock.plain_username = _keys.USERNAME
+        sock.plain_password = self._secret
+        return sock
 
     def _welcome(self, body: list[bytes]) -> tuple[str, str]:
         in_endpoint, pub_endpoint, _hub_id, interval, *grouped = body

@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
 from multiprocessing import util as mp_util
 from typing import Any
@@ -16,6 +17,7 @@ from . import _codec, _wire
 from ._base import Broker, Subscription, call_handler
 from ._config import address_from_env, export_address
 from ._io import FlushMarker, IOThread
+from ._keys import key_path_for, read_secret
 from ._runner import QueueRunner
 from .exceptions import (
     BrokerClosedError,
@@ -104,10 +106,12 @@ class HubBroker(Broker):
         self._queue_subscriptions: dict[bytes, Subscription] = {}
         self._runner = QueueRunner(self._queue_subscriptions.get, self._ack, self.publish)
         client_id = os.urandom(8).hex().encode()
+        secret = _wait_for_secret(address, connect_timeout)
         self._io = IOThread(
             address,
             self._inbox_put,
             client_id=client_id,
+            secret=secret,
             hwm=hwm,
             max_batch=max_batch,
             on_space=self._space_freed,
@@ -335,6 +339,21 @@ class HubBroker(Broker):
             return
         if threading.current_thread() is not self._dispatcher:
             self._dispatcher.join(self._linger)
+
+
+def _wait_for_secret(address: str, timeout: float | None) -> bytes:
+    """The bus secret from the key file beside the hub's socket, waiting (up to ``timeout``)
+    for a hub that is still starting to write it."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            return read_secret(key_path_for(address))
+        except ValueError as exc:
+            raise HubUnavailableError(f"cannot connect to {address}: {exc}") from exc
+        except HubUnavailableError as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise HubUnavailableError(f"no hub answered at {address}: {exc}") from exc
+        time.sleep(0.02)
 
 
 def _close_at_exit(ref: weakref.ref[HubBroker]) -> None:

@@ -22,6 +22,7 @@ import zmq
 
 from . import _wire
 from ._control import ControlPlane
+from ._keys import USERNAME, check_password, key_path_for, load_or_create_secret
 
 __all__ = ["HubStatistics", "Relay"]
 
@@ -48,6 +49,7 @@ class HubStatistics:
     bytes_relayed: int
     backpressure_stalls: int
     malformed_dropped: int
+    auth_rejected: int = 0
     clients_lost: int = 0
     late_acks: int = 0
     unsplittable_dropped: int = 0
@@ -74,6 +76,7 @@ class Relay:
         heartbeat_interval: float = 0.5,
         heartbeat_timeout: float = 3.0,
         max_held: int = 100_000,
+        handshake_timeout: float = 5.0,
     ) -> None:
         self.endpoint = endpoint
         self.in_endpoint, self.pub_endpoint = _wire.data_endpoints_for(endpoint)
@@ -93,6 +96,8 @@ class Relay:
         self._sync_backlog: deque[bytes] = deque()
         self._batches = self._messages = self._bytes = 0
         self._stalls = self._malformed = self._unsplittable = 0
+        self._auth_rejected = 0
+        self._handshake_ms = int(handshake_timeout * 1000)
 
     @property
     def endpoints(self) -> tuple[str, str, str]:
@@ -110,6 +115,7 @@ class Relay:
             bytes_relayed=self._bytes,
             backpressure_stalls=self._stalls,
             malformed_dropped=self._malformed,
+            auth_rejected=self._auth_rejected,
             clients_lost=self.control_plane.clients_lost,
             late_acks=self.control_plane.book.late_acks,
             unsplittable_dropped=self._unsplittable,
@@ -126,16 +132,25 @@ class Relay:
         context = zmq.Context()
         sockets: list[zmq.Socket[bytes]] = []
         try:
+            secret = load_or_create_secret(key_path_for(self.endpoint))
+            # The ZAP handler must be bound before any socket that uses it.
+            zap = context.socket(zmq.REP)
+            sockets.append(zap)
+            zap.linger = 0
+            zap.bind("inproc://zeromq.zap.01")
             control = context.socket(zmq.ROUTER)
             data = context.socket(zmq.ROUTER)
             xpub = context.socket(zmq.XPUB)
             sockets += [control, data, xpub]
+            for server in (control, data, xpub):
+                server.linger = 0
+                server.plain_server = True
+                server.zap_domain = b"ipcbus"
+                server.setsockopt(zmq.HANDSHAKE_IVL, self._handshake_ms)
+                server.setsockopt(zmq.MAXMSGSIZE, self._max_message_size)
             for router in (control, data):
-                router.linger = 0
                 router.rcvhwm = router.sndhwm = self._hwm
-                router.setsockopt(zmq.MAXMSGSIZE, self._max_message_size)
                 router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable peer raises
-            xpub.linger = 0
             xpub.sndhwm = self._hwm
             xpub.setsockopt(zmq.XPUB_NODROP, 1)
             control.bind(self.endpoint)
@@ -146,7 +161,7 @@ class Relay:
             _restrict_ipc_files(*self.endpoints)
             if ready is not None:
                 ready()
-            self._loop(control, data, xpub, should_stop, watch_fd)
+            self._loop(zap, secret, control, data, xpub, should_stop, watch_fd)
         finally:
             for socket in sockets:
                 socket.close(linger=0)
@@ -156,6 +171,8 @@ class Relay:
 
     def _loop(
         self,
+        zap: zmq.Socket[bytes],
+        secret: bytes,
         control: zmq.Socket[bytes],
         data: zmq.Socket[bytes],
         xpub: zmq.Socket[bytes],
@@ -165,6 +182,7 @@ class Relay:
         full = zmq.Poller()
         stalled = zmq.Poller()
         for poller in (full, stalled):
+            poller.register(zap, zmq.POLLIN)
             poller.register(control, zmq.POLLIN)
             poller.register(xpub, zmq.POLLIN)
             if watch_fd is not None:
@@ -183,6 +201,8 @@ class Relay:
             if watch_fd is not None and watch_fd in events:
                 logger.info("the process that started the hub is gone: stopping")
                 return
+            if zap in events:
+                self._authenticate(zap, secret)
             if xpub in events:
                 self._read_subscriptions(xpub)
             self._send_sync_replies(xpub)
@@ -195,6 +215,25 @@ class Relay:
                 self._stalled = None
             if (data in events or blocked) and not book.full():
                 self._read(data, lambda frames: self._handle_data(data, xpub, frames), True)
+
+    def _authenticate(self, zap: zmq.Socket[bytes], secret: bytes) -> None:
+        """Answer ZAP requests: the handshake of every connection to every hub socket."""
+        for _ in range(_BURST):
+            try:
+                request = zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            version, request_id, _domain, _address, _identity, mechanism, *credentials = request
+            allowed = (
+                mechanism == b"PLAIN"
+                and len(credentials) == 2
+                and check_password(secret, credentials[0], credentials[1])
+            )
+            if not allowed:
+                self._auth_rejected += 1
+                logger.warning("refused a connection that did not prove the bus secret")
+            status = (b"200", b"OK") if allowed else (b"400", b"no valid bus secret")
+            zap.send_multipart([version, request_id, *status, USERNAME if allowed else b"", b""])
 
     def _read_subscriptions(self, xpub: zmq.Socket[bytes]) -> None:
         for _ in range(_BURST):

@@ -50,11 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(address: str | None, hwm: int) -> int:
     hub = Hub(address, hwm=hwm)
-    # First line: the address alone, for scripts (`read -r ADDRESS < <(ipcbus hub)`).
-    print(hub.address, flush=True)
-    print(f"export {ENV_ADDRESS}={hub.address}", flush=True)
+
+    def announce() -> None:
+        # Printed once the hub accepts connections (its key file exists). First line: the
+        # address alone, for scripts (`read -r ADDRESS < <(ipcbus hub)`).
+        print(hub.address, flush=True)
+        print(f"export {ENV_ADDRESS}={hub.address}", flush=True)
+
     try:
-        hub.run()
+        hub.run(ready=announce)
     except HubAddressError as exc:
         logging.getLogger("ipcbus").error("%s", exc)
         return ExitCode.ADDRESS

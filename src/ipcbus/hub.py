@@ -13,6 +13,7 @@ import socket
 import tempfile
 import threading
 import types
+from collections.abc import Callable
 from multiprocessing import util as mp_util
 from typing import Any, Self
 
@@ -20,6 +21,7 @@ import zmq
 
 from . import _wire
 from ._config import export_address
+from ._keys import USERNAME, key_path_for, read_secret
 from ._relay import HubStatistics, Relay
 from .exceptions import HubUnavailableError, PubSubError
 
@@ -82,8 +84,10 @@ class Hub:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def run(self) -> None:
-        """Serve in this process until SIGINT or SIGTERM (then return normally)."""
+    def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Serve in this process until SIGINT or SIGTERM (then return normally).
+
+        ``ready`` is called once the hub accepts connections."""
         address = self.address
         _check_address(address)
         stop = threading.Event()
@@ -94,7 +98,7 @@ class Hub:
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         relay = Relay(address, **self._options)
         try:
-            relay.serve(stop.is_set)
+            relay.serve(stop.is_set, ready=ready)
         finally:
             _remove_ipc_files(*relay.endpoints)
             for sig, handler in previous.items():
@@ -254,10 +258,16 @@ def _remove_ipc_files(*endpoints: str) -> None:
 
 def request_statistics(address: str, timeout: float = 5.0) -> HubStatistics:
     """One STATS round trip to the hub at ``address``."""
+    try:
+        secret = read_secret(key_path_for(address))
+    except HubUnavailableError as exc:
+        raise HubUnavailableError(f"no hub answered at {address}: {exc}") from exc
     context = zmq.Context()
     dealer: zmq.Socket[Any] = context.socket(zmq.DEALER)
     try:
         dealer.linger = 0
+        dealer.plain_username = USERNAME
+        dealer.plain_password = secret
         dealer.connect(address)
         dealer.send_multipart([_wire.header(_wire.STATS)])
         if not dealer.poll(int(timeout * 1000)):
