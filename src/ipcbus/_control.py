@@ -46,6 +46,7 @@ class ControlPlane:
         # (identity, subscription id, groups version, deadline)
         self._waiting: list[tuple[bytes, bytes, int, float]] = []
         self._next_check = 0.0
+        self.draining = False  # stopping: no new deliveries, only acks of those in flight
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -61,7 +62,6 @@ class ControlPlane:
         if kind == _wire.HELLO:
             self.clients[identity] = now
             self._acked_version[identity] = self._groups_version
-            interval = repr(self.heartbeat_interval).encode()
             in_endpoint, pub_endpoint = (endpoint.encode() for endpoint in endpoints)
             self._send(
                 control,
@@ -70,7 +70,8 @@ class ControlPlane:
                 in_endpoint,
                 pub_endpoint,
                 self.hub_id,
-                interval,
+                repr(self.heartbeat_interval).encode(),
+                repr(self.heartbeat_timeout).encode(),
                 *self.book.grouped_topics,
             )
             return
@@ -121,6 +122,11 @@ class ControlPlane:
         deadline = now + self.heartbeat_timeout
         self._waiting.append((identity, subscription_id, self._groups_version, deadline))
 
+    def announce_stop(self, control: Socket) -> None:
+        """The hub is stopping: clients stop waiting for it at once and try to reconnect."""
+        for client in list(self.clients):
+            self._send(control, client, _wire.STOPPING)
+
     def _announce_groups(self, control: Socket) -> None:
         version = b"%d" % self._groups_version
         for client in list(self.clients):
@@ -132,7 +138,7 @@ class ControlPlane:
         now = time.monotonic()
         if self._waiting:
             self._answer_waiting(control, now)
-        deliveries = self.book.dispatch(now)
+        deliveries = [] if self.draining else self.book.dispatch(now)
         if deliveries:
             self._deliver(control, deliveries)
         if now >= self._next_check:

@@ -31,6 +31,8 @@ __all__ = ["FlushMarker", "IOThread"]
 logger = logging.getLogger(__name__)
 
 _BURST = 256
+_HELLO_BACKOFF_MIN = 0.05
+_HELLO_BACKOFF_MAX = 1.0
 _IDLE_POLL_MS = 1000
 _HELD_POLL_MS = 1
 
@@ -75,6 +77,13 @@ class IOThread:
         self._consumes: dict[bytes, list[bytes]] = {}  # subscription id -> CONSUME body
         self._consuming: dict[bytes, threading.Event] = {}
         self._heartbeat_interval = 0.5
+        # Hub liveness: silent for _hub_timeout s = gone; then HELLO, with backoff, until a hub
+        # (the same one back, or a new one at the address) says WELCOME.
+        self.hub_alive = True
+        self._hub_timeout = 3.0
+        self._last_heard = time.monotonic()
+        self._next_hello = 0.0
+        self._hello_backoff = _HELLO_BACKOFF_MIN
         self._control_backlog: deque[list[bytes]] = deque()
         self._next_ping = 0.0
         self._commands: deque[Callable[[], None]] = deque()
@@ -215,8 +224,9 @@ class IOThread:
         return sock
 
     def _welcome(self, body: list[bytes]) -> tuple[str, str]:
-        in_endpoint, pub_endpoint, _hub_id, interval, *grouped = body
+        in_endpoint, pub_endpoint, _hub_id, interval, timeout, *grouped = body
         self._heartbeat_interval = float(interval)
+        self._hub_timeout = float(timeout)
         self._grouped = frozenset(grouped)
         return in_endpoint.decode(), pub_endpoint.decode()
 
@@ -238,15 +248,14 @@ class IOThread:
                 return
             self._pump(dealer)
             now = time.monotonic()
-            if now >= self._next_ping:
-                self._next_ping = now + self._heartbeat_interval
-                self._send_control(_wire.PING)
+            self._heartbeat(now)
             self._drain_control()
             poller.modify(dealer, zmq.POLLIN | (zmq.POLLOUT if self._sent is not None else 0))
             poller.modify(control, zmq.POLLIN | (zmq.POLLOUT if self._control_backlog else 0))
             poller.modify(sub, 0 if self._held is not None else zmq.POLLIN)
             timeout = _HELD_POLL_MS if self._held is not None else _IDLE_POLL_MS
-            timeout = min(timeout, int((self._next_ping - now) * 1000) + 1)
+            wake_at = self._next_ping if self.hub_alive else self._next_hello
+            timeout = max(0, min(timeout, int((wake_at - now) * 1000) + 1))
             events = dict(poller.poll(timeout))
             if self._wake_fd in events:
                 # Read, *then* clear the flag (the pump runs after both). Clearing first would
@@ -279,6 +288,26 @@ class IOThread:
                 return  # the pipe to the hub is full: the loop polls POLLOUT and comes back
             self._control_backlog.popleft()
 
+    def _heartbeat(self, now: float) -> None:
+        if self.hub_alive:
+            if now - self._last_heard > self._hub_timeout:
+                self._hub_lost(f"silent for {now - self._last_heard:.1f} s")
+            elif now >= self._next_ping:
+                self._next_ping = now + self._heartbeat_interval
+                self._send_control(_wire.PING)
+        elif now >= self._next_hello and not self._control_backlog:
+            self._next_hello = now + self._hello_backoff
+            self._hello_backoff = min(2 * self._hello_backoff, _HELLO_BACKOFF_MAX)
+            self._send_control(_wire.HELLO, self._client_id)
+
+    def _hub_lost(self, why: str) -> None:
+        if not self.hub_alive:
+            return  # already saying HELLO, with backoff
+        logger.warning("the hub at %s is gone (%s): reconnecting", self.endpoint, why)
+        self.hub_alive = False
+        self._next_hello = 0.0
+        self._on_space()  # publishers waiting for room learn that the hub is gone
+
     def _read_control(self, control: zmq.Socket[bytes]) -> None:
         for _ in range(_BURST):
             try:
@@ -286,6 +315,7 @@ class IOThread:
             except zmq.Again:
                 return
             kind = head[1:]
+            self._last_heard = time.monotonic()
             if kind == _wire.DELIVER:
                 self._on_delivery(body)
             elif kind == _wire.GROUPS:
@@ -298,13 +328,22 @@ class IOThread:
                     live.set()
             elif kind == _wire.RESET:
                 # The hub does not know us (it declared us gone, or it restarted): introduce
-                # ourselves again, then our queue consumers.
-                logger.warning("the hub at %s asked this client to start again", self.endpoint)
-                self._send_control(_wire.HELLO, self._client_id)
+                # ourselves again (at most once per backoff), then our queue consumers.
+                self._hub_lost("it does not know this client")
+            elif kind == _wire.STOPPING:
+                self._hub_lost("it is stopping")
             elif kind == _wire.WELCOME:
                 self._welcome(body)
+                if not self.hub_alive:
+                    logger.warning("reconnected to the hub at %s", self.endpoint)
+                self.hub_alive = True
+                self._hello_backoff = _HELLO_BACKOFF_MIN
                 for consume in self._consumes.values():
                     self._send_control(_wire.CONSUME, *consume)
+                # Flushes the old hub never confirmed: ask the new one (after what is queued).
+                self.outbox.extend(self._flushes.values())
+                self._flushes.clear()
+                self.wake()
 
     def _pump(self, dealer: zmq.Socket[bytes]) -> None:
         """Send what the outbox holds until it is empty or the DEALER pipe is full."""

@@ -162,9 +162,15 @@ class HubBroker(Broker):
                 ok = self._space.wait_for(
                     lambda: len(outbox) < limit or self._closed or not self._io.alive, timeout
                 )
+                ok = ok and len(outbox) < limit
             finally:
                 self._waiting -= 1
         if not ok:
+            if not self._io.hub_alive:
+                raise HubUnavailableError(
+                    f"the hub at {self.address} is unreachable and {len(outbox)} messages wait "
+                    f"for it: publish() gave up after {timeout} s"
+                )
             raise PublishTimeoutError(
                 f"{len(outbox)} messages still wait for the hub after {timeout} s (backpressure)"
             )
@@ -197,11 +203,19 @@ class HubBroker(Broker):
         self._check_usable()
         self._flush(timeout)
 
-    def _flush(self, timeout: float | None) -> None:
+    def _flush(self, timeout: float | None, while_hub_alive: bool = False) -> None:
         marker = FlushMarker(b"%d" % next(self._flush_ids))
         self._io.outbox.append(marker)
         self._io.wake()
-        if not marker.done.wait(timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not marker.done.wait(0.05):
+            if while_hub_alive and not self._io.hub_alive:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        if not marker.done.is_set():
+            if not self._io.hub_alive:
+                raise HubUnavailableError(f"the hub at {self.address} is unreachable")
             raise PublishTimeoutError(f"the hub did not confirm a flush within {timeout} s")
         error, self._deferred_error = self._deferred_error, None
         if error is not None:
@@ -313,9 +327,15 @@ class HubBroker(Broker):
     def _close(self) -> None:
         if _pid != self._owner:
             return  # the sockets and threads belong to the parent: drop nothing, touch nothing
-        if self._io.alive:
+        if self._io.alive and not self._io.hub_alive:
+            logger.warning(
+                "closing %r while its hub is unreachable: %d unsent messages dropped",
+                self,
+                len(self._io.outbox),
+            )
+        elif self._io.alive:
             try:
-                self._flush(self._linger)
+                self._flush(self._linger, while_hub_alive=True)
             except (PublishTimeoutError, HubUnavailableError, MessageSerializationError) as exc:
                 logger.warning("closing %r without a complete flush: %s", self, exc)
             # Take no new queue deliveries; finish (and ack) those in hand, within the linger.

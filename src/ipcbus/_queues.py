@@ -151,7 +151,13 @@ class QueueBook:
             group = QueueGroup(name, topic, self._max_held, self._max_dead)
             self._groups[(topic, name)] = group
             self._by_topic.setdefault(topic, []).append(group)
-        group.consumers[key] = QueueConsumer(key, max(1, prefetch), max_attempts, retry_backoff)
+        consumer = group.consumers.get(key)
+        if consumer is None:
+            group.consumers[key] = QueueConsumer(key, max(1, prefetch), max_attempts, retry_backoff)
+        else:
+            # The same consumer again (it reconnected): keep what it holds, renew its terms.
+            consumer.prefetch, consumer.max_attempts = max(1, prefetch), max_attempts
+            consumer.retry_backoff, consumer.cancelled = retry_backoff, False
         return group
 
     def cancel_consumer(self, key: ConsumerKey) -> None:
@@ -284,6 +290,10 @@ class QueueBook:
             group.cursor = index + 1
             return consumer
         return None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._deliveries)
 
     def statistics(self) -> dict[str, dict[str, int]]:
         return {

@@ -77,6 +77,7 @@ class Relay:
         heartbeat_timeout: float = 3.0,
         max_held: int = 100_000,
         handshake_timeout: float = 5.0,
+        drain_timeout: float = 5.0,
     ) -> None:
         self.endpoint = endpoint
         self.in_endpoint, self.pub_endpoint = _wire.data_endpoints_for(endpoint)
@@ -98,6 +99,7 @@ class Relay:
         self._stalls = self._malformed = self._unsplittable = 0
         self._auth_rejected = 0
         self._handshake_ms = int(handshake_timeout * 1000)
+        self._drain_timeout = drain_timeout
 
     @property
     def endpoints(self) -> tuple[str, str, str]:
@@ -189,7 +191,17 @@ class Relay:
                 poller.register(watch_fd, zmq.POLLIN)
         full.register(data, zmq.POLLIN)
         book = self.control_plane.book
-        while not should_stop():
+        drain_until: float | None = None
+        while True:
+            if drain_until is None and should_stop():
+                # Graceful stop: take no new publishes or deliveries; give consumers up to
+                # drain_timeout to finish (ack) what they hold; then tell every client.
+                drain_until = time.monotonic() + self._drain_timeout
+                self.control_plane.draining = True
+                logger.info("stopping: draining %d queue deliveries", book.in_flight)
+            if drain_until is not None and (book.in_flight == 0 or time.monotonic() >= drain_until):
+                self.control_plane.announce_stop(control)
+                return
             # Not accepting publishes while a send is stalled (a full subscriber pipe) or a queue
             # group holds its maximum: publishers feel backpressure, nothing is dropped.
             blocked = self._stalled is not None or bool(self._sync_backlog) or book.full()
@@ -213,7 +225,7 @@ class Relay:
                 if not self._send(xpub, self._stalled):
                     continue
                 self._stalled = None
-            if (data in events or blocked) and not book.full():
+            if (data in events or blocked) and not book.full() and drain_until is None:
                 self._read(data, lambda frames: self._handle_data(data, xpub, frames), True)
 
     def _authenticate(self, zap: zmq.Socket[bytes], secret: bytes) -> None:

@@ -9,7 +9,7 @@ never blocks the control path (a stalled hub still answers HELLO and STATS):
 
 client control DEALER → hub control ROUTER (the hub's address)     ``[header, *body]``
     HELLO    ``[client_id]``  → WELCOME ``[publish_endpoint, fanout_endpoint, hub_id,
-                                          heartbeat_interval, *grouped_topics]``
+                                heartbeat_interval, heartbeat_timeout, *grouped_topics]``
     STATS    ``[]``           → STATS ``[json]``
     PING     ``[]``           → PONG ``[]``  (every heartbeat_interval, both ways alive)
     CONSUME  ``[subscription_id, topic, queue_name, prefetch, max_attempts, retry_backoff]``
@@ -24,6 +24,7 @@ client control DEALER → hub control ROUTER (the hub's address)     ``[header, 
     GROUPS   ``[version, *grouped_topics]`` → GROUPS_ACK ``[version]``
     RESET    ``[]``           the hub does not know this client (it restarted, or declared the
                                 client gone): say HELLO and CONSUME again
+    STOPPING ``[]``           the hub is shutting down: reconnect to the next one
 client data DEALER → hub data ROUTER (``<address>.in``)
     PUBLISH  ``[topic, meta, payload, *frames]``  relayed on XPUB without the header; with a split
                                 codec each frame after meta is one message
@@ -67,6 +68,7 @@ __all__ = [
     "RESET",
     "SPLIT_CODECS",
     "STATS",
+    "STOPPING",
     "SYNC_PREFIX",
     "VERSION",
     "WELCOME",
@@ -98,6 +100,7 @@ CONSUMING = b"c"
 DELIVER = b"D"
 GROUPS = b"G"
 RESET = b"R"
+STOPPING = b"Q"
 # data, client -> hub and back
 PUBLISH = b"P"
 FLUSH = b"F"
