@@ -54,6 +54,9 @@ class Hub:
         heartbeat_interval: float = 0.5,
         heartbeat_timeout: float = 3.0,
         max_held: int = 100_000,
+        max_message_size: int = 256 * 1024 * 1024,
+        handshake_timeout: float = 5.0,
+        drain_timeout: float = 5.0,
     ) -> None:
         self._requested = address
         self._address: str | None = address
@@ -61,12 +64,18 @@ class Hub:
         self._start_method = start_method
         # Relay options: `hwm` bounds each socket pipe (in batches); a client silent for
         # `heartbeat_timeout` s is declared gone (its queue deliveries go to others); a queue
-        # group holds at most `max_held` messages before publishers feel backpressure.
+        # group holds at most `max_held` messages before publishers feel backpressure; a peer
+        # sending a message part over `max_message_size` bytes, or not finishing its handshake
+        # within `handshake_timeout` s, is disconnected; on SIGTERM consumers get
+        # `drain_timeout` s to ack what they hold.
         self._options: dict[str, Any] = {
             "hwm": hwm,
             "heartbeat_interval": heartbeat_interval,
             "heartbeat_timeout": heartbeat_timeout,
             "max_held": max_held,
+            "max_message_size": max_message_size,
+            "handshake_timeout": handshake_timeout,
+            "drain_timeout": drain_timeout,
         }
         self._process: multiprocessing.process.BaseProcess | None = None
         self._parent_end: multiprocessing.connection.Connection | None = None
