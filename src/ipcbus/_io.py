@@ -224,8 +224,7 @@ class IOThread:
         """A socket that proves the bus secret in its handshake (the hub's ZAP handler)."""
         sock: zmq.Socket[bytes] = context.socket(kind)
         sock.linger = 0
-        sock.plain_username = _keys.USERNAME
-        sock.plain_password = self._secret
+        _keys.prove(sock, self.endpoint, self._secret)
         return sock
 
     def _welcome(self, body: list[bytes]) -> tuple[str, str]:

@@ -1,33 +1,60 @@
-"""The bus secret: 32 random bytes in a 0600 key file beside the hub's socket.
+"""The bus secret: 32 random bytes in a 0600 key file, and how sockets prove it.
 
 Unpickling is code execution, so a peer that cannot prove it knows the secret gets nothing routed
 and nothing unpickled (DESIGN.md §3: the ShadowMQ CVEs are pickle over unauthenticated ZeroMQ).
-Every hub socket is a ZeroMQ PLAIN server whose ZAP handler compares the password with the secret
-in constant time during the handshake, before the hub reads a single message of that peer. Over
-``ipc://`` nothing else is needed: only this user can reach the 0700 directory. The secret never
-appears on a command line, in the environment or in a log: a worker started by hand finds the
-key file from the hub's address.
+The hub's ZAP handler checks every connection to every hub socket during its handshake, in
+constant time, before the hub reads a single message of that peer:
+
+- ``ipc://``: PLAIN, the password being the secret. Nothing more is needed: only this user can
+  reach the 0700 directory, and the traffic never leaves the kernel.
+- ``tcp://``: CURVE (encrypted and authenticated). Both key pairs are derived from the secret, so
+  holding the key file is what it takes; the ZAP handler admits only the derived client key.
+
+The secret never appears on a command line, in the environment or in a log: a worker finds the
+key file from the hub's address (beside an ipc socket; for tcp in a 0700 per-user directory of the
+temporary directory, to be copied to the same place on other machines).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import stat
+import tempfile
+from typing import Any
+
+import zmq
+from zmq.utils import z85
 
 from .exceptions import HubUnavailableError
 
-__all__ = ["USERNAME", "check_password", "key_path_for", "load_or_create_secret", "read_secret"]
+__all__ = [
+    "USERNAME",
+    "ZAP_DOMAIN",
+    "admits",
+    "key_path_for",
+    "load_or_create_secret",
+    "prove",
+    "read_secret",
+    "serve_securely",
+]
 
 USERNAME = b"ipcbus"
+ZAP_DOMAIN = b"ipcbus"
 _SECRET_BYTES = 32
 
 
 def key_path_for(endpoint: str) -> str:
-    """``ipc:///dir/hub`` → ``/dir/hub.key``."""
-    if not endpoint.startswith("ipc://"):
-        raise ValueError(f"no key file for {endpoint!r}: only ipc:// addresses have one")
-    return endpoint[len("ipc://") :] + ".key"
+    """``ipc:///dir/hub`` → ``/dir/hub.key``; ``tcp://host:port`` → a per-user directory."""
+    if endpoint.startswith("ipc://"):
+        return endpoint[len("ipc://") :] + ".key"
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://") :].rpartition(":")
+        directory = os.path.join(tempfile.gettempdir(), f"ipcbus-{os.getuid()}")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        return os.path.join(directory, f"tcp-{host.strip('[]')}-{port}.key")
+    raise ValueError(f"no key file for {endpoint!r}: use an ipc:// or tcp:// address")
 
 
 def load_or_create_secret(path: str) -> bytes:
@@ -68,6 +95,38 @@ def read_secret(path: str) -> bytes:
     return secret
 
 
-def check_password(secret: bytes, username: bytes, password: bytes) -> bool:
-    """Constant-time check of a PLAIN handshake's credentials."""
-    return hmac.compare_digest(username, USERNAME) & hmac.compare_digest(password, secret)
+def _curve_pair(secret: bytes, role: bytes) -> tuple[bytes, bytes]:
+    """A CURVE key pair (public, secret; Z85) derived from the bus secret for ``role``."""
+    secret_key = z85.encode(hashlib.sha256(role + b":" + secret).digest())
+    return zmq.curve_public(secret_key), secret_key
+
+
+def serve_securely(sock: zmq.Socket[Any], endpoint: str, secret: bytes) -> None:
+    """Make a hub socket require the secret (checked by the ZAP handler, see ``admits``)."""
+    sock.zap_domain = ZAP_DOMAIN
+    if endpoint.startswith("tcp://"):
+        sock.curve_server = True
+        sock.curve_secretkey = _curve_pair(secret, b"server")[1]
+    else:
+        sock.plain_server = True
+
+
+def prove(sock: zmq.Socket[Any], endpoint: str, secret: bytes) -> None:
+    """Make a client socket prove the secret in its handshake with the hub at ``endpoint``."""
+    if endpoint.startswith("tcp://"):
+        sock.curve_serverkey = _curve_pair(secret, b"server")[0]
+        sock.curve_publickey, sock.curve_secretkey = _curve_pair(secret, b"client")
+    else:
+        sock.plain_username = USERNAME
+        sock.plain_password = secret
+
+
+def admits(secret: bytes, mechanism: bytes, credentials: list[bytes]) -> bool:
+    """The ZAP decision, in constant time: does this handshake prove the secret?"""
+    if mechanism == b"PLAIN" and len(credentials) == 2:
+        username, password = credentials
+        return hmac.compare_digest(username, USERNAME) & hmac.compare_digest(password, secret)
+    if mechanism == b"CURVE" and len(credentials) == 1:
+        client_key = z85.decode(_curve_pair(secret, b"client")[0])
+        return hmac.compare_digest(credentials[0], client_key)
+    return False

@@ -19,10 +19,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import _wire
 from ._control import ControlPlane
-from ._keys import USERNAME, check_password, key_path_for, load_or_create_secret
+from ._keys import USERNAME, admits, key_path_for, load_or_create_secret, serve_securely
 
 __all__ = ["HubStatistics", "Relay"]
 
@@ -146,8 +147,7 @@ class Relay:
             sockets += [control, data, xpub]
             for server in (control, data, xpub):
                 server.linger = 0
-                server.plain_server = True
-                server.zap_domain = b"ipcbus"
+                serve_securely(server, self.endpoint, secret)
                 server.setsockopt(zmq.HANDSHAKE_IVL, self._handshake_ms)
                 server.setsockopt(zmq.MAXMSGSIZE, self._max_message_size)
             for router in (control, data):
@@ -161,9 +161,18 @@ class Relay:
             self.in_endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)
             self.pub_endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
             _restrict_ipc_files(*self.endpoints)
+            # Peers that fail the handshake before the ZAP handler is asked (wrong mechanism,
+            # garbage instead of ZMTP) are counted from the sockets' monitors.
+            monitors = [
+                server.get_monitor_socket(
+                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                )
+                for server in (control, data, xpub)
+            ]
+            sockets += monitors
             if ready is not None:
                 ready()
-            self._loop(zap, secret, control, data, xpub, should_stop, watch_fd)
+            self._loop(zap, secret, monitors, control, data, xpub, should_stop, watch_fd)
         finally:
             for socket in sockets:
                 socket.close(linger=0)
@@ -175,6 +184,7 @@ class Relay:
         self,
         zap: zmq.Socket[bytes],
         secret: bytes,
+        monitors: list[zmq.Socket[bytes]],
         control: zmq.Socket[bytes],
         data: zmq.Socket[bytes],
         xpub: zmq.Socket[bytes],
@@ -184,6 +194,8 @@ class Relay:
         full = zmq.Poller()
         stalled = zmq.Poller()
         for poller in (full, stalled):
+            for monitor in monitors:
+                poller.register(monitor, zmq.POLLIN)
             poller.register(zap, zmq.POLLIN)
             poller.register(control, zmq.POLLIN)
             poller.register(xpub, zmq.POLLIN)
@@ -215,6 +227,9 @@ class Relay:
                 return
             if zap in events:
                 self._authenticate(zap, secret)
+            for monitor in monitors:
+                if monitor in events:
+                    self._count_failed_handshakes(monitor)
             if xpub in events:
                 self._read_subscriptions(xpub)
             self._send_sync_replies(xpub)
@@ -236,16 +251,20 @@ class Relay:
             except zmq.Again:
                 return
             version, request_id, _domain, _address, _identity, mechanism, *credentials = request
-            allowed = (
-                mechanism == b"PLAIN"
-                and len(credentials) == 2
-                and check_password(secret, credentials[0], credentials[1])
-            )
+            allowed = admits(secret, mechanism, credentials)
             if not allowed:
                 self._auth_rejected += 1
                 logger.warning("refused a connection that did not prove the bus secret")
             status = (b"200", b"OK") if allowed else (b"400", b"no valid bus secret")
             zap.send_multipart([version, request_id, *status, USERNAME if allowed else b"", b""])
+
+    def _count_failed_handshakes(self, monitor: zmq.Socket[bytes]) -> None:
+        for _ in range(_BURST):
+            try:
+                recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._auth_rejected += 1
 
     def _read_subscriptions(self, xpub: zmq.Socket[bytes]) -> None:
         for _ in range(_BURST):
@@ -357,7 +376,7 @@ class Relay:
             logger.debug("reply to %r dropped: %s", identity, exc)
 
 
-def _restrict_ipc_files(*endpoints: str) -> None:
+def _restrict_ipc_files(*endpoints: str) -> None:  # tcp endpoints have no file
     """Sockets 0600: only this user may connect (DESIGN.md §3)."""
     for endpoint in endpoints:
         if endpoint.startswith("ipc://"):

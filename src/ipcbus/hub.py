@@ -21,7 +21,7 @@ import zmq
 
 from . import _wire
 from ._config import export_address
-from ._keys import USERNAME, key_path_for, read_secret
+from ._keys import key_path_for, prove, read_secret
 from ._relay import HubStatistics, Relay
 from .exceptions import HubUnavailableError, PubSubError
 
@@ -238,12 +238,11 @@ def _check_address(address: str) -> None:
                 raise HubAddressError(f"another hub already serves {address}")
             os.unlink(path)  # a stale socket left by a hub that was killed
     elif address.startswith("tcp://"):
-        raise HubAddressError(
-            "tcp:// addresses need CURVE encryption and authentication, which this hub "
-            "does not offer yet; use an ipc:// address"
-        )
+        host, _, port = address[len("tcp://") :].rpartition(":")
+        if not host or not port.isdigit():
+            raise HubAddressError(f"a tcp address needs a host and a port: {address!r}")
     else:
-        raise HubAddressError(f"unsupported address {address!r}: use ipc://")
+        raise HubAddressError(f"unsupported address {address!r}: use ipc:// or tcp://")
 
 
 def _ipc_path_answers(path: str) -> bool:
@@ -275,8 +274,7 @@ def request_statistics(address: str, timeout: float = 5.0) -> HubStatistics:
     dealer: zmq.Socket[Any] = context.socket(zmq.DEALER)
     try:
         dealer.linger = 0
-        dealer.plain_username = USERNAME
-        dealer.plain_password = secret
+        prove(dealer, address, secret)
         dealer.connect(address)
         dealer.send_multipart([_wire.header(_wire.STATS)])
         if not dealer.poll(int(timeout * 1000)):
