@@ -213,6 +213,9 @@ def test_a_poison_message_is_tried_max_attempts_times_then_dead_lettered(
     assert group["retried"] == 3
     assert group["dead_lettered"] == 1
     assert group["dead_letters_kept"] == 1
+    (record,) = statistics.dead_letters["tests.messages.Tick/poison"]
+    assert record["attempts"] == 4
+    assert record["error"] == "ValueError: poison 13"
 
 
 def test_messages_wait_for_an_absent_consumer(queue_hub: Hub, tmp_path: Path) -> None:

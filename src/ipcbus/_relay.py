@@ -55,6 +55,8 @@ class HubStatistics:
     late_acks: int = 0
     unsplittable_dropped: int = 0
     queues: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Per queue, the dead letters the hub keeps (bounded): message_id, attempts, last error.
+    dead_letters: dict[str, list[dict[str, object]]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -123,6 +125,11 @@ class Relay:
             late_acks=self.control_plane.book.late_acks,
             unsplittable_dropped=self._unsplittable,
             queues=self.control_plane.book.statistics(),
+            dead_letters={
+                name: [asdict(record) for record in records]
+                for name, records in self.control_plane.book.dead_letters().items()
+                if records
+            },
         )
 
     def serve(

@@ -77,10 +77,21 @@ def _stats(address: str | None, as_json: bool, timeout: float) -> int:
         return ExitCode.UNAVAILABLE
     if as_json:
         print(statistics.to_json())
-    else:
-        for name, value in vars(statistics).items():
-            shown = f"{value:.1f}" if isinstance(value, float) else value
-            print(f"{name:22} {shown}")
+        return ExitCode.OK
+    for name, value in vars(statistics).items():
+        if isinstance(value, dict):
+            continue
+        shown = f"{value:.1f}" if isinstance(value, float) else value
+        print(f"{name:22} {shown}")
+    for queue, counts in statistics.queues.items():
+        print(f"\nqueue {queue}")
+        for name, count in counts.items():
+            print(f"  {name:20} {count}")
+        for record in statistics.dead_letters.get(queue, []):
+            print(
+                f"  dead letter {record['message_id']}: {record['attempts']} attempts, "
+                f"{record['error']}"
+            )
     return ExitCode.OK
 
 
