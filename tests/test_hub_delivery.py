@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -139,3 +142,55 @@ def test_a_slow_subscriber_slows_publishers_and_loses_nothing() -> None:
     assert finished
     assert stalls > 0, "the hub should have held a message for the full subscriber pipe"
     assert seqs == list(range(accepted)), f"accepted {accepted}, delivered {len(seqs)}"
+
+
+def _stoppable_subscriber(address: str, ready: Any, results: Any) -> None:
+    """Child: records Blob seqs until a Barrier; reports them and the gaps its broker saw."""
+    broker = connect(address, hwm=4, dispatch_queue=1)
+    seqs: list[int] = []
+    done = threading.Event()
+    broker.subscribe(Blob, lambda m: seqs.append(m.seq))
+    broker.subscribe(Barrier, lambda m: done.set())
+    ready.set()
+    finished = done.wait(120)
+    # The hub's gap marker follows once its sends stop stalling (stall_timeout later).
+    deadline = time.monotonic() + 30
+    while not broker.gaps and time.monotonic() < deadline:
+        time.sleep(0.05)
+    results.put((finished, seqs, broker.gaps))
+    broker.close()
+
+
+def test_a_stopped_subscriber_does_not_hold_the_bus_forever_and_learns_of_its_gap() -> None:
+    """DESIGN.md §2.4: a subscriber that accepts nothing for stall_timeout (here SIGSTOP) stops
+    holding publishers back; the hub counts what it sent without waiting, and the subscriber,
+    once running again, learns of the gap."""
+    with Hub(hwm=4, stall_timeout=1.0) as small_hub:
+        ready, results = SPAWN.Event(), SPAWN.Queue()
+        stopped = SPAWN.Process(
+            target=_stoppable_subscriber, args=(small_hub.address, ready, results)
+        )
+        stopped.start()
+        try:
+            assert ready.wait(60)
+            os.kill(stopped.pid, signal.SIGSTOP)
+            blob = b"x" * 16384
+            with HubBroker(small_hub.address, hwm=4, max_pending=20, max_batch=4) as publisher:
+                for seq in range(2000):
+                    # Without the stall timeout this would block forever: the stopped
+                    # subscriber's pipes are full after a few dozen messages.
+                    publisher.publish(Blob(seq, blob), timeout=30)
+                publisher.flush(30)
+                statistics = small_hub.statistics()
+                os.kill(stopped.pid, signal.SIGCONT)
+                publisher.publish(Barrier("end"))
+                publisher.flush(30)
+            finished, seqs, gaps = results.get(timeout=60)
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+            _join([stopped])
+    assert statistics.stall_drops > 0
+    assert finished
+    assert seqs == sorted(set(seqs)), "what arrives keeps its order, without duplicates"
+    assert len(seqs) < 2000, "the stopped subscriber cannot have received everything"
+    assert gaps > 0, "the subscriber must learn that it missed messages"

@@ -103,6 +103,9 @@ class HubBroker(Broker):
         self._flush_ids = iter(range(1, 2**62))
         self._inbox: queue.Queue[list[zmq.Frame] | None] = queue.Queue(dispatch_queue)
         self._queue_ids = iter(range(1, 2**62))
+        # Per topic, the hub's sequence number of the last batch seen (a skip is a gap).
+        self._last_seq: dict[str, int] = {}
+        self.gaps = 0  # batches the hub dropped for this process (see Hub stall_timeout)
         self._queue_subscriptions: dict[bytes, Subscription] = {}
         self._runner = QueueRunner(self._queue_subscriptions.get, self._ack, self.publish)
         client_id = os.urandom(8).hex().encode()
@@ -282,6 +285,7 @@ class HubBroker(Broker):
             self._subscriptions[topic] = remaining
             if not remaining and topic in self._live:
                 del self._live[topic]
+                self._last_seq.pop(topic, None)
                 if not self._closed:
                     self._io.unsubscribe(_wire.topic_for(topic))
 
@@ -315,8 +319,23 @@ class HubBroker(Broker):
         subscriptions = self._subscriptions.get(topic)
         if not subscriptions:
             return
-        codec, _count, _published_at = _wire.unpack_meta(frames[1].bytes)
-        messages = _codec.decode_batch(codec, frames[2:], self._types.get(topic))
+        meta, seq = frames[1].bytes, _wire.unpack_seq(frames[2].bytes)
+        last = self._last_seq.get(topic)
+        self._last_seq[topic] = seq
+        # An empty meta is the hub's gap marker: it carries the topic's latest seq, no message.
+        expected = seq if not meta else seq - 1
+        if last is not None and expected > last:
+            self.gaps += expected - last
+            logger.error(
+                "missed %d batches of %s: this process accepted nothing for so long that the "
+                "hub stopped waiting for it",
+                expected - last,
+                topic,
+            )
+        if not meta:
+            return
+        codec, _count, _published_at = _wire.unpack_meta(meta)
+        messages = _codec.decode_batch(codec, frames[3:], self._types.get(topic))
         for message in messages:
             for subscription in subscriptions:
                 if subscription.accepts(message):

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -50,6 +51,7 @@ class HubStatistics:
     bytes_relayed: int
     backpressure_stalls: int
     malformed_dropped: int
+    stall_drops: int = 0
     auth_rejected: int = 0
     clients_lost: int = 0
     late_acks: int = 0
@@ -81,6 +83,7 @@ class Relay:
         max_held: int = 100_000,
         handshake_timeout: float = 5.0,
         drain_timeout: float = 5.0,
+        stall_timeout: float = 30.0,
     ) -> None:
         self.endpoint = endpoint
         self.in_endpoint, self.pub_endpoint = _wire.data_endpoints_for(endpoint)
@@ -96,13 +99,25 @@ class Relay:
             max_held=max_held,
         )
         self._topics: dict[bytes, int] = {}
-        self._stalled: list[zmq.Frame] | None = None
+        self._stalled: list[Any] | None = None
         self._sync_backlog: deque[bytes] = deque()
         self._batches = self._messages = self._bytes = 0
         self._stalls = self._malformed = self._unsplittable = 0
         self._auth_rejected = 0
         self._handshake_ms = int(handshake_timeout * 1000)
         self._drain_timeout = drain_timeout
+        # A subscriber that accepts nothing for stall_timeout s (stopped, deadlocked) must not
+        # hold the bus forever (DESIGN.md §2.4): the hub then sends without waiting for full
+        # pipes (counted in stall_drops) for as long as sends keep stalling. Subscribers learn
+        # of what they missed from the per-topic sequence number of every fan-out message.
+        self._stall_timeout = stall_timeout
+        self._stalled_since = 0.0
+        self._lossy_until = 0.0
+        self._stall_drops = 0
+        self._topic_seq: dict[bytes, int] = {}
+        # Topics sent without waiting: once sends stop stalling, each gets a marker carrying its
+        # latest sequence number, so a subscriber that missed the tail learns of it too.
+        self._lossy_topics: set[bytes] = set()
 
     @property
     def endpoints(self) -> tuple[str, str, str]:
@@ -120,6 +135,7 @@ class Relay:
             bytes_relayed=self._bytes,
             backpressure_stalls=self._stalls,
             malformed_dropped=self._malformed,
+            stall_drops=self._stall_drops,
             auth_rejected=self._auth_rejected,
             clients_lost=self.control_plane.clients_lost,
             late_acks=self.control_plane.book.late_acks,
@@ -247,6 +263,8 @@ class Relay:
                 if not self._send(xpub, self._stalled):
                     continue
                 self._stalled = None
+            if self._lossy_topics and time.monotonic() >= self._lossy_until:
+                self._send_gap_markers(xpub)
             if (data in events or blocked) and not book.full() and drain_until is None:
                 self._read(data, lambda frames: self._handle_data(data, xpub, frames), True)
 
@@ -299,13 +317,45 @@ class Relay:
                 return  # that subscriber's pipe is full: it drains, then gets its answer
             self._sync_backlog.popleft()
 
-    def _send(self, xpub: zmq.Socket[bytes], frames: list[zmq.Frame]) -> bool:
+    def _send(self, xpub: zmq.Socket[bytes], frames: list[Any]) -> bool:
         try:
             xpub.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
+            pass
+        else:
+            return True
+        now = time.monotonic()
+        if self._stalled is None:
             self._stalls += 1
-            return False
-        return True
+            self._stalled_since = now
+        if now < self._lossy_until or now - self._stalled_since >= self._stall_timeout:
+            if now >= self._lossy_until:
+                logger.error(
+                    "a subscriber accepted nothing for %.0f s: sending without waiting for it",
+                    now - self._stalled_since,
+                )
+            # Without NODROP a full pipe drops this message instead of refusing it.
+            xpub.setsockopt(zmq.XPUB_NODROP, 0)
+            try:
+                xpub.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            finally:
+                xpub.setsockopt(zmq.XPUB_NODROP, 1)
+            self._stall_drops += 1
+            self._lossy_until = now + self._stall_timeout
+            self._lossy_topics.add(bytes(frames[0]))
+            return True
+        return False
+
+    def _send_gap_markers(self, xpub: zmq.Socket[bytes]) -> None:
+        """``[topic, b"", seq]`` for each topic sent without waiting, now that nothing stalls."""
+        for topic in list(self._lossy_topics):
+            try:
+                xpub.send_multipart(
+                    [topic, b"", _wire.pack_seq(self._topic_seq[topic])], zmq.NOBLOCK
+                )
+            except zmq.Again:
+                return  # still full: next turn
+            self._lossy_topics.discard(topic)
 
     def _read(
         self,
@@ -348,10 +398,11 @@ class Relay:
                 raise ValueError(f"bad topic {topic[:64]!r}")
             meta = frames[3].bytes
             codec, count, _ = _wire.unpack_meta(meta)
-            relayed = frames[2:]
+            seq = self._topic_seq[topic] = self._topic_seq.get(topic, 0) + 1
+            relayed: list[Any] = [frames[2], frames[3], _wire.pack_seq(seq), *frames[4:]]
             self._batches += 1
             self._messages += count
-            self._bytes += sum(len(frame) for frame in relayed)
+            self._bytes += sum(len(frame) for frame in frames[2:])
             book = self.control_plane.book
             if book.has_groups(topic):
                 if codec in _wire.SPLIT_CODECS:

@@ -30,7 +30,11 @@ client data DEALER → hub data ROUTER (``<address>.in``)
                                 codec each frame after meta is one message
     FLUSH    ``[token]``      → FLUSHED ``[token]`` once every earlier PUBLISH of this client was
                                 handed to the XPUB socket (one DEALER: the order is kept)
-hub XPUB (``<address>.pub``) → client SUB   ``[topic, meta, *payload]`` or ``[sync_topic]``
+hub XPUB (``<address>.pub``) → client SUB   ``[topic, meta, seq, *payload]`` or ``[sync_topic]``
+    seq numbers the hub's batches of each topic: a subscriber that sees one skipped knows the
+    hub dropped messages for it (it had accepted nothing for the hub's stall_timeout); after
+    such drops the hub sends ``[topic, b"", seq]`` (no meta, no payload) with the latest seq,
+    so a gap at the end is seen too
 
 Topics are the message type's unique name plus a terminator byte, so ``a.Tick`` is not a prefix of
 ``a.TickV2`` for the SUB socket's prefix matching. Sync topics start with ``\\x00`` (no unique name
@@ -76,9 +80,11 @@ __all__ = [
     "header",
     "is_sync_topic",
     "pack_meta",
+    "pack_seq",
     "data_endpoints_for",
     "topic_for",
     "unpack_meta",
+    "unpack_seq",
 ]
 
 VERSION = 1
@@ -152,6 +158,18 @@ Meta = tuple[bytes, int, float]
 
 def pack_meta(codec: bytes, count: int, published_at: float) -> bytes:
     return _META.pack(codec, count, published_at)
+
+
+_SEQ = struct.Struct("!Q")
+
+
+def pack_seq(seq: int) -> bytes:
+    return _SEQ.pack(seq)
+
+
+def unpack_seq(frame: bytes) -> int:
+    (seq,) = _SEQ.unpack(frame)
+    return int(seq)
 
 
 def unpack_meta(frame: bytes) -> Meta:

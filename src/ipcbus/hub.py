@@ -57,6 +57,7 @@ class Hub:
         max_message_size: int = 256 * 1024 * 1024,
         handshake_timeout: float = 5.0,
         drain_timeout: float = 5.0,
+        stall_timeout: float = 30.0,
     ) -> None:
         self._requested = address
         self._address: str | None = address
@@ -67,7 +68,8 @@ class Hub:
         # group holds at most `max_held` messages before publishers feel backpressure; a peer
         # sending a message part over `max_message_size` bytes, or not finishing its handshake
         # within `handshake_timeout` s, is disconnected; on SIGTERM consumers get
-        # `drain_timeout` s to ack what they hold.
+        # `drain_timeout` s to ack what they hold; a subscriber that accepts nothing for
+        # `stall_timeout` s stops holding the bus (the hub drops for it; it learns of the gap).
         self._options: dict[str, Any] = {
             "hwm": hwm,
             "heartbeat_interval": heartbeat_interval,
@@ -76,6 +78,7 @@ class Hub:
             "max_message_size": max_message_size,
             "handshake_timeout": handshake_timeout,
             "drain_timeout": drain_timeout,
+            "stall_timeout": stall_timeout,
         }
         self._process: multiprocessing.process.BaseProcess | None = None
         self._parent_end: multiprocessing.connection.Connection | None = None
