@@ -19,8 +19,8 @@ from ._base import (
     describe_error,
     run_queue_handler,
 )
+from ._loops import start_loop_thread
 from ._routing import RouteTable
-from ._runner import run_loop_forever
 from .exceptions import BrokerClosedError, PublishTimeoutError
 from .message import DeadLetter, Message, get_unique_name_for_message
 
@@ -139,12 +139,7 @@ class MemoryBroker(Broker):
             if self._closed:
                 raise BrokerClosedError("MemoryBroker is closed")
             if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(
-                    target=run_loop_forever, args=(loop,), name="ipcbus-memory-loop", daemon=True
-                )
-                thread.start()
-                self._loop, self._loop_thread = loop, thread
+                self._loop, self._loop_thread = start_loop_thread("ipcbus-memory-loop")
             return self._loop
 
     async def _deliver(

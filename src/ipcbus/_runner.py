@@ -20,9 +20,10 @@ from typing import Any
 
 from . import _codec, _queues, _wire
 from ._base import AsyncMessageContext, Subscription, describe_error
+from ._loops import start_loop_thread
 from .message import DeadLetter, Message
 
-__all__ = ["QueueRunner", "run_loop_forever"]
+__all__ = ["QueueRunner"]
 
 logger = logging.getLogger(__name__)
 
@@ -220,12 +221,7 @@ class QueueRunner:
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(
-                    target=run_loop_forever, args=(loop,), name="ipcbus-queue-loop", daemon=True
-                )
-                thread.start()
-                self._loop, self._loop_thread = loop, thread
+                self._loop, self._loop_thread = start_loop_thread("ipcbus-queue-loop")
             return self._loop
 
     def _start_tasks(self, jobs: list[Job]) -> None:
@@ -260,17 +256,3 @@ class QueueRunner:
 
 async def _await(awaitable: Any) -> None:
     await awaitable
-
-
-def run_loop_forever(loop: asyncio.AbstractEventLoop) -> None:
-    """Thread body for a loop of our own: run it; once stopped, cancel what is left and close."""
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_forever()
-    finally:
-        tasks = asyncio.all_tasks(loop)
-        for task in tasks:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
