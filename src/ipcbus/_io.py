@@ -99,6 +99,12 @@ class IOThread:
         self._syncs: dict[bytes, threading.Event] = {}
         self._sync_ids = iter(range(1, 2**62))
         self._topics: dict[type, bytes] = {}
+        self._live_topics: set[bytes] = set()
+        # After a reconnect, publishing waits until the new hub has this process's
+        # subscriptions (the SUB socket resends them), so it hears its own held publishes.
+        self._resynced = threading.Event()
+        self._resynced.set()
+        self._resync_deadline = 0.0
         self._thread = threading.Thread(target=self._run, name="ipcbus-io", daemon=True)
         self._control: zmq.Socket[bytes] | None = None
         self._monitor: zmq.Socket[bytes] | None = None
@@ -309,6 +315,11 @@ class IOThread:
                 self._hub_lost("its connection closed")
 
     def _heartbeat(self, now: float) -> None:
+        if not self._resynced.is_set() and now >= self._resync_deadline:
+            logger.warning(
+                "the hub at %s did not confirm our subscriptions: going on", self.endpoint
+            )
+            self._resynced.set()
         if self.hub_alive:
             if now - self._last_heard > self._hub_timeout:
                 self._hub_lost(f"silent for {now - self._last_heard:.1f} s")
@@ -356,6 +367,10 @@ class IOThread:
                 self._welcome(body)
                 if not self.hub_alive:
                     logger.warning("reconnected to the hub at %s", self.endpoint)
+                    if self._live_topics:
+                        self._resynced = threading.Event()
+                        self._resync_deadline = time.monotonic() + self._hub_timeout
+                        self._sync(self._resynced)
                 self.hub_alive = True
                 self._hello_backoff = _HELLO_BACKOFF_MIN
                 for consume in self._consumes.values():
@@ -371,7 +386,7 @@ class IOThread:
         While the hub is unreachable nothing is sent: the outbox holds what is published (up to
         ``max_pending``, then publish() blocks) until a hub says WELCOME again."""
         outbox = self.outbox
-        while self.hub_alive:
+        while self.hub_alive and self._resynced.is_set():
             if self._sent is not None:
                 try:
                     dealer.send_multipart(self._sent, zmq.NOBLOCK, copy=False)
@@ -444,6 +459,7 @@ class IOThread:
                 if live is not None:
                     sub.setsockopt(zmq.UNSUBSCRIBE, topic)
                     live.set()
+                    self.wake()  # the pump may have waited for this one
                 continue
             if not self._deliver(frames):
                 self._held = frames
@@ -451,13 +467,20 @@ class IOThread:
 
     def _subscribe(self, topic: bytes, live: threading.Event) -> None:
         assert self._sub is not None
+        self._live_topics.add(topic)
+        self._sub.setsockopt(zmq.SUBSCRIBE, topic)
+        self._sync(live)
+
+    def _sync(self, live: threading.Event) -> None:
+        """``live`` is set once the hub has every earlier subscription of this SUB socket."""
+        assert self._sub is not None
         sync = _wire.SYNC_PREFIX + self._client_id + b":%d" % next(self._sync_ids)
         self._syncs[sync] = live
-        self._sub.setsockopt(zmq.SUBSCRIBE, topic)
         self._sub.setsockopt(zmq.SUBSCRIBE, sync)
 
     def _unsubscribe(self, topic: bytes) -> None:
         assert self._sub is not None
+        self._live_topics.discard(topic)
         self._sub.setsockopt(zmq.UNSUBSCRIBE, topic)
 
 
