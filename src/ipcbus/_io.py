@@ -237,7 +237,9 @@ class IOThread:
         in_endpoint, pub_endpoint, _hub_id, interval, timeout, *grouped = body
         self._heartbeat_interval = float(interval)
         self._hub_timeout = float(timeout)
-        self._grouped = frozenset(grouped)
+        # Kept across hubs: after a restart, consumers re-register one by one, and a publisher
+        # that forgot a topic is grouped would send it unsplit meanwhile (unusable for groups).
+        self._grouped = self._grouped | frozenset(grouped)
         return in_endpoint.decode(), pub_endpoint.decode()
 
     def _loop(self) -> None:
