@@ -253,11 +253,11 @@ class QueueBook:
         for group in self._groups.values():
             while group.delayed and group.delayed[0][0] <= now:
                 group.pending.appendleft(heapq.heappop(group.delayed)[2])
-            while group.pending and any(not c.cancelled for c in group.consumers.values()):
+            # Python runs here once per message: the consumer list is built once per turn.
+            consumers = [c for c in group.consumers.values() if not c.cancelled]
+            while group.pending and consumers:
                 item = group.pending[0]
-                consumers = [c for c in group.consumers.values() if not c.cancelled]
-                willing = [c for c in consumers if c.key not in item.rejected_by]
-                if not willing:
+                if item.rejected_by and all(c.key in item.rejected_by for c in consumers):
                     group.pending.popleft()
                     group.counts["rejected_dropped"] += 1
                     continue
