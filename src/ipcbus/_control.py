@@ -23,6 +23,14 @@ Socket = zmq.Socket[Any]
 
 # Requests a client may send before HELLO (a STATS probe is not a client).
 _ANONYMOUS = frozenset({_wire.HELLO, _wire.STATS})
+_KINDS = _ANONYMOUS | {
+    _wire.PING,
+    _wire.ACK,
+    _wire.CONSUME,
+    _wire.CANCEL,
+    _wire.GROUPS_ACK,
+    _wire.BYE,
+}
 
 
 class ControlPlane:
@@ -55,8 +63,13 @@ class ControlPlane:
         identity, kind = frames[0].bytes, frames[1].bytes[1:]
         body = [frame.bytes for frame in frames[2:]]
         now = time.monotonic()
+        if kind not in _KINDS:
+            raise ValueError(f"unknown control request {kind!r}")
         if kind not in _ANONYMOUS and identity not in self.clients:
-            # Declared gone (missed heartbeats) or from before a hub restart: start again.
+            # Declared gone (missed heartbeats) or from before a hub restart: start again. Its
+            # acks are for deliveries given to others meanwhile: counted as late, nothing more.
+            if kind == _wire.ACK:
+                self._settle(body, now)
             self._send(control, identity, _wire.RESET)
             return
         if kind == _wire.HELLO:
@@ -81,11 +94,7 @@ class ControlPlane:
         if kind == _wire.PING:
             self._send(control, identity, _wire.PONG)
         elif kind == _wire.ACK:
-            if not body or len(body) % 3:
-                raise ValueError(f"ACK with {len(body)} frames")
-            for index in range(0, len(body), 3):
-                delivery_id, outcome, error = body[index : index + 3]
-                self.book.settle(delivery_id, outcome, error.decode(errors="replace"), now)
+            self._settle(body, now)
         elif kind == _wire.CONSUME:
             self._consume(control, identity, body, now)
         elif kind == _wire.CANCEL:
@@ -99,10 +108,17 @@ class ControlPlane:
         else:
             raise ValueError(f"unknown control request {kind!r}")
 
+    def _settle(self, body: list[bytes], now: float) -> None:
+        if not body or len(body) % 3:
+            raise ValueError(f"ACK with {len(body)} frames")
+        for index in range(0, len(body), 3):
+            delivery_id, outcome, error = body[index : index + 3]
+            self.book.settle(delivery_id, outcome, error.decode(errors="replace"), now)
+
     def _consume(self, control: Socket, identity: bytes, body: list[bytes], now: float) -> None:
         subscription_id, topic, queue_name, prefetch, max_attempts, retry_backoff = body
-        if not topic.endswith(_wire.TOPIC_END) or len(topic) > _wire.MAX_TOPIC_LEN:
-            raise ValueError(f"bad topic {topic[:64]!r}")
+        _wire.check_topic(topic)
+        queue_name.decode()  # UnicodeDecodeError is a ValueError
         new_topic = not self.book.has_groups(topic)
         self.book.add_consumer(
             topic,
@@ -207,7 +223,7 @@ class ControlPlane:
             return
         self._acked_version.pop(identity, None)
         self.clients_lost += why != "said goodbye"
-        logger.info("client %s gone (%s): its deliveries go to others", identity.decode(), why)
+        logger.info("client %s gone (%s): its deliveries go to others", identity.hex(), why)
         self.book.remove_client(identity)
 
     @staticmethod

@@ -77,6 +77,7 @@ __all__ = [
     "VERSION",
     "WELCOME",
     "Meta",
+    "check_topic",
     "header",
     "is_sync_topic",
     "pack_meta",
@@ -168,11 +169,30 @@ def pack_seq(seq: int) -> bytes:
 
 
 def unpack_seq(frame: bytes) -> int:
-    (seq,) = _SEQ.unpack(frame)
+    try:
+        (seq,) = _SEQ.unpack(frame)
+    except struct.error as exc:
+        raise ValueError(f"bad seq frame: {exc}") from None
     return int(seq)
 
 
 def unpack_meta(frame: bytes) -> Meta:
-    """Raises ``struct.error`` or ``ValueError`` on a malformed frame."""
-    codec, count, published_at = _META.unpack(frame)
+    """Raises ``ValueError`` on a malformed frame."""
+    try:
+        codec, count, published_at = _META.unpack(frame)
+    except struct.error as exc:
+        raise ValueError(f"bad meta frame: {exc}") from None
     return codec, count, published_at
+
+
+def check_topic(topic: bytes) -> bytes:
+    """A unique name plus terminator, or ``ValueError`` (input from peers is checked here)."""
+    if (
+        not topic.endswith(TOPIC_END)
+        or is_sync_topic(topic)
+        or len(topic) > MAX_TOPIC_LEN
+        or TOPIC_END in topic[:-1]
+    ):
+        raise ValueError(f"bad topic {topic[:64]!r}")
+    topic[:-1].decode()  # UnicodeDecodeError is a ValueError
+    return topic
