@@ -321,12 +321,6 @@ def test_clients_recover_from_a_hub_killed_and_restarted_at_the_same_address(
     assert ping_resume < 2.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a restarted hub relays the publishers' buffered backlog as soon as they are back, "
-    "to the subscribers already back: a subscriber whose SUB socket reconnects later misses "
-    "it, silently (the new hub's per-topic seq starts afresh)",
-)
 def test_ticks_buffered_during_a_hub_restart_reach_a_late_subscriber(
     tmp_path: Path, workers: Workers
 ) -> None:
@@ -378,12 +372,6 @@ def test_ticks_buffered_during_a_hub_restart_reach_a_late_subscriber(
 
 
 @pytest.mark.queue_groups
-@pytest.mark.xfail(
-    strict=True,
-    reason="a restarted hub knows no queue group until a consumer of it is back: a message "
-    "published meanwhile goes to no group and is lost, uncounted (_control/_queues keep groups "
-    "in memory only; WELCOME then tells publishers the topic is not grouped)",
-)
 def test_a_queue_group_survives_a_hub_restart(tmp_path: Path, workers: Workers) -> None:
     """DESIGN.md §2.8 and §2.11: a group outlives the temporary absence of its consumers, and
     clients ride out a hub restart. The deterministic form of what the restart test above sees

@@ -6,7 +6,9 @@ ack or a delivery. Payloads stay opaque: queue deliveries carry the bytes the pu
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -55,6 +57,7 @@ class ControlPlane:
         self._waiting: list[tuple[bytes, bytes, int, float]] = []
         self._next_check = 0.0
         self.draining = False  # stopping: no new deliveries, only acks of those in flight
+        self._groups_file: str | None = None
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -120,6 +123,8 @@ class ControlPlane:
         _wire.check_topic(topic)
         queue_name.decode()  # UnicodeDecodeError is a ValueError
         new_topic = not self.book.has_groups(topic)
+        if not self.book.has_group(topic, queue_name.decode()):
+            self.remember_group(topic, queue_name.decode())
         self.book.add_consumer(
             topic,
             queue_name.decode(),
@@ -137,6 +142,32 @@ class ControlPlane:
         self._announce_groups(control)
         deadline = now + self.heartbeat_timeout
         self._waiting.append((identity, subscription_id, self._groups_version, deadline))
+
+    def restore_groups(self, path: str) -> None:
+        """Recreate the queue groups a previous hub at this address had (they outlive the
+        absence of their consumers, a hub restart included: DESIGN.md §2.8, §2.11)."""
+        self._groups_file = path
+        try:
+            with open(path, encoding="utf-8") as lines:
+                declared = [json.loads(line) for line in lines if line.strip()]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            logger.error("cannot read the queue groups of the previous hub (%s): %s", path, exc)
+            return
+        for entry in declared:
+            self.book.declare(entry["topic"].encode() + _wire.TOPIC_END, entry["queue"])
+        logger.info("restored %d queue groups from %s", len(declared), path)
+
+    def remember_group(self, topic: bytes, name: str) -> None:
+        if self._groups_file is None:
+            return
+        entry = json.dumps({"topic": topic[:-1].decode(), "queue": name})
+        fd = os.open(self._groups_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, entry.encode() + b"\n")
+        finally:
+            os.close(fd)
 
     def announce_stop(self, control: Socket) -> None:
         """The hub is stopping: clients stop waiting for it at once and try to reconnect."""

@@ -33,6 +33,7 @@ __all__ = [
     "USERNAME",
     "ZAP_DOMAIN",
     "admits",
+    "beside_hub",
     "key_path_for",
     "load_or_create_secret",
     "prove",
@@ -47,14 +48,20 @@ _SECRET_BYTES = 32
 
 def key_path_for(endpoint: str) -> str:
     """``ipc:///dir/hub`` → ``/dir/hub.key``; ``tcp://host:port`` → a per-user directory."""
+    return beside_hub(endpoint, ".key")
+
+
+def beside_hub(endpoint: str, suffix: str) -> str:
+    """Where the hub at ``endpoint`` keeps a file: beside an ipc socket; for tcp in a 0700
+    per-user directory of the temporary directory."""
     if endpoint.startswith("ipc://"):
-        return endpoint[len("ipc://") :] + ".key"
+        return endpoint[len("ipc://") :] + suffix
     if endpoint.startswith("tcp://"):
         host, _, port = endpoint[len("tcp://") :].rpartition(":")
         directory = os.path.join(tempfile.gettempdir(), f"ipcbus-{os.getuid()}")
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        return os.path.join(directory, f"tcp-{host.strip('[]')}-{port}.key")
-    raise ValueError(f"no key file for {endpoint!r}: use an ipc:// or tcp:// address")
+        return os.path.join(directory, f"tcp-{host.strip('[]')}-{port}{suffix}")
+    raise ValueError(f"no hub files for {endpoint!r}: use an ipc:// or tcp:// address")
 
 
 def load_or_create_secret(path: str) -> bytes:

@@ -136,6 +136,18 @@ class QueueBook:
     def groups(self) -> Iterator[QueueGroup]:
         return iter(self._groups.values())
 
+    def has_group(self, topic: bytes, name: str) -> bool:
+        return (topic, name) in self._groups
+
+    def declare(self, topic: bytes, name: str) -> QueueGroup:
+        """The group, created (without consumers: it holds messages) if it is new."""
+        group = self._groups.get((topic, name))
+        if group is None:
+            group = QueueGroup(name, topic, self._max_held, self._max_dead)
+            self._groups[(topic, name)] = group
+            self._by_topic.setdefault(topic, []).append(group)
+        return group
+
     def add_consumer(
         self,
         topic: bytes,
@@ -146,11 +158,7 @@ class QueueBook:
         max_attempts: int,
         retry_backoff: float,
     ) -> QueueGroup:
-        group = self._groups.get((topic, name))
-        if group is None:
-            group = QueueGroup(name, topic, self._max_held, self._max_dead)
-            self._groups[(topic, name)] = group
-            self._by_topic.setdefault(topic, []).append(group)
+        group = self.declare(topic, name)
         consumer = group.consumers.get(key)
         if consumer is None:
             group.consumers[key] = QueueConsumer(key, max(1, prefetch), max_attempts, retry_backoff)

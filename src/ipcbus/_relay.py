@@ -24,7 +24,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import _wire
 from ._control import ControlPlane
-from ._keys import USERNAME, admits, key_path_for, load_or_create_secret, serve_securely
+from ._keys import (
+    USERNAME,
+    admits,
+    beside_hub,
+    key_path_for,
+    load_or_create_secret,
+    serve_securely,
+)
 
 __all__ = ["HubStatistics", "Relay"]
 
@@ -84,6 +91,7 @@ class Relay:
         handshake_timeout: float = 5.0,
         drain_timeout: float = 5.0,
         stall_timeout: float = 30.0,
+        restart_grace: float = 1.0,
     ) -> None:
         self.endpoint = endpoint
         self.in_endpoint, self.pub_endpoint = _wire.data_endpoints_for(endpoint)
@@ -111,6 +119,8 @@ class Relay:
         # pipes (counted in stall_drops) for as long as sends keep stalling. Subscribers learn
         # of what they missed from the per-topic sequence number of every fan-out message.
         self._stall_timeout = stall_timeout
+        self._restart_grace = restart_grace
+        self._accept_after = 0.0
         self._stalled_since = 0.0
         self._lossy_until = 0.0
         self._stall_drops = 0
@@ -158,7 +168,14 @@ class Relay:
         context = zmq.Context()
         sockets: list[zmq.Socket[bytes]] = []
         try:
-            secret = load_or_create_secret(key_path_for(self.endpoint))
+            key_path = key_path_for(self.endpoint)
+            restarted = os.path.exists(key_path)
+            secret = load_or_create_secret(key_path)
+            self.control_plane.restore_groups(beside_hub(self.endpoint, ".groups"))
+            if restarted:
+                # A previous hub served here: give its clients restart_grace s to reconnect
+                # their SUB sockets before the backlog their publishers held is relayed.
+                self._accept_after = time.monotonic() + self._restart_grace
             # The ZAP handler must be bound before any socket that uses it.
             zap = context.socket(zmq.REP)
             sockets.append(zap)
@@ -239,7 +256,10 @@ class Relay:
                 return
             # Not accepting publishes while a send is stalled (a full subscriber pipe) or a queue
             # group holds its maximum: publishers feel backpressure, nothing is dropped.
-            blocked = self._stalled is not None or bool(self._sync_backlog) or book.full()
+            in_grace = self._accept_after > 0 and time.monotonic() < self._accept_after
+            blocked = (
+                self._stalled is not None or bool(self._sync_backlog) or book.full() or in_grace
+            )
             if blocked:
                 poller, timeout = stalled, _STALLED_POLL_MS
             else:
@@ -265,7 +285,8 @@ class Relay:
                 self._stalled = None
             if self._lossy_topics and time.monotonic() >= self._lossy_until:
                 self._send_gap_markers(xpub)
-            if (data in events or blocked) and not book.full() and drain_until is None:
+            accepting = not book.full() and drain_until is None and not in_grace
+            if (data in events or blocked) and accepting:
                 self._read(data, lambda frames: self._handle_data(data, xpub, frames), True)
 
     def _authenticate(self, zap: zmq.Socket[bytes], secret: bytes) -> None:

@@ -58,6 +58,7 @@ class Hub:
         handshake_timeout: float = 5.0,
         drain_timeout: float = 5.0,
         stall_timeout: float = 30.0,
+        restart_grace: float = 1.0,
     ) -> None:
         self._requested = address
         self._address: str | None = address
@@ -69,7 +70,9 @@ class Hub:
         # sending a message part over `max_message_size` bytes, or not finishing its handshake
         # within `handshake_timeout` s, is disconnected; on SIGTERM consumers get
         # `drain_timeout` s to ack what they hold; a subscriber that accepts nothing for
-        # `stall_timeout` s stops holding the bus (the hub drops for it; it learns of the gap).
+        # `stall_timeout` s stops holding the bus (the hub drops for it; it learns of the gap);
+        # a hub restarted at an address (its key file exists) relays nothing for
+        # `restart_grace` s, so the previous hub's subscribers are back first.
         self._options: dict[str, Any] = {
             "hwm": hwm,
             "heartbeat_interval": heartbeat_interval,
@@ -79,6 +82,7 @@ class Hub:
             "handshake_timeout": handshake_timeout,
             "drain_timeout": drain_timeout,
             "stall_timeout": stall_timeout,
+            "restart_grace": restart_grace,
         }
         self._process: multiprocessing.process.BaseProcess | None = None
         self._parent_end: multiprocessing.connection.Connection | None = None
