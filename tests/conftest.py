@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -57,6 +60,18 @@ def hub() -> Iterator[Hub]:
     """One hub process for the session (forked test processes connect to it too)."""
     with Hub() as running:
         yield running
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_tcp_key_directory_left() -> Iterator[None]:
+    """tcp hubs keep their key files in a per-user directory of the temporary directory; the
+    tests remove their key files, and this removes the directory if the session created it."""
+    directory = os.path.join(tempfile.gettempdir(), f"ipcbus-{os.getuid()}")
+    existed = os.path.isdir(directory)
+    yield
+    if not existed:
+        with contextlib.suppress(OSError):  # not empty: something else uses it
+            os.rmdir(directory)
 
 
 @pytest.fixture
