@@ -254,3 +254,26 @@ def test_a_fast_consumer_takes_most_work_from_a_slow_one_with_prefetch_one(
     slow_share, fast_share = len(consumers.entries(slow)), len(consumers.entries(fast))
     assert slow_share + fast_share == 300
     assert fast_share > 4 * slow_share, f"fast {fast_share}, slow {slow_share}"
+
+
+def test_a_consumer_killed_by_sigterm_returns_its_deliveries_at_once(tmp_path: Path) -> None:
+    """SIGTERM (unhandled) ends a worker without a goodbye; the hub notices the closed
+    connection and redelivers what the worker held long before any heartbeat timeout."""
+    with Hub(heartbeat_timeout=60.0) as hub:
+        consumers = Consumers(hub.address, tmp_path)
+        try:
+            doomed = consumers.start(delay=30.0, prefetch=1, name="doomed")
+            with HubBroker(hub.address) as producer:
+                producer.publish(Tick(1))
+                producer.flush(10)
+                group = "tests.messages.Tick/work"
+                wait_until(lambda: hub.statistics().queues[group]["in_flight"] == 1, 10)
+                survivor = consumers.start(name="survivor")
+                doomed.terminate()  # SIGTERM
+                doomed.join(10)
+                started = time.monotonic()
+                wait_until(lambda: consumers.entries(survivor) == [(1, 2)], 10)
+                returned_after = time.monotonic() - started
+        finally:
+            consumers.close()
+    assert returned_after < 5.0, f"redelivered only after {returned_after:.1f} s (timeout 60 s)"

@@ -58,6 +58,7 @@ class ControlPlane:
         self._next_check = 0.0
         self.draining = False  # stopping: no new deliveries, only acks of those in flight
         self._groups_file: str | None = None
+        self._probes: list[float] = []  # when to probe every client (see probe_soon)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -181,8 +182,27 @@ class ControlPlane:
 
     # -- every loop turn --------------------------------------------------------------------
 
+    def probe_soon(self) -> None:
+        """A connection to the control socket closed: find out whose, shortly (the ROUTER
+        forgets the peer asynchronously), and again a little later in case it was slow."""
+        now = time.monotonic()
+        self._probes = sorted([*self._probes, now + 0.02, now + 0.25])
+
+    def _probe(self, control: Socket) -> None:
+        # ROUTER_MANDATORY: sending to a peer whose connection is gone raises EHOSTUNREACH.
+        for identity in list(self.clients):
+            try:
+                control.send_multipart([identity, _wire.header(_wire.PONG)], zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # alive, only busy
+            except zmq.ZMQError:
+                self._drop_client(identity, "its connection closed")
+
     def tick(self, control: Socket) -> None:
         now = time.monotonic()
+        if self._probes and now >= self._probes[0]:
+            self._probes = [due for due in self._probes if due > now]
+            self._probe(control)
         if self._waiting:
             self._answer_waiting(control, now)
         deliveries = [] if self.draining else self.book.dispatch(now)
@@ -197,7 +217,7 @@ class ControlPlane:
 
     def timeout_ms(self, default_ms: int) -> int:
         """How long the relay may poll before ``tick`` has work (due retries, heartbeats)."""
-        wake = [self._next_check]
+        wake = [self._next_check, *self._probes[:1]]
         due = self.book.next_due()
         if due is not None:
             wake.append(due)

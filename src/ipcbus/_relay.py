@@ -203,9 +203,12 @@ class Relay:
             _restrict_ipc_files(*self.endpoints)
             # Peers that fail the handshake before the ZAP handler is asked (wrong mechanism,
             # garbage instead of ZMTP) are counted from the sockets' monitors.
+            # The control socket's disconnections too: a client process that died (kill -9,
+            # an unhandled SIGTERM) is found at once by probing, not at its heartbeat timeout.
+            failed = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             monitors = [
                 server.get_monitor_socket(
-                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    failed | (zmq.EVENT_DISCONNECTED if server is control else 0)
                 )
                 for server in (control, data, xpub)
             ]
@@ -307,10 +310,13 @@ class Relay:
     def _count_failed_handshakes(self, monitor: zmq.Socket[bytes]) -> None:
         for _ in range(_BURST):
             try:
-                recv_monitor_message(monitor, zmq.NOBLOCK)
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._auth_rejected += 1
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.control_plane.probe_soon()
+            else:
+                self._auth_rejected += 1
 
     def _read_subscriptions(self, xpub: zmq.Socket[bytes]) -> None:
         for _ in range(_BURST):
