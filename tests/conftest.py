@@ -2,15 +2,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
+import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ipcbus import Broker, Hub, HubBroker, MemoryBroker, TestBroker, _registry
+from ipcbus._config import ENV_ADDRESS
 from ipcbus.hub import request_statistics
 
 from .hubtools import BarrierWaiter, SplitBroker
@@ -60,6 +65,34 @@ def hub() -> Iterator[Hub]:
     """One hub process for the session (forked test processes connect to it too)."""
     with Hub() as running:
         yield running
+
+
+def _ipcbus_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("ipcbus-") and t.is_alive()}
+
+
+@pytest.fixture
+def no_leftovers(tmp_path: Path) -> Iterator[None]:
+    """After the test: no new child process (a session hub is one from before), no new ipcbus
+    thread, no socket file in tmp_path; IPCBUS_ADDRESS as it was (Hub.start() and connect() set
+    it when unset). Modules that start processes use it through ``usefixtures``."""
+    children_before = set(multiprocessing.active_children())
+    threads_before = _ipcbus_threads()
+    saved_address = os.environ.get(ENV_ADDRESS)
+    yield
+    if saved_address is None:
+        os.environ.pop(ENV_ADDRESS, None)
+    else:
+        os.environ[ENV_ADDRESS] = saved_address
+    children = [p for p in multiprocessing.active_children() if p not in children_before]
+    for child in children:
+        child.kill()
+        child.join(10)
+    assert children == [], f"child processes left running: {children}"
+    threads = _ipcbus_threads() - threads_before
+    assert threads == set(), f"ipcbus threads left running: {threads}"
+    sockets = [p for p in tmp_path.rglob("*") if stat.S_ISSOCK(p.lstat().st_mode)]
+    assert sockets == [], f"socket files left behind: {sockets}"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,7 +15,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,32 +28,12 @@ from ipcbus import AsyncMessageContext, Hub, HubBroker, HubUnavailableError, _ke
 from .conftest import wait_until
 from .messages import Ping, Tick
 
-pytestmark = [pytest.mark.hub, pytest.mark.forks]
+pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
 
 SPAWN: Any = multiprocessing.get_context("spawn")
 # A client silent for 1 s is gone (and a hub silent for 1 s is gone for its clients).
 HEARTBEAT: dict[str, float] = {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.0}
 START_TIMEOUT = 60.0
-
-
-@pytest.fixture(autouse=True)
-def no_leftovers(tmp_path: Path) -> Iterator[None]:
-    """After each test: no child process of it still running, no socket file in tmp_path;
-    IPCBUS_ADDRESS as it was (Hub.start() and connect() set it when unset)."""
-    before = set(multiprocessing.active_children())
-    saved_address = os.environ.get("IPCBUS_ADDRESS")
-    yield
-    if saved_address is None:
-        os.environ.pop("IPCBUS_ADDRESS", None)
-    else:
-        os.environ["IPCBUS_ADDRESS"] = saved_address
-    children = [p for p in multiprocessing.active_children() if p not in before]
-    for child in children:
-        child.kill()
-        child.join(10)
-    assert children == [], f"child processes left running: {children}"
-    sockets = [p for p in tmp_path.rglob("*") if stat.S_ISSOCK(p.lstat().st_mode)]
-    assert sockets == [], f"socket files left behind: {sockets}"
 
 
 # -- worker processes ------------------------------------------------------------------------

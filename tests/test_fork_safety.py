@@ -24,7 +24,7 @@ from ipcbus import (
 from .conftest import wait_until
 from .messages import Ping, Pong, Tick
 
-pytestmark = [pytest.mark.hub, pytest.mark.forks]
+pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
 
 
 def _wait_for_child(pid: int, timeout: float) -> int:

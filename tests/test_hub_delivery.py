@@ -17,7 +17,7 @@ from ipcbus import Hub, HubBroker, PublishTimeoutError, connect
 
 from .messages import Barrier, Blob, Tick
 
-pytestmark = [pytest.mark.hub, pytest.mark.forks]
+pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
 
 SPAWN: Any = multiprocessing.get_context("spawn")
 

@@ -18,7 +18,7 @@ from ipcbus import Hub, HubBroker, HubUnavailableError, connect
 from .conftest import wait_until
 from .messages import Ping, Pong, Tick
 
-pytestmark = [pytest.mark.hub, pytest.mark.forks]
+pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
 
 SPAWN: Any = multiprocessing.get_context("spawn")
 PINGS = "tests.messages.Ping/pings"

@@ -17,7 +17,12 @@ from ipcbus import AsyncMessageContext, DeadLetter, Hub, HubBroker, connect
 from .conftest import wait_until
 from .messages import Barrier, Tick
 
-pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.queue_groups]
+pytestmark = [
+    pytest.mark.hub,
+    pytest.mark.forks,
+    pytest.mark.queue_groups,
+    pytest.mark.usefixtures("no_leftovers"),
+]
 
 SPAWN: Any = multiprocessing.get_context("spawn")
 

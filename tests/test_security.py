@@ -46,7 +46,7 @@ from .conftest import wait_until
 from .hubtools import BarrierWaiter
 from .messages import Barrier, Ping, Tick
 
-pytestmark = [pytest.mark.hub]
+pytestmark = [pytest.mark.hub, pytest.mark.usefixtures("no_leftovers")]
 
 SPAWN: Any = multiprocessing.get_context("spawn")
 REPLY_TIMEOUT = 10.0
@@ -57,26 +57,6 @@ PING_TOPIC = b"tests.messages.Ping\x00"
 NOBODY_TOPIC = b"tests.test_security.Nobody\x00"
 META = _wire.pack_meta(b"P", 1, 0.0)
 PUBLISH = _wire.header(_wire.PUBLISH)
-
-
-@pytest.fixture(autouse=True)
-def no_leftovers(tmp_path: Path) -> Iterator[None]:
-    """After each test: no child process of it still running, no socket file in tmp_path;
-    IPCBUS_ADDRESS as it was (Hub.start() and connect() set it when unset)."""
-    before = set(multiprocessing.active_children())
-    saved_address = os.environ.get("IPCBUS_ADDRESS")
-    yield
-    if saved_address is None:
-        os.environ.pop("IPCBUS_ADDRESS", None)
-    else:
-        os.environ["IPCBUS_ADDRESS"] = saved_address
-    children = [p for p in multiprocessing.active_children() if p not in before]
-    for child in children:
-        child.kill()
-        child.join(10)
-    assert children == [], f"child processes left running: {children}"
-    sockets = [p for p in tmp_path.rglob("*") if stat.S_ISSOCK(p.lstat().st_mode)]
-    assert sockets == [], f"socket files left behind: {sockets}"
 
 
 class _Canary:

@@ -164,6 +164,12 @@ class Hub:
                 process.join(timeout)
             exitcode = process.exitcode
             process.close()
+            if exitcode != 0 and self._address is not None:
+                # It died without cleaning up (killed): its socket files are stale. (The key
+                # and groups files stay: a hub restarted here reuses them.) A socket that
+                # answers belongs to a hub started here since, and is left alone.
+                stale = [self._address, *_wire.data_endpoints_for(self._address)]
+                _remove_ipc_files(*(e for e in stale if not _ipc_endpoint_answers(e)))
         if self._parent_end is not None:
             self._parent_end.close()
             self._parent_end = None
@@ -250,6 +256,10 @@ def _check_address(address: str) -> None:
             raise HubAddressError(f"a tcp address needs a host and a port: {address!r}")
     else:
         raise HubAddressError(f"unsupported address {address!r}: use ipc:// or tcp://")
+
+
+def _ipc_endpoint_answers(endpoint: str) -> bool:
+    return endpoint.startswith("ipc://") and _ipc_path_answers(endpoint[len("ipc://") :])
 
 
 def _ipc_path_answers(path: str) -> bool:
