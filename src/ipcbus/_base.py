@@ -8,6 +8,7 @@ implement the ``_publish`` / ``_subscribe`` / ``_cancel`` / ``_close`` hooks.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import threading
@@ -19,7 +20,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Self, TypeVar
 
 from .exceptions import BrokerClosedError
-from .message import Message, get_unique_name_for_message
+from .message import DeadLetter, Message, get_unique_name_for_message
 
 __all__ = [
     "AsyncMessageContext",
@@ -152,14 +153,12 @@ class Subscription:
         return f"<Subscription {self.topic} {kind} {self.handler!r} {state}>"
 
 
-def call_handler(subscription: Subscription, message: Message) -> Any:
-    """Call a handler, logging (never raising) its exception. Returns the exception or None."""
+def call_handler(subscription: Subscription, message: Message) -> None:
+    """Call a broadcast handler, logging (never raising) its exception."""
     try:
         subscription.handler(message)
-    except Exception as exc:
+    except Exception:
         logger.exception("handler %r raised on %r", subscription.handler, message)
-        return exc
-    return None
 
 
 async def run_queue_handler(subscription: Subscription, message: Message) -> None:
@@ -175,6 +174,69 @@ async def run_queue_handler(subscription: Subscription, message: Message) -> Non
     result = await asyncio.to_thread(handler, message)
     if inspect.isawaitable(result):
         await result
+
+
+def call_to_completion(
+    subscription: Subscription, message: Message, context: AsyncMessageContext
+) -> None:
+    """Run one queue handler to completion in this thread, with its context set; raises what
+    the handler raised. A coroutine it returns is awaited on a private loop."""
+    token = AsyncMessageContext._current.set(context)
+    try:
+        result = subscription.handler(message)
+        if inspect.isawaitable(result):
+            _await(result)
+    finally:
+        AsyncMessageContext._current.reset(token)
+
+
+def _await(awaitable: Awaitable[Any]) -> None:
+    async def wrapper() -> None:
+        await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(wrapper())
+        return
+    # Called from async code: this thread's loop is busy running the caller, so the coroutine gets
+    # a private loop on a helper thread while the caller waits (still one delivery at a time).
+    errors: list[BaseException] = []
+
+    def in_thread() -> None:
+        try:
+            asyncio.run(wrapper())
+        except BaseException as exc:
+            errors.append(exc)
+
+    # Run in a copy of this context, so AsyncMessageContext.current() works in the handler.
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(in_thread,), name="ipcbus-test-delivery")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def publish_dead_letter(
+    publish: Callable[[Message], None],
+    queue_name: str,
+    message: Message,
+    attempts: int,
+    exc: BaseException,
+) -> None:
+    """The end of a message whose handler failed ``attempts`` times: log, publish a DeadLetter.
+
+    A failing DeadLetter handler is not dead-lettered again (it would feed itself forever), and a
+    DeadLetter that cannot be published (the broker closed meanwhile) is logged, not raised.
+    """
+    logger.error("queue %r dead-lettered %r after %d attempts", queue_name, message, attempts)
+    if isinstance(message, DeadLetter):
+        return
+    try:
+        publish(DeadLetter(queue_name, message, attempts, describe_error(exc)))
+    except Exception:
+        logger.exception("could not publish the DeadLetter for %r", message)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -207,8 +269,7 @@ class Broker(ABC):
         A non-:class:`Message` is a ``TypeError``; a message that cannot be serialised is a
         :class:`~ipcbus.exceptions.MessageSerializationError` raised here, and nothing is sent.
         """
-        if not isinstance(message, Message):
-            raise TypeError(f"publish() takes a Message instance, not {type(message).__name__}")
+        self._check_message(message)
         self._check_open()
         self._publish(message)
 
@@ -317,6 +378,11 @@ class Broker(ABC):
         return type(self)()
 
     # -- shared checks ----------------------------------------------------------------------
+
+    @staticmethod
+    def _check_message(message: object) -> None:
+        if not isinstance(message, Message):
+            raise TypeError(f"publish() takes a Message instance, not {type(message).__name__}")
 
     def _check_open(self) -> None:
         if self._closed:

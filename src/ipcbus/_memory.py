@@ -16,13 +16,13 @@ from ._base import (
     Broker,
     Subscription,
     call_handler,
-    describe_error,
+    publish_dead_letter,
     run_queue_handler,
 )
 from ._loops import start_loop_thread
 from ._routing import RouteTable
 from .exceptions import BrokerClosedError, PublishTimeoutError
-from .message import DeadLetter, Message, get_unique_name_for_message
+from .message import Message, get_unique_name_for_message
 
 __all__ = ["MemoryBroker", "NullBroker"]
 
@@ -169,23 +169,12 @@ class MemoryBroker(Broker):
             finally:
                 AsyncMessageContext._current.reset(token)
             if attempt >= policy.max_attempts:
-                self._dead_letter(queue_name, message, attempt, error)
+                publish_dead_letter(self.publish, queue_name, message, attempt, error)
                 return
             attempt += 1
             await asyncio.sleep(policy.delay_before(attempt))
             current = self._routes.pick(current.topic, queue_name, message)
         logger.warning("queue %r has no member left for %r: dropped", queue_name, message)
-
-    def _dead_letter(
-        self, queue_name: str, message: Message, attempts: int, exc: Exception
-    ) -> None:
-        logger.error("queue %r dead-lettered %r after %d attempts", queue_name, message, attempts)
-        if isinstance(message, DeadLetter):
-            return  # a failing dead-letter handler must not feed itself forever
-        try:
-            self.publish(DeadLetter(queue_name, message, attempts, describe_error(exc)))
-        except BrokerClosedError:
-            logger.warning("broker closed: DeadLetter for %r not published", message)
 
 
 class NullBroker(Broker):

@@ -142,8 +142,10 @@ class HubBroker(Broker):
 
     def publish(self, message: Message, timeout: float | None = None) -> None:
         """See :class:`HubBroker`; ``timeout`` overrides ``publish_timeout`` for this call."""
-        if not isinstance(message, Message):
-            raise TypeError(f"publish() takes a Message instance, not {type(message).__name__}")
+        self._check_message(message)
+        self._publish(message, timeout)
+
+    def _publish(self, message: Message, timeout: float | None = None) -> None:
         self._check_usable()
         cls = type(message)
         if cls not in self._checked_types:
@@ -153,9 +155,6 @@ class HubBroker(Broker):
             self._wait_for_space(self._publish_timeout if timeout is None else timeout)
         self._io.outbox.append(message)
         self._io.wake()
-
-    def _publish(self, message: Message) -> None:  # pragma: no cover - publish() is overridden
-        self.publish(message)
 
     def _wait_for_space(self, timeout: float | None) -> None:
         outbox, limit = self._io.outbox, self._max_pending
@@ -169,6 +168,7 @@ class HubBroker(Broker):
             finally:
                 self._waiting -= 1
         if not ok:
+            self._check_usable()  # closed meanwhile, or the connection failed: say that
             if not self._io.hub_alive:
                 raise HubUnavailableError(
                     f"the hub at {self.address} is unreachable and {len(outbox)} messages wait "
@@ -239,12 +239,7 @@ class HubBroker(Broker):
             if live is None:
                 live = self._live[topic] = threading.Event()
                 self._io.subscribe(_wire.topic_for(topic), live)
-        if not live.wait(self._subscribe_timeout):
-            subscription.cancel()
-            raise HubUnavailableError(
-                f"the hub at {self.address} did not confirm the subscription to {topic} "
-                f"within {self._subscribe_timeout} s"
-            )
+        self._await_hub(live, subscription, f"the subscription to {topic}")
 
     def _subscribe_queue(self, subscription: Subscription) -> None:
         assert subscription.queue_name is not None
@@ -261,11 +256,15 @@ class HubBroker(Broker):
         self._queue_subscriptions[subscription_id] = subscription
         live = threading.Event()
         self._io.consume(subscription_id, body, live)
+        self._await_hub(live, subscription, f"the queue consumer {subscription.queue_name!r}")
+
+    def _await_hub(self, live: threading.Event, subscription: Subscription, what: str) -> None:
+        """Wait until the hub confirmed ``subscription``; undo it and raise if it does not."""
         if not live.wait(self._subscribe_timeout):
             subscription.cancel()
             raise HubUnavailableError(
-                f"the hub at {self.address} did not confirm the queue consumer "
-                f"{subscription.queue_name!r} within {self._subscribe_timeout} s"
+                f"the hub at {self.address} did not confirm {what} "
+                f"within {self._subscribe_timeout} s"
             )
 
     def _cancel(self, subscription: Subscription) -> None:

@@ -19,9 +19,15 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _codec, _queues, _wire
-from ._base import AsyncMessageContext, Subscription, describe_error
+from ._base import (
+    AsyncMessageContext,
+    Subscription,
+    call_to_completion,
+    describe_error,
+    publish_dead_letter,
+)
 from ._loops import start_loop_thread
-from .message import DeadLetter, Message
+from .message import Message
 
 __all__ = ["QueueRunner"]
 
@@ -144,13 +150,7 @@ class QueueRunner:
         if final != b"1":
             self._ack(delivery_id, _queues.OUTCOME_FAILED, describe_error(exc))
             return
-        logger.error("queue %r dead-lettered %r", context.queue_name, message)
-        if not isinstance(message, DeadLetter):  # a failing dead-letter handler must not loop
-            try:
-                dead = DeadLetter(context.queue_name, message, context.attempt, describe_error(exc))
-                self._publish(dead)
-            except Exception:
-                logger.exception("could not publish the DeadLetter for %r", message)
+        publish_dead_letter(self._publish, context.queue_name, message, context.attempt, exc)
         self._ack(delivery_id, _queues.OUTCOME_DEAD, describe_error(exc))
 
     def _ack(self, delivery_id: bytes, outcome: bytes, error: str) -> None:
@@ -204,17 +204,12 @@ class QueueRunner:
         if prepared is None:
             return
         message, context = prepared
-        token = AsyncMessageContext._current.set(context)
         try:
-            result = job[0].handler(message)
-            if inspect.isawaitable(result):
-                asyncio.run(_await(result))
+            call_to_completion(job[0], message, context)
         except Exception as exc:
             self._conclude(job, message, context, exc)
         else:
             self._conclude(job, message, context, None)
-        finally:
-            AsyncMessageContext._current.reset(token)
 
     # -- coroutine functions: the event loop --------------------------------------------------
 

@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import inspect
 import itertools
 import logging
-import threading
 import time
 from collections import deque
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
 
 from ._base import (
     AsyncMessageContext,
     Broker,
     Subscription,
     call_handler,
-    describe_error,
+    call_to_completion,
+    publish_dead_letter,
 )
 from ._codec import encode_batch
 from ._routing import RouteTable
-from .message import DeadLetter, Message, get_unique_name_for_message
+from .message import Message, get_unique_name_for_message
 
 __all__ = ["TestBroker"]
 
@@ -121,7 +116,7 @@ class TestBroker(Broker):
             delivery.queue_name, delivery.message_id, delivery.attempt, delivery.published_at
         )
         try:
-            _call(member, delivery.message, context)
+            call_to_completion(member, delivery.message, context)
         except Exception as exc:
             logger.exception(
                 "queue %r handler %r raised on %r (attempt %d of %d)",
@@ -142,49 +137,8 @@ class TestBroker(Broker):
                         delivery.attempt + 1,
                     )
                 )
-            elif not isinstance(delivery.message, DeadLetter):
-                self.publish(
-                    DeadLetter(
-                        delivery.queue_name, delivery.message, delivery.attempt, describe_error(exc)
-                    )
+            else:
+                publish_dead_letter(
+                    self.publish, delivery.queue_name, delivery.message, delivery.attempt, exc
                 )
         return 1
-
-
-def _call(subscription: Subscription, message: Message, context: AsyncMessageContext) -> None:
-    """Run one queue handler to completion in this thread, with its context set."""
-    token = AsyncMessageContext._current.set(context)
-    try:
-        result = subscription.handler(message)
-        if inspect.isawaitable(result):
-            _await(result)
-    finally:
-        AsyncMessageContext._current.reset(token)
-
-
-def _await(awaitable: Awaitable[Any]) -> None:
-    async def wrapper() -> None:
-        await awaitable
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(wrapper())
-        return
-    # Called from async code: this thread's loop is busy running the caller, so the coroutine gets
-    # a private loop on a helper thread while the caller waits (still one delivery at a time).
-    errors: list[BaseException] = []
-
-    def in_thread() -> None:
-        try:
-            asyncio.run(wrapper())
-        except BaseException as exc:
-            errors.append(exc)
-
-    # Run in a copy of this context, so AsyncMessageContext.current() works in the handler.
-    context = contextvars.copy_context()
-    thread = threading.Thread(target=context.run, args=(in_thread,), name="ipcbus-test-delivery")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
