@@ -257,16 +257,21 @@ class Relay:
             if drain_until is not None and (book.in_flight == 0 or time.monotonic() >= drain_until):
                 self.control_plane.announce_stop(control)
                 return
-            # Not accepting publishes while a send is stalled (a full subscriber pipe) or a queue
-            # group holds its maximum: publishers feel backpressure, nothing is dropped.
-            in_grace = self._accept_after > 0 and time.monotonic() < self._accept_after
-            blocked = (
-                self._stalled is not None or bool(self._sync_backlog) or book.full() or in_grace
-            )
-            if blocked:
-                poller, timeout = stalled, _STALLED_POLL_MS
+            # Not accepting publishes while a send is stalled (a full subscriber pipe), a queue
+            # group holds its maximum, the hub drains or waits out its restart grace: publishers
+            # feel backpressure, nothing is dropped. Only a stalled send needs the fast retry
+            # (XPUB_NODROP gives no POLLOUT); the others wake on control traffic or a deadline.
+            now = time.monotonic()
+            in_grace = now < self._accept_after
+            retrying = self._stalled is not None or bool(self._sync_backlog)
+            accepting = not book.full() and drain_until is None and not in_grace
+            poller = full if accepting and not retrying else stalled
+            if retrying:
+                timeout = _STALLED_POLL_MS
             else:
-                poller, timeout = full, self.control_plane.timeout_ms(_IDLE_POLL_MS)
+                timeout = self.control_plane.timeout_ms(_IDLE_POLL_MS)
+                if in_grace:
+                    timeout = min(timeout, int((self._accept_after - now) * 1000) + 1)
             events = dict(poller.poll(timeout))
             if watch_fd is not None and watch_fd in events:
                 logger.info("the process that started the hub is gone: stopping")
@@ -288,8 +293,7 @@ class Relay:
                 self._stalled = None
             if self._lossy_topics and time.monotonic() >= self._lossy_until:
                 self._send_gap_markers(xpub)
-            accepting = not book.full() and drain_until is None and not in_grace
-            if (data in events or blocked) and accepting:
+            if accepting and not book.full() and (data in events or poller is stalled):
                 self._read(data, lambda frames: self._handle_data(data, xpub, frames), True)
 
     def _authenticate(self, zap: zmq.Socket[bytes], secret: bytes) -> None:
