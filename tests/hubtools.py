@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import socket
 import threading
 import uuid
 from typing import Any
@@ -14,7 +15,7 @@ import cloudpickle
 from ipcbus import Broker, HubBroker, Message, Subscription, connect
 from ipcbus._base import Subscription as _Subscription
 
-from .messages import Barrier
+from .messages import Barrier, Tick
 
 SETTLE_TIMEOUT = 20.0
 
@@ -40,6 +41,39 @@ class BarrierWaiter:
         with self._condition:
             if not self._condition.wait_for(lambda: token in self._seen, timeout):
                 raise AssertionError(f"barrier not seen within {timeout} s")
+
+
+def round_trip(address: str, count: int = 10, timeout: float = SETTLE_TIMEOUT) -> None:
+    """The hub at ``address`` serves: a fresh broker publishes ``count`` Ticks and gets exactly
+    them back (a barrier, not a sleep, says when they are all in)."""
+    source = uuid.uuid4().hex
+    with HubBroker(address, connect_timeout=timeout) as broker:
+        received: list[int] = []
+        broker.subscribe(Tick, lambda m: received.append(m.seq), lambda m: m.source == source)
+        barrier = BarrierWaiter(broker)
+        for seq in range(count):
+            broker.publish(Tick(seq, source))
+        barrier.wait(broker, timeout)
+    assert received == list(range(count))
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def reap(processes: Any, timeout: float = 30.0) -> list[Any]:
+    """Join every process; SIGKILL (and join) those still alive after ``timeout``. Returns the
+    ones that had to be killed, so a test can fail on them after everything is reaped."""
+    killed = []
+    for process in processes:
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout)
+            killed.append(process)
+    return killed
 
 
 def _serve_publisher(address: str, conn: multiprocessing.connection.Connection) -> None:
@@ -115,7 +149,11 @@ class SplitBroker(Broker):
     def __init__(self, address: str) -> None:
         super().__init__()
         self.local = HubBroker(address)
-        self.remote = RemotePublisher(address)
+        try:
+            self.remote = RemotePublisher(address)
+        except BaseException:
+            self.local.close()
+            raise
 
     def _publish(self, message: Message) -> None:
         try:

@@ -24,6 +24,9 @@ from ipcbus import (
 from .conftest import Harness
 from .messages import OrderPlaced, OrderShipped, PriorityOrderPlaced, Tick, Unpicklable
 
+# The hub kinds start a hub and, for "hub-split", a publisher process per test.
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+
 # -- broadcast --------------------------------------------------------------------------------
 
 

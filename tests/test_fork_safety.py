@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -22,6 +23,7 @@ from ipcbus import (
 )
 
 from .conftest import wait_until
+from .hubtools import reap
 from .messages import Ping, Pong, Tick
 
 pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
@@ -83,36 +85,49 @@ def test_fifty_os_fork_children_each_get_their_own_broker(hub: Hub) -> None:
             read_fd, write_fd = os.pipe()
             pid = os.fork()
             if pid == 0:  # child
+                status = 1  # any exception in the child is a non-zero exit status
                 try:
                     os.close(read_fd)
                     _forked_child_body(index, parent_broker, write_fd)
+                    status = 0
                 finally:
-                    os._exit(0)
+                    os._exit(status)
             os.close(write_fd)
             children.append((pid, read_fd))
         reports = []
-        for pid, read_fd in children:
-            assert _wait_for_child(pid, 60) == 0
+        statuses = []
+        while children:
+            pid, read_fd = children.pop(0)
             with os.fdopen(read_fd, "rb") as pipe:
+                statuses.append(_wait_for_child(pid, 60))
                 reports.append(json.loads(pipe.read() or b"{}"))
+        stop.set()
+        publisher.join(30)
+        assert statuses == [0] * 50
+        assert len(reports) == 50
+        for report in reports:
+            assert report.get("own_broker") is True, report
+            assert report.get("parent_refused") is True, report
+            assert report.get("received_own") is True, report
+        # The parent keeps working, and got what every child published through its own broker.
+        parent_broker.publish(Tick(0, "after"))
+        parent_broker.flush(30)
+        wait_until(lambda: any(m.source == "after" for m in seen), 30)
+        from_children = sorted(m.seq for m in seen if m.source.startswith("child-"))
+        assert from_children == list(range(50))
+        assert not any(m.source == "from-child-through-parent" for m in seen)
+        background_seqs = [m.seq for m in seen if m.source == "parent-background"]
+        assert background_seqs == list(range(background)), "parent lost or reordered while forking"
     finally:
         stop.set()
         publisher.join(30)
-    assert len(reports) == 50
-    for report in reports:
-        assert report.get("own_broker") is True, report
-        assert report.get("parent_refused") is True, report
-        assert report.get("received_own") is True, report
-    # The parent keeps working, and received what every child published through its own broker.
-    parent_broker.publish(Tick(0, "after"))
-    parent_broker.flush(30)
-    wait_until(lambda: any(m.source == "after" for m in seen), 30)
-    from_children = sorted(m.seq for m in seen if m.source.startswith("child-"))
-    assert from_children == list(range(50))
-    assert not any(m.source == "from-child-through-parent" for m in seen)
-    background_seqs = [m.seq for m in seen if m.source == "parent-background"]
-    assert background_seqs == list(range(background)), "parent lost or reordered while forking"
-    parent_broker.close()
+        for pid, read_fd in children:  # only after a failure: reap and close what is left
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            with contextlib.suppress(OSError):
+                os.close(read_fd)
+        parent_broker.close()
 
 
 def _ping_worker(address: str, installed_by_parent: bool, ready: Any, stop: Any) -> None:
@@ -154,12 +169,9 @@ def test_multiprocessing_children_bind_consumers_and_talk_through_the_hub(
         wait_until(lambda: len(pongs) >= 3, 30)
     finally:
         stop.set()
-        for worker in workers:
-            worker.join(30)
-            if worker.is_alive():
-                worker.kill()
-                worker.join(10)
+        hung = reap(workers)
+        broker.close()
+    assert hung == []
     assert {p.pid for p in pongs if p.token == start_method} == {w.pid for w in workers}
     assert len(pongs) == 3
     assert [w.exitcode for w in workers] == [0, 0, 0]
-    broker.close()

@@ -15,6 +15,7 @@ import pytest
 
 from ipcbus import Hub, HubBroker, PublishTimeoutError, connect
 
+from .hubtools import reap
 from .messages import Barrier, Blob, Tick
 
 pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
@@ -51,19 +52,17 @@ def _start_collectors(address: str, count: int, hwm: int = 1000, dispatch_queue:
             target=_collect_ticks, args=(address, ready, results, hwm, dispatch_queue), daemon=True
         )
         process.start()
-        assert ready.wait(60), "collector did not subscribe in time"
         processes.append(process)
+        if not ready.wait(60):
+            reap(processes, 1)
+            pytest.fail("collector did not subscribe in time")
     return processes, results
 
 
 def _join(processes: list[Any], timeout: float = 60) -> None:
-    for process in processes:
-        process.join(timeout)
-        if process.is_alive():
-            process.kill()
-            process.join(timeout)
-            pytest.fail(f"{process} did not exit")
-        assert process.exitcode == 0
+    hung = reap(processes, timeout)
+    assert hung == [], f"did not exit: {hung}"
+    assert [process.exitcode for process in processes] == [0] * len(processes)
 
 
 @pytest.mark.slow

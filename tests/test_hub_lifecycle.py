@@ -40,7 +40,7 @@ from ipcbus._keys import key_path_for
 from ipcbus.hub import request_statistics
 
 from .conftest import wait_until
-from .hubtools import BarrierWaiter
+from .hubtools import BarrierWaiter, free_tcp_port, round_trip
 from .messages import Tick, Unpicklable
 
 pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
@@ -69,18 +69,6 @@ def _subscribe_ticks(broker: HubBroker, source: str) -> list[int]:
     received: list[int] = []
     broker.subscribe(Tick, lambda m: received.append(m.seq), lambda m: m.source == source)
     return received
-
-
-def _round_trip(address: str, count: int = 10) -> None:
-    """A fresh broker at ``address`` publishes ``count`` Ticks and receives exactly them."""
-    source = uuid.uuid4().hex
-    with HubBroker(address, connect_timeout=START_TIMEOUT) as broker:
-        received = _subscribe_ticks(broker, source)
-        barrier = BarrierWaiter(broker)
-        for seq in range(count):
-            broker.publish(Tick(seq, source))
-        barrier.wait(broker, SETTLE_TIMEOUT)
-        assert received == list(range(count))
 
 
 def _reap(process: multiprocessing.process.BaseProcess, timeout: float = 10.0) -> None:
@@ -324,7 +312,7 @@ def test_a_default_hub_serves_from_a_private_directory_removed_on_stop(
         assert os.path.basename(path) + ".key" in entries
 
         assert hub.statistics().pid == hub.pid
-        _round_trip(address)
+        round_trip(address)
     finally:
         exit_code = _stop_hub(hub)
         other.stop()
@@ -361,17 +349,10 @@ def test_malformed_and_unknown_addresses_are_refused(address: str) -> None:
     assert expected in str(info.value)
 
 
-def _free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def test_tcp_is_encrypted_and_refuses_peers_without_the_keys() -> None:
     """tcp:// only on request, and then CURVE: a peer without the keys derived from the secret
     completes no handshake, gets no answer and is counted."""
-    address = f"tcp://127.0.0.1:{_free_tcp_port()}"
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
     hub = _start_hub(address)
     context = zmq.Context()
     probe = context.socket(zmq.DEALER)
@@ -422,7 +403,7 @@ def test_a_second_hub_at_a_served_address_is_refused_and_the_first_keeps_serving
             barrier.wait(broker, SETTLE_TIMEOUT)
             assert received == list(range(5))
         assert first.statistics().pid == first.pid
-        _round_trip(address)  # new connections still reach the first hub
+        round_trip(address)  # new connections still reach the first hub
     finally:
         second.stop()
         exit_code = _stop_hub(first)
@@ -441,7 +422,7 @@ def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
     exit_code: int | None = None
     try:
         hub.start(timeout=START_TIMEOUT)
-        _round_trip(address)
+        round_trip(address)
     finally:
         exit_code = _stop_hub(hub)
     assert exit_code == 0
@@ -467,7 +448,7 @@ def test_a_hub_restarts_at_the_address_of_a_hub_killed_with_sigkill(tmp_path: Pa
     exit_code: int | None = None
     try:
         hub.start(timeout=START_TIMEOUT)
-        _round_trip(address)
+        round_trip(address)
     finally:
         exit_code = _stop_hub(hub)
     assert exit_code == 0
@@ -634,7 +615,7 @@ def test_start_hub_script_prints_the_address_and_stops_on_sigterm(tmp_path: Path
     with _running(_HUB_COMMANDS["script"](address)) as (process, output):
         assert output.line(START_TIMEOUT) == address
         assert output.line(START_TIMEOUT) == f"export {ENV_ADDRESS}={address}"
-        _round_trip(address)
+        round_trip(address)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0, output.stderr
     # SIGTERM reached the hub itself (the script execs it): nothing answers any more.

@@ -16,6 +16,7 @@ import pytest
 from ipcbus import Hub, HubBroker, HubUnavailableError, connect
 
 from .conftest import wait_until
+from .hubtools import reap
 from .messages import Ping, Pong, Tick
 
 pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
@@ -114,10 +115,7 @@ def test_clients_resume_by_themselves_after_the_hub_is_killed_and_restarted(
             thread.join(30)
         publisher.close()
         parent_end.close()
-        child.join(30)
-        if child.is_alive():
-            child.kill()
-            child.join(10)
+        reap([child])
         hub.stop()
     assert errors == []
     assert broadcast_resumed < 2.0
@@ -165,14 +163,18 @@ def test_closing_a_broker_whose_hub_was_killed_returns_promptly(tmp_path: Path) 
     address = f"ipc://{tmp_path}/hub"
     hub = Hub(address).start()
     broker = HubBroker(address, linger=30)
-    broker.publish(Tick(1))
-    broker.flush(10)
-    _kill(hub)
-    wait_until(lambda: not broker._io.hub_alive, 5)
-    broker.publish(Tick(2))
-    started = time.monotonic()
-    broker.close()
-    assert time.monotonic() - started < 3, "close() waited for a hub that is gone"
+    try:
+        broker.publish(Tick(1))
+        broker.flush(10)
+        _kill(hub)
+        wait_until(lambda: not broker._io.hub_alive, 5)
+        broker.publish(Tick(2))
+        started = time.monotonic()
+        broker.close()
+        assert time.monotonic() - started < 3, "close() waited for a hub that is gone"
+    finally:
+        broker.close()
+        hub.stop()
 
 
 def _slow_consumer(address: str, ready: Any, finished: Any) -> None:
@@ -207,9 +209,6 @@ def test_sigterm_drains_in_flight_deliveries_and_tells_clients(tmp_path: Path) -
         assert time.monotonic() - started < 10
     finally:
         observer.close()
-        consumer.join(30)
-        if consumer.is_alive():
-            consumer.kill()
-            consumer.join(10)
+        reap([consumer])
         hub.stop()
     assert exit_code == 0

@@ -392,23 +392,31 @@ def test_flush_waits_for_dead_letter_queue_deliveries(
 
 def test_close_waits_for_in_flight_deliveries() -> None:
     done: list[str] = []
+    gate = threading.Event()  # the handlers' work lasts until it opens
 
     def slow_plain(message: Tick) -> None:
-        time.sleep(0.2)  # the work being waited for, not synchronisation
+        gate.wait(WAIT)
         done.append("plain")
 
     async def slow_coroutine(message: Tick) -> None:
-        await asyncio.sleep(0.2)
+        await asyncio.to_thread(gate.wait, WAIT)
         done.append("coroutine")
 
     broker = MemoryBroker()
-    broker.subscribe_async(Tick, slow_plain, "plain")
-    broker.subscribe_async(Tick, slow_coroutine, "coroutine")
-    broker.publish(Tick(1))
-    assert done == []
-    broker.close()
-    assert sorted(done) == ["coroutine", "plain"]
-    assert broker.closed
+    try:
+        broker.subscribe_async(Tick, slow_plain, "plain")
+        broker.subscribe_async(Tick, slow_coroutine, "coroutine")
+        broker.publish(Tick(1))
+        assert done == []
+        # The work ends while close() is (most likely) already waiting; either way close()
+        # returns only once both deliveries are done.
+        threading.Timer(0.1, gate.set).start()
+        broker.close()
+        assert sorted(done) == ["coroutine", "plain"]
+        assert broker.closed
+    finally:
+        gate.set()
+        broker.close()
 
 
 def test_close_gives_up_after_linger_and_cancels_what_is_left() -> None:
@@ -424,13 +432,16 @@ def test_close_gives_up_after_linger_and_cancels_what_is_left() -> None:
             raise
 
     broker = MemoryBroker(linger=0.1)
-    broker.subscribe_async(Tick, stuck, "q")
-    broker.publish(Tick(1))
-    assert started.wait(WAIT)
-    begun = time.monotonic()
-    broker.close()
-    assert time.monotonic() - begun < WAIT
-    assert cancelled.wait(WAIT)
+    try:
+        broker.subscribe_async(Tick, stuck, "q")
+        broker.publish(Tick(1))
+        assert started.wait(WAIT)
+        begun = time.monotonic()
+        broker.close()
+        assert time.monotonic() - begun < WAIT
+        assert cancelled.wait(WAIT)
+    finally:
+        broker.close()
 
 
 def test_flush_raises_publish_timeout_when_a_handler_outlives_it() -> None:
@@ -484,12 +495,15 @@ def test_memory_broker_passes_messages_by_reference() -> None:
 def test_a_memory_broker_closes_its_loop_thread() -> None:
     before = {thread.ident for thread in threading.enumerate()}
     broker = MemoryBroker()
-    broker.subscribe_async(Tick, lambda m: None, "q")
-    broker.publish(Tick(1))
-    broker.flush(WAIT)
-    started = [t for t in threading.enumerate() if t.ident not in before]
-    assert [t.name for t in started if t.name == "ipcbus-memory-loop"] == ["ipcbus-memory-loop"]
-    broker.close()
+    try:
+        broker.subscribe_async(Tick, lambda m: None, "q")
+        broker.publish(Tick(1))
+        broker.flush(WAIT)
+        started = [t for t in threading.enumerate() if t.ident not in before]
+        names = [t.name for t in started if t.name == "ipcbus-memory-loop"]
+        assert names == ["ipcbus-memory-loop"]
+    finally:
+        broker.close()
     wait_until(lambda: not any(t.is_alive() for t in started), WAIT)
     with pytest.raises(BrokerClosedError):
         broker.publish(Tick(2))

@@ -15,6 +15,7 @@ import pytest
 from ipcbus import AsyncMessageContext, DeadLetter, Hub, HubBroker, connect
 
 from .conftest import wait_until
+from .hubtools import reap
 from .messages import Barrier, Tick
 
 pytestmark = [
@@ -76,10 +77,10 @@ class Consumers:
         )
         process.start()
         child_stop.close()
-        assert ready.wait(60), "consumer did not subscribe in time"
         process.log = log  # type: ignore[attr-defined]
         process.stop = stop  # type: ignore[attr-defined]
-        self.processes.append(process)
+        self.processes.append(process)  # before waiting: close() stops it whatever happens
+        assert ready.wait(60), "consumer did not subscribe in time"
         return process
 
     def entries(self, process: Any | None = None) -> list[tuple[int, int]]:
@@ -102,11 +103,7 @@ class Consumers:
     def close(self) -> None:
         for process in self.processes:
             process.stop.close()
-        for process in self.processes:
-            process.join(30)
-            if process.is_alive():
-                process.kill()
-                process.join(10)
+        reap(self.processes)
 
 
 @pytest.fixture
@@ -211,7 +208,8 @@ def test_a_poison_message_is_tried_max_attempts_times_then_dead_lettered(
             statistics = queue_hub.statistics()
     finally:
         stop.set()
-        consumer.join(30)
+        hung = reap([consumer])
+    assert hung == []
     assert dead == [DeadLetter("poison", Tick(13), 4, "ValueError: poison 13")]
     group = statistics.queues["tests.messages.Tick/poison"]
     assert group["delivered"] == 4

