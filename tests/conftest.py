@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from ipcbus import Broker, Hub, HubBroker, MemoryBroker, TestBroker, _registry
-from ipcbus._config import ENV_ADDRESS
-from ipcbus.hub import request_statistics
+from ipcbus import Broker, Hub, HubBroker, MemoryBroker, TestBroker
+from ipcbus.client.admin import request_statistics
+from ipcbus.config import ENV_ADDRESS
+from ipcbus.core import registry as _registry
 
 from .hubtools import BarrierWaiter, SplitBroker
 

@@ -13,7 +13,7 @@ from typing import Any
 import cloudpickle
 
 from ipcbus import Broker, HubBroker, Message, Subscription, connect
-from ipcbus._base import Subscription as _Subscription
+from ipcbus.core.contract import Subscription as _Subscription
 
 from .messages import Barrier, Tick
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from ipcbus import AsyncMessageContext, Hub, HubBroker, HubUnavailableError, _keys, connect
+from ipcbus import AsyncMessageContext, Hub, HubBroker, HubUnavailableError, connect
+from ipcbus.wire.address import Address
 
 from .conftest import wait_until
 from .messages import Ping, Tick
@@ -229,7 +230,7 @@ def test_clients_recover_from_a_hub_killed_and_restarted_at_the_same_address(
             with TickPublisher(publisher) as ticker:
                 wait_until(lambda: len(ticks()) >= 500, 30)
                 assert hub.pid is not None
-                key = Path(_keys.key_path_for(address))
+                key = Path(Address.parse(address).key_file)
                 secret = key.read_bytes()
                 killed_at = time.monotonic()
                 os.kill(hub.pid, signal.SIGKILL)

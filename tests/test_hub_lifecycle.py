@@ -36,8 +36,8 @@ from ipcbus import (
     HubUnavailableError,
     MessageSerializationError,
 )
-from ipcbus._keys import key_path_for
-from ipcbus.hub import request_statistics
+from ipcbus.client.admin import request_statistics
+from ipcbus.wire.address import Address
 
 from .conftest import wait_until
 from .hubtools import BarrierWaiter, free_tcp_port, round_trip
@@ -375,7 +375,7 @@ def test_tcp_is_encrypted_and_refuses_peers_without_the_keys() -> None:
         context.term()
         _stop_hub(hub)
         # A tcp hub keeps its key file (a restarted hub reuses it); this test removes its own.
-        os.unlink(key_path_for(address))
+        os.unlink(Address.parse(address).key_file)
 
 
 def test_a_second_hub_at_a_served_address_is_refused_and_the_first_keeps_serving(

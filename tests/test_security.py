@@ -35,10 +35,11 @@ from ipcbus import (
     HubBroker,
     HubStatistics,
     HubUnavailableError,
-    _keys,
-    _wire,
     connect,
 )
+from ipcbus.wire import keys as _keys
+from ipcbus.wire import protocol as _wire
+from ipcbus.wire.address import Address
 
 from .conftest import wait_until
 from .hubtools import BarrierWaiter, free_tcp_port, round_trip
@@ -79,7 +80,7 @@ def _canaries(directory: Path) -> list[Path]:
 
 def _secret(address: str) -> bytes:
     """The bus secret, read from the key file the way a legitimate client reads it."""
-    return _keys.read_secret(_keys.key_path_for(address))
+    return _keys.read_secret(Address.parse(address).key_file)
 
 
 def _rss_kb(pid: int) -> int:
@@ -414,18 +415,26 @@ MALFORMED_CONTROL = {
     "unknown kind": [_wire.header(b"Z")],
     "data kind on control": [PUBLISH, NOBODY_TOPIC, META, b"x"],
     "ack without deliveries": [_wire.header(_wire.ACK)],
-    "ack with two frames": [_wire.header(_wire.ACK), b"1", b"ok"],
-    "ack with four frames": [_wire.header(_wire.ACK), b"1", b"ok", b"", b"2"],
+    "ack with three frames": [_wire.header(_wire.ACK), b"1", b"ok", b"0.0"],
+    "ack with five frames": [_wire.header(_wire.ACK), b"1", b"ok", b"0.0", b"", b"2"],
+    "ack with an unknown outcome": [_wire.header(_wire.ACK), b"1", b"maybe", b"0.0", b""],
+    "ack with a negative delay": [_wire.header(_wire.ACK), b"1", b"failed", b"-1.0", b""],
+    "ack with an infinite delay": [_wire.header(_wire.ACK), b"1", b"failed", b"inf", b""],
+    "ack with a delay that is no number": [_wire.header(_wire.ACK), b"1", b"failed", b"x", b""],
     # One delivery more than a client puts in one ACK: more frames than the hub takes.
     "ack of too many deliveries": [
-        _wire.header(_wire.ACK), *[b"1", b"ok", b""] * (_wire.MAX_ACKS + 1),
+        _wire.header(_wire.ACK), *[b"1", b"ok", b"0.0", b""] * (_wire.MAX_ACKS + 1),
     ],
     "consume with too few frames": [_wire.header(_wire.CONSUME), b"1", PING_TOPIC],
     "consume with a bad prefetch": [
-        _wire.header(_wire.CONSUME), b"1", PING_TOPIC, b"q", b"many", b"3", b"0.1",
+        _wire.header(_wire.CONSUME), b"1", PING_TOPIC, b"q", b"many",
+    ],
+    "consume with a zero prefetch": [_wire.header(_wire.CONSUME), b"1", PING_TOPIC, b"q", b"0"],
+    "consume with too many frames": [
+        _wire.header(_wire.CONSUME), b"1", PING_TOPIC, b"q", b"10", b"3",
     ],
     "consume of a topic without terminator": [
-        _wire.header(_wire.CONSUME), b"1", PING_TOPIC[:-1], b"q", b"10", b"3", b"0.1",
+        _wire.header(_wire.CONSUME), b"1", PING_TOPIC[:-1], b"q", b"10",
     ],
     "cancel of two ids": [_wire.header(_wire.CANCEL), b"1", b"2"],
     "groups ack without a number": [_wire.header(_wire.GROUPS_ACK), b"x"],
@@ -463,9 +472,7 @@ def test_a_consume_of_a_topic_that_is_not_utf8_leaves_statistics_working(
     peer = AuthenticatedPeer(raw_peers, fresh_hub.address)
     peer.hello()
     topic = b"\xff\xfe\x00"  # no unique name encodes to this: only a raw peer sends it
-    peer.control.send_multipart(
-        [_wire.header(_wire.CONSUME), b"1", topic, b"q", b"10", b"3", b"0.1"]
-    )
+    peer.control.send_multipart([_wire.header(_wire.CONSUME), b"1", topic, b"q", b"10"])
     with contextlib.suppress(AssertionError):
         peer.expect(_wire.CONSUMING, timeout=2.0)  # refusing it would be fine too
     peer.control_statistics(timeout=3.0)  # answered, whatever the hub made of the CONSUME
@@ -484,7 +491,7 @@ def test_a_client_whose_identity_is_not_utf8_can_leave(
         peer.hello()
         with HubBroker(address) as publisher:
             peer.control.send_multipart(
-                [_wire.header(_wire.CONSUME), b"1", PING_TOPIC, b"leave", b"10", b"3", b"0.1"]
+                [_wire.header(_wire.CONSUME), b"1", PING_TOPIC, b"leave", b"10"]
             )
             assert peer.expect(_wire.CONSUMING) == [b"1"]
             publisher.publish(Ping("held"))
@@ -564,7 +571,7 @@ def test_an_ack_for_a_settled_delivery_is_counted_late_and_changes_nothing(
     peer.hello()
     with HubBroker(address) as publisher:
         peer.control.send_multipart(
-            [_wire.header(_wire.CONSUME), b"1", PING_TOPIC, b"replay", b"10", b"3", b"0.1"]
+            [_wire.header(_wire.CONSUME), b"1", PING_TOPIC, b"replay", b"10"]
         )
         assert peer.expect(_wire.CONSUMING) == [b"1"]
         publisher.publish(Ping("once"))
@@ -572,7 +579,7 @@ def test_an_ack_for_a_settled_delivery_is_counted_late_and_changes_nothing(
         descriptor, _meta, _payload = peer.expect(_wire.DELIVER)
         subscription_id, delivery_id, _message_id, attempt, _rest = descriptor.split(b" ", 4)
         assert (subscription_id, attempt) == (b"1", b"1")
-        ack = [_wire.header(_wire.ACK), delivery_id, b"ok", b""]
+        ack = [_wire.header(_wire.ACK), delivery_id, b"ok", b"0.0", b""]
         peer.control.send_multipart(ack)
         settled = peer.control_statistics()
         peer.control.send_multipart(ack)  # replayed
@@ -596,7 +603,7 @@ def test_an_ack_from_a_consumer_declared_gone_is_counted_late(
         peer.hello()
         with HubBroker(address) as publisher:
             peer.control.send_multipart(
-                [_wire.header(_wire.CONSUME), b"1", PING_TOPIC, b"late", b"10", b"3", b"0.1"]
+                [_wire.header(_wire.CONSUME), b"1", PING_TOPIC, b"late", b"10"]
             )
             assert peer.expect(_wire.CONSUMING) == [b"1"]
             publisher.publish(Ping("late"))
@@ -607,7 +614,7 @@ def test_an_ack_from_a_consumer_declared_gone_is_counted_late(
         wait_until(lambda: hub.statistics().clients_lost == 1, REPLY_TIMEOUT)
         before = peer.control_statistics()  # STATS needs no HELLO
         assert before.queues["tests.messages.Ping/late"]["redelivered"] == 1
-        peer.control.send_multipart([_wire.header(_wire.ACK), delivery_id, b"ok", b""])
+        peer.control.send_multipart([_wire.header(_wire.ACK), delivery_id, b"ok", b"0.0", b""])
         after = peer.control_statistics()
     assert after.queues == before.queues, "a late ack changed the group"
     assert after.late_acks - before.late_acks == 1
@@ -809,7 +816,7 @@ def test_a_default_hub_keeps_its_files_private() -> None:
         for socket_path in (path, path + ".in", path + ".pub"):
             assert stat.S_ISSOCK(os.lstat(socket_path).st_mode)
             assert _mode(socket_path) == 0o600, socket_path
-        key = _keys.key_path_for(hub.address)
+        key = Address.parse(hub.address).key_file
         assert _mode(key) == 0o600
         assert os.stat(key).st_size == 64
         assert len(bytes.fromhex(Path(key).read_text())) == 32
@@ -820,7 +827,7 @@ def test_a_default_hub_keeps_its_files_private() -> None:
 
 def test_a_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     with Hub(f"ipc://{tmp_path}/hub", start_method="fork") as hub:
-        key = Path(_keys.key_path_for(hub.address))
+        key = Path(Address.parse(hub.address).key_file)
         key.chmod(0o644)
         try:
             with pytest.raises(HubUnavailableError, match="0600"):
@@ -834,7 +841,7 @@ def test_a_tcp_hub_admits_only_curve_with_the_bus_keys(raw_peers: RawPeers) -> N
     """TCP only encrypted and authenticated: a peer without CURVE (no mechanism, or PLAIN even
     with the right secret as password) or with CURVE keys not derived from the secret is refused."""
     address = f"tcp://127.0.0.1:{free_tcp_port()}"
-    key = Path(_keys.key_path_for(address))
+    key = Path(Address.parse(address).key_file)
     try:
         with Hub(address, start_method="fork") as hub:
             assert _mode(key) == 0o600

@@ -11,9 +11,10 @@ import sys
 from collections.abc import Sequence
 from enum import IntEnum
 
-from ._config import ENV_ADDRESS, address_from_env
-from .exceptions import HubUnavailableError
-from .hub import Hub, HubAddressError, request_statistics
+from .client.admin import request_statistics
+from .config import ENV_ADDRESS, HubOptions, address_from_env
+from .exceptions import HubAddressError, HubUnavailableError
+from .hub import Hub
 
 __all__ = ["ExitCode", "main"]
 
@@ -32,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     hub = commands.add_parser("hub", help="serve a hub in the foreground until SIGINT/SIGTERM")
     hub.add_argument("--address", help="ipc://PATH to serve at (default: a private directory)")
-    hub.add_argument("--hwm", type=int, default=1000, help="high-water mark, in batches")
+    hub.add_argument("--hwm", type=int, default=HubOptions.hwm, help="high-water mark, in batches")
     stats = commands.add_parser("stats", help="print a running hub's statistics")
     stats.add_argument("--address", help=f"the hub's address (default: ${ENV_ADDRESS})")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, overload
 
-from . import _registry
-from ._base import Broker, Subscription
+from .core import registry
+from .core.contract import Broker, Subscription
 from .exceptions import ConsumerAlreadyRegisteredError
 from .message import Message, get_unique_name_for_message
 
@@ -75,7 +75,7 @@ class Consumer(Generic[T]):
             self.handler = function
             self.predicate = predicate
             self.queue_name = queue_name
-            _registry.register_consumer(self)
+            registry.register_consumer(self)
             return function
 
         if handler is not None:

@@ -11,6 +11,7 @@ __all__ = [
     "BrokerClosedError",
     "BrokerNotInitializedError",
     "ConsumerAlreadyRegisteredError",
+    "HubAddressError",
     "HubUnavailableError",
     "MessageSerializationError",
     "PubSubError",
@@ -40,6 +41,10 @@ class BrokerClosedError(PubSubError):
 
 class HubUnavailableError(PubSubError):
     """The hub did not answer: it is not running, not reachable, or stopped answering."""
+
+
+class HubAddressError(PubSubError, ValueError):
+    """The hub cannot serve at this address: malformed, too long, or already served."""
 
 
 class PublishTimeoutError(PubSubError, TimeoutError):

@@ -1,37 +1,40 @@
-"""The hub: the process that relays messages between the proxies of a program's processes."""
+"""The hub: the process that relays messages between the brokers of a program's processes.
+
+This module runs in the process that starts the hub; the hub itself runs ``ipcbus.server``.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import types
+import weakref
 from collections.abc import Callable
 from multiprocessing import util as mp_util
 from typing import Any, Self
 
-import zmq
-
-from . import _wire
-from ._config import export_address
-from ._keys import key_path_for, prove, read_secret
-from ._relay import HubStatistics, Relay
-from .exceptions import HubUnavailableError, PubSubError
+from .client.admin import request_statistics
+from .config import HubOptions, export_address
+from .exceptions import HubAddressError, HubUnavailableError
+from .server.process import (
+    check_address,
+    remove_socket_files,
+    remove_stale_socket_files,
+    serve_in_child,
+)
+from .server.relay import Relay
+from .wire.address import Address
+from .wire.statistics import HubStatistics
 
 __all__ = ["Hub", "HubAddressError", "HubStatistics"]
 
 logger = logging.getLogger(__name__)
-
-
-class HubAddressError(PubSubError, ValueError):
-    """The hub cannot serve at this address: malformed, too long, or already served."""
 
 
 class Hub:
@@ -42,7 +45,8 @@ class Hub:
     SIGINT/SIGTERM; ``start()`` serves in a child process (explicit ``start_method``, default
     ``"spawn"``: the hub needs nothing of its parent) and returns once it is ready; ``stop()``
     ends it. As a context manager it starts and stops. Sockets are created inside the serving
-    process; the hub never unpickles what it relays.
+    process; the hub never unpickles what it relays. The other keyword arguments are the fields
+    of :class:`~ipcbus.config.HubOptions`, which documents them.
     """
 
     def __init__(
@@ -50,47 +54,23 @@ class Hub:
         address: str | None = None,
         *,
         start_method: str = "spawn",
-        hwm: int = 1000,
-        heartbeat_interval: float = 0.5,
-        heartbeat_timeout: float = 3.0,
-        max_held: int = 100_000,
-        max_message_size: int = 256 * 1024 * 1024,
-        handshake_timeout: float = 5.0,
-        drain_timeout: float = 5.0,
-        stall_timeout: float = 30.0,
-        restart_grace: float = 1.0,
+        options: HubOptions | None = None,
+        **overrides: Any,
     ) -> None:
-        self._requested = address
+        unknown = set(overrides) - set(HubOptions.names())
+        if unknown:
+            raise TypeError(f"Hub() got unexpected keyword arguments: {sorted(unknown)}")
+        self.options = (options or HubOptions()).with_(**overrides)
         self._address: str | None = address
         self._private_dir: str | None = None
         self._start_method = start_method
-        # Relay options: `hwm` bounds each socket pipe (in batches); a client silent for
-        # `heartbeat_timeout` s is declared gone (its queue deliveries go to others); a queue
-        # group holds at most `max_held` messages before publishers feel backpressure; a peer
-        # sending a message part over `max_message_size` bytes, or not finishing its handshake
-        # within `handshake_timeout` s, is disconnected; on SIGTERM consumers get
-        # `drain_timeout` s to ack what they hold; a subscriber that accepts nothing for
-        # `stall_timeout` s stops holding the bus (the hub drops for it; it learns of the gap);
-        # a hub restarted at an address (its key file exists) relays nothing for
-        # `restart_grace` s, so the previous hub's subscribers are back first.
-        self._options: dict[str, Any] = {
-            "hwm": hwm,
-            "heartbeat_interval": heartbeat_interval,
-            "heartbeat_timeout": heartbeat_timeout,
-            "max_held": max_held,
-            "max_message_size": max_message_size,
-            "handshake_timeout": handshake_timeout,
-            "drain_timeout": drain_timeout,
-            "stall_timeout": stall_timeout,
-            "restart_grace": restart_grace,
-        }
         self._process: multiprocessing.process.BaseProcess | None = None
         self._parent_end: multiprocessing.connection.Connection | None = None
         self._owner = os.getpid()
 
     @property
     def address(self) -> str:
-        """The address proxies connect to (``IPCBUS_ADDRESS``)."""
+        """The address clients connect to (``IPCBUS_ADDRESS``)."""
         if self._address is None:
             self._private_dir = tempfile.mkdtemp(prefix="ipcbus-")  # mode 0700
             self._address = "ipc://" + os.path.join(self._private_dir, "hub")
@@ -104,19 +84,17 @@ class Hub:
         """Serve in this process until SIGINT or SIGTERM (then return normally).
 
         ``ready`` is called once the hub accepts connections."""
-        address = self.address
-        _check_address(address)
+        address = check_address(self.address)
         stop = threading.Event()
 
         def on_signal(signum: int, frame: types.FrameType | None) -> None:
             stop.set()
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        relay = Relay(address, **self._options)
         try:
-            relay.serve(stop.is_set, ready=ready)
+            Relay(address, self.options).serve(stop.is_set, ready=ready)
         finally:
-            _remove_ipc_files(*relay.endpoints)
+            remove_socket_files(address)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._remove_private_dir()
@@ -126,12 +104,12 @@ class Hub:
         if self._process is not None:
             raise RuntimeError("hub already started")
         address = self.address
-        _check_address(address)
+        check_address(address)
         context: Any = multiprocessing.get_context(self._start_method)
         parent_end, child_end = context.Pipe()
         process = context.Process(
-            target=_serve_in_child,
-            args=(address, self._options, child_end),
+            target=serve_in_child,
+            args=(address, self.options, child_end),
             name="ipcbus-hub",
             daemon=True,
         )
@@ -148,7 +126,7 @@ class Hub:
             self.stop()
             raise HubUnavailableError(f"hub at {address} failed to start: {detail}")
         export_address(address)
-        mp_util.Finalize(self, Hub._stop_at_exit, args=(_WeakHub(self),), exitpriority=5)
+        mp_util.Finalize(self, Hub._stop_at_exit, args=(weakref.ref(self),), exitpriority=5)
         return self
 
     def stop(self, timeout: float = 10.0) -> int | None:
@@ -165,11 +143,8 @@ class Hub:
             exitcode = process.exitcode
             process.close()
             if exitcode != 0 and self._address is not None:
-                # It died without cleaning up (killed): its socket files are stale. (The key
-                # and groups files stay: a hub restarted here reuses them.) A socket that
-                # answers belongs to a hub started here since, and is left alone.
-                stale = [self._address, *_wire.data_endpoints_for(self._address)]
-                _remove_ipc_files(*(e for e in stale if not _ipc_endpoint_answers(e)))
+                # It died without cleaning up (killed): its socket files are stale.
+                remove_stale_socket_files(Address.parse(self._address))
         if self._parent_end is not None:
             self._parent_end.close()
             self._parent_end = None
@@ -197,109 +172,7 @@ class Hub:
             self._private_dir = None
 
     @staticmethod
-    def _stop_at_exit(ref: _WeakHub) -> None:
-        hub = ref.get()
+    def _stop_at_exit(ref: weakref.ref[Hub]) -> None:
+        hub = ref()
         if hub is not None:
             hub.stop()
-
-
-class _WeakHub:
-    """A weak reference that the exit finalizer can hold without keeping the Hub alive."""
-
-    def __init__(self, hub: Hub) -> None:
-        import weakref
-
-        self.get = weakref.ref(hub)
-
-
-def _serve_in_child(
-    address: str, options: dict[str, Any], conn: multiprocessing.connection.Connection
-) -> None:
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
-    relay = Relay(address, **options)
-    try:
-        # The parent's end of the pipe closes when the parent dies: the hub then stops instead of
-        # outliving the program (no leftover processes).
-        relay.serve(
-            stop.is_set,
-            ready=lambda: conn.send(("ready", relay.pub_endpoint)),
-            watch_fd=conn.fileno(),
-        )
-    except Exception as exc:
-        logger.exception("hub at %s failed", address)
-        with contextlib.suppress(OSError):
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        raise SystemExit(1) from exc
-    finally:
-        _remove_ipc_files(*relay.endpoints)
-
-
-def _check_address(address: str) -> None:
-    """Fail clearly, before binding, on an address the hub cannot or must not take."""
-    if address.startswith("ipc://"):
-        path = address[len("ipc://") :]
-        longest = max(_wire.data_endpoints_for(address), key=len)[len("ipc://") :]
-        if len(longest) > zmq.IPC_PATH_MAX_LEN:
-            raise HubAddressError(
-                f"ipc path {longest!r} is {len(longest)} bytes; this system allows "
-                f"{zmq.IPC_PATH_MAX_LEN} (zmq.IPC_PATH_MAX_LEN): use a shorter directory"
-            )
-        if os.path.exists(path):
-            if _ipc_path_answers(path):
-                raise HubAddressError(f"another hub already serves {address}")
-            os.unlink(path)  # a stale socket left by a hub that was killed
-    elif address.startswith("tcp://"):
-        host, _, port = address[len("tcp://") :].rpartition(":")
-        if not host or not port.isdigit():
-            raise HubAddressError(f"a tcp address needs a host and a port: {address!r}")
-    else:
-        raise HubAddressError(f"unsupported address {address!r}: use ipc:// or tcp://")
-
-
-def _ipc_endpoint_answers(endpoint: str) -> bool:
-    return endpoint.startswith("ipc://") and _ipc_path_answers(endpoint[len("ipc://") :])
-
-
-def _ipc_path_answers(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
-def _remove_ipc_files(*endpoints: str) -> None:
-    for endpoint in endpoints:
-        if endpoint.startswith("ipc://"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(endpoint[len("ipc://") :])
-
-
-def request_statistics(address: str, timeout: float = 5.0) -> HubStatistics:
-    """One STATS round trip to the hub at ``address``."""
-    try:
-        secret = read_secret(key_path_for(address))
-    except HubUnavailableError as exc:
-        raise HubUnavailableError(f"no hub answered at {address}: {exc}") from exc
-    context = zmq.Context()
-    dealer: zmq.Socket[Any] = context.socket(zmq.DEALER)
-    try:
-        dealer.linger = 0
-        prove(dealer, address, secret)
-        dealer.connect(address)
-        dealer.send_multipart([_wire.header(_wire.STATS)])
-        if not dealer.poll(int(timeout * 1000)):
-            raise HubUnavailableError(f"no hub answered at {address} within {timeout} s")
-        head, body = dealer.recv_multipart()
-        if head != _wire.header(_wire.STATS):
-            raise HubUnavailableError(f"unexpected answer from {address}: {head!r}")
-        return HubStatistics.from_json(body)
-    finally:
-        dealer.close(linger=0)
-        context.term()

@@ -8,7 +8,7 @@ from typing import Any
 __all__ = ["DeadLetter", "Message", "get_unique_name_for_message"]
 
 # A class defined in the main script lives in ``__main__`` in the parent and in ``__mp_main__`` in a
-# spawn/forkserver child; both must route under the same name (DESIGN.md §1).
+# spawn/forkserver child; both must route under the same name (docs/architecture.md, "Names").
 _MAIN_ALIASES = frozenset({"__main__", "__mp_main__"})
 
 

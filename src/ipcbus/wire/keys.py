@@ -1,7 +1,7 @@
 """The bus secret: 32 random bytes in a 0600 key file, and how sockets prove it.
 
 Unpickling is code execution, so a peer that cannot prove it knows the secret gets nothing routed
-and nothing unpickled (DESIGN.md §3: the ShadowMQ CVEs are pickle over unauthenticated ZeroMQ).
+and nothing unpickled (docs/security.md: the ShadowMQ CVEs are pickle over unauthenticated ZeroMQ).
 The hub's ZAP handler checks every connection to every hub socket during its handshake, in
 constant time, before the hub reads a single message of that peer:
 
@@ -21,20 +21,18 @@ import hashlib
 import hmac
 import os
 import stat
-import tempfile
 from typing import Any
 
 import zmq
 from zmq.utils import z85
 
-from .exceptions import HubUnavailableError
+from ..exceptions import HubUnavailableError
+from .address import Address
 
 __all__ = [
     "USERNAME",
     "ZAP_DOMAIN",
     "admits",
-    "beside_hub",
-    "key_path_for",
     "load_or_create_secret",
     "prove",
     "read_secret",
@@ -44,24 +42,6 @@ __all__ = [
 USERNAME = b"ipcbus"
 ZAP_DOMAIN = b"ipcbus"
 _SECRET_BYTES = 32
-
-
-def key_path_for(endpoint: str) -> str:
-    """``ipc:///dir/hub`` → ``/dir/hub.key``; ``tcp://host:port`` → a per-user directory."""
-    return beside_hub(endpoint, ".key")
-
-
-def beside_hub(endpoint: str, suffix: str) -> str:
-    """Where the hub at ``endpoint`` keeps a file: beside an ipc socket; for tcp in a 0700
-    per-user directory of the temporary directory."""
-    if endpoint.startswith("ipc://"):
-        return endpoint[len("ipc://") :] + suffix
-    if endpoint.startswith("tcp://"):
-        host, _, port = endpoint[len("tcp://") :].rpartition(":")
-        directory = os.path.join(tempfile.gettempdir(), f"ipcbus-{os.getuid()}")
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        return os.path.join(directory, f"tcp-{host.strip('[]')}-{port}{suffix}")
-    raise ValueError(f"no hub files for {endpoint!r}: use an ipc:// or tcp:// address")
 
 
 def load_or_create_secret(path: str) -> bytes:
@@ -108,19 +88,19 @@ def _curve_pair(secret: bytes, role: bytes) -> tuple[bytes, bytes]:
     return zmq.curve_public(secret_key), secret_key
 
 
-def serve_securely(sock: zmq.Socket[Any], endpoint: str, secret: bytes) -> None:
+def serve_securely(sock: zmq.Socket[Any], address: Address, secret: bytes) -> None:
     """Make a hub socket require the secret (checked by the ZAP handler, see ``admits``)."""
     sock.zap_domain = ZAP_DOMAIN
-    if endpoint.startswith("tcp://"):
+    if address.is_tcp:
         sock.curve_server = True
         sock.curve_secretkey = _curve_pair(secret, b"server")[1]
     else:
         sock.plain_server = True
 
 
-def prove(sock: zmq.Socket[Any], endpoint: str, secret: bytes) -> None:
-    """Make a client socket prove the secret in its handshake with the hub at ``endpoint``."""
-    if endpoint.startswith("tcp://"):
+def prove(sock: zmq.Socket[Any], address: Address, secret: bytes) -> None:
+    """Make a client socket prove the secret in its handshake with the hub at ``address``."""
+    if address.is_tcp:
         sock.curve_serverkey = _curve_pair(secret, b"server")[0]
         sock.curve_publickey, sock.curve_secretkey = _curve_pair(secret, b"client")
     else:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import threading
 
-from ._base import Subscription
-from .message import Message
+from ..message import Message
+from .contract import Subscription
 
 __all__ = ["RouteTable"]
 
@@ -40,7 +40,7 @@ class RouteTable:
                 subs = tuple(s for s in self._broadcast.get(topic, ()) if s is not subscription)
                 self._broadcast[topic] = subs
             else:
-                # The group itself stays: it outlives the absence of its members (DESIGN.md §2.8).
+                # The group itself stays: it outlives the absence of its members (docs/guarantees.md).
                 groups = self._groups.get(topic, {})
                 name = subscription.queue_name
                 groups[name] = tuple(s for s in groups.get(name, ()) if s is not subscription)

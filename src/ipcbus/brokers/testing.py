@@ -8,17 +8,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from ._base import (
-    AsyncMessageContext,
-    Broker,
-    Subscription,
-    call_handler,
-    call_to_completion,
-    publish_dead_letter,
-)
-from ._codec import encode_batch
-from ._routing import RouteTable
-from .message import Message, get_unique_name_for_message
+from ..core.codec import encode_batch
+from ..core.contract import AsyncMessageContext, Broker, Subscription
+from ..core.handlers import call_handler, call_to_completion
+from ..core.retry import after_failure, publish_dead_letter
+from ..core.routing import RouteTable
+from ..message import Message, get_unique_name_for_message
 
 __all__ = ["TestBroker"]
 
@@ -118,15 +113,15 @@ class TestBroker(Broker):
         try:
             call_to_completion(member, delivery.message, context)
         except Exception as exc:
-            logger.exception(
-                "queue %r handler %r raised on %r (attempt %d of %d)",
+            verdict = after_failure(
+                member.policy,
                 delivery.queue_name,
                 member.handler,
                 delivery.message,
                 delivery.attempt,
-                member.policy.max_attempts,
+                exc,
             )
-            if delivery.attempt < member.policy.max_attempts:
+            if verdict.retry:  # at once: TestBroker skips the delay, it is deterministic
                 self._pending.append(
                     _Retry(
                         delivery.topic,

@@ -1,5 +1,7 @@
 """The :class:`Broker` contract: its docstrings *are* the semantics every broker implements.
 
+Part of the in-process core: runs in every process, never imports zmq.
+
 Implementations document only where they differ, and say why (dramatiq's habit). Argument checks
 live here, in the public methods, so every broker rejects bad input the same way; subclasses
 implement the ``_publish`` / ``_subscribe`` / ``_cancel`` / ``_close`` hooks.
@@ -7,8 +9,6 @@ implement the ``_publish`` / ``_subscribe`` / ``_cancel`` / ``_close`` hooks.
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import inspect
 import logging
 import threading
@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Self, TypeVar
 
-from .exceptions import BrokerClosedError
-from .message import DeadLetter, Message, get_unique_name_for_message
+from ..exceptions import BrokerClosedError
+from ..message import Message, get_unique_name_for_message
+from .retry import QueuePolicy
 
 __all__ = [
     "AsyncMessageContext",
@@ -36,34 +37,6 @@ logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Any], Any | Awaitable[Any]]
 Predicate = Callable[[Any], bool]
-
-
-@dataclass(frozen=True)
-class QueuePolicy:
-    """How a queue group retries a delivery whose handler raised.
-
-    A handler is called at most ``max_attempts`` times with one message; attempt ``n`` (n >= 2)
-    waits ``retry_backoff * 2 ** (n - 2)`` seconds first (brokers that run deterministically, like
-    :class:`~ipcbus.broker.TestBroker`, skip the wait). After the last attempt the message is
-    dead-lettered: published as a :class:`~ipcbus.message.DeadLetter`. Across processes a consumer
-    holds at most ``prefetch`` unacknowledged deliveries (fair dispatch); in-process brokers
-    have nothing to prefetch.
-    """
-
-    max_attempts: int = 3
-    retry_backoff: float = 0.05
-    prefetch: int = 10
-
-    def __post_init__(self) -> None:
-        if self.prefetch < 1:
-            raise ValueError(f"prefetch must be >= 1, not {self.prefetch}")
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, not {self.max_attempts}")
-        if self.retry_backoff < 0:
-            raise ValueError(f"retry_backoff must be >= 0, not {self.retry_backoff}")
-
-    def delay_before(self, attempt: int) -> float:
-        return 0.0 if attempt <= 1 else self.retry_backoff * 2 ** (attempt - 2)
 
 
 @dataclass(frozen=True)
@@ -151,96 +124,6 @@ class Subscription:
         kind = f"queue {self.queue_name!r}" if self.queue_name is not None else "broadcast"
         state = "cancelled" if self._cancelled else "active"
         return f"<Subscription {self.topic} {kind} {self.handler!r} {state}>"
-
-
-def call_handler(subscription: Subscription, message: Message) -> None:
-    """Call a broadcast handler, logging (never raising) its exception."""
-    try:
-        subscription.handler(message)
-    except Exception:
-        logger.exception("handler %r raised on %r", subscription.handler, message)
-
-
-async def run_queue_handler(subscription: Subscription, message: Message) -> None:
-    """Run a queue handler to completion: coroutines are awaited, plain functions get a thread.
-
-    A plain function runs in a worker thread (``asyncio.to_thread`` copies the context, so
-    ``AsyncMessageContext.current()`` works there too) and cannot stall the event loop.
-    """
-    handler = subscription.handler
-    if inspect.iscoroutinefunction(handler):
-        await handler(message)
-        return
-    result = await asyncio.to_thread(handler, message)
-    if inspect.isawaitable(result):
-        await result
-
-
-def call_to_completion(
-    subscription: Subscription, message: Message, context: AsyncMessageContext
-) -> None:
-    """Run one queue handler to completion in this thread, with its context set; raises what
-    the handler raised. A coroutine it returns is awaited on a private loop."""
-    token = AsyncMessageContext._current.set(context)
-    try:
-        result = subscription.handler(message)
-        if inspect.isawaitable(result):
-            _await(result)
-    finally:
-        AsyncMessageContext._current.reset(token)
-
-
-def _await(awaitable: Awaitable[Any]) -> None:
-    async def wrapper() -> None:
-        await awaitable
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(wrapper())
-        return
-    # Called from async code: this thread's loop is busy running the caller, so the coroutine gets
-    # a private loop on a helper thread while the caller waits (still one delivery at a time).
-    errors: list[BaseException] = []
-
-    def in_thread() -> None:
-        try:
-            asyncio.run(wrapper())
-        except BaseException as exc:
-            errors.append(exc)
-
-    # Run in a copy of this context, so AsyncMessageContext.current() works in the handler.
-    context = contextvars.copy_context()
-    thread = threading.Thread(target=context.run, args=(in_thread,), name="ipcbus-test-delivery")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-
-
-def publish_dead_letter(
-    publish: Callable[[Message], None],
-    queue_name: str,
-    message: Message,
-    attempts: int,
-    exc: BaseException,
-) -> None:
-    """The end of a message whose handler failed ``attempts`` times: log, publish a DeadLetter.
-
-    A failing DeadLetter handler is not dead-lettered again (it would feed itself forever), and a
-    DeadLetter that cannot be published (the broker closed meanwhile) is logged, not raised.
-    """
-    logger.error("queue %r dead-lettered %r after %d attempts", queue_name, message, attempts)
-    if isinstance(message, DeadLetter):
-        return
-    try:
-        publish(DeadLetter(queue_name, message, attempts, describe_error(exc)))
-    except Exception:
-        logger.exception("could not publish the DeadLetter for %r", message)
-
-
-def describe_error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class Broker(ABC):

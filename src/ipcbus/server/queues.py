@@ -3,15 +3,16 @@
 Pure bookkeeping, no sockets: the relay feeds it messages and acks and sends the deliveries it
 returns, so every rule here is testable without a process. Payloads stay opaque bytes.
 
-Rules (DESIGN.md §2 items 5-9):
+Rules (docs/guarantees.md, "Queue groups"):
 - each message of a topic goes to one consumer of every group subscribed to that topic;
 - a consumer holds at most ``prefetch`` unacknowledged deliveries (fair dispatch, round-robin);
 - an ack settles a delivery; an ack for a delivery the hub no longer has (it was redelivered after
   its consumer was declared gone) is ignored and counted;
 - a consumer that leaves (cancel, disconnect, missed heartbeats) gives its deliveries back, to be
   redelivered with ``attempt + 1``;
-- a handler failure is retried after the consumer's backoff; on the final attempt the *consumer*
-  publishes the ``DeadLetter`` (only it can unpickle) and the hub keeps a record, bounded;
+- a handler failure is retried after the delay the consumer asked for; the consumer decides
+  (ipcbus.core.retry) when a message is dead and publishes the ``DeadLetter`` (only it can
+  unpickle); the hub keeps a record, bounded;
 - a consumer whose predicate rejects hands the message back; it is offered to the group's other
   consumers and dropped (counted) once every present consumer rejected it;
 - a group lives as long as the hub: with no consumer, messages are held, up to ``max_held``.
@@ -25,14 +26,11 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..wire.protocol import OUTCOME_DEAD, OUTCOME_OK, OUTCOME_REJECTED, Ack, Deliver
+
 __all__ = ["ConsumerKey", "Delivery", "QueueBook", "QueueGroup", "QueueItem"]
 
 ConsumerKey = tuple[bytes, bytes]  # (client identity, subscription id)
-
-OUTCOME_OK = b"ok"
-OUTCOME_FAILED = b"failed"
-OUTCOME_REJECTED = b"rejected"
-OUTCOME_DEAD = b"dead"
 
 
 @dataclass(eq=False)
@@ -46,22 +44,31 @@ class QueueItem:
 
 @dataclass(frozen=True)
 class Delivery:
-    """One message handed to one consumer; the relay sends it as a DELIVER request."""
+    """One message handed to one consumer; the control plane sends it in a DELIVER request."""
 
     identity: bytes
     subscription_id: bytes
     delivery_id: bytes
     item: QueueItem
     topic: bytes
-    final: bool
+
+    def wire(self) -> Deliver:
+        item = self.item
+        return Deliver(
+            self.subscription_id,
+            self.delivery_id,
+            item.message_id,
+            item.attempt,
+            self.topic,
+            item.meta,
+            item.payload,
+        )
 
 
 @dataclass(eq=False)
 class QueueConsumer:
     key: ConsumerKey
     prefetch: int
-    max_attempts: int
-    retry_backoff: float
     in_flight: dict[bytes, QueueItem] = field(default_factory=dict)
     cancelled: bool = False  # takes nothing new; leaves once its deliveries are settled
 
@@ -155,17 +162,14 @@ class QueueBook:
         key: ConsumerKey,
         *,
         prefetch: int,
-        max_attempts: int,
-        retry_backoff: float,
     ) -> QueueGroup:
         group = self.declare(topic, name)
         consumer = group.consumers.get(key)
         if consumer is None:
-            group.consumers[key] = QueueConsumer(key, max(1, prefetch), max_attempts, retry_backoff)
+            group.consumers[key] = QueueConsumer(key, max(1, prefetch))
         else:
             # The same consumer again (it reconnected): keep what it holds, renew its terms.
-            consumer.prefetch, consumer.max_attempts = max(1, prefetch), max_attempts
-            consumer.retry_backoff, consumer.cancelled = retry_backoff, False
+            consumer.prefetch, consumer.cancelled = max(1, prefetch), False
         return group
 
     def cancel_consumer(self, key: ConsumerKey) -> None:
@@ -212,8 +216,9 @@ class QueueBook:
                 group.pending.append(QueueItem(next(self._message_ids), meta, payload))
             group.counts["published"] += len(payloads)
 
-    def settle(self, delivery_id: bytes, outcome: bytes, error: str, now: float) -> None:
+    def settle(self, ack: Ack, now: float) -> None:
         """Apply a consumer's answer for one delivery."""
+        delivery_id, outcome = ack.delivery_id, ack.outcome
         found = self._deliveries.pop(delivery_id, None)
         if found is None:
             # Redelivered elsewhere after its consumer was declared gone (or a forged id):
@@ -233,11 +238,10 @@ class QueueBook:
             group.pending.appendleft(item)
         elif outcome == OUTCOME_DEAD:
             group.counts["dead_lettered"] += 1
-            group.dead.append(DeadRecord(item.message_id.decode(), item.attempt, error))
-        else:  # failed, to be retried after the backoff
+            group.dead.append(DeadRecord(item.message_id.decode(), item.attempt, ack.error))
+        else:  # failed: retried after the delay the consumer decided (bounded by the wire)
             group.counts["retried"] += 1
-            delay = consumer.retry_backoff * 2 ** max(0, item.attempt - 1)
-            heapq.heappush(group.delayed, (now + delay, next(self._sequence), item))
+            heapq.heappush(group.delayed, (now + ack.retry_delay, next(self._sequence), item))
 
     def unsend(self, delivery_id: bytes) -> None:
         """A delivery could not be sent after all: back to the front, not an attempt."""
@@ -279,9 +283,8 @@ class QueueBook:
                 self._deliveries[delivery_id] = (group, consumer.key)
                 group.counts["delivered"] += 1
                 identity, subscription_id = consumer.key
-                final = item.attempt >= consumer.max_attempts
                 deliveries.append(
-                    Delivery(identity, subscription_id, delivery_id, item, group.topic, final)
+                    Delivery(identity, subscription_id, delivery_id, item, group.topic)
                 )
         return deliveries
 

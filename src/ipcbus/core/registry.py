@@ -1,4 +1,4 @@
-"""The process-local broker and the Consumer declarations that bind to it.
+"""The process-local broker and the Consumer declarations that bind to it (in-process core).
 
 One broker per *process*: the installed broker is recorded with the pid that installed it. In a
 forked child, the first ``get_message_broker()`` finds a foreign pid and installs
@@ -14,25 +14,35 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
-from ._base import Broker, Subscription
-from .exceptions import BrokerNotInitializedError
-
-if TYPE_CHECKING:
-    from .consumer import Consumer
+from ..exceptions import BrokerNotInitializedError
+from .contract import Broker, Subscription
 
 __all__ = [
+    "Declaration",
     "get_message_broker",
+    "isolated_consumers",
     "override_message_broker",
     "register_consumer",
     "set_message_broker",
 ]
 
+
+class Declaration(Protocol):
+    """What the registry needs of a ``Consumer``: a way to bind it to a broker. (The registry
+    does not import ``ipcbus.consumer``, which imports the registry.)"""
+
+    def _bind(self, broker: Broker) -> Subscription: ...
+
+
 _lock = threading.RLock()
 _current: tuple[Broker, int] | None = None  # (broker, pid of the process that installed it)
-_consumers: list[Consumer[Any]] = []
-_bindings: weakref.WeakKeyDictionary[Broker, dict[int, Subscription]] = weakref.WeakKeyDictionary()
+_consumers: list[Declaration] = []
+# Keyed by the declaration object itself, not its id(): an id is reused once its object is gone.
+_bindings: weakref.WeakKeyDictionary[Broker, dict[Declaration, Subscription]] = (
+    weakref.WeakKeyDictionary()
+)
 # Brokers inherited from the parent by a forked child: kept referenced so that garbage collection
 # in the child never finalises them (their sockets and threads belong to the parent).
 _inherited: list[Broker] = []
@@ -104,7 +114,7 @@ def override_message_broker(broker: Broker) -> Iterator[Broker]:
             _current = previous
 
 
-def register_consumer(consumer: Consumer[Any]) -> None:
+def register_consumer(consumer: Declaration) -> None:
     """Record a consumer's declaration and bind it to the current broker, if any."""
     with _lock:
         _consumers.append(consumer)
@@ -125,11 +135,11 @@ def _bind_all(broker: Broker) -> None:
         _bind(broker, consumer)
 
 
-def _bind(broker: Broker, consumer: Consumer[Any]) -> None:
+def _bind(broker: Broker, consumer: Declaration) -> None:
     bound = _bindings.setdefault(broker, {})
-    if id(consumer) in bound:
+    if consumer in bound:
         return
-    bound[id(consumer)] = consumer._bind(broker)
+    bound[consumer] = consumer._bind(broker)
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""The hub's control plane: clients, heartbeats and queue groups, over the control ROUTER.
+"""The hub's control plane (hub process): clients, heartbeats and queue groups, over the control
+ROUTER.
 
 Separate from the data path so that backpressure on fan-out never delays a HELLO, a heartbeat, an
 ack or a delivery. Payloads stay opaque: queue deliveries carry the bytes the publisher sent.
@@ -14,8 +15,8 @@ from typing import Any
 
 import zmq
 
-from . import _wire
-from ._queues import Delivery, QueueBook
+from ..wire import protocol as wire
+from .queues import Delivery, QueueBook
 
 __all__ = ["ControlPlane"]
 
@@ -24,14 +25,14 @@ logger = logging.getLogger(__name__)
 Socket = zmq.Socket[Any]
 
 # Requests a client may send before HELLO (a STATS probe is not a client).
-_ANONYMOUS = frozenset({_wire.HELLO, _wire.STATS})
+_ANONYMOUS = frozenset({wire.HELLO, wire.STATS})
 _KINDS = _ANONYMOUS | {
-    _wire.PING,
-    _wire.ACK,
-    _wire.CONSUME,
-    _wire.CANCEL,
-    _wire.GROUPS_ACK,
-    _wire.BYE,
+    wire.PING,
+    wire.ACK,
+    wire.CONSUME,
+    wire.CANCEL,
+    wire.GROUPS_ACK,
+    wire.BYE,
 }
 
 
@@ -64,7 +65,7 @@ class ControlPlane:
 
     def handle(self, control: Socket, frames: list[zmq.Frame], endpoints: tuple[str, str]) -> None:
         """One control request; raises ValueError/IndexError on malformed input."""
-        identity, kind = frames[0].bytes, frames[1].bytes[1:]
+        identity, kind = frames[0].bytes, wire.parse_kind(frames[1].bytes)
         body = [frame.bytes for frame in frames[2:]]
         now = time.monotonic()
         if kind not in _KINDS:
@@ -72,81 +73,65 @@ class ControlPlane:
         if kind not in _ANONYMOUS and identity not in self.clients:
             # Declared gone (missed heartbeats) or from before a hub restart: start again. Its
             # acks are for deliveries given to others meanwhile: counted as late, nothing more.
-            if kind == _wire.ACK:
+            if kind == wire.ACK:
                 self._settle(body, now)
-            self._send(control, identity, _wire.RESET)
+            self._send(control, [identity, wire.header(wire.RESET)])
             return
-        if kind == _wire.HELLO:
+        if kind == wire.HELLO:
             self.clients[identity] = now
             self._acked_version[identity] = self._groups_version
-            in_endpoint, pub_endpoint = (endpoint.encode() for endpoint in endpoints)
-            self._send(
-                control,
-                identity,
-                _wire.WELCOME,
-                in_endpoint,
-                pub_endpoint,
+            welcome = wire.Welcome(
+                *endpoints,
                 self.hub_id,
-                repr(self.heartbeat_interval).encode(),
-                repr(self.heartbeat_timeout).encode(),
-                *self.book.grouped_topics,
+                self.heartbeat_interval,
+                self.heartbeat_timeout,
+                tuple(self.book.grouped_topics),
             )
+            self._send(control, welcome.frames(identity))
             return
-        if kind == _wire.STATS:
+        if kind == wire.STATS:
             return  # answered by the relay, which owns the statistics
         self.clients[identity] = now
-        if kind == _wire.PING:
-            self._send(control, identity, _wire.PONG)
-        elif kind == _wire.ACK:
+        if kind == wire.PING:
+            self._send(control, [identity, wire.header(wire.PONG)])
+        elif kind == wire.ACK:
             self._settle(body, now)
-        elif kind == _wire.CONSUME:
-            self._consume(control, identity, body, now)
-        elif kind == _wire.CANCEL:
-            (subscription_id,) = body
-            self.book.cancel_consumer((identity, subscription_id))
-        elif kind == _wire.GROUPS_ACK:
-            (version,) = body
-            self._acked_version[identity] = int(version)
-        elif kind == _wire.BYE:
+        elif kind == wire.CONSUME:
+            self._consume(control, identity, wire.Consume.parse(body), now)
+        elif kind == wire.CANCEL:
+            self.book.cancel_consumer((identity, wire.parse_cancel(body)))
+        elif kind == wire.GROUPS_ACK:
+            self._acked_version[identity] = wire.parse_groups_ack(body)
+        elif kind == wire.BYE:
             self._drop_client(identity, "said goodbye")
         else:
             raise ValueError(f"unknown control request {kind!r}")
 
     def _settle(self, body: list[bytes], now: float) -> None:
-        if not body or len(body) % 3:
-            raise ValueError(f"ACK with {len(body)} frames")
-        for index in range(0, len(body), 3):
-            delivery_id, outcome, error = body[index : index + 3]
-            self.book.settle(delivery_id, outcome, error.decode(errors="replace"), now)
+        for ack in wire.parse_acks(body):  # all checked before any is applied
+            self.book.settle(ack, now)
 
-    def _consume(self, control: Socket, identity: bytes, body: list[bytes], now: float) -> None:
-        subscription_id, topic, queue_name, prefetch, max_attempts, retry_backoff = body
-        _wire.check_topic(topic)
-        queue_name.decode()  # UnicodeDecodeError is a ValueError
+    def _consume(self, control: Socket, identity: bytes, request: wire.Consume, now: float) -> None:
+        topic, name = request.topic, request.queue_name
         new_topic = not self.book.has_groups(topic)
-        if not self.book.has_group(topic, queue_name.decode()):
-            self.remember_group(topic, queue_name.decode())
+        if not self.book.has_group(topic, name):
+            self.remember_group(topic, name)
         self.book.add_consumer(
-            topic,
-            queue_name.decode(),
-            (identity, subscription_id),
-            prefetch=int(prefetch),
-            max_attempts=int(max_attempts),
-            retry_backoff=float(retry_backoff),
+            topic, name, (identity, request.subscription_id), prefetch=request.prefetch
         )
         if not new_topic:
-            self._send(control, identity, _wire.CONSUMING, subscription_id)
+            self._send(control, wire.consuming(identity, request.subscription_id))
             return
         # Publishers batch a grouped topic differently (one frame per message): every client
         # must know before the first consumer may rely on receiving everything published.
         self._groups_version += 1
         self._announce_groups(control)
         deadline = now + self.heartbeat_timeout
-        self._waiting.append((identity, subscription_id, self._groups_version, deadline))
+        self._waiting.append((identity, request.subscription_id, self._groups_version, deadline))
 
     def restore_groups(self, path: str) -> None:
         """Recreate the queue groups a previous hub at this address had (they outlive the
-        absence of their consumers, a hub restart included: DESIGN.md §2.8, §2.11)."""
+        absence of their consumers, a hub restart included: docs/guarantees.md)."""
         self._groups_file = path
         try:
             with open(path, encoding="utf-8") as lines:
@@ -157,13 +142,13 @@ class ControlPlane:
             logger.error("cannot read the queue groups of the previous hub (%s): %s", path, exc)
             return
         for entry in declared:
-            self.book.declare(entry["topic"].encode() + _wire.TOPIC_END, entry["queue"])
+            self.book.declare(wire.topic_for(entry["topic"]), entry["queue"])
         logger.info("restored %d queue groups from %s", len(declared), path)
 
     def remember_group(self, topic: bytes, name: str) -> None:
         if self._groups_file is None:
             return
-        entry = json.dumps({"topic": topic[:-1].decode(), "queue": name})
+        entry = json.dumps({"topic": wire.unique_name_of(topic), "queue": name})
         fd = os.open(self._groups_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, entry.encode() + b"\n")
@@ -173,12 +158,12 @@ class ControlPlane:
     def announce_stop(self, control: Socket) -> None:
         """The hub is stopping: clients stop waiting for it at once and try to reconnect."""
         for client in list(self.clients):
-            self._send(control, client, _wire.STOPPING)
+            self._send(control, [client, wire.header(wire.STOPPING)])
 
     def _announce_groups(self, control: Socket) -> None:
-        version = b"%d" % self._groups_version
+        topics = self.book.grouped_topics
         for client in list(self.clients):
-            self._send(control, client, _wire.GROUPS, version, *self.book.grouped_topics)
+            self._send(control, wire.groups(client, self._groups_version, topics))
 
     # -- every loop turn --------------------------------------------------------------------
 
@@ -192,7 +177,7 @@ class ControlPlane:
         # ROUTER_MANDATORY: sending to a peer whose connection is gone raises EHOSTUNREACH.
         for identity in list(self.clients):
             try:
-                control.send_multipart([identity, _wire.header(_wire.PONG)], zmq.NOBLOCK)
+                control.send_multipart([identity, wire.header(wire.PONG)], zmq.NOBLOCK)
             except zmq.Again:
                 pass  # alive, only busy
             except zmq.ZMQError:
@@ -235,7 +220,7 @@ class ControlPlane:
             if everyone_knows or now >= deadline:
                 if not everyone_knows:
                     logger.warning("not every client confirmed the queue groups; going on")
-                self._send(control, identity, _wire.CONSUMING, subscription_id)
+                self._send(control, wire.consuming(identity, subscription_id))
             else:
                 still_waiting.append((identity, subscription_id, version, deadline))
         self._waiting = still_waiting
@@ -246,20 +231,7 @@ class ControlPlane:
         for delivery in deliveries:
             by_client.setdefault(delivery.identity, []).append(delivery)
         for identity, batch in by_client.items():
-            frames = [identity, _wire.header(_wire.DELIVER)]
-            for delivery in batch:
-                item = delivery.item
-                descriptor = b" ".join(
-                    (
-                        delivery.subscription_id,
-                        delivery.delivery_id,
-                        item.message_id,
-                        b"%d" % item.attempt,
-                        b"1" if delivery.final else b"0",
-                        delivery.topic,
-                    )
-                )
-                frames += (descriptor, item.meta, item.payload)
+            frames = wire.deliver(identity, [delivery.wire() for delivery in batch])
             try:
                 control.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
@@ -278,9 +250,14 @@ class ControlPlane:
         self.book.remove_client(identity)
 
     @staticmethod
-    def _send(control: Socket, identity: bytes, kind: bytes, *body: bytes) -> None:
-        try:
-            control.send_multipart([identity, _wire.header(kind), *body], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            # EHOSTUNREACH: the peer left; EAGAIN: it reads nothing. Either way it is not waiting.
-            logger.debug("reply to %r dropped: %s", identity, exc)
+    def _send(control: Socket, frames: list[bytes]) -> None:
+        send_reply(control, frames)
+
+
+def send_reply(router: Socket, frames: list[bytes]) -> None:
+    """Send ``[identity, header, *body]`` without waiting: a peer that left (EHOSTUNREACH) or
+    reads nothing (EAGAIN) is not waiting for it."""
+    try:
+        router.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.ZMQError as exc:
+        logger.debug("reply to %r dropped: %s", frames[0], exc)

@@ -1,6 +1,8 @@
 """Serialisation of messages: pickle by reference first, cloudpickle only when pickle cannot.
 
-Measured on the target machines (DESIGN.md §4): ``pickle.dumps`` of a small frozen dataclass costs
+In-process core (never imports zmq); the codec ids it writes are defined by the wire protocol.
+
+Measured on the target machines (docs/architecture.md, "Measured facts"): ``pickle.dumps`` of a small frozen dataclass costs
 2.5-5 µs and 78 B, ``cloudpickle.dumps`` of the same class defined in ``__main__`` 281 µs and
 4 860 B; pickling a batch costs ~0.9 µs per message, and pickling a batch as the messages'
 ``__dict__`` rebuilt with ``object.__new__`` + ``__dict__.update`` 0.18 µs. Hence two codecs:
@@ -24,9 +26,15 @@ from typing import Any
 
 import cloudpickle
 
-from ._wire import MAX_BUFFERS
-from .exceptions import MessageSerializationError
-from .message import Message
+from ..exceptions import MessageSerializationError
+from ..message import Message
+from ..wire.protocol import (
+    CODEC_DATACLASS,
+    CODEC_OBJECTS,
+    CODEC_SPLIT_DATACLASS,
+    CODEC_SPLIT_OBJECTS,
+    MAX_BUFFERS,
+)
 
 __all__ = [
     "DATACLASS",
@@ -40,13 +48,13 @@ __all__ = [
 ]
 
 PROTOCOL = 5
-DATACLASS = b"D"
-OBJECTS = b"P"
+DATACLASS = CODEC_DATACLASS
+OBJECTS = CODEC_OBJECTS
 # The same two codecs, one frame per message (no out-of-band buffers), for topics that have queue
 # groups: the hub hands each message to a group without unpickling. Costs ~1 µs more per message
 # than a batch pickle (0.54 vs 0.15 µs dumps, 0.92 vs 0.25 µs loads), so only those topics pay.
-SPLIT_DATACLASS = b"d"
-SPLIT_OBJECTS = b"p"
+SPLIT_DATACLASS = CODEC_SPLIT_DATACLASS
+SPLIT_OBJECTS = CODEC_SPLIT_OBJECTS
 
 _PICKLING_HOOKS = ("__reduce__", "__reduce_ex__", "__getstate__")
 

@@ -11,18 +11,13 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from ._base import (
-    AsyncMessageContext,
-    Broker,
-    Subscription,
-    call_handler,
-    publish_dead_letter,
-    run_queue_handler,
-)
-from ._loops import start_loop_thread
-from ._routing import RouteTable
-from .exceptions import BrokerClosedError, PublishTimeoutError
-from .message import Message, get_unique_name_for_message
+from ..core.contract import AsyncMessageContext, Broker, Subscription
+from ..core.handlers import call_handler, run_queue_handler
+from ..core.loops import start_loop_thread
+from ..core.retry import after_failure, publish_dead_letter
+from ..core.routing import RouteTable
+from ..exceptions import BrokerClosedError, PublishTimeoutError
+from ..message import Message, get_unique_name_for_message
 
 __all__ = ["MemoryBroker", "NullBroker"]
 
@@ -157,22 +152,15 @@ class MemoryBroker(Broker):
                 await run_queue_handler(current, message)
                 return
             except Exception as exc:
-                logger.exception(
-                    "queue %r handler %r raised on %r (attempt %d of %d)",
-                    queue_name,
-                    current.handler,
-                    message,
-                    attempt,
-                    policy.max_attempts,
-                )
                 error = exc
             finally:
                 AsyncMessageContext._current.reset(token)
-            if attempt >= policy.max_attempts:
+            verdict = after_failure(policy, queue_name, current.handler, message, attempt, error)
+            if not verdict.retry:
                 publish_dead_letter(self.publish, queue_name, message, attempt, error)
                 return
             attempt += 1
-            await asyncio.sleep(policy.delay_before(attempt))
+            await asyncio.sleep(verdict.delay)
             current = self._routes.pick(current.topic, queue_name, message)
         logger.warning("queue %r has no member left for %r: dropped", queue_name, message)
 

@@ -1,4 +1,4 @@
-"""Runs a proxy's queue deliveries and answers each with an ack.
+"""Runs a client's queue deliveries (in the worker process) and answers each with an ack.
 
 Handlers never run on the I/O thread (a slow handler must not stall acks or heartbeats):
 coroutine handlers run as tasks of an event loop this runner owns; plain functions run on a pool
@@ -16,26 +16,22 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
 
-from . import _codec, _queues, _wire
-from ._base import (
-    AsyncMessageContext,
-    Subscription,
-    call_to_completion,
-    describe_error,
-    publish_dead_letter,
-)
-from ._loops import start_loop_thread
-from .message import Message
+from ..core import codec
+from ..core.contract import AsyncMessageContext, Subscription
+from ..core.handlers import call_to_completion
+from ..core.loops import start_loop_thread
+from ..core.retry import after_failure, describe_error, publish_dead_letter
+from ..message import Message
+from ..wire import protocol as wire
 
 __all__ = ["QueueRunner"]
 
 logger = logging.getLogger(__name__)
 
-SendAcks = Callable[[list[bytes]], None]
-# A delivery as the hub described it: its subscription, then the DELIVER fields.
-Job = tuple[Subscription, bytes, bytes, bytes, bytes, bytes, bytes]
+SendAcks = Callable[[list[wire.Ack]], None]
+# A delivery as the hub described it, and the subscription it is for.
+Job = tuple[Subscription, wire.Deliver]
 
 
 class QueueRunner:
@@ -59,31 +55,29 @@ class QueueRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = threading.Condition()
         self._running = 0
-        self._acks: list[bytes] = []  # (delivery_id, outcome, error) * n, sent in bursts
+        self._acks: list[wire.Ack] = []  # sent in bursts
         self._flush_scheduled = False
 
     # -- called by the I/O thread -------------------------------------------------------------
 
-    def submit(self, frames: list[bytes]) -> None:
-        """One DELIVER: ``(descriptor, meta, payload) * n``."""
-        if not frames or len(frames) % 3:
-            logger.error("malformed DELIVER with %d frames ignored", len(frames))
+    def submit(self, body: list[bytes]) -> None:
+        """One DELIVER request's body."""
+        try:
+            deliveries = wire.parse_deliver(body)
+        except (ValueError, IndexError) as exc:
+            logger.error("ignored a malformed DELIVER: %s", exc)
             return
         coroutines: list[Job] = []
         with self._idle:
-            self._running += len(frames) // 3
-        for index in range(0, len(frames), 3):
-            descriptor, meta, payload = frames[index : index + 3]
-            subscription_id, delivery_id, message_id, attempt, final, _topic = descriptor.split(
-                b" ", 5
-            )
-            subscription = self._lookup(subscription_id)
+            self._running += len(deliveries)
+        for delivery in deliveries:
+            subscription = self._lookup(delivery.subscription_id)
             if subscription is None or not subscription.active:
                 # Cancelled while the delivery was on its way: another consumer takes it.
-                self._ack(delivery_id, _queues.OUTCOME_REJECTED, "")
+                self._ack(wire.Ack(delivery.delivery_id, wire.OUTCOME_REJECTED))
                 self._done()
                 continue
-            job = (subscription, delivery_id, message_id, attempt, final, meta, payload)
+            job = (subscription, delivery)
             if inspect.iscoroutinefunction(subscription.handler):
                 coroutines.append(job)
             else:
@@ -115,47 +109,51 @@ class QueueRunner:
 
     def _prepare(self, job: Job) -> tuple[Message, AsyncMessageContext] | None:
         """Decode and filter; answers the hub itself (and returns None) when not to run."""
-        subscription, delivery_id, message_id, attempt, _final, meta, payload = job
+        subscription, delivery = job
         queue_name = subscription.queue_name
         assert queue_name is not None
-        codec, _count, published_at = _wire.unpack_meta(meta)
         try:
-            message = _codec.decode_one(codec, payload, subscription.message_type)
+            codec_id, _count, published_at = wire.unpack_meta(delivery.meta)
+            message = codec.decode_one(codec_id, delivery.payload, subscription.message_type)
         except Exception as exc:
-            logger.exception("queue %r could not decode message %s", queue_name, message_id)
-            self._ack(delivery_id, _queues.OUTCOME_DEAD, f"undecodable: {describe_error(exc)}")
+            logger.exception(
+                "queue %r could not decode message %s", queue_name, delivery.message_id
+            )
+            error = f"undecodable: {describe_error(exc)}"
+            self._ack(wire.Ack(delivery.delivery_id, wire.OUTCOME_DEAD, error=error))
             return None
         if not subscription.accepts(message):
-            self._ack(delivery_id, _queues.OUTCOME_REJECTED, "")
+            self._ack(wire.Ack(delivery.delivery_id, wire.OUTCOME_REJECTED))
             return None
         return message, AsyncMessageContext(
-            queue_name, message_id.decode(), int(attempt), published_at
+            queue_name, delivery.message_id.decode(), delivery.attempt, published_at
         )
 
     def _conclude(
         self, job: Job, message: Message, context: AsyncMessageContext, exc: Exception | None
     ) -> None:
-        subscription, delivery_id, _message_id, _attempt, final, _meta, _payload = job
+        subscription, delivery = job
         if exc is None:
-            self._ack(delivery_id, _queues.OUTCOME_OK, "")
+            self._ack(wire.Ack(delivery.delivery_id, wire.OUTCOME_OK))
             return
-        logger.error(
-            "queue %r handler %r raised on %r (attempt %d)",
+        verdict = after_failure(
+            subscription.policy,
             context.queue_name,
             subscription.handler,
             message,
             context.attempt,
-            exc_info=exc,
+            exc,
         )
-        if final != b"1":
-            self._ack(delivery_id, _queues.OUTCOME_FAILED, describe_error(exc))
+        error = describe_error(exc)
+        if verdict.retry:
+            self._ack(wire.Ack(delivery.delivery_id, wire.OUTCOME_FAILED, verdict.delay, error))
             return
         publish_dead_letter(self._publish, context.queue_name, message, context.attempt, exc)
-        self._ack(delivery_id, _queues.OUTCOME_DEAD, describe_error(exc))
+        self._ack(wire.Ack(delivery.delivery_id, wire.OUTCOME_DEAD, error=error))
 
-    def _ack(self, delivery_id: bytes, outcome: bytes, error: str) -> None:
+    def _ack(self, ack: wire.Ack) -> None:
         with self._lock:
-            self._acks += (delivery_id, outcome, error.encode())
+            self._acks.append(ack)
 
     def flush_acks(self) -> None:
         """Hand the acks collected so far to the I/O thread (any thread may call it)."""
@@ -196,7 +194,7 @@ class QueueRunner:
             finally:
                 # Acks leave in bursts: when this worker has nothing queued behind it.
                 idle = self._done()
-                if idle or self._jobs.empty() or len(self._acks) >= 3 * _wire.MAX_ACKS:
+                if idle or self._jobs.empty() or len(self._acks) >= wire.MAX_ACKS:
                     self.flush_acks()
 
     def _run_plain(self, job: Job) -> None:
@@ -247,7 +245,3 @@ class QueueRunner:
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self.flush_acks)
-
-
-async def _await(awaitable: Any) -> None:
-    await awaitable

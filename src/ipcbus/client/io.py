@@ -1,12 +1,11 @@
-"""The proxy's I/O thread: the one thread that owns its ZeroMQ context and sockets.
+"""A client's I/O thread (in each worker process): the one thread that owns its ZeroMQ context
+and sockets.
 
-ZeroMQ sockets are not thread-safe (DESIGN.md §4), so other threads talk to this one through
-deques and an eventfd: publishers append messages to the outbox, the broker appends commands
-(subscribe, unsubscribe, stop), and a write to the eventfd wakes the poll.
-
-Natural batching: each turn sends whatever the outbox holds, as one frame per run of consecutive
-messages of the same type (never reordering across types: DESIGN.md §2.2). When idle a batch is one
-message, so latency does not suffer; under load batches grow up to ``max_batch``.
+ZeroMQ sockets are not thread-safe, so other threads talk to this one through deques and an
+eventfd: publishers append messages to the outbox, the broker appends commands (subscribe,
+unsubscribe, consume, ack, stop), and a write to the eventfd wakes the poll. What to batch is the
+outbox's business (``outbox``), when the hub counts as gone the session's (``session``); this
+module moves frames.
 """
 
 from __future__ import annotations
@@ -23,37 +22,31 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import _codec, _keys, _wire
-from .exceptions import HubUnavailableError, MessageSerializationError
-from .message import Message, get_unique_name_for_message
+from ..exceptions import HubUnavailableError
+from ..message import Message
+from ..wire import protocol as wire
+from ..wire.address import Address
+from ..wire.keys import prove
+from .outbox import FlushMarker, Outbox
+from .session import Session
 
-__all__ = ["FlushMarker", "IOThread"]
+__all__ = ["IOThread"]
 
 logger = logging.getLogger(__name__)
 
 _BURST = 256
-_HELLO_BACKOFF_MIN = 0.05
-_HELLO_BACKOFF_MAX = 1.0
 _IDLE_POLL_MS = 1000
 _HELD_POLL_MS = 1
 
-
-class FlushMarker:
-    """Placed in the outbox by ``flush()``: done once the hub confirmed everything before it."""
-
-    __slots__ = ("done", "token")
-
-    def __init__(self, token: bytes) -> None:
-        self.token = token
-        self.done = threading.Event()
+Socket = zmq.Socket[bytes]
 
 
 class IOThread:
-    """Owns the DEALER (publish, control) and SUB (fan-out) sockets of one proxy."""
+    """Owns the control DEALER, the data DEALER and the fan-out SUB socket of one client."""
 
     def __init__(
         self,
-        endpoint: str,
+        address: Address,
         deliver: Callable[[list[zmq.Frame]], bool],
         *,
         client_id: bytes,
@@ -62,31 +55,22 @@ class IOThread:
         max_batch: int,
         on_space: Callable[[], None],
         on_error: Callable[[BaseException], None],
-        on_delivery: Callable[[list[bytes]], None],  # DELIVER's (descriptor, meta, payload)*n
+        on_delivery: Callable[[list[bytes]], None],  # a DELIVER request's body
     ) -> None:
-        self.endpoint = endpoint
-        self.outbox: deque[Message | FlushMarker] = deque()
+        self.address = address
+        self.endpoint = str(address)
+        self.outbox = Outbox(max_batch, on_error)
+        self.session = Session(self.endpoint)
         self._deliver = deliver
         self._client_id = client_id
         self._secret = secret
         self._hwm = hwm
-        self._max_batch = max_batch
         self._on_space = on_space
         self._on_error = on_error
         self._on_delivery = on_delivery
-        self._grouped: frozenset[bytes] = frozenset()  # topics with queue groups: split codec
-        self._consumes: dict[bytes, list[bytes]] = {}  # subscription id -> CONSUME body
+        self._consumes: dict[bytes, wire.Consume] = {}  # restored after a reconnect
         self._consuming: dict[bytes, threading.Event] = {}
-        self._heartbeat_interval = 0.5
-        # Hub liveness: silent for _hub_timeout s = gone; then HELLO, with backoff, until a hub
-        # (the same one back, or a new one at the address) says WELCOME.
-        self.hub_alive = True
-        self._hub_timeout = 3.0
-        self._last_heard = time.monotonic()
-        self._next_hello = 0.0
-        self._hello_backoff = _HELLO_BACKOFF_MIN
         self._control_backlog: deque[list[bytes]] = deque()
-        self._next_ping = 0.0
         self._commands: deque[Callable[[], None]] = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_pending = False
@@ -95,21 +79,15 @@ class IOThread:
         self._failure: BaseException | None = None
         self._sent: list[Any] | None = None  # frames waiting for room in the DEALER pipe
         self._held: list[zmq.Frame] | None = None  # a batch waiting for room in the dispatcher
-        self._flushes: dict[bytes, FlushMarker] = {}
         self._syncs: dict[bytes, threading.Event] = {}
         self._sync_ids = iter(range(1, 2**62))
-        self._topics: dict[type, bytes] = {}
         self._live_topics: set[bytes] = set()
-        # After a reconnect, publishing waits until the new hub has this process's
-        # subscriptions (the SUB socket resends them), so it hears its own held publishes.
-        self._resynced = threading.Event()
-        self._resynced.set()
-        self._resync_deadline = 0.0
         self._thread = threading.Thread(target=self._run, name="ipcbus-io", daemon=True)
-        self._control: zmq.Socket[bytes] | None = None
-        self._monitor: zmq.Socket[bytes] | None = None
-        self._dealer: zmq.Socket[bytes] | None = None
-        self._sub: zmq.Socket[bytes] | None = None
+        self._connect_timeout: float | None = None
+        self._control: Socket | None = None
+        self._monitor: Socket | None = None
+        self._dealer: Socket | None = None
+        self._sub: Socket | None = None
 
     # -- called from other threads -----------------------------------------------------------
 
@@ -122,6 +100,14 @@ class IOThread:
             self._thread.join()
             os.close(self._wake_fd)
             raise self._failure
+
+    @property
+    def hub_alive(self) -> bool:
+        return self.session.hub_alive
+
+    def publish(self, item: Message | FlushMarker) -> None:
+        self.outbox.append(item)
+        self.wake()
 
     def wake(self) -> None:
         if not self._wake_pending:
@@ -138,28 +124,25 @@ class IOThread:
     def unsubscribe(self, topic: bytes) -> None:
         self.call(lambda: self._unsubscribe(topic))
 
-    def consume(self, subscription_id: bytes, body: list[bytes], live: threading.Event) -> None:
+    def consume(self, request: wire.Consume, live: threading.Event) -> None:
         def consume() -> None:
-            self._consumes[subscription_id] = body
-            self._consuming[subscription_id] = live
-            self._send_control(_wire.CONSUME, *body)
+            self._consumes[request.subscription_id] = request
+            self._consuming[request.subscription_id] = live
+            self._send_control(request.frames())
 
         self.call(consume)
 
     def cancel_consume(self, subscription_id: bytes) -> None:
         def cancel() -> None:
             if self._consumes.pop(subscription_id, None) is not None:
-                self._send_control(_wire.CANCEL, subscription_id)
+                self._send_control(wire.cancel(subscription_id))
 
         self.call(cancel)
 
-    def ack(self, acks: list[bytes]) -> None:
-        """Send ``(delivery_id, outcome, error) * n``, in ACKs of at most MAX_ACKS each."""
-        step = 3 * _wire.MAX_ACKS
-
+    def ack(self, answers: list[wire.Ack]) -> None:
         def send() -> None:
-            for start in range(0, len(acks), step):
-                self._send_control(_wire.ACK, *acks[start : start + step])
+            for request in wire.acks(answers):
+                self._send_control(request)
 
         self.call(send)
 
@@ -202,45 +185,45 @@ class IOThread:
         control = self._control = self._socket(context, zmq.DEALER)
         control.routing_id = self._client_id
         control.connect(self.endpoint)
-        control.send_multipart([_wire.header(_wire.HELLO), self._client_id])
+        control.send_multipart(wire.hello(self._client_id))
         timeout = self._connect_timeout
         if not control.poll(None if timeout is None else int(timeout * 1000)):
             self._failure = HubUnavailableError(
                 f"no hub answered at {self.endpoint} within {timeout} s"
             )
             return False
-        reply = control.recv_multipart()
-        if len(reply) < 5 or reply[0] != _wire.header(_wire.WELCOME):
-            self._failure = HubUnavailableError(
-                f"unexpected answer {reply[:1]!r} from {self.endpoint}"
-            )
+        head, *body = control.recv_multipart()
+        try:
+            if head != wire.header(wire.WELCOME):
+                raise ValueError(f"unexpected answer {head[:8]!r}")
+            welcome = wire.Welcome.parse(body)
+        except (ValueError, IndexError) as exc:
+            self._failure = HubUnavailableError(f"bad WELCOME from {self.endpoint}: {exc}")
             return False
-        in_endpoint, pub_endpoint = self._welcome(reply[1:])
+        self._welcome(welcome)
         dealer = self._dealer = self._socket(context, zmq.DEALER)
         dealer.sndhwm = dealer.rcvhwm = self._hwm
         dealer.routing_id = self._client_id
-        dealer.connect(in_endpoint)
+        dealer.connect(welcome.publish_endpoint)
         sub = self._sub = self._socket(context, zmq.SUB)
         sub.rcvhwm = self._hwm
-        sub.connect(pub_endpoint)
+        sub.connect(welcome.fanout_endpoint)
         self._ready.set()
         return True
 
-    def _socket(self, context: zmq.Context[Any], kind: int) -> zmq.Socket[bytes]:
+    def _socket(self, context: zmq.Context[Any], kind: int) -> Socket:
         """A socket that proves the bus secret in its handshake (the hub's ZAP handler)."""
-        sock: zmq.Socket[bytes] = context.socket(kind)
+        sock: Socket = context.socket(kind)
         sock.linger = 0
-        _keys.prove(sock, self.endpoint, self._secret)
+        prove(sock, self.address, self._secret)
         return sock
 
-    def _welcome(self, body: list[bytes]) -> tuple[str, str]:
-        in_endpoint, pub_endpoint, _hub_id, interval, timeout, *grouped = body
-        self._heartbeat_interval = float(interval)
-        self._hub_timeout = float(timeout)
+    def _welcome(self, welcome: wire.Welcome) -> bool:
+        reconnected = self.session.welcome(welcome, resync=bool(self._live_topics))
         # Kept across hubs: after a restart, consumers re-register one by one, and a publisher
         # that forgot a topic is grouped would send it unsplit meanwhile (unusable for groups).
-        self._grouped = self._grouped | frozenset(grouped)
-        return in_endpoint.decode(), pub_endpoint.decode()
+        self.outbox.grouped = self.outbox.grouped | frozenset(welcome.grouped_topics)
+        return reconnected
 
     def _loop(self) -> None:
         control, dealer, sub = self._control, self._dealer, self._sub
@@ -261,7 +244,7 @@ class IOThread:
             while self._commands:
                 self._commands.popleft()()
             if not self._running:
-                self._send_control(_wire.BYE)  # the hub hands what we hold to others, at once
+                self._send_control([wire.header(wire.BYE)])  # what we hold goes to others
                 return
             self._pump(dealer)
             now = time.monotonic()
@@ -271,8 +254,7 @@ class IOThread:
             poller.modify(control, zmq.POLLIN | (zmq.POLLOUT if self._control_backlog else 0))
             poller.modify(sub, 0 if self._held is not None else zmq.POLLIN)
             timeout = _HELD_POLL_MS if self._held is not None else _IDLE_POLL_MS
-            wake_at = self._next_ping if self.hub_alive else self._next_hello
-            timeout = max(0, min(timeout, int((wake_at - now) * 1000) + 1))
+            timeout = max(0, min(timeout, int((self.session.wake_at() - now) * 1000) + 1))
             events = dict(poller.poll(timeout))
             if self._wake_fd in events:
                 # Read, *then* clear the flag (the pump runs after both). Clearing first would
@@ -293,9 +275,11 @@ class IOThread:
             if monitor in events:
                 self._read_monitor(monitor)
 
-    def _send_control(self, kind: bytes, *body: bytes) -> None:
+    # -- control -----------------------------------------------------------------------------
+
+    def _send_control(self, frames: list[bytes]) -> None:
         """Send now, or after what waits already; never drop (an ack lost is a stuck delivery)."""
-        self._control_backlog.append([_wire.header(kind), *body])
+        self._control_backlog.append(frames)
         self._drain_control()
 
     def _drain_control(self) -> None:
@@ -307,7 +291,20 @@ class IOThread:
                 return  # the pipe to the hub is full: the loop polls POLLOUT and comes back
             self._control_backlog.popleft()
 
-    def _read_monitor(self, monitor: zmq.Socket[bytes]) -> None:
+    def _heartbeat(self, now: float) -> None:
+        due = self.session.due(now, can_send=not self._control_backlog)
+        if due == "lost":
+            self._hub_lost(f"silent for {self.session.silence(now):.1f} s")
+        elif due == "ping":
+            self._send_control([wire.header(wire.PING)])
+        elif due == "hello":
+            self._send_control(wire.hello(self._client_id))
+
+    def _hub_lost(self, why: str) -> None:
+        if self.session.lost(why):
+            self._on_space()  # publishers waiting for room learn that the hub is gone
+
+    def _read_monitor(self, monitor: Socket) -> None:
         while True:
             try:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
@@ -316,140 +313,76 @@ class IOThread:
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self._hub_lost("its connection closed")
 
-    def _heartbeat(self, now: float) -> None:
-        if not self._resynced.is_set() and now >= self._resync_deadline:
-            logger.warning(
-                "the hub at %s did not confirm our subscriptions: going on", self.endpoint
-            )
-            self._resynced.set()
-        if self.hub_alive:
-            if now - self._last_heard > self._hub_timeout:
-                self._hub_lost(f"silent for {now - self._last_heard:.1f} s")
-            elif now >= self._next_ping:
-                self._next_ping = now + self._heartbeat_interval
-                self._send_control(_wire.PING)
-        elif now >= self._next_hello and not self._control_backlog:
-            self._next_hello = now + self._hello_backoff
-            self._hello_backoff = min(2 * self._hello_backoff, _HELLO_BACKOFF_MAX)
-            self._send_control(_wire.HELLO, self._client_id)
-
-    def _hub_lost(self, why: str) -> None:
-        if not self.hub_alive:
-            return  # already saying HELLO, with backoff
-        logger.warning("the hub at %s is gone (%s): reconnecting", self.endpoint, why)
-        self.hub_alive = False
-        self._next_hello = 0.0
-        self._on_space()  # publishers waiting for room learn that the hub is gone
-
-    def _read_control(self, control: zmq.Socket[bytes]) -> None:
+    def _read_control(self, control: Socket) -> None:
         for _ in range(_BURST):
             try:
                 head, *body = control.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            kind = head[1:]
-            self._last_heard = time.monotonic()
-            if kind == _wire.DELIVER:
-                self._on_delivery(body)
-            elif kind == _wire.GROUPS:
-                version, *grouped = body
-                self._grouped = frozenset(grouped)
-                self._send_control(_wire.GROUPS_ACK, version)
-            elif kind == _wire.CONSUMING:
-                live = self._consuming.pop(body[0], None)
-                if live is not None:
-                    live.set()
-            elif kind == _wire.RESET:
-                # The hub does not know us (it declared us gone, or it restarted): introduce
-                # ourselves again (at most once per backoff), then our queue consumers.
-                self._hub_lost("it does not know this client")
-            elif kind == _wire.STOPPING:
-                self._hub_lost("it is stopping")
-            elif kind == _wire.WELCOME:
-                self._welcome(body)
-                if not self.hub_alive:
-                    logger.warning("reconnected to the hub at %s", self.endpoint)
-                    if self._live_topics:
-                        self._resynced = threading.Event()
-                        self._resync_deadline = time.monotonic() + self._hub_timeout
-                        self._sync(self._resynced)
-                self.hub_alive = True
-                self._hello_backoff = _HELLO_BACKOFF_MIN
-                for consume in self._consumes.values():
-                    self._send_control(_wire.CONSUME, *consume)
-                # Flushes the old hub never confirmed: ask the new one (after what is queued).
-                self.outbox.extend(self._flushes.values())
-                self._flushes.clear()
-                self.wake()
+            self.session.heard()
+            try:
+                self._handle_control(wire.parse_kind(head), body)
+            except (ValueError, IndexError) as exc:
+                logger.error("ignored a malformed %r from the hub: %s", head[:8], exc)
 
-    def _pump(self, dealer: zmq.Socket[bytes]) -> None:
+    def _handle_control(self, kind: bytes, body: list[bytes]) -> None:
+        if kind == wire.DELIVER:
+            self._on_delivery(body)
+        elif kind == wire.GROUPS:
+            version, grouped = wire.parse_groups(body)
+            self.outbox.grouped = grouped
+            self._send_control(wire.groups_ack(version))
+        elif kind == wire.CONSUMING:
+            live = self._consuming.pop(body[0], None)
+            if live is not None:
+                live.set()
+        elif kind == wire.RESET:
+            # The hub does not know us (it declared us gone, or it restarted): introduce
+            # ourselves again (at most once per backoff), then our queue consumers.
+            self._hub_lost("it does not know this client")
+        elif kind == wire.STOPPING:
+            self._hub_lost("it is stopping")
+        elif kind == wire.WELCOME:
+            if self._welcome(wire.Welcome.parse(body)) and self._live_topics:
+                self._sync(self.session.resynced)
+            for consume in self._consumes.values():
+                self._send_control(consume.frames())
+            self.outbox.resend_flushes()
+            self.wake()
+
+    # -- data --------------------------------------------------------------------------------
+
+    def _pump(self, dealer: Socket) -> None:
         """Send what the outbox holds until it is empty or the DEALER pipe is full.
 
         While the hub is unreachable nothing is sent: the outbox holds what is published (up to
         ``max_pending``, then publish() blocks) until a hub says WELCOME again."""
-        outbox = self.outbox
-        while self.hub_alive and self._resynced.is_set():
+        session = self.session
+        while session.hub_alive and session.resynced.is_set():
             if self._sent is not None:
                 try:
                     dealer.send_multipart(self._sent, zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     return
                 self._sent = None
-            if not outbox:
+            if not self.outbox.items:
                 return
-            first = outbox.popleft()
-            if isinstance(first, FlushMarker):
-                self._flushes[first.token] = first
-                self._sent = [_wire.header(_wire.FLUSH), first.token]
-                continue
-            cls = type(first)
-            topic = self._topic(cls)
-            split = topic in self._grouped
-            limit = _wire.MAX_SPLIT_BATCH if split else self._max_batch
-            batch = [first]
-            while outbox and len(batch) < limit and type(outbox[0]) is cls:
-                batch.append(outbox.popleft())  # type: ignore[arg-type]
+            self._sent = self.outbox.take()
             self._on_space()
-            self._sent = self._encode(cls, topic, split, batch)
 
-    def _topic(self, cls: type) -> bytes:
-        topic = self._topics.get(cls)
-        if topic is None:
-            topic = self._topics[cls] = _wire.topic_for(get_unique_name_for_message(cls))
-        return topic
-
-    def _encode(
-        self, cls: type, topic: bytes, split: bool, batch: list[Message]
-    ) -> list[Any] | None:
-        published_at = time.time()
-        encode = _codec.encode_split if split else _codec.encode_batch
-        try:
-            codec, frames = encode(cls, batch)
-        except MessageSerializationError as exc:
-            # Only the first message of a type is checked in publish(); a later one that cannot
-            # be serialised is reported to the publisher's next publish()/flush() and logged.
-            # It costs only itself: the rest of its batch is sent.
-            self._on_error(exc)
-            batch = [message for message in batch if _serialisable(cls, message)]
-            logger.error("dropped %s that cannot be serialised: %s", cls.__qualname__, exc)
-            if not batch:
-                return None
-            codec, frames = encode(cls, batch)
-        meta = _wire.pack_meta(codec, len(batch), published_at)
-        return [_wire.header(_wire.PUBLISH), topic, meta, *frames]
-
-    def _read_replies(self, dealer: zmq.Socket[bytes]) -> None:
+    def _read_replies(self, dealer: Socket) -> None:
         for _ in range(_BURST):
             try:
                 frames = dealer.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if frames[0] == _wire.header(_wire.FLUSHED) and len(frames) == 2:
-                marker = self._flushes.pop(frames[1], None)
-                if marker is not None:
-                    marker.done.set()
+            token = wire.parse_flushed(frames)
+            if token is not None:
+                self.outbox.flushed(token)
 
-    def _read_fanout(self, sub: zmq.Socket[bytes]) -> None:
+    # -- fan-out -----------------------------------------------------------------------------
+
+    def _read_fanout(self, sub: Socket) -> None:
         for _ in range(_BURST):
             try:
                 frames = sub.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -476,7 +409,7 @@ class IOThread:
     def _sync(self, live: threading.Event) -> None:
         """``live`` is set once the hub has every earlier subscription of this SUB socket."""
         assert self._sub is not None
-        sync = _wire.SYNC_PREFIX + self._client_id + b":%d" % next(self._sync_ids)
+        sync = wire.sync_topic(self._client_id, next(self._sync_ids))
         self._syncs[sync] = live
         self._sub.setsockopt(zmq.SUBSCRIBE, sync)
 
@@ -484,11 +417,3 @@ class IOThread:
         assert self._sub is not None
         self._live_topics.discard(topic)
         self._sub.setsockopt(zmq.UNSUBSCRIBE, topic)
-
-
-def _serialisable(cls: type, message: Message) -> bool:
-    try:
-        _codec.encode_batch(cls, [message])
-    except MessageSerializationError:
-        return False
-    return True

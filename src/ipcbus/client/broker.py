@@ -1,31 +1,32 @@
-"""HubBroker: this process's proxy to a hub, and ``connect()``."""
+"""HubBroker: this process's broker connected to a hub, and ``connect()`` (client side)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 import weakref
 from multiprocessing import util as mp_util
 from typing import Any
 
-import zmq
-
-from . import _codec, _wire
-from ._base import Broker, Subscription, call_handler
-from ._config import address_from_env, export_address
-from ._io import FlushMarker, IOThread
-from ._keys import key_path_for, read_secret
-from ._runner import QueueRunner
-from .exceptions import (
+from ..config import ClientOptions, address_from_env, export_address
+from ..core import codec
+from ..core.contract import Broker, Subscription
+from ..exceptions import (
     BrokerClosedError,
     HubUnavailableError,
     MessageSerializationError,
     PublishTimeoutError,
 )
-from .message import Message
+from ..message import Message
+from ..wire import protocol as wire
+from ..wire.address import Address
+from ..wire.keys import read_secret
+from .dispatch import Dispatcher
+from .io import IOThread
+from .outbox import FlushMarker
+from .runner import QueueRunner
 
 __all__ = ["HubBroker", "connect"]
 
@@ -66,73 +67,60 @@ class HubBroker(Broker):
         self,
         address: str,
         *,
-        connect_timeout: float | None = 10.0,
-        subscribe_timeout: float | None = 30.0,
-        publish_timeout: float | None = None,
-        linger: float = 10.0,
-        max_pending: int = 10_000,
-        max_batch: int = 1000,
-        hwm: int = 1000,
-        dispatch_queue: int = 64,
+        options: ClientOptions | None = None,
+        **overrides: Any,
     ) -> None:
         super().__init__()
+        unknown = set(overrides) - set(ClientOptions.names())
+        if unknown:
+            raise TypeError(f"HubBroker() got unexpected keyword arguments: {sorted(unknown)}")
+        self.options = options = (options or ClientOptions()).with_(**overrides)
+        try:
+            parsed = Address.parse(address)
+        except ValueError as exc:
+            raise HubUnavailableError(f"cannot connect to {address}: {exc}") from exc
         self.address = address
-        self._options: dict[str, Any] = {
-            "connect_timeout": connect_timeout,
-            "subscribe_timeout": subscribe_timeout,
-            "publish_timeout": publish_timeout,
-            "linger": linger,
-            "max_pending": max_pending,
-            "max_batch": max_batch,
-            "hwm": hwm,
-            "dispatch_queue": dispatch_queue,
-        }
         self._owner = os.getpid()
-        self._subscribe_timeout = subscribe_timeout
-        self._publish_timeout = publish_timeout
-        self._linger = linger
-        self._max_pending = max_pending
         self._checked_types: set[type] = set()
         self._deferred_error: BaseException | None = None
         self._space = threading.Condition()
         self._waiting = 0
         self._subs_lock = threading.Lock()
-        self._subscriptions: dict[str, tuple[Subscription, ...]] = {}
-        self._types: dict[str, type[Message]] = {}
         self._live: dict[str, threading.Event] = {}
         self._flush_ids = iter(range(1, 2**62))
-        self._inbox: queue.Queue[list[zmq.Frame] | None] = queue.Queue(dispatch_queue)
         self._queue_ids = iter(range(1, 2**62))
-        # Per topic, the hub's sequence number of the last batch seen (a skip is a gap).
-        self._last_seq: dict[str, int] = {}
-        self.gaps = 0  # batches the hub dropped for this process (see Hub stall_timeout)
         self._queue_subscriptions: dict[bytes, Subscription] = {}
         self._runner = QueueRunner(self._queue_subscriptions.get, self._ack, self.publish)
-        client_id = os.urandom(8).hex().encode()
-        secret = _wait_for_secret(address, connect_timeout)
+        secret = _wait_for_secret(parsed, options.connect_timeout)
+        self._dispatcher = Dispatcher(options.dispatch_queue)
         self._io = IOThread(
-            address,
-            self._inbox_put,
-            client_id=client_id,
+            parsed,
+            self._dispatcher.put,
+            client_id=os.urandom(8).hex().encode(),
             secret=secret,
-            hwm=hwm,
-            max_batch=max_batch,
+            hwm=options.hwm,
+            max_batch=options.max_batch,
             on_space=self._space_freed,
             on_error=self._record_error,
-            on_delivery=self._on_delivery,
+            on_delivery=self._runner.submit,
         )
-        self._io.start(connect_timeout)
-        self._dispatcher = threading.Thread(
-            target=self._dispatch, name="ipcbus-dispatch", daemon=True
-        )
-        self._dispatcher.start()
+        try:
+            self._io.start(options.connect_timeout)
+        except BaseException:
+            self._dispatcher.stop(options.linger)
+            raise
         export_address(address)
         # Runs at interpreter exit and at the exit of multiprocessing children (which skip
         # atexit); ignored in any other process than this one.
         mp_util.Finalize(self, _close_at_exit, args=(weakref.ref(self),), exitpriority=10)
 
+    @property
+    def gaps(self) -> int:
+        """Batches the hub dropped for this process (see ``HubOptions.stall_timeout``)."""
+        return self._dispatcher.gaps
+
     def _for_child(self) -> HubBroker:
-        return HubBroker(self.address, **self._options)
+        return HubBroker(self.address, options=self.options)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -149,15 +137,14 @@ class HubBroker(Broker):
         self._check_usable()
         cls = type(message)
         if cls not in self._checked_types:
-            _codec.encode_batch(cls, [message])  # MessageSerializationError, in the caller
+            codec.encode_batch(cls, [message])  # MessageSerializationError, in the caller
             self._checked_types.add(cls)
-        if len(self._io.outbox) >= self._max_pending:
-            self._wait_for_space(self._publish_timeout if timeout is None else timeout)
-        self._io.outbox.append(message)
-        self._io.wake()
+        if len(self._io.outbox) >= self.options.max_pending:
+            self._wait_for_space(self.options.publish_timeout if timeout is None else timeout)
+        self._io.publish(message)
 
     def _wait_for_space(self, timeout: float | None) -> None:
-        outbox, limit = self._io.outbox, self._max_pending
+        outbox, limit = self._io.outbox, self.options.max_pending
         with self._space:
             self._waiting += 1
             try:
@@ -208,8 +195,7 @@ class HubBroker(Broker):
 
     def _flush(self, timeout: float | None, while_hub_alive: bool = False) -> None:
         marker = FlushMarker(b"%d" % next(self._flush_ids))
-        self._io.outbox.append(marker)
-        self._io.wake()
+        self._io.publish(marker)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not marker.done.wait(0.05):
             if while_hub_alive and not self._io.hub_alive:
@@ -233,38 +219,33 @@ class HubBroker(Broker):
             return
         topic = subscription.topic
         with self._subs_lock:
-            self._types[topic] = subscription.message_type
-            self._subscriptions[topic] = (*self._subscriptions.get(topic, ()), subscription)
+            self._dispatcher.add(subscription)
             live = self._live.get(topic)
             if live is None:
                 live = self._live[topic] = threading.Event()
-                self._io.subscribe(_wire.topic_for(topic), live)
+                self._io.subscribe(wire.topic_for(topic), live)
         self._await_hub(live, subscription, f"the subscription to {topic}")
 
     def _subscribe_queue(self, subscription: Subscription) -> None:
         assert subscription.queue_name is not None
-        subscription_id = b"%d" % next(self._queue_ids)
-        policy = subscription.policy
-        body = [
-            subscription_id,
-            _wire.topic_for(subscription.topic),
-            subscription.queue_name.encode(),
-            b"%d" % policy.prefetch,
-            b"%d" % policy.max_attempts,
-            repr(policy.retry_backoff).encode(),
-        ]
-        self._queue_subscriptions[subscription_id] = subscription
+        request = wire.Consume(
+            b"%d" % next(self._queue_ids),
+            wire.topic_for(subscription.topic),
+            subscription.queue_name,
+            subscription.policy.prefetch,
+        )
+        self._queue_subscriptions[request.subscription_id] = subscription
         live = threading.Event()
-        self._io.consume(subscription_id, body, live)
+        self._io.consume(request, live)
         self._await_hub(live, subscription, f"the queue consumer {subscription.queue_name!r}")
 
     def _await_hub(self, live: threading.Event, subscription: Subscription, what: str) -> None:
         """Wait until the hub confirmed ``subscription``; undo it and raise if it does not."""
-        if not live.wait(self._subscribe_timeout):
+        timeout = self.options.subscribe_timeout
+        if not live.wait(timeout):
             subscription.cancel()
             raise HubUnavailableError(
-                f"the hub at {self.address} did not confirm {what} "
-                f"within {self._subscribe_timeout} s"
+                f"the hub at {self.address} did not confirm {what} within {timeout} s"
             )
 
     def _cancel(self, subscription: Subscription) -> None:
@@ -278,71 +259,18 @@ class HubBroker(Broker):
             return
         topic = subscription.topic
         with self._subs_lock:
-            remaining = tuple(
-                s for s in self._subscriptions.get(topic, ()) if s is not subscription
-            )
-            self._subscriptions[topic] = remaining
-            if not remaining and topic in self._live:
+            if self._dispatcher.remove(subscription) and topic in self._live:
                 del self._live[topic]
-                self._last_seq.pop(topic, None)
                 if not self._closed:
-                    self._io.unsubscribe(_wire.topic_for(topic))
+                    self._io.unsubscribe(wire.topic_for(topic))
 
-    def _on_delivery(self, frames: list[bytes]) -> None:  # I/O thread
-        self._runner.submit(frames)
-
-    def _ack(self, acks: list[bytes]) -> None:  # queue thread
+    def _ack(self, acks: list[wire.Ack]) -> None:  # queue threads
         self._io.ack(acks)
-
-    # -- dispatch (own thread) ---------------------------------------------------------------
-
-    def _inbox_put(self, frames: list[zmq.Frame]) -> bool:  # I/O thread
-        try:
-            self._inbox.put_nowait(frames)
-        except queue.Full:
-            return False  # the I/O thread stops reading the SUB socket: backpressure
-        return True
-
-    def _dispatch(self) -> None:
-        while True:
-            frames = self._inbox.get()
-            if frames is None:
-                return
-            try:
-                self._dispatch_batch(frames)
-            except Exception:
-                logger.exception("ipcbus could not dispatch a batch; it is dropped")
-
-    def _dispatch_batch(self, frames: list[zmq.Frame]) -> None:
-        topic = frames[0].bytes[:-1].decode()
-        subscriptions = self._subscriptions.get(topic)
-        if not subscriptions:
-            return
-        meta, seq = frames[1].bytes, _wire.unpack_seq(frames[2].bytes)
-        last = self._last_seq.get(topic)
-        self._last_seq[topic] = seq
-        # An empty meta is the hub's gap marker: it carries the topic's latest seq, no message.
-        expected = seq if not meta else seq - 1
-        if last is not None and expected > last:
-            self.gaps += expected - last
-            logger.error(
-                "missed %d batches of %s: this process accepted nothing for so long that the "
-                "hub stopped waiting for it",
-                expected - last,
-                topic,
-            )
-        if not meta:
-            return
-        codec, _count, _published_at = _wire.unpack_meta(meta)
-        messages = _codec.decode_batch(codec, frames[3:], self._types.get(topic))
-        for message in messages:
-            for subscription in subscriptions:
-                if subscription.accepts(message):
-                    call_handler(subscription, message)
 
     # -- close -------------------------------------------------------------------------------
 
     def _close(self) -> None:
+        linger = self.options.linger
         if _pid != self._owner:
             return  # the sockets and threads belong to the parent: drop nothing, touch nothing
         if self._io.alive and not self._io.hub_alive:
@@ -353,41 +281,30 @@ class HubBroker(Broker):
             )
         elif self._io.alive:
             try:
-                self._flush(self._linger, while_hub_alive=True)
+                self._flush(self.options.linger, while_hub_alive=True)
             except (PublishTimeoutError, HubUnavailableError, MessageSerializationError) as exc:
                 logger.warning("closing %r without a complete flush: %s", self, exc)
             # Take no new queue deliveries; finish (and ack) those in hand, within the linger.
             # What is still unfinished then goes back to the hub with our goodbye.
             for subscription_id in list(self._queue_subscriptions):
                 self._io.cancel_consume(subscription_id)
-            if not self._runner.wait_idle(self._linger):
+            if not self._runner.wait_idle(linger):
                 logger.warning("closing %r with queue deliveries unfinished", self)
             self._runner.flush_acks()
-        self._io.stop(self._linger)
-        self._runner.stop(self._linger)
-        self._stop_dispatcher()
+        self._io.stop(linger)
+        self._runner.stop(linger)
+        self._dispatcher.stop(linger)
         with self._space:
             self._space.notify_all()
 
-    def _stop_dispatcher(self) -> None:
-        try:
-            self._inbox.put(None, timeout=self._linger)
-        except queue.Full:
-            logger.warning("dispatcher of %r is stuck in a handler; not waiting for it", self)
-            return
-        if threading.current_thread() is not self._dispatcher:
-            self._dispatcher.join(self._linger)
 
-
-def _wait_for_secret(address: str, timeout: float | None) -> bytes:
+def _wait_for_secret(address: Address, timeout: float | None) -> bytes:
     """The bus secret from the key file beside the hub's socket, waiting (up to ``timeout``)
     for a hub that is still starting to write it."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:
-            return read_secret(key_path_for(address))
-        except ValueError as exc:
-            raise HubUnavailableError(f"cannot connect to {address}: {exc}") from exc
+            return read_secret(address.key_file)
         except HubUnavailableError as exc:
             if deadline is not None and time.monotonic() >= deadline:
                 raise HubUnavailableError(f"no hub answered at {address}: {exc}") from exc

@@ -1,0 +1,119 @@
+"""Configuration: the option records of the hub and of a client, and the one place that reads
+(and writes) the environment.
+
+Every default is defined here once; ``Hub``, the hub's serving loop, ``HubBroker`` and the CLI
+take theirs from these records. Imports nothing of ipcbus, so every process may use it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any, Self
+
+__all__ = ["ENV_ADDRESS", "ClientOptions", "HubOptions", "address_from_env", "export_address"]
+
+ENV_ADDRESS = "IPCBUS_ADDRESS"
+
+
+def address_from_env() -> str | None:
+    """The hub address children and hand-started scripts find the hub by, if any."""
+    return os.environ.get(ENV_ADDRESS) or None
+
+
+def export_address(address: str) -> None:
+    """Set ``IPCBUS_ADDRESS`` in this process when it is unset, so later children inherit it."""
+    os.environ.setdefault(ENV_ADDRESS, address)
+
+
+class _Options:
+    """Shared by the records: checked construction and ``with_(**changes)``."""
+
+    def with_(self, **changes: Any) -> Self:
+        return replace(self, **changes)  # type: ignore[type-var]
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in fields(cls))  # type: ignore[arg-type]
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, not {value!r}")
+
+
+@dataclass(frozen=True)
+class HubOptions(_Options):
+    """How a hub serves.
+
+    - ``hwm``: each socket pipe holds at most this many batches.
+    - ``heartbeat_interval`` / ``heartbeat_timeout``: a client silent for ``heartbeat_timeout``
+      seconds is declared gone (its queue deliveries go to other consumers); clients ping every
+      ``heartbeat_interval`` seconds and declare a silent hub gone after the same timeout.
+    - ``max_held``: a queue group holds at most this many messages before its topic's
+      publishers feel backpressure.
+    - ``max_message_size``: a peer that sends a message part over this many bytes is
+      disconnected by ZeroMQ.
+    - ``handshake_timeout``: a peer that does not finish its handshake within it is disconnected.
+    - ``drain_timeout``: on SIGTERM, consumers get this long to ack what they hold.
+    - ``stall_timeout``: a subscriber that accepts nothing for this long stops holding the bus;
+      the hub sends without waiting for it (counted) and it learns of the gap.
+    - ``restart_grace``: a hub restarted at an address relays nothing for this long, so the
+      previous hub's subscribers are back first.
+    """
+
+    hwm: int = 1000
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 3.0
+    max_held: int = 100_000
+    max_message_size: int = 256 * 1024 * 1024
+    handshake_timeout: float = 5.0
+    drain_timeout: float = 5.0
+    stall_timeout: float = 30.0
+    restart_grace: float = 1.0
+
+    def __post_init__(self) -> None:
+        self._check_positive(
+            "hwm",
+            "heartbeat_interval",
+            "heartbeat_timeout",
+            "max_held",
+            "max_message_size",
+            "handshake_timeout",
+            "stall_timeout",
+        )
+        if self.drain_timeout < 0 or self.restart_grace < 0:
+            raise ValueError("drain_timeout and restart_grace must be >= 0")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
+
+
+@dataclass(frozen=True)
+class ClientOptions(_Options):
+    """How a ``HubBroker`` talks to its hub.
+
+    - ``connect_timeout``: how long to wait for the hub's WELCOME (and its key file).
+    - ``subscribe_timeout``: how long ``subscribe()`` waits for the hub to have it live.
+    - ``publish_timeout``: how long ``publish()`` waits for room under backpressure (``None``:
+      as long as it takes).
+    - ``linger``: how long ``close()`` waits for the hub to confirm what was published.
+    - ``max_pending``: messages queued in this process before ``publish()`` blocks.
+    - ``max_batch``: messages in one batch frame at most.
+    - ``hwm``: batches in each socket pipe at most.
+    - ``dispatch_queue``: received batches waiting for the dispatcher thread at most.
+    """
+
+    connect_timeout: float | None = 10.0
+    subscribe_timeout: float | None = 30.0
+    publish_timeout: float | None = None
+    linger: float = 10.0
+    max_pending: int = 10_000
+    max_batch: int = 1000
+    hwm: int = 1000
+    dispatch_queue: int = 64
+
+    def __post_init__(self) -> None:
+        self._check_positive("max_pending", "max_batch", "hwm", "dispatch_queue")
+        if self.linger < 0:
+            raise ValueError(f"linger must be >= 0, not {self.linger!r}")

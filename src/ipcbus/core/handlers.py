@@ -1,0 +1,89 @@
+"""How handlers are called, the same way by every broker. In-process core: never imports zmq.
+
+Broadcast handlers are called and their exceptions logged, never raised. Queue handlers run to
+completion (coroutines awaited, plain functions on a thread) with their
+:class:`~ipcbus.core.contract.AsyncMessageContext` set, and raise what they raised, for the retry
+rule (:mod:`ipcbus.core.retry`) to judge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import threading
+from collections.abc import Awaitable
+from typing import Any
+
+from ..message import Message
+from .contract import AsyncMessageContext, Subscription
+
+__all__ = ["call_handler", "call_to_completion", "run_queue_handler"]
+
+logger = logging.getLogger(__name__)
+
+
+def call_handler(subscription: Subscription, message: Message) -> None:
+    """Call a broadcast handler, logging (never raising) its exception."""
+    try:
+        subscription.handler(message)
+    except Exception:
+        logger.exception("handler %r raised on %r", subscription.handler, message)
+
+
+async def run_queue_handler(subscription: Subscription, message: Message) -> None:
+    """Run a queue handler to completion: coroutines are awaited, plain functions get a thread.
+
+    A plain function runs in a worker thread (``asyncio.to_thread`` copies the context, so
+    ``AsyncMessageContext.current()`` works there too) and cannot stall the event loop.
+    """
+    handler = subscription.handler
+    if inspect.iscoroutinefunction(handler):
+        await handler(message)
+        return
+    result = await asyncio.to_thread(handler, message)
+    if inspect.isawaitable(result):
+        await result
+
+
+def call_to_completion(
+    subscription: Subscription, message: Message, context: AsyncMessageContext
+) -> None:
+    """Run one queue handler to completion in this thread, with its context set; raises what
+    the handler raised. A coroutine it returns is awaited on a private loop."""
+    token = AsyncMessageContext._current.set(context)
+    try:
+        result = subscription.handler(message)
+        if inspect.isawaitable(result):
+            _await(result)
+    finally:
+        AsyncMessageContext._current.reset(token)
+
+
+def _await(awaitable: Awaitable[Any]) -> None:
+    async def wrapper() -> None:
+        await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(wrapper())
+        return
+    # Called from async code: this thread's loop is busy running the caller, so the coroutine gets
+    # a private loop on a helper thread while the caller waits (still one delivery at a time).
+    errors: list[BaseException] = []
+
+    def in_thread() -> None:
+        try:
+            asyncio.run(wrapper())
+        except BaseException as exc:
+            errors.append(exc)
+
+    # Run in a copy of this context, so AsyncMessageContext.current() works in the handler.
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(in_thread,), name="ipcbus-test-delivery")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]

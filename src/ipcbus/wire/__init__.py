@@ -1,0 +1,7 @@
+"""The wire between processes, imported by the hub process and by clients alike.
+
+- ``protocol``: every frame of every message, built and parsed in one place; no zmq.
+- ``address``: a hub address parsed once; no zmq.
+- ``statistics``: the hub's statistics record, as it travels in a STATS reply; no zmq.
+- ``keys``: the bus secret and how each side of a socket proves it (imports zmq).
+"""

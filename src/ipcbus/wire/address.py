@@ -1,0 +1,96 @@
+"""A hub's address, parsed once: ``ipc:///path/to/socket`` or ``tcp://host:port``.
+
+Every other module asks an :class:`Address` what it needs (its data endpoints, the socket files,
+where the hub keeps its key file) instead of looking at prefixes itself.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+__all__ = ["Address"]
+
+IPC = "ipc"
+TCP = "tcp"
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed hub address; ``str(address)`` is the text it was parsed from."""
+
+    text: str
+    scheme: str
+    path: str = ""  # ipc: the control socket's file
+    host: str = ""  # tcp: without the brackets of an IPv6 literal
+    port: str = ""  # tcp: digits
+
+    @classmethod
+    def parse(cls, text: str | Address) -> Address:
+        """``ValueError`` for anything but a well-formed ``ipc://`` or ``tcp://`` address."""
+        if isinstance(text, Address):
+            return text
+        if not isinstance(text, str):
+            raise TypeError(f"a hub address is a str, not {type(text).__name__}")
+        scheme, separator, rest = text.partition("://")
+        if separator and scheme == IPC:
+            if not rest or "\x00" in rest:
+                raise ValueError(f"an ipc address needs a path: {text!r}")
+            return cls(text, IPC, path=rest)
+        if separator and scheme == TCP:
+            host, colon, port = rest.rpartition(":")
+            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"a tcp address needs a host and a port: {text!r}")
+            return cls(text, TCP, host=host.removeprefix("[").removesuffix("]"), port=port)
+        raise ValueError(f"unsupported address {text!r}: use ipc:// or tcp://")
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    def is_ipc(self) -> bool:
+        return self.scheme == IPC
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.scheme == TCP
+
+    @property
+    def _bracketed_host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    def data_endpoints(self) -> tuple[str, str]:
+        """Where the hub binds its publish and fan-out sockets, beside its control socket.
+
+        For tcp the ports are chosen by the system at bind time; the hub reports the endpoints
+        it got in WELCOME."""
+        if self.is_ipc:
+            return f"ipc://{self.path}.in", f"ipc://{self.path}.pub"
+        any_port = f"tcp://{self._bracketed_host}:*"
+        return any_port, any_port
+
+    def socket_files(self) -> tuple[str, ...]:
+        """The files of the hub's sockets (none for tcp)."""
+        if not self.is_ipc:
+            return ()
+        return self.path, self.path + ".in", self.path + ".pub"
+
+    def hub_file(self, suffix: str) -> str:
+        """Where the hub at this address keeps a file (its key, its queue groups): beside an ipc
+        socket; for tcp in a 0700 per-user directory of the temporary directory."""
+        if self.is_ipc:
+            return self.path + suffix
+        directory = os.path.join(tempfile.gettempdir(), f"ipcbus-{os.getuid()}")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        return os.path.join(directory, f"tcp-{self.host}-{self.port}{suffix}")
+
+    @property
+    def key_file(self) -> str:
+        return self.hub_file(".key")
+
+
+def endpoint_file(endpoint: str) -> str | None:
+    """The file of an ipc endpoint the hub reports (``None`` for tcp)."""
+    scheme, _, rest = endpoint.partition("://")
+    return rest if scheme == IPC else None

@@ -1,0 +1,516 @@
+"""The wire protocol between the hub and its clients: every frame of every message is built and
+parsed here, in both directions. Imported by the hub and by clients; imports neither, nor zmq.
+
+Every request starts with a two-byte header: the wire version, then the kind. The hub routes on
+that header and the topic frame alone and relays payload frames as opaque bytes: it never
+unpickles (docs/security.md).
+
+A hub has three sockets. Control and data are separate so that backpressure on the data path
+never blocks the control path (a stalled hub still answers HELLO and STATS):
+
+client control DEALER → hub control ROUTER (the hub's address)     ``[header, *body]``
+    HELLO    ``[client_id]``  → WELCOME ``[publish_endpoint, fanout_endpoint, hub_id,
+                                heartbeat_interval, heartbeat_timeout, *grouped_topics]``
+    STATS    ``[]``           → STATS ``[json]``
+    PING     ``[]``           → PONG ``[]``  (every heartbeat_interval, both ways alive)
+    CONSUME  ``[subscription_id, topic, queue_name, prefetch]``
+                              → CONSUMING ``[subscription_id]`` once every client knows the
+                                topic is grouped (so it publishes it in a split codec)
+    CANCEL   ``[subscription_id]``  no new deliveries; those in flight may still be acked
+    ACK      ``[(delivery_id, outcome, retry_delay, error) * n]``  outcome: ok, failed,
+                                rejected, dead; retry_delay (seconds) only for failed
+    BYE      ``[]``           the client leaves: its unacknowledged deliveries go to others
+  hub → client, unasked:
+    DELIVER  ``[(descriptor, meta, payload) * n]``, descriptor = ``b" ".join([subscription_id,
+                                delivery_id, message_id, attempt, topic])``; the consumer
+                                decides retries and dead letters (ipcbus.core.retry)
+    GROUPS   ``[version, *grouped_topics]`` → GROUPS_ACK ``[version]``
+    RESET    ``[]``           the hub does not know this client (it restarted, or declared the
+                                client gone): say HELLO and CONSUME again
+    STOPPING ``[]``           the hub is shutting down: reconnect to the next one
+client data DEALER → hub data ROUTER (``<address>.in``)
+    PUBLISH  ``[topic, meta, payload, *frames]``  relayed on XPUB without the header; with a split
+                                codec each frame after meta is one message
+    FLUSH    ``[token]``      → FLUSHED ``[token]`` once every earlier PUBLISH of this client was
+                                handed to the XPUB socket (one DEALER: the order is kept)
+hub XPUB (``<address>.pub``) → client SUB   ``[topic, meta, seq, *payload]`` or ``[sync_topic]``
+    seq numbers the hub's batches of each topic: a subscriber that sees one skipped knows the
+    hub dropped messages for it (it had accepted nothing for the hub's stall_timeout); after
+    such drops the hub sends ``[topic, b"", seq]`` (no meta, no payload) with the latest seq,
+    so a gap at the end is seen too
+
+Topics are the message type's unique name plus a terminator byte, so ``a.Tick`` is not a prefix of
+``a.TickV2`` for the SUB socket's prefix matching. Sync topics start with ``\\x00`` (no unique name
+does): a proxy subscribes to its topic and then to a fresh sync topic on the same SUB socket; the
+XPUB socket applies subscriptions of one connection in order, so when the hub sees the sync
+subscription the topic is live, and it answers on the sync topic. That is how ``subscribe()`` knows
+it will miss nothing published afterwards (no slow joiner, docs/guarantees.md).
+
+Parsers raise ``ValueError`` (or ``IndexError``) on malformed input: the hub counts and drops it.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "CODEC_DATACLASS",
+    "CODEC_OBJECTS",
+    "CODEC_SPLIT_DATACLASS",
+    "CODEC_SPLIT_OBJECTS",
+    "CONSUME",
+    "CONSUMING",
+    "DELIVER",
+    "FLUSH",
+    "FLUSHED",
+    "GROUPS",
+    "GROUPS_ACK",
+    "HEADER_LEN",
+    "HELLO",
+    "MAX_ACKS",
+    "MAX_BUFFERS",
+    "MAX_FRAMES",
+    "MAX_RETRY_DELAY",
+    "MAX_SPLIT_BATCH",
+    "MAX_TOPIC_LEN",
+    "OUTCOMES",
+    "OUTCOME_DEAD",
+    "OUTCOME_FAILED",
+    "OUTCOME_OK",
+    "OUTCOME_REJECTED",
+    "PING",
+    "PONG",
+    "PUBLISH",
+    "RESET",
+    "SPLIT_CODECS",
+    "STATS",
+    "STOPPING",
+    "SYNC_PREFIX",
+    "TOPIC_END",
+    "VERSION",
+    "WELCOME",
+    "Ack",
+    "Consume",
+    "Deliver",
+    "Fanout",
+    "Meta",
+    "Welcome",
+    "check_topic",
+    "header",
+    "is_sync_topic",
+    "pack_meta",
+    "pack_seq",
+    "parse_acks",
+    "parse_kind",
+    "topic_for",
+    "unique_name_of",
+    "unpack_meta",
+    "unpack_seq",
+]
+
+# Version 2: the consumer alone decides retries: ACK carries the retry delay it chose, and neither
+# CONSUME nor DELIVER carries the retry policy.
+VERSION = 2
+HEADER_LEN = 2
+
+# control, client -> hub
+HELLO = b"H"
+STATS = b"S"
+PING = b"h"
+CONSUME = b"C"
+CANCEL = b"X"
+ACK = b"A"
+GROUPS_ACK = b"g"
+BYE = b"B"
+# control, hub -> client
+WELCOME = b"W"
+PONG = b"o"
+CONSUMING = b"c"
+DELIVER = b"D"
+GROUPS = b"G"
+RESET = b"R"
+STOPPING = b"Q"
+# data, client -> hub and back
+PUBLISH = b"P"
+FLUSH = b"F"
+FLUSHED = b"f"
+
+# The outcome of one queue delivery, in an ACK.
+OUTCOME_OK = b"ok"
+OUTCOME_FAILED = b"failed"  # to be retried after the delay the consumer sent
+OUTCOME_REJECTED = b"rejected"  # the consumer's predicate said no: offer it to another
+OUTCOME_DEAD = b"dead"  # the last attempt failed: the consumer published the DeadLetter
+OUTCOMES = frozenset({OUTCOME_OK, OUTCOME_FAILED, OUTCOME_REJECTED, OUTCOME_DEAD})
+
+# How a batch's payload is encoded (the meta frame names it). See ipcbus.core.codec.
+CODEC_DATACLASS = b"D"  # one pickled list of the messages' __dict__
+CODEC_OBJECTS = b"P"  # one pickled list of the messages
+# The same two, one frame per message, for topics that have queue groups: the hub hands each
+# message to a group without unpickling.
+CODEC_SPLIT_DATACLASS = b"d"
+CODEC_SPLIT_OBJECTS = b"p"
+SPLIT_CODECS = frozenset({CODEC_SPLIT_DATACLASS, CODEC_SPLIT_OBJECTS})
+
+# At most this many messages in a split batch, and out-of-band buffers in a batch: each is a frame,
+# and the hub drops requests with more than MAX_FRAMES frames (bounded input, docs/security.md).
+MAX_SPLIT_BATCH = 64
+MAX_BUFFERS = 64
+MAX_FRAMES = 4 + max(MAX_SPLIT_BATCH, MAX_BUFFERS + 1)  # identity, header, topic, meta
+_ACK_FIELDS = 4
+# An ACK carries four frames per delivery, so a client sends at most this many in one.
+MAX_ACKS = (MAX_FRAMES - 2) // _ACK_FIELDS
+# A retry delay a consumer asks for is clamped to this (bounded input).
+MAX_RETRY_DELAY = 3600.0
+
+TOPIC_END = b"\x00"
+SYNC_PREFIX = b"\x00sync:"
+# A unique name is "<module>.<qualname>"; anything longer than this is not one of ours.
+MAX_TOPIC_LEN = 1024
+
+
+def header(kind: bytes) -> bytes:
+    return bytes((VERSION,)) + kind
+
+
+def parse_kind(head: bytes) -> bytes:
+    """The kind of a request from its header frame; ``ValueError`` for a bad header."""
+    if len(head) != HEADER_LEN or head[0] != VERSION:
+        raise ValueError(f"bad header {head[:8]!r}")
+    return head[1:]
+
+
+# -- topics -----------------------------------------------------------------------------------
+
+
+def topic_for(unique_name: str) -> bytes:
+    return unique_name.encode() + TOPIC_END
+
+
+def unique_name_of(topic: bytes) -> str:
+    return topic[:-1].decode()
+
+
+def is_sync_topic(topic: bytes) -> bool:
+    return topic.startswith(SYNC_PREFIX)
+
+
+def sync_topic(client_id: bytes, number: int) -> bytes:
+    return SYNC_PREFIX + client_id + b":%d" % number
+
+
+def check_topic(topic: bytes) -> bytes:
+    """A unique name plus terminator, or ``ValueError`` (input from peers is checked here)."""
+    if (
+        not topic.endswith(TOPIC_END)
+        or is_sync_topic(topic)
+        or len(topic) > MAX_TOPIC_LEN
+        or TOPIC_END in topic[:-1]
+    ):
+        raise ValueError(f"bad topic {topic[:64]!r}")
+    topic[:-1].decode()  # UnicodeDecodeError is a ValueError
+    return topic
+
+
+# -- meta and seq frames ----------------------------------------------------------------------
+
+# meta frame: codec (1 byte), message count (uint32), publisher's time.time() at publish (double)
+_META = struct.Struct("!cId")
+Meta = tuple[bytes, int, float]
+
+
+def pack_meta(codec: bytes, count: int, published_at: float) -> bytes:
+    return _META.pack(codec, count, published_at)
+
+
+def unpack_meta(frame: bytes) -> Meta:
+    """Raises ``ValueError`` on a malformed frame."""
+    try:
+        codec, count, published_at = _META.unpack(frame)
+    except struct.error as exc:
+        raise ValueError(f"bad meta frame: {exc}") from None
+    return codec, count, published_at
+
+
+_SEQ = struct.Struct("!Q")
+
+
+def pack_seq(seq: int) -> bytes:
+    return _SEQ.pack(seq)
+
+
+def unpack_seq(frame: bytes) -> int:
+    try:
+        (seq,) = _SEQ.unpack(frame)
+    except struct.error as exc:
+        raise ValueError(f"bad seq frame: {exc}") from None
+    return int(seq)
+
+
+# -- control: handshake -----------------------------------------------------------------------
+
+
+def hello(client_id: bytes) -> list[bytes]:
+    return [header(HELLO), client_id]
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """The hub's answer to HELLO: where to publish and subscribe, and its heartbeat terms."""
+
+    publish_endpoint: str
+    fanout_endpoint: str
+    hub_id: bytes
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    grouped_topics: tuple[bytes, ...] = ()
+
+    def frames(self, identity: bytes) -> list[bytes]:
+        return [
+            identity,
+            header(WELCOME),
+            self.publish_endpoint.encode(),
+            self.fanout_endpoint.encode(),
+            self.hub_id,
+            repr(self.heartbeat_interval).encode(),
+            repr(self.heartbeat_timeout).encode(),
+            *self.grouped_topics,
+        ]
+
+    @classmethod
+    def parse(cls, body: Sequence[bytes]) -> Welcome:
+        publish, fanout, hub_id, interval, timeout, *grouped = body
+        return cls(
+            publish.decode(),
+            fanout.decode(),
+            hub_id,
+            _positive_float(interval),
+            _positive_float(timeout),
+            tuple(grouped),
+        )
+
+
+def groups(identity: bytes, version: int, topics: Iterable[bytes]) -> list[bytes]:
+    return [identity, header(GROUPS), b"%d" % version, *topics]
+
+
+def parse_groups(body: Sequence[bytes]) -> tuple[int, frozenset[bytes]]:
+    version, *topics = body
+    return int(version), frozenset(topics)
+
+
+def groups_ack(version: int) -> list[bytes]:
+    return [header(GROUPS_ACK), b"%d" % version]
+
+
+def parse_groups_ack(body: Sequence[bytes]) -> int:
+    (version,) = body
+    return int(version)
+
+
+# -- control: queue consumers -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Consume:
+    """A queue consumer joining ``queue_name`` on ``topic``."""
+
+    subscription_id: bytes
+    topic: bytes
+    queue_name: str
+    prefetch: int
+
+    def frames(self) -> list[bytes]:
+        return [
+            header(CONSUME),
+            self.subscription_id,
+            self.topic,
+            self.queue_name.encode(),
+            b"%d" % self.prefetch,
+        ]
+
+    @classmethod
+    def parse(cls, body: Sequence[bytes]) -> Consume:
+        subscription_id, topic, queue_name, prefetch = body
+        if b" " in subscription_id or not subscription_id:
+            raise ValueError(f"bad subscription id {subscription_id[:32]!r}")
+        name = queue_name.decode()
+        if not name:
+            raise ValueError("empty queue name")
+        return cls(subscription_id, check_topic(topic), name, _at_least_one(prefetch))
+
+
+def consuming(identity: bytes, subscription_id: bytes) -> list[bytes]:
+    return [identity, header(CONSUMING), subscription_id]
+
+
+def cancel(subscription_id: bytes) -> list[bytes]:
+    return [header(CANCEL), subscription_id]
+
+
+def parse_cancel(body: Sequence[bytes]) -> bytes:
+    (subscription_id,) = body
+    return subscription_id
+
+
+@dataclass(frozen=True)
+class Deliver:
+    """One queue message handed to one consumer."""
+
+    subscription_id: bytes
+    delivery_id: bytes
+    message_id: bytes
+    attempt: int
+    topic: bytes
+    meta: bytes
+    payload: bytes
+
+
+def deliver(identity: bytes, deliveries: Iterable[Deliver]) -> list[bytes]:
+    """One DELIVER request carrying several deliveries to one client (three frames each)."""
+    frames = [identity, header(DELIVER)]
+    for item in deliveries:
+        descriptor = b" ".join(
+            (
+                item.subscription_id,
+                item.delivery_id,
+                item.message_id,
+                b"%d" % item.attempt,
+                item.topic,
+            )
+        )
+        frames += (descriptor, item.meta, item.payload)
+    return frames
+
+
+def parse_deliver(body: Sequence[Any]) -> list[Deliver]:
+    if not body or len(body) % 3:
+        raise ValueError(f"DELIVER with {len(body)} frames")
+    deliveries = []
+    for index in range(0, len(body), 3):
+        descriptor, meta, payload = body[index : index + 3]
+        subscription_id, delivery_id, message_id, attempt, topic = descriptor.split(b" ", 4)
+        deliveries.append(
+            Deliver(subscription_id, delivery_id, message_id, int(attempt), topic, meta, payload)
+        )
+    return deliveries
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A consumer's answer for one delivery."""
+
+    delivery_id: bytes
+    outcome: bytes
+    retry_delay: float = 0.0  # only for OUTCOME_FAILED
+    error: str = ""
+
+
+def acks(answers: Sequence[Ack]) -> list[list[bytes]]:
+    """ACK requests carrying ``answers``, at most ``MAX_ACKS`` each."""
+    requests = []
+    for start in range(0, len(answers), MAX_ACKS):
+        frames = [header(ACK)]
+        for answer in answers[start : start + MAX_ACKS]:
+            frames += (
+                answer.delivery_id,
+                answer.outcome,
+                repr(answer.retry_delay).encode(),
+                answer.error.encode(errors="replace"),
+            )
+        requests.append(frames)
+    return requests
+
+
+def parse_acks(body: Sequence[bytes]) -> list[Ack]:
+    if not body or len(body) % _ACK_FIELDS:
+        raise ValueError(f"ACK with {len(body)} frames")
+    answers = []
+    for index in range(0, len(body), _ACK_FIELDS):
+        delivery_id, outcome, delay, error = body[index : index + _ACK_FIELDS]
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome[:16]!r}")
+        seconds = float(delay)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"bad retry delay {delay[:32]!r}")
+        answers.append(
+            Ack(delivery_id, outcome, min(seconds, MAX_RETRY_DELAY), error.decode(errors="replace"))
+        )
+    return answers
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def publish(topic: bytes, meta: bytes, payload: Sequence[Any]) -> list[Any]:
+    return [header(PUBLISH), topic, meta, *payload]
+
+
+def flush(token: bytes) -> list[bytes]:
+    return [header(FLUSH), token]
+
+
+def flushed(identity: bytes, token: bytes) -> list[bytes]:
+    return [identity, header(FLUSHED), token]
+
+
+def parse_flushed(frames: Sequence[bytes]) -> bytes | None:
+    """The token of a FLUSHED reply, or ``None`` for anything else."""
+    if len(frames) == 2 and frames[0] == header(FLUSHED):
+        return frames[1]
+    return None
+
+
+# -- fan-out ----------------------------------------------------------------------------------
+
+
+def fanout(topic: Any, meta: Any, seq: int, payload: Sequence[Any]) -> list[Any]:
+    return [topic, meta, pack_seq(seq), *payload]
+
+
+def gap_marker(topic: bytes, seq: int) -> list[bytes]:
+    """Tells subscribers the latest seq of a topic the hub sent without waiting for them."""
+    return [topic, b"", pack_seq(seq)]
+
+
+@dataclass(frozen=True)
+class Fanout:
+    """A batch as a subscriber receives it; ``meta`` is ``None`` for a gap marker."""
+
+    topic: bytes
+    meta: Meta | None
+    seq: int
+    payload: Sequence[Any]
+
+    @classmethod
+    def parse(cls, frames: Sequence[Any]) -> Fanout:
+        topic, meta, seq, *payload = (
+            frames[0].bytes,
+            frames[1].bytes,
+            frames[2].bytes,
+            *frames[3:],
+        )
+        return cls(topic, unpack_meta(meta) if meta else None, unpack_seq(seq), payload)
+
+
+# -- checks -----------------------------------------------------------------------------------
+
+
+def _positive_float(text: bytes) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"not a positive number: {text[:32]!r}")
+    return value
+
+
+def _at_least_one(text: bytes) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"not a positive count: {text[:32]!r}")
+    return value

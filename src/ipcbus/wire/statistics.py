@@ -1,0 +1,39 @@
+"""The hub's statistics: a frozen record that travels as JSON in a STATS reply."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["HubStatistics"]
+
+
+@dataclass(frozen=True)
+class HubStatistics:
+    """What the hub has done since it started (``ipcbus stats`` renders it)."""
+
+    address: str
+    pid: int
+    uptime: float
+    clients: int
+    topics: int
+    batches_relayed: int
+    messages_relayed: int
+    bytes_relayed: int
+    backpressure_stalls: int
+    malformed_dropped: int
+    stall_drops: int = 0
+    auth_rejected: int = 0
+    clients_lost: int = 0
+    late_acks: int = 0
+    unsplittable_dropped: int = 0
+    queues: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Per queue, the dead letters the hub keeps (bounded): message_id, attempts, last error.
+    dead_letters: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> HubStatistics:
+        return cls(**json.loads(text))
