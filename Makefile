@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Read-only: never rewrites a file.
+# Read-only: never rewrites a file. The import rules of the tree are a test (docs/architecture.md).
 check: install
 	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_import_rules.py
 
 format: install
 	$(BIN)/ruff format src tests bench scripts

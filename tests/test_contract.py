@@ -1,4 +1,5 @@
-"""The broker contract (DESIGN.md §1-2), run against every broker through the ``harness`` fixture.
+"""The broker contract (docs/guarantees.md), run against every broker through the ``harness``
+fixture.
 
 A behaviour that is not stated here is not guaranteed.
 """
@@ -185,7 +186,7 @@ def test_publishing_a_non_message_is_a_type_error(harness: Harness, not_a_messag
 
 def test_an_unserialisable_message_is_rejected_in_the_caller(harness: Harness) -> None:
     if not harness.serialises:
-        pytest.skip("MemoryBroker never serialises (DESIGN.md §1); nothing to reject")
+        pytest.skip("MemoryBroker never serialises (docs/guarantees.md); nothing to reject")
     received: list[Message] = []
     harness.broker.subscribe(Unpicklable, received.append)
     with pytest.raises(MessageSerializationError, match="Unpicklable"):

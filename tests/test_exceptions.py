@@ -1,4 +1,4 @@
-"""The error hierarchy, the public import paths (DESIGN.md §1) and the nature of messages."""
+"""The error hierarchy, the public import paths (docs/guarantees.md) and the nature of messages."""
 
 from __future__ import annotations
 

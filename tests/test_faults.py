@@ -1,4 +1,4 @@
-"""Faults (DESIGN.md §2 items 5, 10 and 11): the hub killed and restarted, a consumer stopped past
+"""Faults (docs/guarantees.md): the hub killed and restarted, a consumer stopped past
 the heartbeat timeout, a graceful hub shutdown, closing a broker whose hub is gone.
 
 Real hub processes, real worker processes (spawned), SIGKILL / SIGSTOP / SIGTERM. Workers log
@@ -304,7 +304,7 @@ def test_clients_recover_from_a_hub_killed_and_restarted_at_the_same_address(
 def test_ticks_buffered_during_a_hub_restart_reach_a_late_subscriber(
     tmp_path: Path, workers: Workers
 ) -> None:
-    """DESIGN.md §2.3 and §2.11: a live subscription receives everything published afterwards,
+    """docs/guarantees.md: a live subscription receives everything published afterwards,
     and a publisher buffers while the hub is away. Here the subscriber is stopped from just
     before the kill until 0.3 s after its publisher is back: the deterministic form of the race
     the restart test above sees once in a while (hundreds of buffered Ticks lost)."""
@@ -353,7 +353,7 @@ def test_ticks_buffered_during_a_hub_restart_reach_a_late_subscriber(
 
 @pytest.mark.queue_groups
 def test_a_queue_group_survives_a_hub_restart(tmp_path: Path, workers: Workers) -> None:
-    """DESIGN.md §2.8 and §2.11: a group outlives the temporary absence of its consumers, and
+    """docs/guarantees.md: a group outlives the temporary absence of its consumers, and
     clients ride out a hub restart. The deterministic form of what the restart test above sees
     as a race: there, Pings published right after the restart are lost until the consumer has
     said CONSUME to the new hub; here the consumer is stopped through the restart."""

@@ -1,4 +1,5 @@
-"""Fork, spawn and forkserver children of a process with a live HubBroker (DESIGN.md §1 "Fork")."""
+"""Fork, spawn and forkserver children of a process with a live HubBroker
+(docs/architecture.md, "Fork")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Users run their suites with ``pytest --forked``: a hub fixture built in the session's process
-must serve tests that each run in a forked child (DESIGN.md §5)."""
+must serve tests that each run in a forked child (docs/architecture.md, "Testing")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Broadcast guarantees through a real hub, between real processes (DESIGN.md §2 items 1-4)."""
+"""Broadcast guarantees through a real hub, between real processes (docs/guarantees.md)."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def _stoppable_subscriber(address: str, ready: Any, results: Any) -> None:
 
 
 def test_a_stopped_subscriber_does_not_hold_the_bus_forever_and_learns_of_its_gap() -> None:
-    """DESIGN.md §2.4: a subscriber that accepts nothing for stall_timeout (here SIGSTOP) stops
+    """docs/guarantees.md: a subscriber that accepts nothing for stall_timeout (here SIGSTOP) stops
     holding publishers back; the hub counts what it sent without waiting, and the subscriber,
     once running again, learns of the gap."""
     with Hub(hwm=4, stall_timeout=1.0) as small_hub:

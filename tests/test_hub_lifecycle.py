@@ -1,4 +1,4 @@
-"""Hub lifecycle, bad input, clean exit of workers and the command line (DESIGN.md §1-3).
+"""Hub lifecycle, bad input, clean exit of workers and the command line (docs/guarantees.md).
 
 Real hub processes, real worker processes, real ``python -m ipcbus`` commands. Every wait has a
 timeout; every process is stopped in a ``finally``; after each test no child process, no
@@ -213,9 +213,9 @@ def test_an_unpicklable_message_raises_in_the_caller_and_nothing_is_sent(hub: Hu
 
 
 def test_a_later_unserialisable_message_costs_only_itself(hub: Hub) -> None:
-    """Only the first message of a type is checked in the caller (DESIGN.md §4); a later one that
-    cannot be serialised is reported by a later publish() or flush(). Every message whose
-    publish() returned normally must still arrive."""
+    """Only the first message of a type is checked in the caller (docs/architecture.md); a later
+    one that cannot be serialised is reported by a later publish() or flush(). Every message
+    whose publish() returned normally must still arrive."""
     source = uuid.uuid4().hex
     with HubBroker(hub.address) as broker:
         received = _subscribe_ticks(broker, source)

@@ -1,5 +1,5 @@
 """The hub dies (kill -9) and a new one starts at the same address: clients carry on by
-themselves; what is lost is what the README says (DESIGN.md §2.11)."""
+themselves; what is lost is what the README says (docs/guarantees.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""What TestBroker, MemoryBroker and NullBroker do beyond the shared contract (DESIGN.md §1)."""
+"""What TestBroker, MemoryBroker and NullBroker do beyond the shared contract
+(docs/guarantees.md)."""
 
 from __future__ import annotations
 
@@ -482,7 +483,7 @@ def test_flush_without_queue_deliveries_returns_at_once() -> None:
 
 
 def test_memory_broker_passes_messages_by_reference() -> None:
-    # MemoryBroker never serialises (DESIGN.md §1): handlers get the very object published.
+    # MemoryBroker never serialises (docs/guarantees.md): handlers get the very object published.
     with MemoryBroker() as broker:
         seen: list[Message] = []
         broker.subscribe(Unpicklable, seen.append)

@@ -1,4 +1,4 @@
-"""``get_unique_name_for_message``: the name messages are routed by (DESIGN.md §1)."""
+"""``get_unique_name_for_message``: the name messages are routed by (docs/guarantees.md)."""
 
 from __future__ import annotations
 

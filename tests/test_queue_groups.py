@@ -1,4 +1,4 @@
-"""Queue groups across processes (DESIGN.md §2 items 5-9): real consumer processes, kill -9."""
+"""Queue groups across processes (docs/guarantees.md): real consumer processes, kill -9."""
 
 from __future__ import annotations
 

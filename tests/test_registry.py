@@ -1,4 +1,5 @@
-"""The process-local broker: set / get / override, and what a forked child gets (DESIGN.md §1)."""
+"""The process-local broker: set / get / override, and what a forked child gets
+(docs/guarantees.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The hub's security model (DESIGN.md §3), attacked with raw pyzmq peers.
+"""The hub's security model (docs/security.md), attacked with raw pyzmq peers.
 
 - A peer that cannot prove the bus secret gets nothing routed and nothing unpickled: its handshake
   is refused by the hub's ZAP handler before the hub reads a single frame of it.

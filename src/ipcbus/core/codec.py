@@ -2,10 +2,11 @@
 
 In-process core (never imports zmq); the codec ids it writes are defined by the wire protocol.
 
-Measured on the target machines (docs/architecture.md, "Measured facts"): ``pickle.dumps`` of a small frozen dataclass costs
-2.5-5 µs and 78 B, ``cloudpickle.dumps`` of the same class defined in ``__main__`` 281 µs and
-4 860 B; pickling a batch costs ~0.9 µs per message, and pickling a batch as the messages'
-``__dict__`` rebuilt with ``object.__new__`` + ``__dict__.update`` 0.18 µs. Hence two codecs:
+Measured on the target machines (docs/architecture.md, "Measured facts"): ``pickle.dumps`` of a
+small frozen dataclass costs 2.5-5 µs and 78 B, ``cloudpickle.dumps`` of the same class defined
+in ``__main__`` 281 µs and 4 860 B; pickling a batch costs ~0.9 µs per message, and pickling a
+batch as the messages' ``__dict__`` rebuilt with ``object.__new__`` + ``__dict__.update``
+0.18 µs. Hence two codecs:
 
 - ``DATACLASS`` for plain dataclasses (no ``__slots__``, no custom pickling hooks): the batch
   travels as a list of ``__dict__`` and the receiver rebuilds instances of *its own* class for the

@@ -40,7 +40,8 @@ class RouteTable:
                 subs = tuple(s for s in self._broadcast.get(topic, ()) if s is not subscription)
                 self._broadcast[topic] = subs
             else:
-                # The group itself stays: it outlives the absence of its members (docs/guarantees.md).
+                # The group itself stays: it outlives the absence of its members
+                # (docs/guarantees.md).
                 groups = self._groups.get(topic, {})
                 name = subscription.queue_name
                 groups[name] = tuple(s for s in groups.get(name, ()) if s is not subscription)
