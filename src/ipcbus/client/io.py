@@ -27,8 +27,10 @@ from ..message import Message
 from ..wire import protocol as wire
 from ..wire.address import Address
 from ..wire.keys import prove
+from .control import ControlChannel
 from .outbox import FlushMarker, Outbox
 from .session import Session
+from .subscriptions import Subscriptions
 
 __all__ = ["IOThread"]
 
@@ -61,16 +63,14 @@ class IOThread:
         self.endpoint = str(address)
         self.outbox = Outbox(max_batch, on_error)
         self.session = Session(self.endpoint)
-        self._deliver = deliver
+        self._subscriptions = Subscriptions(client_id, deliver)
         self._client_id = client_id
         self._secret = secret
         self._hwm = hwm
         self._on_space = on_space
         self._on_error = on_error
         self._on_delivery = on_delivery
-        self._consumes: dict[bytes, wire.Consume] = {}  # restored after a reconnect
-        self._consuming: dict[bytes, threading.Event] = {}
-        self._control_backlog: deque[list[bytes]] = deque()
+        self._control = ControlChannel()
         self._commands: deque[Callable[[], None]] = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_pending = False
@@ -78,13 +78,8 @@ class IOThread:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._sent: list[Any] | None = None  # frames waiting for room in the DEALER pipe
-        self._held: list[zmq.Frame] | None = None  # a batch waiting for room in the dispatcher
-        self._syncs: dict[bytes, threading.Event] = {}
-        self._sync_ids = iter(range(1, 2**62))
-        self._live_topics: set[bytes] = set()
         self._thread = threading.Thread(target=self._run, name="ipcbus-io", daemon=True)
         self._connect_timeout: float | None = None
-        self._control: Socket | None = None
         self._monitor: Socket | None = None
         self._dealer: Socket | None = None
         self._sub: Socket | None = None
@@ -119,30 +114,21 @@ class IOThread:
         self.wake()
 
     def subscribe(self, topic: bytes, live: threading.Event) -> None:
-        self.call(lambda: self._subscribe(topic, live))
+        self.call(lambda: self._subscriptions.subscribe(topic, live))
 
     def unsubscribe(self, topic: bytes) -> None:
-        self.call(lambda: self._unsubscribe(topic))
+        self.call(lambda: self._subscriptions.unsubscribe(topic))
 
     def consume(self, request: wire.Consume, live: threading.Event) -> None:
-        def consume() -> None:
-            self._consumes[request.subscription_id] = request
-            self._consuming[request.subscription_id] = live
-            self._send_control(request.frames())
-
-        self.call(consume)
+        self.call(lambda: self._control.consume(request, live))
 
     def cancel_consume(self, subscription_id: bytes) -> None:
-        def cancel() -> None:
-            if self._consumes.pop(subscription_id, None) is not None:
-                self._send_control(wire.cancel(subscription_id))
-
-        self.call(cancel)
+        self.call(lambda: self._control.cancel(subscription_id))
 
     def ack(self, answers: list[wire.Ack]) -> None:
         def send() -> None:
             for request in wire.acks(answers):
-                self._send_control(request)
+                self._control.send(request)
 
         self.call(send)
 
@@ -175,14 +161,14 @@ class IOThread:
             if self._monitor is not None and self._dealer is not None:
                 self._dealer.disable_monitor()
                 self._monitor.close(linger=0)
-            for sock in (self._control, self._dealer, self._sub):
+            for sock in (self._control.socket, self._dealer, self._sub):
                 if sock is not None:
                     sock.close(linger=0)
             context.term()
             self._ready.set()
 
     def _connect(self, context: zmq.Context[Any]) -> bool:
-        control = self._control = self._socket(context, zmq.DEALER)
+        control = self._control.socket = self._socket(context, zmq.DEALER)
         control.routing_id = self._client_id
         control.connect(self.endpoint)
         control.send_multipart(wire.hello(self._client_id))
@@ -205,7 +191,7 @@ class IOThread:
         dealer.sndhwm = dealer.rcvhwm = self._hwm
         dealer.routing_id = self._client_id
         dealer.connect(welcome.publish_endpoint)
-        sub = self._sub = self._socket(context, zmq.SUB)
+        sub = self._sub = self._subscriptions.sub = self._socket(context, zmq.SUB)
         sub.rcvhwm = self._hwm
         sub.connect(welcome.fanout_endpoint)
         self._ready.set()
@@ -219,14 +205,15 @@ class IOThread:
         return sock
 
     def _welcome(self, welcome: wire.Welcome) -> bool:
-        reconnected = self.session.welcome(welcome, resync=bool(self._live_topics))
+        resync = bool(self._subscriptions.live_topics)
+        reconnected = self.session.welcome(welcome, resync)
         # Kept across hubs: after a restart, consumers re-register one by one, and a publisher
         # that forgot a topic is grouped would send it unsplit meanwhile (unusable for groups).
         self.outbox.grouped = self.outbox.grouped | frozenset(welcome.grouped_topics)
         return reconnected
 
     def _loop(self) -> None:
-        control, dealer, sub = self._control, self._dealer, self._sub
+        control, dealer, sub = self._control.socket, self._dealer, self._sub
         assert control is not None
         assert dealer is not None
         assert sub is not None
@@ -244,16 +231,17 @@ class IOThread:
             while self._commands:
                 self._commands.popleft()()
             if not self._running:
-                self._send_control([wire.header(wire.BYE)])  # what we hold goes to others
+                self._control.send([wire.header(wire.BYE)])  # what we hold goes to others
                 return
             self._pump(dealer)
             now = time.monotonic()
             self._heartbeat(now)
-            self._drain_control()
+            self._control.drain()
             poller.modify(dealer, zmq.POLLIN | (zmq.POLLOUT if self._sent is not None else 0))
-            poller.modify(control, zmq.POLLIN | (zmq.POLLOUT if self._control_backlog else 0))
-            poller.modify(sub, 0 if self._held is not None else zmq.POLLIN)
-            timeout = _HELD_POLL_MS if self._held is not None else _IDLE_POLL_MS
+            poller.modify(control, zmq.POLLIN | (zmq.POLLOUT if self._control.waiting else 0))
+            held = self._subscriptions.held is not None
+            poller.modify(sub, 0 if held else zmq.POLLIN)
+            timeout = _HELD_POLL_MS if held else _IDLE_POLL_MS
             timeout = max(0, min(timeout, int((self.session.wake_at() - now) * 1000) + 1))
             events = dict(poller.poll(timeout))
             if self._wake_fd in events:
@@ -264,41 +252,26 @@ class IOThread:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self._wake_fd)
                 self._wake_pending = False
-            if self._held is not None and self._deliver(self._held):
-                self._held = None
+            self._subscriptions.hand_on_held()
             if control in events and events[control] & zmq.POLLIN:
                 self._read_control(control)
             if dealer in events and events[dealer] & zmq.POLLIN:
                 self._read_replies(dealer)
-            if sub in events:
-                self._read_fanout(sub)
+            if sub in events and self._subscriptions.read():
+                self.wake()  # the pump may have waited for this sync answer
             if monitor in events:
                 self._read_monitor(monitor)
 
     # -- control -----------------------------------------------------------------------------
 
-    def _send_control(self, frames: list[bytes]) -> None:
-        """Send now, or after what waits already; never drop (an ack lost is a stuck delivery)."""
-        self._control_backlog.append(frames)
-        self._drain_control()
-
-    def _drain_control(self) -> None:
-        assert self._control is not None
-        while self._control_backlog:
-            try:
-                self._control.send_multipart(self._control_backlog[0], zmq.NOBLOCK)
-            except zmq.Again:
-                return  # the pipe to the hub is full: the loop polls POLLOUT and comes back
-            self._control_backlog.popleft()
-
     def _heartbeat(self, now: float) -> None:
-        due = self.session.due(now, can_send=not self._control_backlog)
+        due = self.session.due(now, can_send=not self._control.waiting)
         if due == "lost":
             self._hub_lost(f"silent for {self.session.silence(now):.1f} s")
         elif due == "ping":
-            self._send_control([wire.header(wire.PING)])
+            self._control.send([wire.header(wire.PING)])
         elif due == "hello":
-            self._send_control(wire.hello(self._client_id))
+            self._control.send(wire.hello(self._client_id))
 
     def _hub_lost(self, why: str) -> None:
         if self.session.lost(why):
@@ -331,11 +304,9 @@ class IOThread:
         elif kind == wire.GROUPS:
             version, grouped = wire.parse_groups(body)
             self.outbox.grouped = grouped
-            self._send_control(wire.groups_ack(version))
+            self._control.send(wire.groups_ack(version))
         elif kind == wire.CONSUMING:
-            live = self._consuming.pop(body[0], None)
-            if live is not None:
-                live.set()
+            self._control.consuming(body[0])
         elif kind == wire.RESET:
             # The hub does not know us (it declared us gone, or it restarted): introduce
             # ourselves again (at most once per backoff), then our queue consumers.
@@ -343,10 +314,9 @@ class IOThread:
         elif kind == wire.STOPPING:
             self._hub_lost("it is stopping")
         elif kind == wire.WELCOME:
-            if self._welcome(wire.Welcome.parse(body)) and self._live_topics:
-                self._sync(self.session.resynced)
-            for consume in self._consumes.values():
-                self._send_control(consume.frames())
+            if self._welcome(wire.Welcome.parse(body)) and self._subscriptions.live_topics:
+                self._subscriptions.sync(self.session.resynced)
+            self._control.restore_consumers()
             self.outbox.resend_flushes()
             self.wake()
 
@@ -379,41 +349,3 @@ class IOThread:
             token = wire.parse_flushed(frames)
             if token is not None:
                 self.outbox.flushed(token)
-
-    # -- fan-out -----------------------------------------------------------------------------
-
-    def _read_fanout(self, sub: Socket) -> None:
-        for _ in range(_BURST):
-            try:
-                frames = sub.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            if len(frames) == 1:
-                topic = frames[0].bytes
-                live = self._syncs.pop(topic, None)
-                if live is not None:
-                    sub.setsockopt(zmq.UNSUBSCRIBE, topic)
-                    live.set()
-                    self.wake()  # the pump may have waited for this one
-                continue
-            if not self._deliver(frames):
-                self._held = frames
-                return
-
-    def _subscribe(self, topic: bytes, live: threading.Event) -> None:
-        assert self._sub is not None
-        self._live_topics.add(topic)
-        self._sub.setsockopt(zmq.SUBSCRIBE, topic)
-        self._sync(live)
-
-    def _sync(self, live: threading.Event) -> None:
-        """``live`` is set once the hub has every earlier subscription of this SUB socket."""
-        assert self._sub is not None
-        sync = wire.sync_topic(self._client_id, next(self._sync_ids))
-        self._syncs[sync] = live
-        self._sub.setsockopt(zmq.SUBSCRIBE, sync)
-
-    def _unsubscribe(self, topic: bytes) -> None:
-        assert self._sub is not None
-        self._live_topics.discard(topic)
-        self._sub.setsockopt(zmq.UNSUBSCRIBE, topic)

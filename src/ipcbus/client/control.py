@@ -1,0 +1,64 @@
+"""The control side of a client's I/O thread: requests waiting to leave on the control socket,
+and the queue consumers the hub must be told about again after a reconnect.
+
+Runs on the I/O thread only. Nothing is ever dropped: an ack lost would be a delivery stuck in
+flight, so a request waits in the backlog while the pipe to the hub is full.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+import zmq
+
+from ..wire import protocol as wire
+
+__all__ = ["ControlChannel"]
+
+
+class ControlChannel:
+    def __init__(self) -> None:
+        self.socket: zmq.Socket[Any] | None = None  # set once connected
+        self._backlog: deque[list[bytes]] = deque()
+        self._consumes: dict[bytes, wire.Consume] = {}  # restored after a reconnect
+        self._consuming: dict[bytes, threading.Event] = {}
+
+    @property
+    def waiting(self) -> bool:
+        """True while requests wait for room in the pipe to the hub."""
+        return bool(self._backlog)
+
+    def send(self, frames: list[bytes]) -> None:
+        """Send now, or after what waits already."""
+        self._backlog.append(frames)
+        self.drain()
+
+    def drain(self) -> None:
+        assert self.socket is not None
+        while self._backlog:
+            try:
+                self.socket.send_multipart(self._backlog[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return  # the pipe to the hub is full: the loop polls POLLOUT and comes back
+            self._backlog.popleft()
+
+    def consume(self, request: wire.Consume, live: threading.Event) -> None:
+        self._consumes[request.subscription_id] = request
+        self._consuming[request.subscription_id] = live
+        self.send(request.frames())
+
+    def cancel(self, subscription_id: bytes) -> None:
+        if self._consumes.pop(subscription_id, None) is not None:
+            self.send(wire.cancel(subscription_id))
+
+    def consuming(self, subscription_id: bytes) -> None:
+        """The hub confirmed a consumer: its ``subscribe_async()`` may return."""
+        live = self._consuming.pop(subscription_id, None)
+        if live is not None:
+            live.set()
+
+    def restore_consumers(self) -> None:
+        for request in self._consumes.values():
+            self.send(request.frames())
