@@ -83,7 +83,8 @@ class HubOptions(_Options):
             "handshake_timeout",
             "stall_timeout",
         )
-        if self.drain_timeout < 0 or self.restart_grace < 0:
+        # "not >= 0" also refuses NaN, which would make a deadline that never comes.
+        if not (self.drain_timeout >= 0 and self.restart_grace >= 0):
             raise ValueError("drain_timeout and restart_grace must be >= 0")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
@@ -115,5 +116,5 @@ class ClientOptions(_Options):
 
     def __post_init__(self) -> None:
         self._check_positive("max_pending", "max_batch", "hwm", "dispatch_queue")
-        if self.linger < 0:
+        if not self.linger >= 0:  # also refuses NaN
             raise ValueError(f"linger must be >= 0, not {self.linger!r}")

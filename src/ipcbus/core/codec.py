@@ -151,4 +151,6 @@ def _dumps(obj: Any, cls: type) -> list[Any]:
             raise MessageSerializationError(
                 f"cannot serialise {cls.__qualname__}: {type(exc).__name__}: {exc}"
             ) from exc
+        if len(buffers) > MAX_BUFFERS:
+            return [_dumps_inband(obj, cls)]  # as above: frames are bounded on the wire
     return [payload, *(buffer.raw() for buffer in buffers)]

@@ -10,6 +10,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 
+from .paths import check_directory, ensure_private_directory
+
 __all__ = ["Address"]
 
 IPC = "ipc"
@@ -40,9 +42,12 @@ class Address:
             return cls(text, IPC, path=rest)
         if separator and scheme == TCP:
             host, colon, port = rest.rpartition(":")
-            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            host = host.removeprefix("[").removesuffix("]")
+            # isdigit() is true for non-ASCII digits, which int() accepts too.
+            digits = port.isascii() and port.isdigit()
+            if not colon or not host or not digits or not 0 < int(port) < 65536:
                 raise ValueError(f"a tcp address needs a host and a port: {text!r}")
-            return cls(text, TCP, host=host.removeprefix("[").removesuffix("]"), port=port)
+            return cls(text, TCP, host=host, port=port)
         raise ValueError(f"unsupported address {text!r}: use ipc:// or tcp://")
 
     def __str__(self) -> str:
@@ -76,14 +81,29 @@ class Address:
             return ()
         return self.path, self.path + ".in", self.path + ".pub"
 
+    @property
+    def home(self) -> str:
+        """The directory of the hub's files: the ipc socket's; for tcp a per-user directory of
+        the temporary directory (copy the key file to the same place on other machines)."""
+        if self.is_ipc:
+            return os.path.dirname(os.path.abspath(self.path))
+        return os.path.join(tempfile.gettempdir(), f"ipcbus-{os.getuid()}")
+
+    def check_home(self) -> None:
+        """Refuse (``InsecurePathError``) a home directory another user could control; the tcp
+        one is created, mode 0700, if it does not exist."""
+        if self.is_ipc:
+            check_directory(self.home)
+        else:
+            ensure_private_directory(self.home)
+
     def hub_file(self, suffix: str) -> str:
-        """Where the hub at this address keeps a file (its key, its queue groups): beside an ipc
-        socket; for tcp in a 0700 per-user directory of the temporary directory."""
+        """Where the hub at this address keeps a file (its key, its queue groups, its lock):
+        beside an ipc socket; for tcp in the per-user directory (see ``home``). Call
+        ``check_home()`` before trusting it."""
         if self.is_ipc:
             return self.path + suffix
-        directory = os.path.join(tempfile.gettempdir(), f"ipcbus-{os.getuid()}")
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        return os.path.join(directory, f"tcp-{self.host}-{self.port}{suffix}")
+        return os.path.join(self.home, f"tcp-{self.host}-{self.port}{suffix}")
 
     @property
     def key_file(self) -> str:
