@@ -305,6 +305,8 @@ def test_a_default_hub_serves_from_a_private_directory_removed_on_stop(
             if name.endswith(".key"):  # the bus secret, beside the sockets
                 assert stat.S_ISREG(entry.st_mode), name
                 assert entry.st_size == 64, name
+            elif name.endswith(".lock"):  # held by the hub for its life: one hub per address
+                assert stat.S_ISREG(entry.st_mode), name
             else:
                 assert stat.S_ISSOCK(entry.st_mode), name
             assert stat.S_IMODE(entry.st_mode) == 0o600, name

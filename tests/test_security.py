@@ -107,16 +107,28 @@ class RawPeers:
         monitor: bool = False,
         routing_id: bytes | None = None,
     ) -> zmq.Socket[bytes]:
-        """A socket connected to ``endpoint``; with ``password`` it tries PLAIN credentials."""
+        """A socket connected to ``endpoint``; with ``password`` it tries the CURVE keys derived
+        from it, as a client does."""
         sock: zmq.Socket[bytes] = self.context.socket(kind)
         sock.linger = 0
         if routing_id is not None:
             sock.routing_id = routing_id
         if password is not None:
-            sock.plain_username = _keys.USERNAME
-            sock.plain_password = password
+            _keys.prove(sock, password)
         if monitor:
             self._monitors[sock] = sock.get_monitor_socket()
+        sock.connect(endpoint)
+        self.sockets.append(sock)
+        return sock
+
+    def plain_socket(self, kind: int, endpoint: str, password: bytes) -> zmq.Socket[bytes]:
+        """A socket that offers the secret as a PLAIN password (what clients did before they
+        authenticated the hub): monitored, connected."""
+        sock: zmq.Socket[bytes] = self.context.socket(kind)
+        sock.linger = 0
+        sock.plain_username = _keys.USERNAME
+        sock.plain_password = password
+        self._monitors[sock] = sock.get_monitor_socket()
         sock.connect(endpoint)
         self.sockets.append(sock)
         return sock
@@ -837,21 +849,29 @@ def test_a_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
         round_trip(hub.address)
 
 
-def test_a_tcp_hub_admits_only_curve_with_the_bus_keys(raw_peers: RawPeers) -> None:
-    """TCP only encrypted and authenticated: a peer without CURVE (no mechanism, or PLAIN even
-    with the right secret as password) or with CURVE keys not derived from the secret is refused."""
-    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_a_hub_admits_only_curve_with_the_bus_keys(
+    raw_peers: RawPeers, transport: str, tmp_path: Path
+) -> None:
+    """Every transport encrypted and authenticated: a peer without CURVE (no mechanism, or PLAIN
+    even with the right secret as password) or with CURVE keys not derived from the secret is
+    refused."""
+    if transport == "tcp":
+        address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    else:
+        address = f"ipc://{tmp_path}/hub"
     key = Path(Address.parse(address).key_file)
     try:
         with Hub(address, start_method="fork") as hub:
             assert _mode(key) == 0o600
-            assert _mode(key.parent) == 0o700
+            if transport == "tcp":
+                assert _mode(key.parent) == 0o700
             round_trip(address)  # a HubBroker proves the secret over CURVE
             before = hub.statistics()
             secret = _secret(address)
             refused = [
                 raw_peers.socket(zmq.DEALER, address, None, monitor=True),
-                raw_peers.socket(zmq.DEALER, address, secret, monitor=True),
+                raw_peers.plain_socket(zmq.DEALER, address, secret),
             ]
             # CURVE with the hub's real public key but a client key pair of its own.
             stranger: zmq.Socket[bytes] = raw_peers.context.socket(zmq.DEALER)

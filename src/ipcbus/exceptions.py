@@ -13,6 +13,7 @@ __all__ = [
     "ConsumerAlreadyRegisteredError",
     "HubAddressError",
     "HubUnavailableError",
+    "InsecurePathError",
     "MessageSerializationError",
     "PubSubError",
     "PublishTimeoutError",
@@ -45,6 +46,10 @@ class HubUnavailableError(PubSubError):
 
 class HubAddressError(PubSubError, ValueError):
     """The hub cannot serve at this address: malformed, too long, or already served."""
+
+
+class InsecurePathError(PubSubError, PermissionError):
+    """A directory or file another user could control was refused (see docs/security.md)."""
 
 
 class PublishTimeoutError(PubSubError, TimeoutError):

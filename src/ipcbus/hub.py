@@ -22,12 +22,7 @@ from typing import Any, Self
 from .client.admin import request_statistics
 from .config import HubOptions, export_address
 from .exceptions import HubAddressError, HubUnavailableError
-from .server.process import (
-    check_address,
-    remove_socket_files,
-    remove_stale_socket_files,
-    serve_in_child,
-)
+from .server.process import check_address, remove_stale_socket_files, serve_in_child
 from .server.relay import Relay
 from .wire.address import Address
 from .wire.statistics import HubStatistics
@@ -94,7 +89,6 @@ class Hub:
         try:
             Relay(address, self.options).serve(stop.is_set, ready=ready)
         finally:
-            remove_socket_files(address)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._remove_private_dir()
@@ -124,6 +118,8 @@ class Hub:
             status, detail = "error", f"hub process exited with code {process.exitcode}"
         if status != "ready":
             self.stop()
+            if status == "address":
+                raise HubAddressError(detail)
             raise HubUnavailableError(f"hub at {address} failed to start: {detail}")
         export_address(address)
         mp_util.Finalize(self, Hub._stop_at_exit, args=(weakref.ref(self),), exitpriority=5)

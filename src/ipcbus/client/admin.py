@@ -9,7 +9,7 @@ import zmq
 from ..exceptions import HubUnavailableError
 from ..wire import protocol as wire
 from ..wire.address import Address
-from ..wire.keys import prove, read_secret
+from ..wire.keys import prove, read_bus_secret
 from ..wire.statistics import HubStatistics
 
 __all__ = ["request_statistics"]
@@ -19,14 +19,14 @@ def request_statistics(address: str, timeout: float = 5.0) -> HubStatistics:
     """One STATS round trip to the hub at ``address``."""
     try:
         parsed = Address.parse(address)
-        secret = read_secret(parsed.key_file)
+        secret = read_bus_secret(parsed)
     except (ValueError, HubUnavailableError) as exc:
         raise HubUnavailableError(f"no hub answered at {address}: {exc}") from exc
     context = zmq.Context()
     dealer: zmq.Socket[Any] = context.socket(zmq.DEALER)
     try:
         dealer.linger = 0
-        prove(dealer, parsed, secret)
+        prove(dealer, secret)
         dealer.connect(address)
         dealer.send_multipart([wire.header(wire.STATS)])
         if not dealer.poll(int(timeout * 1000)):

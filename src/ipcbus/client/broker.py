@@ -22,7 +22,7 @@ from ..exceptions import (
 from ..message import Message
 from ..wire import protocol as wire
 from ..wire.address import Address
-from ..wire.keys import read_secret
+from ..wire.keys import read_bus_secret
 from .dispatch import Dispatcher
 from .io import IOThread
 from .outbox import FlushMarker
@@ -304,7 +304,7 @@ def _wait_for_secret(address: Address, timeout: float | None) -> bytes:
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:
-            return read_secret(address.key_file)
+            return read_bus_secret(address)
         except HubUnavailableError as exc:
             if deadline is not None and time.monotonic() >= deadline:
                 raise HubUnavailableError(f"no hub answered at {address}: {exc}") from exc

@@ -37,6 +37,14 @@ __all__ = ["IOThread"]
 logger = logging.getLogger(__name__)
 
 _BURST = 256
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+# A peer that fails the handshake is retried by ZeroMQ every reconnect interval: log at most
+# once per this many seconds (the count is kept).
+_AUTH_LOG_PERIOD = 10.0
 _IDLE_POLL_MS = 1000
 _HELD_POLL_MS = 1
 
@@ -80,7 +88,9 @@ class IOThread:
         self._sent: list[Any] | None = None  # frames waiting for room in the DEALER pipe
         self._thread = threading.Thread(target=self._run, name="ipcbus-io", daemon=True)
         self._connect_timeout: float | None = None
-        self._monitor: Socket | None = None
+        self._monitors: dict[Socket, Socket] = {}  # socket -> its monitor
+        self.auth_failures = 0  # handshakes with a peer that did not prove the bus secret
+        self._auth_logged_at = -_AUTH_LOG_PERIOD
         self._dealer: Socket | None = None
         self._sub: Socket | None = None
 
@@ -158,9 +168,9 @@ class IOThread:
             logger.exception("ipcbus I/O thread failed")
             self._on_error(exc)
         finally:
-            if self._monitor is not None and self._dealer is not None:
-                self._dealer.disable_monitor()
-                self._monitor.close(linger=0)
+            for watched, monitor in self._monitors.items():
+                watched.disable_monitor()
+                monitor.close(linger=0)
             for sock in (self._control.socket, self._dealer, self._sub):
                 if sock is not None:
                     sock.close(linger=0)
@@ -170,14 +180,27 @@ class IOThread:
     def _connect(self, context: zmq.Context[Any]) -> bool:
         control = self._control.socket = self._socket(context, zmq.DEALER)
         control.routing_id = self._client_id
+        monitor = self._monitor(control)
         control.connect(self.endpoint)
         control.send_multipart(wire.hello(self._client_id))
         timeout = self._connect_timeout
-        if not control.poll(None if timeout is None else int(timeout * 1000)):
-            self._failure = HubUnavailableError(
-                f"no hub answered at {self.endpoint} within {timeout} s"
-            )
-            return False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(control, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        while not control.poll(0):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                why = "no hub answered"
+                if self.auth_failures:
+                    why = (
+                        "the peer there failed to prove the bus secret "
+                        f"({self.auth_failures} handshakes): it is not our hub"
+                    )
+                self._failure = HubUnavailableError(f"{why} at {self.endpoint} within {timeout} s")
+                return False
+            poller.poll(None if left is None else int(left * 1000) + 1)
+            self._read_monitor(monitor)
         head, *body = control.recv_multipart()
         try:
             if head != wire.header(wire.WELCOME):
@@ -190,18 +213,25 @@ class IOThread:
         dealer = self._dealer = self._socket(context, zmq.DEALER)
         dealer.sndhwm = dealer.rcvhwm = self._hwm
         dealer.routing_id = self._client_id
+        self._monitor(dealer, zmq.EVENT_DISCONNECTED)
         dealer.connect(welcome.publish_endpoint)
         sub = self._sub = self._subscriptions.sub = self._socket(context, zmq.SUB)
         sub.rcvhwm = self._hwm
+        self._monitor(sub)
         sub.connect(welcome.fanout_endpoint)
         self._ready.set()
         return True
+
+    def _monitor(self, sock: Socket, events: int = 0) -> Socket:
+        """Watch ``sock`` for failed handshakes (and ``events``)."""
+        monitor = self._monitors[sock] = sock.get_monitor_socket(_HANDSHAKE_FAILED | events)
+        return monitor
 
     def _socket(self, context: zmq.Context[Any], kind: int) -> Socket:
         """A socket that proves the bus secret in its handshake (the hub's ZAP handler)."""
         sock: Socket = context.socket(kind)
         sock.linger = 0
-        prove(sock, self.address, self._secret)
+        prove(sock, self._secret)
         return sock
 
     def _welcome(self, welcome: wire.Welcome) -> bool:
@@ -225,8 +255,11 @@ class IOThread:
         # The data DEALER's connection events: a hub that dies is noticed at once, not after a
         # heartbeat timeout, so publishes stop going into a connection that no longer exists
         # (measured: ~1 000 messages lost per second of undetected outage before this).
-        monitor = self._monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        poller.register(monitor, zmq.POLLIN)
+        # Every socket's failed handshakes: a peer at the hub's address that cannot prove the
+        # secret (an impostor) is reported, and nothing of it is read.
+        monitors = list(self._monitors.values())
+        for monitor in monitors:
+            poller.register(monitor, zmq.POLLIN)
         while True:
             while self._commands:
                 self._commands.popleft()()
@@ -259,8 +292,9 @@ class IOThread:
                 self._read_replies(dealer)
             if sub in events and self._subscriptions.read():
                 self.wake()  # the pump may have waited for this sync answer
-            if monitor in events:
-                self._read_monitor(monitor)
+            for monitor in monitors:
+                if monitor in events:
+                    self._read_monitor(monitor)
 
     # -- control -----------------------------------------------------------------------------
 
@@ -285,6 +319,20 @@ class IOThread:
                 return
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self._hub_lost("its connection closed")
+            elif event["event"] & _HANDSHAKE_FAILED:
+                self._authentication_failed()
+
+    def _authentication_failed(self) -> None:
+        self.auth_failures += 1
+        now = time.monotonic()
+        if now - self._auth_logged_at >= _AUTH_LOG_PERIOD:
+            self._auth_logged_at = now
+            logger.error(
+                "the peer at %s failed to prove the bus secret (%d handshakes so far): it is not "
+                "our hub, nothing of it is read",
+                self.endpoint,
+                self.auth_failures,
+            )
 
     def _read_control(self, control: Socket) -> None:
         for _ in range(_BURST):

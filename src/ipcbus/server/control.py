@@ -7,15 +7,14 @@ ack or a delivery. Payloads stay opaque: queue deliveries carry the bytes the pu
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from typing import Any
 
 import zmq
 
 from ..wire import protocol as wire
+from .groups_file import GroupsFile
 from .queues import Delivery, QueueBook
 
 __all__ = ["ControlPlane"]
@@ -58,7 +57,7 @@ class ControlPlane:
         self._waiting: list[tuple[bytes, bytes, int, float]] = []
         self._next_check = 0.0
         self.draining = False  # stopping: no new deliveries, only acks of those in flight
-        self._groups_file: str | None = None
+        self._groups_file: GroupsFile | None = None
         self._probes: list[float] = []  # when to probe every client (see probe_soon)
 
     # -- requests ---------------------------------------------------------------------------
@@ -132,28 +131,20 @@ class ControlPlane:
     def restore_groups(self, path: str) -> None:
         """Recreate the queue groups a previous hub at this address had (they outlive the
         absence of their consumers, a hub restart included: docs/guarantees.md)."""
-        self._groups_file = path
-        try:
-            with open(path, encoding="utf-8") as lines:
-                declared = [json.loads(line) for line in lines if line.strip()]
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            logger.error("cannot read the queue groups of the previous hub (%s): %s", path, exc)
-            return
-        for entry in declared:
-            self.book.declare(wire.topic_for(entry["topic"]), entry["queue"])
-        logger.info("restored %d queue groups from %s", len(declared), path)
+        self._groups_file = GroupsFile(path)
+        declared = self._groups_file.load()
+        for topic, name in declared:
+            self.book.declare(topic, name)
+        if declared:
+            logger.info("restored %d queue groups from %s", len(declared), path)
+
+    @property
+    def bad_group_entries(self) -> int:
+        return 0 if self._groups_file is None else self._groups_file.bad_entries
 
     def remember_group(self, topic: bytes, name: str) -> None:
-        if self._groups_file is None:
-            return
-        entry = json.dumps({"topic": wire.unique_name_of(topic), "queue": name})
-        fd = os.open(self._groups_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, entry.encode() + b"\n")
-        finally:
-            os.close(fd)
+        if self._groups_file is not None:
+            self._groups_file.append(topic, name)
 
     def announce_stop(self, control: Socket) -> None:
         """The hub is stopping: clients stop waiting for it at once and try to reconnect."""

@@ -9,19 +9,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing.connection
-import os
 import signal
-import socket
 import threading
 
 import zmq
 
 from ..config import HubOptions
-from ..exceptions import HubAddressError
+from ..exceptions import HubAddressError, InsecurePathError
 from ..wire.address import Address
+from .claim import remove_stale_socket_files
 from .relay import Relay
 
-__all__ = ["check_address", "remove_socket_files", "remove_stale_socket_files", "serve_in_child"]
+__all__ = ["check_address", "remove_stale_socket_files", "serve_in_child"]
 
 logger = logging.getLogger("ipcbus.hub")
 
@@ -41,17 +40,21 @@ def serve_in_child(
             ready=lambda: conn.send(("ready", relay.pub_endpoint)),
             watch_fd=conn.fileno(),
         )
+    except HubAddressError as exc:
+        logger.error("%s", exc)
+        with contextlib.suppress(OSError):
+            conn.send(("address", str(exc)))
+        raise SystemExit(1) from exc
     except Exception as exc:
         logger.exception("hub at %s failed", address)
         with contextlib.suppress(OSError):
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from exc
-    finally:
-        remove_socket_files(relay.address)
 
 
 def check_address(text: str) -> Address:
-    """Parse and check, before binding, an address the hub cannot or must not take."""
+    """Parse and check, before starting a hub process, an address the hub cannot or must not
+    take (the serving process checks again, holding the address's lock)."""
     try:
         address = Address.parse(text)
     except ValueError as exc:
@@ -63,36 +66,8 @@ def check_address(text: str) -> Address:
                 f"ipc path {longest!r} is {len(longest)} bytes; this system allows "
                 f"{zmq.IPC_PATH_MAX_LEN} (zmq.IPC_PATH_MAX_LEN): use a shorter directory"
             )
-        if os.path.exists(address.path):
-            if _answers(address.path):
-                raise HubAddressError(f"another hub already serves {address}")
-            os.unlink(address.path)  # a stale socket left by a hub that was killed
-    return address
-
-
-def remove_socket_files(address: Address) -> None:
-    for path in address.socket_files():
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def remove_stale_socket_files(address: Address) -> None:
-    """After a hub was killed: remove its socket files, but not one that answers (it belongs
-    to a hub started here since). The key and groups files stay: a hub restarted here reuses
-    them."""
-    for path in address.socket_files():
-        if not _answers(path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-
-def _answers(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
+        address.check_home()
+    except InsecurePathError as exc:
+        raise HubAddressError(f"cannot serve at {address}: {exc}") from exc
+    return address

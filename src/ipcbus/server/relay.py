@@ -22,6 +22,7 @@ from ..wire import protocol as wire
 from ..wire.address import Address, endpoint_file
 from ..wire.keys import USERNAME, admits, load_or_create_secret, serve_securely
 from ..wire.statistics import HubStatistics
+from .claim import AddressClaim
 from .control import ControlPlane, send_reply
 from .fanout import Fanout
 
@@ -88,6 +89,7 @@ class Relay:
             clients_lost=self.control_plane.clients_lost,
             late_acks=book.late_acks,
             unsplittable_dropped=self._unsplittable,
+            bad_group_entries=self.control_plane.bad_group_entries,
             queues=book.statistics(),
             dead_letters={
                 name: [asdict(record) for record in records]
@@ -104,12 +106,13 @@ class Relay:
     ) -> None:
         """Relay until ``should_stop()`` is true or ``watch_fd`` (the parent's pipe) hangs up."""
         options = self.options
+        claim = AddressClaim(self.address)
+        claim.acquire()  # HubAddressError: another hub serves here, or the directory is unsafe
         context = zmq.Context()
         sockets: list[Socket] = []
         try:
-            key_path = self.address.key_file
-            restarted = os.path.exists(key_path)
-            secret = load_or_create_secret(key_path)
+            restarted = os.path.exists(self.address.key_file)
+            secret = load_or_create_secret(self.address)
             self.control_plane.restore_groups(self.address.hub_file(".groups"))
             if restarted:
                 # A previous hub served here: give its clients restart_grace s to reconnect
@@ -126,7 +129,7 @@ class Relay:
             sockets += [control, data, xpub]
             for server in (control, data, xpub):
                 server.linger = 0
-                serve_securely(server, self.address, secret)
+                serve_securely(server, secret)
                 server.setsockopt(zmq.HANDSHAKE_IVL, int(options.handshake_timeout * 1000))
                 server.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
             for router in (control, data):
@@ -139,6 +142,7 @@ class Relay:
             xpub.bind(self.pub_endpoint)
             self.in_endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)
             self.pub_endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
+            claim.bound()
             _restrict_ipc_files(*self.endpoints)
             self._fanout = Fanout(xpub, options.stall_timeout)
             # Peers that fail the handshake before the ZAP handler is asked (wrong mechanism,
@@ -160,6 +164,7 @@ class Relay:
             for socket in sockets:
                 socket.close(linger=0)
             context.term()
+            claim.release()
 
     # -- the loop ---------------------------------------------------------------------------
 

@@ -1,18 +1,20 @@
-"""The bus secret: 32 random bytes in a 0600 key file, and how sockets prove it.
+"""The bus secret: 32 random bytes in a 0600 key file, and how both ends of a socket prove it.
 
 Unpickling is code execution, so a peer that cannot prove it knows the secret gets nothing routed
 and nothing unpickled (docs/security.md: the ShadowMQ CVEs are pickle over unauthenticated ZeroMQ).
-The hub's ZAP handler checks every connection to every hub socket during its handshake, in
-constant time, before the hub reads a single message of that peer:
+Authentication goes both ways, on every transport (ipc:// too): every socket uses CURVE, with both
+key pairs derived from the secret.
 
-- ``ipc://``: PLAIN, the password being the secret. Nothing more is needed: only this user can
-  reach the 0700 directory, and the traffic never leaves the kernel.
-- ``tcp://``: CURVE (encrypted and authenticated). Both key pairs are derived from the secret, so
-  holding the key file is what it takes; the ZAP handler admits only the derived client key.
-
-The secret never appears on a command line, in the environment or in a log: a worker finds the
-key file from the hub's address (beside an ipc socket; for tcp in a 0700 per-user directory of the
-temporary directory, to be copied to the same place on other machines).
+- The hub proves the secret by completing the handshake with the server key pair: a client knows
+  the server's public key and refuses a peer that lacks its secret key, before it reads a byte
+  (an impostor that took over a socket path gets a failed handshake, not a client).
+- A client proves the secret with the client key pair: the hub's ZAP handler admits only the
+  derived client key, in constant time, before the hub reads a single message of that peer.
+- The secret itself never crosses the wire, and never appears on a command line, in the
+  environment or in a log: a worker finds the key file from the hub's address (beside an ipc
+  socket; for tcp in a 0700 per-user directory of the temporary directory, to be copied to the
+  same place on other machines). Directories and files are checked before they are trusted
+  (``paths``).
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import stat
 from typing import Any
 
 import zmq
 from zmq.utils import z85
 
-from ..exceptions import HubUnavailableError
+from ..exceptions import HubUnavailableError, InsecurePathError
 from .address import Address
+from .paths import open_private_file
 
 __all__ = [
     "USERNAME",
@@ -35,6 +37,7 @@ __all__ = [
     "admits",
     "load_or_create_secret",
     "prove",
+    "read_bus_secret",
     "read_secret",
     "serve_securely",
 ]
@@ -44,11 +47,15 @@ ZAP_DOMAIN = b"ipcbus"
 _SECRET_BYTES = 32
 
 
-def load_or_create_secret(path: str) -> bytes:
+def load_or_create_secret(address: Address) -> bytes:
     """The hub's secret: reused when a previous hub at this address left its key file (so its
-    clients reconnect to a restarted hub), else created with mode 0600."""
+    clients reconnect to a restarted hub), else created with mode 0600. Refuses a home directory
+    or a key file another user could control (``InsecurePathError``)."""
+    address.check_home()
+    path = address.key_file
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # O_EXCL: never follows a symlink planted where the key file will be.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         return read_secret(path)
     secret = os.urandom(_SECRET_BYTES).hex().encode()
@@ -59,21 +66,28 @@ def load_or_create_secret(path: str) -> bytes:
     return secret
 
 
-def read_secret(path: str) -> bytes:
-    """A client's copy of the secret; ``HubUnavailableError`` when it cannot be had."""
+def read_bus_secret(address: Address) -> bytes:
+    """A client's copy of the secret of the hub at ``address``, its home directory checked
+    first; ``HubUnavailableError`` when it cannot be had."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        address.check_home()
+    except InsecurePathError as exc:
+        raise HubUnavailableError(f"refusing the hub's directory: {exc}") from exc
+    return read_secret(address.key_file)
+
+
+def read_secret(path: str) -> bytes:
+    """The secret in the key file ``path``; ``HubUnavailableError`` when it cannot be had."""
+    try:
+        fd = open_private_file(path, os.O_RDONLY)
+    except InsecurePathError as exc:
+        raise HubUnavailableError(f"refusing key file {path}: {exc}") from exc
     except OSError as exc:
         raise HubUnavailableError(
             f"cannot read the hub's key file {path}: {exc.strerror} (is a hub running at this "
             "address, as this user?)"
         ) from exc
     try:
-        info = os.fstat(fd)
-        if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-            raise HubUnavailableError(
-                f"refusing key file {path}: it must belong to this user with mode 0600"
-            )
         secret = os.read(fd, 4 * _SECRET_BYTES).strip()
     finally:
         os.close(fd)
@@ -88,31 +102,24 @@ def _curve_pair(secret: bytes, role: bytes) -> tuple[bytes, bytes]:
     return zmq.curve_public(secret_key), secret_key
 
 
-def serve_securely(sock: zmq.Socket[Any], address: Address, secret: bytes) -> None:
-    """Make a hub socket require the secret (checked by the ZAP handler, see ``admits``)."""
+def serve_securely(sock: zmq.Socket[Any], secret: bytes) -> None:
+    """Make a hub socket prove the secret (the server key pair) and require it of its peers
+    (checked by the ZAP handler, see ``admits``)."""
     sock.zap_domain = ZAP_DOMAIN
-    if address.is_tcp:
-        sock.curve_server = True
-        sock.curve_secretkey = _curve_pair(secret, b"server")[1]
-    else:
-        sock.plain_server = True
+    sock.curve_server = True
+    sock.curve_secretkey = _curve_pair(secret, b"server")[1]
 
 
-def prove(sock: zmq.Socket[Any], address: Address, secret: bytes) -> None:
-    """Make a client socket prove the secret in its handshake with the hub at ``address``."""
-    if address.is_tcp:
-        sock.curve_serverkey = _curve_pair(secret, b"server")[0]
-        sock.curve_publickey, sock.curve_secretkey = _curve_pair(secret, b"client")
-    else:
-        sock.plain_username = USERNAME
-        sock.plain_password = secret
+def prove(sock: zmq.Socket[Any], secret: bytes) -> None:
+    """Make a client socket prove the secret (the client key pair) and accept only a hub that
+    proves it too (the server's public key)."""
+    sock.curve_serverkey = _curve_pair(secret, b"server")[0]
+    sock.curve_publickey, sock.curve_secretkey = _curve_pair(secret, b"client")
 
 
 def admits(secret: bytes, mechanism: bytes, credentials: list[bytes]) -> bool:
-    """The ZAP decision, in constant time: does this handshake prove the secret?"""
-    if mechanism == b"PLAIN" and len(credentials) == 2:
-        username, password = credentials
-        return hmac.compare_digest(username, USERNAME) & hmac.compare_digest(password, secret)
+    """The ZAP decision, in constant time: does this handshake prove the secret? Only CURVE
+    with the client key derived from it does (PLAIN would put the secret on the wire)."""
     if mechanism == b"CURVE" and len(credentials) == 1:
         client_key = z85.decode(_curve_pair(secret, b"client")[0])
         return hmac.compare_digest(credentials[0], client_key)

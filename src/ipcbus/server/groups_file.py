@@ -1,0 +1,81 @@
+"""The hub's record of its declared queue groups, kept beside its socket so that a hub restarted
+at the same address recreates them (groups outlive their consumers: docs/guarantees.md).
+
+One JSON object per line: ``{"topic": "<unique name>", "queue": "<queue name>"}``. The file is
+opened without following symlinks and only if it is this user's private file; a line that is not
+such an object is skipped, counted and logged, never fatal (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from ..exceptions import InsecurePathError
+from ..wire import protocol as wire
+from ..wire.paths import open_private_file
+
+__all__ = ["GroupsFile"]
+
+logger = logging.getLogger(__name__)
+
+# More than this is not a file a hub of ours wrote (each line is one declared group).
+_MAX_BYTES = 16 * 1024 * 1024
+
+
+class GroupsFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.bad_entries = 0  # lines skipped when loading
+
+    def load(self) -> list[tuple[bytes, str]]:
+        """The (topic, queue name) pairs recorded, bad lines skipped and counted."""
+        try:
+            fd = open_private_file(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return []
+        except (InsecurePathError, OSError) as exc:
+            logger.error("not restoring queue groups from %s: %s", self.path, exc)
+            self.bad_entries += 1
+            return []
+        with os.fdopen(fd, "rb") as file:
+            data = file.read(_MAX_BYTES + 1)
+        if len(data) > _MAX_BYTES:
+            logger.error("not restoring queue groups: %s is over %d bytes", self.path, _MAX_BYTES)
+            self.bad_entries += 1
+            return []
+        groups: list[tuple[bytes, str]] = []
+        for number, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                groups.append(_parse(line))
+            except (ValueError, TypeError, KeyError) as exc:
+                self.bad_entries += 1
+                logger.error("skipped line %d of %s: %s", number, self.path, exc)
+        return groups
+
+    def append(self, topic: bytes, name: str) -> None:
+        line = json.dumps({"topic": wire.unique_name_of(topic), "queue": name}).encode() + b"\n"
+        try:
+            fd = open_private_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except (InsecurePathError, OSError) as exc:
+            logger.error(
+                "cannot record queue group %r of %r in %s: %s", name, topic, self.path, exc
+            )
+            return
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+
+def _parse(line: bytes) -> tuple[bytes, str]:
+    entry = json.loads(line)
+    if not isinstance(entry, dict):
+        raise TypeError(f"not an object: {line[:64]!r}")
+    topic, name = entry["topic"], entry["queue"]
+    if not isinstance(topic, str) or not isinstance(name, str) or not name:
+        raise TypeError(f"topic and queue must be non-empty strings: {line[:64]!r}")
+    return wire.check_topic(wire.topic_for(topic)), name
