@@ -61,6 +61,8 @@ class HubOptions(_Options):
       the hub sends without waiting for it (counted) and it learns of the gap.
     - ``restart_grace``: a hub restarted at an address relays nothing for this long, so the
       previous hub's subscribers are back first.
+    - ``max_pending_handshakes``: on tcp, at most this many connections per socket may be
+      waiting to authenticate; past it the oldest are shut down (docs/security.md).
     """
 
     hwm: int = 1000
@@ -72,9 +74,11 @@ class HubOptions(_Options):
     drain_timeout: float = 5.0
     stall_timeout: float = 30.0
     restart_grace: float = 1.0
+    max_pending_handshakes: int = 256
 
     def __post_init__(self) -> None:
         self._check_positive(
+            "max_pending_handshakes",
             "hwm",
             "heartbeat_interval",
             "heartbeat_timeout",

@@ -25,6 +25,7 @@ from ..wire.statistics import HubStatistics
 from .claim import AddressClaim
 from .control import ControlPlane, send_reply
 from .fanout import Fanout
+from .preauth import PendingHandshakes, raise_fd_limit
 
 __all__ = ["Relay"]
 
@@ -66,6 +67,8 @@ class Relay:
         self._batches = self._messages = self._bytes = 0
         self._malformed = self._unsplittable = self._auth_rejected = 0
         self._accept_after = 0.0
+        self._pending: dict[Socket, PendingHandshakes] = {}  # tcp: per socket's monitor
+        self._control_monitor: Socket | None = None
 
     @property
     def endpoints(self) -> tuple[str, str, str]:
@@ -90,6 +93,7 @@ class Relay:
             late_acks=book.late_acks,
             unsplittable_dropped=self._unsplittable,
             bad_group_entries=self.control_plane.bad_group_entries,
+            handshakes_shed=sum(pending.shed for pending in self._pending.values()),
             queues=book.statistics(),
             dead_letters={
                 name: [asdict(record) for record in records]
@@ -150,13 +154,21 @@ class Relay:
             # The control socket's disconnections too: a client process that died (kill -9,
             # an unhandled SIGTERM) is found at once by probing, not at its heartbeat timeout.
             failed = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            monitors = [
-                server.get_monitor_socket(
-                    failed | (zmq.EVENT_DISCONNECTED if server is control else 0)
-                )
-                for server in (control, data, xpub)
-            ]
+            # On tcp, accepted connections are counted until they prove the key (preauth).
+            tcp = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED if self.address.is_tcp else 0
+            monitors = []
+            for server in (control, data, xpub):
+                events = failed | tcp | (zmq.EVENT_DISCONNECTED if server is control else 0)
+                monitor = server.get_monitor_socket(events)
+                monitors.append(monitor)
+                if tcp:
+                    port = int(server.getsockopt_string(zmq.LAST_ENDPOINT).rpartition(":")[2])
+                    self._pending[monitor] = PendingHandshakes(options.max_pending_handshakes, port)
             sockets += monitors
+            self._control_monitor = monitors[0]
+            if self.address.is_tcp:
+                before, after = raise_fd_limit()
+                logger.info("open files: soft limit raised from %d to %d", before, after)
             if ready is not None:
                 ready()
             self._loop(zap, secret, monitors, control, data, xpub, should_stop, watch_fd)
@@ -254,15 +266,25 @@ class Relay:
             zap.send_multipart([version, request_id, *status, USERNAME if allowed else b"", b""])
 
     def _count_failed_handshakes(self, monitor: Socket) -> None:
+        pending = self._pending.get(monitor)
         for _ in range(_BURST):
             try:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self.control_plane.probe_soon()
+                break
+            kind, value = event["event"], int(event["value"])
+            if kind == zmq.EVENT_ACCEPTED:
+                if pending is not None:
+                    pending.accepted(value)
+            elif kind == zmq.EVENT_DISCONNECTED:
+                if pending is not None:
+                    pending.closed(value)
+                if monitor is self._control_monitor:
+                    self.control_plane.probe_soon()
             else:
                 self._auth_rejected += 1
+        if pending is not None:
+            pending.enforce()
 
     def _read(
         self,

@@ -28,6 +28,7 @@ class HubStatistics:
     late_acks: int = 0
     unsplittable_dropped: int = 0
     bad_group_entries: int = 0  # lines of the queue-groups file skipped at start
+    handshakes_shed: int = 0  # tcp connections shut down before authenticating (preauth)
     queues: dict[str, dict[str, int]] = field(default_factory=dict)
     # Per queue, the dead letters the hub keeps (bounded): message_id, attempts, last error.
     dead_letters: dict[str, list[dict[str, object]]] = field(default_factory=dict)
