@@ -4,6 +4,8 @@
 - ``io``: the I/O thread that owns the process's sockets.
 - ``session``: whether the hub is there (HELLO, heartbeats, reconnect, resync).
 - ``outbox``: what ``publish()`` queued, batched into requests.
+- ``subscriptions``: the SUB socket's subscriptions, sync topics, and a batch held back.
+- ``control``: control requests waiting to leave; queue consumers to restore.
 - ``dispatch``: the thread that calls broadcast handlers.
 - ``runner``: the threads and event loop that run queue handlers and ack them.
 - ``admin``: one-off requests (statistics) without joining the bus.

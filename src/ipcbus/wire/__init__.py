@@ -3,5 +3,6 @@
 - ``protocol``: every frame of every message, built and parsed in one place; no zmq.
 - ``address``: a hub address parsed once; no zmq.
 - ``statistics``: the hub's statistics record, as it travels in a STATS reply; no zmq.
+- ``paths``: directories and files checked before they are trusted; no zmq.
 - ``keys``: the bus secret and how each side of a socket proves it (imports zmq).
 """
