@@ -17,9 +17,11 @@ import pytest
 from ipcbus import Broker, Hub, HubBroker, MemoryBroker, TestBroker
 from ipcbus.client.admin import request_statistics
 from ipcbus.config import ENV_ADDRESS
-from ipcbus.core import registry as _registry
+from ipcbus.testing import isolated_registry
 
 from .hubtools import BarrierWaiter, SplitBroker
+
+pytest_plugins = ["pytester"]
 
 
 class Harness:
@@ -123,7 +125,7 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     if kind == "memory":
         broker = MemoryBroker()
     elif kind == "test":
-        broker = TestBroker()
+        broker = TestBroker(fail_fast=False)  # the contract: handler failures are isolated
     else:
         address = request.getfixturevalue("fresh_hub").address
         broker = HubBroker(address) if kind == "hub" else SplitBroker(address)
@@ -134,13 +136,11 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
 
 
 @pytest.fixture(autouse=True)
-def isolated_registry() -> Iterator[None]:
-    """Each test starts with no process broker and leaves the Consumer declarations it made."""
-    saved = _registry._current
-    _registry._current = None
-    with _registry.isolated_consumers():
+def isolated() -> Iterator[None]:
+    """Each test starts with no process broker and leaves the Consumer declarations it made
+    (the public API the ipcbus_isolated fixture of the plugin uses too)."""
+    with isolated_registry():
         yield
-    _registry._current = saved
 
 
 def queues_idle(address: str) -> bool:

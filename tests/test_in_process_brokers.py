@@ -34,7 +34,7 @@ WAIT = 10.0  # seconds: the bound of every wait in this module
 def test_published_lists_everything_in_order_including_handler_publishes(
     errors_logged: pytest.LogCaptureFixture,
 ) -> None:
-    broker = TestBroker()
+    broker = TestBroker(fail_fast=False)  # retries and dead letters
     broker.subscribe(OrderPlaced, lambda m: broker.publish(OrderShipped(m.order_id)))
 
     def poison(message: OrderShipped) -> None:
@@ -84,7 +84,7 @@ def test_nothing_is_delivered_before_process_messages() -> None:
 def test_process_messages_counts_handler_calls_including_retries(
     errors_logged: pytest.LogCaptureFixture,
 ) -> None:
-    broker = TestBroker()
+    broker = TestBroker(fail_fast=False)  # retries and dead letters
     attempts: list[int] = []
     dead: list[DeadLetter] = []
 
@@ -144,7 +144,7 @@ def test_max_deliveries_is_not_reached_by_a_finite_cascade() -> None:
 def test_coroutine_handlers_work_when_called_from_a_running_loop(
     errors_logged: pytest.LogCaptureFixture,
 ) -> None:
-    broker = TestBroker()
+    broker = TestBroker(fail_fast=False)  # retries and dead letters
     handled: list[int] = []
     failed_once: set[int] = set()
     followups: list[Message] = []
@@ -561,3 +561,87 @@ def test_null_broker_refuses_use_after_close() -> None:
         broker.subscribe_async(Tick, print, "q")
     with pytest.raises(TypeError):
         broker.publish("not a message")  # type: ignore[arg-type]
+
+
+# -- TestBroker fails loudly --------------------------------------------------------------------
+
+
+def test_a_failing_assert_in_a_handler_fails_process_messages() -> None:
+    """By default a handler's exception propagates, so a failing assert fails the test; the
+    note names the handler and the message."""
+    broker = TestBroker()
+
+    def check(message: OrderPlaced) -> None:
+        assert message.amount > 0, "orders must have an amount"
+
+    broker.subscribe(OrderPlaced, check)
+    broker.publish(OrderPlaced(7, 0.0))
+    with pytest.raises(AssertionError, match="orders must have an amount") as raised:
+        broker.process_messages()
+    notes = "\n".join(raised.value.__notes__)
+    assert "check" in notes
+    assert "OrderPlaced(order_id=7" in notes
+    assert [failure.message for failure in broker.failures] == [OrderPlaced(7, 0.0)]
+
+
+def test_a_failing_queue_handler_propagates_at_its_first_attempt() -> None:
+    broker = TestBroker()
+    calls: list[int] = []
+
+    async def ship(message: OrderPlaced) -> None:
+        calls.append(AsyncMessageContext.current().attempt)
+        raise ValueError(f"cannot ship {message.order_id}")
+
+    broker.subscribe_async(OrderPlaced, ship, "shipping")
+    broker.publish(OrderPlaced(3))
+    with pytest.raises(ValueError, match="cannot ship 3") as raised:
+        broker.process_messages()
+    assert calls == [1]
+    assert "queue 'shipping', attempt 1" in "\n".join(raised.value.__notes__)
+    assert not [m for m in broker.published if isinstance(m, DeadLetter)]
+
+
+def test_messages_not_delivered_before_a_failure_stay_pending() -> None:
+    broker = TestBroker()
+    seen: list[int] = []
+
+    def handle(message: OrderPlaced) -> None:
+        if message.order_id == 2:
+            raise RuntimeError("two")
+        seen.append(message.order_id)
+
+    broker.subscribe(OrderPlaced, handle)
+    for order_id in (1, 2, 3):
+        broker.publish(OrderPlaced(order_id))
+    with pytest.raises(RuntimeError):
+        broker.process_messages()
+    assert seen == [1]
+    assert broker.pending == 1
+    assert broker.process_messages() == 1
+    assert seen == [1, 3]
+
+
+def test_collecting_failures_records_each_attempt_and_dead_letters() -> None:
+    broker = TestBroker(fail_fast=False)
+
+    def poison(message: OrderPlaced) -> None:
+        raise ValueError("poison")
+
+    broker.subscribe_async(OrderPlaced, poison, "q", max_attempts=3)
+    broker.publish(OrderPlaced(9))
+    assert broker.process_messages() == 3
+    assert [(f.queue_name, f.attempt) for f in broker.failures] == [("q", 1), ("q", 2), ("q", 3)]
+    dead = [m for m in broker.published if isinstance(m, DeadLetter)]
+    assert [(d.message, d.attempts) for d in dead] == [(OrderPlaced(9), 3)]
+
+
+def test_keyboard_interrupt_in_a_handler_always_propagates() -> None:
+    broker = TestBroker(fail_fast=False)
+
+    def interrupted(message: OrderPlaced) -> None:
+        raise KeyboardInterrupt
+
+    broker.subscribe_async(OrderPlaced, interrupted, "q")
+    broker.publish(OrderPlaced(1))
+    with pytest.raises(KeyboardInterrupt):
+        broker.process_messages()

@@ -7,6 +7,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from ..core.codec import encode_batch
 from ..core.contract import AsyncMessageContext, Broker, Subscription
@@ -15,7 +16,7 @@ from ..core.retry import after_failure, publish_dead_letter
 from ..core.routing import RouteTable
 from ..message import Message, get_unique_name_for_message
 
-__all__ = ["TestBroker"]
+__all__ = ["HandlerFailure", "TestBroker"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,27 +33,47 @@ class _Retry:
     attempt: int
 
 
+@dataclass(frozen=True)
+class HandlerFailure:
+    """A handler call that raised, as ``TestBroker.failures`` records it."""
+
+    message: Message
+    handler: Any
+    exception: BaseException
+    queue_name: str | None  # None for a broadcast handler
+    attempt: int
+
+
 class TestBroker(Broker):
     """Records what is published; ``process_messages()`` delivers it.
 
     ``publish()`` checks that the message can be serialised, as production would, records it in
     ``published`` and queues it; nothing is delivered until :meth:`process_messages`, which runs
-    broadcast and queue handlers (awaiting coroutines to completion, in this thread), retries and
-    dead letters included, and messages those handlers publish, until nothing is pending.
+    broadcast and queue handlers (awaiting coroutines to completion, in this thread), and
+    messages those handlers publish, until nothing is pending.
+
+    Handlers fail loudly by default (``fail_fast=True``, as dramatiq's ``join(fail_fast=True)``):
+    the first exception a handler raises propagates from ``process_messages()``, with a note that
+    names the handler and the message, so a failing ``assert`` in a handler fails the test. With
+    ``fail_fast=False`` handlers fail as they would in production (logged; queue handlers retried
+    at once, then dead-lettered) and every failure is recorded in ``failures``: for tests that
+    expect retries and dead letters. ``KeyboardInterrupt`` always propagates.
     """
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, *, max_deliveries: int = 1_000_000) -> None:
+    def __init__(self, *, fail_fast: bool = True, max_deliveries: int = 1_000_000) -> None:
         super().__init__()
         self.published: list[Message] = []
+        self.failures: list[HandlerFailure] = []
+        self.fail_fast = fail_fast
         self._pending: deque[Message | _Retry] = deque()
         self._routes = RouteTable()
         self._ids = itertools.count(1)
         self._max_deliveries = max_deliveries
 
     def _for_child(self) -> TestBroker:
-        return type(self)(max_deliveries=self._max_deliveries)
+        return type(self)(fail_fast=self.fail_fast, max_deliveries=self._max_deliveries)
 
     def _publish(self, message: Message) -> None:
         # MessageSerializationError here, exactly where and when the hub proxy would raise it.
@@ -74,8 +95,10 @@ class TestBroker(Broker):
     def process_messages(self) -> int:
         """Deliver everything pending, including what handlers publish meanwhile.
 
-        Returns the number of handler calls made (retries included). Raises ``RuntimeError`` past
-        ``max_deliveries`` calls, which only a handler that publishes forever reaches.
+        Returns the number of handler calls made, retries included (a predicate that rejects is
+        no call). With ``fail_fast`` a handler's exception propagates (what was not delivered yet
+        stays pending). Raises ``RuntimeError`` past ``max_deliveries`` calls, which only a
+        handler that publishes forever reaches.
         """
         self._check_open()
         calls = 0
@@ -92,8 +115,8 @@ class TestBroker(Broker):
             topic = get_unique_name_for_message(item)
             for subscription in self._routes.broadcast(topic):
                 if subscription.accepts(item):
-                    call_handler(subscription, item)
                     calls += 1
+                    self._call(subscription, item)
             published_at = time.time()
             for queue_name in self._routes.queue_names(topic):
                 message_id = f"test-{next(self._ids)}"
@@ -101,6 +124,28 @@ class TestBroker(Broker):
                     _Retry(topic, queue_name, item, message_id, published_at, attempt=1)
                 )
         return calls
+
+    def _call(self, subscription: Subscription, message: Message) -> None:
+        if not self.fail_fast:
+            call_handler(subscription, message)  # logs what it raises, as production does
+            return
+        try:
+            subscription.handler(message)
+        except BaseException as exc:
+            self._fail(exc, subscription.handler, message, None, 1)
+            raise
+
+    def _fail(
+        self, exc: BaseException, handler: Any, message: Message, queue: str | None, attempt: int
+    ) -> None:
+        self.failures.append(HandlerFailure(message, handler, exc, queue, attempt))
+        if self.fail_fast:
+            where = "broadcast" if queue is None else f"queue {queue!r}, attempt {attempt}"
+            exc.add_note(
+                f"raised by handler {handler!r} ({where}) on {message!r} in "
+                "TestBroker.process_messages(); use TestBroker(fail_fast=False) to have it "
+                "retried and dead-lettered instead"
+            )
 
     def _attempt(self, delivery: _Retry) -> int:
         member = self._routes.pick(delivery.topic, delivery.queue_name, delivery.message)
@@ -112,7 +157,12 @@ class TestBroker(Broker):
         )
         try:
             call_to_completion(member, delivery.message, context)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            self._fail(exc, member.handler, delivery.message, delivery.queue_name, delivery.attempt)
+            if self.fail_fast:
+                raise
             verdict = after_failure(
                 member.policy,
                 delivery.queue_name,

@@ -14,7 +14,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ..exceptions import BrokerNotInitializedError
 from .contract import Broker, Subscription
@@ -23,10 +23,14 @@ __all__ = [
     "Declaration",
     "get_message_broker",
     "isolated_consumers",
+    "isolated_registry",
     "override_message_broker",
     "register_consumer",
     "set_message_broker",
 ]
+
+
+B = TypeVar("B", bound=Broker)
 
 
 class Declaration(Protocol):
@@ -92,7 +96,7 @@ def get_message_broker() -> Broker:
 
 
 @contextmanager
-def override_message_broker(broker: Broker) -> Iterator[Broker]:
+def override_message_broker(broker: B) -> Iterator[B]:
     """Make ``broker`` this process's broker inside the ``with`` block, and yield it.
 
     The previous broker (or none) is restored afterwards, also when the block raises. Neither
@@ -152,3 +156,20 @@ def isolated_consumers() -> Iterator[None]:
     finally:
         with _lock:
             _consumers[:] = saved
+
+
+@contextmanager
+def isolated_registry() -> Iterator[None]:
+    """Run the block with no process broker installed, and afterwards restore the broker that
+    was installed and forget the ``Consumer`` declarations made inside (for test suites: each
+    test starts clean, and module-level declarations of test modules do not leak)."""
+    global _current
+    with _lock:
+        saved = _current
+        _current = None
+    try:
+        with isolated_consumers():
+            yield
+    finally:
+        with _lock:
+            _current = saved
