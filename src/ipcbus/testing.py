@@ -88,8 +88,7 @@ def run_in_worker(
         except EOFError:
             process.join(_REAP_TIMEOUT)
             raise WorkerError(
-                f"worker running {function!r} exited with code {process.exitcode} before "
-                "answering"
+                f"worker running {function!r} exited with code {process.exitcode} before answering"
             ) from None
         grace = _REAP_TIMEOUT  # it answered: let it close its broker and exit
     finally:
