@@ -17,14 +17,14 @@ $(STAMP): pyproject.toml
 
 # Read-only: never rewrites a file. The import rules of the tree are a test (docs/architecture.md).
 check: install
-	$(BIN)/ruff format --check src tests bench scripts
-	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts examples
+	$(BIN)/ruff check src tests bench scripts examples
 	$(BIN)/mypy
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_import_rules.py
 
 format: install
-	$(BIN)/ruff format src tests bench scripts
-	$(BIN)/ruff check --fix src tests bench scripts
+	$(BIN)/ruff format src tests bench scripts examples
+	$(BIN)/ruff check --fix src tests bench scripts examples
 
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
 test: install
