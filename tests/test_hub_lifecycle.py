@@ -624,3 +624,44 @@ def test_start_hub_script_prints_the_address_and_stops_on_sigterm(tmp_path: Path
     with pytest.raises(HubUnavailableError):
         request_statistics(address, timeout=0.5)
     assert _sockets_under(tmp_path) == [], "the hub left its socket files behind"
+
+
+def _start_hub_and_wait(start_method: str, tmp_dir: str, pids: Any) -> None:
+    """Runs in a process that is then killed: starts a hub and reports its pid."""
+    hub = Hub(f"ipc://{tmp_dir}/hub", start_method=start_method)
+    hub.start(timeout=START_TIMEOUT)
+    pids.put(hub.pid)
+    time.sleep(600)  # killed long before
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_a_hub_does_not_outlive_the_process_that_started_it(
+    start_method: str, tmp_path: Path
+) -> None:
+    """SIGKILL of the starter (no clean-up runs there): the hub notices its pipe close and
+    stops. A forked hub used to hold the starter's end of that pipe itself, and lived on."""
+    context = multiprocessing.get_context("spawn")
+    pids = context.Queue()
+    starter = context.Process(target=_start_hub_and_wait, args=(start_method, str(tmp_path), pids))
+    starter.start()
+    try:
+        hub_pid = pids.get(timeout=60)
+    finally:
+        starter.kill()
+        starter.join(10)
+    deadline = time.monotonic() + 10
+    while _alive(hub_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = _alive(hub_pid)
+    if alive:
+        os.kill(hub_pid, signal.SIGKILL)
+    assert not alive, f"the {start_method} hub outlived its starter"
+
+
+def _alive(pid: int) -> bool:
+    """Alive and not a zombie (the hub's parent is gone, so init reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            return stat_file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -101,9 +101,12 @@ class Hub:
         check_address(address)
         context: Any = multiprocessing.get_context(self._start_method)
         parent_end, child_end = context.Pipe()
+        # A forked hub inherits the parent's end of the pipe: it closes it, or it would never
+        # see its parent die (spawn and forkserver children inherit nothing).
+        inherited = (parent_end.fileno(),) if self._start_method == "fork" else ()
         process = context.Process(
             target=serve_in_child,
-            args=(address, self.options, child_end),
+            args=(address, self.options, child_end, inherited),
             name="ipcbus-hub",
             daemon=True,
         )

@@ -34,11 +34,14 @@ class AddressClaim:
         self._bound: dict[str, tuple[int, int]] = {}  # socket file -> (device, inode)
 
     def acquire(self) -> None:
+        path = self.address.hub_file(".lock")
         try:
             self.address.check_home()
-            fd = open_private_file(self.address.hub_file(".lock"), os.O_RDWR | os.O_CREAT)
+            fd = open_private_file(path, os.O_RDWR | os.O_CREAT)
         except InsecurePathError as exc:
             raise HubAddressError(f"cannot serve at {self.address}: {exc}") from exc
+        except OSError as exc:  # a directory where the lock should be, no permission, ...
+            raise HubAddressError(f"cannot serve at {self.address}: {path}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -74,7 +77,7 @@ def remove_stale_socket_files(address: Address) -> None:
     try:
         claim.acquire()  # removes the stale files
     except HubAddressError:
-        return  # a hub serves here (started since): its files are not stale
+        return  # a hub serves here (started since), or the place is not ours: leave it
     claim.release()
 
 

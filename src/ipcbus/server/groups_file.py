@@ -35,7 +35,7 @@ class GroupsFile:
             fd = open_private_file(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return []
-        except (InsecurePathError, OSError) as exc:
+        except OSError as exc:  # InsecurePathError included
             logger.error("not restoring queue groups from %s: %s", self.path, exc)
             self.bad_entries += 1
             return []
@@ -51,7 +51,7 @@ class GroupsFile:
                 continue
             try:
                 groups.append(_parse(line))
-            except (ValueError, TypeError, KeyError) as exc:
+            except (ValueError, TypeError, KeyError, RecursionError) as exc:
                 self.bad_entries += 1
                 logger.error("skipped line %d of %s: %s", number, self.path, exc)
         return groups

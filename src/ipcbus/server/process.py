@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing.connection
+import os
 import signal
 import threading
 
@@ -26,8 +27,18 @@ logger = logging.getLogger("ipcbus.hub")
 
 
 def serve_in_child(
-    address: str, options: HubOptions, conn: multiprocessing.connection.Connection
+    address: str,
+    options: HubOptions,
+    conn: multiprocessing.connection.Connection,
+    inherited: tuple[int, ...] = (),
 ) -> None:
+    """The hub process: serve until SIGTERM/SIGINT or until the parent's end of ``conn`` closes.
+
+    ``inherited``: descriptors a forked child got from its parent and must close, first of all
+    the parent's end of the pipe (holding it, the hub would never see the parent die)."""
+    for fd in inherited:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())

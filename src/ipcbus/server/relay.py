@@ -18,6 +18,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ..config import HubOptions
+from ..exceptions import HubAddressError, HubUnavailableError, InsecurePathError
 from ..wire import protocol as wire
 from ..wire.address import Address, endpoint_file
 from ..wire.keys import USERNAME, admits, load_or_create_secret, serve_securely
@@ -116,7 +117,10 @@ class Relay:
         sockets: list[Socket] = []
         try:
             restarted = os.path.exists(self.address.key_file)
-            secret = load_or_create_secret(self.address)
+            try:
+                secret = load_or_create_secret(self.address)
+            except (InsecurePathError, HubUnavailableError) as exc:
+                raise HubAddressError(f"cannot serve at {self.address}: {exc}") from exc
             self.control_plane.restore_groups(self.address.hub_file(".groups"))
             if restarted:
                 # A previous hub served here: give its clients restart_grace s to reconnect

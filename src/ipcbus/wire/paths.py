@@ -16,6 +16,7 @@ will be, a file with planted content. So (docs/security.md, "Files and directori
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 
@@ -57,7 +58,12 @@ def check_directory(path: str) -> None:
 
 def open_private_file(path: str, flags: int, mode: int = 0o600) -> int:
     """``os.open`` that refuses symlinks and files that are not this user's private files."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InsecurePathError(f"{path} is a symbolic link: refusing to follow it") from exc
+        raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
