@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from ipcbus import Hub, HubBroker, HubUnavailableError, connect
+from ipcbus.wire.address import Address
 
 from .conftest import wait_until
 from .hubtools import reap
@@ -212,3 +213,42 @@ def test_sigterm_drains_in_flight_deliveries_and_tells_clients(tmp_path: Path) -
         reap([consumer])
         hub.stop()
     assert exit_code == 0
+
+
+def test_a_tcp_hub_restarted_on_new_data_ports_keeps_its_clients() -> None:
+    """On tcp the data and fan-out ports are chosen at bind time: a restarted hub has new
+    ones, which it announces in WELCOME, and clients follow."""
+    from .hubtools import free_tcp_port
+
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    key = Path(Address.parse(address).key_file)
+    lock = Path(Address.parse(address).hub_file(".lock"))
+    hub = Hub(address, start_method="fork", heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    hub.start()
+    try:
+        with HubBroker(address) as broker:
+            got: list[int] = []
+            arrived = threading.Condition()
+
+            def on_tick(tick: Tick) -> None:
+                with arrived:
+                    got.append(tick.seq)
+                    arrived.notify_all()
+
+            broker.subscribe(Tick, on_tick)
+            broker.publish(Tick(1))
+            with arrived:
+                assert arrived.wait_for(lambda: got == [1], 10)
+            _kill(hub)
+            wait_until(lambda: not broker._io.hub_alive, 5)
+            hub = Hub(address, start_method="fork", heartbeat_interval=0.2, heartbeat_timeout=1.0)
+            hub.start()
+            wait_until(lambda: broker._io.hub_alive, 10)
+            broker.publish(Tick(2))
+            broker.flush(10)
+            with arrived:
+                assert arrived.wait_for(lambda: got == [1, 2], 10), got
+    finally:
+        hub.stop()
+        key.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)

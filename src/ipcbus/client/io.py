@@ -88,6 +88,7 @@ class IOThread:
         self._sent: list[Any] | None = None  # frames waiting for room in the DEALER pipe
         self._thread = threading.Thread(target=self._run, name="ipcbus-io", daemon=True)
         self._connect_timeout: float | None = None
+        self._endpoints = ("", "")  # the hub's publish and fan-out endpoints, from WELCOME
         self._monitors: dict[Socket, Socket] = {}  # socket -> its monitor
         self.auth_failures = 0  # handshakes with a peer that did not prove the bus secret
         self._auth_logged_at = -_AUTH_LOG_PERIOD
@@ -210,6 +211,7 @@ class IOThread:
             self._failure = HubUnavailableError(f"bad WELCOME from {self.endpoint}: {exc}")
             return False
         self._welcome(welcome)
+        self._endpoints = (welcome.publish_endpoint, welcome.fanout_endpoint)
         dealer = self._dealer = self._socket(context, zmq.DEALER)
         dealer.sndhwm = dealer.rcvhwm = self._hwm
         dealer.routing_id = self._client_id
@@ -233,6 +235,24 @@ class IOThread:
         sock.linger = 0
         prove(sock, self._secret)
         return sock
+
+    def _follow(self, welcome: wire.Welcome) -> None:
+        """A hub restarted on tcp binds its data and fan-out sockets on new ports: leave the
+        old ones (ZeroMQ would retry them forever) and connect to the new. A SUB socket's
+        subscriptions go to its new connection by themselves."""
+        endpoints = (welcome.publish_endpoint, welcome.fanout_endpoint)
+        if endpoints == self._endpoints:
+            return
+        for sock, old, new in zip(
+            (self._dealer, self._sub), self._endpoints, endpoints, strict=True
+        ):
+            assert sock is not None
+            if old != new:
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.disconnect(old)
+                sock.connect(new)
+        logger.info("the hub at %s moved its data sockets to %s", self.endpoint, endpoints)
+        self._endpoints = endpoints
 
     def _welcome(self, welcome: wire.Welcome) -> bool:
         resync = bool(self._subscriptions.live_topics)
@@ -362,7 +382,9 @@ class IOThread:
         elif kind == wire.STOPPING:
             self._hub_lost("it is stopping")
         elif kind == wire.WELCOME:
-            if self._welcome(wire.Welcome.parse(body)) and self._subscriptions.live_topics:
+            welcome = wire.Welcome.parse(body)
+            self._follow(welcome)
+            if self._welcome(welcome) and self._subscriptions.live_topics:
                 self._subscriptions.sync(self.session.resynced)
             self._control.restore_consumers()
             self.outbox.resend_flushes()
