@@ -53,8 +53,9 @@ class HubOptions(_Options):
       ``heartbeat_interval`` seconds and declare a silent hub gone after the same timeout.
     - ``max_held``: a queue group holds at most this many messages before its topic's
       publishers feel backpressure.
-    - ``max_message_size``: a peer that sends a message part over this many bytes is
-      disconnected by ZeroMQ.
+    - ``max_message_size``: a peer that sends a message part (frame) over this many bytes is
+      disconnected by ZeroMQ. The hub announces it in WELCOME: clients split batches below it,
+      and a message that alone encodes to more is refused (``MessageTooLargeError``).
     - ``handshake_timeout``: a peer that does not finish its handshake within it is disconnected.
     - ``drain_timeout``: on SIGTERM, consumers get this long to ack what they hold.
     - ``stall_timeout``: a subscriber that accepts nothing for this long stops holding the bus;

@@ -28,7 +28,7 @@ from ..wire import protocol as wire
 from ..wire.address import Address
 from ..wire.keys import prove
 from .control import ControlChannel
-from .outbox import FlushMarker, Outbox
+from .outbox import FlushMarker, Outbox, Rejected
 from .session import Session
 from .subscriptions import Subscriptions
 
@@ -58,10 +58,11 @@ class IOThread:
         on_space: Callable[[], None],
         on_error: Callable[[BaseException], None],
         on_delivery: Callable[[list[bytes]], None],  # a DELIVER request's body
+        on_reject: Callable[[Rejected], None],
     ) -> None:
         self.address = address
         self.endpoint = str(address)
-        self.outbox = Outbox(max_batch, on_error)
+        self.outbox = Outbox(max_batch, on_reject)
         self.session = Session(self.endpoint)
         self._subscriptions = Subscriptions(client_id, deliver)
         self._client_id = client_id
@@ -207,6 +208,7 @@ class IOThread:
     def _welcome(self, welcome: wire.Welcome) -> bool:
         resync = bool(self._subscriptions.live_topics)
         reconnected = self.session.welcome(welcome, resync)
+        self.outbox.set_limit(welcome.max_message_size)
         # Kept across hubs: after a restart, consumers re-register one by one, and a publisher
         # that forgot a topic is grouped would send it unsplit meanwhile (unusable for groups).
         self.outbox.grouped = self.outbox.grouped | frozenset(welcome.grouped_topics)
