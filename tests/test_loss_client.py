@@ -1,10 +1,12 @@
-"""No silent loss on the client side (issue 9, cases 1, 10 and the client half of 12).
+"""No silent loss on the client side (issue 9, cases 1, 10, 11 and the client half of 12).
 
 - 1: batches are split by bytes below the limit the hub announces in WELCOME; one message over
   the limit raises in ``publish()`` (the first of its type) or is rejected alone (a later one).
 - 10: a bad message after the first of its type is rejected alone: no ``publish()`` raises for
   it, no good message is lost, each rejection is logged and counted and the next ``flush()``
   names its type and position.
+- 11: a hub gone for longer than ``hub_lost_timeout``: ``publish()`` raises, subscribers see the
+  state (attribute and callback), ``close()`` reports what it could not deliver.
 - 12: the client's per-type caches keep no dynamically created message class alive.
 
 Subscribers run in spawned processes: what is proved is delivery between processes.
@@ -19,6 +21,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import threading
 import weakref
 from dataclasses import dataclass
@@ -28,8 +31,10 @@ from typing import Any, SupportsIndex
 import pytest
 
 from ipcbus import (
+    ClientOptions,
     Hub,
     HubBroker,
+    HubUnavailableError,
     Message,
     MessageSerializationError,
     MessageTooLargeError,
@@ -293,7 +298,7 @@ def test_an_oversized_message_among_small_ones_is_rejected_alone_and_encoded_twi
     assert [(r.type_name, r.position) for r in rejected] == [("tests.messages.Blob", 300)]
     assert "65536 bytes the hub accepts" in rejected[0].reason
     assert encodes_of_big <= 2
-    assert outbox.taken == 500
+    assert outbox.taken == outbox.sent + 1 == 500
 
 
 # -- case 10: a bad message after the first of its type ----------------------------------------
@@ -354,6 +359,176 @@ def test_close_logs_rejections_no_flush_reported(
         assert broker.rejected == 1
     closing = [r.getMessage() for r in caplog.records if "closing" in r.getMessage()]
     assert any("#1" in line and "Tick" in line for line in closing), closing
+
+
+# -- case 11: the hub gone for good ------------------------------------------------------------
+
+FAST_HEARTBEAT: dict[str, float] = {"heartbeat_interval": 0.1, "heartbeat_timeout": 0.5}
+
+
+def _state_watcher(address: str, conn: multiprocessing.connection.Connection) -> None:
+    """Child: reports every on_hub_state call and the hub_available attribute, then the Ticks
+    it received once asked."""
+    seqs: list[int] = []
+
+    def on_state(available: bool) -> None:
+        conn.send(("state", available, broker.hub_available))
+
+    broker = connect(address, hub_lost_timeout=1.0, on_hub_state=on_state)
+    broker.subscribe(Tick, lambda message: seqs.append(message.seq))
+    conn.send(("ready", True, broker.hub_available))
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            break
+        if request == "stop":
+            break
+        conn.send(("seqs", list(seqs), broker.hub_available))
+    broker.close()
+
+
+def _kill(hub: Hub) -> None:
+    assert hub.pid is not None
+    os.kill(hub.pid, signal.SIGKILL)
+    assert hub.stop(timeout=10) == -signal.SIGKILL
+
+
+def test_the_hub_gone_past_hub_lost_timeout_is_reported_and_its_return_too(
+    tmp_path: Path,
+) -> None:
+    address = f"ipc://{tmp_path}/hub"
+    hub = Hub(address, start_method="fork", **FAST_HEARTBEAT).start(START_TIMEOUT)
+    conn, child_end = SPAWN.Pipe()
+    watcher = SPAWN.Process(target=_state_watcher, args=(address, child_end), daemon=True)
+    watcher.start()
+    child_end.close()
+    states: list[bool] = []
+    publisher: HubBroker | None = None
+
+    def next_report() -> tuple[str, Any, bool]:
+        assert conn.poll(DEADLINE), "the watcher did not answer"
+        report: tuple[str, Any, bool] = conn.recv()
+        return report
+
+    try:
+        publisher = HubBroker(address, hub_lost_timeout=1.0, on_hub_state=states.append)
+        assert next_report() == ("ready", True, True)
+        assert publisher.hub_available
+        _kill(hub)
+        # Within the timeout publishes are held, as before (a restart is expected).
+        publisher.publish(Tick(1))
+        publisher.publish(Tick(2))
+        # Past it: publish() raises at once (the outbox is far from full), and says why.
+        wait_until(lambda: not publisher.hub_available, 10)
+        with pytest.raises(HubUnavailableError, match="hub_lost_timeout"):
+            publisher.publish(Tick(3))
+        flushed: list[BaseException] = []
+
+        def flush() -> None:
+            try:
+                publisher.flush()  # no timeout: must not wait forever for a hub that is gone
+            except BaseException as exc:
+                flushed.append(exc)
+
+        flusher = threading.Thread(target=flush)
+        flusher.start()
+        flusher.join(10)
+        assert not flusher.is_alive(), "flush() waits forever for a hub that is gone"
+        assert [type(exc) for exc in flushed] == [HubUnavailableError]
+        wait_until(lambda: states == [False], 10)  # the callback runs on a thread of its own
+        # A subscriber in another process sees it: the callback, then the attribute.
+        assert next_report() == ("state", False, False)
+
+        hub = Hub(address, start_method="fork", **FAST_HEARTBEAT).start(START_TIMEOUT)
+        assert next_report() == ("state", True, True)
+        wait_until(lambda: publisher.hub_available, 10)
+        wait_until(lambda: states == [False, True], 10)
+        publisher.publish(Tick(4))  # accepted again
+        publisher.flush(DEADLINE)
+
+        def watcher_seqs() -> list[int]:
+            conn.send("seqs")
+            kind, seqs, _ = next_report()
+            assert kind == "seqs"
+            return list(seqs)
+
+        # What publish() accepted while the hub was away is delivered once a hub is back.
+        wait_until(lambda: watcher_seqs() == [1, 2, 4], DEADLINE, interval=0.05)
+    finally:
+        if publisher is not None:
+            publisher.close()
+        if watcher.is_alive():
+            with contextlib.suppress(OSError):
+                conn.send("stop")
+        killed = reap([watcher])
+        conn.close()
+        hub.stop()
+    assert killed == []
+    assert watcher.exitcode == 0
+
+
+def test_a_publisher_blocked_on_a_full_outbox_learns_that_the_hub_is_gone(
+    tmp_path: Path,
+) -> None:
+    address = f"ipc://{tmp_path}/hub"
+    hub = Hub(address, start_method="fork", **FAST_HEARTBEAT).start(START_TIMEOUT)
+    try:
+        broker = HubBroker(address, max_pending=3, hub_lost_timeout=3.0)
+        try:
+            _kill(hub)
+            wait_until(lambda: not broker._io.hub_alive, 10)
+            for seq in range(3):
+                broker.publish(Tick(seq))  # held: the hub may come back
+            outcome: list[BaseException] = []
+
+            def publish() -> None:
+                try:
+                    broker.publish(Tick(3))  # no timeout: waits for room
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            publisher = threading.Thread(target=publish)
+            publisher.start()
+            publisher.join(30)
+            assert not publisher.is_alive(), "publish() waits forever for a hub that is gone"
+            assert [type(exc) for exc in outcome] == [HubUnavailableError]
+        finally:
+            broker.close()
+    finally:
+        hub.stop()
+    assert broker.undelivered == 3
+
+
+def test_close_reports_what_it_could_not_deliver(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="ipcbus")
+    address = f"ipc://{tmp_path}/hub"
+    hub = Hub(address, start_method="fork", **FAST_HEARTBEAT).start(START_TIMEOUT)
+    try:
+        broker = HubBroker(address, hub_lost_timeout=60.0)
+        broker.publish(Tick(0))
+        broker.flush(DEADLINE)
+        _kill(hub)
+        wait_until(lambda: not broker._io.hub_alive, 10)
+        for seq in range(1, 8):
+            broker.publish(Tick(seq))  # held for a hub that never comes back
+        broker.close()
+    finally:
+        hub.stop()
+    assert broker.undelivered == 7
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(" 7 " in line for line in logged), logged
+
+
+def test_hub_lost_timeout_is_an_option_with_a_documented_default() -> None:
+    options = ClientOptions()
+    assert options.hub_lost_timeout == 30.0
+    assert "hub_lost_timeout" in (ClientOptions.__doc__ or "")
+    assert ClientOptions(hub_lost_timeout=None).hub_lost_timeout is None
+    with pytest.raises(ValueError, match="hub_lost_timeout"):
+        ClientOptions(hub_lost_timeout=0)
 
 
 # -- case 12: per-type caches ------------------------------------------------------------------

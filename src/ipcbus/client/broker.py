@@ -25,6 +25,7 @@ from ..wire.address import Address
 from ..wire.keys import read_secret
 from .dispatch import Dispatcher
 from .io import IOThread
+from .notify import StateNotifier
 from .outbox import FlushMarker
 from .rejections import Rejections
 from .runner import QueueRunner
@@ -63,8 +64,13 @@ class HubBroker(Broker):
     - ``subscribe()`` returns once the hub has the subscription live: every message published
       afterwards, by any process, reaches it. Handlers run on one dispatcher thread, in order.
     - ``flush(timeout)`` waits until the hub has accepted everything published before it.
+    - A hub that restarts is waited for: publishes are held (up to ``max_pending``), then
+      delivered. Past ``hub_lost_timeout`` of absence, ``hub_available`` is false, and
+      ``publish()``, ``flush()`` and ``subscribe()`` raise ``HubUnavailableError`` at once until
+      a hub is back; ``on_hub_state`` is told both.
     - ``close()`` flushes for at most ``linger`` seconds, then closes; interpreter exit (also of a
-      ``multiprocessing`` child) closes open brokers.
+      ``multiprocessing`` child) closes open brokers. What it could not deliver (no hub confirmed
+      it) is logged at ERROR and counted in ``undelivered``.
     - A broker belongs to the process that created it. In a forked child it refuses use
       (``BrokerClosedError``) and never touches the parent's sockets;
       ``get_message_broker()`` there connects a new one to the same hub.
@@ -90,6 +96,7 @@ class HubBroker(Broker):
         self._owner = os.getpid()
         self._deferred_error: BaseException | None = None  # the I/O thread failed
         self._rejections = Rejections(f"HubBroker {address} pid={self._owner}")
+        self.undelivered = 0  # set by close(): accepted messages no hub confirmed
         self._space = threading.Condition()
         self._waiting = 0
         self._subs_lock = threading.Lock()
@@ -99,6 +106,7 @@ class HubBroker(Broker):
         self._queue_subscriptions: dict[bytes, Subscription] = {}
         self._runner = QueueRunner(self._queue_subscriptions.get, self._ack, self.publish)
         secret = _wait_for_secret(parsed, options.connect_timeout)
+        self._notifier = StateNotifier(options.on_hub_state, self._space_freed)
         self._dispatcher = Dispatcher(options.dispatch_queue)
         self._io = IOThread(
             parsed,
@@ -111,7 +119,10 @@ class HubBroker(Broker):
             on_error=self._record_error,
             on_delivery=self._runner.submit,
             on_reject=self._rejections.add,
+            on_hub_state=self._notifier.notify,
+            hub_lost_timeout=options.hub_lost_timeout,
         )
+        self._session = self._io.session
         self._kinds = self._io.outbox.kinds  # the types publish() checked (weak)
         # The type of the last message published, weakly: the hot path's check (31 ns, as the
         # set it replaces; a WeakKeyDictionary lookup costs 147 ns, measured).
@@ -120,6 +131,7 @@ class HubBroker(Broker):
             self._io.start(options.connect_timeout)
         except BaseException:
             self._dispatcher.stop(options.linger)
+            self._notifier.stop(options.linger)
             raise
         export_address(address)
         # Runs at interpreter exit and at the exit of multiprocessing children (which skip
@@ -135,6 +147,12 @@ class HubBroker(Broker):
     def rejected(self) -> int:
         """Messages ``publish()`` accepted and this broker rejected later (see the class)."""
         return self._rejections.count
+
+    @property
+    def hub_available(self) -> bool:
+        """False once the hub has been unreachable for ``hub_lost_timeout``; True again when a
+        hub welcomes this client (a short outage, within the timeout, leaves it true)."""
+        return self._session.available
 
     def _for_child(self) -> HubBroker:
         return HubBroker(self.address, options=self.options)
@@ -170,7 +188,13 @@ class HubBroker(Broker):
             self._waiting += 1
             try:
                 ok = self._space.wait_for(
-                    lambda: len(outbox) < limit or self._closed or not self._io.alive, timeout
+                    lambda: (
+                        len(outbox) < limit
+                        or self._closed
+                        or not self._io.alive
+                        or not self._session.available
+                    ),
+                    timeout,
                 )
                 ok = ok and len(outbox) < limit
             finally:
@@ -208,12 +232,16 @@ class HubBroker(Broker):
             raise error
         if error is not None or not self._io.alive:
             raise HubUnavailableError(f"the connection to {self.address} failed") from error
+        if not self._session.available:
+            raise self._session.unavailable(len(self._io.outbox))
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the hub has accepted everything published before this call.
 
         Raises ``MessageSerializationError`` naming the messages rejected since the last
-        ``flush()`` (their type and position), and ``PublishTimeoutError`` past ``timeout``.
+        ``flush()`` (their type and position), ``HubUnavailableError`` once the hub has been
+        unreachable for ``hub_lost_timeout`` (at once, whatever ``timeout``), and
+        ``PublishTimeoutError`` past ``timeout``.
         """
         self._check_usable()
         self._flush(timeout)
@@ -225,10 +253,14 @@ class HubBroker(Broker):
         while not marker.done.wait(0.05):
             if while_hub_alive and not self._io.hub_alive:
                 break
+            if not self._session.available or not self._io.alive:
+                break
             if deadline is not None and time.monotonic() >= deadline:
                 break
         if not marker.done.is_set():
-            if not self._io.hub_alive:
+            if not self._session.available:
+                raise self._session.unavailable(len(self._io.outbox))
+            if not self._io.hub_alive or not self._io.alive:
                 raise HubUnavailableError(f"the hub at {self.address} is unreachable")
             raise PublishTimeoutError(f"the hub did not confirm a flush within {timeout} s")
         error, self._deferred_error = self._deferred_error, None
@@ -301,19 +333,8 @@ class HubBroker(Broker):
         linger = self.options.linger
         if _pid != self._owner:
             return  # the sockets and threads belong to the parent: drop nothing, touch nothing
-        if self._io.alive and not self._io.hub_alive:
-            logger.warning(
-                "closing %r while its hub is unreachable: %d unsent messages dropped",
-                self,
-                len(self._io.outbox),
-            )
-        elif self._io.alive:
-            try:
-                self._flush(self.options.linger, while_hub_alive=True)
-            except (PublishTimeoutError, HubUnavailableError) as exc:
-                logger.warning("closing %r without a complete flush: %s", self, exc)
-            except MessageSerializationError as exc:
-                logger.error("closing %r: %s", self, exc)
+        if self._io.alive and self._io.hub_alive:
+            flushed = self._close_flush()
             # Take no new queue deliveries; finish (and ack) those in hand, within the linger.
             # What is still unfinished then goes back to the hub with our goodbye.
             for subscription_id in list(self._queue_subscriptions):
@@ -321,14 +342,40 @@ class HubBroker(Broker):
             if not self._runner.wait_idle(linger):
                 logger.warning("closing %r with queue deliveries unfinished", self)
             self._runner.flush_acks()
+            if flushed and self._io.outbox.unconfirmed() and self._io.hub_alive:
+                self._close_flush()  # what the handlers published meanwhile
         self._io.stop(linger)
         self._runner.stop(linger)
         self._dispatcher.stop(linger)
+        self._notifier.stop(linger)
         with self._space:
             self._space.notify_all()
+        self._report_at_close()
+
+    def _close_flush(self) -> bool:
+        """Flush within the linger; False when the hub did not confirm everything."""
+        try:
+            self._flush(self.options.linger, while_hub_alive=True)
+        except (PublishTimeoutError, HubUnavailableError) as exc:
+            logger.warning("closing %r without a complete flush: %s", self, exc)
+            return False
+        except MessageSerializationError as exc:
+            logger.error("closing %r: %s", self, exc)
+        return True
+
+    def _report_at_close(self) -> None:
         rejections = self._rejections.take()
         if rejections is not None:
             logger.error("closing %r: %s", self, rejections)
+        self.undelivered = self._io.outbox.unconfirmed()
+        if self.undelivered:
+            logger.error(
+                "closing %r: %d messages publish() had accepted were not delivered: no hub "
+                "confirmed them (%d never left this process); they are lost",
+                self,
+                self.undelivered,
+                self._io.outbox.never_sent(),
+            )
 
 
 def _no_type() -> None:

@@ -46,11 +46,12 @@ Encode = Callable[[type, Sequence[Message]], tuple[bytes, list[Any]]]
 class FlushMarker:
     """Placed in the outbox by ``flush()``: done once the hub confirmed everything before it."""
 
-    __slots__ = ("done", "token")
+    __slots__ = ("done", "sent", "token")
 
     def __init__(self, token: bytes) -> None:
         self.token = token
         self.done = threading.Event()
+        self.sent = 0  # messages sent before this marker (set when it is taken)
 
 
 @dataclass(slots=True)
@@ -90,8 +91,11 @@ class Outbox:
         self.flushes: dict[bytes, FlushMarker] = {}  # sent, waiting for FLUSHED
         self.max_message_size = 0  # the hub's, from its WELCOME
         self.frame_budget = 1  # the largest frame sent
-        # Messages taken (sent or rejected), counted on the I/O thread: a message's position.
+        # Counted on the I/O thread: messages taken (sent or rejected), sent, and, of those sent,
+        # confirmed by a FLUSHED.
         self.taken = 0
+        self.sent = 0
+        self.confirmed = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -126,6 +130,7 @@ class Outbox:
         while items:
             first = items.popleft()
             if isinstance(first, FlushMarker):
+                first.sent = self.sent
                 self.flushes[first.token] = first
                 return wire.flush(first.token)
             cls = type(first)
@@ -152,12 +157,21 @@ class Outbox:
     def flushed(self, token: bytes) -> None:
         marker = self.flushes.pop(token, None)
         if marker is not None:
+            self.confirmed = max(self.confirmed, marker.sent)
             marker.done.set()
 
     def resend_flushes(self) -> None:
         """Flushes a lost hub never confirmed: ask the next one, after what is queued."""
         self.items.extend(self.flushes.values())
         self.flushes.clear()
+
+    def unconfirmed(self) -> int:
+        """Messages accepted and not confirmed by a hub: still here, or sent and not confirmed
+        by a FLUSHED (rejected ones are not counted: they were reported)."""
+        return self.never_sent() + self.sent - self.confirmed
+
+    def never_sent(self) -> int:
+        return sum(not isinstance(item, FlushMarker) for item in list(self.items))
 
     # -- encoding ------------------------------------------------------------------------------
 
@@ -186,6 +200,7 @@ class Outbox:
                 codec_id, frames = encode(cls, batch)
         count = len(batch)
         self.taken += count
+        self.sent += count
         if not split:
             kind.per_message = max(1, -(-len(frames[0]) // count))
             if len(frames) > 1:
