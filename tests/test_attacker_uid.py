@@ -173,7 +173,12 @@ class _Impostor:
                 if name == "control" and len(frames) > 1 and frames[1] == _wire.header(_wire.HELLO):
                     # Play the hub: send the client on to the other sockets of the impostor.
                     welcome = _wire.Welcome(
-                        f"ipc://{self.path}.in", f"ipc://{self.path}.pub", b"impostor", 0.5, 3.0
+                        f"ipc://{self.path}.in",
+                        f"ipc://{self.path}.pub",
+                        b"impostor",
+                        0.5,
+                        3.0,
+                        1 << 20,
                     )
                     sock.send_multipart(welcome.frames(frames[0]))
         while self.xpub.poll(0):

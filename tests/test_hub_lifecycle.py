@@ -214,8 +214,8 @@ def test_an_unpicklable_message_raises_in_the_caller_and_nothing_is_sent(hub: Hu
 
 def test_a_later_unserialisable_message_costs_only_itself(hub: Hub) -> None:
     """Only the first message of a type is checked in the caller (docs/architecture.md); a later
-    one that cannot be serialised is reported by a later publish() or flush(). Every message
-    whose publish() returned normally must still arrive."""
+    one that cannot be serialised is reported by the next flush(), never by a publish(). Every
+    message whose publish() returned normally must still arrive."""
     source = uuid.uuid4().hex
     with HubBroker(hub.address) as broker:
         received = _subscribe_ticks(broker, source)
@@ -239,7 +239,7 @@ def test_a_later_unserialisable_message_costs_only_itself(hub: Hub) -> None:
         except MessageSerializationError:
             errors += 1
         barrier.wait(broker, SETTLE_TIMEOUT)
-        assert errors == 1, "the failure must be reported once, by a publish() or the flush()"
+        assert errors == 1, "the failure must be reported once, by the flush()"
         assert received == accepted
 
 

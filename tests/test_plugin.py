@@ -5,6 +5,10 @@ run by pytest in a subprocess (``pytester``), also under ``pytest --forked``
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -144,24 +148,33 @@ def test_the_session_hub_serves(ipcbus_session_hub):
 
 
 @pytest.fixture
+def scratch(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The run's temporary directory (the hubs' private directories go there), checked empty
+    afterwards. Short: socket paths in it (the forkserver's too) must fit AF_UNIX's limit."""
+    directory = Path(tempfile.mkdtemp(prefix="ipb-"))
+    monkeypatch.setenv("TMPDIR", str(directory))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
 def user_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     pytester.makepyfile(user_messages=MESSAGES, user_handlers=HANDLERS, test_user=USER_TESTS)
     # Spawned workers import the user's modules by name.
     monkeypatch.setenv("PYTHONPATH", str(pytester.path))
-    # The run's temporary files (the hubs' private directories) go to a directory of its own,
-    # checked empty afterwards.
-    scratch = pytester.path / "scratch"
-    scratch.mkdir(mode=0o700)
-    monkeypatch.setenv("TMPDIR", str(scratch))
     return pytester
 
 
-def _hub_directories(pytester: pytest.Pytester) -> list[str]:
-    return sorted(name for name in os.listdir(pytester.path / "scratch") if "ipcbus" in name)
+def _hub_directories(scratch: Path) -> list[str]:
+    return sorted(path.name for path in scratch.iterdir() if "ipcbus" in path.name)
 
 
 @pytest.mark.parametrize("forked", [False, True], ids=["plain", "forked"])
-def test_a_user_suite_uses_every_fixture(user_project: pytest.Pytester, forked: bool) -> None:
+def test_a_user_suite_uses_every_fixture(
+    user_project: pytest.Pytester, scratch: Path, forked: bool
+) -> None:
     args = ["-p", "no:cacheprovider", "-v"] + (["--forked"] if forked else [])
     result = user_project.runpytest_subprocess(*args, timeout=240)
     outcomes = result.parseoutcomes()
@@ -171,7 +184,7 @@ def test_a_user_suite_uses_every_fixture(user_project: pytest.Pytester, forked: 
     result.stdout.fnmatch_lines(["*test_a_failing_assert_in_a_handler_fails_the_test FAILED*"])
     result.stdout.fnmatch_lines(["*AssertionError: too big*"])
     # The fixtures leave no hub directory behind (their sockets, keys and locks are in it).
-    assert _hub_directories(user_project) == []
+    assert _hub_directories(scratch) == []
 
 
 def test_the_fixtures_are_registered_by_the_entry_point(pytester: pytest.Pytester) -> None:

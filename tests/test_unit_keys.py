@@ -171,9 +171,9 @@ def test_a_symlinked_key_file_is_refused(tmp_path: Path) -> None:
     link = Path(address.key_file)
     link.symlink_to(target)
     assert read_secret(str(target)) == SECRET
-    with pytest.raises(HubUnavailableError, match="cannot read"):
+    with pytest.raises(HubUnavailableError, match="symbolic link"):
         read_secret(str(link))
-    with pytest.raises(HubUnavailableError, match="cannot read"):
+    with pytest.raises(HubUnavailableError, match="symbolic link"):
         load_or_create_secret(address)  # it exists: never followed, never replaced
     assert link.is_symlink()
     assert target.read_bytes() == SECRET

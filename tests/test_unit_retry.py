@@ -191,6 +191,7 @@ def test_hub_option_defaults() -> None:
         "drain_timeout": 5.0,
         "stall_timeout": 30.0,
         "restart_grace": 1.0,
+        "max_pending_handshakes": 256,
     }
     assert HubOptions.names() == tuple(dataclasses.asdict(options))
 
@@ -268,6 +269,8 @@ def test_client_option_defaults() -> None:
         "max_batch": 1000,
         "hwm": 1000,
         "dispatch_queue": 64,
+        "hub_lost_timeout": 30.0,
+        "on_hub_state": None,
     }
     assert ClientOptions.names() == tuple(dataclasses.asdict(options))
 

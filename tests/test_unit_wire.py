@@ -178,7 +178,9 @@ def test_hello() -> None:
 
 @pytest.mark.parametrize("grouped", [(), (TOPIC,), (TOPIC, OTHER_TOPIC)])
 def test_welcome_round_trips(grouped: tuple[bytes, ...]) -> None:
-    welcome = Welcome("ipc:///run/hub.in", "tcp://[::1]:4000", b"0123abcd", 0.1, 1 / 3, grouped)
+    welcome = Welcome(
+        "ipc:///run/hub.in", "tcp://[::1]:4000", b"0123abcd", 0.1, 1 / 3, 1 << 20, grouped
+    )
     frames = welcome.frames(b"identity")
     assert frames[0] == b"identity"
     assert wire.parse_kind(frames[1]) == wire.WELCOME
@@ -186,7 +188,7 @@ def test_welcome_round_trips(grouped: tuple[bytes, ...]) -> None:
 
 
 def good_welcome_body() -> list[bytes]:
-    return Welcome("ipc:///a.in", "ipc:///a.pub", b"hub", 0.5, 3.0).frames(b"id")[2:]
+    return Welcome("ipc:///a.in", "ipc:///a.pub", b"hub", 0.5, 3.0, 4096).frames(b"id")[2:]
 
 
 @pytest.mark.parametrize(
@@ -202,6 +204,9 @@ def good_welcome_body() -> list[bytes]:
         (4, b""),
         (0, b"\xff"),
         (1, b"\xc3"),
+        (5, b"0"),
+        (5, b"-4096"),
+        (5, b"big"),
     ],
 )
 def test_welcome_parse_refuses_bad_fields(index: int, value: bytes) -> None:
@@ -211,7 +216,7 @@ def test_welcome_parse_refuses_bad_fields(index: int, value: bytes) -> None:
         Welcome.parse(body)
 
 
-@pytest.mark.parametrize("count", [0, 1, 4])
+@pytest.mark.parametrize("count", [0, 1, 4, 5])
 def test_welcome_parse_refuses_too_few_frames(count: int) -> None:
     with pytest.raises(ValueError):
         Welcome.parse(good_welcome_body()[:count])

@@ -31,6 +31,7 @@ _EXPORTS = {
     "HubAddressError": "ipcbus.exceptions",
     "HubUnavailableError": "ipcbus.exceptions",
     "MessageSerializationError": "ipcbus.exceptions",
+    "MessageTooLargeError": "ipcbus.exceptions",
     "PublishTimeoutError": "ipcbus.exceptions",
     "PubSubError": "ipcbus.exceptions",
     "Hub": "ipcbus.hub",
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
     from .exceptions import HubAddressError as HubAddressError
     from .exceptions import HubUnavailableError as HubUnavailableError
     from .exceptions import MessageSerializationError as MessageSerializationError
+    from .exceptions import MessageTooLargeError as MessageTooLargeError
     from .exceptions import PublishTimeoutError as PublishTimeoutError
     from .exceptions import PubSubError as PubSubError
     from .hub import Hub as Hub

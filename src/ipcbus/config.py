@@ -8,6 +8,7 @@ take theirs from these records. Imports nothing of ipcbus, so every process may 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Self
 
@@ -53,8 +54,9 @@ class HubOptions(_Options):
       ``heartbeat_interval`` seconds and declare a silent hub gone after the same timeout.
     - ``max_held``: a queue group holds at most this many messages before its topic's
       publishers feel backpressure.
-    - ``max_message_size``: a peer that sends a message part over this many bytes is
-      disconnected by ZeroMQ.
+    - ``max_message_size``: a peer that sends a message part (frame) over this many bytes is
+      disconnected by ZeroMQ. The hub announces it in WELCOME: clients split batches below it,
+      and a message that alone encodes to more is refused (``MessageTooLargeError``).
     - ``handshake_timeout``: a peer that does not finish its handshake within it is disconnected.
     - ``drain_timeout``: on SIGTERM, consumers get this long to ack what they hold.
     - ``stall_timeout``: a subscriber that accepts nothing for this long stops holding the bus;
@@ -107,6 +109,16 @@ class ClientOptions(_Options):
     - ``max_batch``: messages in one batch frame at most.
     - ``hwm``: batches in each socket pipe at most.
     - ``dispatch_queue``: received batches waiting for the dispatcher thread at most.
+    - ``hub_lost_timeout``: once the hub has been unreachable this long (counted from when this
+      client noticed: a closed connection, or ``heartbeat_timeout`` of silence), the client
+      counts it as gone for good: ``publish()``, ``flush()`` and ``subscribe()`` raise
+      ``HubUnavailableError`` at once (what was accepted before stays queued), and
+      ``HubBroker.hub_available`` turns false. A hub back at the address ends that state. Within
+      the timeout a hub that restarts is waited for: publishes are held, then delivered. The
+      default, 30 s, outlasts a hub restarted by a supervisor; ``None`` waits forever.
+    - ``on_hub_state``: called with ``False`` when ``hub_lost_timeout`` expires and with
+      ``True`` when a hub is back after that, on a thread of its own (it may block or publish;
+      an exception it raises is logged).
     """
 
     connect_timeout: float | None = 10.0
@@ -117,8 +129,13 @@ class ClientOptions(_Options):
     max_batch: int = 1000
     hwm: int = 1000
     dispatch_queue: int = 64
+    hub_lost_timeout: float | None = 30.0
+    on_hub_state: Callable[[bool], object] | None = None
 
     def __post_init__(self) -> None:
         self._check_positive("max_pending", "max_batch", "hwm", "dispatch_queue")
+        self._check_positive("hub_lost_timeout")
+        if self.on_hub_state is not None and not callable(self.on_hub_state):
+            raise TypeError(f"on_hub_state must be callable, not {self.on_hub_state!r}")
         if not self.linger >= 0:  # also refuses NaN
             raise ValueError(f"linger must be >= 0, not {self.linger!r}")

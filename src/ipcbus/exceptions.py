@@ -15,6 +15,7 @@ __all__ = [
     "HubUnavailableError",
     "InsecurePathError",
     "MessageSerializationError",
+    "MessageTooLargeError",
     "PubSubError",
     "PublishTimeoutError",
 ]
@@ -33,7 +34,17 @@ class BrokerNotInitializedError(PubSubError):
 
 
 class MessageSerializationError(PubSubError):
-    """A message could not be serialised (pickled, then cloudpickled); nothing was sent."""
+    """A message could not be serialised (pickled, then cloudpickled); nothing was sent.
+
+    Raised by ``publish()`` for a message checked there, and by ``HubBroker.flush()`` for
+    messages ``publish()`` had accepted and the broker rejected later (it names their types and
+    positions).
+    """
+
+
+class MessageTooLargeError(MessageSerializationError):
+    """A message encodes to a frame larger than the hub accepts (``HubOptions.max_message_size``,
+    which the hub announces to each client); nothing was sent."""
 
 
 class BrokerClosedError(PubSubError):

@@ -7,11 +7,11 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from multiprocessing import util as mp_util
 from typing import Any
 
 from ..config import ClientOptions, address_from_env, export_address
-from ..core import codec
 from ..core.contract import Broker, Subscription
 from ..exceptions import (
     BrokerClosedError,
@@ -25,7 +25,9 @@ from ..wire.address import Address
 from ..wire.keys import read_bus_secret
 from .dispatch import Dispatcher
 from .io import IOThread
+from .notify import StateNotifier
 from .outbox import FlushMarker
+from .rejections import Rejections
 from .runner import QueueRunner
 
 __all__ = ["HubBroker", "connect"]
@@ -50,14 +52,25 @@ class HubBroker(Broker):
 
     - ``publish()`` is thread-safe and returns once the message is queued in this process; one I/O
       thread batches and sends it. The first message of each type is serialised in the caller, so
-      an unserialisable type raises ``MessageSerializationError`` there. When ``max_pending``
+      an unserialisable type raises ``MessageSerializationError`` there, and one that alone is
+      over the hub's ``max_message_size`` raises ``MessageTooLargeError``. When ``max_pending``
       messages wait (the hub or a subscriber is slow), ``publish()`` blocks; past ``timeout`` (per
       call, else ``publish_timeout``) it raises ``PublishTimeoutError``.
+    - A later message that cannot go (unserialisable, or over the limit) is rejected alone on the
+      I/O thread (batches are serialised in one go): logged at ERROR with its type and position
+      (how many messages ``publish()`` had accepted before it), counted in ``rejected``, and
+      named by the next ``flush()``'s ``MessageSerializationError``. No ``publish()`` raises for
+      it; every other message is sent.
     - ``subscribe()`` returns once the hub has the subscription live: every message published
       afterwards, by any process, reaches it. Handlers run on one dispatcher thread, in order.
     - ``flush(timeout)`` waits until the hub has accepted everything published before it.
+    - A hub that restarts is waited for: publishes are held (up to ``max_pending``), then
+      delivered. Past ``hub_lost_timeout`` of absence, ``hub_available`` is false, and
+      ``publish()``, ``flush()`` and ``subscribe()`` raise ``HubUnavailableError`` at once until
+      a hub is back; ``on_hub_state`` is told both.
     - ``close()`` flushes for at most ``linger`` seconds, then closes; interpreter exit (also of a
-      ``multiprocessing`` child) closes open brokers.
+      ``multiprocessing`` child) closes open brokers. What it could not deliver (no hub confirmed
+      it) is logged at ERROR and counted in ``undelivered``.
     - A broker belongs to the process that created it. In a forked child it refuses use
       (``BrokerClosedError``) and never touches the parent's sockets;
       ``get_message_broker()`` there connects a new one to the same hub.
@@ -81,8 +94,9 @@ class HubBroker(Broker):
             raise HubUnavailableError(f"cannot connect to {address}: {exc}") from exc
         self.address = address
         self._owner = os.getpid()
-        self._checked_types: set[type] = set()
-        self._deferred_error: BaseException | None = None
+        self._deferred_error: BaseException | None = None  # the I/O thread failed
+        self._rejections = Rejections(f"HubBroker {address} pid={self._owner}")
+        self.undelivered = 0  # set by close(): accepted messages no hub confirmed
         self._space = threading.Condition()
         self._waiting = 0
         self._subs_lock = threading.Lock()
@@ -92,6 +106,7 @@ class HubBroker(Broker):
         self._queue_subscriptions: dict[bytes, Subscription] = {}
         self._runner = QueueRunner(self._queue_subscriptions.get, self._ack, self.publish)
         secret = _wait_for_secret(parsed, options.connect_timeout)
+        self._notifier = StateNotifier(options.on_hub_state, self._space_freed)
         self._dispatcher = Dispatcher(options.dispatch_queue)
         self._io = IOThread(
             parsed,
@@ -103,11 +118,20 @@ class HubBroker(Broker):
             on_space=self._space_freed,
             on_error=self._record_error,
             on_delivery=self._runner.submit,
+            on_reject=self._rejections.add,
+            on_hub_state=self._notifier.notify,
+            hub_lost_timeout=options.hub_lost_timeout,
         )
+        self._session = self._io.session
+        self._kinds = self._io.outbox.kinds  # the types publish() checked (weak)
+        # The type of the last message published, weakly: the hot path's check (31 ns, as the
+        # set it replaces; a WeakKeyDictionary lookup costs 147 ns, measured).
+        self._last_type: Callable[[], type | None] = _no_type
         try:
             self._io.start(options.connect_timeout)
         except BaseException:
             self._dispatcher.stop(options.linger)
+            self._notifier.stop(options.linger)
             raise
         export_address(address)
         # Runs at interpreter exit and at the exit of multiprocessing children (which skip
@@ -118,6 +142,17 @@ class HubBroker(Broker):
     def gaps(self) -> int:
         """Batches the hub dropped for this process (see ``HubOptions.stall_timeout``)."""
         return self._dispatcher.gaps
+
+    @property
+    def rejected(self) -> int:
+        """Messages ``publish()`` accepted and this broker rejected later (see the class)."""
+        return self._rejections.count
+
+    @property
+    def hub_available(self) -> bool:
+        """False once the hub has been unreachable for ``hub_lost_timeout``; True again when a
+        hub welcomes this client (a short outage, within the timeout, leaves it true)."""
+        return self._session.available
 
     def _for_child(self) -> HubBroker:
         return HubBroker(self.address, options=self.options)
@@ -136,9 +171,13 @@ class HubBroker(Broker):
     def _publish(self, message: Message, timeout: float | None = None) -> None:
         self._check_usable()
         cls = type(message)
-        if cls not in self._checked_types:
-            codec.encode_batch(cls, [message])  # MessageSerializationError, in the caller
-            self._checked_types.add(cls)
+        if self._last_type() is not cls:
+            if self._kinds.get(cls) is None:
+                # The first message of its type: MessageSerializationError or
+                # MessageTooLargeError here, in the caller. A type is learnt only from a message
+                # that can go.
+                self._io.outbox.check(message)
+            self._last_type = weakref.ref(cls)
         if len(self._io.outbox) >= self.options.max_pending:
             self._wait_for_space(self.options.publish_timeout if timeout is None else timeout)
         self._io.publish(message)
@@ -149,7 +188,13 @@ class HubBroker(Broker):
             self._waiting += 1
             try:
                 ok = self._space.wait_for(
-                    lambda: len(outbox) < limit or self._closed or not self._io.alive, timeout
+                    lambda: (
+                        len(outbox) < limit
+                        or self._closed
+                        or not self._io.alive
+                        or not self._session.available
+                    ),
+                    timeout,
                 )
                 ok = ok and len(outbox) < limit
             finally:
@@ -187,9 +232,17 @@ class HubBroker(Broker):
             raise error
         if error is not None or not self._io.alive:
             raise HubUnavailableError(f"the connection to {self.address} failed") from error
+        if not self._session.available:
+            raise self._session.unavailable(len(self._io.outbox))
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until the hub has accepted everything published before this call."""
+        """Wait until the hub has accepted everything published before this call.
+
+        Raises ``MessageSerializationError`` naming the messages rejected since the last
+        ``flush()`` (their type and position), ``HubUnavailableError`` once the hub has been
+        unreachable for ``hub_lost_timeout`` (at once, whatever ``timeout``), and
+        ``PublishTimeoutError`` past ``timeout``.
+        """
         self._check_usable()
         self._flush(timeout)
 
@@ -200,15 +253,22 @@ class HubBroker(Broker):
         while not marker.done.wait(0.05):
             if while_hub_alive and not self._io.hub_alive:
                 break
+            if not self._session.available or not self._io.alive:
+                break
             if deadline is not None and time.monotonic() >= deadline:
                 break
         if not marker.done.is_set():
-            if not self._io.hub_alive:
+            if not self._session.available:
+                raise self._session.unavailable(len(self._io.outbox))
+            if not self._io.hub_alive or not self._io.alive:
                 raise HubUnavailableError(f"the hub at {self.address} is unreachable")
             raise PublishTimeoutError(f"the hub did not confirm a flush within {timeout} s")
         error, self._deferred_error = self._deferred_error, None
         if error is not None:
             raise error
+        rejections = self._rejections.take()
+        if rejections is not None:
+            raise rejections
 
     # -- subscribe ---------------------------------------------------------------------------
 
@@ -273,17 +333,8 @@ class HubBroker(Broker):
         linger = self.options.linger
         if _pid != self._owner:
             return  # the sockets and threads belong to the parent: drop nothing, touch nothing
-        if self._io.alive and not self._io.hub_alive:
-            logger.warning(
-                "closing %r while its hub is unreachable: %d unsent messages dropped",
-                self,
-                len(self._io.outbox),
-            )
-        elif self._io.alive:
-            try:
-                self._flush(self.options.linger, while_hub_alive=True)
-            except (PublishTimeoutError, HubUnavailableError, MessageSerializationError) as exc:
-                logger.warning("closing %r without a complete flush: %s", self, exc)
+        if self._io.alive and self._io.hub_alive:
+            flushed = self._close_flush()
             # Take no new queue deliveries; finish (and ack) those in hand, within the linger.
             # What is still unfinished then goes back to the hub with our goodbye.
             for subscription_id in list(self._queue_subscriptions):
@@ -291,11 +342,44 @@ class HubBroker(Broker):
             if not self._runner.wait_idle(linger):
                 logger.warning("closing %r with queue deliveries unfinished", self)
             self._runner.flush_acks()
+            if flushed and self._io.outbox.unconfirmed() and self._io.hub_alive:
+                self._close_flush()  # what the handlers published meanwhile
         self._io.stop(linger)
         self._runner.stop(linger)
         self._dispatcher.stop(linger)
+        self._notifier.stop(linger)
         with self._space:
             self._space.notify_all()
+        self._report_at_close()
+
+    def _close_flush(self) -> bool:
+        """Flush within the linger; False when the hub did not confirm everything."""
+        try:
+            self._flush(self.options.linger, while_hub_alive=True)
+        except (PublishTimeoutError, HubUnavailableError) as exc:
+            logger.warning("closing %r without a complete flush: %s", self, exc)
+            return False
+        except MessageSerializationError as exc:
+            logger.error("closing %r: %s", self, exc)
+        return True
+
+    def _report_at_close(self) -> None:
+        rejections = self._rejections.take()
+        if rejections is not None:
+            logger.error("closing %r: %s", self, rejections)
+        self.undelivered = self._io.outbox.unconfirmed()
+        if self.undelivered:
+            logger.error(
+                "closing %r: %d messages publish() had accepted were not delivered: no hub "
+                "confirmed them (%d never left this process); they are lost",
+                self,
+                self.undelivered,
+                self._io.outbox.never_sent(),
+            )
+
+
+def _no_type() -> None:
+    return None
 
 
 def _wait_for_secret(address: Address, timeout: float | None) -> bytes:

@@ -28,7 +28,7 @@ from ..wire import protocol as wire
 from ..wire.address import Address
 from ..wire.keys import prove
 from .control import ControlChannel
-from .outbox import FlushMarker, Outbox
+from .outbox import FlushMarker, Outbox, Rejected
 from .session import Session
 from .subscriptions import Subscriptions
 
@@ -66,11 +66,15 @@ class IOThread:
         on_space: Callable[[], None],
         on_error: Callable[[BaseException], None],
         on_delivery: Callable[[list[bytes]], None],  # a DELIVER request's body
+        on_reject: Callable[[Rejected], None],
+        on_hub_state: Callable[[bool], None],  # hub_lost_timeout expired / a hub is back
+        hub_lost_timeout: float | None,
     ) -> None:
         self.address = address
         self.endpoint = str(address)
-        self.outbox = Outbox(max_batch, on_error)
-        self.session = Session(self.endpoint)
+        self.outbox = Outbox(max_batch, on_reject)
+        self.session = Session(self.endpoint, hub_lost_timeout)
+        self._on_hub_state = on_hub_state
         self._subscriptions = Subscriptions(client_id, deliver)
         self._client_id = client_id
         self._secret = secret
@@ -256,7 +260,11 @@ class IOThread:
 
     def _welcome(self, welcome: wire.Welcome) -> bool:
         resync = bool(self._subscriptions.live_topics)
+        was_available = self.session.available
         reconnected = self.session.welcome(welcome, resync)
+        self.outbox.set_limit(welcome.max_message_size)
+        if not was_available:
+            self._on_hub_state(True)
         # Kept across hubs: after a restart, consumers re-register one by one, and a publisher
         # that forgot a topic is grouped would send it unsplit meanwhile (unusable for groups).
         self.outbox.grouped = self.outbox.grouped | frozenset(welcome.grouped_topics)
@@ -319,6 +327,8 @@ class IOThread:
     # -- control -----------------------------------------------------------------------------
 
     def _heartbeat(self, now: float) -> None:
+        if self.session.expired(now):
+            self._on_hub_state(False)  # publishers waiting for room learn it too
         due = self.session.due(now, can_send=not self._control.waiting)
         if due == "lost":
             self._hub_lost(f"silent for {self.session.silence(now):.1f} s")

@@ -3,7 +3,15 @@
 Publishers append messages (any thread); the I/O thread takes them out in batches. Natural
 batching: each turn sends whatever the outbox holds, as one request per run of consecutive
 messages of the same type (never reordering across types: docs/guarantees.md). When idle a batch
-is one message, so latency does not suffer; under load batches grow up to ``max_batch``.
+is one message, so latency does not suffer; under load batches grow up to ``max_batch``, and up to
+what fits in one frame: the hub announces the largest frame it accepts (``max_message_size``;
+ZeroMQ drops the connection of a peer that sends a larger one, and every message in the pipe with
+it). The outbox learns, per type, how many bytes a message adds to a batch, takes no more messages
+than fit, and splits a batch that turns out larger before it is sent.
+
+A message that cannot go (it cannot be serialised, or alone it is over the limit) is rejected
+alone: counted by its position (how many messages ``publish()`` had accepted before it) and handed
+to ``on_reject``; its neighbours are sent.
 """
 
 from __future__ import annotations
@@ -11,46 +19,109 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..core import codec
-from ..exceptions import MessageSerializationError
+from ..exceptions import MessageSerializationError, MessageTooLargeError
 from ..message import Message, get_unique_name_for_message
 from ..wire import protocol as wire
 
-__all__ = ["FlushMarker", "Outbox"]
+__all__ = ["FRAME_MARGIN", "FlushMarker", "Kind", "Outbox", "Rejected"]
 
 logger = logging.getLogger(__name__)
+
+# Bytes kept free below the hub's max_message_size in every frame. ZeroMQ compares the size of the
+# frame as it travels: over ipc:// and plain tcp:// that is the frame itself, under CURVE
+# (tcp:// hubs) the encrypted frame, 33 bytes longer (measured with libzmq 4.3.5: a frame of
+# limit - 33 bytes passes, one of limit - 32 costs the connection).
+FRAME_MARGIN = 64
+
+Encode = Callable[[type, Sequence[Message]], tuple[bytes, list[Any]]]
 
 
 class FlushMarker:
     """Placed in the outbox by ``flush()``: done once the hub confirmed everything before it."""
 
-    __slots__ = ("done", "token")
+    __slots__ = ("done", "sent", "token")
 
     def __init__(self, token: bytes) -> None:
         self.token = token
         self.done = threading.Event()
+        self.sent = 0  # messages sent before this marker (set when it is taken)
+
+
+@dataclass(slots=True)
+class Kind:
+    """What the outbox knows of one message type. Never the class itself: the table of kinds is
+    weak, and a value that referred to its class would keep it alive."""
+
+    topic: bytes
+    # Bytes one message adds to a batch's payload frame, as last measured (the first message of
+    # the type is measured in publish()): how many to take so that a batch fits in one frame.
+    per_message: int
+    # Out-of-band buffers (protocol 5: large arrays) per message, as last measured: a batch
+    # holding more than MAX_BUFFERS would be pickled in-band, copying every one of them.
+    buffers: int = 0
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A message ``publish()`` accepted and the outbox could not send."""
+
+    type_name: str
+    position: int  # how many messages publish() had accepted before it (0-based)
+    reason: str
 
 
 class Outbox:
     """Messages and flush markers in publish order; ``take()`` makes the next request."""
 
-    def __init__(self, max_batch: int, on_error: Callable[[BaseException], None]) -> None:
+    def __init__(self, max_batch: int, on_reject: Callable[[Rejected], None]) -> None:
         self.items: deque[Message | FlushMarker] = deque()
         self._max_batch = max_batch
-        self._on_error = on_error
+        self._on_reject = on_reject
         self.grouped: frozenset[bytes] = frozenset()  # topics with queue groups: split codec
-        self._topics: dict[type, bytes] = {}
+        # Per message type, weak (types created at run time are not kept alive); one lookup per
+        # batch.
+        self.kinds: weakref.WeakKeyDictionary[type, Kind] = weakref.WeakKeyDictionary()
         self.flushes: dict[bytes, FlushMarker] = {}  # sent, waiting for FLUSHED
+        self.max_message_size = 0  # the hub's, from its WELCOME
+        self.frame_budget = 1  # the largest frame sent
+        # Counted on the I/O thread: messages taken (sent or rejected), sent, and, of those sent,
+        # confirmed by a FLUSHED.
+        self.taken = 0
+        self.sent = 0
+        self.confirmed = 0
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def set_limit(self, max_message_size: int) -> None:
+        """The hub's ``max_message_size`` (each WELCOME: a restarted hub may have another)."""
+        self.max_message_size = max_message_size
+        self.frame_budget = max(1, max_message_size - FRAME_MARGIN)
+
     def append(self, item: Message | FlushMarker) -> None:
         self.items.append(item)
+
+    def check(self, message: Message) -> Kind:
+        """Encode the first message of a type as ``take()`` would (publisher's thread): raise
+        ``MessageSerializationError`` or ``MessageTooLargeError`` if it cannot go, else learn
+        the type."""
+        cls = type(message)
+        name = get_unique_name_for_message(cls)
+        topic = wire.topic_for(name)
+        encode = codec.encode_split if topic in self.grouped else codec.encode_batch
+        _codec, frames = encode(cls, [message])
+        biggest = max(len(frame) for frame in frames)
+        if biggest > self.frame_budget:
+            raise MessageTooLargeError(f"{name}: {self._too_large(biggest)}; nothing was sent")
+        kind = self.kinds[cls] = Kind(topic, max(1, len(frames[0])), len(frames) - 1)
+        return kind
 
     def take(self) -> list[Any] | None:
         """The next request to send (``None``: nothing to send). Takes a run of messages of
@@ -59,16 +130,26 @@ class Outbox:
         while items:
             first = items.popleft()
             if isinstance(first, FlushMarker):
+                first.sent = self.sent
                 self.flushes[first.token] = first
                 return wire.flush(first.token)
             cls = type(first)
-            topic = self._topic(cls)
-            split = topic in self.grouped
-            limit = wire.MAX_SPLIT_BATCH if split else self._max_batch
+            kind = self.kinds.get(cls)
+            if kind is None:  # publish() learns each type; this is only a fallback
+                topic = wire.topic_for(get_unique_name_for_message(cls))
+                kind = self.kinds[cls] = Kind(topic, 1)
+            split = kind.topic in self.grouped
+            if split:
+                limit = wire.MAX_SPLIT_BATCH
+            else:
+                limit = min(self._max_batch, self.frame_budget // kind.per_message)
+                if kind.buffers:
+                    limit = min(limit, wire.MAX_BUFFERS // kind.buffers)
+                limit = max(1, limit)
             batch = [first]
             while items and len(batch) < limit and type(items[0]) is cls:
                 batch.append(items.popleft())  # type: ignore[arg-type]
-            request = self._encode(cls, topic, split, batch)
+            request = self._encode(cls, kind, split, batch)
             if request is not None:
                 return request
         return None
@@ -76,6 +157,7 @@ class Outbox:
     def flushed(self, token: bytes) -> None:
         marker = self.flushes.pop(token, None)
         if marker is not None:
+            self.confirmed = max(self.confirmed, marker.sent)
             marker.done.set()
 
     def resend_flushes(self) -> None:
@@ -83,36 +165,85 @@ class Outbox:
         self.items.extend(self.flushes.values())
         self.flushes.clear()
 
-    def _topic(self, cls: type) -> bytes:
-        topic = self._topics.get(cls)
-        if topic is None:
-            topic = self._topics[cls] = wire.topic_for(get_unique_name_for_message(cls))
-        return topic
+    def unconfirmed(self) -> int:
+        """Messages accepted and not confirmed by a hub: still here, or sent and not confirmed
+        by a FLUSHED (rejected ones are not counted: they were reported)."""
+        return self.never_sent() + self.sent - self.confirmed
 
-    def _encode(
-        self, cls: type, topic: bytes, split: bool, batch: list[Message]
-    ) -> list[Any] | None:
+    def never_sent(self) -> int:
+        return sum(not isinstance(item, FlushMarker) for item in list(self.items))
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def _encode(self, cls: type, kind: Kind, split: bool, batch: list[Message]) -> list[Any] | None:
+        """The request for ``batch``, or for the part of it that can go now (the rest goes back
+        to the front of the outbox); ``None`` when none of it can."""
         published_at = time.time()
-        encode = codec.encode_split if split else codec.encode_batch
+        encode: Encode = codec.encode_split if split else codec.encode_batch
         try:
             codec_id, frames = encode(cls, batch)
-        except MessageSerializationError as exc:
-            # Only the first message of a type is checked in publish(); a later one that cannot
-            # be serialised is reported to the publisher's next publish()/flush() and logged.
-            # It costs only itself: the rest of its batch is sent.
-            self._on_error(exc)
-            batch = [message for message in batch if _serialisable(cls, message)]
-            logger.error("dropped %s that cannot be serialised: %s", cls.__qualname__, exc)
+        except MessageSerializationError:
+            frames = []
+        if not frames or max(len(frame) for frame in frames) > self.frame_budget:
+            # The hot path serialises whole batches; only a batch that failed, or came out too
+            # large, is looked at message by message.
+            batch = self._trim(encode, cls, split, batch)
             if not batch:
                 return None
-            codec_id, frames = encode(cls, batch)
-        meta = wire.pack_meta(codec_id, len(batch), published_at)
-        return wire.publish(topic, meta, frames)
+            try:
+                codec_id, frames = encode(cls, batch)
+                fits = max(len(frame) for frame in frames) <= self.frame_budget
+            except MessageSerializationError:
+                fits = False
+            if not fits:  # each one is fine alone, not together (never seen): one at a time
+                batch = self._put_back(batch, 1)
+                codec_id, frames = encode(cls, batch)
+        count = len(batch)
+        self.taken += count
+        self.sent += count
+        if not split:
+            kind.per_message = max(1, -(-len(frames[0]) // count))
+            if len(frames) > 1:
+                kind.buffers = -(-(len(frames) - 1) // count)
+        return wire.publish(kind.topic, wire.pack_meta(codec_id, count, published_at), frames)
 
+    def _trim(self, encode: Encode, cls: type, split: bool, batch: list[Message]) -> list[Message]:
+        """The longest prefix of ``batch`` whose messages can go, and fit one frame together
+        (judged by the sum of their sizes alone, which exceeds the batch's: one pickle header
+        each). A message after it that cannot go at all is rejected; the rest goes back."""
+        budget = self.frame_budget
+        total = 0
+        for index, message in enumerate(batch):
+            try:
+                _codec, frames = encode(cls, [message])
+            except MessageSerializationError as exc:
+                reason = str(exc)
+            else:
+                biggest = max(len(frame) for frame in frames)
+                if biggest > budget:
+                    reason = self._too_large(biggest)
+                else:
+                    total += 0 if split else len(frames[0])
+                    if total <= budget:
+                        continue
+                    return self._put_back(batch, index)  # fits alone: the next batch
+            # Rejected once the messages before it are taken: that is its position.
+            self.items.extendleft(reversed(batch[index + 1 :]))
+            self._reject(cls, reason, self.taken + index)
+            return batch[:index]
+        return batch
 
-def _serialisable(cls: type, message: Message) -> bool:
-    try:
-        codec.encode_batch(cls, [message])
-    except MessageSerializationError:
-        return False
-    return True
+    def _put_back(self, batch: list[Message], keep: int) -> list[Message]:
+        """Keep ``batch[:keep]``; the rest goes back to the front of the outbox, in order."""
+        self.items.extendleft(reversed(batch[keep:]))
+        return batch[:keep]
+
+    def _reject(self, cls: type, reason: str, position: int) -> None:
+        self.taken += 1
+        self._on_reject(Rejected(get_unique_name_for_message(cls), position, reason))
+
+    def _too_large(self, size: int) -> str:
+        return (
+            f"it encodes to a frame of {size} bytes, over the {self.max_message_size} bytes the "
+            f"hub accepts (HubOptions.max_message_size, less {FRAME_MARGIN} bytes of margin)"
+        )

@@ -5,7 +5,9 @@ is declared gone when it is silent for its ``heartbeat_timeout``, when the data 
 closes, or when it says RESET or STOPPING; from then on the client says HELLO, with backoff,
 until a hub (the same one back, or a new one at the address) says WELCOME. After such a
 reconnect, publishing waits until the new hub has this process's subscriptions (``resynced``),
-so the process hears its own held publishes.
+so the process hears its own held publishes. A hub unreachable for ``lost_timeout`` seconds
+(``ClientOptions.hub_lost_timeout``) is gone for good (``available`` false) until one says
+WELCOME again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import threading
 import time
 
+from ..exceptions import HubUnavailableError
 from ..wire.protocol import Welcome
 
 __all__ = ["Session"]
@@ -25,9 +28,13 @@ _HELLO_BACKOFF_MAX = 1.0
 
 
 class Session:
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, lost_timeout: float | None = None) -> None:
         self.endpoint = endpoint
         self.hub_alive = True
+        # False once the hub has been unreachable for lost_timeout (read by publishers).
+        self.available = True
+        self.lost_timeout = lost_timeout
+        self.lost_at = 0.0
         self.heartbeat_interval = 0.5
         self.hub_timeout = 3.0
         self.last_heard = time.monotonic()
@@ -47,6 +54,9 @@ class Session:
         self.heartbeat_interval = welcome.heartbeat_interval
         self.hub_timeout = welcome.heartbeat_timeout
         reconnected = not self.hub_alive
+        if not self.available:
+            logger.warning("the hub at %s is back: publishing again", self.endpoint)
+            self.available = True
         if reconnected:
             logger.warning("reconnected to the hub at %s", self.endpoint)
             if resync:
@@ -62,7 +72,23 @@ class Session:
             return False  # already saying HELLO, with backoff
         logger.warning("the hub at %s is gone (%s): reconnecting", self.endpoint, why)
         self.hub_alive = False
+        self.lost_at = time.monotonic()
         self.next_hello = 0.0
+        return True
+
+    def expired(self, now: float) -> bool:
+        """True once, when the hub has been unreachable for ``lost_timeout``."""
+        if self.hub_alive or not self.available or self.lost_timeout is None:
+            return False
+        if now - self.lost_at < self.lost_timeout:
+            return False
+        logger.error(
+            "the hub at %s has been unreachable for %.1f s (hub_lost_timeout): publish() raises "
+            "HubUnavailableError until a hub is back",
+            self.endpoint,
+            now - self.lost_at,
+        )
+        self.available = False
         return True
 
     def due(self, now: float, can_send: bool) -> str | None:
@@ -86,8 +112,19 @@ class Session:
             return "hello"
         return None
 
+    def unavailable(self, waiting: int) -> HubUnavailableError:
+        """What publish(), flush() and subscribe() raise while ``available`` is false."""
+        return HubUnavailableError(
+            f"the hub at {self.endpoint} has been unreachable for more than {self.lost_timeout} s "
+            f"(hub_lost_timeout); {waiting} messages published before wait for it"
+        )
+
     def wake_at(self) -> float:
-        return self.next_ping if self.hub_alive else self.next_hello
+        if self.hub_alive:
+            return self.next_ping
+        if self.available and self.lost_timeout is not None:
+            return min(self.next_hello, self.lost_at + self.lost_timeout)
+        return self.next_hello
 
     def silence(self, now: float) -> float:
         return now - self.last_heard

@@ -21,8 +21,8 @@ out-of-band buffers (large arrays) travel as frames of their own, uncopied.
 from __future__ import annotations
 
 import pickle
+import weakref
 from collections.abc import Sequence
-from functools import cache
 from typing import Any
 
 import cloudpickle
@@ -59,10 +59,20 @@ SPLIT_OBJECTS = CODEC_SPLIT_OBJECTS
 
 _PICKLING_HOOKS = ("__reduce__", "__reduce_ex__", "__getstate__")
 
+# Asked once per batch (a lookup costs ~150 ns), weak: programs that create message classes at run
+# time (each ~10 KB) must get them back once they drop them.
+_plain: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
-@cache
+
 def is_plain_dataclass(cls: type) -> bool:
     """True when pickling an instance is exactly "the class, then its ``__dict__``"."""
+    known = _plain.get(cls)
+    if known is None:
+        known = _plain[cls] = _is_plain_dataclass(cls)
+    return known
+
+
+def _is_plain_dataclass(cls: type) -> bool:
     if "__dataclass_fields__" not in dir(cls):
         return False
     for klass in cls.__mro__[:-1]:  # all but object

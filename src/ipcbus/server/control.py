@@ -43,10 +43,12 @@ class ControlPlane:
         heartbeat_interval: float,
         heartbeat_timeout: float,
         max_held: int,
+        max_message_size: int,
     ) -> None:
         self.hub_id = hub_id
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
+        self.max_message_size = max_message_size  # announced in WELCOME: clients split below it
         self.book = QueueBook(hub_id, max_held=max_held)
         self.clients: dict[bytes, float] = {}  # identity -> when it was last heard from
         self.clients_lost = 0
@@ -84,6 +86,7 @@ class ControlPlane:
                 self.hub_id,
                 self.heartbeat_interval,
                 self.heartbeat_timeout,
+                self.max_message_size,
                 tuple(self.book.grouped_topics),
             )
             self._send(control, welcome.frames(identity))

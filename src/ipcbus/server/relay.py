@@ -63,6 +63,7 @@ class Relay:
             heartbeat_interval=options.heartbeat_interval,
             heartbeat_timeout=options.heartbeat_timeout,
             max_held=options.max_held,
+            max_message_size=options.max_message_size,
         )
         self._fanout: Fanout | None = None
         self._batches = self._messages = self._bytes = 0

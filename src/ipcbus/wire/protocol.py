@@ -10,7 +10,9 @@ never blocks the control path (a stalled hub still answers HELLO and STATS):
 
 client control DEALER → hub control ROUTER (the hub's address)     ``[header, *body]``
     HELLO    ``[client_id]``  → WELCOME ``[publish_endpoint, fanout_endpoint, hub_id,
-                                heartbeat_interval, heartbeat_timeout, *grouped_topics]``
+                                heartbeat_interval, heartbeat_timeout, max_message_size,
+                                *grouped_topics]``: max_message_size is the largest frame the
+                                hub accepts (a larger one costs the sender its connection)
     STATS    ``[]``           → STATS ``[json]``
     PING     ``[]``           → PONG ``[]``  (every heartbeat_interval, both ways alive)
     CONSUME  ``[subscription_id, topic, queue_name, prefetch]``
@@ -117,7 +119,8 @@ __all__ = [
 
 # Version 2: the consumer alone decides retries: ACK carries the retry delay it chose, and neither
 # CONSUME nor DELIVER carries the retry policy.
-VERSION = 2
+# Version 3: WELCOME carries the hub's max_message_size (clients split batches below it).
+VERSION = 3
 HEADER_LEN = 2
 
 # control, client -> hub
@@ -262,13 +265,15 @@ def hello(client_id: bytes) -> list[bytes]:
 
 @dataclass(frozen=True)
 class Welcome:
-    """The hub's answer to HELLO: where to publish and subscribe, and its heartbeat terms."""
+    """The hub's answer to HELLO: where to publish and subscribe, its heartbeat terms, and the
+    largest frame it accepts."""
 
     publish_endpoint: str
     fanout_endpoint: str
     hub_id: bytes
     heartbeat_interval: float
     heartbeat_timeout: float
+    max_message_size: int
     grouped_topics: tuple[bytes, ...] = ()
 
     def frames(self, identity: bytes) -> list[bytes]:
@@ -280,18 +285,20 @@ class Welcome:
             self.hub_id,
             repr(self.heartbeat_interval).encode(),
             repr(self.heartbeat_timeout).encode(),
+            b"%d" % self.max_message_size,
             *self.grouped_topics,
         ]
 
     @classmethod
     def parse(cls, body: Sequence[bytes]) -> Welcome:
-        publish, fanout, hub_id, interval, timeout, *grouped = body
+        publish, fanout, hub_id, interval, timeout, max_size, *grouped = body
         return cls(
             publish.decode(),
             fanout.decode(),
             hub_id,
             _positive_float(interval),
             _positive_float(timeout),
+            _at_least_one(max_size),
             tuple(grouped),
         )
 
