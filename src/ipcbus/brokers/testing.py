@@ -92,7 +92,8 @@ class TestBroker(Broker):
             topic = get_unique_name_for_message(item)
             for subscription in self._routes.broadcast(topic):
                 if subscription.accepts(item):
-                    call_handler(subscription, item)
+                    # BaseExceptions propagate, as they always did here (for now).
+                    call_handler(subscription, item, base_exceptions=False)
                     calls += 1
             published_at = time.time()
             for queue_name in self._routes.queue_names(topic):
