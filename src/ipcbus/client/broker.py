@@ -15,6 +15,7 @@ from ..core import codec
 from ..core.contract import Broker, Subscription
 from ..exceptions import (
     BrokerClosedError,
+    BrokerFailedError,
     HubUnavailableError,
     MessageSerializationError,
     PublishTimeoutError,
@@ -27,6 +28,7 @@ from .dispatch import Dispatcher
 from .io import IOThread
 from .outbox import FlushMarker
 from .runner import QueueRunner
+from .threads import runs_handlers
 
 __all__ = ["HubBroker", "connect"]
 
@@ -44,6 +46,14 @@ def _update_pid() -> None:
 
 os.register_at_fork(after_in_child=_update_pid)
 
+# What close() logs instead of raising when its flush fails.
+_FLUSH_ERRORS = (
+    PublishTimeoutError,
+    HubUnavailableError,
+    MessageSerializationError,
+    BrokerFailedError,
+)
+
 
 class HubBroker(Broker):
     """A proxy to the hub at ``address``: publish and subscribe across processes.
@@ -52,12 +62,23 @@ class HubBroker(Broker):
       thread batches and sends it. The first message of each type is serialised in the caller, so
       an unserialisable type raises ``MessageSerializationError`` there. When ``max_pending``
       messages wait (the hub or a subscriber is slow), ``publish()`` blocks; past ``timeout`` (per
-      call, else ``publish_timeout``) it raises ``PublishTimeoutError``.
+      call, else ``publish_timeout``) it raises ``PublishTimeoutError``. Except in a handler:
+      ``publish()`` from a thread that runs handlers never blocks (see ``ClientOptions``).
     - ``subscribe()`` returns once the hub has the subscription live: every message published
       afterwards, by any process, reaches it. Handlers run on one dispatcher thread, in order.
+      Whatever a handler raises, ``BaseException`` included, is logged (queue groups: retried,
+      then dead-lettered); it never ends an ipcbus thread.
+    - A message this process cannot decode (it holds an instance of a class this process cannot
+      import) is dropped alone, counted in ``undecodable`` and logged with its type.
     - ``flush(timeout)`` waits until the hub has accepted everything published before it.
     - ``close()`` flushes for at most ``linger`` seconds, then closes; interpreter exit (also of a
-      ``multiprocessing`` child) closes open brokers.
+      ``multiprocessing`` child) closes open brokers. ``close()`` works from inside a handler too:
+      it returns without waiting for that handler, whose queue delivery then goes back to the hub
+      (another consumer gets it: at least once), and broadcast messages that arrive after it are
+      not handled.
+    - If an ipcbus thread dies anyway (a bug), the broker fails loudly: CRITICAL log, its queue
+      deliveries go back to the hub, and ``publish()`` / ``flush()`` raise ``BrokerFailedError``
+      naming the thread.
     - A broker belongs to the process that created it. In a forked child it refuses use
       (``BrokerClosedError``) and never touches the parent's sockets;
       ``get_message_broker()`` there connects a new one to the same hub.
@@ -90,9 +111,13 @@ class HubBroker(Broker):
         self._flush_ids = iter(range(1, 2**62))
         self._queue_ids = iter(range(1, 2**62))
         self._queue_subscriptions: dict[bytes, Subscription] = {}
-        self._runner = QueueRunner(self._queue_subscriptions.get, self._ack, self.publish)
+        self._failed: str | None = None  # what died, once a thread of ours did
+        self._failure_cause: BaseException | None = None
+        self._runner = QueueRunner(
+            self._queue_subscriptions.get, self._ack, self.publish, self._thread_died
+        )
         secret = _wait_for_secret(parsed, options.connect_timeout)
-        self._dispatcher = Dispatcher(options.dispatch_queue)
+        self._dispatcher = Dispatcher(options.dispatch_queue, self._thread_died)
         self._io = IOThread(
             parsed,
             self._dispatcher.put,
@@ -103,6 +128,7 @@ class HubBroker(Broker):
             on_space=self._space_freed,
             on_error=self._record_error,
             on_delivery=self._runner.submit,
+            on_death=self._thread_died,
         )
         try:
             self._io.start(options.connect_timeout)
@@ -118,6 +144,12 @@ class HubBroker(Broker):
     def gaps(self) -> int:
         """Batches the hub dropped for this process (see ``HubOptions.stall_timeout``)."""
         return self._dispatcher.gaps
+
+    @property
+    def undecodable(self) -> int:
+        """Messages received that this process could not decode and dropped (each logged with
+        its type): broadcast ones, and queue deliveries (which the hub dead-letters)."""
+        return self._dispatcher.undecodable + self._runner.undecodable
 
     def _for_child(self) -> HubBroker:
         return HubBroker(self.address, options=self.options)
@@ -139,7 +171,10 @@ class HubBroker(Broker):
         if cls not in self._checked_types:
             codec.encode_batch(cls, [message])  # MessageSerializationError, in the caller
             self._checked_types.add(cls)
-        if len(self._io.outbox) >= self.options.max_pending:
+        if len(self._io.outbox) >= self.options.max_pending and not runs_handlers():
+            # Never in a handler: the hub may be waiting for this very thread to take its
+            # messages while it stops reading ours; waiting here closed that circle (a pipeline
+            # stage deadlocked the bus every time with hwm=20, max_pending=200).
             self._wait_for_space(self.options.publish_timeout if timeout is None else timeout)
         self._io.publish(message)
 
@@ -148,9 +183,7 @@ class HubBroker(Broker):
         with self._space:
             self._waiting += 1
             try:
-                ok = self._space.wait_for(
-                    lambda: len(outbox) < limit or self._closed or not self._io.alive, timeout
-                )
+                ok = self._space.wait_for(lambda: len(outbox) < limit or self._stopped, timeout)
                 ok = ok and len(outbox) < limit
             finally:
                 self._waiting -= 1
@@ -166,6 +199,10 @@ class HubBroker(Broker):
             )
         self._check_usable()
 
+    @property
+    def _stopped(self) -> bool:
+        return self._closed or self._failed is not None or not self._io.alive
+
     def _space_freed(self) -> None:  # I/O thread
         if self._waiting:
             with self._space:
@@ -175,6 +212,19 @@ class HubBroker(Broker):
         self._deferred_error = exc
         self._space_freed()
 
+    def _thread_died(self, name: str, exc: BaseException) -> None:  # the dead thread
+        """One of our threads died (threads.guarded logged it CRITICAL): fail loudly."""
+        self._failure_cause = exc
+        self._failed = (
+            f"{self!r} failed: its {name} thread died ({type(exc).__name__}: {exc}); it can no "
+            "longer deliver: close it and connect a new broker"
+        )
+        io = getattr(self, "_io", None)
+        if io is not None and name != "ipcbus-io":
+            io.request_stop()  # goodbye: the hub hands our queue deliveries to other consumers
+        with self._space:
+            self._space.notify_all()
+
     def _check_usable(self) -> None:
         if _pid != self._owner:
             raise BrokerClosedError(
@@ -182,6 +232,8 @@ class HubBroker(Broker):
                 "get_message_broker(), which connects the child's own"
             )
         self._check_open()
+        if self._failed is not None:
+            raise BrokerFailedError(self._failed) from self._failure_cause
         error, self._deferred_error = self._deferred_error, None
         if isinstance(error, MessageSerializationError):
             raise error
@@ -198,6 +250,8 @@ class HubBroker(Broker):
         self._io.publish(marker)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not marker.done.wait(0.05):
+            if self._failed is not None:
+                raise BrokerFailedError(self._failed) from self._failure_cause
             if while_hub_alive and not self._io.hub_alive:
                 break
             if deadline is not None and time.monotonic() >= deadline:
@@ -273,7 +327,15 @@ class HubBroker(Broker):
         linger = self.options.linger
         if _pid != self._owner:
             return  # the sockets and threads belong to the parent: drop nothing, touch nothing
-        if self._io.alive and not self._io.hub_alive:
+        if threading.current_thread() is self._dispatcher.thread:
+            # close() in a broadcast handler: no handler runs after it, and what arrives
+            # meanwhile is dropped, not held (held, it would stall the hub, and the flush below).
+            self._dispatcher.abandon()
+        if self._failed is not None:
+            logger.error(
+                "closing %r, which failed: %d unsent messages dropped", self, len(self._io.outbox)
+            )
+        elif self._io.alive and not self._io.hub_alive:
             logger.warning(
                 "closing %r while its hub is unreachable: %d unsent messages dropped",
                 self,
@@ -282,7 +344,7 @@ class HubBroker(Broker):
         elif self._io.alive:
             try:
                 self._flush(self.options.linger, while_hub_alive=True)
-            except (PublishTimeoutError, HubUnavailableError, MessageSerializationError) as exc:
+            except _FLUSH_ERRORS as exc:
                 logger.warning("closing %r without a complete flush: %s", self, exc)
             # Take no new queue deliveries; finish (and ack) those in hand, within the linger.
             # What is still unfinished then goes back to the hub with our goodbye.
