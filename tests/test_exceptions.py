@@ -21,6 +21,7 @@ ERROR_NAMES = [
     "HubUnavailableError",
     "PublishTimeoutError",
     "BrokerClosedError",
+    "BrokerFailedError",
 ]
 
 BROKER_NAMES = [

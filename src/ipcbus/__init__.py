@@ -26,6 +26,7 @@ _EXPORTS = {
     "set_message_broker": "ipcbus.broker",
     "Consumer": "ipcbus.consumer",
     "BrokerClosedError": "ipcbus.exceptions",
+    "BrokerFailedError": "ipcbus.exceptions",
     "BrokerNotInitializedError": "ipcbus.exceptions",
     "ConsumerAlreadyRegisteredError": "ipcbus.exceptions",
     "HubAddressError": "ipcbus.exceptions",
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
     from .config import HubOptions as HubOptions
     from .consumer import Consumer as Consumer
     from .exceptions import BrokerClosedError as BrokerClosedError
+    from .exceptions import BrokerFailedError as BrokerFailedError
     from .exceptions import BrokerNotInitializedError as BrokerNotInitializedError
     from .exceptions import ConsumerAlreadyRegisteredError as ConsumerAlreadyRegisteredError
     from .exceptions import HubAddressError as HubAddressError

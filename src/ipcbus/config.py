@@ -105,7 +105,18 @@ class ClientOptions(_Options):
     - ``publish_timeout``: how long ``publish()`` waits for room under backpressure (``None``:
       as long as it takes).
     - ``linger``: how long ``close()`` waits for the hub to confirm what was published.
-    - ``max_pending``: messages queued in this process before ``publish()`` blocks.
+    - ``max_pending``: messages queued in this process before ``publish()`` blocks. Not in a
+      handler: ``publish()`` from a thread that runs handlers (dispatcher, queue workers, queue
+      event loop) never blocks, because the hub may be waiting for that very thread to take its
+      messages while it stops reading this process's (a circular wait: a pipeline stage
+      deadlocked the bus). The outbox may then exceed ``max_pending`` by what handlers publish.
+      That excess follows the hub's flow: handlers run only on messages the hub delivered, and
+      the hub relays only as fast as it reads publishers, this process among them, fairly (a
+      batch from each in turn). So the excess is the handlers' fan-out times the messages on
+      their way to this process while its outbox is full, which the pipes bound: about
+      (hub ``hwm`` + ``hwm`` + ``dispatch_queue``) batches of up to ``max_batch``. Measured with
+      a stage publishing one message per message received, 300,000 received in bursts at
+      ``hwm=20``, ``max_pending=200``: at most 52,000 over ``max_pending``.
     - ``max_batch``: messages in one batch frame at most.
     - ``hwm``: batches in each socket pipe at most.
     - ``dispatch_queue``: received batches waiting for the dispatcher thread at most.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "BrokerClosedError",
+    "BrokerFailedError",
     "BrokerNotInitializedError",
     "ConsumerAlreadyRegisteredError",
     "HubAddressError",
@@ -49,6 +50,12 @@ class MessageTooLargeError(MessageSerializationError):
 
 class BrokerClosedError(PubSubError):
     """The broker was closed by its owner (or belongs to another process) and cannot be used."""
+
+
+class BrokerFailedError(PubSubError):
+    """A thread of the broker died (a bug of ipcbus, or something no handler guard caught): the
+    broker cannot deliver any more. The message names the thread; close the broker and connect
+    a new one."""
 
 
 class HubUnavailableError(PubSubError):

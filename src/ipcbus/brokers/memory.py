@@ -12,7 +12,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 from ..core.contract import AsyncMessageContext, Broker, Subscription
-from ..core.handlers import call_handler, run_queue_handler
+from ..core.failures import is_handler_failure
+from ..core.handlers import call_handler, is_cancellation, run_queue_handler
 from ..core.loops import start_loop_thread
 from ..core.retry import after_failure, publish_dead_letter
 from ..core.routing import RouteTable
@@ -151,7 +152,12 @@ class MemoryBroker(Broker):
             try:
                 await run_queue_handler(current, message)
                 return
-            except Exception as exc:
+            except BaseException as exc:
+                # A BaseException is a failure like any other: let through, SystemExit or
+                # KeyboardInterrupt would stop the loop (asyncio re-raises them from run_forever)
+                # and every delivery with it. Only our own cancellation (close) ends the task.
+                if is_cancellation(exc) or not is_handler_failure(exc):
+                    raise
                 error = exc
             finally:
                 AsyncMessageContext._current.reset(token)

@@ -15,6 +15,7 @@ from ..config import ClientOptions, address_from_env, export_address
 from ..core.contract import Broker, Subscription
 from ..exceptions import (
     BrokerClosedError,
+    BrokerFailedError,
     HubUnavailableError,
     MessageSerializationError,
     PublishTimeoutError,
@@ -29,6 +30,7 @@ from .notify import StateNotifier
 from .outbox import FlushMarker
 from .rejections import Rejections
 from .runner import QueueRunner
+from .threads import runs_handlers
 
 __all__ = ["HubBroker", "connect"]
 
@@ -55,7 +57,8 @@ class HubBroker(Broker):
       an unserialisable type raises ``MessageSerializationError`` there, and one that alone is
       over the hub's ``max_message_size`` raises ``MessageTooLargeError``. When ``max_pending``
       messages wait (the hub or a subscriber is slow), ``publish()`` blocks; past ``timeout`` (per
-      call, else ``publish_timeout``) it raises ``PublishTimeoutError``.
+      call, else ``publish_timeout``) it raises ``PublishTimeoutError``. Except in a handler:
+      ``publish()`` from a thread that runs handlers never blocks (see ``ClientOptions``).
     - A later message that cannot go (unserialisable, or over the limit) is rejected alone on the
       I/O thread (batches are serialised in one go): logged at ERROR with its type and position
       (how many messages ``publish()`` had accepted before it), counted in ``rejected``, and
@@ -63,6 +66,10 @@ class HubBroker(Broker):
       it; every other message is sent.
     - ``subscribe()`` returns once the hub has the subscription live: every message published
       afterwards, by any process, reaches it. Handlers run on one dispatcher thread, in order.
+      Whatever a handler raises, ``BaseException`` included, is logged (queue groups: retried,
+      then dead-lettered); it never ends an ipcbus thread.
+    - A message this process cannot decode (it holds an instance of a class this process cannot
+      import) is dropped alone, counted in ``undecodable`` and logged with its type.
     - ``flush(timeout)`` waits until the hub has accepted everything published before it.
     - A hub that restarts is waited for: publishes are held (up to ``max_pending``), then
       delivered. Past ``hub_lost_timeout`` of absence, ``hub_available`` is false, and
@@ -70,7 +77,13 @@ class HubBroker(Broker):
       a hub is back; ``on_hub_state`` is told both.
     - ``close()`` flushes for at most ``linger`` seconds, then closes; interpreter exit (also of a
       ``multiprocessing`` child) closes open brokers. What it could not deliver (no hub confirmed
-      it) is logged at ERROR and counted in ``undelivered``.
+      it) is logged at ERROR and counted in ``undelivered``. ``close()`` works from inside a
+      handler too: it returns without waiting for that handler, whose queue delivery then goes
+      back to the hub (another consumer gets it: at least once), and broadcast messages that
+      arrive after it are not handled.
+    - If an ipcbus thread dies anyway (a bug), the broker fails loudly: CRITICAL log, its queue
+      deliveries go back to the hub, and ``publish()`` / ``flush()`` raise ``BrokerFailedError``
+      naming the thread.
     - A broker belongs to the process that created it. In a forked child it refuses use
       (``BrokerClosedError``) and never touches the parent's sockets;
       ``get_message_broker()`` there connects a new one to the same hub.
@@ -104,10 +117,14 @@ class HubBroker(Broker):
         self._flush_ids = iter(range(1, 2**62))
         self._queue_ids = iter(range(1, 2**62))
         self._queue_subscriptions: dict[bytes, Subscription] = {}
-        self._runner = QueueRunner(self._queue_subscriptions.get, self._ack, self.publish)
+        self._failed: str | None = None  # what died, once a thread of ours did
+        self._failure_cause: BaseException | None = None
+        self._runner = QueueRunner(
+            self._queue_subscriptions.get, self._ack, self.publish, self._thread_died
+        )
         secret = _wait_for_secret(parsed, options.connect_timeout)
         self._notifier = StateNotifier(options.on_hub_state, self._space_freed)
-        self._dispatcher = Dispatcher(options.dispatch_queue)
+        self._dispatcher = Dispatcher(options.dispatch_queue, self._thread_died)
         self._io = IOThread(
             parsed,
             self._dispatcher.put,
@@ -121,6 +138,7 @@ class HubBroker(Broker):
             on_reject=self._rejections.add,
             on_hub_state=self._notifier.notify,
             hub_lost_timeout=options.hub_lost_timeout,
+            on_death=self._thread_died,
         )
         self._session = self._io.session
         self._kinds = self._io.outbox.kinds  # the types publish() checked (weak)
@@ -147,6 +165,12 @@ class HubBroker(Broker):
     def rejected(self) -> int:
         """Messages ``publish()`` accepted and this broker rejected later (see the class)."""
         return self._rejections.count
+
+    @property
+    def undecodable(self) -> int:
+        """Messages received that this process could not decode and dropped (each logged with
+        its type): broadcast ones, and queue deliveries (which the hub dead-letters)."""
+        return self._dispatcher.undecodable + self._runner.undecodable
 
     @property
     def hub_available(self) -> bool:
@@ -178,7 +202,10 @@ class HubBroker(Broker):
                 # that can go.
                 self._io.outbox.check(message)
             self._last_type = weakref.ref(cls)
-        if len(self._io.outbox) >= self.options.max_pending:
+        if len(self._io.outbox) >= self.options.max_pending and not runs_handlers():
+            # Never in a handler: the hub may be waiting for this very thread to take its
+            # messages while it stops reading ours; waiting here closed that circle (a pipeline
+            # stage deadlocked the bus every time with hwm=20, max_pending=200).
             self._wait_for_space(self.options.publish_timeout if timeout is None else timeout)
         self._io.publish(message)
 
@@ -188,12 +215,7 @@ class HubBroker(Broker):
             self._waiting += 1
             try:
                 ok = self._space.wait_for(
-                    lambda: (
-                        len(outbox) < limit
-                        or self._closed
-                        or not self._io.alive
-                        or not self._session.available
-                    ),
+                    lambda: len(outbox) < limit or self._stopped or not self._session.available,
                     timeout,
                 )
                 ok = ok and len(outbox) < limit
@@ -211,6 +233,10 @@ class HubBroker(Broker):
             )
         self._check_usable()
 
+    @property
+    def _stopped(self) -> bool:
+        return self._closed or self._failed is not None or not self._io.alive
+
     def _space_freed(self) -> None:  # I/O thread
         if self._waiting:
             with self._space:
@@ -220,6 +246,19 @@ class HubBroker(Broker):
         self._deferred_error = exc
         self._space_freed()
 
+    def _thread_died(self, name: str, exc: BaseException) -> None:  # the dead thread
+        """One of our threads died (threads.guarded logged it CRITICAL): fail loudly."""
+        self._failure_cause = exc
+        self._failed = (
+            f"{self!r} failed: its {name} thread died ({type(exc).__name__}: {exc}); it can no "
+            "longer deliver: close it and connect a new broker"
+        )
+        io = getattr(self, "_io", None)
+        if io is not None and name != "ipcbus-io":
+            io.request_stop()  # goodbye: the hub hands our queue deliveries to other consumers
+        with self._space:
+            self._space.notify_all()
+
     def _check_usable(self) -> None:
         if _pid != self._owner:
             raise BrokerClosedError(
@@ -227,6 +266,8 @@ class HubBroker(Broker):
                 "get_message_broker(), which connects the child's own"
             )
         self._check_open()
+        if self._failed is not None:
+            raise BrokerFailedError(self._failed) from self._failure_cause
         error, self._deferred_error = self._deferred_error, None
         if isinstance(error, MessageSerializationError):
             raise error
@@ -251,6 +292,8 @@ class HubBroker(Broker):
         self._io.publish(marker)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not marker.done.wait(0.05):
+            if self._failed is not None:
+                raise BrokerFailedError(self._failed) from self._failure_cause
             if while_hub_alive and not self._io.hub_alive:
                 break
             if not self._session.available or not self._io.alive:
@@ -333,7 +376,11 @@ class HubBroker(Broker):
         linger = self.options.linger
         if _pid != self._owner:
             return  # the sockets and threads belong to the parent: drop nothing, touch nothing
-        if self._io.alive and self._io.hub_alive:
+        if threading.current_thread() is self._dispatcher.thread:
+            # close() in a broadcast handler: no handler runs after it, and what arrives
+            # meanwhile is dropped, not held (held, it would stall the hub, and the flush below).
+            self._dispatcher.abandon()
+        if self._failed is None and self._io.alive and self._io.hub_alive:
             flushed = self._close_flush()
             # Take no new queue deliveries; finish (and ack) those in hand, within the linger.
             # What is still unfinished then goes back to the hub with our goodbye.
@@ -356,7 +403,7 @@ class HubBroker(Broker):
         """Flush within the linger; False when the hub did not confirm everything."""
         try:
             self._flush(self.options.linger, while_hub_alive=True)
-        except (PublishTimeoutError, HubUnavailableError) as exc:
+        except (PublishTimeoutError, HubUnavailableError, BrokerFailedError) as exc:
             logger.warning("closing %r without a complete flush: %s", self, exc)
             return False
         except MessageSerializationError as exc:

@@ -5,6 +5,12 @@ I/O thread stop reading its SUB socket (backpressure reaches the hub, never a dr
 dispatcher decodes a batch with this process's classes, checks the hub's per-topic sequence
 number (a skip is a gap: the hub stopped waiting for this process), and calls every accepting
 subscription's handler.
+
+Handlers never end the thread: what they raise, ``BaseException`` included, is logged
+(:func:`~ipcbus.core.handlers.call_handler`). A message this process cannot decode (it holds an
+instance of a class this process cannot import) is left out of its batch alone, counted in
+``undecodable`` and logged with its type; a batch that cannot be decoded at all is counted with
+the number of messages its meta frame announced.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from ..core.contract import Subscription
 from ..core.handlers import call_handler
 from ..message import Message
 from ..wire import protocol as wire
+from .threads import OnDeath, start_thread
 
 __all__ = ["Dispatcher"]
 
@@ -30,16 +37,24 @@ logger = logging.getLogger(__name__)
 class Dispatcher:
     """The broadcast subscriptions of one client, by topic, and the thread that serves them."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, on_death: OnDeath) -> None:
         self._lock = threading.Lock()
         self.subscriptions: dict[str, tuple[Subscription, ...]] = {}
         self._types: dict[str, type[Message]] = {}
         # Per topic, the hub's sequence number of the last batch seen (a skip is a gap).
         self._last_seq: dict[str, int] = {}
         self.gaps = 0  # batches the hub dropped for this process (see HubOptions.stall_timeout)
+        self.undecodable = 0  # messages received that this process could not decode
         self._inbox: queue.Queue[list[zmq.Frame] | None] = queue.Queue(capacity)
-        self._thread = threading.Thread(target=self._run, name="ipcbus-dispatch", daemon=True)
-        self._thread.start()
+        # Set by close() called from a handler: this thread ends after that handler, and what
+        # arrives meanwhile is dropped rather than held (held, it would stall the hub's fan-out
+        # while close() waits for the hub to confirm a flush).
+        self._abandoned = False
+        self._thread = start_thread("ipcbus-dispatch", self._run, on_death, handlers=True)
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
 
     # -- subscriptions (any thread) ------------------------------------------------------------
 
@@ -67,6 +82,8 @@ class Dispatcher:
     # -- the I/O thread ------------------------------------------------------------------------
 
     def put(self, frames: list[zmq.Frame]) -> bool:
+        if self._abandoned:
+            return True
         try:
             self._inbox.put_nowait(frames)
         except queue.Full:
@@ -76,9 +93,9 @@ class Dispatcher:
     # -- the dispatcher thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
+        while not self._abandoned:
             frames = self._inbox.get()
-            if frames is None:
+            if frames is None or self._abandoned:
                 return
             try:
                 self._dispatch(frames)
@@ -105,20 +122,60 @@ class Dispatcher:
             )
         if batch.meta is None:
             return
-        codec_id, _count, _published_at = batch.meta
-        messages = codec.decode_batch(codec_id, batch.payload, self._types.get(topic))
+        messages = self._decode(topic, batch.meta, batch.payload)
         for message in messages:
+            if self._abandoned:
+                return  # closed by a handler: no handler call after close() returned
             for subscription in subscriptions:
                 if subscription.accepts(message):
                     call_handler(subscription, message)
 
+    def _decode(self, topic: str, meta: wire.Meta, payload: Any) -> list[Message]:
+        codec_id, count, _published_at = meta
+        undecodable: list[str] = []
+        try:
+            messages = codec.decode_batch(codec_id, payload, self._types.get(topic), undecodable)
+        except BaseException as exc:
+            # Unpickling runs code of the message's classes: even a SystemExit there is only
+            # this batch's failure, never the end of this thread.
+            self.undecodable += count
+            logger.error(
+                "dropped a batch of %d %s messages that this process cannot decode: %s: %s",
+                count,
+                topic,
+                type(exc).__name__,
+                exc,
+            )
+            return []
+        if undecodable:
+            self.undecodable += len(undecodable)
+            logger.error(
+                "dropped %d of %d %s messages: they hold instances of classes this process "
+                "cannot import (%s)",
+                len(undecodable),
+                count,
+                topic,
+                "; ".join(sorted(set(undecodable))),
+            )
+        return messages
+
     # -- stop ------------------------------------------------------------------------------------
 
+    def abandon(self) -> None:
+        """Called from a handler on this thread (close() in a handler): end after it."""
+        self._abandoned = True
+
     def stop(self, timeout: float) -> None:
+        if not self._thread.is_alive():
+            return
+        if threading.current_thread() is self._thread:
+            # Called from a handler: this thread ends once the handler returns. Never join
+            # ourselves, never wait for room in our own inbox.
+            self._abandoned = True
+            return
         try:
             self._inbox.put(None, timeout=timeout)
         except queue.Full:
             logger.warning("the dispatcher is stuck in a handler; not waiting for it")
             return
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        self._thread.join(timeout)

@@ -31,8 +31,9 @@ from .control import ControlChannel
 from .outbox import FlushMarker, Outbox, Rejected
 from .session import Session
 from .subscriptions import Subscriptions
+from .threads import OnDeath, guarded
 
-__all__ = ["IOThread"]
+__all__ = ["IOThread", "Waker"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,48 @@ _HANDSHAKE_FAILED = (
 _AUTH_LOG_PERIOD = 10.0
 _IDLE_POLL_MS = 1000
 _HELD_POLL_MS = 1
+_GOODBYE_LINGER_MS = 200
 
 Socket = zmq.Socket[bytes]
+
+
+class Waker:
+    """The eventfd that wakes the I/O thread's poll.
+
+    Any thread may ``wake()`` it, also after ``close()`` (a queue worker acking once ``close()``
+    gave up waiting for it): writes and the close share a lock, and nothing is written once it is
+    closed. Before, such a late ack wrote 8 bytes into whatever file had reused the fd number.
+    """
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pending = False
+
+    def wake(self) -> None:
+        if not self._pending:
+            with self._lock:
+                if self._closed:
+                    return  # nobody reads it any more, and the number may be another file's
+                self._pending = True
+                os.eventfd_write(self.fd, 1)
+
+    def clear(self) -> None:
+        """The I/O thread saw the fd readable."""
+        # Read, *then* clear the flag (the pump runs after both). Clearing first would let this
+        # read swallow the write of a publisher that set the flag meanwhile, leaving the flag set
+        # with nothing to wake the poll: later publishes would wait for the idle timeout (seen as
+        # 10x slower runs).
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.fd)
+        self._pending = False
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.fd)
 
 
 class IOThread:
@@ -69,6 +110,7 @@ class IOThread:
         on_reject: Callable[[Rejected], None],
         on_hub_state: Callable[[bool], None],  # hub_lost_timeout expired / a hub is back
         hub_lost_timeout: float | None,
+        on_death: OnDeath,
     ) -> None:
         self.address = address
         self.endpoint = str(address)
@@ -84,13 +126,15 @@ class IOThread:
         self._on_delivery = on_delivery
         self._control = ControlChannel()
         self._commands: deque[Callable[[], None]] = deque()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._wake_pending = False
+        self._waker = Waker()
         self._running = True
         self._ready = threading.Event()
         self._failure: BaseException | None = None
+        self._died: BaseException | None = None
         self._sent: list[Any] | None = None  # frames waiting for room in the DEALER pipe
-        self._thread = threading.Thread(target=self._run, name="ipcbus-io", daemon=True)
+        self._thread = threading.Thread(
+            target=guarded("ipcbus-io", self._run, on_death), name="ipcbus-io", daemon=True
+        )
         self._connect_timeout: float | None = None
         self._endpoints = ("", "")  # the hub's publish and fan-out endpoints, from WELCOME
         self._monitors: dict[Socket, Socket] = {}  # socket -> its monitor
@@ -106,9 +150,14 @@ class IOThread:
         self._connect_timeout = timeout
         self._thread.start()
         self._ready.wait()
+        if self._failure is None and self._died is not None:
+            self._failure = HubUnavailableError(
+                f"the ipcbus I/O thread failed while connecting to {self.endpoint}: "
+                f"{type(self._died).__name__}: {self._died}"
+            )
         if self._failure is not None:
             self._thread.join()
-            os.close(self._wake_fd)
+            self._waker.close()
             raise self._failure
 
     @property
@@ -120,9 +169,7 @@ class IOThread:
         self.wake()
 
     def wake(self) -> None:
-        if not self._wake_pending:
-            self._wake_pending = True
-            os.eventfd_write(self._wake_fd, 1)
+        self._waker.wake()
 
     def call(self, command: Callable[[], None]) -> None:
         self._commands.append(command)
@@ -147,16 +194,22 @@ class IOThread:
 
         self.call(send)
 
-    def stop(self, timeout: float | None) -> None:
+    def request_stop(self) -> None:
+        """Say goodbye to the hub (it hands our queue deliveries to others) and end the thread,
+        without waiting for it."""
+
         def stop() -> None:
             self._running = False
 
         self.call(stop)
+
+    def stop(self, timeout: float | None) -> None:
+        self.request_stop()
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("ipcbus I/O thread did not stop within %s s", timeout)
         else:
-            os.close(self._wake_fd)
+            self._waker.close()
 
     @property
     def alive(self) -> bool:
@@ -169,18 +222,29 @@ class IOThread:
         try:
             if self._connect(context):
                 self._loop()
-        except Exception as exc:
-            logger.exception("ipcbus I/O thread failed")
-            self._on_error(exc)
+        except BaseException as exc:
+            # The guard (threads.guarded) logs this and fails the broker; the hub learns now
+            # that we are gone, not after a heartbeat timeout.
+            self._died = exc
+            self._say_goodbye()
+            raise
         finally:
             for watched, monitor in self._monitors.items():
                 watched.disable_monitor()
                 monitor.close(linger=0)
             for sock in (self._control.socket, self._dealer, self._sub):
                 if sock is not None:
-                    sock.close(linger=0)
+                    sock.close()  # their linger is 0, but after a goodbye (_say_goodbye)
             context.term()
             self._ready.set()
+
+    def _say_goodbye(self) -> None:
+        control = self._control.socket
+        if control is None or not self._ready.is_set():
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            control.send_multipart([wire.header(wire.BYE)], zmq.NOBLOCK)
+            control.linger = _GOODBYE_LINGER_MS  # closing must not discard it at once
 
     def _connect(self, context: zmq.Context[Any]) -> bool:
         control = self._control.socket = self._socket(context, zmq.DEALER)
@@ -276,7 +340,7 @@ class IOThread:
         assert dealer is not None
         assert sub is not None
         poller = zmq.Poller()
-        poller.register(self._wake_fd, zmq.POLLIN)
+        poller.register(self._waker.fd, zmq.POLLIN)
         poller.register(control, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
         poller.register(sub, zmq.POLLIN)
@@ -305,14 +369,8 @@ class IOThread:
             timeout = _HELD_POLL_MS if held else _IDLE_POLL_MS
             timeout = max(0, min(timeout, int((self.session.wake_at() - now) * 1000) + 1))
             events = dict(poller.poll(timeout))
-            if self._wake_fd in events:
-                # Read, *then* clear the flag (the pump runs after both). Clearing first would
-                # let this read swallow the write of a publisher that set the flag meanwhile,
-                # leaving the flag set with nothing to wake the poll: later publishes would wait
-                # for the idle timeout (seen as 10x slower runs).
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(self._wake_fd)
-                self._wake_pending = False
+            if self._waker.fd in events:
+                self._waker.clear()
             self._subscriptions.hand_on_held()
             if control in events and events[control] & zmq.POLLIN:
                 self._read_control(control)

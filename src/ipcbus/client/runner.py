@@ -6,11 +6,19 @@ of worker threads (``threads``), which take deliveries straight from the I/O thr
 sending plain handlers through ``asyncio.to_thread`` cost one self-pipe write per completion and
 capped a consumer at ~10 k msg/s; the pool does without the loop. The number of deliveries in
 hand at once is bounded by the hub (``prefetch`` per subscription).
+
+Whatever a handler raises, ``BaseException`` included (``SystemExit``, ``KeyboardInterrupt``,
+``GeneratorExit``, a ``CancelledError`` a coroutine handler raises itself), is a failed attempt:
+retried, then dead-lettered (:mod:`ipcbus.core.retry`). Before, a ``SystemExit`` ended the worker
+thread (0 of 4 alive after four of them) and a ``CancelledError`` left its delivery unacked,
+while the process kept heartbeating: those deliveries stayed in flight forever. The threads are
+guarded (:mod:`ipcbus.client.threads`): one that dies anyway fails the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import queue
@@ -19,11 +27,12 @@ from collections.abc import Callable
 
 from ..core import codec
 from ..core.contract import AsyncMessageContext, Subscription
-from ..core.handlers import call_to_completion
-from ..core.loops import start_loop_thread
+from ..core.handlers import call_to_completion, is_cancellation
+from ..core.loops import run_loop_forever
 from ..core.retry import after_failure, describe_error, publish_dead_letter
 from ..message import Message
 from ..wire import protocol as wire
+from .threads import OnDeath, start_thread
 
 __all__ = ["QueueRunner"]
 
@@ -40,12 +49,14 @@ class QueueRunner:
         lookup: Callable[[bytes], Subscription | None],
         send_acks: SendAcks,
         publish: Callable[[Message], None],
+        on_death: OnDeath,
         *,
         threads: int = 4,
     ) -> None:
         self._lookup = lookup
         self._send_acks = send_acks
         self._publish = publish
+        self._on_death = on_death
         self._thread_count = threads
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -55,6 +66,9 @@ class QueueRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = threading.Condition()
         self._running = 0
+        self._coroutines = 0  # of _running: deliveries for the event loop
+        self._in_job = threading.local()  # a worker thread's flag: inside a delivery
+        self.undecodable = 0  # deliveries this process could not decode (dead-lettered)
         self._acks: list[wire.Ack] = []  # sent in bursts
         self._flush_scheduled = False
 
@@ -84,26 +98,54 @@ class QueueRunner:
                 self._ensure_workers()
                 self._jobs.put(job)
         if coroutines:
-            self._ensure_loop().call_soon_threadsafe(self._start_tasks, coroutines)
+            with self._idle:
+                self._coroutines += len(coroutines)
+            try:
+                self._ensure_loop().call_soon_threadsafe(self._start_tasks, coroutines)
+            except RuntimeError:  # the loop died (its broker fails): the hub gets them back
+                logger.error(
+                    "%d queue deliveries not started: the event loop is gone", len(coroutines)
+                )
+                with self._idle:
+                    self._coroutines -= len(coroutines)
+                    self._running -= len(coroutines)
+                    self._idle.notify_all()
         self.flush_acks()  # the rejections above, if any
 
     def wait_idle(self, timeout: float | None) -> bool:
-        """Wait until every submitted delivery was handled and its ack handed to the I/O."""
+        """Wait until every submitted delivery was handled and its ack handed to the I/O.
+
+        Called from a handler (close() inside one), the deliveries that wait for this very
+        thread are not waited for: a worker's own, or every coroutine's on the loop thread.
+        """
+        # On the loop thread, no coroutine delivery can progress while we wait.
+        in_loop = threading.current_thread() is self._loop_thread
+        own = 1 if getattr(self._in_job, "active", False) else 0
+
+        def idle() -> bool:
+            return self._running <= (self._coroutines if in_loop else own)
+
         with self._idle:
-            return self._idle.wait_for(lambda: self._running == 0, timeout)
+            return self._idle.wait_for(idle, timeout)
 
     def stop(self, timeout: float | None) -> None:
+        """Stop the workers and the loop; never joins the calling thread (close() may be called
+        from a handler), which ends once its handler returns."""
         with self._lock:
             loop, loop_thread, workers = self._loop, self._loop_thread, self._workers
             self._loop = self._loop_thread = None
             self._workers = []
+        current = threading.current_thread()
         for _ in workers:
             self._jobs.put(None)
         if loop is not None and loop_thread is not None:
-            loop.call_soon_threadsafe(loop.stop)
-            loop_thread.join(timeout)
+            with contextlib.suppress(RuntimeError):  # closed: the loop died already
+                loop.call_soon_threadsafe(loop.stop)
+            if loop_thread is not current:
+                loop_thread.join(timeout)
         for worker in workers:
-            worker.join(timeout)
+            if worker is not current:
+                worker.join(timeout)
 
     # -- both kinds of handler ----------------------------------------------------------------
 
@@ -115,9 +157,16 @@ class QueueRunner:
         try:
             codec_id, _count, published_at = wire.unpack_meta(delivery.meta)
             message = codec.decode_one(codec_id, delivery.payload, subscription.message_type)
-        except Exception as exc:
-            logger.exception(
-                "queue %r could not decode message %s", queue_name, delivery.message_id
+        except BaseException as exc:  # unpickling runs the classes' code: SystemExit included
+            with self._lock:  # workers decode concurrently
+                self.undecodable += 1
+            logger.error(
+                "queue %r could not decode a %s message (%s): %s: %s",
+                queue_name,
+                subscription.topic,
+                delivery.message_id.decode(errors="replace"),
+                type(exc).__name__,
+                exc,
             )
             error = f"undecodable: {describe_error(exc)}"
             self._ack(wire.Ack(delivery.delivery_id, wire.OUTCOME_DEAD, error=error))
@@ -130,7 +179,7 @@ class QueueRunner:
         )
 
     def _conclude(
-        self, job: Job, message: Message, context: AsyncMessageContext, exc: Exception | None
+        self, job: Job, message: Message, context: AsyncMessageContext, exc: BaseException | None
     ) -> None:
         subscription, delivery = job
         if exc is None:
@@ -163,10 +212,12 @@ class QueueRunner:
         if acks:
             self._send_acks(acks)
 
-    def _done(self) -> bool:
+    def _done(self, coroutine: bool = False) -> bool:
         """One delivery less in hand; True when none is left."""
         with self._idle:
             self._running -= 1
+            if coroutine:
+                self._coroutines -= 1
             idle = self._running == 0
             if idle:
                 self._idle.notify_all()
@@ -179,19 +230,20 @@ class QueueRunner:
             return
         with self._lock:
             while len(self._workers) < self._thread_count:
-                worker = threading.Thread(
-                    target=self._work, name="ipcbus-queue-worker", daemon=True
+                worker = start_thread(
+                    "ipcbus-queue-worker", self._work, self._on_death, handlers=True
                 )
-                worker.start()
                 self._workers.append(worker)
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
+            self._in_job.active = True
             try:
                 self._run_plain(job)
             except Exception:
                 logger.exception("ipcbus could not run a queue delivery")
             finally:
+                self._in_job.active = False
                 # Acks leave in bursts: when this worker has nothing queued behind it.
                 idle = self._done()
                 if idle or self._jobs.empty() or len(self._acks) >= wire.MAX_ACKS:
@@ -204,7 +256,7 @@ class QueueRunner:
         message, context = prepared
         try:
             call_to_completion(job[0], message, context)
-        except Exception as exc:
+        except BaseException as exc:  # a failed attempt, whatever it raised (module docstring)
             self._conclude(job, message, context, exc)
         else:
             self._conclude(job, message, context, None)
@@ -214,7 +266,13 @@ class QueueRunner:
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
-                self._loop, self._loop_thread = start_loop_thread("ipcbus-queue-loop")
+                loop = self._loop = asyncio.new_event_loop()
+                self._loop_thread = start_thread(
+                    "ipcbus-queue-loop",
+                    lambda: run_loop_forever(loop),
+                    self._on_death,
+                    handlers=True,
+                )
             return self._loop
 
     def _start_tasks(self, jobs: list[Job]) -> None:
@@ -233,14 +291,19 @@ class QueueRunner:
             AsyncMessageContext._current.set(context)  # this task's own context
             try:
                 await job[0].handler(message)
-            except Exception as exc:
+            except BaseException as exc:
+                if is_cancellation(exc):
+                    raise  # the loop stops (close): the hub gets the delivery back
+                # A failed attempt (module docstring). Let through, SystemExit would stop the
+                # loop (asyncio re-raises it from run_forever) and a CancelledError the handler
+                # raised itself would leave the delivery unacked.
                 self._conclude(job, message, context, exc)
             else:
                 self._conclude(job, message, context, None)
         except Exception:
             logger.exception("ipcbus could not run a queue delivery")
         finally:
-            self._done()
+            self._done(coroutine=True)
             # The acks of one loop turn travel together: one wake-up of the I/O thread.
             if not self._flush_scheduled:
                 self._flush_scheduled = True

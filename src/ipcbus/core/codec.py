@@ -16,14 +16,23 @@ batch as the messages' ``__dict__`` rebuilt with ``object.__new__`` + ``__dict__
 
 Either payload falls back to cloudpickle when pickle fails (lambdas, local classes). Protocol 5
 out-of-band buffers (large arrays) travel as frames of their own, uncopied.
+
+A batch that holds an instance of a class this process cannot import (a module only the
+publisher has, a class of the publisher's ``__main__``) costs only the messages that hold one:
+the batch is unpickled again with a stand-in for each missing class, and exactly the messages that
+reach a stand-in are left out (``decode_batch(..., undecodable=[])``). The retry runs only after
+``pickle.loads`` failed, so good batches decode exactly as fast as before.
 """
 
 from __future__ import annotations
 
+import gc
+import io
 import pickle
+import types
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import cloudpickle
 
@@ -41,6 +50,7 @@ __all__ = [
     "DATACLASS",
     "OBJECTS",
     "PROTOCOL",
+    "StandIn",
     "decode_batch",
     "decode_one",
     "encode_batch",
@@ -101,7 +111,10 @@ def encode_split(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[by
 
 def decode_one(codec: bytes, payload: Any, cls: type | None) -> Message:
     """Rebuild one message of a split batch."""
-    decoded = pickle.loads(payload)
+    return _rebuild_one(codec, pickle.loads(payload), cls)
+
+
+def _rebuild_one(codec: bytes, decoded: Any, cls: type | None) -> Message:
     if codec == SPLIT_OBJECTS:
         return decoded  # type: ignore[no-any-return]
     if codec != SPLIT_DATACLASS or cls is None:
@@ -111,12 +124,36 @@ def decode_one(codec: bytes, payload: Any, cls: type | None) -> Message:
     return message
 
 
-def decode_batch(codec: bytes, frames: Sequence[Any], cls: type | None) -> list[Message]:
-    """Rebuild a batch; ``cls`` is this process's class for the topic (needed for DATACLASS)."""
+def decode_batch(
+    codec: bytes, frames: Sequence[Any], cls: type | None, undecodable: list[str] | None = None
+) -> list[Message]:
+    """Rebuild a batch; ``cls`` is this process's class for the topic (needed for DATACLASS).
+
+    Without ``undecodable``, raises what unpickling raised. With it, a message that holds an
+    instance of a class this process cannot import is left out, and the missing class names
+    appended to ``undecodable`` (one entry per message left out); anything else that makes the
+    batch undecodable still raises.
+    """
     if codec in (SPLIT_DATACLASS, SPLIT_OBJECTS):
-        return [decode_one(codec, frame, cls) for frame in frames]
+        if undecodable is None:
+            return [decode_one(codec, frame, cls) for frame in frames]
+        return _decode_split(codec, frames, cls, undecodable)
     payload, *buffers = frames
-    decoded = pickle.loads(payload, buffers=buffers)
+    try:
+        decoded = pickle.loads(payload, buffers=buffers)
+    except Exception:
+        if undecodable is None:
+            raise
+        # Only now pay for the stand-ins: a good batch never gets here.
+        decoded = _loads_with_stand_ins(payload, buffers)
+        kept = []
+        for item in decoded:
+            missing = _stand_ins_in(item)
+            if missing:
+                undecodable.append(missing)
+            else:
+                kept.append(item)
+        decoded = kept
     if codec == OBJECTS:
         return list(decoded)
     if codec != DATACLASS or cls is None:
@@ -128,6 +165,96 @@ def decode_batch(codec: bytes, frames: Sequence[Any], cls: type | None) -> list[
         message.__dict__.update(state)
         messages.append(message)
     return messages
+
+
+def _decode_split(
+    codec: bytes, frames: Sequence[Any], cls: type | None, undecodable: list[str]
+) -> list[Message]:
+    """One frame per message: a frame that cannot be decoded costs only its message."""
+    messages = []
+    for frame in frames:
+        try:
+            decoded = pickle.loads(frame)
+        except Exception as exc:
+            try:
+                decoded = _loads_with_stand_ins(frame, ())
+            except Exception:
+                undecodable.append(f"{type(exc).__name__}: {exc}")
+                continue
+            missing = _stand_ins_in(decoded)
+            if missing:
+                undecodable.append(missing)
+                continue
+        messages.append(_rebuild_one(codec, decoded, cls))
+    return messages
+
+
+# -- stand-ins for classes this process cannot import ------------------------------------------
+
+
+class StandIn:
+    """Base of the classes that stand in, while a batch is unpickled again, for classes this
+    process cannot import. Accepts whatever pickle does to an instance, and keeps nothing."""
+
+    missing: ClassVar[str] = ""  # "module.qualname" of the class it stands in for
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> StandIn:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    # What pickle calls on instances of list and dict subclasses.
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
+class _StandInUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            # A fresh class per name and batch: nothing accumulates across batches.
+            return type(name, (StandIn,), {"missing": f"{module}.{name}"})
+
+
+def _loads_with_stand_ins(payload: Any, buffers: Sequence[Any]) -> Any:
+    return _StandInUnpickler(io.BytesIO(payload), buffers=buffers).load()
+
+
+# Never searched for stand-ins: they reach whole modules (a function's globals), not message data.
+_OPAQUE = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType)
+
+
+def _stand_ins_in(root: Any) -> str:
+    """The classes ``root`` reaches stand-ins for ("" when none): any depth, any container
+    (``gc.get_referents``: also C containers and ``__slots__``)."""
+    missing: set[str] = set()
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, type):
+            if issubclass(item, StandIn):
+                missing.add(item.missing)
+            continue  # a class is not message data: do not walk into its namespace
+        if isinstance(item, StandIn):
+            missing.add(type(item).missing)
+            continue
+        if isinstance(item, _OPAQUE) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        stack.extend(gc.get_referents(item))
+    return ", ".join(sorted(missing))
 
 
 def _dumps_inband(obj: Any, cls: type) -> bytes:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 from ..exceptions import BrokerClosedError
 from ..message import Message, get_unique_name_for_message
+from .failures import is_handler_failure
 from .retry import QueuePolicy
 
 __all__ = [
@@ -109,15 +110,20 @@ class Subscription:
         self._broker._cancel(self)
 
     def accepts(self, message: Message) -> bool:
-        """Run the predicate in this process. A predicate that raises rejects (and is logged)."""
+        """Run the predicate in this process. A predicate that raises rejects (and is logged),
+        ``BaseException`` included (:mod:`ipcbus.core.failures`)."""
         if self._cancelled:
             return False
         if self.predicate is None:
             return True
         try:
             return bool(self.predicate(message))
-        except Exception:
-            logger.exception("predicate %r raised on %r: message rejected", self.predicate, message)
+        except BaseException as exc:
+            if not is_handler_failure(exc):
+                raise
+            logger.error(
+                "predicate %r raised on %r: message rejected", self.predicate, message, exc_info=exc
+            )
             return False
 
     def __repr__(self) -> str:
@@ -135,7 +141,10 @@ class Broker(ABC):
     - Predicates run in the subscriber's process; one that raises rejects and is logged.
     - Handler exceptions are logged with traceback and never stop delivery to other handlers or of
       later messages. Queue-group handlers that raise are retried (:class:`QueuePolicy`), then
-      dead-lettered.
+      dead-lettered. ``BaseException`` counts as a failure too (``SystemExit``, ``GeneratorExit``,
+      a ``CancelledError`` a handler raises itself...), except ``KeyboardInterrupt`` and
+      ``SystemExit`` in the main thread, where a broker that runs handlers in its caller's thread
+      lets them end the program (:mod:`ipcbus.core.failures`).
     - ``close()`` is idempotent; a closed broker raises :class:`BrokerClosedError`. Brokers are
       context managers that close on exit.
     """

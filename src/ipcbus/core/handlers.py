@@ -1,9 +1,9 @@
 """How handlers are called, the same way by every broker. In-process core: never imports zmq.
 
-Broadcast handlers are called and their exceptions logged, never raised. Queue handlers run to
-completion (coroutines awaited, plain functions on a thread) with their
-:class:`~ipcbus.core.contract.AsyncMessageContext` set, and raise what they raised, for the retry
-rule (:mod:`ipcbus.core.retry`) to judge.
+Broadcast handlers are called and their exceptions logged, never raised (``BaseException``
+included: :mod:`ipcbus.core.failures`). Queue handlers run to completion (coroutines awaited,
+plain functions on a thread) with their :class:`~ipcbus.core.contract.AsyncMessageContext` set,
+and raise what they raised, for the retry rule (:mod:`ipcbus.core.retry`) to judge.
 """
 
 from __future__ import annotations
@@ -18,18 +18,40 @@ from typing import Any
 
 from ..message import Message
 from .contract import AsyncMessageContext, Subscription
+from .failures import is_handler_failure
 
-__all__ = ["call_handler", "call_to_completion", "run_queue_handler"]
+__all__ = ["call_handler", "call_to_completion", "is_cancellation", "run_queue_handler"]
 
 logger = logging.getLogger(__name__)
 
 
-def call_handler(subscription: Subscription, message: Message) -> None:
-    """Call a broadcast handler, logging (never raising) its exception."""
+def call_handler(
+    subscription: Subscription, message: Message, *, base_exceptions: bool = True
+) -> None:
+    """Call a broadcast handler, logging (never raising) what it raises: any exception, and any
+    ``BaseException`` that :func:`~ipcbus.core.failures.is_handler_failure` calls a failure.
+    ``base_exceptions=False`` logs only ``Exception`` and lets every other propagate
+    (``TestBroker``'s behaviour, kept for now)."""
     try:
         subscription.handler(message)
     except Exception:
         logger.exception("handler %r raised on %r", subscription.handler, message)
+    except BaseException as exc:
+        if not base_exceptions or not is_handler_failure(exc):
+            raise
+        logger.error("handler %r raised on %r", subscription.handler, message, exc_info=exc)
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """True when ``exc`` is the current task being cancelled (the broker stopping its loop), not
+    a ``CancelledError`` that a handler raised of its own accord (a failure like any other)."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return False
+    return task is not None and task.cancelling() > 0
 
 
 async def run_queue_handler(subscription: Subscription, message: Message) -> None:
