@@ -72,7 +72,8 @@ class ControlPlane:
             raise ValueError(f"unknown control request {kind!r}")
         if kind not in _ANONYMOUS and identity not in self.clients:
             # Declared gone (missed heartbeats) or from before a hub restart: start again. Its
-            # acks are for deliveries given to others meanwhile: counted as late, nothing more.
+            # acks are for deliveries given to others meanwhile (counted late) or handed out by
+            # the previous hub (counted stale): they settle nothing of anyone else's.
             if kind == wire.ACK:
                 self._settle(body, now)
             self._send(control, [identity, wire.header(wire.RESET)])

@@ -7,7 +7,10 @@ Rules (docs/guarantees.md, "Queue groups"):
 - each message of a topic goes to one consumer of every group subscribed to that topic;
 - a consumer holds at most ``prefetch`` unacknowledged deliveries (fair dispatch, round-robin);
 - an ack settles a delivery; an ack for a delivery the hub no longer has (it was redelivered after
-  its consumer was declared gone) is ignored and counted;
+  its consumer was declared gone) is ignored and counted (``late_acks``);
+- delivery ids start with the hub's random id, so they are unique across hubs: an ack for a
+  delivery of a previous hub at the same address (its consumer held it through a restart) can
+  never settle one of this hub's; it is ignored and counted (``stale_acks``);
 - a consumer that leaves (cancel, disconnect, missed heartbeats) gives its deliveries back, to be
   redelivered with ``attempt + 1``;
 - a handler failure is retried after the delay the consumer asked for; the consumer decides
@@ -130,9 +133,13 @@ class QueueBook:
         self._by_topic: dict[bytes, list[QueueGroup]] = {}
         self._deliveries: dict[bytes, tuple[QueueGroup, ConsumerKey]] = {}
         self._message_ids = (b"%s-%d" % (hub_id, n) for n in itertools.count(1))
-        self._delivery_ids = (b"%d" % n for n in itertools.count(1))
+        # Unique across hubs: before, every hub counted from 1, and a consumer that finished an
+        # old hub's delivery 1 settled the new hub's delivery 1, held by another consumer.
+        self._delivery_prefix = hub_id + b"."
+        self._delivery_ids = (b"%s%d" % (self._delivery_prefix, n) for n in itertools.count(1))
         self._sequence = itertools.count()
-        self.late_acks = 0
+        self.late_acks = 0  # acks for this hub's deliveries it no longer has
+        self.stale_acks = 0  # acks for deliveries of another hub (before a restart)
 
     # -- membership -------------------------------------------------------------------------
 
@@ -219,6 +226,10 @@ class QueueBook:
     def settle(self, ack: Ack, now: float) -> None:
         """Apply a consumer's answer for one delivery."""
         delivery_id, outcome = ack.delivery_id, ack.outcome
+        if not delivery_id.startswith(self._delivery_prefix):
+            # Handed out by a previous hub at this address: what it settled is gone with it.
+            self.stale_acks += 1
+            return
         found = self._deliveries.pop(delivery_id, None)
         if found is None:
             # Redelivered elsewhere after its consumer was declared gone (or a forged id):

@@ -87,6 +87,7 @@ class Relay:
             auth_rejected=self._auth_rejected,
             clients_lost=self.control_plane.clients_lost,
             late_acks=book.late_acks,
+            stale_acks=book.stale_acks,
             unsplittable_dropped=self._unsplittable,
             queues=book.statistics(),
             dead_letters={

@@ -23,7 +23,8 @@ client control DEALER → hub control ROUTER (the hub's address)     ``[header, 
   hub → client, unasked:
     DELIVER  ``[(descriptor, meta, payload) * n]``, descriptor = ``b" ".join([subscription_id,
                                 delivery_id, message_id, attempt, topic])``; the consumer
-                                decides retries and dead letters (ipcbus.core.retry)
+                                decides retries and dead letters (ipcbus.core.retry); a
+                                delivery id starts with the hub's id (unique across hubs)
     GROUPS   ``[version, *grouped_topics]`` → GROUPS_ACK ``[version]``
     RESET    ``[]``           the hub does not know this client (it restarted, or declared the
                                 client gone): say HELLO and CONSUME again

@@ -25,7 +25,12 @@ class HubStatistics:
     stall_drops: int = 0
     auth_rejected: int = 0
     clients_lost: int = 0
+    # Acks for a delivery this hub no longer has (redelivered after its consumer was declared
+    # gone): ignored.
     late_acks: int = 0
+    # Acks for a delivery of another hub (a previous one at this address, before a restart):
+    # ignored; delivery ids are unique across hubs, so they can never settle one of this hub's.
+    stale_acks: int = 0
     unsplittable_dropped: int = 0
     queues: dict[str, dict[str, int]] = field(default_factory=dict)
     # Per queue, the dead letters the hub keeps (bounded): message_id, attempts, last error.
