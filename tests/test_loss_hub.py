@@ -13,6 +13,7 @@ behaviour between real processes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -23,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
-from ipcbus import AsyncMessageContext, Hub, HubBroker, connect
+from ipcbus import AsyncMessageContext, DeadLetter, Hub, HubBroker, connect
+from ipcbus.server.control import ControlPlane
 from ipcbus.server.queues import QueueBook
 from ipcbus.wire import protocol as wire
 
-from .conftest import wait_until
+from .conftest import queues_idle, wait_until
 from .messages import Ping
 
 pytestmark = [pytest.mark.usefixtures("no_leftovers")]
@@ -230,3 +233,154 @@ def test_an_ack_for_the_old_hubs_delivery_does_not_settle_the_new_hubs(
             restarted.stop()
     assert final.stale_acks == 1
     assert final.late_acks == 0
+
+
+# -- case 8: retry arithmetic ----------------------------------------------------------------
+
+# Past 1 025 attempts, the old hub's backoff (retry_backoff * 2 ** attempt) no longer fit a float.
+MANY_ATTEMPTS = 1100
+
+
+def _failing_ping_consumer(
+    address: str,
+    log_path: str,
+    ready: multiprocessing.connection.Connection,
+    stop: multiprocessing.connection.Connection,
+) -> None:
+    """Queue consumer without backoff and with a huge max_attempts: ``dead`` fails every time;
+    ``late`` fails until its last attempt, then logs ``done late <attempt>``."""
+    # One traceback per failed attempt would be thousands of them.
+    logging.getLogger("ipcbus.core.retry").setLevel(logging.CRITICAL)
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def handle(message: Ping) -> None:
+        attempt = AsyncMessageContext.current().attempt
+        if message.token == "dead" or attempt < MANY_ATTEMPTS:
+            raise ValueError(f"attempt {attempt} of {message.token}")
+        _log_line(log, "done", message.token, attempt)
+
+    broker = connect(address)
+    broker.subscribe_async(
+        Ping, handle, "work", max_attempts=MANY_ATTEMPTS, retry_backoff=0.0, prefetch=1
+    )
+    ready.send("ready")
+    stop.poll(300)
+    broker.close()
+    os.close(log)
+
+
+@pytest.mark.hub
+@pytest.mark.forks
+@pytest.mark.queue_groups
+def test_a_thousand_attempts_without_backoff_end_in_a_dead_letter_or_success(
+    tmp_path: Path, workers: Workers
+) -> None:
+    address = f"ipc://{tmp_path}/hub"
+    log = tmp_path / "consumer.log"
+    group = "tests.messages.Ping/work"
+    with Hub(address, start_method="fork") as hub:
+        workers.start(_failing_ping_consumer, address, str(log))
+        with HubBroker(address) as publisher:
+            dead: list[DeadLetter] = []
+            publisher.subscribe(DeadLetter, dead.append)
+            publisher.publish(Ping("dead"))
+            publisher.publish(Ping("late"))
+            publisher.flush(10)
+            wait_until(lambda: len(dead) == 1 and _lines(log) != [], 120)
+            wait_until(lambda: queues_idle(address), 10)
+            statistics = hub.statistics()
+        workers.close()
+    (letter,) = dead
+    assert (letter.message, letter.attempts) == (Ping("dead"), MANY_ATTEMPTS)
+    assert letter.error == f"ValueError: attempt {MANY_ATTEMPTS} of dead"
+    assert _lines(log) == [["done", "late", str(MANY_ATTEMPTS)]]
+    queue = statistics.queues[group]
+    assert queue["dead_lettered"] == queue["acked"] == 1
+    assert queue["retried"] == 2 * (MANY_ATTEMPTS - 1)
+    assert queue["held"] == queue["in_flight"] == 0
+    assert statistics.malformed_dropped == 0
+
+
+class _RecordingSocket:
+    """Stands in for the hub's control ROUTER: keeps what the control plane sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+
+    def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
+        self.sent.append(frames)
+
+
+def _frames(*parts: bytes) -> list[zmq.Frame]:
+    return [zmq.Frame(part) for part in parts]
+
+
+def _control_plane_with_deliveries(
+    count: int,
+) -> tuple[ControlPlane, _RecordingSocket, list[bytes]]:
+    plane = ControlPlane(
+        b"0123456789abcdef", heartbeat_interval=0.5, heartbeat_timeout=3.0, max_held=100
+    )
+    control = _RecordingSocket()
+    identity = b"client"
+    plane.handle(control, _frames(identity, wire.header(wire.HELLO), identity), ("a", "b"))
+    plane.book.add_consumer(PING_TOPIC, "work", (identity, b"1"), prefetch=count)
+    plane.book.enqueue(PING_TOPIC, b"meta", [b"%d" % n for n in range(count)])
+    delivery_ids = [d.delivery_id for d in plane.book.dispatch(time.monotonic())]
+    assert len(delivery_ids) == count
+    return plane, control, delivery_ids
+
+
+def _ack_request(identity: bytes, *answers: tuple[bytes, bytes, bytes]) -> list[zmq.Frame]:
+    body = [
+        part
+        for delivery_id, outcome, delay in answers
+        for part in (delivery_id, outcome, delay, b"")
+    ]
+    return _frames(identity, wire.header(wire.ACK), *body)
+
+
+def test_an_ack_the_hub_cannot_apply_does_not_stop_the_others_of_its_request(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a real client can send: acks for deliveries the hub no longer has (late) or never
+    had (stale), next to good ones; and a hub bug on one ack (the old OverflowError) must not
+    skip the rest of the request either."""
+    plane, control, (first, second, third) = _control_plane_with_deliveries(3)
+    settle = QueueBook.settle
+
+    def settle_or_fail(book: QueueBook, ack: wire.Ack, now: float) -> None:
+        if ack.delivery_id == second:
+            raise OverflowError("int too large to convert to float")
+        settle(book, ack, now)
+
+    monkeypatch.setattr(QueueBook, "settle", settle_or_fail)
+    request = _ack_request(
+        b"client",
+        (b"feedfacefeedface.1", wire.OUTCOME_OK, b"0.0"),  # another hub's
+        (first, wire.OUTCOME_OK, b"0.0"),
+        (second, wire.OUTCOME_FAILED, b"0.0"),
+        (first, wire.OUTCOME_OK, b"0.0"),  # again: late
+        (third, wire.OUTCOME_FAILED, b"0.0"),
+    )
+    caplog.set_level(logging.ERROR, logger="ipcbus")
+    plane.handle(control, request, ("a", "b"))
+    queue = next(iter(plane.book.statistics().values()))
+    assert queue["acked"] == 1
+    assert queue["retried"] == 1
+    assert plane.book.stale_acks == plane.book.late_acks == 1
+    assert plane.unapplied_acks == 1
+    assert any("could not apply" in record.getMessage() for record in caplog.records)
+
+
+def test_a_malformed_ack_request_is_refused_whole() -> None:
+    """A real client never sends an ack the parser refuses (its outcomes are the four known, its
+    delays finite and >= 0: ipcbus.core.retry caps them), so a request with one is not from a
+    client that follows the protocol: none of its acks is applied (docs/security.md)."""
+    plane, control, (first, second) = _control_plane_with_deliveries(2)
+    request = _ack_request(
+        b"client", (first, wire.OUTCOME_OK, b"0.0"), (second, wire.OUTCOME_FAILED, b"nan")
+    )
+    with pytest.raises(ValueError, match="retry delay"):
+        plane.handle(control, request, ("a", "b"))
+    assert plane.book.in_flight == 2

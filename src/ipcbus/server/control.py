@@ -51,6 +51,7 @@ class ControlPlane:
         self.book = QueueBook(hub_id, max_held=max_held)
         self.clients: dict[bytes, float] = {}  # identity -> when it was last heard from
         self.clients_lost = 0
+        self.unapplied_acks = 0  # acks a bug of ours could not apply (logged with traceback)
         self._groups_version = 0
         self._acked_version: dict[bytes, int] = {}
         # CONSUME requests waiting for every client to know their topic is grouped:
@@ -109,8 +110,19 @@ class ControlPlane:
             raise ValueError(f"unknown control request {kind!r}")
 
     def _settle(self, body: list[bytes], now: float) -> None:
-        for ack in wire.parse_acks(body):  # all checked before any is applied
-            self.book.settle(ack, now)
+        # All or nothing at the parser: a client that follows the protocol never sends an ack it
+        # refuses (its outcomes are the known four, its delays finite and capped by
+        # ipcbus.core.retry), so such a request is forged or corrupt and none of it is applied.
+        # Acks for deliveries the hub no longer has (late) or never had (stale) are valid and are
+        # counted, one by one. Past the parser, each ack is applied on its own: a bug of ours on
+        # one (as the OverflowError of an unbounded backoff was) must not skip the others,
+        # whose deliveries would stay in flight forever.
+        for ack in wire.parse_acks(body):
+            try:
+                self.book.settle(ack, now)
+            except Exception:
+                self.unapplied_acks += 1
+                logger.exception("could not apply the ack of delivery %r", ack.delivery_id)
 
     def _consume(self, control: Socket, identity: bytes, request: wire.Consume, now: float) -> None:
         topic, name = request.topic, request.queue_name

@@ -88,6 +88,7 @@ class Relay:
             clients_lost=self.control_plane.clients_lost,
             late_acks=book.late_acks,
             stale_acks=book.stale_acks,
+            unapplied_acks=self.control_plane.unapplied_acks,
             unsplittable_dropped=self._unsplittable,
             queues=book.statistics(),
             dead_letters={

@@ -31,6 +31,9 @@ class HubStatistics:
     # Acks for a delivery of another hub (a previous one at this address, before a restart):
     # ignored; delivery ids are unique across hubs, so they can never settle one of this hub's.
     stale_acks: int = 0
+    # Acks the hub failed to apply (a bug of the hub's, logged with its traceback); the other
+    # acks of the same request were applied.
+    unapplied_acks: int = 0
     unsplittable_dropped: int = 0
     queues: dict[str, dict[str, int]] = field(default_factory=dict)
     # Per queue, the dead letters the hub keeps (bounded): message_id, attempts, last error.
