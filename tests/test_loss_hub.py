@@ -13,11 +13,13 @@ behaviour between real processes.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,13 +28,27 @@ from typing import Any
 import pytest
 import zmq
 
-from ipcbus import AsyncMessageContext, DeadLetter, Hub, HubBroker, connect
+from ipcbus import (
+    AsyncMessageContext,
+    Broker,
+    BrokerClosedError,
+    DeadLetter,
+    Hub,
+    HubBroker,
+    MemoryBroker,
+    NullBroker,
+    PublishTimeoutError,
+    TestBroker,
+    connect,
+)
+from ipcbus.exceptions import QueueInUseError
 from ipcbus.server.control import ControlPlane
 from ipcbus.server.queues import QueueBook
 from ipcbus.wire import protocol as wire
 
 from .conftest import queues_idle, wait_until
-from .messages import Ping
+from .hubtools import RemotePublisher
+from .messages import Ping, Tick
 
 pytestmark = [pytest.mark.usefixtures("no_leftovers")]
 
@@ -315,15 +331,21 @@ def _frames(*parts: bytes) -> list[zmq.Frame]:
     return [zmq.Frame(part) for part in parts]
 
 
-def _control_plane_with_deliveries(
-    count: int,
-) -> tuple[ControlPlane, _RecordingSocket, list[bytes]]:
+def _control_plane() -> tuple[ControlPlane, _RecordingSocket]:
+    """A control plane that welcomed the client ``b"client"``."""
     plane = ControlPlane(
         b"0123456789abcdef", heartbeat_interval=0.5, heartbeat_timeout=3.0, max_held=100
     )
     control = _RecordingSocket()
+    plane.handle(control, _frames(b"client", wire.header(wire.HELLO), b"client"), ("a", "b"))
+    return plane, control
+
+
+def _control_plane_with_deliveries(
+    count: int,
+) -> tuple[ControlPlane, _RecordingSocket, list[bytes]]:
+    plane, control = _control_plane()
     identity = b"client"
-    plane.handle(control, _frames(identity, wire.header(wire.HELLO), identity), ("a", "b"))
     plane.book.add_consumer(PING_TOPIC, "work", (identity, b"1"), prefetch=count)
     plane.book.enqueue(PING_TOPIC, b"meta", [b"%d" % n for n in range(count)])
     delivery_ids = [d.delivery_id for d in plane.book.dispatch(time.monotonic())]
@@ -384,3 +406,240 @@ def test_a_malformed_ack_request_is_refused_whole() -> None:
     with pytest.raises(ValueError, match="retry delay"):
         plane.handle(control, request, ("a", "b"))
     assert plane.book.in_flight == 2
+
+
+# -- case 4: a full queue group holds back its own topic only --------------------------------
+
+SMALL_MAX_HELD = 50
+
+
+def _recording_subscriber(
+    address: str,
+    log_path: str,
+    ready: multiprocessing.connection.Connection,
+    stop: multiprocessing.connection.Connection,
+) -> None:
+    """Broadcast subscriber of Ping and Tick: logs ``ping <token>`` / ``tick <source> <seq>``
+    in the order its dispatcher calls the handlers."""
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    broker = connect(address)
+    broker.subscribe(Ping, lambda m: _log_line(log, "ping", m.token))
+    broker.subscribe(Tick, lambda m: _log_line(log, "tick", m.source, m.seq))
+    ready.send("ready")
+    stop.poll(300)
+    broker.close()
+    os.close(log)
+
+
+def _passing_consumer(
+    address: str,
+    ready: multiprocessing.connection.Connection,
+    stop: multiprocessing.connection.Connection,
+) -> None:
+    """Joins the queue group "abandoned" on Ping, then leaves for good: the group stays."""
+    with connect(address) as broker:
+        broker.subscribe_async(Ping, lambda message: None, "abandoned")
+        ready.send("ready")
+
+
+@pytest.mark.hub
+@pytest.mark.forks
+@pytest.mark.queue_groups
+def test_an_abandoned_full_queue_group_holds_back_its_topic_only(
+    tmp_path: Path, workers: Workers
+) -> None:
+    address = f"ipc://{tmp_path}/hub"
+    log = tmp_path / "subscriber.log"
+    group = "tests.messages.Ping/abandoned"
+    # Spawned, not forked: a forked hub would inherit the workers' stop pipes.
+    hub = Hub(address, max_held=SMALL_MAX_HELD).start(START_TIMEOUT)
+    other: RemotePublisher | None = None
+    try:
+        workers.start(_recording_subscriber, address, str(log))
+        consumer = workers.start(_passing_consumer, address)
+        consumer.join(30)
+        wait_until(lambda: hub.statistics().queues[group]["consumers"] == 0, 10)
+        other = RemotePublisher(address)
+        with HubBroker(address) as publisher:
+            # Ping and Tick alternate until the Ping group is full: publish(Ping) then waits and
+            # times out, while Ticks keep flowing, and the order of what was accepted is kept.
+            accepted: list[list[str]] = []
+            timed_out = False
+            for n in range(100_000):
+                try:
+                    publisher.publish(Ping(f"a{n}"), timeout=0.5)
+                except PublishTimeoutError:
+                    timed_out = True
+                    break
+                accepted.append(["ping", f"a{n}"])
+                publisher.publish(Tick(n, "p1"), timeout=10)
+                accepted.append(["tick", "p1", str(n)])
+            assert timed_out, "publish() of a full group's topic never waited"
+            assert len(accepted) // 2 >= SMALL_MAX_HELD
+            first = len(accepted) // 2
+            for n in range(first, first + 1000):
+                publisher.publish(Tick(n, "p1"), timeout=10)
+                accepted.append(["tick", "p1", str(n)])
+                other.call("publish", Tick(n - first, "p2"), timeout=10)
+            publisher.flush(10)
+            other.call("flush", 10)
+
+            wait_until(lambda: len([x for x in _lines(log) if x[:2] == ["tick", "p2"]]) == 1000, 30)
+            wait_until(
+                lambda: len([x for x in _lines(log) if x[1:2] != ["p2"]]) == len(accepted), 30
+            )
+            lines = _lines(log)
+            assert [x for x in lines if x[1:2] != ["p2"]] == accepted, "reordered or lost"
+            assert [x for x in lines if x[1:2] == ["p2"]] == [
+                ["tick", "p2", str(n)] for n in range(1000)
+            ]
+            with pytest.raises(PublishTimeoutError, match=r"tests\.messages\.Ping"):
+                publisher.publish(Ping("still full"), timeout=0.2)
+            before = hub.statistics()
+            held = before.queues[group]["held"]
+            assert held >= SMALL_MAX_HELD
+            assert before.full_topics == ["tests.messages.Ping"]
+
+            print(
+                f"\nfull group: {(len(accepted) - 1000) // 2} Pings accepted before publish() "
+                f"waited (max_held {SMALL_MAX_HELD}); the group held {held}; 2 x 1000 Ticks "
+                "delivered meanwhile"
+            )
+            assert publisher.delete_queue(Ping, "abandoned") == held
+            publisher.publish(Ping("after"), timeout=5)  # the topic is open again
+            publisher.flush(10)
+            wait_until(lambda: ["ping", "after"] in _lines(log), 10)
+            after = hub.statistics()
+            assert group not in after.queues
+            assert after.deleted_queue_dropped == held
+            assert after.full_topics == []
+            assert publisher.delete_queue(Ping, "abandoned") == 0  # gone: nothing to do
+        assert hub.stop() == 0
+        hub = Hub(address, max_held=SMALL_MAX_HELD).start(START_TIMEOUT)
+        assert hub.statistics().queues == {}, "the deleted group came back after a restart"
+    finally:
+        if other is not None:
+            other.stop()
+        workers.close()
+        hub.stop()
+
+
+def test_a_group_is_full_at_max_held_and_open_again_below_half_of_it() -> None:
+    book = QueueBook(b"0123456789abcdef", max_held=10)
+    other_topic = wire.topic_for("tests.messages.Tick")
+    book.declare(PING_TOPIC, "work")
+    book.declare(other_topic, "work")
+    book.enqueue(PING_TOPIC, b"meta", [b"x"] * 9)
+    assert not book.update_full()
+    book.enqueue(PING_TOPIC, b"meta", [b"x"])
+    assert book.update_full()
+    assert book.full_topics == {PING_TOPIC}, "only the full group's topic is held back"
+    book.add_consumer(PING_TOPIC, "work", (b"client", b"1"), prefetch=4)
+    deliveries = book.dispatch(time.monotonic())
+    assert len(deliveries) == 4
+    assert not book.update_full(), "6 held: still full until the group drains to half"
+    for delivery in deliveries:
+        book.settle(wire.Ack(delivery.delivery_id, wire.OUTCOME_OK), time.monotonic())
+    book.dispatch(time.monotonic())
+    assert book.update_full()
+    assert book.full_topics == set()
+
+
+def test_deleting_a_group_drops_what_it_holds_and_refuses_while_it_has_consumers() -> None:
+    book = QueueBook(b"0123456789abcdef", max_held=10)
+    book.add_consumer(PING_TOPIC, "work", (b"client", b"1"), prefetch=1)
+    book.enqueue(PING_TOPIC, b"meta", [b"x"] * 12)
+    book.dispatch(time.monotonic())
+    book.update_full()
+    assert book.delete(PING_TOPIC, "work") is None, "deleted a group with a consumer"
+    book.remove_client(b"client")
+    assert book.delete(PING_TOPIC, "work") == 12
+    assert not book.has_groups(PING_TOPIC)
+    assert book.update_full()
+    assert book.full_topics == set()
+    assert book.deleted_dropped == 12
+    assert book.delete(PING_TOPIC, "work") == 0
+
+
+def test_deleting_a_group_rewrites_the_groups_file(tmp_path: Path) -> None:
+    path = tmp_path / "hub.groups"
+    plane, control = _control_plane()
+    plane.restore_groups(str(path))
+    for topic, name in [(PING_TOPIC, "keep"), (PING_TOPIC, "drop"), (PING_TOPIC, "also")]:
+        plane.remember_group(topic, name)
+        plane.book.declare(topic, name)
+    request = wire.DeleteQueue(b"7", PING_TOPIC, "drop").frames()
+    plane.handle(control, _frames(b"client", *request), ("a", "b"))
+    assert control.sent[-1] == wire.deleted(b"client", b"7", 0)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"topic": "tests.messages.Ping", "queue": "keep"},
+        {"topic": "tests.messages.Ping", "queue": "also"},
+    ]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["hub.groups"], "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("kind", ["memory", "test"])
+def test_in_process_brokers_delete_a_queue_group_without_members(kind: str) -> None:
+    broker: Broker = MemoryBroker() if kind == "memory" else TestBroker()
+    with broker:
+        received: list[Ping] = []
+        subscription = broker.subscribe_async(Ping, received.append, "work")
+        with pytest.raises(QueueInUseError, match="work"):
+            broker.delete_queue(Ping, "work")
+        subscription.cancel()
+        assert broker.delete_queue(Ping, "work") == 0
+        assert broker.delete_queue(Ping, "never declared") == 0
+        broker.publish(Ping("nobody"))
+        broker.flush(5)
+        if isinstance(broker, TestBroker):
+            broker.process_messages()
+    assert received == []
+
+
+def test_delete_queue_checks_its_arguments() -> None:
+    with NullBroker() as broker:
+        assert broker.delete_queue(Ping, "work") == 0
+        with pytest.raises(TypeError, match="Message subclass"):
+            broker.delete_queue(object, "work")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="queue_name"):
+            broker.delete_queue(Ping, "")
+    with pytest.raises(BrokerClosedError):
+        broker.delete_queue(Ping, "work")
+
+
+def test_a_client_that_joins_while_a_topic_is_full_is_told_after_its_welcome() -> None:
+    plane, control = _control_plane()
+    plane.book.declare(PING_TOPIC, "work")
+    plane.book.enqueue(PING_TOPIC, b"meta", [b"x"] * 100)  # max_held
+    plane.tick(control)
+    assert control.sent[-1] == wire.full(b"client", 1, [PING_TOPIC])
+    plane.handle(control, _frames(b"late", wire.header(wire.HELLO), b"late"), ("a", "b"))
+    plane.tick(control)
+    welcome, full = control.sent[-2:]
+    assert welcome[:2] == [b"late", wire.header(wire.WELCOME)]
+    assert full == wire.full(b"late", 1, [PING_TOPIC])
+    plane.handle(
+        control,
+        _frames(b"client", *wire.DeleteQueue(b"1", PING_TOPIC, "work").frames()),
+        ("a", "b"),
+    )
+    plane.tick(control)
+    told = [frames for frames in control.sent if frames[1] == wire.header(wire.FULL)]
+    assert sorted(told[-2:]) == [wire.full(b"client", 2, []), wire.full(b"late", 2, [])]
+
+
+@pytest.mark.hub
+@pytest.mark.queue_groups
+def test_a_queue_group_with_a_consumer_in_another_process_is_not_deleted(fresh_hub: Hub) -> None:
+    with HubBroker(fresh_hub.address) as consumer, HubBroker(fresh_hub.address) as admin:
+        subscription = consumer.subscribe_async(Ping, lambda message: None, "busy")
+        with pytest.raises(QueueInUseError, match="busy"):
+            admin.delete_queue(Ping, "busy")
+        assert "tests.messages.Ping/busy" in fresh_hub.statistics().queues
+        subscription.cancel()
+        wait_until(
+            lambda: fresh_hub.statistics().queues["tests.messages.Ping/busy"]["consumers"] == 0
+        )
+        assert admin.delete_queue(Ping, "busy") == 0
+        assert fresh_hub.statistics().queues == {}

@@ -51,8 +51,12 @@ class HubOptions(_Options):
     - ``heartbeat_interval`` / ``heartbeat_timeout``: a client silent for ``heartbeat_timeout``
       seconds is declared gone (its queue deliveries go to other consumers); clients ping every
       ``heartbeat_interval`` seconds and declare a silent hub gone after the same timeout.
-    - ``max_held``: a queue group holds at most this many messages before its topic's
-      publishers feel backpressure.
+    - ``max_held``: when a queue group holds this many messages (its consumers are slow or
+      gone), the hub tells every client that its topic is full: ``publish()`` of that topic,
+      and of no other, waits (``PublishTimeoutError`` past its timeout) until every group of the
+      topic holds at most half of it again, or the group is deleted (``delete_queue``).
+      Messages already on their way are still taken: a group may hold more, at most what its
+      publishers had queued (``max_pending`` each) and in their pipes when they learned.
     - ``max_message_size``: a peer that sends a message part over this many bytes is
       disconnected by ZeroMQ.
     - ``handshake_timeout``: a peer that does not finish its handshake within it is disconnected.

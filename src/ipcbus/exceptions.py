@@ -16,6 +16,7 @@ __all__ = [
     "MessageSerializationError",
     "PubSubError",
     "PublishTimeoutError",
+    "QueueInUseError",
 ]
 
 
@@ -45,6 +46,11 @@ class HubUnavailableError(PubSubError):
 
 class HubAddressError(PubSubError, ValueError):
     """The hub cannot serve at this address: malformed, too long, or already served."""
+
+
+class QueueInUseError(PubSubError):
+    """``delete_queue()`` was asked to delete a queue group that still has consumers (in this
+    process or another): cancel them first. Nothing was deleted."""
 
 
 class PublishTimeoutError(PubSubError, TimeoutError):

@@ -19,10 +19,11 @@ from ..exceptions import (
     MessageSerializationError,
     PublishTimeoutError,
 )
-from ..message import Message
+from ..message import Message, get_unique_name_for_message
 from ..wire import protocol as wire
 from ..wire.address import Address
 from ..wire.keys import read_secret
+from .control import DeleteAnswer
 from .dispatch import Dispatcher
 from .io import IOThread
 from .outbox import FlushMarker
@@ -52,7 +53,10 @@ class HubBroker(Broker):
       thread batches and sends it. The first message of each type is serialised in the caller, so
       an unserialisable type raises ``MessageSerializationError`` there. When ``max_pending``
       messages wait (the hub or a subscriber is slow), ``publish()`` blocks; past ``timeout`` (per
-      call, else ``publish_timeout``) it raises ``PublishTimeoutError``.
+      call, else ``publish_timeout``) it raises ``PublishTimeoutError``. The same wait, before
+      the message is queued, for a type whose queue group the hub reports full (see
+      ``HubOptions.max_held``): only that type waits, and a publisher's order is kept.
+    - ``delete_queue()`` deletes an abandoned queue group at the hub, and what it holds.
     - ``subscribe()`` returns once the hub has the subscription live: every message published
       afterwards, by any process, reaches it. Handlers run on one dispatcher thread, in order.
     - ``flush(timeout)`` waits until the hub has accepted everything published before it.
@@ -89,6 +93,7 @@ class HubBroker(Broker):
         self._live: dict[str, threading.Event] = {}
         self._flush_ids = iter(range(1, 2**62))
         self._queue_ids = iter(range(1, 2**62))
+        self._request_ids = iter(range(1, 2**62))
         self._queue_subscriptions: dict[bytes, Subscription] = {}
         self._runner = QueueRunner(self._queue_subscriptions.get, self._ack, self.publish)
         secret = _wait_for_secret(parsed, options.connect_timeout)
@@ -135,6 +140,8 @@ class HubBroker(Broker):
 
     def _publish(self, message: Message, timeout: float | None = None) -> None:
         self._check_usable()
+        if self._io.full_topics:
+            timeout = self._wait_while_full(type(message), timeout)
         cls = type(message)
         if cls not in self._checked_types:
             codec.encode_batch(cls, [message])  # MessageSerializationError, in the caller
@@ -142,6 +149,32 @@ class HubBroker(Broker):
         if len(self._io.outbox) >= self.options.max_pending:
             self._wait_for_space(self.options.publish_timeout if timeout is None else timeout)
         self._io.publish(message)
+
+    def _wait_while_full(self, cls: type[Message], timeout: float | None) -> float | None:
+        """Wait while a full queue group holds ``cls``'s topic back (the hub said FULL), before
+        the message enters the outbox: its publisher's later messages of other types cannot
+        overtake it. Returns what is left of ``timeout`` (``None``: ``publish_timeout``)."""
+        topic = wire.topic_for(get_unique_name_for_message(cls))
+        if topic not in self._io.full_topics:
+            return timeout
+        limit = self.options.publish_timeout if timeout is None else timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        with self._space:
+            self._waiting += 1
+            try:
+                opened = self._space.wait_for(
+                    lambda: topic not in self._io.full_topics or self._closed or not self._io.alive,
+                    limit,
+                )
+            finally:
+                self._waiting -= 1
+        self._check_usable()
+        if not opened:
+            raise PublishTimeoutError(
+                f"a queue group of {wire.unique_name_of(topic)} holds the hub's max_held "
+                f"messages (its consumers are slow or gone): publish() waited {limit} s"
+            )
+        return timeout if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _wait_for_space(self, timeout: float | None) -> None:
         outbox, limit = self._io.outbox, self.options.max_pending
@@ -263,6 +296,27 @@ class HubBroker(Broker):
                 del self._live[topic]
                 if not self._closed:
                     self._io.unsubscribe(wire.topic_for(topic))
+
+    def _delete_queue(self, message_type: type[Message], queue_name: str) -> int:
+        """Ask the hub; waits for its answer at most ``subscribe_timeout``."""
+        self._check_usable()
+        request = wire.DeleteQueue(
+            b"%d" % next(self._request_ids),
+            wire.topic_for(get_unique_name_for_message(message_type)),
+            queue_name,
+        )
+        answer = DeleteAnswer()
+        self._io.delete_queue(request, answer)
+        timeout = self.options.subscribe_timeout
+        if not answer.done.wait(timeout):
+            self._io.forget_delete(request.request_id)
+            raise HubUnavailableError(
+                f"the hub at {self.address} did not answer the deletion of the queue group "
+                f"{queue_name!r} within {timeout} s"
+            )
+        if answer.dropped is None:
+            raise self._refuse_deletion(message_type, queue_name)
+        return answer.dropped
 
     def _ack(self, acks: list[wire.Ack]) -> None:  # queue threads
         self._io.ack(acks)

@@ -27,7 +27,7 @@ from ..message import Message
 from ..wire import protocol as wire
 from ..wire.address import Address
 from ..wire.keys import prove
-from .control import ControlChannel
+from .control import ControlChannel, DeleteAnswer
 from .outbox import FlushMarker, Outbox
 from .session import Session
 from .subscriptions import Subscriptions
@@ -79,6 +79,9 @@ class IOThread:
         self._failure: BaseException | None = None
         self._sent: list[Any] | None = None  # frames waiting for room in the DEALER pipe
         self._thread = threading.Thread(target=self._run, name="ipcbus-io", daemon=True)
+        # Topics whose queue groups are full: publish() of them waits (the hub's FULL).
+        self.full_topics: frozenset[bytes] = frozenset()
+        self._full_version = 0
         self._connect_timeout: float | None = None
         self._monitor: Socket | None = None
         self._dealer: Socket | None = None
@@ -124,6 +127,12 @@ class IOThread:
 
     def cancel_consume(self, subscription_id: bytes) -> None:
         self.call(lambda: self._control.cancel(subscription_id))
+
+    def delete_queue(self, request: wire.DeleteQueue, answer: DeleteAnswer) -> None:
+        self.call(lambda: self._control.delete(request, answer))
+
+    def forget_delete(self, request_id: bytes) -> None:
+        self.call(lambda: self._control.forget_delete(request_id))
 
     def ack(self, answers: list[wire.Ack]) -> None:
         def send() -> None:
@@ -207,6 +216,11 @@ class IOThread:
     def _welcome(self, welcome: wire.Welcome) -> bool:
         resync = bool(self._subscriptions.live_topics)
         reconnected = self.session.welcome(welcome, resync)
+        # Whatever an earlier hub held back, this one says again in a FULL of its own.
+        if self.full_topics:
+            self.full_topics = frozenset()
+            self._on_space()
+        self._full_version = 0
         # Kept across hubs: after a restart, consumers re-register one by one, and a publisher
         # that forgot a topic is grouped would send it unsplit meanwhile (unusable for groups).
         self.outbox.grouped = self.outbox.grouped | frozenset(welcome.grouped_topics)
@@ -305,6 +319,13 @@ class IOThread:
             version, grouped = wire.parse_groups(body)
             self.outbox.grouped = grouped
             self._control.send(wire.groups_ack(version))
+        elif kind == wire.FULL:
+            version, topics = wire.parse_full(body)
+            if version > self._full_version:
+                self._full_version, self.full_topics = version, topics
+                self._on_space()  # publishers waiting for a topic to open again
+        elif kind == wire.DELETED:
+            self._control.deleted(*wire.parse_deleted(body))
         elif kind == wire.CONSUMING:
             self._control.consuming(body[0])
         elif kind == wire.RESET:

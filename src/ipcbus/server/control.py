@@ -7,15 +7,14 @@ ack or a delivery. Payloads stay opaque: queue deliveries carry the bytes the pu
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from typing import Any
 
 import zmq
 
 from ..wire import protocol as wire
+from .groups import GroupsFile
 from .queues import Delivery, QueueBook
 
 __all__ = ["ControlPlane"]
@@ -33,6 +32,7 @@ _KINDS = _ANONYMOUS | {
     wire.CANCEL,
     wire.GROUPS_ACK,
     wire.BYE,
+    wire.DELETE,
 }
 
 
@@ -59,7 +59,11 @@ class ControlPlane:
         self._waiting: list[tuple[bytes, bytes, int, float]] = []
         self._next_check = 0.0
         self.draining = False  # stopping: no new deliveries, only acks of those in flight
-        self._groups_file: str | None = None
+        self._groups_file: GroupsFile | None = None
+        # Topics a full queue group holds back (QueueBook.full_topics), as last announced, and
+        # the clients still to be told (their pipe was full: retried every turn, never dropped).
+        self._full_version = 0
+        self._full_pending: set[bytes] = set()
         self._probes: list[float] = []  # when to probe every client (see probe_soon)
 
     # -- requests ---------------------------------------------------------------------------
@@ -90,6 +94,8 @@ class ControlPlane:
                 tuple(self.book.grouped_topics),
             )
             self._send(control, welcome.frames(identity))
+            if self.book.full_topics:
+                self._full_pending.add(identity)  # after the WELCOME, which clears the list
             return
         if kind == wire.STATS:
             return  # answered by the relay, which owns the statistics
@@ -106,6 +112,8 @@ class ControlPlane:
             self._acked_version[identity] = wire.parse_groups_ack(body)
         elif kind == wire.BYE:
             self._drop_client(identity, "said goodbye")
+        elif kind == wire.DELETE:
+            self._delete(control, identity, wire.DeleteQueue.parse(body))
         else:
             raise ValueError(f"unknown control request {kind!r}")
 
@@ -142,31 +150,40 @@ class ControlPlane:
         deadline = now + self.heartbeat_timeout
         self._waiting.append((identity, request.subscription_id, self._groups_version, deadline))
 
+    def _delete(self, control: Socket, identity: bytes, request: wire.DeleteQueue) -> None:
+        """Delete a queue group that has no consumers, and what it holds; refuse otherwise."""
+        topic, name = request.topic, request.queue_name
+        dropped = self.book.delete(topic, name)
+        if dropped is not None:
+            label = f"{wire.unique_name_of(topic)}/{name}"
+            if dropped:
+                logger.warning("queue group %s deleted: %d held messages dropped", label, dropped)
+            else:
+                logger.info("queue group %s deleted", label)
+            if self._groups_file is not None:
+                try:
+                    self._groups_file.rewrite((g.topic, g.name) for g in self.book.groups())
+                except OSError as exc:
+                    logger.error("queue group %s will come back after a restart: %s", label, exc)
+            if not self.book.has_groups(topic):
+                # Its publishers may batch it again (no longer one frame per message).
+                self._groups_version += 1
+                self._announce_groups(control)
+        self._send(control, wire.deleted(identity, request.request_id, dropped))
+
     def restore_groups(self, path: str) -> None:
         """Recreate the queue groups a previous hub at this address had (they outlive the
         absence of their consumers, a hub restart included: docs/guarantees.md)."""
-        self._groups_file = path
-        try:
-            with open(path, encoding="utf-8") as lines:
-                declared = [json.loads(line) for line in lines if line.strip()]
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            logger.error("cannot read the queue groups of the previous hub (%s): %s", path, exc)
-            return
-        for entry in declared:
-            self.book.declare(wire.topic_for(entry["topic"]), entry["queue"])
-        logger.info("restored %d queue groups from %s", len(declared), path)
+        self._groups_file = GroupsFile(path)
+        declared = self._groups_file.read()
+        for topic, name in declared:
+            self.book.declare(topic, name)
+        if declared:
+            logger.info("restored %d queue groups from %s", len(declared), path)
 
     def remember_group(self, topic: bytes, name: str) -> None:
-        if self._groups_file is None:
-            return
-        entry = json.dumps({"topic": wire.unique_name_of(topic), "queue": name})
-        fd = os.open(self._groups_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, entry.encode() + b"\n")
-        finally:
-            os.close(fd)
+        if self._groups_file is not None:
+            self._groups_file.add(topic, name)
 
     def announce_stop(self, control: Socket) -> None:
         """The hub is stopping: clients stop waiting for it at once and try to reconnect."""
@@ -206,6 +223,15 @@ class ControlPlane:
         deliveries = [] if self.draining else self.book.dispatch(now)
         if deliveries:
             self._deliver(control, deliveries)
+        if self.book.update_full():
+            self._full_version += 1
+            self._full_pending = set(self.clients)
+            logger.info(
+                "topics held back by a full queue group: %s",
+                sorted(wire.unique_name_of(t) for t in self.book.full_topics) or "none",
+            )
+        if self._full_pending:
+            self._announce_full(control)
         if now >= self._next_check:
             self._next_check = now + min(self.heartbeat_interval, 0.1)
             silent_since = now - self.heartbeat_timeout
@@ -238,6 +264,17 @@ class ControlPlane:
                 still_waiting.append((identity, subscription_id, version, deadline))
         self._waiting = still_waiting
 
+    def _announce_full(self, control: Socket) -> None:
+        topics = sorted(self.book.full_topics)
+        for identity in list(self._full_pending):
+            try:
+                control.send_multipart(wire.full(identity, self._full_version, topics), zmq.NOBLOCK)
+            except zmq.Again:
+                continue  # its pipe is full: next turn (a stale list would hold it back)
+            except zmq.ZMQError as exc:
+                logger.debug("FULL to %r dropped: %s", identity, exc)
+            self._full_pending.discard(identity)
+
     def _deliver(self, control: Socket, deliveries: list[Delivery]) -> None:
         """Send each client its deliveries of this turn as one message (3 frames each)."""
         by_client: dict[bytes, list[Delivery]] = {}
@@ -258,6 +295,7 @@ class ControlPlane:
         if self.clients.pop(identity, None) is None:
             return
         self._acked_version.pop(identity, None)
+        self._full_pending.discard(identity)
         self.clients_lost += why != "said goodbye"
         logger.info("client %s gone (%s): its deliveries go to others", identity.hex(), why)
         self.book.remove_client(identity)

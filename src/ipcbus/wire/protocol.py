@@ -20,12 +20,18 @@ client control DEALER → hub control ROUTER (the hub's address)     ``[header, 
     ACK      ``[(delivery_id, outcome, retry_delay, error) * n]``  outcome: ok, failed,
                                 rejected, dead; retry_delay (seconds) only for failed
     BYE      ``[]``           the client leaves: its unacknowledged deliveries go to others
+    DELETE   ``[request_id, topic, queue_name]`` → DELETED ``[request_id, status, dropped]``:
+                                the group and what it holds are gone (status ``ok``), or it
+                                still has consumers and stays (status ``in-use``)
   hub → client, unasked:
     DELIVER  ``[(descriptor, meta, payload) * n]``, descriptor = ``b" ".join([subscription_id,
                                 delivery_id, message_id, attempt, topic])``; the consumer
                                 decides retries and dead letters (ipcbus.core.retry); a
                                 delivery id starts with the hub's id (unique across hubs)
     GROUPS   ``[version, *grouped_topics]`` → GROUPS_ACK ``[version]``
+    FULL     ``[version, *full_topics]``  topics a queue group of which holds ``max_held``
+                                messages: publish() of them waits until the hub lists them no
+                                more (after every WELCOME the list is empty until a FULL)
     RESET    ``[]``           the hub does not know this client (it restarted, or declared the
                                 client gone): say HELLO and CONSUME again
     STOPPING ``[]``           the hub is shutting down: reconnect to the next one
@@ -68,9 +74,12 @@ __all__ = [
     "CODEC_SPLIT_OBJECTS",
     "CONSUME",
     "CONSUMING",
+    "DELETE",
+    "DELETED",
     "DELIVER",
     "FLUSH",
     "FLUSHED",
+    "FULL",
     "GROUPS",
     "GROUPS_ACK",
     "HEADER_LEN",
@@ -99,6 +108,7 @@ __all__ = [
     "WELCOME",
     "Ack",
     "Consume",
+    "DeleteQueue",
     "Deliver",
     "Fanout",
     "Meta",
@@ -130,6 +140,7 @@ CANCEL = b"X"
 ACK = b"A"
 GROUPS_ACK = b"g"
 BYE = b"B"
+DELETE = b"K"
 # control, hub -> client
 WELCOME = b"W"
 PONG = b"o"
@@ -138,6 +149,8 @@ DELIVER = b"D"
 GROUPS = b"G"
 RESET = b"R"
 STOPPING = b"Q"
+FULL = b"U"
+DELETED = b"k"
 # data, client -> hub and back
 PUBLISH = b"P"
 FLUSH = b"F"
@@ -315,6 +328,15 @@ def parse_groups_ack(body: Sequence[bytes]) -> int:
     return int(version)
 
 
+def full(identity: bytes, version: int, topics: Iterable[bytes]) -> list[bytes]:
+    return [identity, header(FULL), b"%d" % version, *topics]
+
+
+def parse_full(body: Sequence[bytes]) -> tuple[int, frozenset[bytes]]:
+    version, *topics = body
+    return int(version), frozenset(topics)
+
+
 # -- control: queue consumers -----------------------------------------------------------------
 
 
@@ -358,6 +380,44 @@ def cancel(subscription_id: bytes) -> list[bytes]:
 def parse_cancel(body: Sequence[bytes]) -> bytes:
     (subscription_id,) = body
     return subscription_id
+
+
+@dataclass(frozen=True)
+class DeleteQueue:
+    """A request to delete the queue group ``queue_name`` of ``topic``."""
+
+    request_id: bytes
+    topic: bytes
+    queue_name: str
+
+    def frames(self) -> list[bytes]:
+        return [header(DELETE), self.request_id, self.topic, self.queue_name.encode()]
+
+    @classmethod
+    def parse(cls, body: Sequence[bytes]) -> DeleteQueue:
+        request_id, topic, queue_name = body
+        name = queue_name.decode()
+        if not name:
+            raise ValueError("empty queue name")
+        return cls(request_id, check_topic(topic), name)
+
+
+DELETED_OK = b"ok"
+DELETED_IN_USE = b"in-use"
+
+
+def deleted(identity: bytes, request_id: bytes, dropped: int | None) -> list[bytes]:
+    """The answer to DELETE: how many held messages were dropped, ``None`` if refused."""
+    if dropped is None:
+        return [identity, header(DELETED), request_id, DELETED_IN_USE, b"0"]
+    return [identity, header(DELETED), request_id, DELETED_OK, b"%d" % dropped]
+
+
+def parse_deleted(body: Sequence[bytes]) -> tuple[bytes, int | None]:
+    request_id, status, dropped = body
+    if status not in (DELETED_OK, DELETED_IN_USE):
+        raise ValueError(f"unknown DELETED status {status[:16]!r}")
+    return request_id, int(dropped) if status == DELETED_OK else None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,10 @@ class HubStatistics:
     # acks of the same request were applied.
     unapplied_acks: int = 0
     unsplittable_dropped: int = 0
+    # Messages a queue group held when it was deleted (delete_queue): dropped with it.
+    deleted_queue_dropped: int = 0
+    # Topics publishers are told to hold back: a queue group of each holds max_held messages.
+    full_topics: list[str] = field(default_factory=list)
     queues: dict[str, dict[str, int]] = field(default_factory=dict)
     # Per queue, the dead letters the hub keeps (bounded): message_id, attempts, last error.
     dead_letters: dict[str, list[dict[str, object]]] = field(default_factory=dict)
