@@ -47,8 +47,8 @@ from ipcbus.server.queues import QueueBook
 from ipcbus.wire import protocol as wire
 
 from .conftest import queues_idle, wait_until
-from .hubtools import RemotePublisher
-from .messages import Ping, Tick
+from .hubtools import RemotePublisher, reap
+from .messages import Barrier, Blob, Ping, Tick
 
 pytestmark = [pytest.mark.usefixtures("no_leftovers")]
 
@@ -643,3 +643,134 @@ def test_a_queue_group_with_a_consumer_in_another_process_is_not_deleted(fresh_h
         )
         assert admin.delete_queue(Ping, "busy") == 0
         assert fresh_hub.statistics().queues == {}
+
+
+# -- case 9: what stall_timeout drops is counted exactly, per subscriber ---------------------
+
+
+def _stoppable_subscriber(
+    address: str, gate: str, conn: multiprocessing.connection.Connection
+) -> None:
+    """Subscriber of Blob and Barrier with small pipes; answers each request on ``conn`` with
+    (Blob seqs received, Barriers received, its broker's gaps); stops when ``conn`` closes. Its
+    Blob handler waits for the file ``gate`` (if named) to exist."""
+    broker = connect(address, hwm=4, dispatch_queue=1)
+    seqs: list[int] = []
+    barriers: list[str] = []
+
+    def handle(message: Blob) -> None:
+        deadline = time.monotonic() + 120
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seqs.append(message.seq)
+
+    broker.subscribe(Blob, handle)
+    broker.subscribe(Barrier, lambda m: barriers.append(m.token))
+    conn.send("ready")
+    while True:
+        try:
+            conn.recv()
+        except EOFError:
+            break
+        conn.send((list(seqs), len(barriers), broker.gaps))
+    broker.close()
+
+
+RESUME = [
+    "at once",
+    "after the hub's notice",
+    "after the hub declared it gone",
+    "handler blocked until after the hub's notice",
+]
+
+
+@pytest.mark.hub
+@pytest.mark.forks
+@pytest.mark.parametrize("resume", RESUME)
+def test_a_stopped_subscriber_counts_exactly_the_messages_it_missed(
+    resume: str, tmp_path: Path
+) -> None:
+    """SIGSTOP a subscriber until the hub stops waiting for it (stall_timeout): once it runs
+    again, its gaps are exactly what was published and it did not receive, in messages, the
+    tail included (the hub's later sends went to a pipe ZeroMQ had set aside after the first
+    drop). It resumes at once, or only once the hub has told every client to check (its first
+    answer then goes to that set-aside pipe too: asked again), or once the hub declared it gone
+    (it checks when it reconnects). Or it is not stopped but its handler blocks: it hears the
+    hub's notice at once, but reads nothing, so its check is answered into the set-aside pipe
+    until the handler lets go (asked again until answered)."""
+    blob = b"x" * 16384
+    with Hub(hwm=4, stall_timeout=1.0, **HEARTBEAT) as small_hub:
+        parent, child = SPAWN.Pipe()
+        blocked = resume.startswith("handler blocked")
+        gate = tmp_path / "gate"
+        subscriber = SPAWN.Process(
+            target=_stoppable_subscriber,
+            args=(small_hub.address, str(gate) if blocked else "", child),
+        )
+        subscriber.start()
+        child.close()
+
+        def report() -> tuple[list[int], int, int]:
+            parent.send("report")
+            assert parent.poll(30), "the subscriber did not answer"
+            answer: tuple[list[int], int, int] = parent.recv()
+            return answer
+
+        try:
+            assert parent.poll(START_TIMEOUT)
+            assert parent.recv() == "ready"
+            if not blocked:
+                os.kill(subscriber.pid, signal.SIGSTOP)
+            published = {"blobs": 0, "barriers": 0}
+            with HubBroker(small_hub.address, hwm=4, max_pending=20, max_batch=4) as publisher:
+                for seq in range(2000):
+                    publisher.publish(Blob(seq, blob), timeout=30)
+                    published["blobs"] += 1
+                publisher.flush(30)
+                if resume != "at once":
+                    wait_until(lambda: small_hub.statistics().loss_notices >= 1, 30)
+                if resume == "after the hub declared it gone":
+                    wait_until(lambda: small_hub.statistics().clients_lost >= 1, 30)
+                if blocked:
+                    time.sleep(0.3)  # its check, asked at the notice, meets the set-aside pipe
+                    gate.touch()
+                else:
+                    os.kill(subscriber.pid, signal.SIGCONT)
+                # Barriers too may be dropped while its pipes are still full: repeated until
+                # one gets through, and counted like the Blobs.
+                deadline = time.monotonic() + 60
+                while report()[1] == 0:
+                    assert time.monotonic() < deadline, "the subscriber never caught up"
+                    publisher.publish(Barrier("caught up?"), timeout=10)
+                    published["barriers"] += 1
+                    publisher.flush(10)
+                    time.sleep(0.05)
+                statistics = small_hub.statistics()
+
+                def accounted() -> bool:
+                    seqs, barriers, gaps = report()
+                    return len(seqs) + barriers + gaps == sum(published.values())
+
+                wait_until(accounted, 30)
+                # Running normally again: what follows arrives, and nothing is counted twice.
+                publisher.publish(Barrier("last"), timeout=10)
+                published["barriers"] += 1
+                publisher.flush(10)
+                wait_until(accounted, 10)
+                seqs, barriers, gaps = report()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(subscriber.pid, signal.SIGCONT)
+            parent.close()
+            hung = reap([subscriber])
+    assert hung == []
+    assert subscriber.exitcode == 0
+    assert statistics.stall_drops > 0
+    assert seqs == sorted(set(seqs)), "what arrives keeps its order, without duplicates"
+    assert len(seqs) < published["blobs"], "the stopped subscriber cannot have received all"
+    assert len(seqs) + barriers + gaps == published["blobs"] + published["barriers"]
+    print(
+        f"\nstopped subscriber, resumed {resume}: {published['blobs']} Blobs and "
+        f"{published['barriers']} Barriers published, {len(seqs)} and {barriers} received, "
+        f"{gaps} counted missed; the hub sent {statistics.stall_drops} times without waiting"
+    )

@@ -62,7 +62,9 @@ class HubOptions(_Options):
     - ``handshake_timeout``: a peer that does not finish its handshake within it is disconnected.
     - ``drain_timeout``: on SIGTERM, consumers get this long to ack what they hold.
     - ``stall_timeout``: a subscriber that accepts nothing for this long stops holding the bus;
-      the hub sends without waiting for it (counted) and it learns of the gap.
+      the hub sends without waiting for it (``stall_drops`` counts those sends) until its sends
+      stop stalling for as long again, then tells every client to check. What a subscriber
+      missed is counted by it exactly, in messages (``HubBroker.gaps``), once it reads again.
     - ``restart_grace``: a hub restarted at an address relays nothing for this long, so the
       previous hub's subscribers are back first.
     """

@@ -121,7 +121,10 @@ class HubBroker(Broker):
 
     @property
     def gaps(self) -> int:
-        """Batches the hub dropped for this process (see ``HubOptions.stall_timeout``)."""
+        """Messages the hub dropped for this process, exactly, since it connected (see
+        ``HubOptions.stall_timeout``): what it did not receive of what was published after its
+        subscribe() returned. Counted when a later message of the topic arrives, or shortly
+        after the hub stops sending without waiting (it tells every client to check)."""
         return self._dispatcher.gaps
 
     def _for_child(self) -> HubBroker:

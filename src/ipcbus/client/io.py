@@ -82,10 +82,13 @@ class IOThread:
         # Topics whose queue groups are full: publish() of them waits (the hub's FULL).
         self.full_topics: frozenset[bytes] = frozenset()
         self._full_version = 0
+        self._hub_id: bytes | None = None  # the hub of the last WELCOME
+        self._same_hub = True  # ... and whether the one before it was the same
         self._connect_timeout: float | None = None
         self._monitor: Socket | None = None
         self._dealer: Socket | None = None
         self._sub: Socket | None = None
+        self._resync_at: float | None = None  # when an unanswered sync is asked again
 
     # -- called from other threads -----------------------------------------------------------
 
@@ -216,6 +219,8 @@ class IOThread:
     def _welcome(self, welcome: wire.Welcome) -> bool:
         resync = bool(self._subscriptions.live_topics)
         reconnected = self.session.welcome(welcome, resync)
+        self._same_hub = welcome.hub_id == self._hub_id
+        self._hub_id = welcome.hub_id
         # Whatever an earlier hub held back, this one says again in a FULL of its own.
         if self.full_topics:
             self.full_topics = frozenset()
@@ -256,7 +261,10 @@ class IOThread:
             held = self._subscriptions.held is not None
             poller.modify(sub, 0 if held else zmq.POLLIN)
             timeout = _HELD_POLL_MS if held else _IDLE_POLL_MS
-            timeout = max(0, min(timeout, int((self.session.wake_at() - now) * 1000) + 1))
+            wake_at = self.session.wake_at()
+            if self._resync_at is not None:
+                wake_at = min(wake_at, self._resync_at)
+            timeout = max(0, min(timeout, int((wake_at - now) * 1000) + 1))
             events = dict(poller.poll(timeout))
             if self._wake_fd in events:
                 # Read, *then* clear the flag (the pump runs after both). Clearing first would
@@ -267,6 +275,7 @@ class IOThread:
                     os.eventfd_read(self._wake_fd)
                 self._wake_pending = False
             self._subscriptions.hand_on_held()
+            self._resync_at = self._subscriptions.resync_due(time.monotonic())
             if control in events and events[control] & zmq.POLLIN:
                 self._read_control(control)
             if dealer in events and events[dealer] & zmq.POLLIN:
@@ -334,9 +343,11 @@ class IOThread:
             self._hub_lost("it does not know this client")
         elif kind == wire.STOPPING:
             self._hub_lost("it is stopping")
+        elif kind == wire.LOSSY:
+            self._subscriptions.check()  # count what the hub's sends without waiting cost us
         elif kind == wire.WELCOME:
             if self._welcome(wire.Welcome.parse(body)) and self._subscriptions.live_topics:
-                self._subscriptions.sync(self.session.resynced)
+                self._subscriptions.resync(self.session.resynced, self._same_hub)
             self._control.restore_consumers()
             self.outbox.resend_flushes()
             self.wake()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -64,6 +65,9 @@ class ControlPlane:
         # the clients still to be told (their pipe was full: retried every turn, never dropped).
         self._full_version = 0
         self._full_pending: set[bytes] = set()
+        # Clients still to be told LOSSY (the fan-out sent without waiting for a subscriber).
+        self._lossy_pending: set[bytes] = set()
+        self.loss_notices = 0
         self._probes: list[float] = []  # when to probe every client (see probe_soon)
 
     # -- requests ---------------------------------------------------------------------------
@@ -190,6 +194,12 @@ class ControlPlane:
         for client in list(self.clients):
             self._send(control, [client, wire.header(wire.STOPPING)])
 
+    def announce_lossy(self) -> None:
+        """The fan-out sent without waiting for a stalled subscriber and has stopped: every
+        client checks what it missed (sent on the next turns, retried while a pipe is full)."""
+        self._lossy_pending = set(self.clients)
+        self.loss_notices += 1
+
     def _announce_groups(self, control: Socket) -> None:
         topics = self.book.grouped_topics
         for client in list(self.clients):
@@ -231,7 +241,12 @@ class ControlPlane:
                 sorted(wire.unique_name_of(t) for t in self.book.full_topics) or "none",
             )
         if self._full_pending:
-            self._announce_full(control)
+            topics = sorted(self.book.full_topics)
+            self._send_pending(
+                control, self._full_pending, lambda c: wire.full(c, self._full_version, topics)
+            )
+        if self._lossy_pending:
+            self._send_pending(control, self._lossy_pending, wire.lossy)
         if now >= self._next_check:
             self._next_check = now + min(self.heartbeat_interval, 0.1)
             silent_since = now - self.heartbeat_timeout
@@ -264,16 +279,20 @@ class ControlPlane:
                 still_waiting.append((identity, subscription_id, version, deadline))
         self._waiting = still_waiting
 
-    def _announce_full(self, control: Socket) -> None:
-        topics = sorted(self.book.full_topics)
-        for identity in list(self._full_pending):
+    @staticmethod
+    def _send_pending(
+        control: Socket, pending: set[bytes], build: Callable[[bytes], list[bytes]]
+    ) -> None:
+        """Tell each client in ``pending`` what ``build`` says; one whose pipe is full stays
+        pending for the next turn (an announcement lost would leave it with a stale view)."""
+        for identity in list(pending):
             try:
-                control.send_multipart(wire.full(identity, self._full_version, topics), zmq.NOBLOCK)
+                control.send_multipart(build(identity), zmq.NOBLOCK)
             except zmq.Again:
-                continue  # its pipe is full: next turn (a stale list would hold it back)
-            except zmq.ZMQError as exc:
-                logger.debug("FULL to %r dropped: %s", identity, exc)
-            self._full_pending.discard(identity)
+                continue
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: gone, the heartbeats will tell
+                logger.debug("announcement to %r dropped: %s", identity, exc)
+            pending.discard(identity)
 
     def _deliver(self, control: Socket, deliveries: list[Delivery]) -> None:
         """Send each client its deliveries of this turn as one message (3 frames each)."""
@@ -296,6 +315,7 @@ class ControlPlane:
             return
         self._acked_version.pop(identity, None)
         self._full_pending.discard(identity)
+        self._lossy_pending.discard(identity)
         self.clients_lost += why != "said goodbye"
         logger.info("client %s gone (%s): its deliveries go to others", identity.hex(), why)
         self.book.remove_client(identity)

@@ -84,6 +84,7 @@ class Relay:
             backpressure_stalls=fanout.stalls if fanout else 0,
             malformed_dropped=self._malformed,
             stall_drops=fanout.stall_drops if fanout else 0,
+            loss_notices=self.control_plane.loss_notices,
             auth_rejected=self._auth_rejected,
             clients_lost=self.control_plane.clients_lost,
             late_acks=book.late_acks,
@@ -232,6 +233,8 @@ class Relay:
                 fanout.read_subscriptions()
             if control in events:
                 self._read(control, lambda frames: self._handle_control(control, frames))
+            if fanout.lossy_ended():
+                self.control_plane.announce_lossy()
             self.control_plane.tick(control)
             if not fanout.retry():
                 continue
@@ -313,7 +316,7 @@ class Relay:
                     # published before the group's first subscribe_async() returned.
                     self._unsplittable += count
                     logger.warning("%d messages of %r reached no queue group", count, topic)
-            fanout.relay(topic, frames[3], frames[4:])
+            fanout.relay(topic, frames[3], count, frames[4:])
         elif kind == wire.FLUSH and len(frames) == 3:
             send_reply(data, wire.flushed(identity, frames[2].bytes))
         else:

@@ -22,7 +22,13 @@ class HubStatistics:
     bytes_relayed: int
     backpressure_stalls: int
     malformed_dropped: int
+    # Sends made without waiting for a subscriber that accepted nothing for stall_timeout (each
+    # may drop a batch for one or more subscribers; each subscriber counts exactly what it
+    # missed, in messages: HubBroker.gaps).
     stall_drops: int = 0
+    # Times the hub, having stopped sending without waiting, told every client to check what it
+    # missed (LOSSY).
+    loss_notices: int = 0
     auth_rejected: int = 0
     clients_lost: int = 0
     # Acks for a delivery this hub no longer has (redelivered after its consumer was declared
