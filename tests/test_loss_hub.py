@@ -43,11 +43,12 @@ from ipcbus import (
 )
 from ipcbus.exceptions import QueueInUseError
 from ipcbus.server.control import ControlPlane
+from ipcbus.server.fanout import Fanout
 from ipcbus.server.queues import QueueBook
 from ipcbus.wire import protocol as wire
 
 from .conftest import queues_idle, wait_until
-from .hubtools import RemotePublisher, reap
+from .hubtools import BarrierWaiter, RemotePublisher, reap
 from .messages import Barrier, Blob, Ping, Tick
 
 pytestmark = [pytest.mark.usefixtures("no_leftovers")]
@@ -774,3 +775,72 @@ def test_a_stopped_subscriber_counts_exactly_the_messages_it_missed(
         f"{published['barriers']} Barriers published, {len(seqs)} and {barriers} received, "
         f"{gaps} counted missed; the hub sent {statistics.stall_drops} times without waiting"
     )
+
+
+# -- case 12: the hub's per-topic sequence numbers ---------------------------------------------
+
+
+@pytest.fixture
+def fanout_sockets() -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
+    """An XPUB socket as the hub sets it up, and a SUB socket connected to it (inproc)."""
+    context = zmq.Context()
+    xpub, sub = context.socket(zmq.XPUB), context.socket(zmq.SUB)
+    try:
+        for sock in (xpub, sub):
+            sock.linger = 0
+        xpub.setsockopt(zmq.XPUB_NODROP, 1)
+        xpub.bind("inproc://fanout")
+        sub.connect("inproc://fanout")
+        yield xpub, sub
+    finally:
+        xpub.close(linger=0)
+        sub.close(linger=0)
+        context.term()
+
+
+def _read_events(fanout: Fanout, xpub: zmq.Socket[bytes]) -> None:
+    """Let the fan-out see what the SUB socket asked for (XPUB reports it asynchronously)."""
+    while xpub.poll(200):
+        fanout.read_subscriptions()
+
+
+def test_the_hub_keeps_sequence_numbers_only_for_topics_someone_subscribes_to(
+    fanout_sockets: tuple[zmq.Socket[bytes], zmq.Socket[bytes]],
+) -> None:
+    xpub, sub = fanout_sockets
+    fanout = Fanout(xpub, stall_timeout=30.0)
+    meta = wire.pack_meta(wire.CODEC_OBJECTS, 1, 0.0)
+    for n in range(20_000):  # nobody subscribes to any of them
+        fanout.relay(wire.topic_for(f"dynamic.Type{n}"), meta, 1, [b"payload"])
+    assert fanout.sequenced_topics == 0
+    topic = wire.topic_for("dynamic.Type7")
+    sub.subscribe(topic)
+    _read_events(fanout, xpub)
+    for _ in range(3):
+        fanout.relay(topic, meta, 1, [b"payload"])
+    assert [sub.recv_multipart()[2] for _ in range(3)] == [wire.pack_seq(n) for n in (1, 2, 3)]
+    assert fanout.sequenced_topics == 1
+    sub.unsubscribe(topic)
+    _read_events(fanout, xpub)
+    assert fanout.sequenced_topics == 0
+
+
+@pytest.mark.hub
+def test_resubscribing_to_a_topic_the_hub_forgot_sees_no_false_gap(fresh_hub: Hub) -> None:
+    """Between the two subscriptions nobody subscribes, so the hub forgets the topic's sequence
+    number (it starts again): the subscriber must count no gap, and still see every message
+    published after each subscribe() returned."""
+    with HubBroker(fresh_hub.address) as subscriber, HubBroker(fresh_hub.address) as publisher:
+        received: list[int] = []
+        barrier = BarrierWaiter(subscriber)
+        for round_ in range(3):
+            subscription = subscriber.subscribe(Tick, lambda m: received.append(m.seq))
+            for seq in range(100):
+                publisher.publish(Tick(round_ * 1000 + seq))
+            barrier.wait(publisher)
+            subscription.cancel()
+            for seq in range(100, 150):  # nobody listens: not received, and not missed either
+                publisher.publish(Tick(round_ * 1000 + seq))
+            publisher.flush(10)
+        assert subscriber.gaps == 0
+    assert received == [r * 1000 + seq for r in range(3) for seq in range(100)]
