@@ -216,8 +216,9 @@ class Broker(ABC):
 
         A group outlives the absence of its consumers (across processes also a hub restart) and
         holds what is published meanwhile; an abandoned one is deleted here. A group that still
-        has consumers, in any process, is not deleted: :class:`~ipcbus.exceptions.
-        QueueInUseError` (cancel them first). Deleting a group that does not exist returns 0.
+        has consumers, in any process, is not deleted: it raises
+        :class:`~ipcbus.exceptions.QueueInUseError` (cancel them first). Deleting a group that
+        does not exist returns 0.
         In-process brokers hold nothing for a group without members, so they return 0; the hub
         proxy waits for the hub's answer (``subscribe_timeout``).
         """
