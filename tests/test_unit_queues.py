@@ -340,9 +340,12 @@ def test_dead_records_are_bounded_by_max_dead() -> None:
 
 
 def test_an_unknown_ack_is_counted_and_ignored() -> None:
+    """An id of this hub it no longer has is late; any other id is stale (another hub's)."""
     book, group = book_with(A)
+    book.settle(Ack(b"hub.999", OUTCOME_OK), now=0.0)
+    assert (book.late_acks, book.stale_acks) == (1, 0)
     book.settle(Ack(b"no-such-delivery", OUTCOME_OK), now=0.0)
-    assert book.late_acks == 1
+    assert (book.late_acks, book.stale_acks) == (1, 1)
     assert group.counts["acked"] == 0
 
 
@@ -487,22 +490,31 @@ def test_remove_client_removes_each_of_its_consumers() -> None:
 # -- full, statistics, dead letters -----------------------------------------------------------
 
 
-def test_full_at_max_held() -> None:
-    book = QueueBook(b"hub", max_held=3)
+def test_a_topic_is_full_at_max_held_and_reopens_at_half() -> None:
+    book = QueueBook(b"hub", max_held=4)
     book.declare(TOPIC, "workers")
-    book.enqueue(TOPIC, b"m", [b"p1", b"p2"])
-    assert not book.full()
-    book.enqueue(TOPIC, b"m", [b"p3"])
-    assert book.full()
+    book.declare(OTHER_TOPIC, "others")
+    book.enqueue(TOPIC, b"m", [b"p1", b"p2", b"p3"])
+    assert not book.update_full()
+    assert book.full_topics == frozenset()
+    book.enqueue(TOPIC, b"m", [b"p4"])
+    assert book.update_full()
+    assert book.full_topics == {TOPIC}  # that topic only
+    assert not book.update_full()  # no change, nothing to tell
     book.add_consumer(TOPIC, "workers", A, prefetch=1)
-    (delivery,) = book.dispatch(now=0.0)  # in flight is not held
-    assert not book.full()
-    book.settle(failed(delivery, 60.0), now=0.0)  # a delayed retry is held
-    assert book.full()
+    (delivery,) = book.dispatch(now=0.0)  # in flight is not held: 3 held, above half
+    assert not book.update_full()
+    assert book.full_topics == {TOPIC}
+    book.settle(Ack(delivery.delivery_id, OUTCOME_OK), now=0.0)
+    book.dispatch(now=0.0)  # 2 held: at half, it reopens
+    assert book.update_full()
+    assert book.full_topics == frozenset()
 
 
-def test_full_with_no_groups_is_false() -> None:
-    assert not QueueBook(b"hub", max_held=1).full()
+def test_no_groups_no_full_topics() -> None:
+    book = QueueBook(b"hub", max_held=1)
+    assert not book.update_full()
+    assert book.full_topics == frozenset()
 
 
 def test_statistics_and_dead_letters_shapes() -> None:

@@ -479,13 +479,6 @@ def test_fanout_round_trips() -> None:
     assert [frame.bytes for frame in batch.payload] == [b"payload", b"buffer"]
 
 
-def test_gap_marker_round_trips() -> None:
-    frames = wire.gap_marker(TOPIC, 2**40)
-    assert frames == [TOPIC, b"", wire.pack_seq(2**40)]
-    batch = Fanout.parse(frames_of(frames))
-    assert (batch.topic, batch.meta, batch.seq, list(batch.payload)) == (TOPIC, None, 2**40, [])
-
-
 @pytest.mark.parametrize(
     "frames",
     [

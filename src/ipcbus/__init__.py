@@ -35,6 +35,7 @@ _EXPORTS = {
     "MessageTooLargeError": "ipcbus.exceptions",
     "PublishTimeoutError": "ipcbus.exceptions",
     "PubSubError": "ipcbus.exceptions",
+    "QueueInUseError": "ipcbus.exceptions",
     "Hub": "ipcbus.hub",
     "HubStatistics": "ipcbus.hub",
     "HubBroker": "ipcbus.client.broker",
@@ -88,6 +89,7 @@ if TYPE_CHECKING:
     from .exceptions import MessageTooLargeError as MessageTooLargeError
     from .exceptions import PublishTimeoutError as PublishTimeoutError
     from .exceptions import PubSubError as PubSubError
+    from .exceptions import QueueInUseError as QueueInUseError
     from .hub import Hub as Hub
     from .hub import HubStatistics as HubStatistics
     from .message import DeadLetter as DeadLetter

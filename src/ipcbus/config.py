@@ -52,15 +52,21 @@ class HubOptions(_Options):
     - ``heartbeat_interval`` / ``heartbeat_timeout``: a client silent for ``heartbeat_timeout``
       seconds is declared gone (its queue deliveries go to other consumers); clients ping every
       ``heartbeat_interval`` seconds and declare a silent hub gone after the same timeout.
-    - ``max_held``: a queue group holds at most this many messages before its topic's
-      publishers feel backpressure.
+    - ``max_held``: when a queue group holds this many messages (its consumers are slow or
+      gone), the hub tells every client that its topic is full: ``publish()`` of that topic,
+      and of no other, waits (``PublishTimeoutError`` past its timeout) until every group of the
+      topic holds at most half of it again, or the group is deleted (``delete_queue``).
+      Messages already on their way are still taken: a group may hold more, at most what its
+      publishers had queued (``max_pending`` each) and in their pipes when they learned.
     - ``max_message_size``: a peer that sends a message part (frame) over this many bytes is
       disconnected by ZeroMQ. The hub announces it in WELCOME: clients split batches below it,
       and a message that alone encodes to more is refused (``MessageTooLargeError``).
     - ``handshake_timeout``: a peer that does not finish its handshake within it is disconnected.
     - ``drain_timeout``: on SIGTERM, consumers get this long to ack what they hold.
     - ``stall_timeout``: a subscriber that accepts nothing for this long stops holding the bus;
-      the hub sends without waiting for it (counted) and it learns of the gap.
+      the hub sends without waiting for it (``stall_drops`` counts those sends) until its sends
+      stop stalling for as long again, then tells every client to check. What a subscriber
+      missed is counted by it exactly, in messages (``HubBroker.gaps``), once it reads again.
     - ``restart_grace``: a hub restarted at an address relays nothing for this long, so the
       previous hub's subscribers are back first.
     - ``max_pending_handshakes``: on tcp, at most this many connections per socket may be

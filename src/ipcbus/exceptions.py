@@ -19,6 +19,7 @@ __all__ = [
     "MessageTooLargeError",
     "PubSubError",
     "PublishTimeoutError",
+    "QueueInUseError",
 ]
 
 
@@ -68,6 +69,11 @@ class HubAddressError(PubSubError, ValueError):
 
 class InsecurePathError(PubSubError, PermissionError):
     """A directory or file another user could control was refused (see docs/security.md)."""
+
+
+class QueueInUseError(PubSubError):
+    """``delete_queue()`` was asked to delete a queue group that still has consumers (in this
+    process or another): cancel them first. Nothing was deleted."""
 
 
 class PublishTimeoutError(PubSubError, TimeoutError):

@@ -75,6 +75,11 @@ class MemoryBroker(Broker):
     def _cancel(self, subscription: Subscription) -> None:
         self._routes.remove(subscription)
 
+    def _delete_queue(self, message_type: type[Message], queue_name: str) -> int:
+        if not self._routes.delete_group(get_unique_name_for_message(message_type), queue_name):
+            raise self._refuse_deletion(message_type, queue_name)
+        return 0  # a group without members holds nothing here: publish() finds no member
+
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the owned loop has finished every delivery (retries included)."""
         with self._idle:

@@ -20,10 +20,11 @@ from ..exceptions import (
     MessageSerializationError,
     PublishTimeoutError,
 )
-from ..message import Message
+from ..message import Message, get_unique_name_for_message
 from ..wire import protocol as wire
 from ..wire.address import Address
 from ..wire.keys import read_bus_secret
+from .control import DeleteAnswer
 from .dispatch import Dispatcher
 from .io import IOThread
 from .notify import StateNotifier
@@ -57,8 +58,12 @@ class HubBroker(Broker):
       an unserialisable type raises ``MessageSerializationError`` there, and one that alone is
       over the hub's ``max_message_size`` raises ``MessageTooLargeError``. When ``max_pending``
       messages wait (the hub or a subscriber is slow), ``publish()`` blocks; past ``timeout`` (per
-      call, else ``publish_timeout``) it raises ``PublishTimeoutError``. Except in a handler:
-      ``publish()`` from a thread that runs handlers never blocks (see ``ClientOptions``).
+      call, else ``publish_timeout``) it raises ``PublishTimeoutError``. The same wait, before
+      the message is queued, for a type whose queue group the hub reports full (see
+      ``HubOptions.max_held``): only that type waits, and a publisher's order is kept. Except in
+      a handler: ``publish()`` from a thread that runs handlers never blocks on ``max_pending``
+      (see ``ClientOptions``).
+    - ``delete_queue()`` deletes an abandoned queue group at the hub, and what it holds.
     - A later message that cannot go (unserialisable, or over the limit) is rejected alone on the
       I/O thread (batches are serialised in one go): logged at ERROR with its type and position
       (how many messages ``publish()`` had accepted before it), counted in ``rejected``, and
@@ -116,6 +121,7 @@ class HubBroker(Broker):
         self._live: dict[str, threading.Event] = {}
         self._flush_ids = iter(range(1, 2**62))
         self._queue_ids = iter(range(1, 2**62))
+        self._request_ids = iter(range(1, 2**62))
         self._queue_subscriptions: dict[bytes, Subscription] = {}
         self._failed: str | None = None  # what died, once a thread of ours did
         self._failure_cause: BaseException | None = None
@@ -158,7 +164,10 @@ class HubBroker(Broker):
 
     @property
     def gaps(self) -> int:
-        """Batches the hub dropped for this process (see ``HubOptions.stall_timeout``)."""
+        """Messages the hub dropped for this process, exactly, since it connected (see
+        ``HubOptions.stall_timeout``): what it did not receive of what was published after its
+        subscribe() returned. Counted when a later message of the topic arrives, or shortly
+        after the hub stops sending without waiting (it tells every client to check)."""
         return self._dispatcher.gaps
 
     @property
@@ -194,6 +203,8 @@ class HubBroker(Broker):
 
     def _publish(self, message: Message, timeout: float | None = None) -> None:
         self._check_usable()
+        if self._io.full_topics:
+            timeout = self._wait_while_full(type(message), timeout)
         cls = type(message)
         if self._last_type() is not cls:
             if self._kinds.get(cls) is None:
@@ -208,6 +219,32 @@ class HubBroker(Broker):
             # stage deadlocked the bus every time with hwm=20, max_pending=200).
             self._wait_for_space(self.options.publish_timeout if timeout is None else timeout)
         self._io.publish(message)
+
+    def _wait_while_full(self, cls: type[Message], timeout: float | None) -> float | None:
+        """Wait while a full queue group holds ``cls``'s topic back (the hub said FULL), before
+        the message enters the outbox: its publisher's later messages of other types cannot
+        overtake it. Returns what is left of ``timeout`` (``None``: ``publish_timeout``)."""
+        topic = wire.topic_for(get_unique_name_for_message(cls))
+        if topic not in self._io.full_topics:
+            return timeout
+        limit = self.options.publish_timeout if timeout is None else timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        with self._space:
+            self._waiting += 1
+            try:
+                opened = self._space.wait_for(
+                    lambda: topic not in self._io.full_topics or self._closed or not self._io.alive,
+                    limit,
+                )
+            finally:
+                self._waiting -= 1
+        self._check_usable()
+        if not opened:
+            raise PublishTimeoutError(
+                f"a queue group of {wire.unique_name_of(topic)} holds the hub's max_held "
+                f"messages (its consumers are slow or gone): publish() waited {limit} s"
+            )
+        return timeout if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _wait_for_space(self, timeout: float | None) -> None:
         outbox, limit = self._io.outbox, self.options.max_pending
@@ -366,6 +403,27 @@ class HubBroker(Broker):
                 del self._live[topic]
                 if not self._closed:
                     self._io.unsubscribe(wire.topic_for(topic))
+
+    def _delete_queue(self, message_type: type[Message], queue_name: str) -> int:
+        """Ask the hub; waits for its answer at most ``subscribe_timeout``."""
+        self._check_usable()
+        request = wire.DeleteQueue(
+            b"%d" % next(self._request_ids),
+            wire.topic_for(get_unique_name_for_message(message_type)),
+            queue_name,
+        )
+        answer = DeleteAnswer()
+        self._io.delete_queue(request, answer)
+        timeout = self.options.subscribe_timeout
+        if not answer.done.wait(timeout):
+            self._io.forget_delete(request.request_id)
+            raise HubUnavailableError(
+                f"the hub at {self.address} did not answer the deletion of the queue group "
+                f"{queue_name!r} within {timeout} s"
+            )
+        if answer.dropped is None:
+            raise self._refuse_deletion(message_type, queue_name)
+        return answer.dropped
 
     def _ack(self, acks: list[wire.Ack]) -> None:  # queue threads
         self._io.ack(acks)

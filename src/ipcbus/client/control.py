@@ -1,5 +1,5 @@
 """The control side of a client's I/O thread: requests waiting to leave on the control socket,
-and the queue consumers the hub must be told about again after a reconnect.
+and what the hub must be told again after a reconnect (queue consumers, unanswered deletions).
 
 Runs on the I/O thread only. Nothing is ever dropped: an ack lost would be a delivery stuck in
 flight, so a request waits in the backlog while the pipe to the hub is full.
@@ -15,7 +15,15 @@ import zmq
 
 from ..wire import protocol as wire
 
-__all__ = ["ControlChannel"]
+__all__ = ["ControlChannel", "DeleteAnswer"]
+
+
+class DeleteAnswer:
+    """The hub's answer to a DELETE: ``dropped`` held messages, ``None`` if it refused."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.dropped: int | None = None
 
 
 class ControlChannel:
@@ -24,6 +32,7 @@ class ControlChannel:
         self._backlog: deque[list[bytes]] = deque()
         self._consumes: dict[bytes, wire.Consume] = {}  # restored after a reconnect
         self._consuming: dict[bytes, threading.Event] = {}
+        self._deletes: dict[bytes, tuple[wire.DeleteQueue, DeleteAnswer]] = {}
 
     @property
     def waiting(self) -> bool:
@@ -59,6 +68,23 @@ class ControlChannel:
         if live is not None:
             live.set()
 
+    def delete(self, request: wire.DeleteQueue, answer: DeleteAnswer) -> None:
+        self._deletes[request.request_id] = (request, answer)
+        self.send(request.frames())
+
+    def forget_delete(self, request_id: bytes) -> None:
+        """Its caller gave up waiting."""
+        self._deletes.pop(request_id, None)
+
+    def deleted(self, request_id: bytes, dropped: int | None) -> None:
+        _request, answer = self._deletes.pop(request_id, (None, None))
+        if answer is not None:
+            answer.dropped = dropped
+            answer.done.set()
+
     def restore_consumers(self) -> None:
         for request in self._consumes.values():
             self.send(request.frames())
+        # A deletion the previous hub never answered (deleting twice is harmless).
+        for deletion, _answer in self._deletes.values():
+            self.send(deletion.frames())

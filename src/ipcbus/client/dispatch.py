@@ -2,9 +2,10 @@
 
 The I/O thread hands each fan-out batch to the dispatcher's bounded inbox; a full inbox makes the
 I/O thread stop reading its SUB socket (backpressure reaches the hub, never a drop here). The
-dispatcher decodes a batch with this process's classes, checks the hub's per-topic sequence
-number (a skip is a gap: the hub stopped waiting for this process), and calls every accepting
-subscription's handler.
+dispatcher decodes a batch with this process's classes, checks the hub's per-topic message count
+(a skip is a gap: the hub stopped waiting for this process), and calls every accepting
+subscription's handler. The hub's answers to this client's syncs come the same way, in order: they
+set where a new subscription starts counting, or count the messages missed since the last batch.
 
 Handlers never end the thread: what they raise, ``BaseException`` included, is logged
 (:func:`~ipcbus.core.handlers.call_handler`). A message this process cannot decode (it holds an
@@ -41,9 +42,9 @@ class Dispatcher:
         self._lock = threading.Lock()
         self.subscriptions: dict[str, tuple[Subscription, ...]] = {}
         self._types: dict[str, type[Message]] = {}
-        # Per topic, the hub's sequence number of the last batch seen (a skip is a gap).
+        # Per topic, the hub's message count at the last batch seen (a skip is a gap).
         self._last_seq: dict[str, int] = {}
-        self.gaps = 0  # batches the hub dropped for this process (see HubOptions.stall_timeout)
+        self.gaps = 0  # messages the hub dropped for this process (see HubOptions.stall_timeout)
         self.undecodable = 0  # messages received that this process could not decode
         self._inbox: queue.Queue[list[zmq.Frame] | None] = queue.Queue(capacity)
         # Set by close() called from a handler: this thread ends after that handler, and what
@@ -103,25 +104,19 @@ class Dispatcher:
                 logger.exception("ipcbus could not dispatch a batch; it is dropped")
 
     def _dispatch(self, frames: list[Any]) -> None:
+        if wire.is_sync_topic(frames[0].bytes):
+            self._synced(wire.SyncReply.parse(frames))
+            return
         batch = wire.Fanout.parse(frames)
         topic = wire.unique_name_of(batch.topic)
         subscriptions = self.subscriptions.get(topic)
         if not subscriptions:
             return
+        count = batch.meta[1]
         last = self._last_seq.get(topic)
         self._last_seq[topic] = batch.seq
-        # A gap marker (no meta) carries the topic's latest seq, no message.
-        expected = batch.seq if batch.meta is None else batch.seq - 1
-        if last is not None and expected > last:
-            self.gaps += expected - last
-            logger.error(
-                "missed %d batches of %s: this process accepted nothing for so long that the "
-                "hub stopped waiting for it",
-                expected - last,
-                topic,
-            )
-        if batch.meta is None:
-            return
+        if last is not None and batch.seq - count > last:
+            self._missed(topic, batch.seq - count - last)
         messages = self._decode(topic, batch.meta, batch.payload)
         for message in messages:
             if self._abandoned:
@@ -158,6 +153,27 @@ class Dispatcher:
                 "; ".join(sorted(set(undecodable))),
             )
         return messages
+
+    def _synced(self, reply: wire.SyncReply) -> None:
+        """The hub's message counts, in stream order: where a subscription starts (baseline),
+        or how many messages it missed since the last batch seen (check)."""
+        for topic_frame, seq in reply.seqs:
+            topic = wire.unique_name_of(topic_frame)
+            if not self.subscriptions.get(topic):
+                continue
+            last = self._last_seq.get(topic)
+            self._last_seq[topic] = seq
+            if reply.kind == wire.SYNC_CHECK and last is not None and seq > last:
+                self._missed(topic, seq - last)
+
+    def _missed(self, topic: str, count: int) -> None:
+        self.gaps += count
+        logger.error(
+            "missed %d messages of %s: this process accepted nothing for so long that the hub "
+            "stopped waiting for it",
+            count,
+            topic,
+        )
 
     # -- stop ------------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from ..message import Message
 from ..wire import protocol as wire
 from ..wire.address import Address
 from ..wire.keys import prove
-from .control import ControlChannel
+from .control import ControlChannel, DeleteAnswer
 from .outbox import FlushMarker, Outbox, Rejected
 from .session import Session
 from .subscriptions import Subscriptions
@@ -135,6 +135,11 @@ class IOThread:
         self._thread = threading.Thread(
             target=guarded("ipcbus-io", self._run, on_death), name="ipcbus-io", daemon=True
         )
+        # Topics whose queue groups are full: publish() of them waits (the hub's FULL).
+        self.full_topics: frozenset[bytes] = frozenset()
+        self._full_version = 0
+        self._hub_id: bytes | None = None  # the hub of the last WELCOME
+        self._same_hub = True  # ... and whether the one before it was the same
         self._connect_timeout: float | None = None
         self._endpoints = ("", "")  # the hub's publish and fan-out endpoints, from WELCOME
         self._monitors: dict[Socket, Socket] = {}  # socket -> its monitor
@@ -142,6 +147,7 @@ class IOThread:
         self._auth_logged_at = -_AUTH_LOG_PERIOD
         self._dealer: Socket | None = None
         self._sub: Socket | None = None
+        self._resync_at: float | None = None  # when an unanswered sync is asked again
 
     # -- called from other threads -----------------------------------------------------------
 
@@ -186,6 +192,12 @@ class IOThread:
 
     def cancel_consume(self, subscription_id: bytes) -> None:
         self.call(lambda: self._control.cancel(subscription_id))
+
+    def delete_queue(self, request: wire.DeleteQueue, answer: DeleteAnswer) -> None:
+        self.call(lambda: self._control.delete(request, answer))
+
+    def forget_delete(self, request_id: bytes) -> None:
+        self.call(lambda: self._control.forget_delete(request_id))
 
     def ack(self, answers: list[wire.Ack]) -> None:
         def send() -> None:
@@ -329,6 +341,13 @@ class IOThread:
         self.outbox.set_limit(welcome.max_message_size)
         if not was_available:
             self._on_hub_state(True)
+        self._same_hub = welcome.hub_id == self._hub_id
+        self._hub_id = welcome.hub_id
+        # Whatever an earlier hub held back, this one says again in a FULL of its own.
+        if self.full_topics:
+            self.full_topics = frozenset()
+            self._on_space()
+        self._full_version = 0
         # Kept across hubs: after a restart, consumers re-register one by one, and a publisher
         # that forgot a topic is grouped would send it unsplit meanwhile (unusable for groups).
         self.outbox.grouped = self.outbox.grouped | frozenset(welcome.grouped_topics)
@@ -367,11 +386,15 @@ class IOThread:
             held = self._subscriptions.held is not None
             poller.modify(sub, 0 if held else zmq.POLLIN)
             timeout = _HELD_POLL_MS if held else _IDLE_POLL_MS
-            timeout = max(0, min(timeout, int((self.session.wake_at() - now) * 1000) + 1))
+            wake_at = self.session.wake_at()
+            if self._resync_at is not None:
+                wake_at = min(wake_at, self._resync_at)
+            timeout = max(0, min(timeout, int((wake_at - now) * 1000) + 1))
             events = dict(poller.poll(timeout))
             if self._waker.fd in events:
                 self._waker.clear()
             self._subscriptions.hand_on_held()
+            self._resync_at = self._subscriptions.resync_due(time.monotonic())
             if control in events and events[control] & zmq.POLLIN:
                 self._read_control(control)
             if dealer in events and events[dealer] & zmq.POLLIN:
@@ -441,6 +464,13 @@ class IOThread:
             version, grouped = wire.parse_groups(body)
             self.outbox.grouped = grouped
             self._control.send(wire.groups_ack(version))
+        elif kind == wire.FULL:
+            version, topics = wire.parse_full(body)
+            if version > self._full_version:
+                self._full_version, self.full_topics = version, topics
+                self._on_space()  # publishers waiting for a topic to open again
+        elif kind == wire.DELETED:
+            self._control.deleted(*wire.parse_deleted(body))
         elif kind == wire.CONSUMING:
             self._control.consuming(body[0])
         elif kind == wire.RESET:
@@ -449,11 +479,13 @@ class IOThread:
             self._hub_lost("it does not know this client")
         elif kind == wire.STOPPING:
             self._hub_lost("it is stopping")
+        elif kind == wire.LOSSY:
+            self._subscriptions.check()  # count what the hub's sends without waiting cost us
         elif kind == wire.WELCOME:
             welcome = wire.Welcome.parse(body)
             self._follow(welcome)
             if self._welcome(welcome) and self._subscriptions.live_topics:
-                self._subscriptions.sync(self.session.resynced)
+                self._subscriptions.resync(self.session.resynced, self._same_hub)
             self._control.restore_consumers()
             self.outbox.resend_flushes()
             self.wake()

@@ -5,12 +5,21 @@ live: after subscribing to the topic, the SUB socket subscribes to a fresh sync 
 one connection's subscriptions in order, so the hub's answer on the sync topic means the topic is
 live (no slow joiner, docs/guarantees.md). Batches go to the dispatcher; when its inbox is full,
 the batch is held and the SUB socket is not read until it is taken (backpressure, no drop).
+
+Sync answers carry the hub's message count of each topic they name (``wire.seq_sync_topic``) and
+go to the dispatcher in stream order too: a new subscription starts counting there (a baseline),
+and a check (the hub said LOSSY, or this client reconnected to the same hub) counts what was
+missed, the tail included. An answer can be lost like a batch (after the hub sent without waiting,
+ZeroMQ sends nothing to this pipe until it is read again), so a sync unanswered after
+``_RESYNC_AFTER`` seconds is asked again, under a fresh topic.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq
 
@@ -19,6 +28,15 @@ from ..wire import protocol as wire
 __all__ = ["Subscriptions"]
 
 _BURST = 256
+_RESYNC_AFTER = 1.0
+
+
+@dataclass
+class _Sync:
+    live: threading.Event | None  # set on the answer (subscribe() and the resync wait for it)
+    kind: bytes
+    topics: list[bytes]
+    asked_at: float
 
 
 class Subscriptions:
@@ -27,7 +45,7 @@ class Subscriptions:
         self._deliver = deliver
         self.sub: zmq.Socket[bytes] | None = None  # set once connected
         self.live_topics: set[bytes] = set()
-        self._syncs: dict[bytes, threading.Event] = {}
+        self._syncs: dict[bytes, _Sync] = {}
         self._sync_ids = iter(range(1, 2**62))
         self.held: list[zmq.Frame] | None = None  # a batch waiting for room in the dispatcher
 
@@ -35,19 +53,66 @@ class Subscriptions:
         assert self.sub is not None
         self.live_topics.add(topic)
         self.sub.setsockopt(zmq.SUBSCRIBE, topic)
-        self.sync(live)
+        self._sync(_Sync(live, wire.SYNC_BASELINE, [topic], 0.0))
 
     def unsubscribe(self, topic: bytes) -> None:
         assert self.sub is not None
         self.live_topics.discard(topic)
         self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
 
-    def sync(self, live: threading.Event) -> None:
-        """``live`` is set once the hub has every earlier subscription of this SUB socket."""
+    def resync(self, live: threading.Event, same_hub: bool) -> None:
+        """After a reconnect: ``live`` is set once the hub has every live topic. The same hub
+        (its counts go on) says what was missed meanwhile; a new one counts from scratch, and
+        checks asked of the old one are void."""
+        if not same_hub:
+            for sync, pending in list(self._syncs.items()):
+                if pending.kind == wire.SYNC_CHECK:
+                    self._forget(sync)
+                    if pending.live is not None:
+                        pending.live.set()
+        kind = wire.SYNC_CHECK if same_hub else wire.SYNC_BASELINE
+        self._sync(_Sync(live, kind, sorted(self.live_topics), 0.0))
+
+    def check(self) -> None:
+        """The hub sent without waiting for some subscriber: count what this one missed."""
+        if self.live_topics:
+            self._sync(_Sync(None, wire.SYNC_CHECK, sorted(self.live_topics), 0.0))
+
+    def resync_due(self, now: float) -> float | None:
+        """Ask again what is unanswered for too long; when the next one is due, if any."""
+        due = None
+        for sync, pending in list(self._syncs.items()):
+            if now - pending.asked_at >= _RESYNC_AFTER:
+                self._forget(sync)
+                # Topics unsubscribed meanwhile are no longer ours to ask about.
+                topics = [topic for topic in pending.topics if topic in self.live_topics]
+                if not topics:
+                    if pending.live is not None:
+                        pending.live.set()
+                    continue
+                pending.topics = topics
+                self._sync(pending)
+            again = pending.asked_at + _RESYNC_AFTER
+            due = again if due is None else min(due, again)
+        return due
+
+    def _sync(self, pending: _Sync) -> None:
         assert self.sub is not None
-        sync = wire.sync_topic(self._client_id, next(self._sync_ids))
-        self._syncs[sync] = live
+        if not pending.topics:
+            if pending.live is not None:
+                pending.live.set()
+            return
+        sync = wire.seq_sync_topic(
+            self._client_id, next(self._sync_ids), pending.kind, pending.topics
+        )
+        pending.asked_at = time.monotonic()
+        self._syncs[sync] = pending
         self.sub.setsockopt(zmq.SUBSCRIBE, sync)
+
+    def _forget(self, sync: bytes) -> None:
+        assert self.sub is not None
+        del self._syncs[sync]
+        self.sub.setsockopt(zmq.UNSUBSCRIBE, sync)  # the hub drops its answer if still queued
 
     def hand_on_held(self) -> None:
         """Offer the held batch to the dispatcher again."""
@@ -65,14 +130,17 @@ class Subscriptions:
                 frames = sub.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            if len(frames) == 1:
-                topic = frames[0].bytes
-                live = self._syncs.pop(topic, None)
-                if live is not None:
-                    sub.setsockopt(zmq.UNSUBSCRIBE, topic)
-                    live.set()
-                    synced = True
-                continue
+            topic = frames[0].bytes
+            if wire.is_sync_topic(topic):
+                pending = self._syncs.get(topic)
+                if pending is None:
+                    continue  # asked again meanwhile: that answer will do
+                self._forget(topic)
+                if pending.live is not None:
+                    pending.live.set()
+                synced = True
+                if len(frames) < 2:
+                    continue
             if not self._deliver(frames):
                 self.held = frames
                 break

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Self, TypeVar
 
-from ..exceptions import BrokerClosedError
+from ..exceptions import BrokerClosedError, QueueInUseError
 from ..message import Message, get_unique_name_for_message
 from .failures import is_handler_failure
 from .retry import QueuePolicy
@@ -219,6 +219,22 @@ class Broker(ABC):
         self._subscribe(subscription)
         return subscription
 
+    def delete_queue(self, message_type: type[Message], queue_name: str) -> int:
+        """Delete the queue group ``queue_name`` of ``message_type``; return how many messages
+        it held, which are dropped with it (counted and logged where they were held).
+
+        A group outlives the absence of its consumers (across processes also a hub restart) and
+        holds what is published meanwhile; an abandoned one is deleted here. A group that still
+        has consumers, in any process, is not deleted: it raises
+        :class:`~ipcbus.exceptions.QueueInUseError` (cancel them first). Deleting a group that
+        does not exist returns 0.
+        In-process brokers hold nothing for a group without members, so they return 0; the hub
+        proxy waits for the hub's answer (``subscribe_timeout``).
+        """
+        self._check_queue(message_type, queue_name)
+        self._check_open()
+        return self._delete_queue(message_type, queue_name)
+
     def flush(self, timeout: float | None = None) -> None:  # noqa: B027 - optional hook
         """Wait until everything published before this call has left this process's hands.
 
@@ -259,6 +275,10 @@ class Broker(ABC):
     @abstractmethod
     def _cancel(self, subscription: Subscription) -> None: ...
 
+    def _delete_queue(self, message_type: type[Message], queue_name: str) -> int:
+        """Delete a queue group (see ``delete_queue``); a broker without groups has none."""
+        return 0
+
     def _close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; called once, by the first ``close()``."""
 
@@ -275,6 +295,20 @@ class Broker(ABC):
     def _check_message(message: object) -> None:
         if not isinstance(message, Message):
             raise TypeError(f"publish() takes a Message instance, not {type(message).__name__}")
+
+    @staticmethod
+    def _check_queue(message_type: object, queue_name: object) -> None:
+        if not (isinstance(message_type, type) and issubclass(message_type, Message)):
+            raise TypeError(f"message_type must be a Message subclass, not {message_type!r}")
+        if not isinstance(queue_name, str) or not queue_name:
+            raise TypeError(f"queue_name must be a non-empty str, not {queue_name!r}")
+
+    @staticmethod
+    def _refuse_deletion(message_type: type[Message], queue_name: str) -> QueueInUseError:
+        return QueueInUseError(
+            f"the queue group {queue_name!r} of {get_unique_name_for_message(message_type)} "
+            "still has consumers: cancel them before deleting it"
+        )
 
     def _check_open(self) -> None:
         if self._closed:

@@ -46,6 +46,19 @@ class RouteTable:
                 name = subscription.queue_name
                 groups[name] = tuple(s for s in groups.get(name, ()) if s is not subscription)
 
+    def delete_group(self, topic: str, queue_name: str) -> bool:
+        """Forget the group ``queue_name`` of ``topic``; False (nothing done) while it has
+        active members."""
+        with self._lock:
+            groups = self._groups.get(topic, {})
+            if any(member.active for member in groups.get(queue_name, ())):
+                return False
+            groups.pop(queue_name, None)
+            self._cursor.pop((topic, queue_name), None)
+            if not groups:
+                self._groups.pop(topic, None)
+            return True
+
     def broadcast(self, topic: str) -> tuple[Subscription, ...]:
         return self._broadcast.get(topic, ())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -32,6 +33,7 @@ _KINDS = _ANONYMOUS | {
     wire.CANCEL,
     wire.GROUPS_ACK,
     wire.BYE,
+    wire.DELETE,
 }
 
 
@@ -52,6 +54,7 @@ class ControlPlane:
         self.book = QueueBook(hub_id, max_held=max_held)
         self.clients: dict[bytes, float] = {}  # identity -> when it was last heard from
         self.clients_lost = 0
+        self.unapplied_acks = 0  # acks a bug of ours could not apply (logged with traceback)
         self._groups_version = 0
         self._acked_version: dict[bytes, int] = {}
         # CONSUME requests waiting for every client to know their topic is grouped:
@@ -60,6 +63,13 @@ class ControlPlane:
         self._next_check = 0.0
         self.draining = False  # stopping: no new deliveries, only acks of those in flight
         self._groups_file: GroupsFile | None = None
+        # Topics a full queue group holds back (QueueBook.full_topics), as last announced, and
+        # the clients still to be told (their pipe was full: retried every turn, never dropped).
+        self._full_version = 0
+        self._full_pending: set[bytes] = set()
+        # Clients still to be told LOSSY (the fan-out sent without waiting for a subscriber).
+        self._lossy_pending: set[bytes] = set()
+        self.loss_notices = 0
         self._probes: list[float] = []  # when to probe every client (see probe_soon)
 
     # -- requests ---------------------------------------------------------------------------
@@ -73,7 +83,8 @@ class ControlPlane:
             raise ValueError(f"unknown control request {kind!r}")
         if kind not in _ANONYMOUS and identity not in self.clients:
             # Declared gone (missed heartbeats) or from before a hub restart: start again. Its
-            # acks are for deliveries given to others meanwhile: counted as late, nothing more.
+            # acks are for deliveries given to others meanwhile (counted late) or handed out by
+            # the previous hub (counted stale): they settle nothing of anyone else's.
             if kind == wire.ACK:
                 self._settle(body, now)
             self._send(control, [identity, wire.header(wire.RESET)])
@@ -90,6 +101,8 @@ class ControlPlane:
                 tuple(self.book.grouped_topics),
             )
             self._send(control, welcome.frames(identity))
+            if self.book.full_topics:
+                self._full_pending.add(identity)  # after the WELCOME, which clears the list
             return
         if kind == wire.STATS:
             return  # answered by the relay, which owns the statistics
@@ -106,12 +119,25 @@ class ControlPlane:
             self._acked_version[identity] = wire.parse_groups_ack(body)
         elif kind == wire.BYE:
             self._drop_client(identity, "said goodbye")
+        elif kind == wire.DELETE:
+            self._delete(control, identity, wire.DeleteQueue.parse(body))
         else:
             raise ValueError(f"unknown control request {kind!r}")
 
     def _settle(self, body: list[bytes], now: float) -> None:
-        for ack in wire.parse_acks(body):  # all checked before any is applied
-            self.book.settle(ack, now)
+        # All or nothing at the parser: a client that follows the protocol never sends an ack it
+        # refuses (its outcomes are the known four, its delays finite and capped by
+        # ipcbus.core.retry), so such a request is forged or corrupt and none of it is applied.
+        # Acks for deliveries the hub no longer has (late) or never had (stale) are valid and are
+        # counted, one by one. Past the parser, each ack is applied on its own: a bug of ours on
+        # one (as the OverflowError of an unbounded backoff was) must not skip the others,
+        # whose deliveries would stay in flight forever.
+        for ack in wire.parse_acks(body):
+            try:
+                self.book.settle(ack, now)
+            except Exception:
+                self.unapplied_acks += 1
+                logger.exception("could not apply the ack of delivery %r", ack.delivery_id)
 
     def _consume(self, control: Socket, identity: bytes, request: wire.Consume, now: float) -> None:
         topic, name = request.topic, request.queue_name
@@ -130,6 +156,27 @@ class ControlPlane:
         self._announce_groups(control)
         deadline = now + self.heartbeat_timeout
         self._waiting.append((identity, request.subscription_id, self._groups_version, deadline))
+
+    def _delete(self, control: Socket, identity: bytes, request: wire.DeleteQueue) -> None:
+        """Delete a queue group that has no consumers, and what it holds; refuse otherwise."""
+        topic, name = request.topic, request.queue_name
+        dropped = self.book.delete(topic, name)
+        if dropped is not None:
+            label = f"{wire.unique_name_of(topic)}/{name}"
+            if dropped:
+                logger.warning("queue group %s deleted: %d held messages dropped", label, dropped)
+            else:
+                logger.info("queue group %s deleted", label)
+            if self._groups_file is not None:
+                try:
+                    self._groups_file.rewrite((g.topic, g.name) for g in self.book.groups())
+                except OSError as exc:
+                    logger.error("queue group %s will come back after a restart: %s", label, exc)
+            if not self.book.has_groups(topic):
+                # Its publishers may batch it again (no longer one frame per message).
+                self._groups_version += 1
+                self._announce_groups(control)
+        self._send(control, wire.deleted(identity, request.request_id, dropped))
 
     def restore_groups(self, path: str) -> None:
         """Recreate the queue groups a previous hub at this address had (they outlive the
@@ -153,6 +200,12 @@ class ControlPlane:
         """The hub is stopping: clients stop waiting for it at once and try to reconnect."""
         for client in list(self.clients):
             self._send(control, [client, wire.header(wire.STOPPING)])
+
+    def announce_lossy(self) -> None:
+        """The fan-out sent without waiting for a stalled subscriber and has stopped: every
+        client checks what it missed (sent on the next turns, retried while a pipe is full)."""
+        self._lossy_pending = set(self.clients)
+        self.loss_notices += 1
 
     def _announce_groups(self, control: Socket) -> None:
         topics = self.book.grouped_topics
@@ -187,6 +240,20 @@ class ControlPlane:
         deliveries = [] if self.draining else self.book.dispatch(now)
         if deliveries:
             self._deliver(control, deliveries)
+        if self.book.update_full():
+            self._full_version += 1
+            self._full_pending = set(self.clients)
+            logger.info(
+                "topics held back by a full queue group: %s",
+                sorted(wire.unique_name_of(t) for t in self.book.full_topics) or "none",
+            )
+        if self._full_pending:
+            topics = sorted(self.book.full_topics)
+            self._send_pending(
+                control, self._full_pending, lambda c: wire.full(c, self._full_version, topics)
+            )
+        if self._lossy_pending:
+            self._send_pending(control, self._lossy_pending, wire.lossy)
         if now >= self._next_check:
             self._next_check = now + min(self.heartbeat_interval, 0.1)
             silent_since = now - self.heartbeat_timeout
@@ -219,6 +286,21 @@ class ControlPlane:
                 still_waiting.append((identity, subscription_id, version, deadline))
         self._waiting = still_waiting
 
+    @staticmethod
+    def _send_pending(
+        control: Socket, pending: set[bytes], build: Callable[[bytes], list[bytes]]
+    ) -> None:
+        """Tell each client in ``pending`` what ``build`` says; one whose pipe is full stays
+        pending for the next turn (an announcement lost would leave it with a stale view)."""
+        for identity in list(pending):
+            try:
+                control.send_multipart(build(identity), zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: gone, the heartbeats will tell
+                logger.debug("announcement to %r dropped: %s", identity, exc)
+            pending.discard(identity)
+
     def _deliver(self, control: Socket, deliveries: list[Delivery]) -> None:
         """Send each client its deliveries of this turn as one message (3 frames each)."""
         by_client: dict[bytes, list[Delivery]] = {}
@@ -239,6 +321,8 @@ class ControlPlane:
         if self.clients.pop(identity, None) is None:
             return
         self._acked_version.pop(identity, None)
+        self._full_pending.discard(identity)
+        self._lossy_pending.discard(identity)
         self.clients_lost += why != "said goodbye"
         logger.info("client %s gone (%s): its deliveries go to others", identity.hex(), why)
         self.book.remove_client(identity)

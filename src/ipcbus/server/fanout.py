@@ -6,16 +6,27 @@ of silently dropping (docs/guarantees.md, "Broadcast"). The hub then holds that 
 reading publishes until the subscriber drains: backpressure reaches publishers through their
 DEALER high-water marks. A subscriber that accepts nothing for ``stall_timeout`` seconds (stopped,
 deadlocked) must not hold the bus forever: the hub then sends without waiting for full pipes
-(counted in ``stall_drops``) for as long as sends keep stalling. Subscribers learn what they
-missed from the per-topic sequence number of every batch, and from a gap marker per topic once
-sends stop stalling.
+(each such send counted in ``stall_drops``) for as long as sends keep stalling.
+
+What that costs a subscriber is counted by the subscriber, exactly, in messages: every batch
+carries its topic's message count (``wire.fanout``), and once the hub has stopped sending without
+waiting it tells every client (LOSSY, through the control plane), whose answer is a check sync:
+the hub answers it with the counts of the topics it names, in the same pipe as the batches. That
+answer, not a marker sent once, is what makes the tail of a loss visible: measured, after one send
+without waiting (``stall_drops == 1``) a SIGSTOPped subscriber's pipe got none of the next 1 975
+messages nor the gap marker sent after them (ZeroMQ takes a pipe that refused a message out of the
+fan-out until its reader catches up), and the subscriber counted nothing of that tail.
+
+Counts are kept only for topics some subscriber holds (XPUB reports when the last one leaves):
+before, one entry per topic ever published stayed for good (200 000 topics: +23 MiB). A subscriber
+starts from the count the hub has when it subscribes (a baseline sync), so a count that started
+again from zero is never taken for a gap.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from typing import Any
 
 import zmq
@@ -38,13 +49,12 @@ class Fanout:
         self._stall_timeout = stall_timeout
         self.topics: dict[bytes, int] = {}  # topic -> live subscriptions, as XPUB reports them
         self.stalled: list[Any] | None = None  # the batch a full pipe refused, to send first
-        self._sync_backlog: deque[bytes] = deque()
-        self._topic_seq: dict[bytes, int] = {}
+        # Sync topics to answer, in order (a dict as an ordered set: an unsubscribed one goes).
+        self._sync_backlog: dict[bytes, None] = {}
+        self._topic_seq: dict[bytes, int] = {}  # messages relayed, of topics someone holds
         self._stalled_since = 0.0
         self._lossy_until = 0.0
-        # Topics sent without waiting: once sends stop stalling, each gets a marker carrying its
-        # latest sequence number, so a subscriber that missed the tail learns of it too.
-        self._lossy_topics: set[bytes] = set()
+        self._lossy = False  # sent without waiting since the clients were last told
         self.stalls = 0  # sends refused by a full pipe (each then waited)
         self.stall_drops = 0  # sends made without waiting for a stalled subscriber
 
@@ -54,24 +64,41 @@ class Fanout:
         gives no POLLOUT event for a full pipe)."""
         return self.stalled is not None or bool(self._sync_backlog)
 
-    def relay(self, topic: bytes, meta: Any, payload: list[Any]) -> None:
-        """Send one batch to the topic's subscribers, numbered; held if a pipe is full."""
-        seq = self._topic_seq[topic] = self._topic_seq.get(topic, 0) + 1
+    @property
+    def sequenced_topics(self) -> int:
+        """How many topics the hub keeps a message count for."""
+        return len(self._topic_seq)
+
+    def relay(self, topic: bytes, meta: Any, count: int, payload: list[Any]) -> None:
+        """Send one batch of ``count`` messages to the topic's subscribers, numbered; held if a
+        pipe is full."""
+        if topic in self.topics:
+            seq = self._topic_seq[topic] = self._topic_seq.get(topic, 0) + count
+        else:
+            # Nobody holds it (as far as XPUB told us yet): no count is kept. A subscriber
+            # whose subscription XPUB applied before we read of it starts from its baseline.
+            seq = count
         frames = wire.fanout(topic, meta, seq, payload)
         if not self._send(frames):
             self.stalled = frames
 
     def retry(self) -> bool:
-        """Send what waits (the held batch, sync answers, gap markers); True when nothing
-        holds the publish path any more."""
+        """Send what waits (the held batch, sync answers); True when nothing holds the publish
+        path any more."""
         self._send_sync_replies()
         if self.stalled is not None:
             if not self._send(self.stalled):
                 return False
             self.stalled = None
-        if self._lossy_topics and time.monotonic() >= self._lossy_until:
-            self._send_gap_markers()
         return True
+
+    def lossy_ended(self) -> bool:
+        """True once, when the hub has stopped sending without waiting (no such send for
+        ``stall_timeout``): the clients are to be told (LOSSY)."""
+        if self._lossy and time.monotonic() >= self._lossy_until:
+            self._lossy = False
+            return True
+        return False
 
     def read_subscriptions(self) -> None:
         """Apply what XPUB reports: (un)subscriptions, and sync topics to answer."""
@@ -85,20 +112,28 @@ class Fanout:
             subscribe, topic = event[0] == 1, event[1:]
             if wire.is_sync_topic(topic):
                 if subscribe:
-                    self._sync_backlog.append(topic)
+                    self._sync_backlog[topic] = None
+                else:  # its client asked again, or gave up: answering would reach no one
+                    self._sync_backlog.pop(topic, None)
                 continue
             if subscribe:
                 self.topics[topic] = self.topics.get(topic, 0) + 1
             elif topic in self.topics:
                 del self.topics[topic]
+                self._topic_seq.pop(topic, None)
 
     def _send_sync_replies(self) -> None:
-        while self._sync_backlog:
+        for sync in list(self._sync_backlog):
+            asked = wire.parse_seq_sync(sync)
+            if asked is None:
+                frames = [sync]
+            else:
+                frames = wire.sync_reply(sync, (self._topic_seq.get(t, 0) for t in asked[1]))
             try:
-                self._xpub.send(self._sync_backlog[0], zmq.NOBLOCK)
+                self._xpub.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
-                return  # that subscriber's pipe is full: it drains, then gets its answer
-            self._sync_backlog.popleft()
+                continue  # that subscriber's pipe is full: it drains, then gets its answer
+            del self._sync_backlog[sync]
 
     def _send(self, frames: list[Any]) -> bool:
         xpub = self._xpub
@@ -126,17 +161,6 @@ class Fanout:
                 xpub.setsockopt(zmq.XPUB_NODROP, 1)
             self.stall_drops += 1
             self._lossy_until = now + self._stall_timeout
-            self._lossy_topics.add(frames[0])
+            self._lossy = True
             return True
         return False
-
-    def _send_gap_markers(self) -> None:
-        """``[topic, b"", seq]`` for each topic sent without waiting, now that nothing stalls."""
-        for topic in list(self._lossy_topics):
-            try:
-                self._xpub.send_multipart(
-                    wire.gap_marker(topic, self._topic_seq[topic]), zmq.NOBLOCK
-                )
-            except zmq.Again:
-                return  # still full: next turn
-            self._lossy_topics.discard(topic)

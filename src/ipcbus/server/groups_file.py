@@ -1,16 +1,20 @@
 """The hub's record of its declared queue groups, kept beside its socket so that a hub restarted
 at the same address recreates them (groups outlive their consumers: docs/guarantees.md).
 
-One JSON object per line: ``{"topic": "<unique name>", "queue": "<queue name>"}``. The file is
-opened without following symlinks and only if it is this user's private file; a line that is not
-such an object is skipped, counted and logged, never fatal (docs/security.md).
+One JSON object per line: ``{"topic": "<unique name>", "queue": "<queue name>"}``: a new group
+is appended; a deletion (``delete_queue``) rewrites the file whole, atomically (a temporary file
+renamed over it), so a hub killed meanwhile leaves the old list or the new one, never half of
+one. The file is opened without following symlinks and only if it is this user's private file; a
+line that is not such an object is skipped, counted and logged, never fatal (docs/security.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 
 from ..exceptions import InsecurePathError
 from ..wire import protocol as wire
@@ -57,7 +61,7 @@ class GroupsFile:
         return groups
 
     def append(self, topic: bytes, name: str) -> None:
-        line = json.dumps({"topic": wire.unique_name_of(topic), "queue": name}).encode() + b"\n"
+        line = _line(topic, name)
         try:
             fd = open_private_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         except (InsecurePathError, OSError) as exc:
@@ -69,6 +73,30 @@ class GroupsFile:
             os.write(fd, line)
         finally:
             os.close(fd)
+
+    def rewrite(self, groups: Iterable[tuple[bytes, str]]) -> None:
+        """Replace the list with ``groups``, atomically. The temporary file has an unpredictable
+        name and is created exclusively (never through a link planted in advance)."""
+        temporary = f"{self.path}.{os.urandom(8).hex()}.tmp"
+        try:
+            fd = os.open(
+                temporary,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+            with os.fdopen(fd, "wb") as file:
+                file.write(b"".join(_line(topic, name) for topic, name in groups))
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)  # replaces a link itself, never what it points to
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+
+def _line(topic: bytes, name: str) -> bytes:
+    return json.dumps({"topic": wire.unique_name_of(topic), "queue": name}).encode() + b"\n"
 
 
 def _parse(line: bytes) -> tuple[bytes, str]:

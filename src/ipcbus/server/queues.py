@@ -7,7 +7,10 @@ Rules (docs/guarantees.md, "Queue groups"):
 - each message of a topic goes to one consumer of every group subscribed to that topic;
 - a consumer holds at most ``prefetch`` unacknowledged deliveries (fair dispatch, round-robin);
 - an ack settles a delivery; an ack for a delivery the hub no longer has (it was redelivered after
-  its consumer was declared gone) is ignored and counted;
+  its consumer was declared gone) is ignored and counted (``late_acks``);
+- delivery ids start with the hub's random id, so they are unique across hubs: an ack for a
+  delivery of a previous hub at the same address (its consumer held it through a restart) can
+  never settle one of this hub's; it is ignored and counted (``stale_acks``);
 - a consumer that leaves (cancel, disconnect, missed heartbeats) gives its deliveries back, to be
   redelivered with ``attempt + 1``;
 - a handler failure is retried after the delay the consumer asked for; the consumer decides
@@ -15,7 +18,14 @@ Rules (docs/guarantees.md, "Queue groups"):
   unpickle); the hub keeps a record, bounded;
 - a consumer whose predicate rejects hands the message back; it is offered to the group's other
   consumers and dropped (counted) once every present consumer rejected it;
-- a group lives as long as the hub: with no consumer, messages are held, up to ``max_held``.
+- a group lives as long as the hub (and, declared in the hub's groups file, across restarts):
+  with no consumer, messages are held; ``delete()`` removes a group without consumers and drops
+  what it holds (counted in ``deleted_dropped``);
+- a topic one group of which holds ``max_held`` messages is *full*: publishers of that topic (and
+  only of that topic) are told to wait, until every group of it holds at most half of
+  ``max_held`` again (``update_full``). The hub keeps taking what was already on its way, so a
+  group may hold more than ``max_held``: at most what its publishers had queued and in their
+  pipes when they learned (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -125,14 +135,23 @@ class QueueBook:
 
     def __init__(self, hub_id: bytes, *, max_held: int = 100_000, max_dead: int = 1000) -> None:
         self._max_held = max_held
+        # A full topic opens again at this many held (hysteresis: not one announcement to every
+        # client per message acked at the limit).
+        self._low_water = max_held // 2
         self._max_dead = max_dead
         self._groups: dict[tuple[bytes, str], QueueGroup] = {}
         self._by_topic: dict[bytes, list[QueueGroup]] = {}
         self._deliveries: dict[bytes, tuple[QueueGroup, ConsumerKey]] = {}
         self._message_ids = (b"%s-%d" % (hub_id, n) for n in itertools.count(1))
-        self._delivery_ids = (b"%d" % n for n in itertools.count(1))
+        # Unique across hubs: before, every hub counted from 1, and a consumer that finished an
+        # old hub's delivery 1 settled the new hub's delivery 1, held by another consumer.
+        self._delivery_prefix = hub_id + b"."
+        self._delivery_ids = (b"%s%d" % (self._delivery_prefix, n) for n in itertools.count(1))
         self._sequence = itertools.count()
-        self.late_acks = 0
+        self.late_acks = 0  # acks for this hub's deliveries it no longer has
+        self.stale_acks = 0  # acks for deliveries of another hub (before a restart)
+        self.deleted_dropped = 0  # held messages dropped with their deleted group
+        self.full_topics: frozenset[bytes] = frozenset()
 
     # -- membership -------------------------------------------------------------------------
 
@@ -206,9 +225,36 @@ class QueueBook:
     def has_groups(self, topic: bytes) -> bool:
         return topic in self._by_topic
 
-    def full(self) -> bool:
-        """True while some group holds ``max_held`` messages: the hub stops taking publishes."""
-        return any(group.held >= group.max_held for group in self._groups.values())
+    def update_full(self) -> bool:
+        """Recompute ``full_topics``; True when it changed (the clients are to be told).
+
+        Only the topic is held back, never the hub's data socket: before, one abandoned group at
+        its limit stopped every publisher of every topic."""
+        full = set()
+        for topic, groups in self._by_topic.items():
+            most = max(group.held for group in groups)
+            if most >= self._max_held or (topic in self.full_topics and most > self._low_water):
+                full.add(topic)
+        if full == self.full_topics:
+            return False
+        self.full_topics = frozenset(full)
+        return True
+
+    def delete(self, topic: bytes, name: str) -> int | None:
+        """Delete a group without consumers: the number of held messages dropped with it (0 for
+        a group that does not exist), or ``None`` (nothing done) while it has consumers."""
+        group = self._groups.get((topic, name))
+        if group is None:
+            return 0
+        if group.consumers:
+            return None
+        del self._groups[(topic, name)]
+        groups = self._by_topic[topic]
+        groups.remove(group)
+        if not groups:
+            del self._by_topic[topic]
+        self.deleted_dropped += group.held
+        return group.held
 
     def enqueue(self, topic: bytes, meta: bytes, payloads: list[bytes]) -> None:
         for group in self._by_topic.get(topic, ()):
@@ -219,6 +265,10 @@ class QueueBook:
     def settle(self, ack: Ack, now: float) -> None:
         """Apply a consumer's answer for one delivery."""
         delivery_id, outcome = ack.delivery_id, ack.outcome
+        if not delivery_id.startswith(self._delivery_prefix):
+            # Handed out by a previous hub at this address: what it settled is gone with it.
+            self.stale_acks += 1
+            return
         found = self._deliveries.pop(delivery_id, None)
         if found is None:
             # Redelivered elsewhere after its consumer was declared gone (or a forged id):

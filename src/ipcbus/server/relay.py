@@ -90,9 +90,14 @@ class Relay:
             backpressure_stalls=fanout.stalls if fanout else 0,
             malformed_dropped=self._malformed,
             stall_drops=fanout.stall_drops if fanout else 0,
+            loss_notices=self.control_plane.loss_notices,
             auth_rejected=self._auth_rejected,
             clients_lost=self.control_plane.clients_lost,
             late_acks=book.late_acks,
+            deleted_queue_dropped=book.deleted_dropped,
+            full_topics=sorted(wire.unique_name_of(topic) for topic in book.full_topics),
+            stale_acks=book.stale_acks,
+            unapplied_acks=self.control_plane.unapplied_acks,
             unsplittable_dropped=self._unsplittable,
             bad_group_entries=self.control_plane.bad_group_entries,
             handshakes_shed=sum(pending.shed for pending in self._pending.values()),
@@ -221,14 +226,15 @@ class Relay:
             if drain_until is not None and (book.in_flight == 0 or time.monotonic() >= drain_until):
                 self.control_plane.announce_stop(control)
                 return
-            # Not accepting publishes while a send is stalled (a full subscriber pipe), a queue
-            # group holds its maximum, the hub drains or waits out its restart grace: publishers
-            # feel backpressure, nothing is dropped. Only a stalled send needs the fast retry
-            # (XPUB_NODROP gives no POLLOUT); the others wake on control traffic or a deadline.
+            # Not accepting publishes while a send is stalled (a full subscriber pipe), the hub
+            # drains or waits out its restart grace: publishers feel backpressure, nothing is
+            # dropped. Only a stalled send needs the fast retry (XPUB_NODROP gives no POLLOUT);
+            # the others wake on control traffic or a deadline. A full queue group is not among
+            # them: its topic alone is held back, by its publishers (QueueBook.update_full).
             now = time.monotonic()
             in_grace = now < self._accept_after
             retrying = fanout.retrying
-            accepting = not book.full() and drain_until is None and not in_grace
+            accepting = drain_until is None and not in_grace
             poller = full if accepting and not retrying else stalled
             if retrying:
                 timeout = _STALLED_POLL_MS
@@ -249,10 +255,12 @@ class Relay:
                 fanout.read_subscriptions()
             if control in events:
                 self._read(control, lambda frames: self._handle_control(control, frames))
+            if fanout.lossy_ended():
+                self.control_plane.announce_lossy()
             self.control_plane.tick(control)
             if not fanout.retry():
                 continue
-            if accepting and not book.full() and (data in events or poller is stalled):
+            if accepting and (data in events or poller is stalled):
                 self._read(data, lambda frames: self._handle_data(data, fanout, frames), True)
 
     def _authenticate(self, zap: Socket, secret: bytes) -> None:
@@ -340,7 +348,7 @@ class Relay:
                     # published before the group's first subscribe_async() returned.
                     self._unsplittable += count
                     logger.warning("%d messages of %r reached no queue group", count, topic)
-            fanout.relay(topic, frames[3], frames[4:])
+            fanout.relay(topic, frames[3], count, frames[4:])
         elif kind == wire.FLUSH and len(frames) == 3:
             send_reply(data, wire.flushed(identity, frames[2].bytes))
         else:

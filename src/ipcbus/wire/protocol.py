@@ -22,24 +22,34 @@ client control DEALER → hub control ROUTER (the hub's address)     ``[header, 
     ACK      ``[(delivery_id, outcome, retry_delay, error) * n]``  outcome: ok, failed,
                                 rejected, dead; retry_delay (seconds) only for failed
     BYE      ``[]``           the client leaves: its unacknowledged deliveries go to others
+    DELETE   ``[request_id, topic, queue_name]`` → DELETED ``[request_id, status, dropped]``:
+                                the group and what it holds are gone (status ``ok``), or it
+                                still has consumers and stays (status ``in-use``)
   hub → client, unasked:
     DELIVER  ``[(descriptor, meta, payload) * n]``, descriptor = ``b" ".join([subscription_id,
                                 delivery_id, message_id, attempt, topic])``; the consumer
-                                decides retries and dead letters (ipcbus.core.retry)
+                                decides retries and dead letters (ipcbus.core.retry); a
+                                delivery id starts with the hub's id (unique across hubs)
     GROUPS   ``[version, *grouped_topics]`` → GROUPS_ACK ``[version]``
+    FULL     ``[version, *full_topics]``  topics a queue group of which holds ``max_held``
+                                messages: publish() of them waits until the hub lists them no
+                                more (after every WELCOME the list is empty until a FULL)
     RESET    ``[]``           the hub does not know this client (it restarted, or declared the
                                 client gone): say HELLO and CONSUME again
     STOPPING ``[]``           the hub is shutting down: reconnect to the next one
+    LOSSY    ``[]``           the hub sent without waiting for a stalled subscriber (its
+                                stall_timeout) and has stopped: a subscriber asks for the
+                                sequence numbers of its topics (a check sync, below)
 client data DEALER → hub data ROUTER (``<address>.in``)
     PUBLISH  ``[topic, meta, payload, *frames]``  relayed on XPUB without the header; with a split
                                 codec each frame after meta is one message
     FLUSH    ``[token]``      → FLUSHED ``[token]`` once every earlier PUBLISH of this client was
                                 handed to the XPUB socket (one DEALER: the order is kept)
-hub XPUB (``<address>.pub``) → client SUB   ``[topic, meta, seq, *payload]`` or ``[sync_topic]``
-    seq numbers the hub's batches of each topic: a subscriber that sees one skipped knows the
-    hub dropped messages for it (it had accepted nothing for the hub's stall_timeout); after
-    such drops the hub sends ``[topic, b"", seq]`` (no meta, no payload) with the latest seq,
-    so a gap at the end is seen too
+hub XPUB (``<address>.pub``) → client SUB   ``[topic, meta, seq, *payload]`` or a sync answer
+    seq counts the *messages* of the topic the hub has relayed, this batch's included, since a
+    subscriber last held the topic (the hub forgets the count of a topic nobody holds): a
+    subscriber that sees ``seq - count`` (count from meta) beyond the last seq it saw knows the
+    hub dropped that many messages for it (it had accepted nothing for the hub's stall_timeout)
 
 Topics are the message type's unique name plus a terminator byte, so ``a.Tick`` is not a prefix of
 ``a.TickV2`` for the SUB socket's prefix matching. Sync topics start with ``\\x00`` (no unique name
@@ -47,6 +57,15 @@ does): a proxy subscribes to its topic and then to a fresh sync topic on the sam
 XPUB socket applies subscriptions of one connection in order, so when the hub sees the sync
 subscription the topic is live, and it answers on the sync topic. That is how ``subscribe()`` knows
 it will miss nothing published afterwards (no slow joiner, docs/guarantees.md).
+
+A client's sync topic names the topics it asks about (``seq_sync_topic``), and the answer carries
+their seqs: ``[sync_topic, seqs]`` (8 bytes per topic named, in order). Sent through the same pipe
+as the batches, after every batch the hub sent to it before, it tells exactly how many messages of
+each topic the subscriber missed. ``baseline`` answers (a new subscription, a new hub) set the
+count a subscriber starts from; ``check`` answers (the hub said LOSSY, a reconnect to the same
+hub) count the messages missed since the last batch seen, the tail included: after one drop,
+ZeroMQ sends nothing more to that pipe (batches, answers) until its reader catches up, so a client
+asks again until it is answered. A sync topic of another form is answered ``[sync_topic]``.
 
 Parsers raise ``ValueError`` (or ``IndexError``) on malformed input: the hub counts and drops it.
 """
@@ -69,9 +88,12 @@ __all__ = [
     "CODEC_SPLIT_OBJECTS",
     "CONSUME",
     "CONSUMING",
+    "DELETE",
+    "DELETED",
     "DELIVER",
     "FLUSH",
     "FLUSHED",
+    "FULL",
     "GROUPS",
     "GROUPS_ACK",
     "HEADER_LEN",
@@ -94,15 +116,20 @@ __all__ = [
     "SPLIT_CODECS",
     "STATS",
     "STOPPING",
+    "SYNC_BASELINE",
+    "SYNC_CHECK",
+    "LOSSY",
     "SYNC_PREFIX",
     "TOPIC_END",
     "VERSION",
     "WELCOME",
     "Ack",
     "Consume",
+    "DeleteQueue",
     "Deliver",
     "Fanout",
     "Meta",
+    "SyncReply",
     "Welcome",
     "check_topic",
     "header",
@@ -111,6 +138,9 @@ __all__ = [
     "pack_seq",
     "parse_acks",
     "parse_kind",
+    "parse_seq_sync",
+    "seq_sync_topic",
+    "sync_reply",
     "topic_for",
     "unique_name_of",
     "unpack_meta",
@@ -119,7 +149,9 @@ __all__ = [
 
 # Version 2: the consumer alone decides retries: ACK carries the retry delay it chose, and neither
 # CONSUME nor DELIVER carries the retry policy.
-# Version 3: WELCOME carries the hub's max_message_size (clients split batches below it).
+# Version 3: WELCOME carries the hub's max_message_size (clients split batches below it); fan-out
+# seq counts messages, not batches; sync answers carry seqs and replace the gap markers; LOSSY,
+# FULL and DELETE/DELETED.
 VERSION = 3
 HEADER_LEN = 2
 
@@ -132,6 +164,7 @@ CANCEL = b"X"
 ACK = b"A"
 GROUPS_ACK = b"g"
 BYE = b"B"
+DELETE = b"K"
 # control, hub -> client
 WELCOME = b"W"
 PONG = b"o"
@@ -140,6 +173,9 @@ DELIVER = b"D"
 GROUPS = b"G"
 RESET = b"R"
 STOPPING = b"Q"
+LOSSY = b"L"
+FULL = b"U"
+DELETED = b"k"
 # data, client -> hub and back
 PUBLISH = b"P"
 FLUSH = b"F"
@@ -206,6 +242,50 @@ def is_sync_topic(topic: bytes) -> bool:
 
 def sync_topic(client_id: bytes, number: int) -> bytes:
     return SYNC_PREFIX + client_id + b":%d" % number
+
+
+SYNC_BASELINE = b"b"
+SYNC_CHECK = b"c"
+_SYNC_KINDS = frozenset({SYNC_BASELINE, SYNC_CHECK})
+
+
+def seq_sync_topic(client_id: bytes, number: int, kind: bytes, topics: Iterable[bytes]) -> bytes:
+    """A sync topic whose answer carries the seqs of ``topics`` (see the module docstring)."""
+    return sync_topic(client_id, number) + b":" + kind + b":" + b"".join(topics)
+
+
+def parse_seq_sync(sync: bytes) -> tuple[bytes, list[bytes]] | None:
+    """The kind and topics a sync topic asks about; ``None`` for a sync topic of another form
+    (answered without seqs). Topics end with TOPIC_END, which no topic holds before its end."""
+    parts = sync[len(SYNC_PREFIX) :].split(b":", 3)
+    if len(parts) != 4 or not parts[1].isdigit() or parts[2] not in _SYNC_KINDS:
+        return None
+    names = parts[3]
+    if not names.endswith(TOPIC_END):
+        return None
+    return parts[2], [name + TOPIC_END for name in names[:-1].split(TOPIC_END)]
+
+
+def sync_reply(sync: bytes, seqs: Iterable[int]) -> list[bytes]:
+    return [sync, b"".join(_SEQ.pack(seq) for seq in seqs)]
+
+
+@dataclass(frozen=True)
+class SyncReply:
+    """An answer to a seq sync topic: the seq of each topic it named."""
+
+    kind: bytes
+    seqs: tuple[tuple[bytes, int], ...]
+
+    @classmethod
+    def parse(cls, frames: Sequence[Any]) -> SyncReply:
+        sync, packed = frames[0].bytes, frames[1].bytes
+        asked = parse_seq_sync(sync)
+        if asked is None or len(packed) != _SEQ.size * len(asked[1]):
+            raise ValueError(f"bad sync answer {sync[:64]!r}")
+        kind, topics = asked
+        seqs = (seq for (seq,) in _SEQ.iter_unpack(packed))
+        return cls(kind, tuple(zip(topics, seqs, strict=True)))
 
 
 def check_topic(topic: bytes) -> bytes:
@@ -321,6 +401,19 @@ def parse_groups_ack(body: Sequence[bytes]) -> int:
     return int(version)
 
 
+def lossy(identity: bytes) -> list[bytes]:
+    return [identity, header(LOSSY)]
+
+
+def full(identity: bytes, version: int, topics: Iterable[bytes]) -> list[bytes]:
+    return [identity, header(FULL), b"%d" % version, *topics]
+
+
+def parse_full(body: Sequence[bytes]) -> tuple[int, frozenset[bytes]]:
+    version, *topics = body
+    return int(version), frozenset(topics)
+
+
 # -- control: queue consumers -----------------------------------------------------------------
 
 
@@ -364,6 +457,44 @@ def cancel(subscription_id: bytes) -> list[bytes]:
 def parse_cancel(body: Sequence[bytes]) -> bytes:
     (subscription_id,) = body
     return subscription_id
+
+
+@dataclass(frozen=True)
+class DeleteQueue:
+    """A request to delete the queue group ``queue_name`` of ``topic``."""
+
+    request_id: bytes
+    topic: bytes
+    queue_name: str
+
+    def frames(self) -> list[bytes]:
+        return [header(DELETE), self.request_id, self.topic, self.queue_name.encode()]
+
+    @classmethod
+    def parse(cls, body: Sequence[bytes]) -> DeleteQueue:
+        request_id, topic, queue_name = body
+        name = queue_name.decode()
+        if not name:
+            raise ValueError("empty queue name")
+        return cls(request_id, check_topic(topic), name)
+
+
+DELETED_OK = b"ok"
+DELETED_IN_USE = b"in-use"
+
+
+def deleted(identity: bytes, request_id: bytes, dropped: int | None) -> list[bytes]:
+    """The answer to DELETE: how many held messages were dropped, ``None`` if refused."""
+    if dropped is None:
+        return [identity, header(DELETED), request_id, DELETED_IN_USE, b"0"]
+    return [identity, header(DELETED), request_id, DELETED_OK, b"%d" % dropped]
+
+
+def parse_deleted(body: Sequence[bytes]) -> tuple[bytes, int | None]:
+    request_id, status, dropped = body
+    if status not in (DELETED_OK, DELETED_IN_USE):
+        raise ValueError(f"unknown DELETED status {status[:16]!r}")
+    return request_id, int(dropped) if status == DELETED_OK else None
 
 
 @dataclass(frozen=True)
@@ -481,17 +612,12 @@ def fanout(topic: Any, meta: Any, seq: int, payload: Sequence[Any]) -> list[Any]
     return [topic, meta, pack_seq(seq), *payload]
 
 
-def gap_marker(topic: bytes, seq: int) -> list[bytes]:
-    """Tells subscribers the latest seq of a topic the hub sent without waiting for them."""
-    return [topic, b"", pack_seq(seq)]
-
-
 @dataclass(frozen=True)
 class Fanout:
-    """A batch as a subscriber receives it; ``meta`` is ``None`` for a gap marker."""
+    """A batch as a subscriber receives it."""
 
     topic: bytes
-    meta: Meta | None
+    meta: Meta
     seq: int
     payload: Sequence[Any]
 
@@ -503,7 +629,7 @@ class Fanout:
             frames[2].bytes,
             *frames[3:],
         )
-        return cls(topic, unpack_meta(meta) if meta else None, unpack_seq(seq), payload)
+        return cls(topic, unpack_meta(meta), unpack_seq(seq), payload)
 
 
 # -- checks -----------------------------------------------------------------------------------

@@ -22,13 +22,31 @@ class HubStatistics:
     bytes_relayed: int
     backpressure_stalls: int
     malformed_dropped: int
+    # Sends made without waiting for a subscriber that accepted nothing for stall_timeout (each
+    # may drop a batch for one or more subscribers; each subscriber counts exactly what it
+    # missed, in messages: HubBroker.gaps).
     stall_drops: int = 0
+    # Times the hub, having stopped sending without waiting, told every client to check what it
+    # missed (LOSSY).
+    loss_notices: int = 0
     auth_rejected: int = 0
     clients_lost: int = 0
+    # Acks for a delivery this hub no longer has (redelivered after its consumer was declared
+    # gone): ignored.
     late_acks: int = 0
+    # Acks for a delivery of another hub (a previous one at this address, before a restart):
+    # ignored; delivery ids are unique across hubs, so they can never settle one of this hub's.
+    stale_acks: int = 0
+    # Acks the hub failed to apply (a bug of the hub's, logged with its traceback); the other
+    # acks of the same request were applied.
+    unapplied_acks: int = 0
     unsplittable_dropped: int = 0
     bad_group_entries: int = 0  # lines of the queue-groups file skipped at start
     handshakes_shed: int = 0  # tcp connections shut down before authenticating (preauth)
+    # Messages a queue group held when it was deleted (delete_queue): dropped with it.
+    deleted_queue_dropped: int = 0
+    # Topics publishers are told to hold back: a queue group of each holds max_held messages.
+    full_topics: list[str] = field(default_factory=list)
     queues: dict[str, dict[str, int]] = field(default_factory=dict)
     # Per queue, the dead letters the hub keeps (bounded): message_id, attempts, last error.
     dead_letters: dict[str, list[dict[str, object]]] = field(default_factory=dict)
