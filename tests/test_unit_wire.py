@@ -759,3 +759,28 @@ def test_endpoint_file() -> None:
 def test_struct_meta_size_is_fixed() -> None:
     """A meta frame is 13 bytes: any other length is refused, not guessed at."""
     assert len(wire.pack_meta(b"D", 1, 0.0)) == struct.calcsize("!cId") == 13
+
+
+def test_declare_queue_round_trips() -> None:
+    request = wire.DeclareQueue(b"7", TOPIC, "jobs")
+    frames = request.frames()
+    assert wire.parse_kind(frames[0]) == wire.DECLARE
+    assert wire.DeclareQueue.parse(frames[1:]) == request
+    answer = wire.declared(b"client", b"7")
+    assert wire.parse_kind(answer[1]) == wire.DECLARED
+    assert wire.parse_declared(answer[2:]) == b"7"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        [b"7", TOPIC],
+        [b"7", TOPIC, b""],
+        [b"7", b"no terminator", b"jobs"],
+        [b"7", TOPIC, b"\xff"],
+    ],
+)
+def test_declare_queue_parse_refuses_bad_requests(body: list[bytes]) -> None:
+    with pytest.raises((ValueError, IndexError)):
+        wire.DeclareQueue.parse(body)

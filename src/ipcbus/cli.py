@@ -93,6 +93,10 @@ def _stats(address: str | None, as_json: bool, timeout: float) -> int:
                 f"  dead letter {record['message_id']}: {record['attempts']} attempts, "
                 f"{record['error']}"
             )
+    if statistics.unrouted:
+        print("\npublished with no subscriber and no queue group")
+        for name, count in sorted(statistics.unrouted.items()):
+            print(f"  {name:40} {count}")
     return ExitCode.OK
 
 

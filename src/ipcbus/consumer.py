@@ -86,6 +86,8 @@ class Consumer(Generic[T]):
         assert self.handler is not None
         if self.queue_name is None:
             return broker.subscribe(self.message_type, self.handler, self.predicate)
+        # Declared first: the group exists (and holds) even if this subscription fails.
+        broker.declare_queue(self.message_type, self.queue_name)
         return broker.subscribe_async(
             self.message_type, self.handler, self.queue_name, self.predicate
         )

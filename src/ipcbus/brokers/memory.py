@@ -32,12 +32,15 @@ class MemoryBroker(Broker):
     ``subscribe_async`` handlers run on an event loop: the running loop of the publishing thread if
     there is one, else a loop this broker owns on a thread of its own. ``flush(timeout)`` waits for
     the deliveries on the owned loop (retries included); ``close()`` waits for them at most
-    ``linger`` seconds, then cancels what is left.
+    ``linger`` seconds, then cancels what is left. A queue group without members (declared, or
+    whose members left) holds what is published, up to ``max_held`` messages (then ``publish()``
+    raises ``PublishTimeoutError``), and hands it out when a member subscribes.
     """
 
-    def __init__(self, *, linger: float = 5.0) -> None:
+    def __init__(self, *, linger: float = 5.0, max_held: int = 100_000) -> None:
         super().__init__()
         self._linger = linger
+        self._max_held = max_held
         self._routes = RouteTable()
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -48,7 +51,7 @@ class MemoryBroker(Broker):
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _for_child(self) -> MemoryBroker:
-        return type(self)(linger=self._linger)
+        return type(self)(linger=self._linger, max_held=self._max_held)
 
     # -- broker hooks ------------------------------------------------------------------------
 
@@ -62,23 +65,47 @@ class MemoryBroker(Broker):
             return
         published_at = time.time()
         for queue_name in queue_names:
+            message_id = f"{os.getpid()}-{next(self._ids)}"
+            member = self._routes.pick(topic, queue_name, message)
+            if member is not None:
+                self._schedule(self._deliver(member, message, message_id, published_at))
+            elif not self._routes.has_members(topic, queue_name):
+                # A declared group without members holds it until one comes.
+                item = (message, message_id, published_at)
+                if not self._routes.hold(topic, queue_name, item, self._max_held):
+                    raise PublishTimeoutError(
+                        f"queue group {queue_name!r} of {topic} holds max_held={self._max_held} "
+                        "messages and has no member"
+                    )
+            else:
+                logger.debug("no member of queue %r accepted %r: dropped", queue_name, message)
+
+    def _subscribe(self, subscription: Subscription) -> None:
+        self._routes.add(subscription)
+        if subscription.queue_name is not None:
+            self._hand_out_held(subscription.topic, subscription.queue_name)
+
+    def _declare_queue(self, message_type: type[Message], queue_name: str) -> None:
+        self._routes.declare(get_unique_name_for_message(message_type), queue_name)
+
+    def _hand_out_held(self, topic: str, queue_name: str) -> None:
+        for message, message_id, published_at in self._routes.take_held(topic, queue_name):
             member = self._routes.pick(topic, queue_name, message)
             if member is None:
                 logger.debug("no member of queue %r accepted %r: dropped", queue_name, message)
                 continue
-            message_id = f"{os.getpid()}-{next(self._ids)}"
             self._schedule(self._deliver(member, message, message_id, published_at))
-
-    def _subscribe(self, subscription: Subscription) -> None:
-        self._routes.add(subscription)
 
     def _cancel(self, subscription: Subscription) -> None:
         self._routes.remove(subscription)
 
     def _delete_queue(self, message_type: type[Message], queue_name: str) -> int:
-        if not self._routes.delete_group(get_unique_name_for_message(message_type), queue_name):
+        dropped = self._routes.delete_group(get_unique_name_for_message(message_type), queue_name)
+        if dropped is None:
             raise self._refuse_deletion(message_type, queue_name)
-        return 0  # a group without members holds nothing here: publish() finds no member
+        if dropped:
+            logger.warning("queue group %r deleted: %d held messages dropped", queue_name, dropped)
+        return dropped
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the owned loop has finished every delivery (retries included)."""

@@ -83,14 +83,23 @@ class TestBroker(Broker):
 
     def _subscribe(self, subscription: Subscription) -> None:
         self._routes.add(subscription)
+        if subscription.queue_name is not None:
+            # What the group held while it had no member: delivered by process_messages().
+            self._pending.extend(
+                self._routes.take_held(subscription.topic, subscription.queue_name)
+            )
 
     def _cancel(self, subscription: Subscription) -> None:
         self._routes.remove(subscription)
 
+    def _declare_queue(self, message_type: type[Message], queue_name: str) -> None:
+        self._routes.declare(get_unique_name_for_message(message_type), queue_name)
+
     def _delete_queue(self, message_type: type[Message], queue_name: str) -> int:
-        if not self._routes.delete_group(get_unique_name_for_message(message_type), queue_name):
+        dropped = self._routes.delete_group(get_unique_name_for_message(message_type), queue_name)
+        if dropped is None:
             raise self._refuse_deletion(message_type, queue_name)
-        return 0  # a group without members holds nothing here (and retries find no member)
+        return dropped
 
     @property
     def pending(self) -> int:
@@ -155,6 +164,10 @@ class TestBroker(Broker):
     def _attempt(self, delivery: _Retry) -> int:
         member = self._routes.pick(delivery.topic, delivery.queue_name, delivery.message)
         if member is None:
+            if not self._routes.has_members(delivery.topic, delivery.queue_name):
+                # A declared group without members holds it until one subscribes.
+                self._routes.hold(delivery.topic, delivery.queue_name, delivery, 2**62)
+                return 0
             logger.debug("no member of %r accepted %r", delivery.queue_name, delivery.message)
             return 0
         context = AsyncMessageContext(

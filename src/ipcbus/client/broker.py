@@ -404,6 +404,25 @@ class HubBroker(Broker):
                 if not self._closed:
                     self._io.unsubscribe(wire.topic_for(topic))
 
+    def _declare_queue(self, message_type: type[Message], queue_name: str) -> None:
+        """Ask the hub; returns once it has the group and every client knows the topic is
+        grouped (waits at most ``subscribe_timeout``)."""
+        self._check_usable()
+        request = wire.DeclareQueue(
+            b"%d" % next(self._request_ids),
+            wire.topic_for(get_unique_name_for_message(message_type)),
+            queue_name,
+        )
+        done = threading.Event()
+        self._io.declare_queue(request, done)
+        timeout = self.options.subscribe_timeout
+        if not done.wait(timeout):
+            self._io.forget_declare(request.request_id)
+            raise HubUnavailableError(
+                f"the hub at {self.address} did not confirm the queue group {queue_name!r} "
+                f"within {timeout} s"
+            )
+
     def _delete_queue(self, message_type: type[Message], queue_name: str) -> int:
         """Ask the hub; waits for its answer at most ``subscribe_timeout``."""
         self._check_usable()

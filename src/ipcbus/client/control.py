@@ -33,6 +33,7 @@ class ControlChannel:
         self._consumes: dict[bytes, wire.Consume] = {}  # restored after a reconnect
         self._consuming: dict[bytes, threading.Event] = {}
         self._deletes: dict[bytes, tuple[wire.DeleteQueue, DeleteAnswer]] = {}
+        self._declares: dict[bytes, tuple[wire.DeclareQueue, threading.Event]] = {}
 
     @property
     def waiting(self) -> bool:
@@ -82,9 +83,24 @@ class ControlChannel:
             answer.dropped = dropped
             answer.done.set()
 
+    def declare(self, request: wire.DeclareQueue, done: threading.Event) -> None:
+        self._declares[request.request_id] = (request, done)
+        self.send(request.frames())
+
+    def forget_declare(self, request_id: bytes) -> None:
+        """Its caller gave up waiting."""
+        self._declares.pop(request_id, None)
+
+    def declared(self, request_id: bytes) -> None:
+        _request, done = self._declares.pop(request_id, (None, None))
+        if done is not None:
+            done.set()
+
     def restore_consumers(self) -> None:
         for request in self._consumes.values():
             self.send(request.frames())
-        # A deletion the previous hub never answered (deleting twice is harmless).
+        # A deletion or declaration the previous hub never answered (both are idempotent).
         for deletion, _answer in self._deletes.values():
             self.send(deletion.frames())
+        for declaration, _done in self._declares.values():
+            self.send(declaration.frames())

@@ -199,6 +199,12 @@ class IOThread:
     def forget_delete(self, request_id: bytes) -> None:
         self.call(lambda: self._control.forget_delete(request_id))
 
+    def declare_queue(self, request: wire.DeclareQueue, done: threading.Event) -> None:
+        self.call(lambda: self._control.declare(request, done))
+
+    def forget_declare(self, request_id: bytes) -> None:
+        self.call(lambda: self._control.forget_declare(request_id))
+
     def ack(self, answers: list[wire.Ack]) -> None:
         def send() -> None:
             for request in wire.acks(answers):
@@ -471,6 +477,8 @@ class IOThread:
                 self._on_space()  # publishers waiting for a topic to open again
         elif kind == wire.DELETED:
             self._control.deleted(*wire.parse_deleted(body))
+        elif kind == wire.DECLARED:
+            self._control.declared(wire.parse_declared(body))
         elif kind == wire.CONSUMING:
             self._control.consuming(body[0])
         elif kind == wire.RESET:

@@ -219,6 +219,23 @@ class Broker(ABC):
         self._subscribe(subscription)
         return subscription
 
+    def declare_queue(self, message_type: type[Message], queue_name: str) -> None:
+        """Make the queue group ``queue_name`` of ``message_type`` exist now, before (or without)
+        any ``subscribe_async``: from then on it holds what is published, until consumers come.
+
+        A producer that may start before its workers declares its queues first, so no job is
+        lost meanwhile. What a group holds is bounded (in-process brokers: ``max_held``; the hub:
+        ``HubOptions.max_held``, then publishers of that type only wait). Declaring a group that
+        exists does nothing. ``Consumer`` declarations with a ``queue_name`` declare their queue
+        when they bind.
+        """
+        self._check_queue(message_type, queue_name)
+        self._check_open()
+        self._declare_queue(message_type, queue_name)
+
+    def _declare_queue(self, message_type: type[Message], queue_name: str) -> None:  # noqa: B027
+        """Hook: create the group (brokers that hold messages override it)."""
+
     def delete_queue(self, message_type: type[Message], queue_name: str) -> int:
         """Delete the queue group ``queue_name`` of ``message_type``; return how many messages
         it held, which are dropped with it (counted and logged where they were held).

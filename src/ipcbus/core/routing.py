@@ -1,12 +1,16 @@
 """The in-process routing table shared by MemoryBroker and TestBroker.
 
 Routing is by topic (the message type's unique name). Broadcast subscriptions are kept in
-subscription order; queue groups pick one accepting member round-robin.
+subscription order; queue groups pick one accepting member round-robin. A queue group exists from
+its declaration (or first member) on; while it has no member it holds what is published for it
+(the brokers decide the bound), handed out when a member comes.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
+from typing import Any
 
 from ..message import Message
 from .contract import Subscription
@@ -22,6 +26,33 @@ class RouteTable:
         self._broadcast: dict[str, tuple[Subscription, ...]] = {}
         self._groups: dict[str, dict[str, tuple[Subscription, ...]]] = {}
         self._cursor: dict[tuple[str, str], int] = {}
+        self._held: dict[tuple[str, str], deque[Any]] = {}
+
+    def declare(self, topic: str, queue_name: str) -> None:
+        """Make the group exist (holding what is published) if it does not."""
+        with self._lock:
+            self._groups.setdefault(topic, {}).setdefault(queue_name, ())
+
+    def has_members(self, topic: str, queue_name: str) -> bool:
+        return any(m.active for m in self._groups.get(topic, {}).get(queue_name, ()))
+
+    def hold(self, topic: str, queue_name: str, item: Any, limit: int) -> bool:
+        """Keep ``item`` for the group's first member; False when it holds ``limit`` already."""
+        with self._lock:
+            held = self._held.setdefault((topic, queue_name), deque())
+            if len(held) >= limit:
+                return False
+            held.append(item)
+            return True
+
+    def take_held(self, topic: str, queue_name: str) -> list[Any]:
+        """What the group held, in publish order, now handed to its members."""
+        with self._lock:
+            held = self._held.pop((topic, queue_name), None)
+        return list(held) if held else []
+
+    def held(self, topic: str, queue_name: str) -> int:
+        return len(self._held.get((topic, queue_name), ()))
 
     def add(self, subscription: Subscription) -> None:
         topic = subscription.topic
@@ -46,18 +77,18 @@ class RouteTable:
                 name = subscription.queue_name
                 groups[name] = tuple(s for s in groups.get(name, ()) if s is not subscription)
 
-    def delete_group(self, topic: str, queue_name: str) -> bool:
-        """Forget the group ``queue_name`` of ``topic``; False (nothing done) while it has
-        active members."""
+    def delete_group(self, topic: str, queue_name: str) -> int | None:
+        """Forget the group ``queue_name`` of ``topic`` and what it held: the number of held
+        items dropped, or ``None`` (nothing done) while it has active members."""
         with self._lock:
             groups = self._groups.get(topic, {})
             if any(member.active for member in groups.get(queue_name, ())):
-                return False
+                return None
             groups.pop(queue_name, None)
             self._cursor.pop((topic, queue_name), None)
             if not groups:
                 self._groups.pop(topic, None)
-            return True
+            return len(self._held.pop((topic, queue_name), ()))
 
     def broadcast(self, topic: str) -> tuple[Subscription, ...]:
         return self._broadcast.get(topic, ())
@@ -86,3 +117,4 @@ class RouteTable:
             self._broadcast.clear()
             self._groups.clear()
             self._cursor.clear()
+            self._held.clear()

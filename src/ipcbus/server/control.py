@@ -34,6 +34,7 @@ _KINDS = _ANONYMOUS | {
     wire.GROUPS_ACK,
     wire.BYE,
     wire.DELETE,
+    wire.DECLARE,
 }
 
 
@@ -59,7 +60,8 @@ class ControlPlane:
         self._acked_version: dict[bytes, int] = {}
         # CONSUME requests waiting for every client to know their topic is grouped:
         # (identity, subscription id, groups version, deadline)
-        self._waiting: list[tuple[bytes, bytes, int, float]] = []
+        # (identity, the answer, groups version, deadline)
+        self._waiting: list[tuple[bytes, list[bytes], int, float]] = []
         self._next_check = 0.0
         self.draining = False  # stopping: no new deliveries, only acks of those in flight
         self._groups_file: GroupsFile | None = None
@@ -121,6 +123,8 @@ class ControlPlane:
             self._drop_client(identity, "said goodbye")
         elif kind == wire.DELETE:
             self._delete(control, identity, wire.DeleteQueue.parse(body))
+        elif kind == wire.DECLARE:
+            self._declare(control, identity, wire.DeclareQueue.parse(body), now)
         else:
             raise ValueError(f"unknown control request {kind!r}")
 
@@ -147,15 +151,37 @@ class ControlPlane:
         self.book.add_consumer(
             topic, name, (identity, request.subscription_id), prefetch=request.prefetch
         )
+        self._answer_once_grouped(
+            control, wire.consuming(identity, request.subscription_id), new_topic, now
+        )
+
+    def _declare(
+        self, control: Socket, identity: bytes, request: wire.DeclareQueue, now: float
+    ) -> None:
+        """A group declared before (or without) consumers: it holds what is published."""
+        topic, name = request.topic, request.queue_name
+        new_topic = not self.book.has_groups(topic)
+        if not self.book.has_group(topic, name):
+            self.remember_group(topic, name)
+            self.book.declare(topic, name)
+            logger.info("queue group %s/%s declared", wire.unique_name_of(topic), name)
+        self._answer_once_grouped(
+            control, wire.declared(identity, request.request_id), new_topic, now
+        )
+
+    def _answer_once_grouped(
+        self, control: Socket, answer: list[bytes], new_topic: bool, now: float
+    ) -> None:
+        """Answer at once, or, for a topic that just got its first group, once every client
+        knows: publishers batch a grouped topic differently (one frame per message), and what
+        they published unsplit could not be held for the group."""
         if not new_topic:
-            self._send(control, wire.consuming(identity, request.subscription_id))
+            self._send(control, answer)
             return
-        # Publishers batch a grouped topic differently (one frame per message): every client
-        # must know before the first consumer may rely on receiving everything published.
         self._groups_version += 1
         self._announce_groups(control)
         deadline = now + self.heartbeat_timeout
-        self._waiting.append((identity, request.subscription_id, self._groups_version, deadline))
+        self._waiting.append((answer[0], answer, self._groups_version, deadline))
 
     def _delete(self, control: Socket, identity: bytes, request: wire.DeleteQueue) -> None:
         """Delete a queue group that has no consumers, and what it holds; refuse otherwise."""
@@ -274,16 +300,16 @@ class ControlPlane:
 
     def _answer_waiting(self, control: Socket, now: float) -> None:
         still_waiting = []
-        for identity, subscription_id, version, deadline in self._waiting:
+        for identity, answer, version, deadline in self._waiting:
             everyone_knows = all(
                 self._acked_version.get(client, 0) >= version for client in self.clients
             )
             if everyone_knows or now >= deadline:
                 if not everyone_knows:
                     logger.warning("not every client confirmed the queue groups; going on")
-                self._send(control, wire.consuming(identity, subscription_id))
+                self._send(control, answer)
             else:
-                still_waiting.append((identity, subscription_id, version, deadline))
+                still_waiting.append((identity, answer, version, deadline))
         self._waiting = still_waiting
 
     @staticmethod

@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 # How many inputs one loop turn handles before it polls again (keeps subscriptions responsive).
 _BURST = 256
 _IDLE_POLL_MS = 100
+# Types counted apart in the unrouted statistics; past this many, the rest are counted together.
+_MAX_UNROUTED = 1000
+_OTHER_TYPES = "(other types)"
 # XPUB_NODROP gives no POLLOUT event for a full pipe: a stalled send is retried on this period.
 _STALLED_POLL_MS = 1
 
@@ -69,7 +72,10 @@ class Relay:
         self._batches = self._messages = self._bytes = 0
         self._malformed = self._unsplittable = self._auth_rejected = 0
         self._accept_after = 0.0
-        self._pending: dict[Socket, PendingHandshakes] = {}  # tcp: per socket's monitor
+        self._pending: dict[Socket, PendingHandshakes] = {}
+        self._unrouted: dict[
+            str, int
+        ] = {}  # type -> messages nobody was subscribed to  # tcp: per socket's monitor
         self._control_monitor: Socket | None = None
 
     @property
@@ -101,6 +107,7 @@ class Relay:
             unsplittable_dropped=self._unsplittable,
             bad_group_entries=self.control_plane.bad_group_entries,
             handshakes_shed=sum(pending.shed for pending in self._pending.values()),
+            unrouted=dict(self._unrouted),
             queues=book.statistics(),
             dead_letters={
                 name: [asdict(record) for record in records]
@@ -340,6 +347,8 @@ class Relay:
             self._messages += count
             self._bytes += sum(len(frame) for frame in frames[2:])
             book = self.control_plane.book
+            if not book.has_groups(topic) and fanout.topics.get(topic, 0) == 0:
+                self._count_unrouted(topic, count)
             if book.has_groups(topic):
                 if codec in wire.SPLIT_CODECS:
                     book.enqueue(topic, meta, [frame.bytes for frame in frames[4:]])
@@ -353,6 +362,15 @@ class Relay:
             send_reply(data, wire.flushed(identity, frames[2].bytes))
         else:
             raise ValueError(f"unknown data request {kind!r}")
+
+    def _count_unrouted(self, topic: bytes, count: int) -> None:
+        """Published with no subscriber and no queue group: not an error (broadcast to nobody),
+        but counted per type for ``ipcbus stats`` (bounded: past _MAX_UNROUTED types, the rest
+        are counted together)."""
+        name = wire.unique_name_of(topic)
+        if name not in self._unrouted and len(self._unrouted) >= _MAX_UNROUTED:
+            name = _OTHER_TYPES
+        self._unrouted[name] = self._unrouted.get(name, 0) + count
 
     def _handle_control(self, control: Socket, frames: list[zmq.Frame]) -> None:
         if wire.parse_kind(frames[1].bytes) == wire.STATS:

@@ -22,6 +22,9 @@ client control DEALER → hub control ROUTER (the hub's address)     ``[header, 
     ACK      ``[(delivery_id, outcome, retry_delay, error) * n]``  outcome: ok, failed,
                                 rejected, dead; retry_delay (seconds) only for failed
     BYE      ``[]``           the client leaves: its unacknowledged deliveries go to others
+    DECLARE  ``[request_id, topic, queue_name]`` → DECLARED ``[request_id]`` once the group
+                                exists (it holds what is published until consumers come) and
+                                every client knows the topic is grouped
     DELETE   ``[request_id, topic, queue_name]`` → DELETED ``[request_id, status, dropped]``:
                                 the group and what it holds are gone (status ``ok``), or it
                                 still has consumers and stays (status ``in-use``)
@@ -88,6 +91,8 @@ __all__ = [
     "CODEC_SPLIT_OBJECTS",
     "CONSUME",
     "CONSUMING",
+    "DECLARE",
+    "DECLARED",
     "DELETE",
     "DELETED",
     "DELIVER",
@@ -125,6 +130,7 @@ __all__ = [
     "WELCOME",
     "Ack",
     "Consume",
+    "DeclareQueue",
     "DeleteQueue",
     "Deliver",
     "Fanout",
@@ -165,6 +171,7 @@ ACK = b"A"
 GROUPS_ACK = b"g"
 BYE = b"B"
 DELETE = b"K"
+DECLARE = b"Y"
 # control, hub -> client
 WELCOME = b"W"
 PONG = b"o"
@@ -176,6 +183,7 @@ STOPPING = b"Q"
 LOSSY = b"L"
 FULL = b"U"
 DELETED = b"k"
+DECLARED = b"y"
 # data, client -> hub and back
 PUBLISH = b"P"
 FLUSH = b"F"
@@ -477,6 +485,36 @@ class DeleteQueue:
         if not name:
             raise ValueError("empty queue name")
         return cls(request_id, check_topic(topic), name)
+
+
+@dataclass(frozen=True)
+class DeclareQueue:
+    """A request to declare the queue group ``queue_name`` of ``topic``: it exists from then on
+    and holds what is published until consumers come."""
+
+    request_id: bytes
+    topic: bytes
+    queue_name: str
+
+    def frames(self) -> list[bytes]:
+        return [header(DECLARE), self.request_id, self.topic, self.queue_name.encode()]
+
+    @classmethod
+    def parse(cls, body: Sequence[bytes]) -> DeclareQueue:
+        request_id, topic, queue_name = body
+        name = queue_name.decode()
+        if not name:
+            raise ValueError("empty queue name")
+        return cls(request_id, check_topic(topic), name)
+
+
+def declared(identity: bytes, request_id: bytes) -> list[bytes]:
+    return [identity, header(DECLARED), request_id]
+
+
+def parse_declared(body: Sequence[bytes]) -> bytes:
+    (request_id,) = body
+    return request_id
 
 
 DELETED_OK = b"ok"

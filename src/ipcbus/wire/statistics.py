@@ -43,6 +43,9 @@ class HubStatistics:
     unsplittable_dropped: int = 0
     bad_group_entries: int = 0  # lines of the queue-groups file skipped at start
     handshakes_shed: int = 0  # tcp connections shut down before authenticating (preauth)
+    # Per type, messages published while no process subscribed and no queue group existed:
+    # broadcast to nobody (declare_queue() keeps jobs for workers that start later).
+    unrouted: dict[str, int] = field(default_factory=dict)
     # Messages a queue group held when it was deleted (delete_queue): dropped with it.
     deleted_queue_dropped: int = 0
     # Topics publishers are told to hold back: a queue group of each holds max_held messages.
