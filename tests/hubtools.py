@@ -181,6 +181,12 @@ class SplitBroker(Broker):
     def _cancel(self, subscription: _Subscription) -> None:
         raise AssertionError("unreachable: cancel is delegated")
 
+    def _declare_queue(self, message_type: type[Message], queue_name: str) -> None:
+        self.local.declare_queue(message_type, queue_name)
+
+    def _delete_queue(self, message_type: type[Message], queue_name: str) -> int:
+        return self.local.delete_queue(message_type, queue_name)
+
     def _close(self) -> None:
         self.remote.stop()
         self.local.close()

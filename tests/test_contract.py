@@ -406,3 +406,17 @@ def test_a_cancelled_group_member_gets_nothing(harness: Harness) -> None:
     harness.settle()
     assert sorted(kept) == list(range(6))
     assert gone == []
+
+
+def test_a_declared_queue_holds_what_is_published_until_a_consumer_comes(
+    harness: Harness,
+) -> None:
+    broker = harness.broker
+    broker.declare_queue(OrderPlaced, "later")
+    for order_id in range(20):
+        broker.publish(OrderPlaced(order_id))
+    broker.flush(20)  # with the broker (the hub: held by the group)
+    seen: list[int] = []
+    broker.subscribe_async(OrderPlaced, lambda m: seen.append(m.order_id), "later")
+    harness.settle()
+    assert sorted(seen) == list(range(20))
