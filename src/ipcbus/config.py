@@ -12,7 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Self
 
-__all__ = ["ENV_ADDRESS", "ClientOptions", "HubOptions", "address_from_env", "export_address"]
+__all__ = [
+    "ENV_ADDRESS",
+    "ClientOptions",
+    "HubOptions",
+    "address_from_env",
+    "export_address",
+    "hub_options_from_env",
+]
 
 ENV_ADDRESS = "IPCBUS_ADDRESS"
 
@@ -25,6 +32,27 @@ def address_from_env() -> str | None:
 def export_address(address: str) -> None:
     """Set ``IPCBUS_ADDRESS`` in this process when it is unset, so later children inherit it."""
     os.environ.setdefault(ENV_ADDRESS, address)
+
+
+ENV_HUB_PREFIX = "IPCBUS_HUB_"
+
+
+def hub_options_from_env() -> HubOptions:
+    """``HubOptions`` with the fields set in the environment as ``IPCBUS_HUB_<FIELD>`` (for
+    ``ipcbus hub``; a flag given on its command line wins). ``ValueError`` for a bad value."""
+    values: dict[str, Any] = {}
+    for field in fields(HubOptions):
+        text = os.environ.get(ENV_HUB_PREFIX + field.name.upper())
+        if text is None:
+            continue
+        kind = float if field.type in ("float", float) else int
+        try:
+            values[field.name] = kind(text)
+        except ValueError:
+            raise ValueError(
+                f"{ENV_HUB_PREFIX}{field.name.upper()}={text!r} is not a {kind.__name__}"
+            ) from None
+    return HubOptions(**values)
 
 
 class _Options:
