@@ -203,7 +203,9 @@ class HubBroker(Broker):
 
     def _publish(self, message: Message, timeout: float | None = None) -> None:
         self._check_usable()
-        if self._io.full_topics:
+        if self._io.full_topics and not runs_handlers():
+            # Not in a handler either, for the same reason as below: the group may be full
+            # because this very process's handlers hold its deliveries.
             timeout = self._wait_while_full(type(message), timeout)
         cls = type(message)
         if self._last_type() is not cls:
@@ -233,7 +235,11 @@ class HubBroker(Broker):
             self._waiting += 1
             try:
                 opened = self._space.wait_for(
-                    lambda: topic not in self._io.full_topics or self._closed or not self._io.alive,
+                    lambda: (
+                        topic not in self._io.full_topics
+                        or self._stopped
+                        or not self._session.available
+                    ),
                     limit,
                 )
             finally:
