@@ -458,9 +458,10 @@ def test_a_hub_restarts_at_the_address_of_a_hub_killed_with_sigkill(tmp_path: Pa
     assert (tmp_path / "h.key").read_bytes() == key
 
 
-def test_start_sets_the_address_variable_only_when_unset(
+def test_the_latest_hub_started_names_the_address_until_it_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """docs/architecture.md, "Addresses": a process that starts a hub connects to it."""
     monkeypatch.delenv(ENV_ADDRESS, raising=False)
     first = Hub(f"ipc://{tmp_path}/a")
     second = Hub(f"ipc://{tmp_path}/b")
@@ -468,16 +469,15 @@ def test_start_sets_the_address_variable_only_when_unset(
         first.start(timeout=START_TIMEOUT)
         assert os.environ.get(ENV_ADDRESS) == first.address
         second.start(timeout=START_TIMEOUT)
-        assert os.environ.get(ENV_ADDRESS) == first.address  # set: left alone
-
-        monkeypatch.setenv(ENV_ADDRESS, "ipc:///somewhere/else")
+        assert os.environ.get(ENV_ADDRESS) == second.address
         assert _stop_hub(second) == 0
-        second = Hub(f"ipc://{tmp_path}/c")
-        second.start(timeout=START_TIMEOUT)
-        assert os.environ[ENV_ADDRESS] == "ipc:///somewhere/else"
+        assert os.environ.get(ENV_ADDRESS) == first.address  # back to what it was
+        monkeypatch.setenv(ENV_ADDRESS, "ipc:///somewhere/else")  # set by the user meanwhile
+        assert _stop_hub(first) == 0
+        assert os.environ[ENV_ADDRESS] == "ipc:///somewhere/else"  # theirs: left alone
     finally:
         exit_codes = (_stop_hub(second), _stop_hub(first))
-    assert exit_codes == (0, 0)
+    assert exit_codes == (None, None)  # stopped already
 
 
 # -- 3. clean exit without close() ------------------------------------------------------------
@@ -665,3 +665,18 @@ def _alive(pid: int) -> bool:
             return stat_file.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_stale_address_in_the_environment_does_not_redirect_the_hubs_starter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`with Hub(): connect()` reaches that hub whatever IPCBUS_ADDRESS said before; the old
+    value is back after the hub stops."""
+    stale = f"ipc://{tmp_path}/gone/hub"
+    monkeypatch.setenv(ENV_ADDRESS, stale)
+    with Hub(f"ipc://{tmp_path}/hub", start_method="fork") as hub:
+        assert os.environ[ENV_ADDRESS] == hub.address
+        with ipcbus.connect(connect_timeout=5) as broker:
+            assert broker.address == hub.address
+        round_trip(hub.address)
+    assert os.environ[ENV_ADDRESS] == stale

@@ -19,6 +19,8 @@ __all__ = [
     "address_from_env",
     "export_address",
     "hub_options_from_env",
+    "hub_started",
+    "hub_stopped",
 ]
 
 ENV_ADDRESS = "IPCBUS_ADDRESS"
@@ -32,6 +34,35 @@ def address_from_env() -> str | None:
 def export_address(address: str) -> None:
     """Set ``IPCBUS_ADDRESS`` in this process when it is unset, so later children inherit it."""
     os.environ.setdefault(ENV_ADDRESS, address)
+
+
+# Hubs this process started and that still run, latest last, each with the IPCBUS_ADDRESS it
+# replaced. The rule (docs/architecture.md, "Addresses"): a process that started a hub connects
+# to it, whatever the environment said before: a stale `export IPCBUS_ADDRESS=...` must not
+# redirect `with Hub(): connect()` to another hub.
+_started: list[tuple[str, str | None]] = []
+
+
+def hub_started(address: str) -> None:
+    """A hub this process started serves at ``address``: ``IPCBUS_ADDRESS`` names it (for this
+    process's ``connect()`` and the children it starts) until it stops."""
+    _started.append((address, os.environ.get(ENV_ADDRESS)))
+    os.environ[ENV_ADDRESS] = address
+
+
+def hub_stopped(address: str) -> None:
+    """Undo ``hub_started``: the variable gets back what it was, unless it changed since."""
+    for index in range(len(_started) - 1, -1, -1):
+        started, previous = _started[index]
+        if started != address:
+            continue
+        del _started[index]
+        if os.environ.get(ENV_ADDRESS) == address:
+            if previous is None or previous == address:
+                os.environ.pop(ENV_ADDRESS, None)
+            else:
+                os.environ[ENV_ADDRESS] = previous
+        return
 
 
 ENV_HUB_PREFIX = "IPCBUS_HUB_"

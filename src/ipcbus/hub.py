@@ -20,7 +20,7 @@ from multiprocessing import util as mp_util
 from typing import Any, Self
 
 from .client.admin import request_statistics
-from .config import HubOptions, export_address
+from .config import HubOptions, hub_started, hub_stopped
 from .exceptions import HubAddressError, HubUnavailableError
 from .server.process import check_address, remove_stale_socket_files, serve_in_child
 from .server.relay import Relay
@@ -62,6 +62,7 @@ class Hub:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._parent_end: multiprocessing.connection.Connection | None = None
         self._owner = os.getpid()
+        self._exported = False
 
     @property
     def address(self) -> str:
@@ -124,7 +125,8 @@ class Hub:
             if status == "address":
                 raise HubAddressError(detail)
             raise HubUnavailableError(f"hub at {address} failed to start: {detail}")
-        export_address(address)
+        hub_started(address)
+        self._exported = True
         mp_util.Finalize(self, Hub._stop_at_exit, args=(weakref.ref(self),), exitpriority=5)
         return self
 
@@ -147,6 +149,9 @@ class Hub:
         if self._parent_end is not None:
             self._parent_end.close()
             self._parent_end = None
+        if self._exported and os.getpid() == self._owner:
+            self._exported = False
+            hub_stopped(self.address)
         self._remove_private_dir()
         return exitcode
 
