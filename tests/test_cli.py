@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,3 +170,43 @@ def test_stats_json_is_parseable(hub: Hub) -> None:
     shown = _cli("stats", "--json", "--address", hub.address)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["pid"] == hub.pid
+
+
+def _listen(address: str, ready: Any, stop: Any) -> None:
+    from ipcbus import connect
+
+    from .messages import OrderPlaced
+
+    broker = connect(address)
+    broker.subscribe(Tick, lambda tick: None)
+    broker.subscribe_async(OrderPlaced, lambda order: None, "orders")
+    ready.set()
+    stop.wait(60)
+    broker.close()
+
+
+def test_clients_lists_who_is_connected_and_to_what(hub: Hub) -> None:
+    import multiprocessing
+
+    spawn: Any = multiprocessing.get_context("spawn")
+    ready, stop = spawn.Event(), spawn.Event()
+    child = spawn.Process(target=_listen, args=(hub.address, ready, stop))
+    child.start()
+    try:
+        assert ready.wait(60)
+        listed = _cli("clients", "--json", "--address", hub.address)
+        assert listed.returncode == 0, listed.stderr
+        (client,) = json.loads(listed.stdout)
+        assert client["pid"] == child.pid
+        assert client["start_method"] == "spawn or forkserver"
+        assert client["subscriptions"] == ["tests.messages.Tick"]
+        assert client["queue_consumers"] == ["tests.messages.OrderPlaced/orders"]
+        table = _cli("clients", "--address", hub.address)
+        assert table.returncode == 0, table.stderr
+        assert str(child.pid) in table.stdout
+        assert "tests.messages.OrderPlaced/orders" in table.stdout
+    finally:
+        stop.set()
+        child.join(30)
+    left = _cli("clients", "--json", "--address", hub.address)
+    assert json.loads(left.stdout) == []

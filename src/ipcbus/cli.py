@@ -2,6 +2,7 @@
 
     ipcbus hub [--address ADDRESS] [hub options]     serve a hub until SIGINT/SIGTERM
     ipcbus stats [--json] [--watch SECONDS]          a running hub's statistics
+    ipcbus clients [--json]                          who is connected, and to what
     ipcbus ping                                      exit 0 when the hub answers
     ipcbus publish TYPE --json '{...}'               publish one message (TYPE importable)
 
@@ -22,7 +23,7 @@ from enum import IntEnum
 from importlib import metadata
 from typing import Any
 
-from .client.admin import request_statistics
+from .client.admin import request_clients, request_statistics
 from .config import ENV_ADDRESS, HubOptions, address_from_env, hub_options_from_env
 from .exceptions import HubAddressError, HubUnavailableError, PubSubError
 from .hub import Hub
@@ -101,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
         "--watch", type=float, metavar="SECONDS", help="print again every SECONDS, with rates"
     )
 
+    clients = commands.add_parser(
+        "clients",
+        parents=[common],
+        help="list the connected clients: pid, host, program, subscriptions, queues",
+        epilog=_EPILOG,
+    )
+    _hub_address(clients)
+    clients.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     ping = commands.add_parser(
         "ping", parents=[common], help="exit 0 when the hub answers (health checks)", epilog=_EPILOG
     )
@@ -145,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "stats":
             return _stats(address, args.json, args.timeout, args.watch)
+        if args.command == "clients":
+            return _clients(address, args.json, args.timeout)
         if args.command == "ping":
             request_statistics(address, args.timeout)
             print(f"{address}: ok")
@@ -224,6 +236,23 @@ def _print_statistics(statistics: HubStatistics, previous: HubStatistics | None)
         for name, count in sorted(statistics.unrouted.items()):
             print(f"  {name:40} {count}")
     print(flush=True)
+
+
+def _clients(address: str, as_json: bool, timeout: float) -> int:
+    clients = request_clients(address, timeout)
+    if as_json:
+        print(json.dumps(clients, indent=2, sort_keys=True))
+        return ExitCode.OK
+    print(f"{'pid':>7}  {'host':16} {'program':24} {'started':20} {'since':19}  subscribes to")
+    for client in sorted(clients, key=lambda c: c.get("since", 0)):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(client.get("since", 0)))
+        topics = [*client.get("subscriptions", []), *client.get("queue_consumers", [])]
+        print(
+            f"{client.get('pid', '?')!s:>7}  {client.get('host', '?')!s:16.16} "
+            f"{client.get('program', '?')!s:24.24} {client.get('start_method', '?')!s:20.20} "
+            f"{since:19}  {', '.join(topics) or '-'}"
+        )
+    return ExitCode.OK
 
 
 def _publish(address: str, type_name: str, fields: str, timeout: float) -> int:

@@ -1,7 +1,9 @@
-"""Requests a client makes of a hub without joining the bus (``ipcbus stats``, health checks)."""
+"""Requests a client makes of a hub without joining the bus (``ipcbus stats``, ``ipcbus
+clients``, health checks): one round trip on a socket that proves the bus secret."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import zmq
@@ -12,11 +14,24 @@ from ..wire.address import Address
 from ..wire.keys import prove, read_bus_secret
 from ..wire.statistics import HubStatistics
 
-__all__ = ["request_statistics"]
+__all__ = ["request_clients", "request_statistics"]
 
 
 def request_statistics(address: str, timeout: float = 5.0) -> HubStatistics:
-    """One STATS round trip to the hub at ``address``."""
+    """The hub's statistics (a STATS round trip)."""
+    return HubStatistics.from_json(_ask(address, wire.STATS, timeout))
+
+
+def request_clients(address: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Who is connected to the hub (a CLIENTS round trip): each client's id, since when, and
+    what it says about itself (pid, host, program, start method, subscriptions, queues)."""
+    clients = json.loads(_ask(address, wire.CLIENTS, timeout))
+    if not isinstance(clients, list):
+        raise HubUnavailableError(f"unexpected answer from {address}: not a list of clients")
+    return clients
+
+
+def _ask(address: str, kind: bytes, timeout: float) -> bytes:
     try:
         parsed = Address.parse(address)
         secret = read_bus_secret(parsed)
@@ -28,13 +43,13 @@ def request_statistics(address: str, timeout: float = 5.0) -> HubStatistics:
         dealer.linger = 0
         prove(dealer, secret)
         dealer.connect(address)
-        dealer.send_multipart([wire.header(wire.STATS)])
+        dealer.send_multipart([wire.header(kind)])
         if not dealer.poll(int(timeout * 1000)):
             raise HubUnavailableError(f"no hub answered at {address} within {timeout} s")
         head, body = dealer.recv_multipart()
-        if head != wire.header(wire.STATS):
+        if head != wire.header(kind):
             raise HubUnavailableError(f"unexpected answer from {address}: {head!r}")
-        return HubStatistics.from_json(body)
+        return body
     finally:
         dealer.close(linger=0)
         context.term()

@@ -63,6 +63,13 @@ class ControlChannel:
         if self._consumes.pop(subscription_id, None) is not None:
             self.send(wire.cancel(subscription_id))
 
+    def queues(self) -> list[str]:
+        """The queue groups this client consumes from, as ``type/queue``."""
+        return sorted(
+            f"{wire.unique_name_of(request.topic)}/{request.queue_name}"
+            for request in self._consumes.values()
+        )
+
     def consuming(self, subscription_id: bytes) -> None:
         """The hub confirmed a consumer: its ``subscribe_async()`` may return."""
         live = self._consuming.pop(subscription_id, None)

@@ -11,8 +11,12 @@ module moves frames.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import multiprocessing
 import os
+import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -177,21 +181,45 @@ class IOThread:
     def wake(self) -> None:
         self._waker.wake()
 
-    def call(self, command: Callable[[], None]) -> None:
+    def call(self, command: Callable[[], None], describe: bool = False) -> None:
+        """Run ``command`` on the I/O thread; with ``describe``, then tell the hub what this
+        client subscribes to now (INFO, for ``ipcbus clients``)."""
         self._commands.append(command)
+        if describe:
+            self._commands.append(self._describe_to_hub)
         self.wake()
 
+    # -- what this client says about itself (a description, never used for routing) ----------
+
+    def _description(self) -> bytes:
+        return json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "program": _program(),
+                "start_method": _start_method(),
+                "subscriptions": sorted(
+                    wire.unique_name_of(topic) for topic in self._subscriptions.live_topics
+                ),
+                "queues": self._control.queues(),
+            }
+        ).encode()
+
+    def _describe_to_hub(self) -> None:
+        if self._control.socket is not None and self.session.hub_alive:
+            self._control.send([wire.header(wire.INFO), self._description()])
+
     def subscribe(self, topic: bytes, live: threading.Event) -> None:
-        self.call(lambda: self._subscriptions.subscribe(topic, live))
+        self.call(lambda: self._subscriptions.subscribe(topic, live), describe=True)
 
     def unsubscribe(self, topic: bytes) -> None:
-        self.call(lambda: self._subscriptions.unsubscribe(topic))
+        self.call(lambda: self._subscriptions.unsubscribe(topic), describe=True)
 
     def consume(self, request: wire.Consume, live: threading.Event) -> None:
-        self.call(lambda: self._control.consume(request, live))
+        self.call(lambda: self._control.consume(request, live), describe=True)
 
     def cancel_consume(self, subscription_id: bytes) -> None:
-        self.call(lambda: self._control.cancel(subscription_id))
+        self.call(lambda: self._control.cancel(subscription_id), describe=True)
 
     def delete_queue(self, request: wire.DeleteQueue, answer: DeleteAnswer) -> None:
         self.call(lambda: self._control.delete(request, answer))
@@ -269,7 +297,7 @@ class IOThread:
         control.routing_id = self._client_id
         monitor = self._monitor(control)
         control.connect(self.endpoint)
-        control.send_multipart(wire.hello(self._client_id))
+        control.send_multipart(wire.hello(self._client_id, self._description()))
         timeout = self._connect_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = zmq.Poller()
@@ -422,7 +450,7 @@ class IOThread:
         elif due == "ping":
             self._control.send([wire.header(wire.PING)])
         elif due == "hello":
-            self._control.send(wire.hello(self._client_id))
+            self._control.send(wire.hello(self._client_id, self._description()))
 
     def _hub_lost(self, why: str) -> None:
         if self.session.lost(why):
@@ -527,3 +555,23 @@ class IOThread:
             token = wire.parse_flushed(frames)
             if token is not None:
                 self.outbox.flushed(token)
+
+
+# The pid this module was imported in: a broker made in another pid is in a forked child.
+_IMPORTED_IN = os.getpid()
+
+
+def _program() -> str:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv else "")
+    return os.path.basename(path) or "python"
+
+
+def _start_method() -> str:
+    """How this process started, as far as it can tell: by hand ("main"), forked from a
+    process that used ipcbus ("fork"), or by multiprocessing ("spawn or forkserver")."""
+    if os.getpid() != _IMPORTED_IN:
+        return "fork"
+    if multiprocessing.parent_process() is not None:
+        return "spawn or forkserver"
+    return "main"

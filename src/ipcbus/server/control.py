@@ -15,6 +15,7 @@ from typing import Any
 import zmq
 
 from ..wire import protocol as wire
+from .clients import ClientDirectory
 from .groups_file import GroupsFile
 from .queues import Delivery, QueueBook
 
@@ -25,8 +26,9 @@ logger = logging.getLogger(__name__)
 Socket = zmq.Socket[Any]
 
 # Requests a client may send before HELLO (a STATS probe is not a client).
-_ANONYMOUS = frozenset({wire.HELLO, wire.STATS})
+_ANONYMOUS = frozenset({wire.HELLO, wire.STATS, wire.CLIENTS})
 _KINDS = _ANONYMOUS | {
+    wire.INFO,
     wire.PING,
     wire.ACK,
     wire.CONSUME,
@@ -54,6 +56,7 @@ class ControlPlane:
         self.max_message_size = max_message_size  # announced in WELCOME: clients split below it
         self.book = QueueBook(hub_id, max_held=max_held)
         self.clients: dict[bytes, float] = {}  # identity -> when it was last heard from
+        self.directory = ClientDirectory()  # what each client says about itself
         self.clients_lost = 0
         self.unapplied_acks = 0  # acks a bug of ours could not apply (logged with traceback)
         self._groups_version = 0
@@ -92,6 +95,7 @@ class ControlPlane:
             self._send(control, [identity, wire.header(wire.RESET)])
             return
         if kind == wire.HELLO:
+            self.directory.joined(identity, wire.parse_hello(body))
             self.clients[identity] = now
             self._acked_version[identity] = self._groups_version
             welcome = wire.Welcome(
@@ -108,9 +112,16 @@ class ControlPlane:
             return
         if kind == wire.STATS:
             return  # answered by the relay, which owns the statistics
+        if kind == wire.CLIENTS:
+            reply = self.directory.describe(self.book.queues_by_client())
+            self._send(control, [identity, wire.header(wire.CLIENTS), reply])
+            return
         self.clients[identity] = now
         if kind == wire.PING:
             self._send(control, [identity, wire.header(wire.PONG)])
+        elif kind == wire.INFO:
+            (info,) = body
+            self.directory.described(identity, info)
         elif kind == wire.ACK:
             self._settle(body, now)
         elif kind == wire.CONSUME:
@@ -350,7 +361,7 @@ class ControlPlane:
         self._full_pending.discard(identity)
         self._lossy_pending.discard(identity)
         self.clients_lost += why != "said goodbye"
-        logger.info("client %s gone (%s): its deliveries go to others", identity.hex(), why)
+        self.directory.left(identity, why)
         self.book.remove_client(identity)
 
     @staticmethod

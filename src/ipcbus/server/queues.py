@@ -213,6 +213,14 @@ class QueueBook:
             for other in group.pending:
                 other.rejected_by.discard(key)
 
+    def queues_by_client(self) -> dict[bytes, list[str]]:
+        """The queue groups each client consumes from (``ipcbus clients``)."""
+        found: dict[bytes, list[str]] = {}
+        for group in self._groups.values():
+            for identity, _subscription_id in group.consumers:
+                found.setdefault(identity, []).append(f"{group.topic[:-1].decode()}/{group.name}")
+        return found
+
     def remove_client(self, identity: bytes) -> None:
         keys = {
             key for group in self._groups.values() for key in group.consumers if key[0] == identity

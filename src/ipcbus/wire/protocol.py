@@ -9,11 +9,13 @@ A hub has three sockets. Control and data are separate so that backpressure on t
 never blocks the control path (a stalled hub still answers HELLO and STATS):
 
 client control DEALER → hub control ROUTER (the hub's address)     ``[header, *body]``
-    HELLO    ``[client_id]``  → WELCOME ``[publish_endpoint, fanout_endpoint, hub_id,
+    HELLO    ``[client_id, info?]``  → WELCOME ``[publish_endpoint, fanout_endpoint, hub_id,
                                 heartbeat_interval, heartbeat_timeout, max_message_size,
                                 *grouped_topics]``: max_message_size is the largest frame the
                                 hub accepts (a larger one costs the sender its connection)
     STATS    ``[]``           → STATS ``[json]``
+    CLIENTS  ``[]``           → CLIENTS ``[json]``: who is connected (``ipcbus clients``)
+    INFO     ``[json]``       what the client says about itself changed (its subscriptions)
     PING     ``[]``           → PONG ``[]``  (every heartbeat_interval, both ways alive)
     CONSUME  ``[subscription_id, topic, queue_name, prefetch]``
                               → CONSUMING ``[subscription_id]`` once every client knows the
@@ -102,7 +104,9 @@ __all__ = [
     "GROUPS",
     "GROUPS_ACK",
     "HEADER_LEN",
+    "CLIENTS",
     "HELLO",
+    "INFO",
     "MAX_ACKS",
     "MAX_BUFFERS",
     "MAX_FRAMES",
@@ -163,6 +167,8 @@ HEADER_LEN = 2
 
 # control, client -> hub
 HELLO = b"H"
+INFO = b"I"
+CLIENTS = b"l"
 STATS = b"S"
 PING = b"h"
 CONSUME = b"C"
@@ -347,8 +353,17 @@ def unpack_seq(frame: bytes) -> int:
 # -- control: handshake -----------------------------------------------------------------------
 
 
-def hello(client_id: bytes) -> list[bytes]:
-    return [header(HELLO), client_id]
+def hello(client_id: bytes, info: bytes = b"") -> list[bytes]:
+    """``info``: what the client says about itself (JSON: pid, host, program, ...), for the
+    hub's logs and ``ipcbus clients``; a description only, never used for routing."""
+    return [header(HELLO), client_id, *([info] if info else [])]
+
+
+def parse_hello(body: Sequence[bytes]) -> bytes | None:
+    """The client's description in a HELLO, if any."""
+    if not 1 <= len(body) <= 2:
+        raise ValueError(f"HELLO with {len(body)} frames")
+    return body[1] if len(body) == 2 else None
 
 
 @dataclass(frozen=True)
