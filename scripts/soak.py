@@ -192,7 +192,7 @@ class SoakConfig:
     p_poison: float = 0.03
     p_job_fail: float = 0.05
     p_handler_exception: float = 0.003
-    p_handler_base: float = 0.0005
+    p_handler_base: float = 0.0002
     derive_every: int = 2
     keep_logs: bool = False
     skip: tuple[str, ...] = ()  # fault kinds not injected (see SKIPPABLE)
@@ -301,6 +301,13 @@ class LogCounter(logging.Handler):
         if key in self.samples or len(self.samples) < 40:
             self.samples[key] = self.samples.get(key, 0) + 1
 
+    def snapshot(self) -> dict[str, Any]:
+        self.acquire()  # emit() runs under the handler's lock, in whichever thread logs
+        try:
+            return {"logs": dict(self.counts), "log_samples": dict(self.samples)}
+        finally:
+            self.release()
+
 
 # -- workers -------------------------------------------------------------------------------------
 
@@ -379,10 +386,9 @@ class Worker:
             "uptime": time.monotonic() - self.started,
             # Before close() stops them: which threads were alive when the run ended.
             "threads": self.threads_at_stop or sorted(t.name for t in threading.enumerate()),
-            "thread_deaths": self.thread_deaths,
+            "thread_deaths": list(self.thread_deaths),
             "counters": counters,
-            "logs": dict(self.logs.counts),
-            "log_samples": dict(self.logs.samples),
+            **self.logs.snapshot(),
         }
 
     def save(self) -> None:
@@ -492,9 +498,10 @@ class Subscriber(Worker):
         elif self.base_exceptions and draw < cfg.p_handler_exception + 2 * cfg.p_handler_base:
             kind = "SoakBaseError"
         if kind is not None:
-            self.raised[kind] += 1
-            if kind != "Exception" and self.first_base_raise is None:
-                self.first_base_raise = time.monotonic()
+            with self.lock:
+                self.raised[kind] += 1
+                if kind != "Exception" and self.first_base_raise is None:
+                    self.first_base_raise = time.monotonic()
             raise make_fault(kind)
 
     def subscribe(self, broker: HubBroker) -> None:
@@ -574,7 +581,8 @@ class Publishing:
         assert broker is not None
         kind = type(message).__name__
         ledger = self.ledger
-        ledger.attempted[f"{intent}/{kind}"] += 1
+        with self.worker.lock:
+            ledger.attempted[f"{intent}/{kind}"] += 1
         try:
             broker.publish(message, timeout=self.worker.cfg.publish_timeout)
         except Exception as exc:
@@ -697,9 +705,9 @@ class Publisher(Worker):
         seq = self.ledger.next_seq()
         body, crc = payload(self.name, seq, size, self.rng)
         if size >= MIB:
-            self.ledger.attempted[
-                "payload_big" if size <= self.cfg.max_message_size else "big"
-            ] += 1
+            big = "payload_big" if size <= self.cfg.max_message_size else "big"
+            with self.lock:
+                self.ledger.attempted[big] += 1
         if unpicklable and "Tick" in self.published_types:
             self.out.publish(Tick(self.name, seq, crc, body, threading.Lock()), seq, "unpicklable")
             return
@@ -1145,13 +1153,13 @@ class FaultInjector:
         self.pending: list[tuple[float, Callable[[], None]]] = []
         self.hub_down = False
         self.failures: list[str] = []
-        # The first round: every kind once, spread over the first 70 % of the run.
+        # The first round: every kind once, spread over the first minute (or the first 70 % of
+        # a shorter run); then a random kind every fault_interval seconds on average.
         self.kinds = kinds = [kind for kind in PARENT_KINDS if cfg.injects(kind)]
         self.rng.shuffle(kinds)
-        self.plan = [
-            (began + cfg.seconds * (0.1 + 0.18 * index), kind) for index, kind in enumerate(kinds)
-        ]
-        self.next_random = began + cfg.seconds * 0.8
+        first = min(cfg.seconds, 60.0)
+        self.plan = [(began + first * (0.1 + 0.18 * i), kind) for i, kind in enumerate(kinds)]
+        self.next_random = began + first * 0.8
 
     def step(self, now: float) -> None:
         for item in [item for item in self.pending if item[0] <= now]:
@@ -1291,6 +1299,9 @@ HINTS = {
     "hub SIGKILL": "hub-crash window: lost without a count (a Known gap, no numbered case)",
     "own SIGSTOP > stall_timeout": "case 9: loss after stall_timeout under-reported",
     "SIGSTOP > stall_timeout elsewhere": "case 9 (shared lossy window) or case 3",
+    "stalled by a dead dispatcher elsewhere": "case 5 left a subscriber accepting nothing; "
+    "the hub stalls on it, then drops in a window shared by all (case 9)",
+    "its publisher SIGSTOPped": "a stopped publisher: nothing should be lost (no numbered case)",
     "short SIGSTOP": "a short stall: nothing should be lost",
     "worker SIGKILL": "a victim's death: nothing of others' should be lost",
     "no fault nearby": "nothing injected near it (case 3 deadlock, or unexplained)",
@@ -1305,6 +1316,14 @@ class Timeline:
         self.cfg = cfg
         self.checkpoints: dict[str, tuple[list[int], list[float]]] = {}
         self.bad: dict[str, list[tuple[int, str]]] = {}  # (seq, kind) accepted by publish()
+        # Subscribers whose dispatcher died: they accept nothing until they are SIGKILLed, so
+        # the hub stalls on them, then sends without waiting (for everyone: a shared window).
+        self.dead_dispatchers: list[tuple[str, float, float]] = []
+        for name, ledger in ledgers.items():
+            for when, thread, _ in (ledger or {}).get("thread_deaths", []):
+                if thread == "ipcbus-dispatch":
+                    killed = [f.start for f in faults if f.target == name]
+                    self.dead_dispatchers.append((name, when, min(killed, default=1e18)))
         for name, ledger in ledgers.items():
             if ledger and "checkpoints" in ledger:
                 points = sorted(ledger["checkpoints"], key=lambda point: point[1])
@@ -1332,6 +1351,7 @@ class Timeline:
         best = None
         order = [
             "hub SIGKILL",
+            "its publisher SIGSTOPped",
             "own SIGSTOP > stall_timeout",
             "SIGSTOP > stall_timeout elsewhere",
             "short SIGSTOP",
@@ -1342,6 +1362,8 @@ class Timeline:
                 continue
             if fault.kind == "sigkill_hub":
                 tag = "hub SIGKILL"
+            elif fault.kind.startswith("sigstop") and fault.target == pub:
+                tag = "its publisher SIGSTOPped"
             elif fault.kind == "sigstop_long":
                 tag = (
                     "own SIGSTOP > stall_timeout"
@@ -1354,6 +1376,10 @@ class Timeline:
                 tag = "worker SIGKILL"
             if best is None or order.index(tag) < order.index(best):
                 best = tag
+        if best in (None, "short SIGSTOP", "worker SIGKILL"):
+            for name, died, ended in self.dead_dispatchers:
+                if name != own and died <= at <= ended + tail:
+                    return "stalled by a dead dispatcher elsewhere"
         if best is None and self.near_event(pub, seq, "unpicklable"):
             return "unpicklable publish nearby"
         return best or "no fault nearby"
@@ -1910,7 +1936,9 @@ class Report:
             *(f"bound exceeded: {bound}" for bound in self.bounds),
             *(f"hung: {hang}" for hang in soak.hung),
         ]
+        # For a post-mortem with --keep: the fault log and every /proc sample.
         write_json(soak.cfg.path("faults.json"), [asdict(fault) for fault in faults])
+        write_json(soak.cfg.path("resources.json"), soak.sampler.samples)
 
     def tables(self) -> list[str]:
         return [
