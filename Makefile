@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install check format test test-fast bench demo hub clean
+.PHONY: install check format test test-fast bench demo hub soak clean
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ bench: install
 
 demo: install
 	$(PY) scripts/demo.py
+
+# Every accepted message accounted for under injected faults (scripts/soak.py; a short run of it
+# is in the test suite). SOAK_ARGS adds options, e.g. SOAK_ARGS="--seed 7".
+SOAK_MINUTES ?= 10
+soak: install
+	$(PY) scripts/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 hub: install
 	$(BIN)/ipcbus hub
