@@ -84,7 +84,7 @@ LEDGER_INTERVAL = 0.5
 # before and after the branches that add them land). Subscribers sum them as "reported lost".
 LOSS_COUNTERS = ("gaps", "undecodable", "rejected")
 # Counters a publishing broker may expose for messages it could not send.
-PUBLISH_ERROR_COUNTERS = ("serialization_errors", "unsendable", "dropped")
+PUBLISH_ERROR_COUNTERS = ("rejected",)
 # Sensible bounds for a process: growth is last sample minus first (taken once it is ready).
 RSS_GROWTH_MIB = 256
 RSS_MAX_MIB = 1024
@@ -604,7 +604,9 @@ class Publishing:
                     ledger.bad_pending.clear()
             return False
         with self.worker.lock:
-            if intent == "unpicklable":
+            if intent != "good":
+                # Unpicklable or over the hub's limit, and not the first of its type: rejected
+                # alone later, named by the next flush() (and counted in the broker's rejected).
                 ledger.bad_accepted += 1
                 ledger.bad_pending.append(seq)
             else:
@@ -1953,8 +1955,8 @@ class Report:
                 [[kind, count] for kind, count in self.injected.items()],
             ),
             table(
-                "publishers (accepted: publish() returned; bad: unpicklable, accepted/reported/"
-                "unreported; collateral: good messages refused for a bad one)",
+                "publishers (accepted: publish() returned; bad: unpicklable or oversized, "
+                "accepted/reported/unreported; collateral: good messages refused for a bad one)",
                 [
                     "name",
                     "attempted",

@@ -2,9 +2,10 @@
 
 The soak runs as a subprocess, once for this module: a hub, publishers, broadcast subscribers, a
 stage whose handler publishes, queue consumers in two groups and a DeadLetter subscriber, while it
-injects every kind of fault. Its last line is a JSON summary. One test checks the harness (every
-fault kind was injected, messages flowed, nothing was left behind); the other its verdict (every
-message publish() accepted was accounted for, nothing hung, resources stayed bounded).
+injects every kind of fault but a SIGKILL of the hub. Its last line is a JSON summary. One test
+checks the harness (every fault kind was injected, messages flowed, nothing was left behind); the
+other its verdict (every message publish() accepted was accounted for, nothing hung, resources
+stayed bounded).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.hub, pytest.mark.forks]
 SOAK = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
 SUMMARY_PREFIX = "SOAK-SUMMARY "
 # 35 s of faults, at most 30 s to drain: about 60 s when everything drains, 100 s at most.
-ARGUMENTS = ["--seconds", "35", "--seed", "9", "--drain-seconds", "30"]
+# Every fault but the hub's SIGKILL: what a killed hub held or had in flight is lost until the
+# hub has a journal (docs/guarantees.md, "Known gaps"); `make soak` injects it too and reports.
+ARGUMENTS = ["--seconds", "35", "--seed", "9", "--drain-seconds", "30", "--skip", "sigkill_hub"]
 DEADLINE = 240.0
 
 
@@ -58,22 +61,16 @@ def test_the_soak_injects_every_fault_and_messages_flow(soak_run: SoakRun) -> No
     summary = soak_run.summary
     assert soak_run.leftovers == [], "the soak left its private directory behind"
     faults = summary["faults"]
-    assert {kind for kind, count in faults.items() if count == 0} == set(), faults
+    assert {kind for kind, count in faults.items() if count == 0} == {"sigkill_hub"}, faults
     totals = summary["totals"]
     assert totals["published_accepted"] > 10_000, totals
     assert totals["broadcast_received"] > 10_000, totals
     assert totals["queue_processed"] > 500, totals
     assert totals["dead_lettered"] > 0, totals
-    assert totals["hub_processes"] >= 2, totals  # the hub was killed and restarted
+    assert totals["hub_processes"] == 1, totals
 
 
 @pytest.mark.timeout(DEADLINE + 60)
-@pytest.mark.xfail(
-    strict=False,
-    reason="the current code loses messages the soak counts: issue 9 cases 1, 5, 9 and 10 "
-    "(fixed on other branches; remove this mark once they are merged) and the hub-crash window "
-    "(a known gap of docs/guarantees.md that no numbered case owns)",
-)
 def test_the_soak_accounts_for_every_accepted_message(soak_run: SoakRun) -> None:
     summary = soak_run.summary
     assert summary["failures"] == [], soak_run.output[-8000:]
