@@ -4,15 +4,22 @@
 - ipcbus: publisher HubBroker -> hub process -> subscriber HubBroker (3 processes)
 - multiprocessing.Queue: producer -> consumer (2 processes; the baseline users replace)
 
-1 producer -> 2 competing consumers (work queue):
-- ipcbus: subscribe_async in one queue group (acknowledged, redelivered on crash)
-- multiprocessing.Queue: two consumers get() from one queue (nothing acknowledged)
+Work queues, P producers -> C competing consumers (1 -> 2, 1 -> 4, 4 -> 4):
+- ipcbus: subscribe_async in one queue group, default settings (acknowledged, redelivered on
+  crash), plain handler
+- multiprocessing.Queue: the same producers put() into one queue, the same consumers get() from it
+  (nothing acknowledged)
+
+Every message of a queue case is distinct (a sequence number unique across producers), and every
+consumer reports what it received: a queue case whose messages did not each arrive exactly once is
+a failure, whatever its rate (the bench says so and exits 1).
 
 Each case runs ``--repeat`` times, interleaved, and the median is reported. Clocks: the parent
-takes the start time and the receiving process the end time, both from time.monotonic()
-(CLOCK_MONOTONIC, shared by all processes of the machine).
+takes the start time (when it lets the producers go) and the end time (when the consumers' counts,
+polled every millisecond, reach the total), or for broadcast the receiving process the end time,
+all from time.monotonic() (CLOCK_MONOTONIC, shared by all processes of the machine).
 
-    python bench/run.py [--messages 200000] [--repeat 3]
+    python bench/run.py [--messages 200000] [--queue-messages 100000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ipcbus import Hub, Message, connect
 
 SPAWN: Any = multiprocessing.get_context("spawn")
-PREFETCH = 100
+QUEUE_SHAPES = ((1, 2), (1, 4), (4, 4))  # (producers, consumers)
 
 
 @dataclass(frozen=True)
@@ -39,16 +47,11 @@ class Tick(Message):
     price: float
 
 
-@dataclass(frozen=True)
-class Stop(Message):
-    pass
-
-
 def _tick(seq: int) -> Tick:
     return Tick(seq, "ACME", 100.0 + seq % 7)
 
 
-# -- ipcbus ---------------------------------------------------------------------------------
+# -- ipcbus broadcast -----------------------------------------------------------------------
 
 
 def _ipcbus_subscriber(address: str, count: int, ready: Any, result: Any) -> None:
@@ -69,10 +72,10 @@ def _ipcbus_subscriber(address: str, count: int, ready: Any, result: Any) -> Non
     broker.close()
 
 
-def _ipcbus_publisher(address: str, count: int, go: Any) -> None:
+def _ipcbus_publisher(address: str, first: int, count: int, go: Any) -> None:
     broker = connect(address)
     go.wait(60)
-    for seq in range(count):
+    for seq in range(first, first + count):
         broker.publish(_tick(seq))
     broker.close()
 
@@ -80,7 +83,7 @@ def _ipcbus_publisher(address: str, count: int, go: Any) -> None:
 def run_ipcbus(address: str, count: int) -> float:
     ready, go, result = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
     subscriber = SPAWN.Process(target=_ipcbus_subscriber, args=(address, count, ready, result))
-    publisher = SPAWN.Process(target=_ipcbus_publisher, args=(address, count, go))
+    publisher = SPAWN.Process(target=_ipcbus_publisher, args=(address, 0, count, go))
     subscriber.start()
     publisher.start()
     ready.wait(60)
@@ -93,95 +96,163 @@ def run_ipcbus(address: str, count: int) -> float:
     return count / (end - start)
 
 
-def _ipcbus_consumer(address: str, counts: Any, slot: int, ready: Any, stop: Any) -> None:
-    broker = connect(address)
-    handled = 0
-
-    def on_tick(message: Tick) -> None:
-        nonlocal handled
-        handled += 1
-        counts[slot] = handled  # one writer per slot: no lock, as multiprocessing.Queue needs none
-
-    broker.subscribe_async(Tick, on_tick, "work", prefetch=PREFETCH)
-    ready.set()
-    stop.wait(300)
-    broker.close()
+# -- work queues: the harness both contenders share ------------------------------------------
 
 
-def run_ipcbus_queue(address: str, count: int, consumers: int = 2) -> float:
-    counts, go, stop = SPAWN.Array("q", consumers, lock=False), SPAWN.Event(), SPAWN.Event()
-    processes = []
+class Received:
+    """What one consumer process received: the seqs, and a count the parent polls."""
+
+    def __init__(self, counts: Any, slot: int) -> None:
+        self._counts = counts
+        self._slot = slot
+        self._lock = threading.Lock()  # ipcbus runs plain handlers on several threads
+        self.seqs: list[int] = []
+
+    def add(self, seq: int) -> None:
+        with self._lock:
+            self.seqs.append(seq)
+            self._counts[self._slot] = len(self.seqs)  # one writer per slot
+
+
+@dataclass
+class QueueRun:
+    rate: float
+    problems: list[str]
+
+
+def _run_queue(
+    count: int,
+    producers: int,
+    consumers: int,
+    consumer: Callable[..., None],
+    consumer_args: tuple[Any, ...],
+    producer: Callable[..., None],
+    producer_args: tuple[Any, ...],
+    stop_consumers: Callable[[], None],
+) -> QueueRun:
+    """Start ``consumers``, then ``producers`` (each sends ``count // producers`` distinct seqs),
+    time until the consumers received ``count`` messages, and check each arrived once."""
+    counts, go, results = SPAWN.Array("q", consumers, lock=False), SPAWN.Event(), SPAWN.Queue()
+    started = []
     for slot in range(consumers):
         ready = SPAWN.Event()
-        process = SPAWN.Process(target=_ipcbus_consumer, args=(address, counts, slot, ready, stop))
+        process = SPAWN.Process(
+            target=consumer, args=(*consumer_args, counts, slot, ready, results)
+        )
         process.start()
         ready.wait(60)
-        processes.append(process)
-    publisher = SPAWN.Process(target=_ipcbus_publisher, args=(address, count, go))
-    publisher.start()
-    time.sleep(0.5)
+        started.append(process)
+    share = count // producers
+    sending = [
+        SPAWN.Process(target=producer, args=(*producer_args, index * share, share, go))
+        for index in range(producers)
+    ]
+    for process in sending:
+        process.start()
+    time.sleep(0.5)  # let the producers finish connecting: the bench times delivery
     start = time.monotonic()
     go.set()
     deadline = start + 300
-    while sum(counts) < count and time.monotonic() < deadline:
+    total = share * producers
+    while sum(counts) < total and time.monotonic() < deadline:
         time.sleep(0.001)
     end = time.monotonic()
-    stop.set()
-    for process in (publisher, *processes):
+    time.sleep(0.2)  # a duplicate that was on its way is counted too
+    stop_consumers()
+    seen = bytearray(total)
+    problems = []
+    for _ in started:
+        for seq in results.get(timeout=60):
+            if 0 <= seq < total and seen[seq] < 255:
+                seen[seq] += 1
+            else:
+                problems.append(f"unexpected seq {seq}")
+    for process in (*sending, *started):
         process.join(60)
-    return count / (end - start)
+    missing = seen.count(0)
+    duplicated = total - missing - seen.count(1)
+    if missing:
+        problems.append(f"{missing} of {total} messages never arrived")
+    if duplicated:
+        problems.append(f"{duplicated} messages arrived more than once")
+    return QueueRun(total / (end - start), problems)
+
+
+# -- ipcbus work queue ----------------------------------------------------------------------
+
+
+def _ipcbus_consumer(
+    address: str, stop: Any, counts: Any, slot: int, ready: Any, results: Any
+) -> None:
+    broker = connect(address)
+    received = Received(counts, slot)
+
+    def on_tick(message: Tick) -> None:
+        received.add(message.seq)
+
+    broker.subscribe_async(Tick, on_tick, "work")  # the default settings
+    ready.set()
+    stop.wait(300)
+    broker.close()
+    results.put(received.seqs)
+
+
+def run_ipcbus_queue(address: str, count: int, producers: int, consumers: int) -> QueueRun:
+    stop = SPAWN.Event()
+    return _run_queue(
+        count,
+        producers,
+        consumers,
+        _ipcbus_consumer,
+        (address, stop),
+        _ipcbus_publisher,
+        (address,),
+        stop.set,
+    )
 
 
 # -- multiprocessing.Queue ------------------------------------------------------------------
 
 
-def _queue_consumer(queue: Any, count: int, result: Any) -> None:
+def _queue_consumer(queue: Any, counts: Any, slot: int, ready: Any, results: Any) -> None:
+    received = Received(counts, slot)
+    ready.set()
+    while (message := queue.get()) is not None:
+        received.add(message.seq)
+    results.put(received.seqs)
+
+
+def _queue_producer(queue: Any, first: int, count: int, go: Any) -> None:
+    go.wait(60)
+    for seq in range(first, first + count):
+        queue.put(_tick(seq))
+    queue.close()
+    queue.join_thread()
+
+
+def run_mp_queue_shared(count: int, producers: int, consumers: int) -> QueueRun:
+    """Competing consumers on one multiprocessing.Queue fed by ``producers`` processes."""
+    queue = SPAWN.Queue()
+
+    def stop() -> None:
+        for _ in range(consumers):
+            queue.put(None)
+
+    return _run_queue(
+        count, producers, consumers, _queue_consumer, (queue,), _queue_producer, (queue,), stop
+    )
+
+
+def _mp_result_consumer(queue: Any, count: int, result: Any) -> None:
     for _ in range(count):
-        if queue.get() is None:
-            break
+        queue.get()
     result.put(time.monotonic())
-
-
-def _queue_producer_n(queue: Any, count: int, consumers: int, go: Any) -> None:
-    go.wait(60)
-    for seq in range(count):
-        queue.put(_tick(seq))
-    for _ in range(consumers):
-        queue.put(None)
-    queue.close()
-    queue.join_thread()
-
-
-def run_mp_queue_shared(count: int, consumers: int = 2) -> float:
-    """Competing consumers on one multiprocessing.Queue; done when the last one drained."""
-    queue, go, result = SPAWN.Queue(), SPAWN.Event(), SPAWN.Queue()
-    processes = [
-        SPAWN.Process(target=_queue_consumer, args=(queue, count, result)) for _ in range(consumers)
-    ]
-    producer = SPAWN.Process(target=_queue_producer_n, args=(queue, count, consumers, go))
-    for process in (*processes, producer):
-        process.start()
-    time.sleep(0.5)
-    start = time.monotonic()
-    go.set()
-    end = max(result.get(timeout=600) for _ in processes)
-    for process in (producer, *processes):
-        process.join(60)
-    return count / (end - start)
-
-
-def _queue_producer(queue: Any, count: int, go: Any) -> None:
-    go.wait(60)
-    for seq in range(count):
-        queue.put(_tick(seq))
-    queue.close()
-    queue.join_thread()
 
 
 def run_mp_queue(count: int) -> float:
     queue, go, result = SPAWN.Queue(), SPAWN.Event(), SPAWN.Queue()
-    consumer = SPAWN.Process(target=_queue_consumer, args=(queue, count, result))
-    producer = SPAWN.Process(target=_queue_producer, args=(queue, count, go))
+    consumer = SPAWN.Process(target=_mp_result_consumer, args=(queue, count, result))
+    producer = SPAWN.Process(target=_queue_producer, args=(queue, 0, count, go))
     consumer.start()
     producer.start()
     time.sleep(0.5)  # same start-up allowance as ipcbus
@@ -193,23 +264,57 @@ def run_mp_queue(count: int) -> float:
     return count / (end - start)
 
 
+# -- main -----------------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=200_000)
-    parser.add_argument("--queue-messages", type=int, default=50_000)
+    parser.add_argument("--queue-messages", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--queues-only", action="store_true", help="skip the broadcast case")
     args = parser.parse_args(argv)
     broadcast: dict[str, list[float]] = {"ipcbus broadcast": [], "multiprocessing.Queue": []}
-    queue: dict[str, list[float]] = {"ipcbus queue group": [], "multiprocessing.Queue": []}
-    for _ in range(args.repeat):
+    queues = {
+        shape: {"ipcbus queue group": [], "multiprocessing.Queue": []} for shape in QUEUE_SHAPES
+    }
+    problems: list[str] = []
+    for round_ in range(args.repeat):
         # A fresh hub each round: queue groups live as long as their hub.
         with Hub() as hub:
-            broadcast["ipcbus broadcast"].append(run_ipcbus(hub.address, args.messages))
-            queue["ipcbus queue group"].append(run_ipcbus_queue(hub.address, args.queue_messages))
-        broadcast["multiprocessing.Queue"].append(run_mp_queue(args.messages))
-        queue["multiprocessing.Queue"].append(run_mp_queue_shared(args.queue_messages))
-    _report(f"1 publisher -> 1 subscriber, {args.messages} messages", broadcast, args.repeat)
-    _report(f"1 producer -> 2 consumers, {args.queue_messages} messages", queue, args.repeat)
+            if not args.queues_only:
+                broadcast["ipcbus broadcast"].append(run_ipcbus(hub.address, args.messages))
+            for producers, consumers in QUEUE_SHAPES:
+                run = run_ipcbus_queue(hub.address, args.queue_messages, producers, consumers)
+                queues[(producers, consumers)]["ipcbus queue group"].append(run.rate)
+                problems += [
+                    f"round {round_ + 1}, ipcbus {producers} -> {consumers}: {problem}"
+                    for problem in run.problems
+                ]
+        if not args.queues_only:
+            broadcast["multiprocessing.Queue"].append(run_mp_queue(args.messages))
+        for producers, consumers in QUEUE_SHAPES:
+            run = run_mp_queue_shared(args.queue_messages, producers, consumers)
+            queues[(producers, consumers)]["multiprocessing.Queue"].append(run.rate)
+            problems += [
+                f"round {round_ + 1}, multiprocessing.Queue {producers} -> {consumers}: {problem}"
+                for problem in run.problems
+            ]
+    if not args.queues_only:
+        _report(f"1 publisher -> 1 subscriber, {args.messages} messages", broadcast, args.repeat)
+    for (producers, consumers), results in queues.items():
+        title = f"{producers} producer(s) -> {consumers} consumers, {args.queue_messages} messages"
+        _report(title, results, args.repeat)
+    runs = args.repeat * len(QUEUE_SHAPES) * 2
+    if problems:
+        print(f"exactly-once check FAILED in the queue cases ({len(problems)} problems):")
+        for problem in problems:
+            print(f"  {problem}")
+        return 1
+    print(
+        f"exactly-once check passed: in each of the {runs} queue runs every message "
+        "(distinct seqs) arrived exactly once"
+    )
     return 0
 
 

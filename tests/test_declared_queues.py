@@ -170,9 +170,8 @@ def test_a_producer_that_starts_before_its_workers_loses_nothing(tmp_path: Path)
             seen = [results.get(timeout=60) for _ in workers]
             for worker in workers:
                 worker.join(30)
+        # Each job once; how they are spread depends on which worker was ready first.
         assert sorted(seen[0] + seen[1]) == list(range(1000))
-        assert seen[0], "the first worker took no job"
-        assert seen[1], "the second worker took no job"
 
 
 @pytest.mark.hub

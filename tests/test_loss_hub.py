@@ -172,11 +172,17 @@ def _stuck_ping_consumer(
 # -- case 2: acks across a hub restart -------------------------------------------------------
 
 
-def _one_delivery(book: QueueBook, identity: bytes) -> bytes:
+def _one_delivery(book: QueueBook, identity: bytes) -> tuple[bytes, int]:
+    """A delivery of one message: (its stream, its sequence number)."""
     book.add_consumer(PING_TOPIC, "work", (identity, b"1"), prefetch=10)
     book.enqueue(PING_TOPIC, b"meta", [b"payload"])
     (delivery,) = book.dispatch(time.monotonic())
-    return delivery.delivery_id
+    return delivery.stream, delivery.first_seq
+
+
+def _ok(delivery: tuple[bytes, int]) -> wire.Ack:
+    stream, seq = delivery
+    return wire.Ack(stream, seq, seq, wire.OUTCOME_OK)
 
 
 def test_an_ack_from_another_hub_settles_nothing_and_is_counted_stale() -> None:
@@ -184,12 +190,12 @@ def test_an_ack_from_another_hub_settles_nothing_and_is_counted_stale() -> None:
     old_id = _one_delivery(old, b"consumer-a")
     new_id = _one_delivery(new, b"consumer-b")
     assert old_id != new_id, "two hubs handed out the same delivery id"
-    new.settle(wire.Ack(old_id, wire.OUTCOME_OK), time.monotonic())
+    new.settle(_ok(old_id), time.monotonic())
     assert new.in_flight == 1, "an ack for the old hub's delivery settled the new hub's"
     assert new.stale_acks == 1
     assert new.late_acks == 0
     # The new hub's own delivery is still settled by its own id.
-    new.settle(wire.Ack(new_id, wire.OUTCOME_OK), time.monotonic())
+    new.settle(_ok(new_id), time.monotonic())
     assert new.in_flight == 0
     assert next(iter(new.statistics().values()))["acked"] == 1
 
@@ -349,21 +355,24 @@ def _control_plane() -> tuple[ControlPlane, _RecordingSocket]:
 def _control_plane_with_deliveries(
     count: int,
 ) -> tuple[ControlPlane, _RecordingSocket, list[bytes]]:
+    """A control plane that delivered ``count`` messages (one run) to its client: the ids (a
+    stream and a sequence number) of each delivery."""
     plane, control = _control_plane()
     identity = b"client"
     plane.book.add_consumer(PING_TOPIC, "work", (identity, b"1"), prefetch=count)
     plane.book.enqueue(PING_TOPIC, b"meta", [b"%d" % n for n in range(count)])
-    delivery_ids = [d.delivery_id for d in plane.book.dispatch(time.monotonic())]
+    (run,) = plane.book.dispatch(time.monotonic())
+    delivery_ids = [b"%s %d" % (run.stream, run.first_seq + n) for n in range(run.run.count)]
     assert len(delivery_ids) == count
     return plane, control, delivery_ids
 
 
 def _ack_request(identity: bytes, *answers: tuple[bytes, bytes, bytes]) -> list[zmq.Frame]:
-    body = [
-        part
-        for delivery_id, outcome, delay in answers
-        for part in (delivery_id, outcome, delay, b"")
-    ]
+    """An ACK of one entry per answer: (delivery id as above, outcome, delay)."""
+    body = []
+    for delivery_id, outcome, delay in answers:
+        stream, seq = delivery_id.split(b" ")
+        body.append(b"%s %s %s %s %s " % (stream, seq, seq, outcome, delay))
     return _frames(identity, wire.header(wire.ACK), *body)
 
 
@@ -377,14 +386,14 @@ def test_an_ack_the_hub_cannot_apply_does_not_stop_the_others_of_its_request(
     settle = QueueBook.settle
 
     def settle_or_fail(book: QueueBook, ack: wire.Ack, now: float) -> None:
-        if ack.delivery_id == second:
+        if b"%s %d" % (ack.stream, ack.first) == second:
             raise OverflowError("int too large to convert to float")
         settle(book, ack, now)
 
     monkeypatch.setattr(QueueBook, "settle", settle_or_fail)
     request = _ack_request(
         b"client",
-        (b"feedfacefeedface.1", wire.OUTCOME_OK, b"0.0"),  # another hub's
+        (b"feedfacefeedface.1 1", wire.OUTCOME_OK, b"0.0"),  # another hub's
         (first, wire.OUTCOME_OK, b"0.0"),
         (second, wire.OUTCOME_FAILED, b"0.0"),
         (first, wire.OUTCOME_OK, b"0.0"),  # again: late
@@ -541,10 +550,11 @@ def test_a_group_is_full_at_max_held_and_open_again_below_half_of_it() -> None:
     assert book.full_topics == {PING_TOPIC}, "only the full group's topic is held back"
     book.add_consumer(PING_TOPIC, "work", (b"client", b"1"), prefetch=4)
     deliveries = book.dispatch(time.monotonic())
-    assert len(deliveries) == 4
+    assert sum(delivery.run.count for delivery in deliveries) == 4
     assert not book.update_full(), "6 held: still full until the group drains to half"
     for delivery in deliveries:
-        book.settle(wire.Ack(delivery.delivery_id, wire.OUTCOME_OK), time.monotonic())
+        ack = wire.Ack(delivery.stream, delivery.first_seq, delivery.last_seq, wire.OUTCOME_OK)
+        book.settle(ack, time.monotonic())
     book.dispatch(time.monotonic())
     assert book.update_full()
     assert book.full_topics == set()

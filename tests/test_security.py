@@ -55,6 +55,7 @@ PING_TOPIC = b"tests.messages.Ping\x00"
 # A well-formed topic nobody subscribes to: accepted requests on it are relayed to no one.
 NOBODY_TOPIC = b"tests.test_security.Nobody\x00"
 META = _wire.pack_meta(b"P", 1, 0.0)
+SPLIT_META = _wire.pack_meta(_wire.CODEC_SPLIT_OBJECTS, 1, 0.0)
 PUBLISH = _wire.header(_wire.PUBLISH)
 
 
@@ -371,6 +372,30 @@ MALFORMED_DATA = {
     "sync topic": [PUBLISH, _wire.SYNC_PREFIX + b"raw:1\x00", META, b"x"],
     "topic too long": [PUBLISH, b"a" * _wire.MAX_TOPIC_LEN + b"\x00", META, b"x"],
     "too many frames": [PUBLISH, NOBODY_TOPIC, META, *[b"x"] * (_wire.MAX_FRAMES - 3)],
+    # A split batch is two frames, sizes that add up to its payloads, one per message.
+    "split batch in one frame": [PUBLISH, NOBODY_TOPIC, SPLIT_META, b"x"],
+    "split batch in three frames": [PUBLISH, NOBODY_TOPIC, SPLIT_META, b"\x01\0\0\0", b"x", b"y"],
+    "split sizes beyond the payloads": [
+        PUBLISH,
+        NOBODY_TOPIC,
+        SPLIT_META,
+        _wire.pack_sizes([2]),
+        b"x",
+    ],
+    "split sizes short of the payloads": [
+        PUBLISH,
+        NOBODY_TOPIC,
+        SPLIT_META,
+        _wire.pack_sizes([1]),
+        b"xy",
+    ],
+    "split sizes for more messages than the meta": [
+        PUBLISH,
+        NOBODY_TOPIC,
+        SPLIT_META,
+        _wire.pack_sizes([1, 1]),
+        b"xy",
+    ],
     "flush without token": [_wire.header(_wire.FLUSH)],
     "flush with two tokens": [_wire.header(_wire.FLUSH), b"a", b"b"],
 }
@@ -406,10 +431,12 @@ def test_a_meta_frame_of_the_wrong_size_is_counted_and_dropped(
 
 
 def test_the_largest_legal_request_is_relayed(fresh_hub: Hub, raw_peers: RawPeers) -> None:
-    """The boundary of "too many frames": one frame fewer is a legal split batch."""
+    """The boundary of "too many frames": one frame fewer is a legal batch (a payload and
+    MAX_BUFFERS out-of-band buffers)."""
     peer = AuthenticatedPeer(raw_peers, fresh_hub.address)
     payloads = [b"x"] * (_wire.MAX_FRAMES - 4)
-    meta = _wire.pack_meta(b"p", len(payloads), time.time())
+    assert len(payloads) == 1 + _wire.MAX_BUFFERS
+    meta = _wire.pack_meta(b"P", len(payloads), time.time())
     peer.data_sync()
     before = fresh_hub.statistics()
     peer.data.send_multipart([PUBLISH, NOBODY_TOPIC, meta, *payloads])
@@ -427,15 +454,16 @@ MALFORMED_CONTROL = {
     "unknown kind": [_wire.header(b"Z")],
     "data kind on control": [PUBLISH, NOBODY_TOPIC, META, b"x"],
     "ack without deliveries": [_wire.header(_wire.ACK)],
-    "ack with three frames": [_wire.header(_wire.ACK), b"1", b"ok", b"0.0"],
-    "ack with five frames": [_wire.header(_wire.ACK), b"1", b"ok", b"0.0", b"", b"2"],
-    "ack with an unknown outcome": [_wire.header(_wire.ACK), b"1", b"maybe", b"0.0", b""],
-    "ack with a negative delay": [_wire.header(_wire.ACK), b"1", b"failed", b"-1.0", b""],
-    "ack with an infinite delay": [_wire.header(_wire.ACK), b"1", b"failed", b"inf", b""],
-    "ack with a delay that is no number": [_wire.header(_wire.ACK), b"1", b"failed", b"x", b""],
-    # One delivery more than a client puts in one ACK: more frames than the hub takes.
-    "ack of too many deliveries": [
-        _wire.header(_wire.ACK), *[b"1", b"ok", b"0.0", b""] * (_wire.MAX_ACKS + 1),
+    "ack with five fields": [_wire.header(_wire.ACK), b"s 1 1 ok 0.0"],
+    "ack with an empty range": [_wire.header(_wire.ACK), b"s 2 1 ok 0.0 "],
+    "ack of a negative delivery": [_wire.header(_wire.ACK), b"s -1 1 ok 0.0 "],
+    "ack with an unknown outcome": [_wire.header(_wire.ACK), b"s 1 1 maybe 0.0 "],
+    "ack with a negative delay": [_wire.header(_wire.ACK), b"s 1 1 failed -1.0 "],
+    "ack with an infinite delay": [_wire.header(_wire.ACK), b"s 1 1 failed inf "],
+    "ack with a delay that is no number": [_wire.header(_wire.ACK), b"s 1 1 failed x "],
+    # One entry more than a client puts in one ACK: more frames than the hub takes.
+    "ack of too many entries": [
+        _wire.header(_wire.ACK), *[b"s 1 1 ok 0.0 "] * (_wire.MAX_ACKS + 1),
     ],
     "consume with too few frames": [_wire.header(_wire.CONSUME), b"1", PING_TOPIC],
     "consume with a bad prefetch": [
@@ -588,10 +616,10 @@ def test_an_ack_for_a_settled_delivery_is_counted_late_and_changes_nothing(
         assert peer.expect(_wire.CONSUMING) == [b"1"]
         publisher.publish(Ping("once"))
         publisher.flush(REPLY_TIMEOUT)
-        descriptor, _meta, _payload = peer.expect(_wire.DELIVER)
-        subscription_id, delivery_id, _message_id, attempt, _rest = descriptor.split(b" ", 4)
+        descriptor, _meta, _sizes, _payloads = peer.expect(_wire.DELIVER)
+        subscription_id, stream, seq, attempt, _rest = descriptor.split(b" ", 4)
         assert (subscription_id, attempt) == (b"1", b"1")
-        ack = [_wire.header(_wire.ACK), delivery_id, b"ok", b"0.0", b""]
+        ack = [_wire.header(_wire.ACK), b"%s %s %s ok 0.0 " % (stream, seq, seq)]
         peer.control.send_multipart(ack)
         settled = peer.control_statistics()
         peer.control.send_multipart(ack)  # replayed
@@ -620,13 +648,14 @@ def test_an_ack_from_a_consumer_declared_gone_is_counted_late(
             assert peer.expect(_wire.CONSUMING) == [b"1"]
             publisher.publish(Ping("late"))
             publisher.flush(REPLY_TIMEOUT)
-            descriptor, _meta, _payload = peer.expect(_wire.DELIVER)
-        delivery_id = descriptor.split(b" ")[1]
+            descriptor, _meta, _sizes, _payloads = peer.expect(_wire.DELIVER)
+        stream, seq = descriptor.split(b" ")[1:3]
         # The peer sends no PING: after heartbeat_timeout the hub declares it gone.
         wait_until(lambda: hub.statistics().clients_lost == 1, REPLY_TIMEOUT)
         before = peer.control_statistics()  # STATS needs no HELLO
         assert before.queues["tests.messages.Ping/late"]["redelivered"] == 1
-        peer.control.send_multipart([_wire.header(_wire.ACK), delivery_id, b"ok", b"0.0", b""])
+        ack = b"%s %s %s ok 0.0 " % (stream, seq, seq)
+        peer.control.send_multipart([_wire.header(_wire.ACK), ack])
         after = peer.control_statistics()
     assert after.queues == before.queues, "a late ack changed the group"
     assert after.late_acks - before.late_acks == 1

@@ -24,6 +24,8 @@ from ipcbus.core.codec import (
     encode_batch,
     encode_split,
     is_plain_dataclass,
+    split_decoder,
+    split_messages,
 )
 from ipcbus.exceptions import MessageSerializationError
 from ipcbus.wire.protocol import MAX_BUFFERS
@@ -349,24 +351,39 @@ def test_more_than_max_buffers_travel_in_band_on_the_cloudpickle_path() -> None:
 # -- split batches ----------------------------------------------------------------------------
 
 
-def test_split_plain_dataclasses_one_frame_each() -> None:
+def test_split_plain_dataclasses_each_pickled_alone() -> None:
     messages = plain_batch(4)
     codec_id, frames = encode_split(Plain, messages)
     assert codec_id == SPLIT_DATACLASS
-    assert len(frames) == 4
+    assert len(frames) == 2  # sizes and payloads, however many messages
     assert all(isinstance(frame, bytes) for frame in frames)
-    assert [decode_one(codec_id, frame, Plain) for frame in frames] == messages
+    payloads = split_messages(frames)
+    assert len(payloads) == 4
+    assert [decode_one(codec_id, payload, Plain) for payload in payloads] == messages
     assert decode_batch(codec_id, frames, Plain) == messages
-    assert decode_one(codec_id, frames[2], PlainTwin) == PlainTwin(2, "note-2", b"\x02" * 3)
+    assert decode_one(codec_id, payloads[2], PlainTwin) == PlainTwin(2, "note-2", b"\x02" * 3)
+    decode = split_decoder(codec_id, Plain)
+    assert [decode(payload) for payload in payloads] == messages
 
 
-def test_split_objects_one_frame_each() -> None:
+def test_split_objects_each_pickled_alone() -> None:
     messages = [Slotted(n, f"s{n}") for n in range(3)]
     codec_id, frames = encode_split(Slotted, messages)
     assert codec_id == SPLIT_OBJECTS
-    assert len(frames) == 3
-    assert [decode_one(codec_id, frame, None) for frame in frames] == messages
+    payloads = split_messages(frames)
+    assert len(payloads) == 3
+    assert [decode_one(codec_id, payload, None) for payload in payloads] == messages
     assert decode_batch(codec_id, frames, None) == messages
+    decode = split_decoder(codec_id, None)
+    assert [decode(payload) for payload in payloads] == messages
+
+
+def test_a_split_batch_decodes_from_received_frames() -> None:
+    """What a subscriber receives are ZeroMQ frames: their ``buffer`` is read, not copied."""
+    messages = plain_batch(3)
+    codec_id, frames = encode_split(Plain, messages)
+    received = [SimpleNamespace(buffer=memoryview(frame)) for frame in frames]
+    assert decode_batch(codec_id, received, Plain) == messages
 
 
 def test_split_keeps_buffers_in_band_and_falls_back_to_cloudpickle(
@@ -380,8 +397,9 @@ def test_split_keeps_buffers_in_band_and_falls_back_to_cloudpickle(
     assert codec_id == SPLIT_DATACLASS
     assert len(frames) == 2
     assert len(cloudpickle_calls) == 1  # only the message with a lambda
-    one = decode_one(codec_id, frames[0], Carrier)
-    two = decode_one(codec_id, frames[1], Carrier)
+    first, second = split_messages(frames)
+    one = decode_one(codec_id, first, Carrier)
+    two = decode_one(codec_id, second, Carrier)
     assert bytes(one.value) == b"buffer one"  # type: ignore[attr-defined]
     assert two.value() == "two"  # type: ignore[attr-defined]
 
@@ -393,7 +411,16 @@ def test_a_split_local_class_falls_back_to_cloudpickle() -> None:
 
     codec_id, frames = encode_split(LocalSlotted, [LocalSlotted(7), LocalSlotted(8)])
     assert codec_id == SPLIT_OBJECTS
-    assert [decode_one(codec_id, frame, None).x for frame in frames] == [7, 8]  # type: ignore[attr-defined]
+    decoded = [decode_one(codec_id, payload, None) for payload in split_messages(frames)]
+    assert [message.x for message in decoded] == [7, 8]  # type: ignore[attr-defined]
+
+
+def test_a_split_batch_whose_sizes_do_not_fit_is_refused() -> None:
+    _, (sizes, payloads) = encode_split(Plain, plain_batch(2))
+    with pytest.raises(ValueError):
+        split_messages([sizes, payloads + b"x"])
+    with pytest.raises(ValueError):
+        decode_batch(SPLIT_DATACLASS, [sizes[:-1], payloads], Plain)
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -442,5 +469,8 @@ def test_decode_batch_refuses_what_it_cannot_decode(codec_id: bytes, cls: type |
 )
 def test_decode_one_refuses_what_it_cannot_decode(codec_id: bytes, cls: type | None) -> None:
     _, frames = encode_split(Plain, plain_batch(1))
+    (payload,) = split_messages(frames)
     with pytest.raises(ValueError, match="cannot decode"):
-        decode_one(codec_id, frames[0], cls)
+        decode_one(codec_id, payload, cls)
+    with pytest.raises(ValueError, match="cannot decode"):
+        split_decoder(codec_id, cls)(payload)

@@ -322,36 +322,118 @@ def test_consuming() -> None:
     assert frames[2:] == [b"sub-1"]
 
 
+# -- split batches ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "messages", [[], [b""], [b"one"], [b"a", b"", b"ccc" * 1000], [b"x"] * 1000]
+)
+def test_sizes_and_payloads_round_trip(messages: list[bytes]) -> None:
+    sizes, payloads = wire.pack_sizes(map(len, messages)), b"".join(messages)
+    assert len(sizes) == 4 * len(messages)
+    assert list(wire.unpack_sizes(sizes)) == [len(message) for message in messages]
+    wire.check_split(len(messages), sizes, payloads)
+    assert [bytes(part) for part in wire.split_payloads(sizes, payloads)] == messages
+
+
+def test_sizes_are_little_endian_uint32() -> None:
+    assert wire.pack_sizes([1, 258, 2**32 - 1]) == struct.pack("<3I", 1, 258, 2**32 - 1)
+
+
+@pytest.mark.parametrize(
+    ("count", "sizes", "payloads"),
+    [
+        (1, b"", b"x"),  # no size for the message
+        (1, b"\x01\x00\x00", b"x"),  # not a whole size
+        (2, struct.pack("<I", 1), b"x"),  # one size for two messages
+        (1, struct.pack("<I", 2), b"x"),  # more than the payloads
+        (1, struct.pack("<I", 0), b"x"),  # less than the payloads
+        (0, b"", b"x"),
+        (2, struct.pack("<2I", 2**32 - 1, 1), b"x"),
+    ],
+)
+def test_check_split_refuses_sizes_that_do_not_fit(
+    count: int, sizes: bytes, payloads: bytes
+) -> None:
+    with pytest.raises(ValueError):
+        wire.check_split(count, sizes, payloads)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "payloads"),
+    [(b"\x01", b"x"), (struct.pack("<I", 2), b"x"), (struct.pack("<I", 0), b"x")],
+)
+def test_split_payloads_refuses_sizes_that_do_not_fit(sizes: bytes, payloads: bytes) -> None:
+    with pytest.raises(ValueError):
+        wire.split_payloads(sizes, payloads)
+
+
 # -- deliver ----------------------------------------------------------------------------------
 
 
+def run_of(subscription_id: bytes, first_seq: int, attempt: int, *messages: bytes) -> Deliver:
+    return Deliver(
+        subscription_id,
+        b"hub.7",
+        first_seq,
+        attempt,
+        b"hub",
+        100 + first_seq,
+        TOPIC,
+        b"meta",
+        wire.pack_sizes(map(len, messages)),
+        b"".join(messages),
+    )
+
+
 def test_deliver_round_trips() -> None:
-    deliveries = [
-        Deliver(b"sub-1", b"17", b"hub-1", 1, TOPIC, b"meta one", b"payload one"),
-        Deliver(b"sub-2", b"18", b"hub-2", 3, OTHER_TOPIC, b"", b"with spaces \x00 and NUL"),
-        Deliver(b"sub-1", b"19", b"hub-3", 0, TOPIC, b"m", b""),
+    runs = [
+        run_of(b"sub-1", 17, 1, b"payload one", b"payload two"),
+        Deliver(
+            b"sub-2",
+            b"hub.8",
+            1,
+            3,
+            b"hub",
+            2**62,
+            OTHER_TOPIC + b" with a space",
+            b"",
+            wire.pack_sizes([21]),
+            b"with spaces \x00 and NUL",
+        ),
+        run_of(b"sub-1", 19, 0, b""),
     ]
-    frames = wire.deliver(b"identity", deliveries)
+    frames = wire.deliver(b"identity", runs)
     assert frames[0] == b"identity"
     assert wire.parse_kind(frames[1]) == wire.DELIVER
-    assert len(frames) == 2 + 3 * len(deliveries)
-    assert wire.parse_deliver(frames[2:]) == deliveries
+    assert len(frames) == 2 + 4 * len(runs)  # four frames a run, however many messages
+    assert wire.parse_deliver(frames[2:]) == runs
+
+
+def test_a_run_names_its_deliveries_and_message_ids() -> None:
+    run = run_of(b"sub-1", 17, 2, b"a", b"b", b"c")
+    assert (run.count, run.first_seq, run.last_seq) == (3, 17, 19)
+    assert [run.message_id(index) for index in range(3)] == ["hub-117", "hub-118", "hub-119"]
 
 
 def good_deliver_body() -> list[bytes]:
-    delivery = Deliver(b"sub-1", b"17", b"hub-1", 2, TOPIC, b"meta", b"payload")
-    return wire.deliver(b"id", [delivery])[2:]
+    return wire.deliver(b"id", [run_of(b"sub-1", 17, 2, b"payload")])[2:]
 
 
 @pytest.mark.parametrize(
     "body",
     [
         [],
-        good_deliver_body()[:2],
+        good_deliver_body()[:3],
         [*good_deliver_body(), b"extra"],
-        [b"sub-1 17 hub-1 2", b"meta", b"payload"],  # four fields
-        [b"sub-1 17 hub-1 two " + TOPIC, b"meta", b"payload"],  # bad attempt
-        [b"", b"meta", b"payload"],
+        [b"sub-1 hub.7 17 2 hub 117", *good_deliver_body()[1:]],  # six fields
+        [b"sub-1 hub.7 17 two hub 117 " + TOPIC, *good_deliver_body()[1:]],  # bad attempt
+        [b"sub-1 hub.7 -1 2 hub 117 " + TOPIC, *good_deliver_body()[1:]],  # negative seq
+        [b" hub.7 17 2 hub 117 " + TOPIC, *good_deliver_body()[1:]],  # no subscription
+        [b"sub-1  17 2 hub 117 " + TOPIC, *good_deliver_body()[1:]],  # no stream
+        [*good_deliver_body()[:2], wire.pack_sizes([8]), b"payload"],  # sizes too large
+        [*good_deliver_body()[:2], b"\x07\x00\x00", b"payload"],  # not a whole size
+        [b"", b"meta", b"", b""],
     ],
 )
 def test_parse_deliver_refuses(body: list[bytes]) -> None:
@@ -364,26 +446,24 @@ def test_parse_deliver_refuses(body: list[bytes]) -> None:
 
 def test_acks_round_trip() -> None:
     answers = [
-        Ack(b"1", OUTCOME_OK),
-        Ack(b"2", OUTCOME_FAILED, retry_delay=0.25, error="ValueError: once"),
-        Ack(b"3", OUTCOME_REJECTED),
-        Ack(b"4", OUTCOME_DEAD, error="RuntimeError: naïve ☃"),
-        Ack(b"5", OUTCOME_FAILED, retry_delay=MAX_RETRY_DELAY),
+        Ack(b"hub.1", 1, 1000, OUTCOME_OK),
+        Ack(b"hub.1", 1001, 1001, OUTCOME_FAILED, retry_delay=0.25, error="ValueError: once"),
+        Ack(b"hub.2", 3, 3, OUTCOME_REJECTED),
+        Ack(b"hub.2", 4, 4, OUTCOME_DEAD, error="RuntimeError: naïve ☃ with spaces"),
+        Ack(b"hub.2", 5, 9, OUTCOME_FAILED, retry_delay=MAX_RETRY_DELAY),
+        Ack(b"hub.3", 0, 2**63 - 1, OUTCOME_OK),
     ]
     (request,) = wire.acks(answers)
     assert wire.parse_kind(request[0]) == wire.ACK
-    assert len(request) == 1 + 4 * len(answers)
+    assert len(request) == 1 + len(answers)  # one frame an entry, whatever its range
     assert wire.parse_acks(request[1:]) == answers
+    assert [answer.count for answer in answers[:3]] == [1000, 1, 1]
 
 
 def test_acks_are_split_into_requests_of_at_most_max_acks() -> None:
-    answers = [Ack(b"%d" % n, OUTCOME_OK, error=f"e{n}") for n in range(2 * MAX_ACKS + 1)]
+    answers = [Ack(b"s", n, n, OUTCOME_OK, error=f"e{n}") for n in range(2 * MAX_ACKS + 1)]
     requests = wire.acks(answers)
-    assert [len(request) for request in requests] == [
-        1 + 4 * MAX_ACKS,
-        1 + 4 * MAX_ACKS,
-        1 + 4,
-    ]
+    assert [len(request) for request in requests] == [1 + MAX_ACKS, 1 + MAX_ACKS, 1 + 1]
     # with the identity the hub's ROUTER adds, a full request stays within MAX_FRAMES
     assert 1 + len(requests[0]) <= wire.MAX_FRAMES
     parsed = [answer for request in requests for answer in wire.parse_acks(request[1:])]
@@ -396,19 +476,19 @@ def test_acks_of_nothing_is_no_request() -> None:
 
 @pytest.mark.parametrize("delay", [MAX_RETRY_DELAY + 0.5, 1e12, 1.7976931348623157e308])
 def test_parse_acks_clamps_the_retry_delay(delay: float) -> None:
-    (request,) = wire.acks([Ack(b"1", OUTCOME_FAILED, retry_delay=delay)])
+    (request,) = wire.acks([Ack(b"s", 1, 1, OUTCOME_FAILED, retry_delay=delay)])
     (answer,) = wire.parse_acks(request[1:])
     assert answer.retry_delay == MAX_RETRY_DELAY
 
 
 def test_an_unencodable_error_text_is_replaced_not_raised() -> None:
-    (request,) = wire.acks([Ack(b"1", OUTCOME_DEAD, error="bad \udcff surrogate")])
+    (request,) = wire.acks([Ack(b"s", 1, 1, OUTCOME_DEAD, error="bad \udcff surrogate")])
     (answer,) = wire.parse_acks(request[1:])
     assert answer.error == "bad ? surrogate"
 
 
 def test_parse_acks_replaces_undecodable_error_bytes() -> None:
-    (answer,) = wire.parse_acks([b"1", OUTCOME_DEAD, b"0.0", b"caf\xe9"])
+    (answer,) = wire.parse_acks([b"s 1 1 dead 0.0 caf\xe9"])
     assert answer.error == "caf\ufffd"
 
 
@@ -416,20 +496,25 @@ def test_parse_acks_replaces_undecodable_error_bytes() -> None:
     "body",
     [
         [],
-        [b"1", OUTCOME_OK, b"0.0"],
-        [b"1", OUTCOME_OK, b"0.0", b"", b"2"],
-        [b"1", b"maybe", b"0.0", b""],  # unknown outcome
-        [b"1", b"OK", b"0.0", b""],
-        [b"1", b"", b"0.0", b""],
-        [b"1", OUTCOME_FAILED, b"-1", b""],  # negative delay
-        [b"1", OUTCOME_FAILED, b"-1e-9", b""],
-        [b"1", OUTCOME_FAILED, b"nan", b""],
-        [b"1", OUTCOME_FAILED, b"inf", b""],
-        [b"1", OUTCOME_FAILED, b"-inf", b""],
-        [b"1", OUTCOME_FAILED, b"1e999", b""],  # inf once parsed
-        [b"1", OUTCOME_FAILED, b"soon", b""],
-        [b"1", OUTCOME_FAILED, b"", b""],
-        [b"1", OUTCOME_OK, b"0.0", b"", b"2", b"bogus", b"0.0", b""],  # one bad: all refused
+        [b"s 1 1 ok 0.0"],  # five fields
+        [b"s 1 ok 0.0 "],
+        [b" 1 1 ok 0.0 "],  # no stream
+        [b"s 1 1 maybe 0.0 "],  # unknown outcome
+        [b"s 1 1 OK 0.0 "],
+        [b"s 1 1  0.0 "],
+        [b"s 2 1 ok 0.0 "],  # empty range
+        [b"s -1 1 ok 0.0 "],  # negative
+        [b"s 1 %d ok 0.0 " % 2**63],  # beyond 63 bits
+        [b"s x 1 ok 0.0 "],
+        [b"s 1 1 failed -1 "],  # negative delay
+        [b"s 1 1 failed -1e-9 "],
+        [b"s 1 1 failed nan "],
+        [b"s 1 1 failed inf "],
+        [b"s 1 1 failed -inf "],
+        [b"s 1 1 failed 1e999 "],  # inf once parsed
+        [b"s 1 1 failed soon "],
+        [b"s 1 1 failed  "],
+        [b"s 1 1 ok 0.0 ", b"s 2 2 bogus 0.0 "],  # one bad: all refused
     ],
 )
 def test_parse_acks_refuses(body: list[bytes]) -> None:
@@ -544,7 +629,9 @@ VALID: dict[str, list[bytes]] = {
     "consume": good_consume_body(),
     "cancel": wire.cancel(b"sub")[1:],
     "deliver": good_deliver_body(),
-    "acks": wire.acks([Ack(b"1", OUTCOME_FAILED, 1.0, "e"), Ack(b"2", OUTCOME_OK)])[0][1:],
+    "acks": wire.acks([Ack(b"s", 1, 1, OUTCOME_FAILED, 1.0, "e"), Ack(b"s", 2, 9, OUTCOME_OK)])[0][
+        1:
+    ],
     "flushed": wire.flushed(b"id", b"token")[1:],
     "kind": [wire.header(wire.HELLO)],
     "meta": [wire.pack_meta(b"D", 1, 0.0)],
@@ -585,9 +672,17 @@ def check_result(name: str, result: Any) -> None:
     """What a parser lets through is well-formed."""
     if name == "acks":
         for answer in result:
+            assert answer.stream
+            assert 0 <= answer.first <= answer.last < 2**63
             assert answer.outcome in OUTCOMES
             assert math.isfinite(answer.retry_delay)
             assert 0 <= answer.retry_delay <= MAX_RETRY_DELAY
+    elif name == "deliver":
+        for run in result:
+            assert run.subscription_id
+            assert run.stream
+            assert 0 <= run.first_seq < 2**63
+            assert sum(wire.unpack_sizes(run.sizes)) == len(run.payloads)
     elif name == "consume":
         assert result.subscription_id
         assert b" " not in result.subscription_id

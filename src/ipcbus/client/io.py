@@ -31,6 +31,7 @@ from ..message import Message
 from ..wire import protocol as wire
 from ..wire.address import Address
 from ..wire.keys import prove
+from .acks import coalesce
 from .control import ControlChannel, DeleteAnswer
 from .outbox import FlushMarker, Outbox, Rejected
 from .session import Session
@@ -130,6 +131,8 @@ class IOThread:
         self._on_delivery = on_delivery
         self._control = ControlChannel()
         self._commands: deque[Callable[[], None]] = deque()
+        self._acks: list[wire.Ack] = []  # handed over by queue handlers, to send
+        self._acks_lock = threading.Lock()
         self._waker = Waker()
         self._running = True
         self._ready = threading.Event()
@@ -234,11 +237,19 @@ class IOThread:
         self.call(lambda: self._control.forget_declare(request_id))
 
     def ack(self, answers: list[wire.Ack]) -> None:
-        def send() -> None:
-            for request in wire.acks(answers):
-                self._control.send(request)
+        """Send ``answers`` (any thread). What several threads hand over before the I/O thread
+        gets to it leaves in one request, neighbouring ranges merged."""
+        with self._acks_lock:
+            first = not self._acks
+            self._acks += answers
+        if first:
+            self.call(self._send_acks)
 
-        self.call(send)
+    def _send_acks(self) -> None:
+        with self._acks_lock:
+            answers, self._acks = self._acks, []
+        for request in wire.acks(coalesce(answers)):
+            self._control.send(request)
 
     def request_stop(self) -> None:
         """Say goodbye to the hub (it hands our queue deliveries to others) and end the thread,

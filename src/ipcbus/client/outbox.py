@@ -120,7 +120,10 @@ class Outbox:
         biggest = max(len(frame) for frame in frames)
         if biggest > self.frame_budget:
             raise MessageTooLargeError(f"{name}: {self._too_large(biggest)}; nothing was sent")
-        kind = self.kinds[cls] = Kind(topic, max(1, len(frames[0])), len(frames) - 1)
+        if topic in self.grouped:  # [sizes, payloads]
+            kind = self.kinds[cls] = Kind(topic, max(1, len(frames[1])))
+        else:
+            kind = self.kinds[cls] = Kind(topic, max(1, len(frames[0])), len(frames) - 1)
         return kind
 
     def take(self) -> list[Any] | None:
@@ -139,13 +142,11 @@ class Outbox:
                 topic = wire.topic_for(get_unique_name_for_message(cls))
                 kind = self.kinds[cls] = Kind(topic, 1)
             split = kind.topic in self.grouped
-            if split:
-                limit = wire.MAX_SPLIT_BATCH
-            else:
-                limit = min(self._max_batch, self.frame_budget // kind.per_message)
-                if kind.buffers:
-                    limit = min(limit, wire.MAX_BUFFERS // kind.buffers)
-                limit = max(1, limit)
+            # A split batch is one frame too (sizes aside), and has no out-of-band buffers.
+            limit = min(self._max_batch, self.frame_budget // kind.per_message)
+            if kind.buffers and not split:
+                limit = min(limit, wire.MAX_BUFFERS // kind.buffers)
+            limit = max(1, limit)
             batch = [first]
             while items and len(batch) < limit and type(items[0]) is cls:
                 batch.append(items.popleft())  # type: ignore[arg-type]
@@ -201,7 +202,9 @@ class Outbox:
         count = len(batch)
         self.taken += count
         self.sent += count
-        if not split:
+        if split:  # [sizes, payloads]
+            kind.per_message = max(1, -(-len(frames[1]) // count))
+        else:
             kind.per_message = max(1, -(-len(frames[0]) // count))
             if len(frames) > 1:
                 kind.buffers = -(-(len(frames) - 1) // count)
@@ -223,7 +226,7 @@ class Outbox:
                 if biggest > budget:
                     reason = self._too_large(biggest)
                 else:
-                    total += 0 if split else len(frames[0])
+                    total += len(frames[1] if split else frames[0])
                     if total <= budget:
                         continue
                     return self._put_back(batch, index)  # fits alone: the next batch

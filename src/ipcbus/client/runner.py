@@ -1,4 +1,4 @@
-"""Runs a client's queue deliveries (in the worker process) and answers each with an ack.
+"""Runs a client's queue deliveries (in the worker process) and answers them with acks.
 
 Handlers never run on the I/O thread (a slow handler must not stall acks or heartbeats):
 coroutine handlers run as tasks of an event loop this runner owns; plain functions run on a pool
@@ -6,6 +6,14 @@ of worker threads (``threads``), which take deliveries straight from the I/O thr
 sending plain handlers through ``asyncio.to_thread`` cost one self-pipe write per completion and
 capped a consumer at ~10 k msg/s; the pool does without the loop. The number of deliveries in
 hand at once is bounded by the hub (``prefetch`` per subscription).
+
+The hub delivers runs (consecutive messages of one batch). A plain handler's run goes to one
+worker thread, which calls the handler for each message in order and acks the run in one entry
+(failures, rejections and dead letters in entries of their own): a hand-off between threads
+costs more than a small handler in CPython, and was made per message before. A long run acks
+what it finished every ``_ACK_EVERY`` seconds; one whose handlers are slow (``_SLOW_HANDLER``
+each) hands half of what is left to an idle worker: handlers that wait (on I/O, on a sleep)
+still run on every worker thread, as they did one message per thread.
 
 Whatever a handler raises, ``BaseException`` included (``SystemExit``, ``KeyboardInterrupt``,
 ``GeneratorExit``, a ``CancelledError`` a coroutine handler raises itself), is a failed attempt:
@@ -23,7 +31,9 @@ import inspect
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..core import codec
 from ..core.contract import AsyncMessageContext, Subscription
@@ -32,6 +42,7 @@ from ..core.loops import run_loop_forever
 from ..core.retry import after_failure, describe_error, publish_dead_letter
 from ..message import Message
 from ..wire import protocol as wire
+from .acks import AckBuffer
 from .threads import OnDeath, start_thread
 
 __all__ = ["QueueRunner"]
@@ -39,8 +50,61 @@ __all__ = ["QueueRunner"]
 logger = logging.getLogger(__name__)
 
 SendAcks = Callable[[list[wire.Ack]], None]
-# A delivery as the hub described it, and the subscription it is for.
-Job = tuple[Subscription, wire.Deliver]
+# A run that has taken this long acks what it finished so far (and so on, every as long).
+_ACK_EVERY = 0.001
+# A run whose handlers take this long on average shares what is left with idle workers: a
+# hand-off costs tens of µs, and a handler that waits (I/O, a sleep) then does not hold up the
+# rest of its run. Faster ones run on the thread that has the run (GIL-bound, sharing them only
+# added hand-offs).
+_SLOW_HANDLER = 0.0001
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    """Messages ``start`` to ``end - 1`` of a run, for one subscription; what is the same for
+    all of them is worked out once."""
+
+    subscription: Subscription
+    run: wire.Deliver
+    payloads: list[memoryview]
+    start: int
+    end: int
+    decode: Callable[[memoryview], Message]
+    published_at: float
+    id_prefix: str  # a message id is this and the message's number
+
+    @classmethod
+    def of(cls, subscription: Subscription, run: wire.Deliver) -> _Job:
+        try:
+            codec_id, _count, published_at = wire.unpack_meta(run.meta)
+        except ValueError as exc:
+            # Each message is then undecodable: dead-lettered, one by one (_prepare).
+            codec_id, published_at = repr(exc).encode(), 0.0
+        return cls(
+            subscription,
+            run,
+            wire.split_payloads(run.sizes, run.payloads),
+            0,
+            run.count,
+            codec.split_decoder(codec_id, subscription.message_type),
+            published_at,
+            f"{run.id_prefix.decode(errors='replace')}-",
+        )
+
+    def part(self, start: int) -> _Job:
+        """Its messages from ``start`` on, as a job of their own (this one ends there)."""
+        rest = _Job(
+            self.subscription,
+            self.run,
+            self.payloads,
+            start,
+            self.end,
+            self.decode,
+            self.published_at,
+            self.id_prefix,
+        )
+        self.end = start
+        return rest
 
 
 class QueueRunner:
@@ -54,49 +118,55 @@ class QueueRunner:
         threads: int = 4,
     ) -> None:
         self._lookup = lookup
-        self._send_acks = send_acks
         self._publish = publish
         self._on_death = on_death
         self._thread_count = threads
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
+        self._idle_workers = 0  # waiting for a job (read without the lock: a hint)
+        self._slow: dict[bytes, bool] = {}  # per subscription: were its handlers slow?
+        self._stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = threading.Condition()
-        self._running = 0
+        self._running = 0  # messages in hand
         self._coroutines = 0  # of _running: deliveries for the event loop
-        self._in_job = threading.local()  # a worker thread's flag: inside a delivery
+        self._in_job = threading.local()  # a worker thread's messages in hand (its job's rest)
         self.undecodable = 0  # deliveries this process could not decode (dead-lettered)
-        self._acks: list[wire.Ack] = []  # sent in bursts
-        self._flush_scheduled = False
+        self._acks = AckBuffer(send_acks)
 
     # -- called by the I/O thread -------------------------------------------------------------
 
     def submit(self, body: list[bytes]) -> None:
         """One DELIVER request's body."""
         try:
-            deliveries = wire.parse_deliver(body)
+            runs = wire.parse_deliver(body)
         except (ValueError, IndexError) as exc:
             logger.error("ignored a malformed DELIVER: %s", exc)
             return
-        coroutines: list[Job] = []
+        coroutines: list[tuple[_Job, int]] = []
         with self._idle:
-            self._running += len(deliveries)
-        for delivery in deliveries:
-            subscription = self._lookup(delivery.subscription_id)
+            self._running += sum(run.count for run in runs)
+        for run in runs:
+            subscription = self._lookup(run.subscription_id)
             if subscription is None or not subscription.active:
                 # Cancelled while the delivery was on its way: another consumer takes it.
-                self._ack(wire.Ack(delivery.delivery_id, wire.OUTCOME_REJECTED))
-                self._done()
+                self._acks.add(wire.Ack(run.stream, run.first_seq, run.last_seq, _REJECTED))
+                self._done(run.count)
                 continue
-            job = (subscription, delivery)
+            job = _Job.of(subscription, run)
             if inspect.iscoroutinefunction(subscription.handler):
-                coroutines.append(job)
-            else:
-                self._ensure_workers()
-                self._jobs.put(job)
+                coroutines += ((job, index) for index in range(run.count))
+                continue
+            self._ensure_workers()
+            if self._slow.get(run.subscription_id) and run.count > 1:
+                # Its handlers were slow last time: every worker takes a part from the start.
+                parts = min(run.count, self._thread_count)
+                for part in range(parts - 1, 0, -1):
+                    self._jobs.put(job.part(run.count * part // parts))
+            self._jobs.put(job)
         if coroutines:
             with self._idle:
                 self._coroutines += len(coroutines)
@@ -116,11 +186,12 @@ class QueueRunner:
         """Wait until every submitted delivery was handled and its ack handed to the I/O.
 
         Called from a handler (close() inside one), the deliveries that wait for this very
-        thread are not waited for: a worker's own, or every coroutine's on the loop thread.
+        thread are not waited for: a worker's own (the rest of its run), or every coroutine's
+        on the loop thread.
         """
         # On the loop thread, no coroutine delivery can progress while we wait.
         in_loop = threading.current_thread() is self._loop_thread
-        own = 1 if getattr(self._in_job, "active", False) else 0
+        own = getattr(self._in_job, "left", 0)
 
         def idle() -> bool:
             return self._running <= (self._coroutines if in_loop else own)
@@ -130,11 +201,13 @@ class QueueRunner:
 
     def stop(self, timeout: float | None) -> None:
         """Stop the workers and the loop; never joins the calling thread (close() may be called
-        from a handler), which ends once its handler returns."""
+        from a handler), which ends once its handler returns. A run not finished by then is not
+        (its deliveries go back to the hub with the goodbye)."""
         with self._lock:
             loop, loop_thread, workers = self._loop, self._loop_thread, self._workers
             self._loop = self._loop_thread = None
             self._workers = []
+            self._stopped = True
         current = threading.current_thread()
         for _ in workers:
             self._jobs.put(None)
@@ -147,16 +220,20 @@ class QueueRunner:
             if worker is not current:
                 worker.join(timeout)
 
+    def flush_acks(self) -> None:
+        """Hand the acks collected so far to the I/O thread (any thread may call it)."""
+        self._acks.flush()
+
     # -- both kinds of handler ----------------------------------------------------------------
 
-    def _prepare(self, job: Job) -> tuple[Message, AsyncMessageContext] | None:
-        """Decode and filter; answers the hub itself (and returns None) when not to run."""
-        subscription, delivery = job
+    def _prepare(self, job: _Job, index: int) -> tuple[Message, AsyncMessageContext] | wire.Ack:
+        """Decode and filter; the answer to send instead when the handler is not to run."""
+        subscription, run = job.subscription, job.run
         queue_name = subscription.queue_name
         assert queue_name is not None
+        message_id = f"{job.id_prefix}{run.first_id + index}"
         try:
-            codec_id, _count, published_at = wire.unpack_meta(delivery.meta)
-            message = codec.decode_one(codec_id, delivery.payload, subscription.message_type)
+            message = job.decode(job.payloads[index])
         except BaseException as exc:  # unpickling runs the classes' code: SystemExit included
             with self._lock:  # workers decode concurrently
                 self.undecodable += 1
@@ -164,27 +241,29 @@ class QueueRunner:
                 "queue %r could not decode a %s message (%s): %s: %s",
                 queue_name,
                 subscription.topic,
-                delivery.message_id.decode(errors="replace"),
+                message_id,
                 type(exc).__name__,
                 exc,
             )
             error = f"undecodable: {describe_error(exc)}"
-            self._ack(wire.Ack(delivery.delivery_id, wire.OUTCOME_DEAD, error=error))
-            return None
+            seq = run.first_seq + index
+            return wire.Ack(run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
         if not subscription.accepts(message):
-            self._ack(wire.Ack(delivery.delivery_id, wire.OUTCOME_REJECTED))
-            return None
-        return message, AsyncMessageContext(
-            queue_name, delivery.message_id.decode(), delivery.attempt, published_at
-        )
+            seq = run.first_seq + index
+            return wire.Ack(run.stream, seq, seq, _REJECTED)
+        return message, AsyncMessageContext(queue_name, message_id, run.attempt, job.published_at)
 
-    def _conclude(
-        self, job: Job, message: Message, context: AsyncMessageContext, exc: BaseException | None
-    ) -> None:
-        subscription, delivery = job
-        if exc is None:
-            self._ack(wire.Ack(delivery.delivery_id, wire.OUTCOME_OK))
-            return
+    def _failed(
+        self,
+        job: _Job,
+        index: int,
+        message: Message,
+        context: AsyncMessageContext,
+        exc: BaseException,
+    ) -> wire.Ack:
+        """The answer for a handler that raised: a retry, or a dead letter."""
+        subscription, run = job.subscription, job.run
+        seq = run.first_seq + index
         verdict = after_failure(
             subscription.policy,
             context.queue_name,
@@ -195,29 +274,16 @@ class QueueRunner:
         )
         error = describe_error(exc)
         if verdict.retry:
-            self._ack(wire.Ack(delivery.delivery_id, wire.OUTCOME_FAILED, verdict.delay, error))
-            return
+            return wire.Ack(run.stream, seq, seq, wire.OUTCOME_FAILED, verdict.delay, error)
         publish_dead_letter(self._publish, context.queue_name, message, context.attempt, exc)
-        self._ack(wire.Ack(delivery.delivery_id, wire.OUTCOME_DEAD, error=error))
+        return wire.Ack(run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
 
-    def _ack(self, ack: wire.Ack) -> None:
-        with self._lock:
-            self._acks.append(ack)
-
-    def flush_acks(self) -> None:
-        """Hand the acks collected so far to the I/O thread (any thread may call it)."""
-        with self._lock:
-            acks, self._acks = self._acks, []
-            self._flush_scheduled = False
-        if acks:
-            self._send_acks(acks)
-
-    def _done(self, coroutine: bool = False) -> bool:
-        """One delivery less in hand; True when none is left."""
+    def _done(self, count: int, coroutine: bool = False) -> bool:
+        """``count`` messages less in hand; True when none is left."""
         with self._idle:
-            self._running -= 1
+            self._running -= count
             if coroutine:
-                self._coroutines -= 1
+                self._coroutines -= count
             idle = self._running == 0
             if idle:
                 self._idle.notify_all()
@@ -229,37 +295,76 @@ class QueueRunner:
         if self._workers:
             return
         with self._lock:
-            while len(self._workers) < self._thread_count:
+            while len(self._workers) < self._thread_count and not self._stopped:
                 worker = start_thread(
                     "ipcbus-queue-worker", self._work, self._on_death, handlers=True
                 )
                 self._workers.append(worker)
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._in_job.active = True
+        while True:
+            with self._lock:
+                self._idle_workers += 1
+            job = self._jobs.get()
+            with self._lock:
+                self._idle_workers -= 1
+            if job is None:
+                return
             try:
                 self._run_plain(job)
             except Exception:
                 logger.exception("ipcbus could not run a queue delivery")
             finally:
-                self._in_job.active = False
+                self._in_job.left = 0
                 # Acks leave in bursts: when this worker has nothing queued behind it.
-                idle = self._done()
+                idle = self._done(job.end - job.start)
                 if idle or self._jobs.empty() or len(self._acks) >= wire.MAX_ACKS:
                     self.flush_acks()
 
-    def _run_plain(self, job: Job) -> None:
-        prepared = self._prepare(job)
-        if prepared is None:
-            return
+    def _run_plain(self, job: _Job) -> None:
+        """The job's messages in order, on this thread; one ack entry for those that went well."""
+        stream, first_seq = job.run.stream, job.run.first_seq
+        answers: list[wire.Ack] = []
+        ok_from = index = since = job.start  # messages ok_from .. index - 1 went well
+        mark = time.monotonic()  # when message ``since`` started
+        while index < job.end and not self._stopped:
+            self._in_job.left = job.end - index
+            answer = self._run_one(job, index)
+            if answer is not None:
+                if ok_from < index:
+                    answers.append(_ok(stream, first_seq + ok_from, first_seq + index - 1))
+                answers.append(answer)
+                ok_from = index + 1
+            index += 1
+            if index < job.end and (now := time.monotonic()) - mark >= _ACK_EVERY:
+                # A long run: ack what is done (the hub gets credit back as it goes)...
+                if ok_from < index:
+                    answers.append(_ok(stream, first_seq + ok_from, first_seq + index - 1))
+                    ok_from = index
+                self._acks.extend(answers)
+                answers = []
+                self.flush_acks()
+                # ... and if its handlers are slow, share the rest with an idle worker.
+                slow = now - mark >= _SLOW_HANDLER * (index - since)
+                self._slow[job.run.subscription_id] = slow
+                if slow and self._idle_workers and job.end - index >= 2:
+                    self._jobs.put(job.part(index + (job.end - index) // 2))
+                mark, since = now, index
+        if ok_from < index:  # stopped (closed) before the end: the rest goes back to the hub
+            answers.append(_ok(stream, first_seq + ok_from, first_seq + index - 1))
+        self._acks.extend(answers)
+
+    def _run_one(self, job: _Job, index: int) -> wire.Ack | None:
+        """Run one message's handler; ``None`` when it went well, else the answer."""
+        prepared = self._prepare(job, index)
+        if isinstance(prepared, wire.Ack):
+            return prepared
         message, context = prepared
         try:
-            call_to_completion(job[0], message, context)
+            call_to_completion(job.subscription, message, context)
         except BaseException as exc:  # a failed attempt, whatever it raised (module docstring)
-            self._conclude(job, message, context, exc)
-        else:
-            self._conclude(job, message, context, None)
+            return self._failed(job, index, message, context, exc)
+        return None
 
     # -- coroutine functions: the event loop --------------------------------------------------
 
@@ -275,36 +380,45 @@ class QueueRunner:
                 )
             return self._loop
 
-    def _start_tasks(self, jobs: list[Job]) -> None:
+    def _start_tasks(self, deliveries: list[tuple[_Job, int]]) -> None:
         loop = asyncio.get_running_loop()
-        for job in jobs:
-            task = loop.create_task(self._run_coroutine(job))
+        for job, index in deliveries:
+            task = loop.create_task(self._run_coroutine(job, index))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run_coroutine(self, job: Job) -> None:
+    async def _run_coroutine(self, job: _Job, index: int) -> None:
         try:
-            prepared = self._prepare(job)
-            if prepared is None:
+            prepared = self._prepare(job, index)
+            if isinstance(prepared, wire.Ack):
+                self._acks.add(prepared)
                 return
             message, context = prepared
             AsyncMessageContext._current.set(context)  # this task's own context
+            seq = job.run.first_seq + index
             try:
-                await job[0].handler(message)
+                await job.subscription.handler(message)
             except BaseException as exc:
                 if is_cancellation(exc):
                     raise  # the loop stops (close): the hub gets the delivery back
                 # A failed attempt (module docstring). Let through, SystemExit would stop the
                 # loop (asyncio re-raises it from run_forever) and a CancelledError the handler
                 # raised itself would leave the delivery unacked.
-                self._conclude(job, message, context, exc)
+                self._acks.add(self._failed(job, index, message, context, exc))
             else:
-                self._conclude(job, message, context, None)
+                self._acks.add(_ok(job.run.stream, seq, seq))
         except Exception:
             logger.exception("ipcbus could not run a queue delivery")
         finally:
-            self._done(coroutine=True)
+            self._done(1, coroutine=True)
             # The acks of one loop turn travel together: one wake-up of the I/O thread.
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
+            if not self._acks.flush_scheduled:
+                self._acks.flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self.flush_acks)
+
+
+_REJECTED = wire.OUTCOME_REJECTED
+
+
+def _ok(stream: bytes, first: int, last: int) -> wire.Ack:
+    return wire.Ack(stream, first, last, wire.OUTCOME_OK)

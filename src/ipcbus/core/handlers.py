@@ -77,7 +77,8 @@ def call_to_completion(
     token = AsyncMessageContext._current.set(context)
     try:
         result = subscription.handler(message)
-        if inspect.isawaitable(result):
+        # Most handlers return None: isawaitable() (ABC checks) cost ~1 µs per message.
+        if result is not None and inspect.isawaitable(result):
             _await(result)
     finally:
         AsyncMessageContext._current.reset(token)

@@ -152,7 +152,12 @@ class ControlPlane:
                 self.book.settle(ack, now)
             except Exception:
                 self.unapplied_acks += 1
-                logger.exception("could not apply the ack of delivery %r", ack.delivery_id)
+                logger.exception(
+                    "could not apply the ack of deliveries %d-%d of %r",
+                    ack.first,
+                    ack.last,
+                    ack.stream,
+                )
 
     def _consume(self, control: Socket, identity: bytes, request: wire.Consume, now: float) -> None:
         topic, name = request.topic, request.queue_name
@@ -339,7 +344,7 @@ class ControlPlane:
             pending.discard(identity)
 
     def _deliver(self, control: Socket, deliveries: list[Delivery]) -> None:
-        """Send each client its deliveries of this turn as one message (3 frames each)."""
+        """Send each client its runs of this turn as one message (4 frames each)."""
         by_client: dict[bytes, list[Delivery]] = {}
         for delivery in deliveries:
             by_client.setdefault(delivery.identity, []).append(delivery)
@@ -348,8 +353,9 @@ class ControlPlane:
             try:
                 control.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
-                for delivery in batch:  # its pipe is full: offer them again later
-                    self.book.unsend(delivery.delivery_id)
+                # Its pipe is full: offer them again later, in their order (each goes first).
+                for delivery in reversed(batch):
+                    self.book.unsend(delivery)
             except zmq.ZMQError:
                 # EHOSTUNREACH: the client's connection is gone (the process died).
                 self._drop_client(identity, "unreachable")

@@ -343,6 +343,12 @@ class Relay:
             topic = wire.check_topic(frames[2].bytes)
             meta = frames[3].bytes
             codec, count, _ = wire.unpack_meta(meta)
+            split = codec in wire.SPLIT_CODECS
+            if split:
+                if len(frames) != 6:
+                    raise ValueError(f"a split batch in {len(frames) - 4} frames, not 2")
+                sizes, payloads = frames[4].bytes, frames[5].bytes
+                wire.check_split(count, sizes, payloads)
             self._batches += 1
             self._messages += count
             self._bytes += sum(len(frame) for frame in frames[2:])
@@ -350,8 +356,9 @@ class Relay:
             if not book.has_groups(topic) and fanout.topics.get(topic, 0) == 0:
                 self._count_unrouted(topic, count)
             if book.has_groups(topic):
-                if codec in wire.SPLIT_CODECS:
-                    book.enqueue(topic, meta, [frame.bytes for frame in frames[4:]])
+                if split:
+                    # Kept whole: the book cuts it only where a consumer's credit needs it.
+                    book.enqueue_batch(topic, meta, sizes, payloads)
                 else:
                     # Encoded before its publisher learned the topic has queue groups, i.e.
                     # published before the group's first subscribe_async() returned.
