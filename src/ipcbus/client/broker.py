@@ -26,6 +26,7 @@ from ..wire.address import Address
 from ..wire.keys import read_bus_secret
 from .control import DeleteAnswer
 from .dispatch import Dispatcher
+from .gate import PublishGate
 from .io import IOThread
 from .notify import StateNotifier
 from .outbox import FlushMarker
@@ -115,8 +116,6 @@ class HubBroker(Broker):
         self._deferred_error: BaseException | None = None  # the I/O thread failed
         self._rejections = Rejections(f"HubBroker {address} pid={self._owner}")
         self.undelivered = 0  # set by close(): accepted messages no hub confirmed
-        self._space = threading.Condition()
-        self._waiting = 0
         self._subs_lock = threading.Lock()
         self._live: dict[str, threading.Event] = {}
         self._flush_ids = iter(range(1, 2**62))
@@ -147,6 +146,7 @@ class HubBroker(Broker):
             on_death=self._thread_died,
         )
         self._session = self._io.session
+        self._gate = PublishGate(self._io, self._stopped)
         self._kinds = self._io.outbox.kinds  # the types publish() checked (weak)
         # The type of the last message published, weakly: the hot path's check (31 ns, as the
         # set it replaces; a WeakKeyDictionary lookup costs 147 ns, measured).
@@ -223,67 +223,42 @@ class HubBroker(Broker):
         self._io.publish(message)
 
     def _wait_while_full(self, cls: type[Message], timeout: float | None) -> float | None:
-        """Wait while a full queue group holds ``cls``'s topic back (the hub said FULL), before
-        the message enters the outbox: its publisher's later messages of other types cannot
-        overtake it. Returns what is left of ``timeout`` (``None``: ``publish_timeout``)."""
+        """Wait while a full queue group holds ``cls``'s topic back; returns what is left of
+        ``timeout`` (``None``: ``publish_timeout``)."""
         topic = wire.topic_for(get_unique_name_for_message(cls))
         if topic not in self._io.full_topics:
             return timeout
         limit = self.options.publish_timeout if timeout is None else timeout
-        deadline = None if limit is None else time.monotonic() + limit
-        with self._space:
-            self._waiting += 1
-            try:
-                opened = self._space.wait_for(
-                    lambda: (
-                        topic not in self._io.full_topics
-                        or self._stopped
-                        or not self._session.available
-                    ),
-                    limit,
-                )
-            finally:
-                self._waiting -= 1
+        opened, left = self._gate.wait_while_full(topic, limit)
         self._check_usable()
         if not opened:
             raise PublishTimeoutError(
                 f"a queue group of {wire.unique_name_of(topic)} holds the hub's max_held "
                 f"messages (its consumers are slow or gone): publish() waited {limit} s"
             )
-        return timeout if deadline is None else max(0.0, deadline - time.monotonic())
+        return timeout if left is None else left
 
     def _wait_for_space(self, timeout: float | None) -> None:
-        outbox, limit = self._io.outbox, self.options.max_pending
-        with self._space:
-            self._waiting += 1
-            try:
-                ok = self._space.wait_for(
-                    lambda: len(outbox) < limit or self._stopped or not self._session.available,
-                    timeout,
-                )
-                ok = ok and len(outbox) < limit
-            finally:
-                self._waiting -= 1
-        if not ok:
+        if not self._gate.wait_for_space(self.options.max_pending, timeout):
             self._check_usable()  # closed meanwhile, or the connection failed: say that
+            waiting = len(self._io.outbox)
             if not self._io.hub_alive:
                 raise HubUnavailableError(
-                    f"the hub at {self.address} is unreachable and {len(outbox)} messages wait "
+                    f"the hub at {self.address} is unreachable and {waiting} messages wait "
                     f"for it: publish() gave up after {timeout} s"
                 )
             raise PublishTimeoutError(
-                f"{len(outbox)} messages still wait for the hub after {timeout} s (backpressure)"
+                f"{waiting} messages still wait for the hub after {timeout} s (backpressure)"
             )
         self._check_usable()
 
-    @property
     def _stopped(self) -> bool:
         return self._closed or self._failed is not None or not self._io.alive
 
     def _space_freed(self) -> None:  # I/O thread
-        if self._waiting:
-            with self._space:
-                self._space.notify_all()
+        gate = getattr(self, "_gate", None)  # None while the I/O thread is being made
+        if gate is not None:
+            gate.notify()
 
     def _record_error(self, exc: BaseException) -> None:  # I/O thread
         self._deferred_error = exc
@@ -299,8 +274,9 @@ class HubBroker(Broker):
         io = getattr(self, "_io", None)
         if io is not None and name != "ipcbus-io":
             io.request_stop()  # goodbye: the hub hands our queue deliveries to other consumers
-        with self._space:
-            self._space.notify_all()
+        gate = getattr(self, "_gate", None)
+        if gate is not None:
+            gate.wake_all()
 
     def _check_usable(self) -> None:
         if _pid != self._owner:
@@ -478,8 +454,7 @@ class HubBroker(Broker):
         self._runner.stop(linger)
         self._dispatcher.stop(linger)
         self._notifier.stop(linger)
-        with self._space:
-            self._space.notify_all()
+        self._gate.wake_all()
         self._report_at_close()
 
     def _close_flush(self) -> bool:

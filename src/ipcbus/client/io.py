@@ -11,12 +11,8 @@ module moves frames.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import multiprocessing
 import os
-import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -24,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from ..exceptions import HubUnavailableError
 from ..message import Message
@@ -33,24 +28,18 @@ from ..wire.address import Address
 from ..wire.keys import prove
 from .acks import coalesce
 from .control import ControlChannel, DeleteAnswer
+from .describe import describe
 from .outbox import FlushMarker, Outbox, Rejected
 from .session import Session
 from .subscriptions import Subscriptions
 from .threads import OnDeath, guarded
+from .watch import ConnectionWatch
 
 __all__ = ["IOThread", "Waker"]
 
 logger = logging.getLogger(__name__)
 
 _BURST = 256
-_HANDSHAKE_FAILED = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
-# A peer that fails the handshake is retried by ZeroMQ every reconnect interval: log at most
-# once per this many seconds (the count is kept).
-_AUTH_LOG_PERIOD = 10.0
 _IDLE_POLL_MS = 1000
 _HELD_POLL_MS = 1
 _GOODBYE_LINGER_MS = 200
@@ -149,9 +138,7 @@ class IOThread:
         self._same_hub = True  # ... and whether the one before it was the same
         self._connect_timeout: float | None = None
         self._endpoints = ("", "")  # the hub's publish and fan-out endpoints, from WELCOME
-        self._monitors: dict[Socket, Socket] = {}  # socket -> its monitor
-        self.auth_failures = 0  # handshakes with a peer that did not prove the bus secret
-        self._auth_logged_at = -_AUTH_LOG_PERIOD
+        self._watch = ConnectionWatch(self.endpoint, self._hub_lost)
         self._dealer: Socket | None = None
         self._sub: Socket | None = None
         self._resync_at: float | None = None  # when an unanswered sync is asked again
@@ -172,6 +159,11 @@ class IOThread:
             self._thread.join()
             self._waker.close()
             raise self._failure
+
+    @property
+    def auth_failures(self) -> int:
+        """Handshakes with a peer at the hub's address that did not prove the bus secret."""
+        return self._watch.auth_failures
 
     @property
     def hub_alive(self) -> bool:
@@ -195,18 +187,7 @@ class IOThread:
     # -- what this client says about itself (a description, never used for routing) ----------
 
     def _description(self) -> bytes:
-        return json.dumps(
-            {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "program": _program(),
-                "start_method": _start_method(),
-                "subscriptions": sorted(
-                    wire.unique_name_of(topic) for topic in self._subscriptions.live_topics
-                ),
-                "queues": self._control.queues(),
-            }
-        ).encode()
+        return describe(self._subscriptions.live_topics, self._control.queues())
 
     def _describe_to_hub(self) -> None:
         if self._control.socket is not None and self.session.hub_alive:
@@ -286,9 +267,7 @@ class IOThread:
             self._say_goodbye()
             raise
         finally:
-            for watched, monitor in self._monitors.items():
-                watched.disable_monitor()
-                monitor.close(linger=0)
+            self._watch.close()
             for sock in (self._control.socket, self._dealer, self._sub):
                 if sock is not None:
                     sock.close()  # their linger is 0, but after a goodbye (_say_goodbye)
@@ -306,7 +285,7 @@ class IOThread:
     def _connect(self, context: zmq.Context[Any]) -> bool:
         control = self._control.socket = self._socket(context, zmq.DEALER)
         control.routing_id = self._client_id
-        monitor = self._monitor(control)
+        monitor = self._watch.watch(control)
         control.connect(self.endpoint)
         control.send_multipart(wire.hello(self._client_id, self._description()))
         timeout = self._connect_timeout
@@ -318,15 +297,15 @@ class IOThread:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 why = "no hub answered"
-                if self.auth_failures:
+                if self._watch.auth_failures:
                     why = (
                         "the peer there failed to prove the bus secret "
-                        f"({self.auth_failures} handshakes): it is not our hub"
+                        f"({self._watch.auth_failures} handshakes): it is not our hub"
                     )
                 self._failure = HubUnavailableError(f"{why} at {self.endpoint} within {timeout} s")
                 return False
             poller.poll(None if left is None else int(left * 1000) + 1)
-            self._read_monitor(monitor)
+            self._watch.read(monitor)
         head, *body = control.recv_multipart()
         try:
             if head != wire.header(wire.WELCOME):
@@ -340,19 +319,14 @@ class IOThread:
         dealer = self._dealer = self._socket(context, zmq.DEALER)
         dealer.sndhwm = dealer.rcvhwm = self._hwm
         dealer.routing_id = self._client_id
-        self._monitor(dealer, zmq.EVENT_DISCONNECTED)
+        self._watch.watch(dealer, zmq.EVENT_DISCONNECTED)
         dealer.connect(welcome.publish_endpoint)
         sub = self._sub = self._subscriptions.sub = self._socket(context, zmq.SUB)
         sub.rcvhwm = self._hwm
-        self._monitor(sub)
+        self._watch.watch(sub)
         sub.connect(welcome.fanout_endpoint)
         self._ready.set()
         return True
-
-    def _monitor(self, sock: Socket, events: int = 0) -> Socket:
-        """Watch ``sock`` for failed handshakes (and ``events``)."""
-        monitor = self._monitors[sock] = sock.get_monitor_socket(_HANDSHAKE_FAILED | events)
-        return monitor
 
     def _socket(self, context: zmq.Context[Any], kind: int) -> Socket:
         """A socket that proves the bus secret in its handshake (the hub's ZAP handler)."""
@@ -413,7 +387,7 @@ class IOThread:
         # (measured: ~1 000 messages lost per second of undetected outage before this).
         # Every socket's failed handshakes: a peer at the hub's address that cannot prove the
         # secret (an impostor) is reported, and nothing of it is read.
-        monitors = list(self._monitors.values())
+        monitors = list(self._watch.monitors())
         for monitor in monitors:
             poller.register(monitor, zmq.POLLIN)
         while True:
@@ -448,7 +422,7 @@ class IOThread:
                 self.wake()  # the pump may have waited for this sync answer
             for monitor in monitors:
                 if monitor in events:
-                    self._read_monitor(monitor)
+                    self._watch.read(monitor)
 
     # -- control -----------------------------------------------------------------------------
 
@@ -466,29 +440,6 @@ class IOThread:
     def _hub_lost(self, why: str) -> None:
         if self.session.lost(why):
             self._on_space()  # publishers waiting for room learn that the hub is gone
-
-    def _read_monitor(self, monitor: Socket) -> None:
-        while True:
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._hub_lost("its connection closed")
-            elif event["event"] & _HANDSHAKE_FAILED:
-                self._authentication_failed()
-
-    def _authentication_failed(self) -> None:
-        self.auth_failures += 1
-        now = time.monotonic()
-        if now - self._auth_logged_at >= _AUTH_LOG_PERIOD:
-            self._auth_logged_at = now
-            logger.error(
-                "the peer at %s failed to prove the bus secret (%d handshakes so far): it is not "
-                "our hub, nothing of it is read",
-                self.endpoint,
-                self.auth_failures,
-            )
 
     def _read_control(self, control: Socket) -> None:
         for _ in range(_BURST):
@@ -566,23 +517,3 @@ class IOThread:
             token = wire.parse_flushed(frames)
             if token is not None:
                 self.outbox.flushed(token)
-
-
-# The pid this module was imported in: a broker made in another pid is in a forked child.
-_IMPORTED_IN = os.getpid()
-
-
-def _program() -> str:
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv else "")
-    return os.path.basename(path) or "python"
-
-
-def _start_method() -> str:
-    """How this process started, as far as it can tell: by hand ("main"), forked from a
-    process that used ipcbus ("fork"), or by multiprocessing ("spawn or forkserver")."""
-    if os.getpid() != _IMPORTED_IN:
-        return "fork"
-    if multiprocessing.parent_process() is not None:
-        return "spawn or forkserver"
-    return "main"
