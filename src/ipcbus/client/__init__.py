@@ -13,5 +13,9 @@
 - ``threads``: guarded threads (none dies silently: the broker fails loudly), and which of them
   run handlers (``publish()`` from those never waits for room).
 - ``notify``: the thread that calls the user's ``on_hub_state`` callback.
-- ``admin``: one-off requests (statistics) without joining the bus.
+- ``gate``: where ``publish()`` waits (room in the outbox, a full topic to reopen).
+- ``watch``: the sockets' monitors (a closed hub connection, impostor handshakes).
+- ``describe``: what this client says about itself to the hub (``ipcbus clients``).
+- ``acks``: queue acks collected and coalesced into ranges.
+- ``admin``: one-off requests (statistics, clients) without joining the bus.
 """

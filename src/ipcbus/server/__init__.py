@@ -7,6 +7,8 @@
 - ``fanout``: the XPUB side: sending batches, backpressure, stalled subscribers.
 - ``control``: clients, heartbeats, queue consumers, over the control socket.
 - ``queues``: the queue book: held messages, fair dispatch, acks, redelivery.
+- ``runs``: runs, the queue book's unit: consecutive messages of one producer batch.
+- ``clients``: who is connected, as each client describes itself (``ipcbus clients``).
 - ``groups_file``: the declared queue groups, kept for a restart at the same address.
 
 Imports only the wire, the configuration and the exceptions; never the client side, the core or
