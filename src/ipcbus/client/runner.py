@@ -344,17 +344,39 @@ class QueueRunner:
                     self.flush_acks()
 
     def _run_plain(self, job: _Job) -> None:
-        """The job's messages in order, on this thread; one ack entry for those that went well."""
-        stream, first_seq = job.run.stream, job.run.first_seq
-        sizes, payloads, offset = job.sizes, job.run.payloads, job.offset
+        """The job's messages in order, on this thread; one ack entry for those that went well.
+
+        What ``_prepare`` and ``call_to_completion`` do, written out in the loop: it runs once
+        per message, and each call it saves is ~0.1 µs of a ~4 µs message."""
+        subscription, run = job.subscription, job.run
+        queue_name = subscription.queue_name
+        assert queue_name is not None
+        stream, first_seq, first_id, attempt = run.stream, run.first_seq, run.first_id, run.attempt
+        decode, prefix, published_at = job.decode, job.id_prefix, job.published_at
+        sizes, payloads, offset = job.sizes, run.payloads, job.offset
         answers: list[wire.Ack] = []
         ok_from = index = since = job.start  # messages ok_from .. index - 1 went well
         mark = time.monotonic()  # when message ``since`` started
         self._in_job.job = job
         while index < job.end and not self._stopped:
             size = sizes[index]
-            answer = self._run_one(job, index, payloads[offset : offset + size])
+            payload = payloads[offset : offset + size]
             offset += size
+            message_id = f"{prefix}{first_id + index}"
+            answer: wire.Ack | None = None
+            try:
+                message = decode(payload)
+            except BaseException as exc:  # unpickling runs the classes' code: SystemExit too
+                answer = self._undecodable(job, index, message_id, exc)
+            else:
+                if subscription.accepts(message):
+                    context = AsyncMessageContext._of(queue_name, message_id, attempt, published_at)
+                    try:
+                        call_to_completion(subscription, message, context)
+                    except BaseException as exc:  # a failed attempt, whatever it raised
+                        answer = self._failed(job, index, message, context, exc)
+                else:
+                    answer = wire.Ack(stream, first_seq + index, first_seq + index, _REJECTED)
             if answer is not None:
                 if ok_from < index:
                     answers.append(_ok(stream, first_seq + ok_from, first_seq + index - 1))
@@ -371,25 +393,13 @@ class QueueRunner:
                 self.flush_acks()
                 # ... and if its handlers are slow, share the rest with an idle worker.
                 slow = now - mark >= _SLOW_HANDLER * (index - since)
-                self._slow[job.run.subscription_id] = slow
+                self._slow[run.subscription_id] = slow
                 if slow and self._idle_workers and job.end - index >= 2:
                     self._jobs.put(job.part(index + (job.end - index) // 2))
                 mark, since = now, index
         if ok_from < index:  # stopped (closed) before the end: the rest goes back to the hub
             answers.append(_ok(stream, first_seq + ok_from, first_seq + index - 1))
         self._acks.extend(answers)
-
-    def _run_one(self, job: _Job, index: int, payload: bytes) -> wire.Ack | None:
-        """Run one message's handler; ``None`` when it went well, else the answer."""
-        prepared = self._prepare(job, index, payload)
-        if isinstance(prepared, wire.Ack):
-            return prepared
-        message, context = prepared
-        try:
-            call_to_completion(job.subscription, message, context)
-        except BaseException as exc:  # a failed attempt, whatever it raised (module docstring)
-            return self._failed(job, index, message, context, exc)
-        return None
 
     # -- coroutine functions: the event loop --------------------------------------------------
 
