@@ -254,6 +254,21 @@ def test_a_run_stopped_midway_leaves_the_rest_to_the_hub(harness: Harness) -> No
     assert harness.acks() == [Ack(STREAM, 1, 3, OUTCOME_OK)]
 
 
+def test_waiting_for_idle_from_a_handler_does_not_wait_for_its_own_run(harness: Harness) -> None:
+    """close() in a handler waits for the deliveries in hand, except those of its own thread:
+    the rest of its run cannot go on before the handler returns."""
+    idle: list[bool] = []
+
+    def handle(message: Tick) -> None:
+        if message.seq == 3:
+            idle.append(harness.runner.wait_idle(5))
+
+    subscription_id = harness.subscribe(handle)
+    harness.runner.submit(run_body(subscription_id, 1, ticks(*range(10))))
+    assert harness.runner.wait_idle(10)
+    assert idle == [True]
+
+
 def test_coalesce_merges_neighbouring_answers_of_one_stream_and_outcome() -> None:
     answers = [
         Ack(b"s", 4, 6, OUTCOME_OK),

@@ -28,10 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 import queue
 import threading
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,10 +68,11 @@ class _Job:
 
     subscription: Subscription
     run: wire.Deliver
-    payloads: list[memoryview]
+    sizes: array[int]
+    offset: int  # where message ``start`` begins in the run's payloads
     start: int
     end: int
-    decode: Callable[[memoryview], Message]
+    decode: Callable[[bytes], Message]
     published_at: float
     id_prefix: str  # a message id is this and the message's number
 
@@ -83,7 +86,8 @@ class _Job:
         return cls(
             subscription,
             run,
-            wire.split_payloads(run.sizes, run.payloads),
+            wire.unpack_sizes(run.sizes),
+            0,
             0,
             run.count,
             codec.split_decoder(codec_id, subscription.message_type),
@@ -93,10 +97,12 @@ class _Job:
 
     def part(self, start: int) -> _Job:
         """Its messages from ``start`` on, as a job of their own (this one ends there)."""
+        offset = self.offset + sum(self.sizes[self.start : start])
         rest = _Job(
             self.subscription,
             self.run,
-            self.payloads,
+            self.sizes,
+            offset,
             start,
             self.end,
             self.decode,
@@ -105,6 +111,14 @@ class _Job:
         )
         self.end = start
         return rest
+
+    def payloads(self) -> list[bytes]:
+        """Each of its messages' payload (a slice of bytes: cheaper than a view, measured)."""
+        payloads, offset, found = self.run.payloads, self.offset, []
+        for size in self.sizes[self.start : self.end]:
+            found.append(payloads[offset : offset + size])
+            offset += size
+        return found
 
 
 class QueueRunner:
@@ -133,7 +147,7 @@ class QueueRunner:
         self._idle = threading.Condition()
         self._running = 0  # messages in hand
         self._coroutines = 0  # of _running: deliveries for the event loop
-        self._in_job = threading.local()  # a worker thread's messages in hand (its job's rest)
+        self._in_job = threading.local()  # a worker thread's job (its rest waits for it)
         self.undecodable = 0  # deliveries this process could not decode (dead-lettered)
         self._acks = AckBuffer(send_acks)
 
@@ -146,7 +160,7 @@ class QueueRunner:
         except (ValueError, IndexError) as exc:
             logger.error("ignored a malformed DELIVER: %s", exc)
             return
-        coroutines: list[tuple[_Job, int]] = []
+        coroutines: list[tuple[_Job, int, bytes]] = []
         with self._idle:
             self._running += sum(run.count for run in runs)
         for run in runs:
@@ -158,7 +172,7 @@ class QueueRunner:
                 continue
             job = _Job.of(subscription, run)
             if inspect.iscoroutinefunction(subscription.handler):
-                coroutines += ((job, index) for index in range(run.count))
+                coroutines += zip(itertools.repeat(job), itertools.count(), job.payloads())
                 continue
             self._ensure_workers()
             if self._slow.get(run.subscription_id) and run.count > 1:
@@ -191,7 +205,9 @@ class QueueRunner:
         """
         # On the loop thread, no coroutine delivery can progress while we wait.
         in_loop = threading.current_thread() is self._loop_thread
-        own = getattr(self._in_job, "left", 0)
+        job = getattr(self._in_job, "job", None)
+        # A job's messages stay in hand until it ends, those handled before included.
+        own = 0 if job is None else job.end - job.start
 
         def idle() -> bool:
             return self._running <= (self._coroutines if in_loop else own)
@@ -226,32 +242,38 @@ class QueueRunner:
 
     # -- both kinds of handler ----------------------------------------------------------------
 
-    def _prepare(self, job: _Job, index: int) -> tuple[Message, AsyncMessageContext] | wire.Ack:
+    def _prepare(
+        self, job: _Job, index: int, payload: bytes
+    ) -> tuple[Message, AsyncMessageContext] | wire.Ack:
         """Decode and filter; the answer to send instead when the handler is not to run."""
         subscription, run = job.subscription, job.run
-        queue_name = subscription.queue_name
-        assert queue_name is not None
         message_id = f"{job.id_prefix}{run.first_id + index}"
         try:
-            message = job.decode(job.payloads[index])
+            message = job.decode(payload)
         except BaseException as exc:  # unpickling runs the classes' code: SystemExit included
-            with self._lock:  # workers decode concurrently
-                self.undecodable += 1
-            logger.error(
-                "queue %r could not decode a %s message (%s): %s: %s",
-                queue_name,
-                subscription.topic,
-                message_id,
-                type(exc).__name__,
-                exc,
-            )
-            error = f"undecodable: {describe_error(exc)}"
-            seq = run.first_seq + index
-            return wire.Ack(run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
+            return self._undecodable(job, index, message_id, exc)
         if not subscription.accepts(message):
             seq = run.first_seq + index
             return wire.Ack(run.stream, seq, seq, _REJECTED)
-        return message, AsyncMessageContext(queue_name, message_id, run.attempt, job.published_at)
+        queue_name = subscription.queue_name
+        assert queue_name is not None
+        context = AsyncMessageContext._of(queue_name, message_id, run.attempt, job.published_at)
+        return message, context
+
+    def _undecodable(self, job: _Job, index: int, message_id: str, exc: BaseException) -> wire.Ack:
+        with self._lock:  # workers decode concurrently
+            self.undecodable += 1
+        logger.error(
+            "queue %r could not decode a %s message (%s): %s: %s",
+            job.subscription.queue_name,
+            job.subscription.topic,
+            message_id,
+            type(exc).__name__,
+            exc,
+        )
+        seq = job.run.first_seq + index
+        error = f"undecodable: {describe_error(exc)}"
+        return wire.Ack(job.run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
 
     def _failed(
         self,
@@ -315,21 +337,46 @@ class QueueRunner:
             except Exception:
                 logger.exception("ipcbus could not run a queue delivery")
             finally:
-                self._in_job.left = 0
+                self._in_job.job = None
                 # Acks leave in bursts: when this worker has nothing queued behind it.
                 idle = self._done(job.end - job.start)
                 if idle or self._jobs.empty() or len(self._acks) >= wire.MAX_ACKS:
                     self.flush_acks()
 
     def _run_plain(self, job: _Job) -> None:
-        """The job's messages in order, on this thread; one ack entry for those that went well."""
-        stream, first_seq = job.run.stream, job.run.first_seq
+        """The job's messages in order, on this thread; one ack entry for those that went well.
+
+        What ``_prepare`` and ``call_to_completion`` do, written out in the loop: it runs once
+        per message, and each call it saves is ~0.1 µs of a ~4 µs message."""
+        subscription, run = job.subscription, job.run
+        queue_name = subscription.queue_name
+        assert queue_name is not None
+        stream, first_seq, first_id, attempt = run.stream, run.first_seq, run.first_id, run.attempt
+        decode, prefix, published_at = job.decode, job.id_prefix, job.published_at
+        sizes, payloads, offset = job.sizes, run.payloads, job.offset
         answers: list[wire.Ack] = []
         ok_from = index = since = job.start  # messages ok_from .. index - 1 went well
         mark = time.monotonic()  # when message ``since`` started
+        self._in_job.job = job
         while index < job.end and not self._stopped:
-            self._in_job.left = job.end - index
-            answer = self._run_one(job, index)
+            size = sizes[index]
+            payload = payloads[offset : offset + size]
+            offset += size
+            message_id = f"{prefix}{first_id + index}"
+            answer: wire.Ack | None = None
+            try:
+                message = decode(payload)
+            except BaseException as exc:  # unpickling runs the classes' code: SystemExit too
+                answer = self._undecodable(job, index, message_id, exc)
+            else:
+                if subscription.accepts(message):
+                    context = AsyncMessageContext._of(queue_name, message_id, attempt, published_at)
+                    try:
+                        call_to_completion(subscription, message, context)
+                    except BaseException as exc:  # a failed attempt, whatever it raised
+                        answer = self._failed(job, index, message, context, exc)
+                else:
+                    answer = wire.Ack(stream, first_seq + index, first_seq + index, _REJECTED)
             if answer is not None:
                 if ok_from < index:
                     answers.append(_ok(stream, first_seq + ok_from, first_seq + index - 1))
@@ -346,25 +393,13 @@ class QueueRunner:
                 self.flush_acks()
                 # ... and if its handlers are slow, share the rest with an idle worker.
                 slow = now - mark >= _SLOW_HANDLER * (index - since)
-                self._slow[job.run.subscription_id] = slow
+                self._slow[run.subscription_id] = slow
                 if slow and self._idle_workers and job.end - index >= 2:
                     self._jobs.put(job.part(index + (job.end - index) // 2))
                 mark, since = now, index
         if ok_from < index:  # stopped (closed) before the end: the rest goes back to the hub
             answers.append(_ok(stream, first_seq + ok_from, first_seq + index - 1))
         self._acks.extend(answers)
-
-    def _run_one(self, job: _Job, index: int) -> wire.Ack | None:
-        """Run one message's handler; ``None`` when it went well, else the answer."""
-        prepared = self._prepare(job, index)
-        if isinstance(prepared, wire.Ack):
-            return prepared
-        message, context = prepared
-        try:
-            call_to_completion(job.subscription, message, context)
-        except BaseException as exc:  # a failed attempt, whatever it raised (module docstring)
-            return self._failed(job, index, message, context, exc)
-        return None
 
     # -- coroutine functions: the event loop --------------------------------------------------
 
@@ -380,16 +415,16 @@ class QueueRunner:
                 )
             return self._loop
 
-    def _start_tasks(self, deliveries: list[tuple[_Job, int]]) -> None:
+    def _start_tasks(self, deliveries: list[tuple[_Job, int, bytes]]) -> None:
         loop = asyncio.get_running_loop()
-        for job, index in deliveries:
-            task = loop.create_task(self._run_coroutine(job, index))
+        for job, index, payload in deliveries:
+            task = loop.create_task(self._run_coroutine(job, index, payload))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run_coroutine(self, job: _Job, index: int) -> None:
+    async def _run_coroutine(self, job: _Job, index: int, payload: bytes) -> None:
         try:
-            prepared = self._prepare(job, index)
+            prepared = self._prepare(job, index, payload)
             if isinstance(prepared, wire.Ack):
                 self._acks.add(prepared)
                 return

@@ -110,10 +110,16 @@ def encode_batch(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[An
 
 def encode_split(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[bytes]]:
     """Serialise each message alone: ``(codec, [sizes, payloads])`` (see ``split_messages``)."""
+    states: list[Any]
     if is_plain_dataclass(cls):
-        codec, parts = SPLIT_DATACLASS, [_dumps_inband(m.__dict__, cls) for m in messages]
+        codec, states = SPLIT_DATACLASS, [message.__dict__ for message in messages]
     else:
-        codec, parts = SPLIT_OBJECTS, [_dumps_inband(message, cls) for message in messages]
+        codec, states = SPLIT_OBJECTS, list(messages)
+    dumps = pickle.dumps
+    try:  # the common case in one comprehension: a call less per message
+        parts = [dumps(state, PROTOCOL) for state in states]
+    except Exception:
+        parts = [_dumps_inband(state, cls) for state in states]
     return codec, [pack_sizes(map(len, parts)), b"".join(parts)]
 
 
