@@ -19,7 +19,7 @@ from ipcbus.client.admin import request_statistics
 from ipcbus.config import ENV_ADDRESS
 from ipcbus.testing import isolated_registry
 
-from .hubtools import BarrierWaiter, SplitBroker
+from .hubtools import BarrierWaiter, SplitBroker, Workers
 
 pytest_plugins = ["pytester"]
 
@@ -164,3 +164,13 @@ def wait_until(
 def errors_logged(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.ERROR, logger="ipcbus")
     return caplog
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    """Spawned worker processes of the test (see hubtools.Workers), all stopped afterwards."""
+    started = Workers()
+    try:
+        yield started
+    finally:
+        started.close()

@@ -5,14 +5,21 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
 
 from ipcbus import Broker, HubBroker, Message, Subscription, connect
+from ipcbus.config import ENV_ADDRESS
 from ipcbus.core.contract import Subscription as _Subscription
 
 from .messages import Barrier, Tick
@@ -190,3 +197,64 @@ class SplitBroker(Broker):
     def _close(self) -> None:
         self.remote.stop()
         self.local.close()
+
+
+_SPAWN: Any = multiprocessing.get_context("spawn")
+
+
+class Workers:
+    """Spawned worker processes; each gets a ready pipe and a stop pipe of its own (a shared
+    multiprocessing.Event deadlocks when a waiter is killed or stopped). The ``workers``
+    fixture of conftest stops every one."""
+
+    def __init__(self, start_timeout: float = 60.0) -> None:
+        self.processes: list[Any] = []
+        self._start_timeout = start_timeout
+
+    def start(self, target: Callable[..., None], *args: Any) -> Any:
+        ready, child_ready = _SPAWN.Pipe(duplex=False)
+        child_stop, stop = _SPAWN.Pipe(duplex=False)
+        process = _SPAWN.Process(target=target, args=(*args, child_ready, child_stop), daemon=True)
+        process.start()
+        child_ready.close()
+        child_stop.close()
+        self.processes.append(process)
+        process.stop_pipe = stop
+        try:
+            assert ready.poll(self._start_timeout), f"{target.__name__} did not start"
+            assert ready.recv() == "ready"
+        finally:
+            ready.close()
+        return process
+
+    def stop(self, process: Any, timeout: float = 30.0) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGCONT)  # in case the test left it stopped
+        process.stop_pipe.close()
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join(10)
+
+    def close(self) -> None:
+        for process in self.processes:
+            self.stop(process)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m ipcbus *args`` from the repository root, without this process's
+    IPCBUS_ADDRESS, with ``env`` added to the environment."""
+    environment = {k: v for k, v in os.environ.items() if k != ENV_ADDRESS}
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "ipcbus", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=environment,
+        check=False,
+    )

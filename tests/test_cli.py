@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -16,25 +15,10 @@ import pytest
 from ipcbus import Hub, HubBroker
 from ipcbus.config import ENV_ADDRESS
 
+from .hubtools import REPO, run_cli
 from .messages import Tick
 
 pytestmark = [pytest.mark.hub, pytest.mark.usefixtures("no_leftovers")]
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if k != ENV_ADDRESS}
-    environment.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "ipcbus", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env=environment,
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -44,15 +28,15 @@ def hub(tmp_path: Path) -> Iterator[Hub]:
 
 
 def test_version_and_help() -> None:
-    version = _cli("--version")
+    version = run_cli("--version")
     assert version.returncode == 0
     assert version.stdout.startswith("ipcbus ")
     for command in ([], ["hub"], ["stats"], ["ping"], ["publish"]):
-        shown = _cli(*command, "--help")
+        shown = run_cli(*command, "--help")
         assert shown.returncode == 0, shown.stderr
         assert "exit codes: 0 ok, 1 failed, 2 usage, 3 address, 4 unavailable" in shown.stdout
         assert "``" not in shown.stdout, "help text with markup"
-    assert "--max-held" in _cli("hub", "--help").stdout  # every Hub option is a flag
+    assert "--max-held" in run_cli("hub", "--help").stdout  # every Hub option is a flag
 
 
 @pytest.mark.parametrize(
@@ -61,18 +45,18 @@ def test_version_and_help() -> None:
 def test_log_options_are_accepted_before_and_after_the_subcommand(
     hub: Hub, flags: list[str]
 ) -> None:
-    answered = _cli(*flags, "--address", hub.address)
+    answered = run_cli(*flags, "--address", hub.address)
     assert answered.returncode == 0, answered.stderr
     assert answered.stdout.strip() == f"{hub.address}: ok"
 
 
 def test_ping_exit_codes(hub: Hub, tmp_path: Path) -> None:
-    assert _cli("ping", "--address", hub.address).returncode == 0
-    assert _cli("ping", **{ENV_ADDRESS: hub.address}).returncode == 0  # address from the env
-    dead = _cli("ping", "--address", f"ipc://{tmp_path}/nobody", "--timeout", "0.5")
+    assert run_cli("ping", "--address", hub.address).returncode == 0
+    assert run_cli("ping", **{ENV_ADDRESS: hub.address}).returncode == 0  # address from the env
+    dead = run_cli("ping", "--address", f"ipc://{tmp_path}/nobody", "--timeout", "0.5")
     assert dead.returncode == 4
     assert "no hub answered" in dead.stderr
-    assert _cli("ping").returncode == 2  # no address at all
+    assert run_cli("ping").returncode == 2  # no address at all
 
 
 def test_publish_sends_one_message_from_json(hub: Hub) -> None:
@@ -85,7 +69,7 @@ def test_publish_sends_one_message_from_json(hub: Hub) -> None:
             arrived.set()
 
         broker.subscribe(Tick, on_tick)
-        sent = _cli(
+        sent = run_cli(
             "publish",
             "tests.messages.Tick",
             "--json",
@@ -110,7 +94,7 @@ def test_publish_sends_one_message_from_json(hub: Hub) -> None:
     ],
 )
 def test_publish_refuses_what_it_cannot_build(hub: Hub, type_name: str, fields: str) -> None:
-    refused = _cli("publish", type_name, "--json", fields, "--address", hub.address)
+    refused = run_cli("publish", type_name, "--json", fields, "--address", hub.address)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.startswith("ipcbus publish: ")
     assert "Traceback" not in refused.stderr
@@ -157,17 +141,17 @@ def test_stats_watch_prints_rates(hub: Hub) -> None:
 
 def test_hub_options_from_flags_and_environment(tmp_path: Path) -> None:
     """A flag wins over the environment; a bad value is a usage error."""
-    bad = _cli("hub", "--address", f"ipc://{tmp_path}/h", IPCBUS_HUB_HWM="lots")
+    bad = run_cli("hub", "--address", f"ipc://{tmp_path}/h", IPCBUS_HUB_HWM="lots")
     assert bad.returncode == 2
     assert "IPCBUS_HUB_HWM" in bad.stderr
-    worse = _cli("hub", "--address", f"ipc://{tmp_path}/h", "--heartbeat-timeout", "0.1")
+    worse = run_cli("hub", "--address", f"ipc://{tmp_path}/h", "--heartbeat-timeout", "0.1")
     assert worse.returncode == 2
     assert "heartbeat_timeout" in worse.stderr
     assert not list(tmp_path.iterdir()), "a refused hub left files"
 
 
 def test_stats_json_is_parseable(hub: Hub) -> None:
-    shown = _cli("stats", "--json", "--address", hub.address)
+    shown = run_cli("stats", "--json", "--address", hub.address)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["pid"] == hub.pid
 
@@ -194,19 +178,19 @@ def test_clients_lists_who_is_connected_and_to_what(hub: Hub) -> None:
     child.start()
     try:
         assert ready.wait(60)
-        listed = _cli("clients", "--json", "--address", hub.address)
+        listed = run_cli("clients", "--json", "--address", hub.address)
         assert listed.returncode == 0, listed.stderr
         (client,) = json.loads(listed.stdout)
         assert client["pid"] == child.pid
         assert client["start_method"] == "spawn or forkserver"
         assert client["subscriptions"] == ["tests.messages.Tick"]
         assert client["queue_consumers"] == ["tests.messages.OrderPlaced/orders"]
-        table = _cli("clients", "--address", hub.address)
+        table = run_cli("clients", "--address", hub.address)
         assert table.returncode == 0, table.stderr
         assert str(child.pid) in table.stdout
         assert "tests.messages.OrderPlaced/orders" in table.stdout
     finally:
         stop.set()
         child.join(30)
-    left = _cli("clients", "--json", "--address", hub.address)
+    left = run_cli("clients", "--json", "--address", hub.address)
     assert json.loads(left.stdout) == []

@@ -17,7 +17,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from ipcbus import AsyncMessageContext, Hub, HubBroker, HubUnavailableError, con
 from ipcbus.wire.address import Address
 
 from .conftest import wait_until
+from .hubtools import Workers
 from .messages import Ping, Tick
 
 pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
@@ -101,52 +101,6 @@ def _tick_consumer(
     stop.poll(300)
     broker.close()
     os.close(log)
-
-
-class Workers:
-    """Spawned worker processes; each gets a ready pipe and a stop pipe of its own (a shared
-    multiprocessing.Event deadlocks when a waiter is killed or stopped)."""
-
-    def __init__(self) -> None:
-        self.processes: list[Any] = []
-
-    def start(self, target: Callable[..., None], *args: Any) -> Any:
-        ready, child_ready = SPAWN.Pipe(duplex=False)
-        child_stop, stop = SPAWN.Pipe(duplex=False)
-        process = SPAWN.Process(target=target, args=(*args, child_ready, child_stop), daemon=True)
-        process.start()
-        child_ready.close()
-        child_stop.close()
-        self.processes.append(process)
-        process.stop_pipe = stop
-        try:
-            assert ready.poll(START_TIMEOUT), f"{target.__name__} did not start"
-            assert ready.recv() == "ready"
-        finally:
-            ready.close()
-        return process
-
-    def stop(self, process: Any, timeout: float = 30.0) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGCONT)  # in case the test left it stopped
-        process.stop_pipe.close()
-        process.join(timeout)
-        if process.is_alive():
-            process.kill()
-            process.join(10)
-
-    def close(self) -> None:
-        for process in self.processes:
-            self.stop(process)
-
-
-@pytest.fixture
-def workers() -> Iterator[Workers]:
-    started = Workers()
-    try:
-        yield started
-    finally:
-        started.close()
 
 
 def _lines(path: Path) -> list[list[bytes]]:

@@ -40,7 +40,7 @@ from ipcbus.client.admin import request_statistics
 from ipcbus.wire.address import Address
 
 from .conftest import wait_until
-from .hubtools import BarrierWaiter, free_tcp_port, round_trip
+from .hubtools import BarrierWaiter, free_tcp_port, round_trip, run_cli
 from .messages import Tick, Unpicklable
 
 pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
@@ -163,18 +163,6 @@ _HUB_COMMANDS = {
     "module": lambda address: [sys.executable, "-m", "ipcbus", "hub", "--address", address],
     "script": lambda address: ["sh", "scripts/start-hub", "--address", address],
 }
-
-
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ipcbus", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env=env,
-        check=False,
-    )
 
 
 # -- 1. bad input -----------------------------------------------------------------------------
@@ -576,14 +564,14 @@ def test_cli_hub_serves_reports_refuses_a_second_and_stops_on_sigterm(tmp_path: 
             assert received == list(range(published))
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
-        stats = _cli("stats", "--address", address, "--json")
+        stats = run_cli("stats", "--address", address, "--json")
         assert stats.returncode == 0, stats.stderr
         numbers = json.loads(stats.stdout)
         assert numbers["messages_relayed"] >= published + 1  # and the barrier
         assert numbers["address"] == address
         assert numbers["pid"] == process.pid
 
-        second = _cli("hub", "--address", address)
+        second = run_cli("hub", "--address", address)
         assert second.returncode == 3, second.stderr
         assert "another hub already serves" in second.stderr
         assert os.path.exists(path), "the refused hub removed the serving hub's socket"
@@ -601,13 +589,12 @@ def test_cli_hub_serves_reports_refuses_a_second_and_stops_on_sigterm(tmp_path: 
 
 
 def test_cli_stats_exit_codes_without_a_hub(tmp_path: Path) -> None:
-    dead = _cli("stats", "--address", f"ipc://{tmp_path}/dead", "--timeout", "0.5")
+    dead = run_cli("stats", "--address", f"ipc://{tmp_path}/dead", "--timeout", "0.5")
     assert dead.returncode == 4, dead.stderr
     assert "no hub answered" in dead.stderr
     assert dead.stdout == ""
 
-    env = {k: v for k, v in os.environ.items() if k != ENV_ADDRESS}
-    missing = _cli("stats", env=env)
+    missing = run_cli("stats")  # no address anywhere
     assert missing.returncode == 2, missing.stderr
     assert ENV_ADDRESS in missing.stderr
 
