@@ -22,7 +22,7 @@ INF = float("inf")
 
 def test_policy_defaults() -> None:
     policy = QueuePolicy()
-    assert (policy.max_attempts, policy.retry_backoff, policy.prefetch) == (3, 0.05, 10)
+    assert (policy.max_attempts, policy.retry_backoff, policy.prefetch) == (3, 0.05, 1000)
 
 
 @pytest.mark.parametrize(

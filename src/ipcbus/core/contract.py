@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Self, TypeVar
 from ..exceptions import BrokerClosedError, QueueInUseError
 from ..message import Message, get_unique_name_for_message
 from .failures import is_handler_failure
-from .retry import QueuePolicy
+from .retry import DEFAULT_PREFETCH, QueuePolicy
 
 __all__ = [
     "AsyncMessageContext",
@@ -214,7 +214,7 @@ class Broker(ABC):
         *,
         max_attempts: int = 3,
         retry_backoff: float = 0.05,
-        prefetch: int = 10,
+        prefetch: int = DEFAULT_PREFETCH,
     ) -> Subscription:
         """Join the queue group ``queue_name`` for ``message_type`` (competing consumers).
 
@@ -223,7 +223,9 @@ class Broker(ABC):
         inside it :meth:`AsyncMessageContext.current` describes the delivery. A handler that
         raises is retried up to ``max_attempts`` calls in all, then the message is published as a
         :class:`~ipcbus.message.DeadLetter`. Across processes a consumer holds at most
-        ``prefetch`` unacknowledged deliveries (fair dispatch).
+        ``prefetch`` unacknowledged deliveries (fair dispatch). The default, 1000, is for
+        throughput; for long jobs pass about the consumer's worker threads (4), or one consumer
+        may hold jobs another, idle, could run.
         """
         self._check_subscription(message_type, handler, predicate)
         if not isinstance(queue_name, str) or not queue_name:
