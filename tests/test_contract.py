@@ -19,11 +19,21 @@ from ipcbus import (
     DeadLetter,
     Message,
     MessageSerializationError,
+    RemoteError,
+    RequestTimeoutError,
     Subscription,
 )
 
-from .conftest import Harness
-from .messages import OrderPlaced, OrderShipped, PriorityOrderPlaced, Tick, Unpicklable
+from .conftest import Harness, wait_until
+from .messages import (
+    OrderPlaced,
+    OrderShipped,
+    Ping,
+    Pong,
+    PriorityOrderPlaced,
+    Tick,
+    Unpicklable,
+)
 
 # The hub kinds start a hub and, for "hub-split", a publisher process per test.
 pytestmark = pytest.mark.usefixtures("no_leftovers")
@@ -420,3 +430,177 @@ def test_a_declared_queue_holds_what_is_published_until_a_consumer_comes(
     broker.subscribe_async(OrderPlaced, lambda m: seen.append(m.order_id), "later")
     harness.settle()
     assert sorted(seen) == list(range(20))
+
+
+# -- request / reply --------------------------------------------------------------------------
+
+
+def test_a_broadcast_handler_replies_by_returning_a_message(harness: Harness) -> None:
+    harness.broker.subscribe(Ping, lambda m: Pong(m.token, 1))
+    assert harness.broker.request(Ping("a"), timeout=20) == Pong("a", 1)
+    assert harness.broker.request(Ping("b"), timeout=20) == Pong("b", 1)
+    assert harness.broker.pending_requests == 0
+
+
+@pytest.mark.queue_groups
+def test_plain_and_coroutine_queue_handlers_reply(harness: Harness) -> None:
+    async def coroutine(message: Ping) -> Pong:
+        await asyncio.sleep(0)
+        return Pong(message.token, 2)
+
+    harness.broker.subscribe_async(
+        Ping, lambda m: Pong(m.token, 1), "plain", lambda m: m.token == "p"
+    )
+    harness.broker.subscribe_async(Ping, coroutine, "co", lambda m: m.token == "c")
+    assert harness.broker.request(Ping("p"), timeout=20) == Pong("p", 1)
+    assert harness.broker.request(Ping("c"), timeout=20) == Pong("c", 2)
+
+
+def test_a_return_value_that_is_not_a_message_is_no_reply(harness: Harness) -> None:
+    harness.broker.subscribe(Ping, lambda m: "not a message")
+    harness.broker.subscribe(Ping, lambda m: None)
+    with pytest.raises(RequestTimeoutError):
+        harness.broker.request(Ping("x"), timeout=0.3)
+    assert harness.broker.pending_requests == 0
+
+
+def test_without_a_responder_a_request_times_out(harness: Harness) -> None:
+    with pytest.raises(RequestTimeoutError, match="Ping") as caught:
+        harness.broker.request(Ping("nobody"), timeout=0.2)
+    assert isinstance(caught.value, TimeoutError)
+    assert harness.broker.pending_requests == 0
+
+
+def test_return_values_of_published_messages_are_ignored(harness: Harness) -> None:
+    seen: list[str] = []
+
+    def responder(message: Ping) -> Pong:
+        seen.append(message.token)
+        return Pong(message.token, 1)
+
+    harness.broker.subscribe(Ping, responder)
+    harness.broker.publish(Ping("published"))
+    harness.settle()
+    assert seen == ["published"]
+    assert harness.broker.late_replies == 0
+
+
+def test_the_first_reply_wins_and_the_others_are_counted(harness: Harness) -> None:
+    harness.broker.subscribe(Ping, lambda m: Pong(m.token, 1))
+    harness.broker.subscribe(Ping, lambda m: Pong(m.token, 2))
+    harness.broker.subscribe(Ping, lambda m: None)  # no reply: not counted
+    reply = harness.broker.request(Ping("race"), timeout=20)
+    assert reply in (Pong("race", 1), Pong("race", 2))
+    wait_until(lambda: harness.broker.late_replies == 1, 20)
+    harness.settle()
+    assert harness.broker.late_replies == 1
+
+
+def test_a_responder_that_raises_answers_with_a_remote_error(
+    harness: Harness, errors_logged: pytest.LogCaptureFixture
+) -> None:
+    def refuse(message: Ping) -> Pong:
+        raise LookupError(f"no such token {message.token}")
+
+    harness.broker.subscribe(Ping, refuse)
+    with pytest.raises(RemoteError) as caught:
+        harness.broker.request(Ping("t1"), timeout=20)
+    assert caught.value.remote_type == "LookupError"
+    assert caught.value.remote_message == "no such token t1"
+    assert "LookupError" in str(caught.value)
+
+
+@pytest.mark.queue_groups
+def test_a_queue_responder_is_retried_then_answers_with_a_remote_error(
+    harness: Harness, errors_logged: pytest.LogCaptureFixture
+) -> None:
+    attempts: list[int] = []
+
+    def flaky(message: Ping) -> Pong:
+        attempts.append(AsyncMessageContext.current().attempt)
+        raise ValueError(f"attempt {AsyncMessageContext.current().attempt}")
+
+    harness.broker.subscribe_async(Ping, flaky, "work", max_attempts=3, retry_backoff=0.0)
+    with pytest.raises(RemoteError) as caught:
+        harness.broker.request(Ping("r"), timeout=20)
+    assert caught.value.remote_type == "ValueError"
+    assert caught.value.remote_message == "attempt 3"
+    assert attempts == [1, 2, 3]
+
+
+@pytest.mark.queue_groups
+def test_a_retry_that_succeeds_replies(harness: Harness) -> None:
+    def flaky(message: Ping) -> Pong:
+        attempt = AsyncMessageContext.current().attempt
+        if attempt == 1:
+            raise ConnectionError("transient")
+        return Pong(message.token, attempt)
+
+    harness.broker.subscribe_async(Ping, flaky, "work", retry_backoff=0.0)
+    assert harness.broker.request(Ping("again"), timeout=20) == Pong("again", 2)
+
+
+@pytest.mark.queue_groups
+def test_one_member_of_a_queue_group_answers(harness: Harness) -> None:
+    calls: Counter[int] = Counter()
+
+    def member(number: int):  # type: ignore[no-untyped-def]
+        def handle(message: Ping) -> Pong:
+            calls[number] += 1
+            return Pong(message.token, number)
+
+        return handle
+
+    for number in range(3):
+        harness.broker.subscribe_async(Ping, member(number), "responders")
+    for index in range(6):
+        assert harness.broker.request(Ping(str(index)), timeout=20).token == str(index)  # type: ignore[attr-defined]
+    harness.settle()
+    assert sum(calls.values()) == 6, "each request went to one member"
+    assert harness.broker.late_replies == 0
+
+
+def test_a_reply_that_cannot_be_serialised_answers_with_a_remote_error(
+    harness: Harness, errors_logged: pytest.LogCaptureFixture
+) -> None:
+    if not harness.serialises:
+        pytest.skip("MemoryBroker never serialises (docs/guarantees.md)")
+    harness.broker.subscribe(Ping, lambda m: Unpicklable())
+    with pytest.raises(RemoteError) as caught:
+        harness.broker.request(Ping("u"), timeout=20)
+    assert caught.value.remote_type == "ipcbus.exceptions.MessageSerializationError"
+
+
+def test_request_from_a_handler(harness: Harness) -> None:
+    """A handler may request (here from a broadcast handler to a queue responder, which runs
+    on another thread than broadcast handlers in every broker)."""
+    replies: list[Message] = []
+    harness.broker.subscribe_async(Ping, lambda m: Pong(m.token, 7), "responders")
+
+    def on_order(message: OrderPlaced) -> None:
+        replies.append(harness.broker.request(Ping(str(message.order_id)), timeout=20))
+
+    harness.broker.subscribe(OrderPlaced, on_order)
+    harness.broker.publish(OrderPlaced(5))
+    harness.settle()
+    wait_until(lambda: len(replies) == 1, 20)
+    assert replies == [Pong("5", 7)]
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan"), float("inf")])
+def test_a_bad_timeout_is_a_value_error(harness: Harness, timeout: float) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        harness.broker.request(Ping("x"), timeout=timeout)
+
+
+def test_bad_request_arguments(harness: Harness) -> None:
+    with pytest.raises(TypeError, match="Message"):
+        harness.broker.request("ping")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="timeout"):
+        harness.broker.request(Ping("x"), timeout="5")  # type: ignore[arg-type]
+    if harness.serialises:
+        with pytest.raises(MessageSerializationError):
+            harness.broker.request(Unpicklable(), timeout=1)
+    harness.broker.close()
+    with pytest.raises(BrokerClosedError):
+        harness.broker.request(Ping("x"))

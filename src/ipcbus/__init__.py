@@ -36,6 +36,8 @@ _EXPORTS = {
     "PublishTimeoutError": "ipcbus.exceptions",
     "PubSubError": "ipcbus.exceptions",
     "QueueInUseError": "ipcbus.exceptions",
+    "RemoteError": "ipcbus.exceptions",
+    "RequestTimeoutError": "ipcbus.exceptions",
     "Hub": "ipcbus.hub",
     "HubStatistics": "ipcbus.hub",
     "HubBroker": "ipcbus.client.broker",
@@ -90,6 +92,8 @@ if TYPE_CHECKING:
     from .exceptions import PublishTimeoutError as PublishTimeoutError
     from .exceptions import PubSubError as PubSubError
     from .exceptions import QueueInUseError as QueueInUseError
+    from .exceptions import RemoteError as RemoteError
+    from .exceptions import RequestTimeoutError as RequestTimeoutError
     from .hub import Hub as Hub
     from .hub import HubStatistics as HubStatistics
     from .message import DeadLetter as DeadLetter

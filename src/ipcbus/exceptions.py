@@ -20,6 +20,8 @@ __all__ = [
     "PubSubError",
     "PublishTimeoutError",
     "QueueInUseError",
+    "RemoteError",
+    "RequestTimeoutError",
 ]
 
 
@@ -78,3 +80,24 @@ class QueueInUseError(PubSubError):
 
 class PublishTimeoutError(PubSubError, TimeoutError):
     """``publish(timeout=...)`` or ``flush(timeout)`` ran out of time under backpressure."""
+
+
+class RequestTimeoutError(PubSubError, TimeoutError):
+    """``request(message, timeout)`` got no reply within ``timeout``: no responder took the
+    message, or none returned a ``Message``. ``TestBroker`` raises it at once when
+    ``process_messages()`` brought no reply."""
+
+
+class RemoteError(PubSubError):
+    """The responder of a ``request()`` raised: ``remote_type`` is the qualified name of what it
+    raised (``"builtins.ValueError"``, ``"orders.OutOfStock"``), ``remote_message`` its text.
+    Only the text travels, never the exception object (it may not exist, or not unpickle, in the
+    requester's process)."""
+
+    def __init__(self, remote_type: str, remote_message: str) -> None:
+        super().__init__(f"the responder raised {remote_type}: {remote_message}")
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str]]:
+        return type(self), (self.remote_type, self.remote_message)

@@ -15,9 +15,17 @@ from ..core.contract import AsyncMessageContext, Broker, Subscription
 from ..core.failures import is_handler_failure
 from ..core.handlers import call_handler, is_cancellation, run_queue_handler
 from ..core.loops import start_loop_thread
+from ..core.requests import (
+    Failure,
+    LocalReply,
+    ReplyTo,
+    answer,
+    call_responder,
+    result_of,
+)
 from ..core.retry import after_failure, publish_dead_letter
 from ..core.routing import RouteTable
-from ..exceptions import BrokerClosedError, PublishTimeoutError
+from ..exceptions import BrokerClosedError, PublishTimeoutError, RequestTimeoutError
 from ..message import Message, get_unique_name_for_message
 
 __all__ = ["MemoryBroker", "NullBroker"]
@@ -35,6 +43,11 @@ class MemoryBroker(Broker):
     ``linger`` seconds, then cancels what is left. A queue group without members (declared, or
     whose members left) holds what is published, up to ``max_held`` messages (then ``publish()``
     raises ``PublishTimeoutError``), and hands it out when a member subscribes.
+
+    ``request()`` delivers like ``publish()``: broadcast responders answer before the delivery
+    returns, queue responders on their loop. When the only responders would run on the caller's
+    own running event loop, which ``request()`` would block, it raises ``RequestTimeoutError``
+    at once instead of waiting out ``timeout``.
     """
 
     def __init__(self, *, linger: float = 5.0, max_held: int = 100_000) -> None:
@@ -56,22 +69,52 @@ class MemoryBroker(Broker):
     # -- broker hooks ------------------------------------------------------------------------
 
     def _publish(self, message: Message) -> None:
+        self._route(message, None)
+
+    def _request(self, message: Message, timeout: float | None) -> Message:
+        pending = self._requests.open()
+        try:
+            elsewhere = self._route(message, LocalReply(self._requests, pending.request_id))
+        except BaseException:
+            self._requests.forget(pending.request_id)
+            raise
+        if not elsewhere and not pending.done.is_set():
+            # Every responder left runs on this thread's event loop: waiting would block it.
+            self._requests.forget(pending.request_id)
+            raise RequestTimeoutError(
+                f"no reply to the {get_unique_name_for_message(message)} request: its broadcast "
+                "responders ran without answering, and no queue responder can answer (there is "
+                "none, or it runs on the event loop of this very thread, which request() would "
+                "block: call request() through asyncio.to_thread)"
+            )
+        got, outcome = self._requests.wait(pending, timeout)
+        return result_of(message, got, outcome, timeout)
+
+    def _route(self, message: Message, reply_to: ReplyTo | None) -> bool:
+        """Deliver ``message``; False when every queue delivery it made was scheduled on the
+        caller's running loop (which a waiting requester would block)."""
         topic = get_unique_name_for_message(message)
         for subscription in self._routes.broadcast(topic):
             if subscription.accepts(message):
-                call_handler(subscription, message)
+                if reply_to is None:
+                    call_handler(subscription, message)
+                else:
+                    call_responder(subscription, message, reply_to)
         queue_names = self._routes.queue_names(topic)
         if not queue_names:
-            return
+            return False
         published_at = time.time()
+        elsewhere = False
         for queue_name in queue_names:
             message_id = f"{os.getpid()}-{next(self._ids)}"
             member = self._routes.pick(topic, queue_name, message)
             if member is not None:
-                self._schedule(self._deliver(member, message, message_id, published_at))
+                delivery = self._deliver(member, message, message_id, published_at, reply_to)
+                elsewhere |= not self._schedule(delivery)
             elif not self._routes.has_members(topic, queue_name):
                 # A declared group without members holds it until one comes.
-                item = (message, message_id, published_at)
+                elsewhere = True
+                item = (message, message_id, published_at, reply_to)
                 if not self._routes.hold(topic, queue_name, item, self._max_held):
                     raise PublishTimeoutError(
                         f"queue group {queue_name!r} of {topic} holds max_held={self._max_held} "
@@ -79,6 +122,7 @@ class MemoryBroker(Broker):
                     )
             else:
                 logger.debug("no member of queue %r accepted %r: dropped", queue_name, message)
+        return elsewhere
 
     def _subscribe(self, subscription: Subscription) -> None:
         self._routes.add(subscription)
@@ -89,12 +133,14 @@ class MemoryBroker(Broker):
         self._routes.declare(get_unique_name_for_message(message_type), queue_name)
 
     def _hand_out_held(self, topic: str, queue_name: str) -> None:
-        for message, message_id, published_at in self._routes.take_held(topic, queue_name):
+        for message, message_id, published_at, reply_to in self._routes.take_held(
+            topic, queue_name
+        ):
             member = self._routes.pick(topic, queue_name, message)
             if member is None:
                 logger.debug("no member of queue %r accepted %r: dropped", queue_name, message)
                 continue
-            self._schedule(self._deliver(member, message, message_id, published_at))
+            self._schedule(self._deliver(member, message, message_id, published_at, reply_to))
 
     def _cancel(self, subscription: Subscription) -> None:
         self._routes.remove(subscription)
@@ -130,7 +176,8 @@ class MemoryBroker(Broker):
 
     # -- queue deliveries --------------------------------------------------------------------
 
-    def _schedule(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _schedule(self, coro: Coroutine[Any, Any, None]) -> bool:
+        """Run a delivery; True when it runs on the caller's own running loop."""
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
@@ -143,18 +190,19 @@ class MemoryBroker(Broker):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             task.add_done_callback(lambda _: self._delivery_done())
-            return
+            return True
         if running is not None:
             task = running.create_task(coro)
             # The loop keeps only weak references to tasks: hold them until they finish.
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            return
+            return True
         loop = self._owned_loop()
         with self._idle:
             self._in_flight += 1
         future = asyncio.run_coroutine_threadsafe(coro, loop)
         future.add_done_callback(lambda _: self._delivery_done())
+        return False
 
     def _delivery_done(self) -> None:
         with self._idle:
@@ -171,7 +219,12 @@ class MemoryBroker(Broker):
             return self._loop
 
     async def _deliver(
-        self, member: Subscription, message: Message, message_id: str, published_at: float
+        self,
+        member: Subscription,
+        message: Message,
+        message_id: str,
+        published_at: float,
+        reply_to: ReplyTo | None = None,
     ) -> None:
         queue_name = member.queue_name
         assert queue_name is not None
@@ -182,8 +235,7 @@ class MemoryBroker(Broker):
             context = AsyncMessageContext(queue_name, message_id, attempt, published_at)
             token = AsyncMessageContext._current.set(context)
             try:
-                await run_queue_handler(current, message)
-                return
+                result = await run_queue_handler(current, message)
             except BaseException as exc:
                 # A BaseException is a failure like any other: let through, SystemExit or
                 # KeyboardInterrupt would stop the loop (asyncio re-raises them from run_forever)
@@ -191,11 +243,17 @@ class MemoryBroker(Broker):
                 if is_cancellation(exc) or not is_handler_failure(exc):
                     raise
                 error = exc
+            else:
+                if reply_to is not None:
+                    answer(reply_to, result)
+                return
             finally:
                 AsyncMessageContext._current.reset(token)
             verdict = after_failure(policy, queue_name, current.handler, message, attempt, error)
             if not verdict.retry:
                 publish_dead_letter(self.publish, queue_name, message, attempt, error)
+                if reply_to is not None:
+                    reply_to.fail(Failure.of(error))
                 return
             attempt += 1
             await asyncio.sleep(verdict.delay)
@@ -204,7 +262,13 @@ class MemoryBroker(Broker):
 
 
 class NullBroker(Broker):
-    """Accepts everything (argument checks included) and delivers nothing."""
+    """Accepts everything (argument checks included) and delivers nothing; ``request()`` raises
+    ``RequestTimeoutError`` at once (no reply can come)."""
+
+    def _request(self, message: Message, timeout: float | None) -> Message:
+        raise RequestTimeoutError(
+            f"NullBroker delivers nothing: no reply to {get_unique_name_for_message(message)}"
+        )
 
     def _publish(self, message: Message) -> None:
         pass

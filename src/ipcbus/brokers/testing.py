@@ -12,8 +12,17 @@ from typing import Any
 from ..core.codec import encode_batch
 from ..core.contract import AsyncMessageContext, Broker, Subscription
 from ..core.handlers import call_handler, call_to_completion
+from ..core.requests import (
+    Failure,
+    LocalReply,
+    ReplyTo,
+    answer,
+    call_responder,
+    result_of,
+)
 from ..core.retry import after_failure, publish_dead_letter
 from ..core.routing import RouteTable
+from ..exceptions import MessageSerializationError, RequestTimeoutError
 from ..message import Message, get_unique_name_for_message
 
 __all__ = ["HandlerFailure", "TestBroker"]
@@ -31,6 +40,31 @@ class _Retry:
     message_id: str
     published_at: float
     attempt: int
+    reply_to: ReplyTo | None = None
+
+
+@dataclass(frozen=True)
+class _Requested:
+    """A message sent by ``request()``: its responders answer through ``reply_to``."""
+
+    message: Message
+    reply_to: ReplyTo
+
+
+class _CheckedReply(LocalReply):
+    """A reply must be serialisable, as production needs it: one that is not answers with the
+    ``MessageSerializationError`` (a ``RemoteError`` in the requester), as across processes."""
+
+    __slots__ = ()
+
+    def reply(self, message: Message) -> None:
+        try:
+            encode_batch(type(message), [message])
+        except MessageSerializationError as exc:
+            logger.error("the reply %r cannot be serialised: %s", message, exc)
+            self.fail(Failure.of(exc))
+            return
+        super().reply(message)
 
 
 @dataclass(frozen=True)
@@ -58,6 +92,14 @@ class TestBroker(Broker):
     ``fail_fast=False`` handlers fail as they would in production (logged; queue handlers retried
     at once, then dead-lettered) and every failure is recorded in ``failures``: for tests that
     expect retries and dead letters. ``KeyboardInterrupt`` always propagates.
+
+    ``request()`` is deterministic: it queues the request, runs ``process_messages()`` itself
+    (so everything pending before it is delivered too), and returns the first reply, or raises
+    ``RequestTimeoutError`` at once when no responder replied (whatever ``timeout``: once
+    ``process_messages()`` returns, no reply can come). With ``fail_fast`` a responder's
+    exception propagates from ``request()`` itself, as from ``process_messages()``; with
+    ``fail_fast=False`` it answers as ``RemoteError`` (after the last attempt, for a queue
+    responder), as in production.
     """
 
     __test__ = False  # not a pytest test class, despite the name
@@ -67,7 +109,7 @@ class TestBroker(Broker):
         self.published: list[Message] = []
         self.failures: list[HandlerFailure] = []
         self.fail_fast = fail_fast
-        self._pending: deque[Message | _Retry] = deque()
+        self._pending: deque[Message | _Retry | _Requested] = deque()
         self._routes = RouteTable()
         self._ids = itertools.count(1)
         self._max_deliveries = max_deliveries
@@ -80,6 +122,24 @@ class TestBroker(Broker):
         encode_batch(type(message), [message])
         self.published.append(message)
         self._pending.append(message)
+
+    def _request(self, message: Message, timeout: float | None) -> Message:
+        encode_batch(type(message), [message])  # as publish(): MessageSerializationError here
+        pending = self._requests.open()
+        self.published.append(message)
+        self._pending.append(_Requested(message, _CheckedReply(self._requests, pending.request_id)))
+        try:
+            self.process_messages()
+        except BaseException:
+            self._requests.forget(pending.request_id)
+            raise
+        got, outcome = self._requests.wait(pending, 0)
+        if not got:
+            raise RequestTimeoutError(
+                f"no reply to the {get_unique_name_for_message(message)} request: "
+                "process_messages() ran every responder and none replied"
+            )
+        return result_of(message, got, outcome, timeout)
 
     def _subscribe(self, subscription: Subscription) -> None:
         self._routes.add(subscription)
@@ -126,28 +186,37 @@ class TestBroker(Broker):
             if isinstance(item, _Retry):
                 calls += self._attempt(item)
                 continue
+            reply_to = None
+            if isinstance(item, _Requested):
+                item, reply_to = item.message, item.reply_to
             topic = get_unique_name_for_message(item)
             for subscription in self._routes.broadcast(topic):
                 if subscription.accepts(item):
                     calls += 1
-                    self._call(subscription, item)
+                    self._call(subscription, item, reply_to)
             published_at = time.time()
             for queue_name in self._routes.queue_names(topic):
                 message_id = f"test-{next(self._ids)}"
                 calls += self._attempt(
-                    _Retry(topic, queue_name, item, message_id, published_at, attempt=1)
+                    _Retry(topic, queue_name, item, message_id, published_at, 1, reply_to)
                 )
         return calls
 
-    def _call(self, subscription: Subscription, message: Message) -> None:
+    def _call(self, subscription: Subscription, message: Message, reply_to: ReplyTo | None) -> None:
         if not self.fail_fast:
-            call_handler(subscription, message)  # logs what it raises, as production does
+            # Logs what it raises, as production does (a responder's failure answers).
+            if reply_to is None:
+                call_handler(subscription, message)
+            else:
+                call_responder(subscription, message, reply_to)
             return
         try:
-            subscription.handler(message)
+            result = subscription.handler(message)
         except BaseException as exc:
             self._fail(exc, subscription.handler, message, None, 1)
             raise
+        if reply_to is not None:
+            answer(reply_to, result)
 
     def _fail(
         self, exc: BaseException, handler: Any, message: Message, queue: str | None, attempt: int
@@ -174,7 +243,7 @@ class TestBroker(Broker):
             delivery.queue_name, delivery.message_id, delivery.attempt, delivery.published_at
         )
         try:
-            call_to_completion(member, delivery.message, context)
+            result = call_to_completion(member, delivery.message, context)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:
@@ -198,10 +267,16 @@ class TestBroker(Broker):
                         delivery.message_id,
                         delivery.published_at,
                         delivery.attempt + 1,
+                        delivery.reply_to,
                     )
                 )
             else:
                 publish_dead_letter(
                     self.publish, delivery.queue_name, delivery.message, delivery.attempt, exc
                 )
+                if delivery.reply_to is not None:
+                    delivery.reply_to.fail(Failure.of(exc))
+        else:
+            if delivery.reply_to is not None:
+                answer(delivery.reply_to, result)
         return 1

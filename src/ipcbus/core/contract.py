@@ -13,16 +13,15 @@ import inspect
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
-from dataclasses import dataclass
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from ..exceptions import BrokerClosedError, QueueInUseError
 from ..message import Message, get_unique_name_for_message
-from .failures import is_handler_failure
+from .requests import PendingRequests, check_timeout
 from .retry import DEFAULT_PREFETCH, QueuePolicy
+from .subscription import AsyncMessageContext, Handler, Predicate, Subscription
 
 __all__ = [
     "AsyncMessageContext",
@@ -36,117 +35,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
-Handler = Callable[[Any], Any | Awaitable[Any]]
-Predicate = Callable[[Any], bool]
-
-
-@dataclass(frozen=True)
-class AsyncMessageContext:
-    """The context of one delivery to a ``subscribe_async`` handler.
-
-    ``attempt`` is 1 on the first delivery and grows with each retry or redelivery;
-    ``published_at`` is the publisher's ``time.time()`` at ``publish()``.
-    """
-
-    queue_name: str
-    message_id: str
-    attempt: int
-    published_at: float
-
-    _current: ClassVar[ContextVar[AsyncMessageContext]] = ContextVar("ipcbus_async_context")
-
-    @classmethod
-    def _of(
-        cls, queue_name: str, message_id: str, attempt: int, published_at: float
-    ) -> AsyncMessageContext:
-        """The same as the constructor, for a consumer's hot path: a frozen dataclass's
-        ``__init__`` sets each field through ``object.__setattr__`` (0.8 µs a context; this,
-        0.4 µs)."""
-        context: AsyncMessageContext = object.__new__(cls)
-        fields = {
-            "queue_name": queue_name,
-            "message_id": message_id,
-            "attempt": attempt,
-            "published_at": published_at,
-        }
-        object.__setattr__(context, "__dict__", fields)
-        return context
-
-    @classmethod
-    def current(cls) -> AsyncMessageContext:
-        """The context of the queue delivery being handled; ``LookupError`` outside a handler."""
-        try:
-            return cls._current.get()
-        except LookupError:
-            raise LookupError(
-                "AsyncMessageContext.current() is only available inside a subscribe_async handler"
-            ) from None
-
-
-class Subscription:
-    """A handler registered with a broker. ``cancel()`` stops delivery and is idempotent."""
-
-    __slots__ = (
-        "_broker",
-        "_cancelled",
-        "handler",
-        "message_type",
-        "policy",
-        "predicate",
-        "queue_name",
-        "topic",
-    )
-
-    def __init__(
-        self,
-        broker: Broker,
-        message_type: type[Message],
-        handler: Handler,
-        predicate: Predicate | None,
-        queue_name: str | None,
-        policy: QueuePolicy | None = None,
-    ) -> None:
-        self._broker = broker
-        self._cancelled = False
-        self.message_type = message_type
-        self.topic = get_unique_name_for_message(message_type)
-        self.handler = handler
-        self.predicate = predicate
-        self.queue_name = queue_name
-        self.policy = policy or QueuePolicy()
-
-    @property
-    def active(self) -> bool:
-        return not self._cancelled
-
-    def cancel(self) -> None:
-        """Stop delivering to this handler. Calling it again does nothing."""
-        if self._cancelled:
-            return
-        self._cancelled = True
-        self._broker._cancel(self)
-
-    def accepts(self, message: Message) -> bool:
-        """Run the predicate in this process. A predicate that raises rejects (and is logged),
-        ``BaseException`` included (:mod:`ipcbus.core.failures`)."""
-        if self._cancelled:
-            return False
-        if self.predicate is None:
-            return True
-        try:
-            return bool(self.predicate(message))
-        except BaseException as exc:
-            if not is_handler_failure(exc):
-                raise
-            logger.error(
-                "predicate %r raised on %r: message rejected", self.predicate, message, exc_info=exc
-            )
-            return False
-
-    def __repr__(self) -> str:
-        kind = f"queue {self.queue_name!r}" if self.queue_name is not None else "broadcast"
-        state = "cancelled" if self._cancelled else "active"
-        return f"<Subscription {self.topic} {kind} {self.handler!r} {state}>"
 
 
 class Broker(ABC):
@@ -162,6 +50,7 @@ class Broker(ABC):
       a ``CancelledError`` a handler raises itself...), except ``KeyboardInterrupt`` and
       ``SystemExit`` in the main thread, where a broker that runs handlers in its caller's thread
       lets them end the program (:mod:`ipcbus.core.failures`).
+    - ``request(message)`` publishes a request and returns the first reply (see ``request``).
     - ``close()`` is idempotent; a closed broker raises :class:`BrokerClosedError`. Brokers are
       context managers that close on exit.
     """
@@ -169,6 +58,8 @@ class Broker(ABC):
     def __init__(self) -> None:
         self._closed = False
         self._close_lock = threading.Lock()
+        # The requests of this broker waiting for a reply (see request()).
+        self._requests = PendingRequests()
 
     # -- public API -------------------------------------------------------------------------
 
@@ -181,6 +72,78 @@ class Broker(ABC):
         self._check_message(message)
         self._check_open()
         self._publish(message)
+
+    def request(self, message: Message, timeout: float | None = 5.0) -> Message:
+        """Publish ``message`` as a request and return the first reply, a ``Message``.
+
+        **Delivery.** A request is published like ``publish(message)``: to every broadcast
+        subscription of its exact type whose predicate accepts it, and to one member of each
+        queue group (which retries a failing handler as for any message, ``max_attempts`` calls
+        in all). It keeps its place in this broker's publish order.
+
+        **Replying.** A responder is any handler that receives the request, ``subscribe`` and
+        ``subscribe_async`` handlers alike: it replies by *returning* a ``Message`` (a coroutine
+        handler by returning one from the coroutine). A return value that is not a ``Message``
+        (``None``) is no reply. For a message that was not sent by ``request()`` the return value
+        is ignored, as it always was.
+
+        **Several responders.** The first reply to reach the requester wins; every later one is
+        dropped and counted in :attr:`late_replies` (so is a reply that comes after the requester
+        gave up). There is no order among responders: which one is first is a race.
+
+        **Failures.** A responder that raises answers with the failure: ``request()`` raises
+        :class:`~ipcbus.exceptions.RemoteError` at once (it does not wait for ``timeout``), with
+        ``remote_type`` (the qualified name of the exception's class, ``"ValueError"`` for a
+        builtin) and ``remote_message`` (its ``str``). A queue-group responder answers with its
+        last attempt only: a failure that will be retried is no answer yet, and a request that is
+        dead-lettered (its last attempt failed, or the responder's process could not decode it)
+        answers ``RemoteError``. A reply that cannot be serialised answers ``RemoteError`` too
+        (``remote_type`` ``"ipcbus.exceptions.MessageSerializationError"``). A failure is an
+        answer like a reply: if it comes first, it wins.
+
+        **No reply.** When no reply comes within ``timeout`` seconds (``None``: wait for ever),
+        :class:`~ipcbus.exceptions.RequestTimeoutError` (also a ``TimeoutError``). A broker that
+        can tell that no reply can come raises it at once (``TestBroker``: ``process_messages()``
+        ran every responder; ``MemoryBroker``: the only responders run on the event loop of the
+        calling thread, which ``request()`` would block).
+
+        **Errors.** As ``publish()`` for the message (``TypeError``,
+        ``MessageSerializationError``, ``BrokerClosedError``); a bad ``timeout`` is a
+        ``TypeError`` or ``ValueError``. ``close()`` wakes every waiting requester with
+        ``BrokerClosedError``.
+
+        **Blocking.** ``request()`` blocks its thread until the reply. It may be called from a
+        handler, but the thread it blocks runs no other handler meanwhile: a responder that
+        would run on that very thread (a ``subscribe()`` handler of the same process while a
+        ``subscribe()`` handler of a ``HubBroker`` waits; a coroutine responder on the event
+        loop that a coroutine handler blocks) cannot answer until ``request()`` returns. Give
+        such calls a ``timeout``; from a coroutine use ``await asyncio.to_thread(broker.request,
+        message)``.
+
+        **Resources.** Nothing is kept per request once it returns or raises: its entry in the
+        table of waiting requests (and, across processes, what routes its reply) is removed on
+        the reply, on the timeout and on ``close()``. A forked child never receives its
+        parent's replies.
+
+        Implementations provide ``_request(message, timeout)``, called with a checked message
+        and timeout on an open broker, and resolve entries of ``self._requests``
+        (:class:`~ipcbus.core.requests.PendingRequests`).
+        """
+        self._check_message(message)
+        timeout = check_timeout(timeout)
+        self._check_open()
+        return self._request(message, timeout)
+
+    @property
+    def late_replies(self) -> int:
+        """Replies dropped because their request already had its answer (a second responder),
+        or no longer waited (it timed out, or raised)."""
+        return self._requests.late
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests of this broker waiting for their reply now."""
+        return len(self._requests)
 
     def subscribe(
         self,
@@ -283,6 +246,7 @@ class Broker(ABC):
             if self._closed:
                 return
             self._closed = True
+        self._requests.close(BrokerClosedError(f"{type(self).__name__} closed while waiting"))
         self._close()
 
     @property
@@ -314,6 +278,10 @@ class Broker(ABC):
     def _delete_queue(self, message_type: type[Message], queue_name: str) -> int:
         """Delete a queue group (see ``delete_queue``); a broker without groups has none."""
         return 0
+
+    def _request(self, message: Message, timeout: float | None) -> Message:
+        """Hook: send a request and wait for its first reply (see ``request``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement request()")
 
     def _close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; called once, by the first ``close()``."""

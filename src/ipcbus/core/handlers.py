@@ -54,52 +54,55 @@ def is_cancellation(exc: BaseException) -> bool:
     return task is not None and task.cancelling() > 0
 
 
-async def run_queue_handler(subscription: Subscription, message: Message) -> None:
-    """Run a queue handler to completion: coroutines are awaited, plain functions get a thread.
+async def run_queue_handler(subscription: Subscription, message: Message) -> Any:
+    """Run a queue handler to completion and return what it returned (a reply, for a request):
+    coroutines are awaited, plain functions get a thread.
 
     A plain function runs in a worker thread (``asyncio.to_thread`` copies the context, so
     ``AsyncMessageContext.current()`` works there too) and cannot stall the event loop.
     """
     handler = subscription.handler
     if inspect.iscoroutinefunction(handler):
-        await handler(message)
-        return
+        return await handler(message)
     result = await asyncio.to_thread(handler, message)
     if inspect.isawaitable(result):
-        await result
+        return await result
+    return result
 
 
 def call_to_completion(
     subscription: Subscription, message: Message, context: AsyncMessageContext
-) -> None:
-    """Run one queue handler to completion in this thread, with its context set; raises what
-    the handler raised. A coroutine it returns is awaited on a private loop."""
+) -> Any:
+    """Run one queue handler to completion in this thread, with its context set, and return
+    what it returned (a reply, for a request); raises what the handler raised. A coroutine it
+    returns is awaited on a private loop."""
     token = AsyncMessageContext._current.set(context)
     try:
         result = subscription.handler(message)
         # Most handlers return None: isawaitable() (ABC checks) cost ~1 µs per message.
         if result is not None and inspect.isawaitable(result):
-            _await(result)
+            return _await(result)
+        return result
     finally:
         AsyncMessageContext._current.reset(token)
 
 
-def _await(awaitable: Awaitable[Any]) -> None:
-    async def wrapper() -> None:
-        await awaitable
+def _await(awaitable: Awaitable[Any]) -> Any:
+    async def wrapper() -> Any:
+        return await awaitable
 
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        asyncio.run(wrapper())
-        return
+        return asyncio.run(wrapper())
     # Called from async code: this thread's loop is busy running the caller, so the coroutine gets
     # a private loop on a helper thread while the caller waits (still one delivery at a time).
     errors: list[BaseException] = []
+    results: list[Any] = []
 
     def in_thread() -> None:
         try:
-            asyncio.run(wrapper())
+            results.append(asyncio.run(wrapper()))
         except BaseException as exc:
             errors.append(exc)
 
@@ -110,3 +113,4 @@ def _await(awaitable: Awaitable[Any]) -> None:
     thread.join()
     if errors:
         raise errors[0]
+    return results[0]
