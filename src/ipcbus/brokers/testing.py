@@ -186,9 +186,10 @@ class TestBroker(Broker):
             if isinstance(item, _Retry):
                 calls += self._attempt(item)
                 continue
-            reply_to = None
+            reply_to: ReplyTo | None = None
             if isinstance(item, _Requested):
-                item, reply_to = item.message, item.reply_to
+                reply_to = item.reply_to
+                item = item.message
             topic = get_unique_name_for_message(item)
             for subscription in self._routes.broadcast(topic):
                 if subscription.accepts(item):
