@@ -93,20 +93,26 @@ def _serve_publisher(address: str, conn: multiprocessing.connection.Connection) 
             except EOFError:
                 return
             command, argument, qualname = cloudpickle.loads(request)
-            if qualname is not None and type(argument).__qualname__ != qualname:
+            sent = argument[0] if command == "request" else argument
+            if qualname is not None and type(sent).__qualname__ != qualname:
                 # cloudpickle rebuilds a class sent by value under its bare __name__; the test's
                 # pipe sent it, not ipcbus, so restore the name the publishing test gave it.
-                type(argument).__qualname__ = qualname
+                type(sent).__qualname__ = qualname
             try:
+                result: Any = None
                 if command == "publish":
                     broker.publish(argument)
+                elif command == "request":
+                    result = broker.request(*argument)
+                elif command == "late_replies":
+                    result = broker.late_replies
                 elif command == "flush":
                     broker.flush(argument)
                 elif command == "close":
                     broker.close()
                     conn.send_bytes(cloudpickle.dumps(("ok", None)))
                     return
-                outcome: tuple[str, Any] = ("ok", None)
+                outcome: tuple[str, Any] = ("ok", result)
             except Exception as exc:
                 outcome = ("error", exc)
             conn.send_bytes(cloudpickle.dumps(outcome))
@@ -125,15 +131,18 @@ class RemotePublisher:
         self.process.start()
         child.close()
 
-    def call(self, command: str, argument: Any = None, timeout: float = 30.0) -> None:
+    def call(self, command: str, argument: Any = None, timeout: float = 30.0) -> Any:
         with self._lock:
             qualname = type(argument).__qualname__ if isinstance(argument, Message) else None
+            if command == "request":
+                qualname = type(argument[0]).__qualname__
             self._conn.send_bytes(cloudpickle.dumps((command, argument, qualname)))
             if not self._conn.poll(timeout):
                 raise AssertionError(f"remote publisher did not answer {command} in {timeout} s")
             status, detail = cloudpickle.loads(self._conn.recv_bytes())
         if status == "error":
             raise detail
+        return detail
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process.is_alive():
@@ -173,6 +182,22 @@ class SplitBroker(Broker):
 
     def flush(self, timeout: float | None = None) -> None:
         self.remote.call("flush", timeout)
+
+    def _request(self, message: Message, timeout: float | None) -> Message:
+        """The request leaves from the other process; its responders are here (or there)."""
+        try:
+            cloudpickle.dumps(message)
+        except Exception:
+            return self.local.request(message, timeout)  # rejected as the remote one would
+        wait = 30.0 if timeout is None else timeout + 30.0
+        reply: Message = self.remote.call("request", (message, timeout), timeout=wait)
+        return reply
+
+    @property
+    def late_replies(self) -> int:
+        """The requester's count: the replies come back to the other process."""
+        count: int = self.remote.call("late_replies")
+        return count
 
     def _subscribe(self, subscription: _Subscription) -> None:
         raise AssertionError("unreachable: subscribe is delegated")

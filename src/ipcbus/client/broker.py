@@ -19,6 +19,7 @@ from ..exceptions import (
     HubUnavailableError,
     MessageSerializationError,
     PublishTimeoutError,
+    RequestTimeoutError,
 )
 from ..message import Message, get_unique_name_for_message
 from ..wire import protocol as wire
@@ -31,6 +32,7 @@ from .io import IOThread
 from .notify import StateNotifier
 from .outbox import FlushMarker
 from .rejections import Rejections
+from .replies import HubReply, ReplyRoute
 from .runner import QueueRunner
 from .threads import runs_handlers
 
@@ -125,15 +127,21 @@ class HubBroker(Broker):
         self._failed: str | None = None  # what died, once a thread of ours did
         self._failure_cause: BaseException | None = None
         self._runner = QueueRunner(
-            self._queue_subscriptions.get, self._ack, self.publish, self._thread_died
+            self._queue_subscriptions.get,
+            self._ack,
+            self.publish,
+            self._thread_died,
+            reply_to=self._reply_to,
         )
         secret = _wait_for_secret(parsed, options.connect_timeout)
         self._notifier = StateNotifier(options.on_hub_state, self._space_freed)
-        self._dispatcher = Dispatcher(options.dispatch_queue, self._thread_died)
+        self._dispatcher = Dispatcher(options.dispatch_queue, self._thread_died, self._reply_to)
+        client_id = os.urandom(8).hex().encode()
+        self._replies = ReplyRoute(client_id, self._requests)
         self._io = IOThread(
             parsed,
-            self._dispatcher.put,
-            client_id=os.urandom(8).hex().encode(),
+            self._replies.deliver(self._dispatcher.put),
+            client_id=client_id,
             secret=secret,
             hwm=options.hwm,
             max_batch=options.max_batch,
@@ -146,6 +154,7 @@ class HubBroker(Broker):
             on_death=self._thread_died,
         )
         self._session = self._io.session
+        self._replies.attach(self._io)
         self._gate = PublishGate(self._io, self._stopped)
         self._kinds = self._io.outbox.kinds  # the types publish() checked (weak)
         # The type of the last message published, weakly: the hot path's check (31 ns, as the
@@ -271,6 +280,7 @@ class HubBroker(Broker):
             f"{self!r} failed: its {name} thread died ({type(exc).__name__}: {exc}); it can no "
             "longer deliver: close it and connect a new broker"
         )
+        self._requests.close(BrokerFailedError(self._failed))  # waiting requesters learn it
         io = getattr(self, "_io", None)
         if io is not None and name != "ipcbus-io":
             io.request_stop()  # goodbye: the hub hands our queue deliveries to other consumers
@@ -331,6 +341,30 @@ class HubBroker(Broker):
         rejections = self._rejections.take()
         if rejections is not None:
             raise rejections
+
+    # -- request -----------------------------------------------------------------------------
+
+    def _request(self, message: Message, timeout: float | None) -> Message:
+        """See ``Broker.request``; the reply route is :mod:`ipcbus.client.replies`. A request
+        waits for room in the outbox as ``publish()`` does (never in a handler)."""
+        self._check_usable()
+        if len(self._io.outbox) >= self.options.max_pending and not runs_handlers():
+            self._wait_for_space(self.options.publish_timeout)
+        try:
+            return self._replies.request(message, timeout, self.options.subscribe_timeout)
+        except RequestTimeoutError as exc:
+            if threading.current_thread() is self._dispatcher.thread and (
+                self._dispatcher.subscriptions.get(get_unique_name_for_message(message))
+            ):
+                exc.add_note(
+                    "request() was called in a subscribe() handler: this process's own "
+                    "subscribe() handlers of the type run on the same thread, after it returns; "
+                    "answer with a queue group (subscribe_async) or request from another thread"
+                )
+            raise
+
+    def _reply_to(self, route: wire.Route) -> HubReply:  # handler threads
+        return HubReply(self._io, route)
 
     # -- subscribe ---------------------------------------------------------------------------
 

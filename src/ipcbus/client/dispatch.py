@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -26,6 +27,7 @@ import zmq
 from ..core import codec
 from ..core.contract import Subscription
 from ..core.handlers import call_handler
+from ..core.requests import ReplyTo, call_responder
 from ..message import Message
 from ..wire import protocol as wire
 from .threads import OnDeath, start_thread
@@ -38,8 +40,14 @@ logger = logging.getLogger(__name__)
 class Dispatcher:
     """The broadcast subscriptions of one client, by topic, and the thread that serves them."""
 
-    def __init__(self, capacity: int, on_death: OnDeath) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        on_death: OnDeath,
+        reply_to: Callable[[wire.Route], ReplyTo] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
+        self._reply_to = reply_to  # how a handler's answer to a request goes back
         self.subscriptions: dict[str, tuple[Subscription, ...]] = {}
         self._types: dict[str, type[Message]] = {}
         # Per topic, the hub's message count at the last batch seen (a skip is a gap).
@@ -118,12 +126,20 @@ class Dispatcher:
         if last is not None and batch.seq - count > last:
             self._missed(topic, batch.seq - count - last)
         messages = self._decode(topic, batch.meta, batch.payload)
+        reply_to = None
+        if len(frames[1]) != wire.META_LEN and self._reply_to is not None:  # a request
+            route = wire.route_of(frames[1].bytes)
+            if route is not None and route.kind == wire.ROUTE_REQUEST:
+                reply_to = self._reply_to(route)
         for message in messages:
             if self._abandoned:
                 return  # closed by a handler: no handler call after close() returned
             for subscription in subscriptions:
                 if subscription.accepts(message):
-                    call_handler(subscription, message)
+                    if reply_to is None:
+                        call_handler(subscription, message)
+                    else:
+                        call_responder(subscription, message, reply_to)
 
     def _decode(self, topic: str, meta: wire.Meta, payload: Any) -> list[Message]:
         codec_id, count, _published_at = meta

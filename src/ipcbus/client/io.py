@@ -29,7 +29,7 @@ from ..wire.keys import prove
 from .acks import coalesce
 from .control import ControlChannel, DeleteAnswer
 from .describe import describe
-from .outbox import FlushMarker, Outbox, Rejected
+from .outbox import FlushMarker, Outbox, Prepared, Rejected
 from .session import Session
 from .subscriptions import Subscriptions
 from .threads import OnDeath, guarded
@@ -169,7 +169,7 @@ class IOThread:
     def hub_alive(self) -> bool:
         return self.session.hub_alive
 
-    def publish(self, item: Message | FlushMarker) -> None:
+    def publish(self, item: Message | FlushMarker | Prepared) -> None:
         self.outbox.append(item)
         self.wake()
 

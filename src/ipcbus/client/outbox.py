@@ -30,7 +30,7 @@ from ..exceptions import MessageSerializationError, MessageTooLargeError
 from ..message import Message, get_unique_name_for_message
 from ..wire import protocol as wire
 
-__all__ = ["FRAME_MARGIN", "FlushMarker", "Kind", "Outbox", "Rejected"]
+__all__ = ["FRAME_MARGIN", "FlushMarker", "Kind", "Outbox", "Prepared", "Rejected"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,16 @@ class FlushMarker:
         self.token = token
         self.done = threading.Event()
         self.sent = 0  # messages sent before this marker (set when it is taken)
+
+
+class Prepared:
+    """A request its caller built already (a ``request()``, a reply): sent alone, as it is, in
+    its place in publish order. Counts as one message."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: list[Any]) -> None:
+        self.frames = frames
 
 
 @dataclass(slots=True)
@@ -81,7 +91,7 @@ class Outbox:
     """Messages and flush markers in publish order; ``take()`` makes the next request."""
 
     def __init__(self, max_batch: int, on_reject: Callable[[Rejected], None]) -> None:
-        self.items: deque[Message | FlushMarker] = deque()
+        self.items: deque[Message | FlushMarker | Prepared] = deque()
         self._max_batch = max_batch
         self._on_reject = on_reject
         self.grouped: frozenset[bytes] = frozenset()  # topics with queue groups: split codec
@@ -105,7 +115,7 @@ class Outbox:
         self.max_message_size = max_message_size
         self.frame_budget = max(1, max_message_size - FRAME_MARGIN)
 
-    def append(self, item: Message | FlushMarker) -> None:
+    def append(self, item: Message | FlushMarker | Prepared) -> None:
         self.items.append(item)
 
     def check(self, message: Message) -> Kind:
@@ -136,6 +146,10 @@ class Outbox:
                 first.sent = self.sent
                 self.flushes[first.token] = first
                 return wire.flush(first.token)
+            if isinstance(first, Prepared):
+                self.taken += 1
+                self.sent += 1
+                return first.frames
             cls = type(first)
             kind = self.kinds.get(cls)
             if kind is None:  # publish() learns each type; this is only a fallback

@@ -41,6 +41,8 @@ from ..core import codec
 from ..core.contract import AsyncMessageContext, Subscription
 from ..core.handlers import call_to_completion, is_cancellation
 from ..core.loops import run_loop_forever
+from ..core.requests import Failure, ReplyTo
+from ..core.requests import answer as answer_request
 from ..core.retry import after_failure, describe_error, publish_dead_letter
 from ..message import Message
 from ..wire import protocol as wire
@@ -75,11 +77,15 @@ class _Job:
     decode: Callable[[bytes], Message]
     published_at: float
     id_prefix: str  # a message id is this and the message's number
+    route: wire.Route | None = None  # a request's (a run of one message): where answers go
 
     @classmethod
     def of(cls, subscription: Subscription, run: wire.Deliver) -> _Job:
+        route = None
         try:
             codec_id, _count, published_at = wire.unpack_meta(run.meta)
+            if len(run.meta) != wire.META_LEN:
+                route = wire.route_of(run.meta)
         except ValueError as exc:
             # Each message is then undecodable: dead-lettered, one by one (_prepare).
             codec_id, published_at = repr(exc).encode(), 0.0
@@ -93,6 +99,7 @@ class _Job:
             codec.split_decoder(codec_id, subscription.message_type),
             published_at,
             f"{run.id_prefix.decode(errors='replace')}-",
+            route if route is not None and route.kind == wire.ROUTE_REQUEST else None,
         )
 
     def part(self, start: int) -> _Job:
@@ -108,6 +115,7 @@ class _Job:
             self.decode,
             self.published_at,
             self.id_prefix,
+            self.route,
         )
         self.end = start
         return rest
@@ -130,8 +138,10 @@ class QueueRunner:
         on_death: OnDeath,
         *,
         threads: int = 4,
+        reply_to: Callable[[wire.Route], ReplyTo] | None = None,
     ) -> None:
         self._lookup = lookup
+        self._reply_to = reply_to  # how a handler's answer to a request goes back
         self._publish = publish
         self._on_death = on_death
         self._thread_count = threads
@@ -273,7 +283,18 @@ class QueueRunner:
         )
         seq = job.run.first_seq + index
         error = f"undecodable: {describe_error(exc)}"
+        self._answer_failure(job, exc)
         return wire.Ack(job.run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
+
+    def _answer(self, job: _Job, result: object) -> None:
+        """A request's handler returned ``result``: a Message answers."""
+        if job.route is not None and self._reply_to is not None:
+            answer_request(self._reply_to(job.route), result)
+
+    def _answer_failure(self, job: _Job, exc: BaseException) -> None:
+        """A request's last attempt failed (dead-lettered): the failure answers."""
+        if job.route is not None and self._reply_to is not None:
+            self._reply_to(job.route).fail(Failure.of(exc))
 
     def _failed(
         self,
@@ -298,6 +319,7 @@ class QueueRunner:
         if verdict.retry:
             return wire.Ack(run.stream, seq, seq, wire.OUTCOME_FAILED, verdict.delay, error)
         publish_dead_letter(self._publish, context.queue_name, message, context.attempt, exc)
+        self._answer_failure(job, exc)
         return wire.Ack(run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
 
     def _done(self, count: int, coroutine: bool = False) -> bool:
@@ -372,9 +394,12 @@ class QueueRunner:
                 if subscription.accepts(message):
                     context = AsyncMessageContext._of(queue_name, message_id, attempt, published_at)
                     try:
-                        call_to_completion(subscription, message, context)
+                        result = call_to_completion(subscription, message, context)
                     except BaseException as exc:  # a failed attempt, whatever it raised
                         answer = self._failed(job, index, message, context, exc)
+                    else:
+                        if result is not None and job.route is not None:
+                            self._answer(job, result)
                 else:
                     answer = wire.Ack(stream, first_seq + index, first_seq + index, _REJECTED)
             if answer is not None:
@@ -432,7 +457,7 @@ class QueueRunner:
             AsyncMessageContext._current.set(context)  # this task's own context
             seq = job.run.first_seq + index
             try:
-                await job.subscription.handler(message)
+                result = await job.subscription.handler(message)
             except BaseException as exc:
                 if is_cancellation(exc):
                     raise  # the loop stops (close): the hub gets the delivery back
@@ -441,6 +466,7 @@ class QueueRunner:
                 # raised itself would leave the delivery unacked.
                 self._acks.add(self._failed(job, index, message, context, exc))
             else:
+                self._answer(job, result)
                 self._acks.add(_ok(job.run.stream, seq, seq))
         except Exception:
             logger.exception("ipcbus could not run a queue delivery")

@@ -56,6 +56,7 @@ __all__ = [
     "decode_batch",
     "decode_one",
     "encode_batch",
+    "encode_objects",
     "encode_split",
     "split_decoder",
     "split_messages",
@@ -105,6 +106,13 @@ def encode_batch(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[An
     """Serialise messages of type ``cls``: ``(codec, [payload, *out_of_band_buffers])``."""
     if is_plain_dataclass(cls):
         return DATACLASS, _dumps([message.__dict__ for message in messages], cls)
+    return OBJECTS, _dumps(list(messages), cls)
+
+
+def encode_objects(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[Any]]:
+    """As ``encode_batch``, but always the messages themselves (``OBJECTS``): for a receiver
+    that cannot tell the class from the topic (a reply travels on its requester's reply
+    topic)."""
     return OBJECTS, _dumps(list(messages), cls)
 
 

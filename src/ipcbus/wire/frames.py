@@ -22,7 +22,10 @@ from typing import Any
 # ACK settles ranges of it. Measured on the 2-core machine, pyzmq costs 3-6 us per frame sent or
 # received: one frame per message (three per DELIVER, four per ACK) held queue groups at
 # 0.2-0.35x multiprocessing.Queue.
-VERSION = 4
+# Version 5: request/reply. The meta frame of a PUBLISH may carry a route after its 13 bytes: a
+# request's correlation id and reply topic, or a reply's correlation id and status (see Route).
+# A peer of version 4 is refused at its first request (bad header), as every version before.
+VERSION = 5
 HEADER_LEN = 2
 
 # control, client -> hub
@@ -160,6 +163,15 @@ class SyncReply:
         return cls(kind, tuple(zip(topics, seqs, strict=True)))
 
 
+# Reply topics: one per requesting client, "ipcbus:reply:<client id>" and the terminator. No
+# unique name ("<module>.<qualname>") contains ":", so none is ever a message type's topic.
+REPLY_PREFIX = b"ipcbus:reply:"
+
+
+def reply_topic(client_id: bytes) -> bytes:
+    return REPLY_PREFIX + client_id + TOPIC_END
+
+
 def check_topic(topic: bytes) -> bytes:
     """A unique name plus terminator, or ``ValueError`` (input from peers is checked here)."""
     if (
@@ -177,20 +189,92 @@ def check_topic(topic: bytes) -> bytes:
 
 # meta frame: codec (1 byte), message count (uint32), publisher's time.time() at publish (double)
 _META = struct.Struct("!cId")
+META_LEN = _META.size
 Meta = tuple[bytes, int, float]
+
+# The route a request or reply carries after the meta (version 5): kind (1 byte), correlation id
+# (uint64, the requester's own numbering), and for a request the reply topic. Such a batch holds
+# exactly one message.
+ROUTE_REQUEST = b"q"
+ROUTE_REPLY = b"r"  # the payload is the reply message, pickled itself (codec OBJECTS)
+ROUTE_FAILURE = b"e"  # the payload is the responder's failure (pack_failure)
+_ROUTE = struct.Struct("!cQ")
+# A failure's text is cut to this many bytes (bounded input; a traceback does not travel).
+MAX_FAILURE_TEXT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where the answer to a request goes (``kind`` ROUTE_REQUEST, with ``reply_topic``), or
+    which request an answer is for (ROUTE_REPLY, ROUTE_FAILURE)."""
+
+    kind: bytes
+    correlation: int
+    reply_topic: bytes = b""
 
 
 def pack_meta(codec: bytes, count: int, published_at: float) -> bytes:
     return _META.pack(codec, count, published_at)
 
 
+def pack_request_meta(
+    codec: bytes, published_at: float, correlation: int, reply_to: bytes
+) -> bytes:
+    """The meta of a request: one message, whose answer goes to ``reply_to`` (a reply topic)."""
+    return _META.pack(codec, 1, published_at) + _ROUTE.pack(ROUTE_REQUEST, correlation) + reply_to
+
+
+def pack_reply_meta(codec: bytes, published_at: float, correlation: int, failed: bool) -> bytes:
+    kind = ROUTE_FAILURE if failed else ROUTE_REPLY
+    return _META.pack(codec, 1, published_at) + _ROUTE.pack(kind, correlation)
+
+
 def unpack_meta(frame: bytes) -> Meta:
-    """Raises ``ValueError`` on a malformed frame."""
+    """Raises ``ValueError`` on a malformed frame (a route included: see ``route_of``)."""
     try:
-        codec, count, published_at = _META.unpack(frame)
+        codec, count, published_at = _META.unpack_from(frame)
     except struct.error as exc:
         raise ValueError(f"bad meta frame: {exc}") from None
+    if len(frame) != META_LEN:
+        _parse_route(frame)
+        if count != 1:
+            raise ValueError(f"a request or reply of {count} messages")
     return codec, count, published_at
+
+
+def route_of(frame: bytes) -> Route | None:
+    """The route a meta frame carries; ``None`` for a plain batch. ``ValueError`` when bad."""
+    if len(frame) == META_LEN:
+        return None
+    return _parse_route(frame)
+
+
+def _parse_route(frame: bytes) -> Route:
+    try:
+        kind, correlation = _ROUTE.unpack_from(frame, META_LEN)
+    except struct.error as exc:
+        raise ValueError(f"bad meta frame: {exc}") from None
+    rest = frame[META_LEN + _ROUTE.size :]
+    if kind == ROUTE_REQUEST:
+        if not rest.startswith(REPLY_PREFIX):
+            raise ValueError(f"bad reply topic {rest[:64]!r}")
+        return Route(kind, correlation, check_topic(rest))
+    if kind not in (ROUTE_REPLY, ROUTE_FAILURE) or rest:
+        raise ValueError(f"bad route {frame[META_LEN : META_LEN + 64]!r}")
+    return Route(kind, correlation)
+
+
+def pack_failure(remote_type: str, remote_message: str) -> bytes:
+    """A responder's failure: its type's name and its text (cut to MAX_FAILURE_TEXT bytes)."""
+    text = remote_message.encode(errors="replace")[:MAX_FAILURE_TEXT]
+    return remote_type.encode(errors="replace")[:MAX_TOPIC_LEN] + b"\x00" + text
+
+
+def parse_failure(payload: bytes) -> tuple[str, str]:
+    remote_type, separator, text = payload.partition(b"\x00")
+    if not separator:
+        raise ValueError("a failure without its separator")
+    return remote_type.decode(errors="replace"), text.decode(errors="replace")
 
 
 _SEQ = struct.Struct("!Q")

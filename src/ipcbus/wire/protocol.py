@@ -63,6 +63,16 @@ client data DEALER → hub data ROUTER (``<address>.in``)
                                 pickled alone, ``payloads`` holds them end to end and ``sizes``
                                 their sizes (uint32, little-endian), so that the hub can hand
                                 parts of a batch to queue consumers without unpickling
+                                A request or a reply (``Broker.request()``) is a batch of one
+                                message whose meta carries a route after its 13 bytes
+                                (``frames.Route``): a request ``b"q"``, its correlation id
+                                (uint64) and the requester's reply topic
+                                (``ipcbus:reply:<client_id>`` and the terminator, which the
+                                requester subscribes to once); an answer is published on that
+                                reply topic with ``b"r"`` (the reply, pickled as an object) or
+                                ``b"e"`` (the responder's failure: type name, NUL, text) and the
+                                correlation id. The hub relays both as any batch (fan-out, queue
+                                groups): it checks the route, never acts on it
     FLUSH    ``[token]``      → FLUSHED ``[token]`` once every earlier PUBLISH of this client was
                                 handed to the XPUB socket (one DEALER: the order is kept)
 hub XPUB (``<address>.pub``) → client SUB   ``[topic, meta, seq, *payload]`` or a sync answer
@@ -123,9 +133,11 @@ from .frames import (
     LOSSY,
     MAX_ACKS,
     MAX_BUFFERS,
+    MAX_FAILURE_TEXT,
     MAX_FRAMES,
     MAX_RETRY_DELAY,
     MAX_TOPIC_LEN,
+    META_LEN,
     OUTCOME_DEAD,
     OUTCOME_FAILED,
     OUTCOME_OK,
@@ -134,7 +146,11 @@ from .frames import (
     PING,
     PONG,
     PUBLISH,
+    REPLY_PREFIX,
     RESET,
+    ROUTE_FAILURE,
+    ROUTE_REPLY,
+    ROUTE_REQUEST,
     SPLIT_CODECS,
     STATS,
     STOPPING,
@@ -145,6 +161,7 @@ from .frames import (
     VERSION,
     WELCOME,
     Meta,
+    Route,
     SyncReply,
     _at_least_one,
     _positive_float,
@@ -152,11 +169,17 @@ from .frames import (
     check_topic,
     header,
     is_sync_topic,
+    pack_failure,
     pack_meta,
+    pack_reply_meta,
+    pack_request_meta,
     pack_seq,
     pack_sizes,
+    parse_failure,
     parse_kind,
     parse_seq_sync,
+    reply_topic,
+    route_of,
     seq_sync_topic,
     split_payloads,
     sync_reply,
@@ -223,9 +246,11 @@ __all__ = [
     "LOSSY",
     "MAX_ACKS",
     "MAX_BUFFERS",
+    "MAX_FAILURE_TEXT",
     "MAX_FRAMES",
     "MAX_RETRY_DELAY",
     "MAX_TOPIC_LEN",
+    "META_LEN",
     "Meta",
     "OUTCOMES",
     "OUTCOME_DEAD",
@@ -235,7 +260,12 @@ __all__ = [
     "PING",
     "PONG",
     "PUBLISH",
+    "REPLY_PREFIX",
     "RESET",
+    "ROUTE_FAILURE",
+    "ROUTE_REPLY",
+    "ROUTE_REQUEST",
+    "Route",
     "SPLIT_CODECS",
     "STATS",
     "STOPPING",
@@ -257,7 +287,10 @@ __all__ = [
     "deliver",
     "header",
     "is_sync_topic",
+    "pack_failure",
     "pack_meta",
+    "pack_reply_meta",
+    "pack_request_meta",
     "pack_seq",
     "pack_sizes",
     "parse_acks",
@@ -265,8 +298,11 @@ __all__ = [
     "parse_declared",
     "parse_deleted",
     "parse_deliver",
+    "parse_failure",
     "parse_kind",
     "parse_seq_sync",
+    "reply_topic",
+    "route_of",
     "seq_sync_topic",
     "split_payloads",
     "sync_reply",
