@@ -59,3 +59,7 @@ class Ping(Message):
 class Pong(Message):
     token: str
     pid: int
+
+
+class OutOfStock(Exception):
+    """Raised by responders in the request/reply tests: its name travels back."""
