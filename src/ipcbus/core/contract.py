@@ -125,9 +125,17 @@ class Broker(ABC):
         the reply, on the timeout and on ``close()``. A forked child never receives its
         parent's replies.
 
-        Implementations provide ``_request(message, timeout)``, called with a checked message
-        and timeout on an open broker, and resolve entries of ``self._requests``
-        (:class:`~ipcbus.core.requests.PendingRequests`).
+        **Implementing it.** A broker provides ``_request(message, timeout)``, called with a
+        checked message and timeout on an open broker; it returns the reply or raises as above.
+        :mod:`ipcbus.core.requests` has the pieces: ``self._requests`` (a
+        :class:`~ipcbus.core.requests.PendingRequests`: ``open()`` an entry, ``wait()`` for it
+        with the timeout, ``resolve()`` it from the thread that receives an answer; it counts
+        late answers and is closed by ``close()``), :class:`~ipcbus.core.requests.Failure` (what
+        travels instead of an exception), ``call_responder()`` and ``answer()`` for the responder
+        side (a handler's return value or exception, sent through a ``ReplyTo``), and
+        ``result_of()`` (the reply, ``RemoteError`` or ``RequestTimeoutError``). Across
+        processes, the correlation id and the reply address travel with the request; the reply
+        path must be private to the requester and set up once per broker, not per request.
         """
         self._check_message(message)
         timeout = check_timeout(timeout)
