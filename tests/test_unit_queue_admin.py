@@ -35,7 +35,12 @@ def test_dead_letters_keep_their_payload_meta_and_error() -> None:
     book = _dead_book(2)
     group = next(book.groups())
     first, second = list(group.dead)
-    assert (first.message_id, first.attempts, first.error, first.payload) == ("hub-1", 1, "E0", b"p0")
+    assert (first.message_id, first.attempts, first.error, first.payload) == (
+        "hub-1",
+        1,
+        "E0",
+        b"p0",
+    )
     assert second.payload == b"p1"
     assert first.meta == META
     assert isinstance(first.payload, bytes), "a view would pin the whole batch"
@@ -86,13 +91,17 @@ def test_the_hub_statistics_keep_their_shape() -> None:
 # -- requeue, purge, delete, list -------------------------------------------------------------
 
 
-def _ask(admin: QueueAdmin, *frames: bytes) -> admin_wire.Reply:
-    return admin_wire.Reply.parse(admin.handle(list(frames), now=0.0)[1:])
+def _ask(admin: QueueAdmin, *frames: bytes, now: float = 0.0) -> admin_wire.Reply:
+    return admin_wire.Reply.parse(admin.handle(list(frames), now, admin_book(admin).delete)[1:])
+
+
+def admin_book(admin: QueueAdmin) -> QueueBook:
+    return admin._book
 
 
 def test_requeue_puts_dead_letters_back_with_their_attempt_reset() -> None:
     book = _dead_book(3)
-    admin = QueueAdmin(book, delete=lambda topic, name: 0)
+    admin = QueueAdmin(book)
     reply = _ask(admin, admin_wire.REQUEUE, TOPIC, b"workers", b"hub-1 hub-3 hub-9")
     assert reply.status == admin_wire.STATUS_OK
     assert reply.body == {"requeued": 2, "missing": ["hub-9"]}
@@ -116,7 +125,7 @@ def test_purge_drops_what_is_held_and_delayed_but_not_what_is_in_flight() -> Non
     book.enqueue(TOPIC, META, [b"p%d" % n for n in range(5)])
     first, _second = dispatch(book, now=0.0)
     book.settle(Ack(first.delivery.stream, first.seq, first.seq, b"failed", 60.0, "E"), 0.0)
-    admin = QueueAdmin(book, delete=lambda topic, name: 0)
+    admin = QueueAdmin(book)
     reply = _ask(admin, admin_wire.PURGE, TOPIC, b"workers")
     assert reply.body == {"purged": 4}  # three held, one waiting out its retry delay
     group = next(book.groups())
@@ -126,7 +135,7 @@ def test_purge_drops_what_is_held_and_delayed_but_not_what_is_in_flight() -> Non
 
 
 def test_unknown_queues_are_answered_as_such() -> None:
-    admin = QueueAdmin(QueueBook(b"hub"), delete=lambda topic, name: 0)
+    admin = QueueAdmin(QueueBook(b"hub"))
     for op in (admin_wire.DEAD_LETTERS, admin_wire.PURGE, admin_wire.DELETE):
         frames = [op, TOPIC, b"nobody"] + ([b"10", b"1"] if op == admin_wire.DEAD_LETTERS else [])
         assert _ask(admin, *frames).status == admin_wire.STATUS_UNKNOWN
@@ -138,7 +147,7 @@ def test_unknown_queues_are_answered_as_such() -> None:
 def test_delete_refuses_a_group_in_use() -> None:
     book = QueueBook(b"hub")
     book.add_consumer(TOPIC, "workers", A, prefetch=2)
-    admin = QueueAdmin(book, delete=lambda topic, name: book.delete(topic, name))
+    admin = QueueAdmin(book)
     assert _ask(admin, admin_wire.DELETE, TOPIC, b"workers").status == admin_wire.STATUS_IN_USE
     book.remove_consumer(A)
     book.enqueue(TOPIC, META, [b"a", b"b"])
@@ -148,7 +157,7 @@ def test_delete_refuses_a_group_in_use() -> None:
 
 def test_dead_letters_are_listed_latest_last_with_their_payloads() -> None:
     book = _dead_book(3)
-    admin = QueueAdmin(book, delete=lambda topic, name: 0)
+    admin = QueueAdmin(book)
     reply = _ask(admin, admin_wire.DEAD_LETTERS, TOPIC, b"workers", b"2", b"1")
     assert [record["message_id"] for record in reply.body["dead_letters"]] == ["hub-2", "hub-3"]
     assert reply.payloads == [b"p1", b"p2"]
@@ -161,14 +170,14 @@ def test_dead_letters_are_listed_latest_last_with_their_payloads() -> None:
 def test_queues_reports_counts_and_rates_per_group() -> None:
     book = QueueBook(b"hub")
     book.add_consumer(TOPIC, "workers", A, prefetch=1000)
-    admin = QueueAdmin(book, delete=lambda topic, name: 0)
+    admin = QueueAdmin(book)
     admin.sample(0.0)
     book.enqueue(TOPIC, META, [b"p%d" % n for n in range(100)])
     for delivery in book.dispatch(0.0):
         book.settle(
             Ack(delivery.stream, delivery.first_seq, delivery.last_seq, OUTCOME_OK), now=0.0
         )
-    (queue,) = admin_wire.Reply.parse(admin.handle([admin_wire.QUEUES], now=2.0)[1:]).body
+    (queue,) = _ask(admin, admin_wire.QUEUES, now=2.0).body
     assert queue["queue"] == "app.Order/workers"
     assert (queue["consumers"], queue["held"], queue["in_flight"], queue["acked"]) == (1, 0, 0, 100)
     assert queue["ack_rate"] == pytest.approx(50.0)
@@ -193,9 +202,9 @@ def test_queues_reports_counts_and_rates_per_group() -> None:
 )
 def test_malformed_requests_raise_value_error(frames: list[bytes]) -> None:
     book = _dead_book(1)
-    admin = QueueAdmin(book, delete=lambda topic, name: 0)
+    admin = QueueAdmin(book)
     with pytest.raises((ValueError, IndexError)):
-        admin.handle(frames, now=0.0)
+        admin.handle(frames, 0.0, book.delete)
     assert len(next(book.groups()).dead) == 1
 
 

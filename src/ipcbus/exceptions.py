@@ -20,6 +20,7 @@ __all__ = [
     "PubSubError",
     "PublishTimeoutError",
     "QueueInUseError",
+    "UnknownQueueError",
 ]
 
 
@@ -74,6 +75,11 @@ class InsecurePathError(PubSubError, PermissionError):
 class QueueInUseError(PubSubError):
     """``delete_queue()`` was asked to delete a queue group that still has consumers (in this
     process or another): cancel them first. Nothing was deleted."""
+
+
+class UnknownQueueError(PubSubError, LookupError):
+    """A queue administration request (``purge()``, ``requeue()``, ``ipcbus dead-letters``, ...)
+    named a queue group the hub does not have. Nothing was done."""
 
 
 class PublishTimeoutError(PubSubError, TimeoutError):

@@ -28,12 +28,8 @@ _WINDOW = 10
 
 
 class QueueAdmin:
-    """``delete(topic, name)`` deletes a group as ``delete_queue`` does (the control plane also
-    rewrites the groups file and tells the clients): the messages dropped, ``None`` if in use."""
-
-    def __init__(self, book: QueueBook, delete: Callable[[bytes, str], int | None]) -> None:
+    def __init__(self, book: QueueBook) -> None:
         self._book = book
-        self._delete = delete
         self._purged: dict[GroupKey, int] = {}
         self._samples: deque[tuple[float, dict[GroupKey, tuple[int, int]]]] = deque(
             maxlen=_WINDOW + 1
@@ -51,8 +47,14 @@ class QueueAdmin:
         }
         self._samples.append((now, counts))
 
-    def handle(self, body: list[bytes], now: float) -> list[bytes]:
-        """The answer to one request (after the ROUTER identity); ``ValueError`` if malformed."""
+    def handle(
+        self, body: list[bytes], now: float, delete: Callable[[bytes, str], int | None]
+    ) -> list[bytes]:
+        """The answer to one request (after the ROUTER identity); ``ValueError`` if malformed.
+
+        ``delete(topic, name)`` deletes a group as ``delete_queue`` does (the control plane also
+        rewrites the groups file and tells the clients): the messages dropped, ``None`` if the
+        group has consumers."""
         request = wire.parse_request(body)
         if request.op == wire.QUEUES:
             return wire.reply(wire.STATUS_OK, [self._row(g, now) for g in self._book.groups()])
@@ -66,7 +68,7 @@ class QueueAdmin:
             return self._requeue(group, label, request.ids)
         if request.op == wire.PURGE:
             return self._purge(group, label)
-        dropped = self._delete(request.topic, request.queue_name)
+        dropped = delete(request.topic, request.queue_name)
         if dropped is None:
             return wire.reply(wire.STATUS_IN_USE, {"queue": label})
         self._purged.pop((request.topic, request.queue_name), None)
@@ -89,6 +91,8 @@ class QueueAdmin:
             "dead_letters": len(dead),
             "dead_letter_bytes": dead.bytes,
             "dead_letters_evicted": dead.evicted,
+            "max_dead_letters": dead.max_count,
+            "max_dead_letter_bytes": dead.max_bytes,
             "requeued": dead.requeued,
             "purged": self._purged.get(key, 0),
             "publish_rate": publish_rate,

@@ -233,9 +233,7 @@ class QueueBook:
         """The group, created (without consumers: it holds messages) if it is new."""
         group = self._groups.get((topic, name))
         if group is None:
-            group = QueueGroup(
-                name, topic, self._max_held, self._max_dead, self._max_dead_bytes
-            )
+            group = QueueGroup(name, topic, self._max_held, self._max_dead, self._max_dead_bytes)
             self._groups[(topic, name)] = group
             self._by_topic.setdefault(topic, []).append(group)
         return group

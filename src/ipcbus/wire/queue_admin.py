@@ -144,6 +144,8 @@ class QueueStatistics:
     dead_letters: int  # kept now (bounded)
     dead_letter_bytes: int
     dead_letters_evicted: int  # dropped to stay within the bounds
+    max_dead_letters: int  # the bounds (HubOptions)
+    max_dead_letter_bytes: int
     requeued: int
     purged: int
     publish_rate: float
