@@ -166,7 +166,8 @@ def _dead_letters(address: str, args: argparse.Namespace, type_name: str, queue_
     records = request_dead_letters(
         address, type_name, queue_name, limit=args.limit, timeout=args.timeout
     )
-    (stats,) = [q for q in request_queues(address, args.timeout) if q.queue == args.queue] or [None]
+    queues = request_queues(address, args.timeout)
+    stats = next((q for q in queues if q.queue == f"{type_name}/{queue_name}"), None)
     shown = [_describe(record, type_name, args.no_decode) for record in records]
     summary = {
         "queue": args.queue,
