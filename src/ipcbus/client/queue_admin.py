@@ -124,14 +124,21 @@ def request_delete(
     return int(_ask(address, frames, timeout).body["dropped"])
 
 
-def decode_dead_letter(record: DeadLetterRecord, type_name: str | None = None) -> Message:
-    """The message of a dead letter, rebuilt with this process's class (its type is the group's,
-    ``record.queue`` before the ``/``). Unpickles: only for dead letters of a hub you trust as
-    you trust its publishers. Raises whatever rebuilding raises (``ImportError``, ...)."""
+def decode_dead_letter(
+    record: DeadLetterRecord, message_type: MessageType | None = None
+) -> Message:
+    """The message of a dead letter, rebuilt with this process's class: ``message_type``, or
+    the group's type (``record.queue`` before the ``/``) imported by its name. Unpickles: only
+    for dead letters of a hub you trust as you trust its publishers. Raises whatever rebuilding
+    raises (``ImportError`` for a class not found, ...)."""
     if record.payload is None:
         raise ValueError(f"dead letter {record.message_id} was fetched without its payload")
-    name = type_name or parse_queue(record.queue)[0]
-    cls = _find_class(name) if record.codec == codec.SPLIT_DATACLASS.decode() else None
+    if isinstance(message_type, type):
+        name, cls = get_unique_name_for_message(message_type), message_type
+    else:
+        name, cls = message_type or parse_queue(record.queue)[0], None
+    if cls is None and record.codec == codec.SPLIT_DATACLASS.decode():
+        cls = _find_class(name)
     message = codec.decode_one(record.codec.encode(), record.payload, cls)
     if not isinstance(message, Message) or get_unique_name_for_message(message) != name:
         raise TypeError(f"dead letter {record.message_id} is a {type(message)!r}, not {name}")
