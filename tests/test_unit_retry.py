@@ -192,6 +192,8 @@ def test_hub_option_defaults() -> None:
         "stall_timeout": 30.0,
         "restart_grace": 1.0,
         "max_pending_handshakes": 256,
+        "max_dead_letters": 1000,
+        "max_dead_letter_bytes": 64 * 1024 * 1024,
     }
     assert HubOptions.names() == tuple(dataclasses.asdict(options))
 
@@ -205,6 +207,8 @@ def test_hub_option_defaults() -> None:
         ({"heartbeat_interval": NAN}, "heartbeat_interval must be > 0"),
         ({"heartbeat_timeout": -1.0}, "heartbeat_timeout must be > 0"),
         ({"max_held": 0}, "max_held must be > 0"),
+        ({"max_dead_letters": 0}, "max_dead_letters must be > 0"),
+        ({"max_dead_letter_bytes": -1}, "max_dead_letter_bytes must be > 0"),
         ({"max_message_size": 0}, "max_message_size must be > 0"),
         ({"handshake_timeout": 0}, "handshake_timeout must be > 0"),
         ({"stall_timeout": -0.1}, "stall_timeout must be > 0"),

@@ -38,6 +38,8 @@ _EXPORTS = {
     "QueueInUseError": "ipcbus.exceptions",
     "RemoteError": "ipcbus.exceptions",
     "RequestTimeoutError": "ipcbus.exceptions",
+    "UnknownQueueError": "ipcbus.exceptions",
+    "decode_dead_letter": "ipcbus.client.queue_admin",
     "Hub": "ipcbus.hub",
     "HubStatistics": "ipcbus.hub",
     "HubBroker": "ipcbus.client.broker",
@@ -78,6 +80,7 @@ if TYPE_CHECKING:
     from .broker import set_message_broker as set_message_broker
     from .client.broker import HubBroker as HubBroker
     from .client.broker import connect as connect
+    from .client.queue_admin import decode_dead_letter as decode_dead_letter
     from .config import ClientOptions as ClientOptions
     from .config import HubOptions as HubOptions
     from .consumer import Consumer as Consumer
@@ -94,6 +97,7 @@ if TYPE_CHECKING:
     from .exceptions import QueueInUseError as QueueInUseError
     from .exceptions import RemoteError as RemoteError
     from .exceptions import RequestTimeoutError as RequestTimeoutError
+    from .exceptions import UnknownQueueError as UnknownQueueError
     from .hub import Hub as Hub
     from .hub import HubStatistics as HubStatistics
     from .message import DeadLetter as DeadLetter

@@ -5,6 +5,7 @@
     ipcbus clients [--json]                          who is connected, and to what
     ipcbus ping                                      exit 0 when the hub answers
     ipcbus publish TYPE --json '{...}'               publish one message (TYPE importable)
+    ipcbus queues | dead-letters | requeue | purge | delete-queue   look after queue groups
 
 Exit codes are named (dramatiq's habit) so that scripts can tell failures apart.
 """
@@ -23,6 +24,7 @@ from enum import IntEnum
 from importlib import metadata
 from typing import Any
 
+from . import cli_queues
 from .client.admin import request_clients, request_statistics
 from .config import ENV_ADDRESS, HubOptions, address_from_env, hub_options_from_env
 from .exceptions import HubAddressError, HubUnavailableError, PubSubError
@@ -127,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     _hub_address(publish)
     publish.add_argument("type", metavar="TYPE", help="the message type, as module.Class")
     publish.add_argument("--json", required=True, help="the message's fields, as a JSON object")
+    cli_queues.add_parsers(commands, common, _EPILOG, _hub_address)
     return parser
 
 
@@ -157,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stats(address, args.json, args.timeout, args.watch)
         if args.command == "clients":
             return _clients(address, args.json, args.timeout)
+        if args.command in cli_queues.COMMANDS:
+            return cli_queues.run(args, address)
         if args.command == "ping":
             request_statistics(address, args.timeout)
             print(f"{address}: ok")

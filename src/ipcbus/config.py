@@ -130,6 +130,10 @@ class HubOptions(_Options):
       previous hub's subscribers are back first.
     - ``max_pending_handshakes``: on tcp, at most this many connections per socket may be
       waiting to authenticate; past it the oldest are shut down (docs/security.md).
+    - ``max_dead_letters`` / ``max_dead_letter_bytes``: each queue group keeps at most this many
+      dead letters, with their payloads, and at most this many payload bytes (``ipcbus
+      dead-letters``, ``ipcbus requeue``); past either, the oldest are dropped, and a payload
+      larger than the byte bound alone is not kept; both counted (``dead_letters_evicted``).
     """
 
     hwm: int = 1000
@@ -142,9 +146,13 @@ class HubOptions(_Options):
     stall_timeout: float = 30.0
     restart_grace: float = 1.0
     max_pending_handshakes: int = 256
+    max_dead_letters: int = 1000
+    max_dead_letter_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         self._check_positive(
+            "max_dead_letters",
+            "max_dead_letter_bytes",
             "max_pending_handshakes",
             "hwm",
             "heartbeat_interval",

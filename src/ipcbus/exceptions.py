@@ -22,6 +22,7 @@ __all__ = [
     "QueueInUseError",
     "RemoteError",
     "RequestTimeoutError",
+    "UnknownQueueError",
 ]
 
 
@@ -76,6 +77,11 @@ class InsecurePathError(PubSubError, PermissionError):
 class QueueInUseError(PubSubError):
     """``delete_queue()`` was asked to delete a queue group that still has consumers (in this
     process or another): cancel them first. Nothing was deleted."""
+
+
+class UnknownQueueError(PubSubError, LookupError):
+    """A queue administration request (``purge()``, ``requeue()``, ``ipcbus dead-letters``, ...)
+    named a queue group the hub does not have. Nothing was done."""
 
 
 class PublishTimeoutError(PubSubError, TimeoutError):

@@ -20,6 +20,7 @@ from multiprocessing import util as mp_util
 from typing import Any, Self
 
 from .client.admin import request_statistics
+from .client.queue_admin import MessageType, QueueAdminMixin, request_delete
 from .config import HubOptions, hub_started, hub_stopped
 from .exceptions import HubAddressError, HubUnavailableError
 from .server.process import check_address, remove_stale_socket_files, serve_in_child
@@ -32,7 +33,7 @@ __all__ = ["Hub", "HubAddressError", "HubStatistics"]
 logger = logging.getLogger(__name__)
 
 
-class Hub:
+class Hub(QueueAdminMixin):
     """A hub process.
 
     ``Hub()`` serves at a private ``ipc://`` socket in a fresh 0700 directory (removed on stop);
@@ -158,6 +159,14 @@ class Hub:
     def statistics(self, timeout: float = 5.0) -> HubStatistics:
         """Ask the running hub for its statistics."""
         return request_statistics(self.address, timeout)
+
+    def delete_queue(
+        self, message_type: MessageType, queue_name: str, *, timeout: float | None = 5.0
+    ) -> int:
+        """Delete a queue group without consumers and what it holds (how many messages), as
+        ``HubBroker.delete_queue()`` does; ``QueueInUseError`` while it has consumers,
+        ``UnknownQueueError`` for no such group."""
+        return request_delete(self.address, message_type, queue_name, timeout=timeout)
 
     def __enter__(self) -> Self:
         if self._process is None:

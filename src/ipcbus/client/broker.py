@@ -31,6 +31,7 @@ from .gate import PublishGate
 from .io import IOThread
 from .notify import StateNotifier
 from .outbox import FlushMarker
+from .queue_admin import QueueAdminMixin
 from .rejections import Rejections
 from .replies import HubReply, ReplyRoute
 from .runner import QueueRunner
@@ -53,7 +54,7 @@ def _update_pid() -> None:
 os.register_at_fork(after_in_child=_update_pid)
 
 
-class HubBroker(Broker):
+class HubBroker(QueueAdminMixin, Broker):
     """A proxy to the hub at ``address``: publish and subscribe across processes.
 
     - ``publish()`` is thread-safe and returns once the message is queued in this process; one I/O
@@ -66,7 +67,9 @@ class HubBroker(Broker):
       ``HubOptions.max_held``): only that type waits, and a publisher's order is kept. Except in
       a handler: ``publish()`` from a thread that runs handlers never blocks on ``max_pending``
       (see ``ClientOptions``).
-    - ``delete_queue()`` deletes an abandoned queue group at the hub, and what it holds.
+    - ``delete_queue()`` deletes an abandoned queue group at the hub, and what it holds;
+      ``queues()``, ``dead_letters()``, ``requeue()`` and ``purge()`` look after the hub's groups
+      (``QueueAdminMixin``: one round trip each, on a connection of their own).
     - A later message that cannot go (unserialisable, or over the limit) is rejected alone on the
       I/O thread (batches are serialised in one go): logged at ERROR with its type and position
       (how many messages ``publish()`` had accepted before it), counted in ``rejected``, and
@@ -438,6 +441,9 @@ class HubBroker(Broker):
                 f"the hub at {self.address} did not confirm the queue group {queue_name!r} "
                 f"within {timeout} s"
             )
+
+    def _before_admin(self) -> None:  # queues(), dead_letters(), requeue(), purge()
+        self._check_open()
 
     def _delete_queue(self, message_type: type[Message], queue_name: str) -> int:
         """Ask the hub; waits for its answer at most ``subscribe_timeout``."""

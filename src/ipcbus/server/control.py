@@ -15,8 +15,10 @@ from typing import Any
 import zmq
 
 from ..wire import protocol as wire
+from ..wire.queue_admin import QUEUE_ADMIN
 from .clients import ClientDirectory
 from .groups_file import GroupsFile
+from .queue_admin import QueueAdmin
 from .queues import Delivery, QueueBook
 
 __all__ = ["ControlPlane"]
@@ -25,8 +27,9 @@ logger = logging.getLogger(__name__)
 
 Socket = zmq.Socket[Any]
 
-# Requests a client may send before HELLO (a STATS probe is not a client).
-_ANONYMOUS = frozenset({wire.HELLO, wire.STATS, wire.CLIENTS})
+# Requests a client may send before HELLO (a STATS probe is not a client, nor are the queue
+# admin tools: their connection proved the bus secret, like every other).
+_ANONYMOUS = frozenset({wire.HELLO, wire.STATS, wire.CLIENTS, QUEUE_ADMIN})
 _KINDS = _ANONYMOUS | {
     wire.INFO,
     wire.PING,
@@ -49,12 +52,20 @@ class ControlPlane:
         heartbeat_timeout: float,
         max_held: int,
         max_message_size: int,
+        max_dead_letters: int = 1000,
+        max_dead_letter_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.hub_id = hub_id
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size  # announced in WELCOME: clients split below it
-        self.book = QueueBook(hub_id, max_held=max_held)
+        self.book = QueueBook(
+            hub_id,
+            max_held=max_held,
+            max_dead=max_dead_letters,
+            max_dead_bytes=max_dead_letter_bytes,
+        )
+        self.admin = QueueAdmin(self.book)
         self.clients: dict[bytes, float] = {}  # identity -> when it was last heard from
         self.directory = ClientDirectory()  # what each client says about itself
         self.clients_lost = 0
@@ -115,6 +126,15 @@ class ControlPlane:
         if kind == wire.CLIENTS:
             reply = self.directory.describe(self.book.queues_by_client())
             self._send(control, [identity, wire.header(wire.CLIENTS), reply])
+            return
+        if kind == QUEUE_ADMIN:
+            answer = self.admin.handle(body, now, lambda t, n: self.delete_group(control, t, n))
+            try:
+                # copy=False: a dead letter's payload is sent from the bytes the hub keeps
+                # (pyzmq still copies frames under 64 KiB, which is cheaper for those).
+                control.send_multipart([identity, *answer], zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:
+                logger.debug("queue admin reply to %r dropped: %s", identity, exc)
             return
         self.clients[identity] = now
         if kind == wire.PING:
@@ -200,8 +220,12 @@ class ControlPlane:
         self._waiting.append((answer[0], answer, self._groups_version, deadline))
 
     def _delete(self, control: Socket, identity: bytes, request: wire.DeleteQueue) -> None:
-        """Delete a queue group that has no consumers, and what it holds; refuse otherwise."""
-        topic, name = request.topic, request.queue_name
+        dropped = self.delete_group(control, request.topic, request.queue_name)
+        self._send(control, wire.deleted(identity, request.request_id, dropped))
+
+    def delete_group(self, control: Socket, topic: bytes, name: str) -> int | None:
+        """Delete a queue group that has no consumers, and what it holds: how many messages it
+        held, or ``None`` (nothing done) while it has consumers."""
         dropped = self.book.delete(topic, name)
         if dropped is not None:
             label = f"{wire.unique_name_of(topic)}/{name}"
@@ -218,7 +242,7 @@ class ControlPlane:
                 # Its publishers may batch it again (no longer one frame per message).
                 self._groups_version += 1
                 self._announce_groups(control)
-        self._send(control, wire.deleted(identity, request.request_id, dropped))
+        return dropped
 
     def restore_groups(self, path: str) -> None:
         """Recreate the queue groups a previous hub at this address had (they outlive the
@@ -274,6 +298,7 @@ class ControlPlane:
 
     def tick(self, control: Socket) -> None:
         now = time.monotonic()
+        self.admin.sample(now)
         if self._probes and now >= self._probes[0]:
             self._probes = [due for due in self._probes if due > now]
             self._probe(control)

@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..wire.protocol import OUTCOME_DEAD, OUTCOME_OK, OUTCOME_REJECTED, Ack, Deliver, pack_sizes
+from .dead_letters import DeadLetters
 from .runs import InFlight, Run, overlapping
 
 __all__ = ["ConsumerKey", "Delivery", "QueueBook", "QueueConsumer", "QueueGroup", "Run"]
@@ -125,7 +126,9 @@ class DeadRecord:
 class QueueGroup:
     """One ``queue_name`` on one topic."""
 
-    def __init__(self, name: str, topic: bytes, max_held: int, max_dead: int) -> None:
+    def __init__(
+        self, name: str, topic: bytes, max_held: int, max_dead: int, max_dead_bytes: int
+    ) -> None:
         self.name = name
         self.topic = topic
         self.max_held = max_held
@@ -135,7 +138,7 @@ class QueueGroup:
         self.delayed_messages = 0
         self.consumers: dict[ConsumerKey, QueueConsumer] = {}
         self.cursor = 0
-        self.dead: deque[DeadRecord] = deque(maxlen=max_dead)
+        self.dead = DeadLetters(max_dead, max_dead_bytes)  # with their payloads, bounded
         self.counts = {
             "published": 0,
             "delivered": 0,
@@ -181,13 +184,21 @@ class QueueGroup:
 class QueueBook:
     """Every queue group of the hub, and the deliveries in flight."""
 
-    def __init__(self, hub_id: bytes, *, max_held: int = 100_000, max_dead: int = 1000) -> None:
+    def __init__(
+        self,
+        hub_id: bytes,
+        *,
+        max_held: int = 100_000,
+        max_dead: int = 1000,
+        max_dead_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self._hub_id = hub_id
         self._max_held = max_held
         # A full topic opens again at this many held (hysteresis: not one announcement to every
         # client per message acked at the limit).
         self._low_water = max_held // 2
         self._max_dead = max_dead
+        self._max_dead_bytes = max_dead_bytes
         self._groups: dict[tuple[bytes, str], QueueGroup] = {}
         self._by_topic: dict[bytes, list[QueueGroup]] = {}
         self._streams: dict[bytes, tuple[QueueGroup, QueueConsumer]] = {}
@@ -215,11 +226,14 @@ class QueueBook:
     def has_group(self, topic: bytes, name: str) -> bool:
         return (topic, name) in self._groups
 
+    def group(self, topic: bytes, name: str) -> QueueGroup | None:
+        return self._groups.get((topic, name))
+
     def declare(self, topic: bytes, name: str) -> QueueGroup:
         """The group, created (without consumers: it holds messages) if it is new."""
         group = self._groups.get((topic, name))
         if group is None:
-            group = QueueGroup(name, topic, self._max_held, self._max_dead)
+            group = QueueGroup(name, topic, self._max_held, self._max_dead, self._max_dead_bytes)
             self._groups[(topic, name)] = group
             self._by_topic.setdefault(topic, []).append(group)
         return group
@@ -394,9 +408,10 @@ class QueueBook:
         elif outcome == OUTCOME_DEAD:
             group.counts["dead_lettered"] += count
             for part in parts:
-                for index in range(part.count):
+                # Copies (payload_list): a view would keep the whole batch alive.
+                for index, payload in enumerate(part.payload_list()):
                     message_id = f"{self._hub_id.decode()}-{part.first_id + index}"
-                    group.dead.append(DeadRecord(message_id, part.attempt, ack.error))
+                    group.dead.add(message_id, part.attempt, ack.error, part.meta, payload)
         else:  # failed: retried after the delay the consumer decided (bounded by the wire)
             group.counts["retried"] += count
             for part in parts:
@@ -493,6 +508,8 @@ class QueueBook:
 
     def dead_letters(self) -> dict[str, list[DeadRecord]]:
         return {
-            f"{group.topic[:-1].decode()}/{group.name}": list(group.dead)
+            f"{group.topic[:-1].decode()}/{group.name}": [
+                DeadRecord(entry.message_id, entry.attempts, entry.error) for entry in group.dead
+            ]
             for group in self._groups.values()
         }

@@ -67,6 +67,8 @@ class Relay:
             heartbeat_timeout=options.heartbeat_timeout,
             max_held=options.max_held,
             max_message_size=options.max_message_size,
+            max_dead_letters=options.max_dead_letters,
+            max_dead_letter_bytes=options.max_dead_letter_bytes,
         )
         self._fanout: Fanout | None = None
         self._batches = self._messages = self._bytes = 0

@@ -41,6 +41,7 @@ GROUPS_ACK = b"g"
 BYE = b"B"
 DELETE = b"K"
 DECLARE = b"Y"
+QUEUE_ADMIN = b"q"  # and its answer (wire.queue_admin): queues, dead letters, requeue, purge
 # control, hub -> client
 WELCOME = b"W"
 PONG = b"o"

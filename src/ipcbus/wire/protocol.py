@@ -15,6 +15,8 @@ client control DEALER → hub control ROUTER (the hub's address)     ``[header, 
                                 hub accepts (a larger one costs the sender its connection)
     STATS    ``[]``           → STATS ``[json]``
     CLIENTS  ``[]``           → CLIENTS ``[json]``: who is connected (``ipcbus clients``)
+    QUEUE_ADMIN ``[op, *args]`` → QUEUE_ADMIN ``[status, json, *payloads]``: looking after queue
+                                groups, before HELLO too (``wire.queue_admin``)
     INFO     ``[json]``       what the client says about itself changed (its subscriptions)
     PING     ``[]``           → PONG ``[]``  (every heartbeat_interval, both ways alive)
     CONSUME  ``[subscription_id, topic, queue_name, prefetch]``
