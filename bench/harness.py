@@ -23,6 +23,7 @@ from ipcbus import Message
 
 SPAWN: Any = multiprocessing.get_context("spawn")
 START_TIMEOUT = 120.0  # a spawned child on a busy 2-core machine takes seconds to import
+STALL = 20.0  # nothing arrived for this long, once started: what is missing is lost
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,14 @@ def measure(
         start = time.monotonic()
         go.set()
         deadline = start + settings.deadline
-        while sum(counts) < expected and time.monotonic() < deadline:
+        progress, progressed = 0, start
+        while (arrived := sum(counts)) < expected and (now := time.monotonic()) < deadline:
             if any(process.exitcode not in (None, 0) for process in started):
                 break
+            if arrived != progress:
+                progress, progressed = arrived, now
+            elif now - progressed > STALL:
+                break  # lost: the count says how many, no need to wait for the deadline
             time.sleep(0.001)
         end = time.monotonic()
         time.sleep(0.2)  # a duplicate on its way is counted too

@@ -117,11 +117,18 @@ def _zmq_publisher(
     import zmq
 
     context = zmq.Context()
-    pub = context.socket(zmq.PUB)
+    # XPUB: a PUB socket as it sends, but it reads the subscriptions, so the publisher starts
+    # once every subscriber's has arrived (before, PUB drops: the slow joiner).
+    pub = context.socket(zmq.XPUB)
     pub.setsockopt(zmq.SNDHWM, 0)
     pub.setsockopt(zmq.LINGER, 60_000)
+    pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscriber's subscription, not only the first
     for endpoint in endpoints:
         pub.connect(endpoint)
+    for _ in endpoints:
+        if not pub.poll(60_000):
+            raise RuntimeError("a subscriber's subscription never arrived")
+        pub.recv()
     messages = _messages(mode, size, seqs)
     ready.set()
     go.wait(3600)
