@@ -30,8 +30,14 @@ format: install
 test: install
 	$(PY) scripts/run-tests $(PYTEST_ARGS)
 
-bench: install
-	$(PY) bench/run.py
+# One command, one run beside the peers (bench/run.py); BENCH_ARGS adds options, e.g. --quick.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: install $(BENCH_STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 demo: install
 	$(PY) scripts/demo.py

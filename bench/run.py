@@ -1,331 +1,232 @@
-"""Throughput of ipcbus against its peers, run side by side, reported as ratios.
+"""Throughput of ipcbus beside its peers, run side by side, reported as ratios (``make bench``).
 
-1 publisher process -> 1 subscriber process, small frozen dataclass messages:
-- ipcbus: publisher HubBroker -> hub process -> subscriber HubBroker (3 processes)
-- multiprocessing.Queue: producer -> consumer (2 processes; the baseline users replace)
+One command, one run: it starts the peers' servers (``servers.py``), then runs every case
+``--repeat`` times, interleaved, each run in fresh spawned processes with a fresh hub per round,
+after a warm-up round; it reports each case's median and, per scenario, the ratio of ipcbus to
+each peer (higher is better for ipcbus), and writes everything to a JSON file.
 
-Work queues, P producers -> C competing consumers (1 -> 2, 1 -> 4, 4 -> 4):
-- ipcbus: subscribe_async in one queue group, default settings (acknowledged, redelivered on
-  crash), plain handler
-- multiprocessing.Queue: the same producers put() into one queue, the same consumers get() from it
-  (nothing acknowledged)
+Cases come from the modules in ``CASE_MODULES`` (each has ``cases(settings) -> list[Case]``,
+see ``harness.py``) and from ``LOCAL_CASES`` below: a case of this file is one function
+``f(settings) -> Outcome`` and one line ``Case(scenario, contender, f)`` in that list.
 
-Every message of a queue case is distinct (a sequence number unique across producers), and every
-consumer reports what it received: a queue case whose messages did not each arrive exactly once is
-a failure, whatever its rate (the bench says so and exits 1).
+Every run counts what arrived (distinct sequence numbers; see ``harness.measure``): a run that
+lost or duplicated a message is reported as FAILED, not as a number. ipcbus failing is the
+bench failing (exit status 1); a peer failing is reported and the bench goes on.
 
-Each case runs ``--repeat`` times, interleaved, and the median is reported. Clocks: the parent
-takes the start time (when it lets the producers go) and the end time (when the consumers' counts,
-polled every millisecond, reach the total), or for broadcast the receiving process the end time,
-all from time.monotonic() (CLOCK_MONOTONIC, shared by all processes of the machine).
-
-    python bench/run.py [--messages 200000] [--queue-messages 100000] [--repeat 3]
+    python bench/run.py [--quick] [--repeat 3] [--only SCENARIO] [--json bench-results.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import platform
 import statistics
 import sys
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from ipcbus import Hub, Message, connect
+from harness import Case, Outcome, Settings
+from ipcbus import Hub
+from servers import running
 
-SPAWN: Any = multiprocessing.get_context("spawn")
-QUEUE_SHAPES = ((1, 2), (1, 4), (4, 4))  # (producers, consumers)
+CASE_MODULES = ("throughput", "peers")
+BASELINE = "ipcbus"
 
+# Cases of this file: a function f(settings) -> Outcome, and one line here.
+LOCAL_CASES: list[Case] = []
 
-@dataclass(frozen=True)
-class Tick(Message):
-    seq: int
-    symbol: str
-    price: float
-
-
-def _tick(seq: int) -> Tick:
-    return Tick(seq, "ACME", 100.0 + seq % 7)
+QUICK = Settings(messages=3_000, queue_messages=2_000, big_messages=4, big_size=1024 * 1024)
 
 
-# -- ipcbus broadcast -----------------------------------------------------------------------
+def all_cases(settings: Settings) -> list[Case]:
+    found = list(LOCAL_CASES)
+    for name in CASE_MODULES:
+        found += importlib.import_module(name).cases(settings)
+    return found
 
 
-def _ipcbus_subscriber(address: str, count: int, ready: Any, result: Any) -> None:
-    broker = connect(address)
-    received = 0
-    done = threading.Event()
+@dataclasses.dataclass
+class Tally:
+    """What the runs of one case gave."""
 
-    def on_tick(message: Tick) -> None:
-        nonlocal received
-        received += 1
-        if received == count:
-            result.put(time.monotonic())
-            done.set()
+    case: Case
+    values: list[float] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
 
-    broker.subscribe(Tick, on_tick)
-    ready.set()
-    done.wait(300)
-    broker.close()
-
-
-def _ipcbus_publisher(address: str, first: int, count: int, go: Any) -> None:
-    broker = connect(address)
-    go.wait(60)
-    for seq in range(first, first + count):
-        broker.publish(_tick(seq))
-    broker.close()
-
-
-def run_ipcbus(address: str, count: int) -> float:
-    ready, go, result = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
-    subscriber = SPAWN.Process(target=_ipcbus_subscriber, args=(address, count, ready, result))
-    publisher = SPAWN.Process(target=_ipcbus_publisher, args=(address, 0, count, go))
-    subscriber.start()
-    publisher.start()
-    ready.wait(60)
-    time.sleep(0.5)  # let the publisher finish connecting: the bench times delivery, not start-up
-    start = time.monotonic()
-    go.set()
-    end = result.get(timeout=300)
-    for process in (publisher, subscriber):
-        process.join(60)
-    return count / (end - start)
-
-
-# -- work queues: the harness both contenders share ------------------------------------------
-
-
-class Received:
-    """What one consumer process received: the seqs, and a count the parent polls."""
-
-    def __init__(self, counts: Any, slot: int) -> None:
-        self._counts = counts
-        self._slot = slot
-        self._lock = threading.Lock()  # ipcbus runs plain handlers on several threads
-        self.seqs: list[int] = []
-
-    def add(self, seq: int) -> None:
-        with self._lock:
-            self.seqs.append(seq)
-            self._counts[self._slot] = len(self.seqs)  # one writer per slot
-
-
-@dataclass
-class QueueRun:
-    rate: float
-    problems: list[str]
-
-
-def _run_queue(
-    count: int,
-    producers: int,
-    consumers: int,
-    consumer: Callable[..., None],
-    consumer_args: tuple[Any, ...],
-    producer: Callable[..., None],
-    producer_args: tuple[Any, ...],
-    stop_consumers: Callable[[], None],
-) -> QueueRun:
-    """Start ``consumers``, then ``producers`` (each sends ``count // producers`` distinct seqs),
-    time until the consumers received ``count`` messages, and check each arrived once."""
-    counts, go, results = SPAWN.Array("q", consumers, lock=False), SPAWN.Event(), SPAWN.Queue()
-    started = []
-    for slot in range(consumers):
-        ready = SPAWN.Event()
-        process = SPAWN.Process(
-            target=consumer, args=(*consumer_args, counts, slot, ready, results)
-        )
-        process.start()
-        ready.wait(60)
-        started.append(process)
-    share = count // producers
-    sending = [
-        SPAWN.Process(target=producer, args=(*producer_args, index * share, share, go))
-        for index in range(producers)
-    ]
-    for process in sending:
-        process.start()
-    time.sleep(0.5)  # let the producers finish connecting: the bench times delivery
-    start = time.monotonic()
-    go.set()
-    deadline = start + 300
-    total = share * producers
-    while sum(counts) < total and time.monotonic() < deadline:
-        time.sleep(0.001)
-    end = time.monotonic()
-    time.sleep(0.2)  # a duplicate that was on its way is counted too
-    stop_consumers()
-    seen = bytearray(total)
-    problems = []
-    for _ in started:
-        for seq in results.get(timeout=60):
-            if 0 <= seq < total and seen[seq] < 255:
-                seen[seq] += 1
-            else:
-                problems.append(f"unexpected seq {seq}")
-    for process in (*sending, *started):
-        process.join(60)
-    missing = seen.count(0)
-    duplicated = total - missing - seen.count(1)
-    if missing:
-        problems.append(f"{missing} of {total} messages never arrived")
-    if duplicated:
-        problems.append(f"{duplicated} messages arrived more than once")
-    return QueueRun(total / (end - start), problems)
-
-
-# -- ipcbus work queue ----------------------------------------------------------------------
-
-
-def _ipcbus_consumer(
-    address: str, stop: Any, counts: Any, slot: int, ready: Any, results: Any
-) -> None:
-    broker = connect(address)
-    received = Received(counts, slot)
-
-    def on_tick(message: Tick) -> None:
-        received.add(message.seq)
-
-    broker.subscribe_async(Tick, on_tick, "work")  # the default settings
-    ready.set()
-    stop.wait(300)
-    broker.close()
-    results.put(received.seqs)
-
-
-def run_ipcbus_queue(address: str, count: int, producers: int, consumers: int) -> QueueRun:
-    stop = SPAWN.Event()
-    return _run_queue(
-        count,
-        producers,
-        consumers,
-        _ipcbus_consumer,
-        (address, stop),
-        _ipcbus_publisher,
-        (address,),
-        stop.set,
-    )
-
-
-# -- multiprocessing.Queue ------------------------------------------------------------------
-
-
-def _queue_consumer(queue: Any, counts: Any, slot: int, ready: Any, results: Any) -> None:
-    received = Received(counts, slot)
-    ready.set()
-    while (message := queue.get()) is not None:
-        received.add(message.seq)
-    results.put(received.seqs)
-
-
-def _queue_producer(queue: Any, first: int, count: int, go: Any) -> None:
-    go.wait(60)
-    for seq in range(first, first + count):
-        queue.put(_tick(seq))
-    queue.close()
-    queue.join_thread()
-
-
-def run_mp_queue_shared(count: int, producers: int, consumers: int) -> QueueRun:
-    """Competing consumers on one multiprocessing.Queue fed by ``producers`` processes."""
-    queue = SPAWN.Queue()
-
-    def stop() -> None:
-        for _ in range(consumers):
-            queue.put(None)
-
-    return _run_queue(
-        count, producers, consumers, _queue_consumer, (queue,), _queue_producer, (queue,), stop
-    )
-
-
-def _mp_result_consumer(queue: Any, count: int, result: Any) -> None:
-    for _ in range(count):
-        queue.get()
-    result.put(time.monotonic())
-
-
-def run_mp_queue(count: int) -> float:
-    queue, go, result = SPAWN.Queue(), SPAWN.Event(), SPAWN.Queue()
-    consumer = SPAWN.Process(target=_mp_result_consumer, args=(queue, count, result))
-    producer = SPAWN.Process(target=_queue_producer, args=(queue, 0, count, go))
-    consumer.start()
-    producer.start()
-    time.sleep(0.5)  # same start-up allowance as ipcbus
-    start = time.monotonic()
-    go.set()
-    end = result.get(timeout=300)
-    for process in (producer, consumer):
-        process.join(60)
-    return count / (end - start)
-
-
-# -- main -----------------------------------------------------------------------------------
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values and not self.problems else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=200_000)
-    parser.add_argument("--queue-messages", type=int, default=100_000)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--queues-only", action="store_true", help="skip the broadcast case")
-    args = parser.parse_args(argv)
-    broadcast: dict[str, list[float]] = {"ipcbus broadcast": [], "multiprocessing.Queue": []}
-    queues = {
-        shape: {"ipcbus queue group": [], "multiprocessing.Queue": []} for shape in QUEUE_SHAPES
-    }
-    problems: list[str] = []
-    for round_ in range(args.repeat):
-        # A fresh hub each round: queue groups live as long as their hub.
-        with Hub() as hub:
-            if not args.queues_only:
-                broadcast["ipcbus broadcast"].append(run_ipcbus(hub.address, args.messages))
-            for producers, consumers in QUEUE_SHAPES:
-                run = run_ipcbus_queue(hub.address, args.queue_messages, producers, consumers)
-                queues[(producers, consumers)]["ipcbus queue group"].append(run.rate)
-                problems += [
-                    f"round {round_ + 1}, ipcbus {producers} -> {consumers}: {problem}"
-                    for problem in run.problems
-                ]
-        if not args.queues_only:
-            broadcast["multiprocessing.Queue"].append(run_mp_queue(args.messages))
-        for producers, consumers in QUEUE_SHAPES:
-            run = run_mp_queue_shared(args.queue_messages, producers, consumers)
-            queues[(producers, consumers)]["multiprocessing.Queue"].append(run.rate)
-            problems += [
-                f"round {round_ + 1}, multiprocessing.Queue {producers} -> {consumers}: {problem}"
-                for problem in run.problems
-            ]
-    if not args.queues_only:
-        _report(f"1 publisher -> 1 subscriber, {args.messages} messages", broadcast, args.repeat)
-    for (producers, consumers), results in queues.items():
-        title = f"{producers} producer(s) -> {consumers} consumers, {args.queue_messages} messages"
-        _report(title, results, args.repeat)
-    runs = args.repeat * len(QUEUE_SHAPES) * 2
-    if problems:
-        print(f"exactly-once check FAILED in the queue cases ({len(problems)} problems):")
-        for problem in problems:
-            print(f"  {problem}")
-        return 1
-    print(
-        f"exactly-once check passed: in each of the {runs} queue runs every message "
-        "(distinct seqs) arrived exactly once"
+    args = _parse(argv)
+    settings = QUICK if args.quick else Settings()
+    settings = dataclasses.replace(
+        settings,
+        **{
+            key: value
+            for key, value in (
+                ("messages", args.messages),
+                ("queue_messages", args.queue_messages),
+                ("big_messages", args.big_messages),
+                ("big_size", args.big_size),
+            )
+            if value is not None
+        },
     )
-    return 0
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    cases = [c for c in all_cases(settings) if not args.only or args.only in c.scenario]
+    if args.no_peers:
+        cases = [c for c in cases if c.contender in (BASELINE, "multiprocessing.Queue")]
+    needs = {case.needs for case in cases}
+    began = time.monotonic()
+    with running("nats" in needs, "redis" in needs) as servers:
+        skipped = dict(servers.skipped or {})
+        for server, why in skipped.items():
+            print(f"skipped: every {server} case: {why}", flush=True)
+        settings = dataclasses.replace(
+            settings, nats_url=servers.nats_url, redis_port=servers.redis_port
+        )
+        cases = [case for case in cases if case.needs not in skipped]
+        tallies = {(case.scenario, case.contender): Tally(case) for case in cases}
+        if not args.quick:
+            print("warm-up round (not counted)", flush=True)
+            _round(
+                dataclasses.replace(
+                    QUICK, nats_url=servers.nats_url, redis_port=servers.redis_port
+                ),
+                cases,
+                None,
+                0,
+                0,
+            )
+        for round_ in range(1, repeat + 1):
+            _round(settings, cases, tallies, round_, repeat)
+    elapsed = time.monotonic() - began
+    print()
+    _report(tallies, repeat)
+    if args.json:
+        _write_json(args.json, settings, repeat, tallies, skipped, elapsed)
+        print(f"\nwritten: {args.json}")
+    failed = [t for t in tallies.values() if t.problems]
+    for tally in failed:
+        case = tally.case
+        print(f"FAILED {case.scenario} / {case.contender}:")
+        for problem in tally.problems[:10]:
+            print(f"  {problem}")
+    counted = sum(len(t.values) for t in tallies.values())
+    print(
+        f"{counted} runs in {elapsed:.0f} s; each counted what arrived ({len(failed)} cases failed)"
+    )
+    return 1 if any(t.case.contender == BASELINE for t in failed) else 0
 
 
-def _report(title: str, results: dict[str, list[float]], repeat: int) -> None:
-    baseline = statistics.median(results["multiprocessing.Queue"])
-    print(f"{title}, median of {repeat}")
-    print(f"  {'case':24} {'msg/s':>12} {'ratio':>7}   runs")
-    for name, rates in results.items():
-        median = statistics.median(rates)
-        runs = ", ".join(f"{rate:,.0f}" for rate in rates)
-        print(f"  {name:24} {median:>12,.0f} {median / baseline:>6.2f}x   {runs}")
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke test")
+    parser.add_argument("--repeat", type=int, help="rounds (3; 1 with --quick)")
+    parser.add_argument("--messages", type=int, help="broadcast messages per run")
+    parser.add_argument("--queue-messages", type=int, help="queue messages per run")
+    parser.add_argument("--big-messages", type=int, help="big payloads per run")
+    parser.add_argument("--big-size", type=int, help="bytes per big payload")
+    parser.add_argument("--only", help="only the scenarios whose name contains this")
+    parser.add_argument("--no-peers", action="store_true", help="ipcbus and the Queue only")
+    parser.add_argument("--json", default="bench-results.json", help="where to write results")
+    return parser.parse_args(argv)
+
+
+def _round(
+    settings: Settings,
+    cases: list[Case],
+    tallies: dict[tuple[str, str], Tally] | None,
+    round_: int,
+    repeat: int,
+) -> None:
+    # A fresh hub each round: queue groups live as long as their hub.
+    with Hub() as hub:
+        settings = dataclasses.replace(settings, hub_address=hub.address)
+        for index, case in enumerate(cases, 1):
+            where = f"round {round_}/{repeat}" if tallies is not None else "warm-up"
+            label = f"[{index:>2}/{len(cases)}] {where}  {case.scenario}  {case.contender}"
+            print(f"{label} ...", end="", flush=True)
+            try:
+                outcome = case.run(settings)
+            except Exception as exc:  # a peer's library or server that misbehaves
+                outcome = Outcome(0.0, [f"{type(exc).__name__}: {exc}"])
+            if outcome.problems:
+                print(f" FAILED ({outcome.problems[0]})", flush=True)
+            else:
+                print(f" {outcome.value:,.0f} {case.unit}", flush=True)
+            if tallies is not None:
+                tally = tallies[(case.scenario, case.contender)]
+                if outcome.problems:
+                    tally.problems += [f"round {round_}: {p}" for p in outcome.problems]
+                else:
+                    tally.values.append(outcome.value)
+
+
+def _report(tallies: dict[tuple[str, str], Tally], repeat: int) -> None:
+    scenarios: dict[str, list[Tally]] = {}
+    for tally in tallies.values():
+        scenarios.setdefault(tally.case.scenario, []).append(tally)
+    for scenario, found in scenarios.items():
+        unit = found[0].case.unit
+        ours = next((t.median for t in found if t.case.contender == BASELINE), None)
+        print(f"{scenario}, median of {repeat} ({unit})")
+        print(f"  {'contender':24} {'median':>12} {'ipcbus is':>10}   runs")
+        for tally in found:
+            runs = ", ".join(f"{value:,.0f}" for value in tally.values)
+            median = tally.median
+            if median is None:
+                print(f"  {tally.case.contender:24} {'FAILED':>12} {'':>10}   {runs}")
+                continue
+            ratio = f"{ours / median:.2f}x" if ours and tally.case.contender != BASELINE else ""
+            print(f"  {tally.case.contender:24} {median:>12,.0f} {ratio:>10}   {runs}")
+
+
+def _write_json(
+    path: str,
+    settings: Settings,
+    repeat: int,
+    tallies: dict[tuple[str, str], Tally],
+    skipped: dict[str, str],
+    elapsed: float,
+) -> None:
+    results: dict[str, dict[str, Any]] = {}
+    for (scenario, contender), tally in tallies.items():
+        results.setdefault(scenario, {})[contender] = {
+            "unit": tally.case.unit,
+            "runs": tally.values,
+            "median": tally.median,
+            "problems": tally.problems,
+        }
+    for contenders in results.values():
+        ours = contenders.get(BASELINE, {}).get("median")
+        for contender, entry in contenders.items():
+            if contender != BASELINE and ours and entry["median"]:
+                entry["ipcbus_ratio"] = ours / entry["median"]
+    document = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "settings": {
+            k: v for k, v in dataclasses.asdict(settings).items() if k not in ("hub_address",)
+        },
+        "repeat": repeat,
+        "seconds": round(elapsed, 1),
+        "skipped": skipped,
+        "results": results,
+    }
+    with open(path, "w") as file:
+        json.dump(document, file, indent=2)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def test_batches_are_split_below_the_limit_the_hub_announces(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("limit", [None, 32 * MiB], ids=["default limit", "32 MiB limit"])
 def test_large_distinct_payloads_all_arrive(tmp_path: Path, limit: int | None) -> None:
-    """20 distinct 8 MB ``bytes`` (in-band in the pickle: ``bytes`` has no out-of-band form)."""
+    """20 distinct 8 MB ``bytes``: each a frame of its own (out-of-band: test_big_payloads.py),
+    batches of them within the limit."""
     options = {} if limit is None else {"max_message_size": limit}
     with (
         Hub(f"ipc://{tmp_path}/hub", start_method="fork", **options) as hub,

@@ -94,7 +94,11 @@ class Responders:
         return int(process.pid)
 
     def close(self) -> None:
+        # A fork child holds its own copy of every write end open before it: closing ours
+        # would never reach it as EOF. A word on the pipe does.
         for _process, stop in self.processes:
+            with contextlib.suppress(OSError):
+                stop.send("stop")
             stop.close()
         for process, _ in self.processes:
             process.join(30)

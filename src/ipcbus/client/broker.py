@@ -30,7 +30,7 @@ from .dispatch import Dispatcher
 from .gate import PublishGate
 from .io import IOThread
 from .notify import StateNotifier
-from .outbox import FlushMarker
+from .outbox import FlushMarker, Kind
 from .queue_admin import QueueAdminMixin
 from .rejections import Rejections
 from .replies import HubReply, ReplyRoute
@@ -163,6 +163,7 @@ class HubBroker(QueueAdminMixin, Broker):
         # The type of the last message published, weakly: the hot path's check (31 ns, as the
         # set it replaces; a WeakKeyDictionary lookup costs 147 ns, measured).
         self._last_type: Callable[[], type | None] = _no_type
+        self._last_kind = Kind(b"", 1)  # what the outbox knows of it
         try:
             self._io.start(options.connect_timeout)
         except BaseException:
@@ -221,12 +222,20 @@ class HubBroker(QueueAdminMixin, Broker):
             timeout = self._wait_while_full(type(message), timeout)
         cls = type(message)
         if self._last_type() is not cls:
-            if self._kinds.get(cls) is None:
+            kind = self._kinds.get(cls)
+            if kind is None:
                 # The first message of its type: MessageSerializationError or
                 # MessageTooLargeError here, in the caller. A type is learnt only from a message
                 # that can go.
-                self._io.outbox.check(message)
+                kind = self._io.outbox.check(message)
+            elif kind.big:
+                self._io.outbox.check_fields(message)
             self._last_type = weakref.ref(cls)
+            self._last_kind = kind
+        elif self._last_kind.big:
+            # Big payloads (issue 12): a field over the limit raises here too, not only in the
+            # first message of the type.
+            self._io.outbox.check_fields(message)
         if len(self._io.outbox) >= self.options.max_pending and not runs_handlers():
             # Never in a handler: the hub may be waiting for this very thread to take its
             # messages while it stops reading ours; waiting here closed that circle (a pipeline

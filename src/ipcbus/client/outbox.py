@@ -76,6 +76,12 @@ class Kind:
     # Out-of-band buffers (protocol 5: large arrays) per message, as last measured: a batch
     # holding more than MAX_BUFFERS would be pickled in-band, copying every one of them.
     buffers: int = 0
+    # Their bytes per message, as last measured: a batch takes no more messages than keep all
+    # its frames together within the hub's limit (8 MB payloads: a batch of 64 would be 512 MB).
+    buffer_bytes: int = 0
+    # Messages of the type have brought out-of-band buffers: publish() measures the fields of
+    # each of them against the limit (never reset: big and small ones may alternate).
+    big: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,8 +139,25 @@ class Outbox:
         if topic in self.grouped:  # [sizes, payloads]
             kind = self.kinds[cls] = Kind(topic, max(1, len(frames[1])))
         else:
-            kind = self.kinds[cls] = Kind(topic, max(1, len(frames[0])), len(frames) - 1)
+            buffers = frames[1:]
+            kind = self.kinds[cls] = Kind(
+                topic,
+                max(1, len(frames[0])),
+                len(buffers),
+                sum(map(len, buffers)),
+                bool(buffers),
+            )
         return kind
+
+    def check_fields(self, message: Message) -> None:
+        """For a type whose messages bring big buffers, every message (publisher's thread):
+        ``MessageTooLargeError`` when one of its fields alone is over the limit. Cheaper than
+        encoding it (``check``), and it catches what would otherwise be rejected on the I/O
+        thread, after ``publish()`` returned."""
+        largest = codec.largest_field(message)
+        if largest > self.frame_budget:
+            name = get_unique_name_for_message(type(message))
+            raise MessageTooLargeError(f"{name}: {self._too_large(largest)}; nothing was sent")
 
     def take(self) -> list[Any] | None:
         """The next request to send (``None``: nothing to send). Takes a run of messages of
@@ -160,6 +183,7 @@ class Outbox:
             limit = min(self._max_batch, self.frame_budget // kind.per_message)
             if kind.buffers and not split:
                 limit = min(limit, wire.MAX_BUFFERS // kind.buffers)
+                limit = min(limit, self.frame_budget // (kind.per_message + kind.buffer_bytes))
             limit = max(1, limit)
             batch = [first]
             while items and len(batch) < limit and type(items[0]) is cls:
@@ -199,7 +223,7 @@ class Outbox:
             codec_id, frames = encode(cls, batch)
         except MessageSerializationError:
             frames = []
-        if not frames or max(len(frame) for frame in frames) > self.frame_budget:
+        if not frames or self._too_big(frames, len(batch)):
             # The hot path serialises whole batches; only a batch that failed, or came out too
             # large, is looked at message by message.
             batch = self._trim(encode, cls, split, batch)
@@ -207,7 +231,7 @@ class Outbox:
                 return None
             try:
                 codec_id, frames = encode(cls, batch)
-                fits = max(len(frame) for frame in frames) <= self.frame_budget
+                fits = not self._too_big(frames, len(batch))
             except MessageSerializationError:
                 fits = False
             if not fits:  # each one is fine alone, not together (never seen): one at a time
@@ -222,6 +246,8 @@ class Outbox:
             kind.per_message = max(1, -(-len(frames[0]) // count))
             if len(frames) > 1:
                 kind.buffers = -(-(len(frames) - 1) // count)
+                kind.buffer_bytes = -(-sum(len(frame) for frame in frames[1:]) // count)
+                kind.big = True
         return wire.publish(kind.topic, wire.pack_meta(codec_id, count, published_at), frames)
 
     def _trim(self, encode: Encode, cls: type, split: bool, batch: list[Message]) -> list[Message]:
@@ -240,8 +266,8 @@ class Outbox:
                 if biggest > budget:
                     reason = self._too_large(biggest)
                 else:
-                    total += len(frames[1] if split else frames[0])
-                    if total <= budget:
+                    total += len(frames[1]) if split else sum(len(frame) for frame in frames)
+                    if total <= budget or not index:  # alone, each of its frames fits
                         continue
                     return self._put_back(batch, index)  # fits alone: the next batch
             # Rejected once the messages before it are taken: that is its position.
@@ -249,6 +275,14 @@ class Outbox:
             self._reject(cls, reason, self.taken + index)
             return batch[:index]
         return batch
+
+    def _too_big(self, frames: list[Any], count: int) -> bool:
+        """A frame over the limit (ZeroMQ would drop the connection), or several messages whose
+        frames add up to more than it (one message alone may: each of its frames fits)."""
+        budget = self.frame_budget
+        if max(len(frame) for frame in frames) > budget:
+            return True
+        return count > 1 and sum(len(frame) for frame in frames) > budget
 
     def _put_back(self, batch: list[Message], keep: int) -> list[Message]:
         """Keep ``batch[:keep]``; the rest goes back to the front of the outbox, in order."""

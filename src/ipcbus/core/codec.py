@@ -15,7 +15,12 @@ batch as the messages' ``__dict__`` rebuilt with ``object.__new__`` + ``__dict__
 - ``OBJECTS`` for everything else: the list of messages, pickled.
 
 Either payload falls back to cloudpickle when pickle fails (lambdas, local classes). Protocol 5
-out-of-band buffers (large arrays) travel as frames of their own, uncopied.
+out-of-band buffers (large arrays, ``pickle.PickleBuffer``) travel as frames of their own,
+uncopied. So do big ``bytes`` and ``bytearray`` fields of plain dataclasses, which pickle would
+copy into the payload: each is pickled as "rebuild me from this buffer", the buffer out-of-band
+(``big_fields``). The receiver gets read-only views of the frames as buffers: a ``bytes`` field
+arrives as ``bytes`` and a ``bytearray`` as ``bytearray`` (each one copy, out of the frame), a
+``PickleBuffer`` as a read-only ``memoryview`` of the frame (no copy).
 
 A batch that holds an instance of a class this process cannot import (a module only the
 publisher has, a class of the publisher's ``__main__``) costs only the messages that hold one:
@@ -49,6 +54,7 @@ from ..wire.protocol import (
 )
 
 __all__ = [
+    "BIG_FIELD",
     "DATACLASS",
     "OBJECTS",
     "PROTOCOL",
@@ -61,6 +67,7 @@ __all__ = [
     "split_decoder",
     "split_messages",
     "is_plain_dataclass",
+    "largest_field",
 ]
 
 PROTOCOL = 5
@@ -102,10 +109,42 @@ def _is_plain_dataclass(cls: type) -> bool:
     )
 
 
+# A bytes or bytearray field this large travels out-of-band, as a frame of its own. Below it the
+# copy into the payload is cheaper than a frame (pyzmq: 3-6 us per frame; it copies frames under
+# 64 KiB even when asked not to, its COPY_THRESHOLD).
+BIG_FIELD = 64 * 1024
+_BIG_TYPES = (bytes, bytearray)
+
+# Types whose messages have had big fields (weak, as _plain): only they pay for looking at each
+# field (~0.15 us per message), the hot path of small messages never does.
+_big: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+class _OutOfBand:
+    """Stands for a big ``bytes``/``bytearray`` field while a batch is pickled: pickled as its
+    type called with a ``PickleBuffer`` of it (out-of-band), so the receiver calls
+    ``bytes(view)`` or ``bytearray(view)`` on a view of the frame and gets the same type."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytes | bytearray) -> None:
+        self.value = value
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return type(self.value), (pickle.PickleBuffer(self.value),)
+
+
 def encode_batch(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[Any]]:
     """Serialise messages of type ``cls``: ``(codec, [payload, *out_of_band_buffers])``."""
     if is_plain_dataclass(cls):
-        return DATACLASS, _dumps([message.__dict__ for message in messages], cls)
+        if cls in _big:
+            return DATACLASS, _dumps(_big_states(messages), cls)
+        frames = _dumps([message.__dict__ for message in messages], cls)
+        if len(frames[0]) >= BIG_FIELD * len(messages) and _any_big(messages):
+            # Big fields went in-band, copied into the payload: from now on, not for this type.
+            _big[cls] = True
+            frames = _dumps(_big_states(messages), cls)
+        return DATACLASS, frames
     return OBJECTS, _dumps(list(messages), cls)
 
 
@@ -114,6 +153,39 @@ def encode_objects(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[
     that cannot tell the class from the topic (a reply travels on its requester's reply
     topic)."""
     return OBJECTS, _dumps(list(messages), cls)
+
+
+def _is_big(value: Any) -> bool:
+    return type(value) in _BIG_TYPES and len(value) >= BIG_FIELD
+
+
+def _any_big(messages: Sequence[Message]) -> bool:
+    return any(_is_big(value) for message in messages for value in message.__dict__.values())
+
+
+def _big_states(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """The messages' ``__dict__``, each big field wrapped to travel out-of-band."""
+    states = []
+    for message in messages:
+        state = message.__dict__
+        if any(_is_big(value) for value in state.values()):
+            state = {
+                key: _OutOfBand(value) if _is_big(value) else value for key, value in state.items()
+            }
+        states.append(state)
+    return states
+
+
+def largest_field(message: Message) -> int:
+    """The size of the largest buffer (``bytes``, ``bytearray``, ``PickleBuffer``, ...) among
+    the message's fields (0 for a class without ``__dict__``): the size of the largest frame it
+    brings, checked by ``publish()`` for types that carry big fields."""
+    largest = 0
+    for value in getattr(message, "__dict__", {}).values():
+        if isinstance(value, (bytes, bytearray, memoryview, pickle.PickleBuffer)):
+            with memoryview(value) as view:
+                largest = max(largest, view.nbytes)
+    return largest
 
 
 def encode_split(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[bytes]]:
@@ -193,7 +265,10 @@ def decode_batch(
         if undecodable is None:
             return [decode_one(codec, payload, cls) for payload in payloads]
         return _decode_split(codec, payloads, cls, undecodable)
-    payload, *buffers = frames
+    payload, *buffer_frames = frames
+    # Read-only views: what arrives is one object for every subscription of this process, and
+    # a PickleBuffer field arrives as the view itself (never as a ZeroMQ frame object).
+    buffers = [memoryview(frame).toreadonly() for frame in buffer_frames]
     try:
         decoded = pickle.loads(payload, buffers=buffers)
     except Exception:

@@ -376,7 +376,9 @@ class ControlPlane:
         for identity, batch in by_client.items():
             frames = wire.deliver(identity, [delivery.wire() for delivery in batch])
             try:
-                control.send_multipart(frames, zmq.NOBLOCK)
+                # Payloads are views of the frames publishers sent: sent without a copy (pyzmq
+                # still copies frames under 64 KiB, where that is cheaper).
+                control.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 # Its pipe is full: offer them again later, in their order (each goes first).
                 for delivery in reversed(batch):

@@ -341,7 +341,9 @@ class QueueBook:
         """Messages of one batch, each pickled alone, for every group of ``topic``."""
         self.enqueue_batch(topic, meta, pack_sizes(map(len, payloads)), b"".join(payloads))
 
-    def enqueue_batch(self, topic: bytes, meta: bytes, sizes: bytes, payloads: bytes) -> None:
+    def enqueue_batch(
+        self, topic: bytes, meta: bytes, sizes: bytes, payloads: bytes | memoryview
+    ) -> None:
         """A split batch as it came (``wire.check_split`` passed) for every group of ``topic``:
         kept whole, it is cut only where a consumer's credit or share needs it."""
         groups = self._by_topic.get(topic)

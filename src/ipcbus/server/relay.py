@@ -349,7 +349,9 @@ class Relay:
             if split:
                 if len(frames) != 6:
                     raise ValueError(f"a split batch in {len(frames) - 4} frames, not 2")
-                sizes, payloads = frames[4].bytes, frames[5].bytes
+                # The payloads as a view of the received frame: the hub copies no payload
+                # (8 MB messages, issue 12); queue runs are views of it in turn.
+                sizes, payloads = frames[4].bytes, frames[5].buffer
                 wire.check_split(count, sizes, payloads)
             self._batches += 1
             self._messages += count

@@ -1,0 +1,244 @@
+"""Throughput cases of ipcbus and of ``multiprocessing.Queue``, the baseline users replace.
+
+- broadcast 1 -> 1 and fan-out 1 -> 4: one publisher, every subscriber gets every message
+  (ipcbus: publisher -> hub -> subscribers; the Queue: one queue per consumer, the producer puts
+  each message into each);
+- queue 1 -> 2, 1 -> 4, 4 -> 4: competing consumers (ipcbus: one queue group, default settings,
+  every message acknowledged; the Queue: one shared queue, nothing acknowledged);
+- 8 MB payloads 1 -> 1: distinct ``bytes`` payloads, in MB/s.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from harness import (
+    SPAWN,
+    Blob,
+    Case,
+    Outcome,
+    Probe,
+    Settings,
+    Target,
+    big_payload,
+    big_scenario,
+    big_seq,
+    measure,
+    tick,
+)
+from ipcbus import connect
+
+QUEUE_SHAPES = ((1, 2), (1, 4), (4, 4))  # (producers, consumers)
+MB = 1_000_000
+
+
+def cases(settings: Settings) -> list[Case]:
+    found = [
+        Case("broadcast 1 -> 1", "ipcbus", lambda s: ipcbus_broadcast(s, 1)),
+        Case("broadcast 1 -> 1", "multiprocessing.Queue", lambda s: queue_broadcast(s, 1)),
+        Case("fan-out 1 -> 4", "ipcbus", lambda s: ipcbus_broadcast(s, 4)),
+        Case("fan-out 1 -> 4", "multiprocessing.Queue", lambda s: queue_broadcast(s, 4)),
+    ]
+    for producers, consumers in QUEUE_SHAPES:
+        scenario = f"queue {producers} -> {consumers}"
+        found += [
+            Case(scenario, "ipcbus", _bind(ipcbus_queue, producers, consumers)),
+            Case(scenario, "multiprocessing.Queue", _bind(queue_shared, producers, consumers)),
+        ]
+    found += [
+        Case(big_scenario(settings), "ipcbus", ipcbus_big, "MB/s"),
+        Case(big_scenario(settings), "multiprocessing.Queue", queue_big, "MB/s"),
+    ]
+    return found
+
+
+def _bind(run: Any, producers: int, consumers: int) -> Any:
+    return lambda settings: run(settings, producers, consumers)
+
+
+# -- ipcbus ----------------------------------------------------------------------------------
+
+
+def _ipcbus_subscriber(address: str, group: str | None, probe: Probe, stop: Any) -> None:
+    broker = connect(address)
+    lock = threading.Lock()  # queue handlers run on several threads
+
+    def on_tick(message: Any) -> None:
+        with lock:
+            probe.add(message.seq)
+
+    if group is None:
+        broker.subscribe(_tick_type(), on_tick)
+    else:
+        broker.subscribe_async(_tick_type(), on_tick, group)  # the default settings
+    probe.ready()
+    stop.wait(3600)
+    broker.close()
+    probe.report()
+
+
+def _tick_type() -> Any:
+    return type(tick(0))
+
+
+def _ipcbus_publisher(address: str, seqs: range, ready: Any, go: Any) -> None:
+    broker = connect(address)
+    messages = [tick(seq) for seq in seqs]  # built before the clock starts, as for every peer
+    ready.set()
+    go.wait(3600)
+    publish = broker.publish
+    for message in messages:
+        publish(message)
+    broker.flush(600)
+    broker.close()
+
+
+def ipcbus_broadcast(settings: Settings, subscribers: int) -> Outcome:
+    address = settings.hub_address
+    consumers: list[Target] = [(_ipcbus_subscriber, (address, None))] * subscribers
+    return measure(settings, consumers, [(_ipcbus_publisher, (address,))], settings.messages, True)
+
+
+def ipcbus_queue(settings: Settings, producers: int, consumers: int) -> Outcome:
+    address = settings.hub_address
+    return measure(
+        settings,
+        [(_ipcbus_subscriber, (address, "work"))] * consumers,
+        [(_ipcbus_publisher, (address,))] * producers,
+        settings.queue_messages,
+        False,
+    )
+
+
+def _ipcbus_big_subscriber(address: str, size: int, probe: Probe, stop: Any) -> None:
+    broker = connect(address)
+
+    def on_blob(message: Blob) -> None:
+        seq = big_seq(message.data, size)
+        if seq is None or seq != message.seq:
+            probe.reject(f"a damaged payload (seq {message.seq})")
+        else:
+            probe.add(seq)
+
+    broker.subscribe(Blob, on_blob)
+    probe.ready()
+    stop.wait(3600)
+    broker.close()
+    probe.report()
+
+
+def _ipcbus_big_publisher(address: str, size: int, seqs: range, ready: Any, go: Any) -> None:
+    broker = connect(address)
+    body = os.urandom(size)
+    messages = [Blob(seq, big_payload(seq, size, body)) for seq in seqs]
+    ready.set()
+    go.wait(3600)
+    for message in messages:
+        broker.publish(message)
+    broker.flush(600)
+    broker.close()
+
+
+def ipcbus_big(settings: Settings) -> Outcome:
+    address, size, count = settings.hub_address, settings.big_size, settings.big_messages
+    return measure(
+        settings,
+        [(_ipcbus_big_subscriber, (address, size))],
+        [(_ipcbus_big_publisher, (address, size))],
+        count,
+        True,
+        volume=count * size / MB,
+    )
+
+
+# -- multiprocessing.Queue -------------------------------------------------------------------
+
+
+def _queue_consumer(queue: Any, probe: Probe, stop: Any) -> None:
+    probe.ready()
+    while (message := queue.get()) is not None:
+        probe.add(message.seq)
+    probe.report()
+
+
+def _queue_producer(queues: list[Any], seqs: range, ready: Any, go: Any) -> None:
+    messages = [tick(seq) for seq in seqs]
+    ready.set()
+    go.wait(3600)
+    for message in messages:
+        for queue in queues:
+            queue.put(message)
+    for queue in queues:
+        queue.close()
+        queue.join_thread()
+
+
+def queue_broadcast(settings: Settings, subscribers: int) -> Outcome:
+    queues = [SPAWN.Queue() for _ in range(subscribers)]
+
+    def stop() -> None:
+        for queue in queues:
+            queue.put(None)
+
+    return measure(
+        settings,
+        [(_queue_consumer, (queue,)) for queue in queues],
+        [(_queue_producer, (queues,))],
+        settings.messages,
+        True,
+        stop,
+    )
+
+
+def queue_shared(settings: Settings, producers: int, consumers: int) -> Outcome:
+    queue = SPAWN.Queue()
+
+    def stop() -> None:
+        for _ in range(consumers):
+            queue.put(None)
+
+    return measure(
+        settings,
+        [(_queue_consumer, (queue,))] * consumers,
+        [(_queue_producer, ([queue],))] * producers,
+        settings.queue_messages,
+        False,
+        stop,
+    )
+
+
+def _queue_big_consumer(queue: Any, size: int, probe: Probe, stop: Any) -> None:
+    probe.ready()
+    while (data := queue.get()) is not None:
+        seq = big_seq(data, size)
+        if seq is None:
+            probe.reject("a damaged payload")
+        else:
+            probe.add(seq)
+    probe.report()
+
+
+def _queue_big_producer(queue: Any, size: int, seqs: range, ready: Any, go: Any) -> None:
+    body = os.urandom(size)
+    payloads = [big_payload(seq, size, body) for seq in seqs]
+    ready.set()
+    go.wait(3600)
+    for payload in payloads:
+        queue.put(payload)
+    queue.close()
+    queue.join_thread()
+
+
+def queue_big(settings: Settings) -> Outcome:
+    queue, size, count = SPAWN.Queue(), settings.big_size, settings.big_messages
+    return measure(
+        settings,
+        [(_queue_big_consumer, (queue, size))],
+        [(_queue_big_producer, (queue, size))],
+        count,
+        True,
+        lambda: queue.put(None),
+        volume=count * size / MB,
+    )
