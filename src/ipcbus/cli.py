@@ -5,6 +5,8 @@
     ipcbus clients [--json]                          who is connected, and to what
     ipcbus ping                                      exit 0 when the hub answers
     ipcbus publish TYPE --json '{...}'               publish one message (TYPE importable)
+    ipcbus worker MODULE[:OBJ]... [--processes N]    run the Consumers of modules in N processes
+    ipcbus tail [TYPE...] [--json]                   watch messages pass
 
 Exit codes are named (dramatiq's habit) so that scripts can tell failures apart.
 """
@@ -19,13 +21,14 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from enum import IntEnum
 from importlib import metadata
 from typing import Any
 
+from . import cli_ops
 from .client.admin import request_clients, request_statistics
 from .config import ENV_ADDRESS, HubOptions, address_from_env, hub_options_from_env
 from .exceptions import HubAddressError, HubUnavailableError, PubSubError
+from .exit_codes import EPILOG, ExitCode
 from .hub import Hub
 from .wire.statistics import HubStatistics
 
@@ -34,15 +37,7 @@ __all__ = ["ExitCode", "main"]
 logger = logging.getLogger("ipcbus.cli")
 
 
-class ExitCode(IntEnum):
-    OK = 0
-    FAILED = 1  # anything else went wrong (the message says what)
-    USAGE = 2  # bad arguments (argparse's own code)
-    ADDRESS = 3  # the hub cannot serve at this address: malformed, unsafe, or already served
-    UNAVAILABLE = 4  # no hub answered
-
-
-_EPILOG = "exit codes: " + ", ".join(f"{code.value} {code.name.lower()}" for code in ExitCode)
+_EPILOG = EPILOG
 
 
 def _version() -> str:
@@ -127,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     _hub_address(publish)
     publish.add_argument("type", metavar="TYPE", help="the message type, as module.Class")
     publish.add_argument("--json", required=True, help="the message's fields, as a JSON object")
+    cli_ops.add_commands(commands, common, _EPILOG)
     return parser
 
 
@@ -145,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "hub":
         return _serve(args)
+    if args.command in cli_ops.COMMANDS:
+        return cli_ops.run(args, level)
     address = args.address or address_from_env()
     if address is None:
         print(

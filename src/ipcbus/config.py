@@ -16,6 +16,7 @@ __all__ = [
     "ENV_ADDRESS",
     "ClientOptions",
     "HubOptions",
+    "RunnerOptions",
     "address_from_env",
     "export_address",
     "hub_options_from_env",
@@ -215,3 +216,40 @@ class ClientOptions(_Options):
             raise TypeError(f"on_hub_state must be callable, not {self.on_hub_state!r}")
         if not self.linger >= 0:  # also refuses NaN
             raise ValueError(f"linger must be >= 0, not {self.linger!r}")
+
+
+@dataclass(frozen=True)
+class RunnerOptions(_Options):
+    """How ``ipcbus worker`` runs its worker processes (``ipcbus.worker``).
+
+    - ``processes``: worker processes, each with a broker of its own.
+    - ``start_method``: how they start (``"spawn"``, ``"fork"`` or ``"forkserver"``). Spawn by
+      default: a worker needs nothing of the runner, and forking a process that runs threads is
+      deprecated from Python 3.12 on.
+    - ``restart_backoff``: a worker that crashes is started again after this many seconds,
+      doubled for each crash in a row, up to ``max_backoff``.
+    - ``stable_after``: a worker that ran this long before it crashed starts a new row.
+    - ``max_crashes``: that many crashes in a row (each within ``stable_after`` of its start)
+      and the runner gives up: it stops every worker and exits 1, saying so.
+    - ``shutdown_timeout``: after SIGTERM, a worker gets this long to close its broker (which
+      finishes and acks what it holds within its ``linger``, 10 s by default, and hands the rest
+      back to the hub); past it, it is killed, and the hub redelivers what it still held.
+    """
+
+    processes: int = 2
+    start_method: str = "spawn"
+    restart_backoff: float = 1.0
+    max_backoff: float = 30.0
+    stable_after: float = 30.0
+    max_crashes: int = 5
+    shutdown_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        self._check_positive("processes", "max_backoff", "stable_after", "max_crashes")
+        self._check_positive("shutdown_timeout")
+        if not self.restart_backoff >= 0:  # also refuses NaN
+            raise ValueError(f"restart_backoff must be >= 0, not {self.restart_backoff!r}")
+        if self.start_method not in ("spawn", "fork", "forkserver"):
+            raise ValueError(
+                f"start_method must be spawn, fork or forkserver, not {self.start_method!r}"
+            )
