@@ -26,7 +26,13 @@ from typing import Any
 
 from . import cli_ops
 from .client.admin import request_clients, request_statistics
-from .config import ENV_ADDRESS, HubOptions, address_from_env, hub_options_from_env
+from .config import (
+    ENV_ADDRESS,
+    HubOptions,
+    address_from_env,
+    hub_options_from_env,
+    option_kind,
+)
 from .exceptions import HubAddressError, HubUnavailableError, PubSubError
 from .exit_codes import EPILOG, ExitCode
 from .hub import Hub
@@ -82,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(HubOptions):
         hub.add_argument(
             "--" + field.name.replace("_", "-"),
-            type=float if field.type in ("float", float) else int,
+            type=option_kind(field.type),
             default=None,
             metavar=field.name.upper(),
             help=f"default {field.default}",
@@ -176,7 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
             if getattr(args, field.name) is not None
         }
         hub = Hub(args.address, options=options.with_(**flags))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ImportError) as exc:  # ImportError: an extra is missing
         print(f"ipcbus hub: {exc}", file=sys.stderr)
         return ExitCode.USAGE
 
@@ -185,6 +191,8 @@ def _serve(args: argparse.Namespace) -> int:
         # address alone, for scripts (`read -r ADDRESS < <(ipcbus hub)`).
         print(hub.address, flush=True)
         print(f"export {ENV_ADDRESS}={hub.address}", flush=True)
+        if hub.metrics_url is not None:
+            print(f"metrics at {hub.metrics_url}", flush=True)
 
     try:
         hub.run(ready=announce)

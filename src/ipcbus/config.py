@@ -20,6 +20,7 @@ __all__ = [
     "address_from_env",
     "export_address",
     "hub_options_from_env",
+    "option_kind",
     "hub_started",
     "hub_stopped",
 ]
@@ -77,7 +78,7 @@ def hub_options_from_env() -> HubOptions:
         text = os.environ.get(ENV_HUB_PREFIX + field.name.upper())
         if text is None:
             continue
-        kind = float if field.type in ("float", float) else int
+        kind = option_kind(field.type)
         try:
             values[field.name] = kind(text)
         except ValueError:
@@ -85,6 +86,17 @@ def hub_options_from_env() -> HubOptions:
                 f"{ENV_HUB_PREFIX}{field.name.upper()}={text!r} is not a {kind.__name__}"
             ) from None
     return HubOptions(**values)
+
+
+def option_kind(annotation: object) -> Callable[[str], Any]:
+    """How an option's text (a flag, an environment variable) becomes its value, from the
+    field's annotation (a string: this module has postponed annotations)."""
+    text = str(annotation)
+    if text.startswith("float"):
+        return float
+    if text.startswith("str"):
+        return str
+    return int
 
 
 class _Options:
@@ -131,6 +143,14 @@ class HubOptions(_Options):
       previous hub's subscribers are back first.
     - ``max_pending_handshakes``: on tcp, at most this many connections per socket may be
       waiting to authenticate; past it the oldest are shut down (docs/security.md).
+    - ``metrics_port``: serve Prometheus metrics over HTTP at this port (0: one the system
+      picks; ``None``: no metrics). Needs the ``ipcbus[metrics]`` extra (``prometheus_client``).
+    - ``metrics_host``: the address the metrics server binds; 127.0.0.1 by default, since the
+      metrics name every message type and queue group and HTTP proves no secret
+      (docs/security.md).
+    - ``tcp_publish_port`` / ``tcp_fanout_port``: on tcp, the ports of the hub's publish and
+      fan-out sockets (0: ones the system picks, told to clients in WELCOME); fix them to open
+      a firewall for three known ports.
     """
 
     hwm: int = 1000
@@ -143,6 +163,10 @@ class HubOptions(_Options):
     stall_timeout: float = 30.0
     restart_grace: float = 1.0
     max_pending_handshakes: int = 256
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    tcp_publish_port: int = 0
+    tcp_fanout_port: int = 0
 
     def __post_init__(self) -> None:
         self._check_positive(
@@ -160,6 +184,10 @@ class HubOptions(_Options):
             raise ValueError("drain_timeout and restart_grace must be >= 0")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
+        for name in ("metrics_port", "tcp_publish_port", "tcp_fanout_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port < 65536:
+                raise ValueError(f"{name} must be a port number (0 to 65535), not {port!r}")
 
 
 @dataclass(frozen=True)

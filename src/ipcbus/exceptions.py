@@ -17,6 +17,7 @@ __all__ = [
     "InsecurePathError",
     "MessageSerializationError",
     "MessageTooLargeError",
+    "MissingDependencyError",
     "PubSubError",
     "PublishTimeoutError",
     "QueueInUseError",
@@ -78,3 +79,8 @@ class QueueInUseError(PubSubError):
 
 class PublishTimeoutError(PubSubError, TimeoutError):
     """``publish(timeout=...)`` or ``flush(timeout)`` ran out of time under backpressure."""
+
+
+class MissingDependencyError(PubSubError, ImportError):
+    """A feature was asked for whose optional dependency is not installed (hub metrics need
+    the ``ipcbus[metrics]`` extra); the message says what to install."""
