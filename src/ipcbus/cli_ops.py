@@ -58,6 +58,32 @@ def add_commands(commands: Any, common: argparse.ArgumentParser, epilog: str) ->
         help="crashes in a row before giving up; default %(default)s",
     )
 
+    tail = commands.add_parser(
+        "tail",
+        parents=[common],
+        help="print the messages that pass, as they pass",
+        description="Print each message the hub relays: when it was published, its type, its "
+        "size, its publisher and, when its class can be imported here, a short repr. TYPE "
+        "(module.Class) limits it to those types. Tail is a client of the bus (it proves the "
+        "secret); it never holds the bus back: what the output cannot keep up with is left "
+        "out, and counted on stderr.",
+        epilog=epilog,
+    )
+    tail.add_argument("types", nargs="*", metavar="TYPE", help="only these (default: all)")
+    _address(tail)
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.add_argument(
+        "--no-repr", action="store_true", help="do not import message classes to show a repr"
+    )
+    tail.add_argument("--count", type=int, help="stop after this many messages")
+    tail.add_argument(
+        "--buffer",
+        type=int,
+        default=10_000,
+        help="messages held for a slow output before some are left out (default %(default)s)",
+    )
+    tail.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the hub")
+
 
 def _address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help=f"the hub's address (default: ${ENV_ADDRESS})")
@@ -74,6 +100,20 @@ def run(args: argparse.Namespace, log_level: str) -> int:
         return ExitCode.USAGE
     if args.command == "worker":
         return _worker(args, address, log_level)
+    if args.command == "tail":
+        from .tail_view import run_tail
+
+        if os.getcwd() not in sys.path:  # message classes of the current directory import
+            sys.path.insert(0, os.getcwd())
+        return run_tail(
+            address,
+            args.types,
+            as_json_lines=args.json,
+            show_repr=not args.no_repr,
+            count=args.count,
+            buffer=args.buffer,
+            timeout=args.timeout,
+        )
     raise AssertionError(f"not an operations command: {args.command}")
 
 

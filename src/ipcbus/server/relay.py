@@ -401,7 +401,7 @@ class Relay:
                     # published before the group's first subscribe_async() returned.
                     self._unsplittable += count
                     logger.warning("%d messages of %r reached no queue group", count, topic)
-            fanout.relay(topic, frames[3], count, frames[4:])
+            fanout.relay(topic, frames[3], count, frames[4:], identity)
         elif kind == wire.FLUSH and len(frames) == 3:
             send_reply(data, wire.flushed(identity, frames[2].bytes))
         else:

@@ -154,6 +154,7 @@ from .frames import (
     is_sync_topic,
     pack_meta,
     pack_seq,
+    pack_seq_from,
     pack_sizes,
     parse_kind,
     parse_seq_sync,
@@ -165,6 +166,7 @@ from .frames import (
     unique_name_of,
     unpack_meta,
     unpack_seq,
+    unpack_seq_from,
     unpack_sizes,
 )
 from .queue_frames import (
@@ -259,6 +261,7 @@ __all__ = [
     "is_sync_topic",
     "pack_meta",
     "pack_seq",
+    "pack_seq_from",
     "pack_sizes",
     "parse_acks",
     "parse_cancel",
@@ -275,6 +278,7 @@ __all__ = [
     "unique_name_of",
     "unpack_meta",
     "unpack_seq",
+    "unpack_seq_from",
     "unpack_sizes",
 ]
 
@@ -391,18 +395,22 @@ def parse_flushed(frames: Sequence[bytes]) -> bytes | None:
 # -- fan-out ----------------------------------------------------------------------------------
 
 
-def fanout(topic: Any, meta: Any, seq: int, payload: Sequence[Any]) -> list[Any]:
-    return [topic, meta, pack_seq(seq), *payload]
+def fanout(
+    topic: Any, meta: Any, seq: int, payload: Sequence[Any], publisher: bytes = b""
+) -> list[Any]:
+    return [topic, meta, pack_seq_from(seq, publisher), *payload]
 
 
 @dataclass(frozen=True)
 class Fanout:
-    """A batch as a subscriber receives it."""
+    """A batch as a subscriber receives it; ``publisher`` is the client id of the process that
+    published it (empty from a hub that did not say)."""
 
     topic: bytes
     meta: Meta
     seq: int
     payload: Sequence[Any]
+    publisher: bytes = b""
 
     @classmethod
     def parse(cls, frames: Sequence[Any]) -> Fanout:
@@ -412,4 +420,5 @@ class Fanout:
             frames[2].bytes,
             *frames[3:],
         )
-        return cls(topic, unpack_meta(meta), unpack_seq(seq), payload)
+        number, publisher = unpack_seq_from(seq)
+        return cls(topic, unpack_meta(meta), number, payload, publisher)
