@@ -234,3 +234,44 @@ def test_close_lets_the_handlers_in_hand_publish_their_results(hub: Hub) -> None
         worker.close()
         wait_until(lambda: ledger.count() == 4, DEADLINE)
     assert sorted(ledger.done) == [0, 1, 2, 3]
+
+
+def test_a_second_signal_stops_at_once_and_the_hub_redelivers(
+    hub: Hub, runners: list[Runner]
+) -> None:
+    """dramatiq's two stages: the first SIGTERM lets running jobs finish, the second stops the
+    workers at once; what they held goes back to the hub, and another runner does it."""
+    queue = f"tests.ops_jobs.Job/{QUEUE}"
+    with HubBroker(hub.address) as broker:
+        ledger = Ledger(broker)
+        broker.declare_queue(Job, QUEUE)
+        runner = Runner(hub.address, "tests.ops_jobs", "--processes", "1")
+        runners.append(runner)
+        runner.ready(1)
+        for job_id in range(4):
+            broker.publish(Job(job_id, seconds=20.0))
+        broker.flush(DEADLINE)
+        wait_until(lambda: request_statistics(hub.address).queues[queue]["in_flight"] == 4, 30)
+        runner.process.send_signal(signal.SIGTERM)
+        # The worker's close() has begun once it cancelled its consumer (it waits for its jobs).
+        wait_until(lambda: request_statistics(hub.address).queues[queue]["consumers"] == 0, 30)
+        runner.process.send_signal(signal.SIGTERM)
+        assert runner.finish() == 1  # the worker did not leave cleanly, and the runner says so
+        assert ledger.count() == 0  # no 20 s job finished: the stop was at once
+        assert "while stopping" in runner.stderr
+        wait_until(lambda: request_statistics(hub.address).queues[queue]["held"] == 4, 30)
+    assert request_statistics(hub.address).queues[queue]["in_flight"] == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--processes", "0"], "processes must be > 0"),
+        (["--restart-backoff", "nan"], "restart_backoff must be >= 0"),
+        (["--max-crashes", "0"], "max_crashes must be > 0"),
+    ],
+)
+def test_bad_runner_options_are_usage_errors(flags: list[str], message: str) -> None:
+    refused = run_cli("worker", "tests.ops_jobs", *flags, "--address", "ipc:///nowhere/hub")
+    assert refused.returncode == 2
+    assert message in refused.stderr
