@@ -185,7 +185,8 @@ class _View:
             with contextlib.suppress(HubUnavailableError):
                 self._publishers.update(describe_publishers(request_clients(self._address)))
             name = self._publishers.get(client_id)
-        return name or f"client {client_id[:16].decode('ascii', 'replace')}"
+        # Gone before it could be named: its id, as the hub's logs and `ipcbus clients` show it.
+        return name or f"client {client_id.hex()}"
 
 
 def _sizes(batch: Batch) -> list[int]:
