@@ -37,7 +37,8 @@ class Hub:
     """A hub process.
 
     ``Hub()`` serves at a private ``ipc://`` socket in a fresh 0700 directory (removed on stop);
-    ``Hub("ipc:///path/to/socket")`` at a given one. ``run()`` serves in the foreground until
+    ``Hub("ipc:///path/to/socket")`` at a given one; ``Hub("tcp://host:0")`` at a port the
+    system picks (``address`` then says which, once started). ``run()`` serves in the foreground until
     SIGINT/SIGTERM; ``start()`` serves in a child process (explicit ``start_method``, default
     ``"spawn"``: the hub needs nothing of its parent) and returns once it is ready; ``stop()``
     ends it. As a context manager it starts and stops. Sockets are created inside the serving
