@@ -194,6 +194,10 @@ def test_hub_option_defaults() -> None:
         "max_pending_handshakes": 256,
         "max_dead_letters": 1000,
         "max_dead_letter_bytes": 64 * 1024 * 1024,
+        "metrics_port": None,
+        "metrics_host": "127.0.0.1",
+        "tcp_publish_port": 0,
+        "tcp_fanout_port": 0,
     }
     assert HubOptions.names() == tuple(dataclasses.asdict(options))
 
@@ -202,6 +206,8 @@ def test_hub_option_defaults() -> None:
     ("changes", "message"),
     [
         ({"hwm": 0}, "hwm must be > 0"),
+        ({"metrics_port": 65536}, "metrics_port must be a port number"),
+        ({"tcp_fanout_port": -1}, "tcp_fanout_port must be a port number"),
         ({"hwm": -5}, "hwm must be > 0"),
         ({"heartbeat_interval": 0.0}, "heartbeat_interval must be > 0"),
         ({"heartbeat_interval": NAN}, "heartbeat_interval must be > 0"),

@@ -817,8 +817,7 @@ def test_parse_refuses_what_is_not_a_str(text: Any) -> None:
         "tcp://host",  # missing port
         "tcp://host:",
         "tcp://:5555",  # missing host
-        "tcp://host:0",  # port out of range
-        "tcp://host:65536",
+        "tcp://host:65536",  # port out of range
         "tcp://host:70000",
         "tcp://host:-1",  # not digits
         "tcp://host:+80",
@@ -829,6 +828,7 @@ def test_parse_refuses_what_is_not_a_str(text: Any) -> None:
     ],
 )
 def test_parse_refuses_bad_addresses(text: str) -> None:
+    # (tcp://host:0 is good: the hub picks a port; test_address_with_port_zero)
     with pytest.raises(ValueError):
         Address.parse(text)
 
@@ -879,3 +879,21 @@ def test_declare_queue_round_trips() -> None:
 def test_declare_queue_parse_refuses_bad_requests(body: list[bytes]) -> None:
     with pytest.raises((ValueError, IndexError)):
         wire.DeclareQueue.parse(body)
+
+
+def test_address_with_port_zero() -> None:
+    """tcp://host:0: a hub serving there picks a port and reports the address it got."""
+    address = Address.parse("tcp://127.0.0.1:0")
+    assert address.picks_port
+    assert str(address.with_port(5555)) == "tcp://127.0.0.1:5555"
+    assert not address.with_port(5555).picks_port
+    assert str(Address.parse("tcp://[::1]:0").with_port(7)) == "tcp://[::1]:7"
+    assert Address.parse("tcp://h:9").data_endpoints(5001, 0) == ("tcp://h:5001", "tcp://h:*")
+
+
+def test_fanout_carries_its_publisher() -> None:
+    frames = wire.fanout(TOPIC, wire.pack_meta(b"D", 1, 0.0), 42, [b"p"], b"client-7")
+    batch = Fanout.parse(frames_of(frames))
+    assert (batch.seq, batch.publisher) == (42, b"client-7")
+    with pytest.raises(ValueError, match="bad seq frame"):
+        wire.unpack_seq_from(wire.pack_seq(1) + b"x" * 256)

@@ -33,6 +33,7 @@ _EXPORTS = {
     "HubUnavailableError": "ipcbus.exceptions",
     "MessageSerializationError": "ipcbus.exceptions",
     "MessageTooLargeError": "ipcbus.exceptions",
+    "MissingDependencyError": "ipcbus.exceptions",
     "PublishTimeoutError": "ipcbus.exceptions",
     "PubSubError": "ipcbus.exceptions",
     "QueueInUseError": "ipcbus.exceptions",
@@ -92,6 +93,7 @@ if TYPE_CHECKING:
     from .exceptions import HubUnavailableError as HubUnavailableError
     from .exceptions import MessageSerializationError as MessageSerializationError
     from .exceptions import MessageTooLargeError as MessageTooLargeError
+    from .exceptions import MissingDependencyError as MissingDependencyError
     from .exceptions import PublishTimeoutError as PublishTimeoutError
     from .exceptions import PubSubError as PubSubError
     from .exceptions import QueueInUseError as QueueInUseError

@@ -6,6 +6,8 @@
     ipcbus ping                                      exit 0 when the hub answers
     ipcbus publish TYPE --json '{...}'               publish one message (TYPE importable)
     ipcbus queues | dead-letters | requeue | purge | delete-queue   look after queue groups
+    ipcbus worker MODULE[:OBJ]... [--processes N]    run the Consumers of modules in N processes
+    ipcbus tail [TYPE...] [--json]                   watch messages pass
 
 Exit codes are named (dramatiq's habit) so that scripts can tell failures apart.
 """
@@ -20,14 +22,20 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from enum import IntEnum
 from importlib import metadata
 from typing import Any
 
-from . import cli_queues
+from . import cli_ops, cli_queues
 from .client.admin import request_clients, request_statistics
-from .config import ENV_ADDRESS, HubOptions, address_from_env, hub_options_from_env
+from .config import (
+    ENV_ADDRESS,
+    HubOptions,
+    address_from_env,
+    hub_options_from_env,
+    option_kind,
+)
 from .exceptions import HubAddressError, HubUnavailableError, PubSubError
+from .exit_codes import EPILOG, ExitCode
 from .hub import Hub
 from .wire.statistics import HubStatistics
 
@@ -36,15 +44,7 @@ __all__ = ["ExitCode", "main"]
 logger = logging.getLogger("ipcbus.cli")
 
 
-class ExitCode(IntEnum):
-    OK = 0
-    FAILED = 1  # anything else went wrong (the message says what)
-    USAGE = 2  # bad arguments (argparse's own code)
-    ADDRESS = 3  # the hub cannot serve at this address: malformed, unsafe, or already served
-    UNAVAILABLE = 4  # no hub answered
-
-
-_EPILOG = "exit codes: " + ", ".join(f"{code.value} {code.name.lower()}" for code in ExitCode)
+_EPILOG = EPILOG
 
 
 def _version() -> str:
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(HubOptions):
         hub.add_argument(
             "--" + field.name.replace("_", "-"),
-            type=float if field.type in ("float", float) else int,
+            type=option_kind(field.type),
             default=None,
             metavar=field.name.upper(),
             help=f"default {field.default}",
@@ -130,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("type", metavar="TYPE", help="the message type, as module.Class")
     publish.add_argument("--json", required=True, help="the message's fields, as a JSON object")
     cli_queues.add_parsers(commands, common, _EPILOG, _hub_address)
+    cli_ops.add_commands(commands, common, _EPILOG)
     return parser
 
 
@@ -148,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "hub":
         return _serve(args)
+    if args.command in cli_ops.COMMANDS:
+        return cli_ops.run(args, level)
     address = args.address or address_from_env()
     if address is None:
         print(
@@ -183,7 +186,7 @@ def _serve(args: argparse.Namespace) -> int:
             if getattr(args, field.name) is not None
         }
         hub = Hub(args.address, options=options.with_(**flags))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ImportError) as exc:  # ImportError: an extra is missing
         print(f"ipcbus hub: {exc}", file=sys.stderr)
         return ExitCode.USAGE
 
@@ -192,6 +195,8 @@ def _serve(args: argparse.Namespace) -> int:
         # address alone, for scripts (`read -r ADDRESS < <(ipcbus hub)`).
         print(hub.address, flush=True)
         print(f"export {ENV_ADDRESS}={hub.address}", flush=True)
+        if hub.metrics_url is not None:
+            print(f"metrics at {hub.metrics_url}", flush=True)
 
     try:
         hub.run(ready=announce)

@@ -16,9 +16,11 @@ __all__ = [
     "ENV_ADDRESS",
     "ClientOptions",
     "HubOptions",
+    "RunnerOptions",
     "address_from_env",
     "export_address",
     "hub_options_from_env",
+    "option_kind",
     "hub_started",
     "hub_stopped",
 ]
@@ -76,7 +78,7 @@ def hub_options_from_env() -> HubOptions:
         text = os.environ.get(ENV_HUB_PREFIX + field.name.upper())
         if text is None:
             continue
-        kind = float if field.type in ("float", float) else int
+        kind = option_kind(field.type)
         try:
             values[field.name] = kind(text)
         except ValueError:
@@ -84,6 +86,17 @@ def hub_options_from_env() -> HubOptions:
                 f"{ENV_HUB_PREFIX}{field.name.upper()}={text!r} is not a {kind.__name__}"
             ) from None
     return HubOptions(**values)
+
+
+def option_kind(annotation: object) -> Callable[[str], Any]:
+    """How an option's text (a flag, an environment variable) becomes its value, from the
+    field's annotation (a string: this module has postponed annotations)."""
+    text = str(annotation)
+    if text.startswith("float"):
+        return float
+    if text.startswith("str"):
+        return str
+    return int
 
 
 class _Options:
@@ -134,6 +147,14 @@ class HubOptions(_Options):
       dead letters, with their payloads, and at most this many payload bytes (``ipcbus
       dead-letters``, ``ipcbus requeue``); past either, the oldest are dropped, and a payload
       larger than the byte bound alone is not kept; both counted (``dead_letters_evicted``).
+    - ``metrics_port``: serve Prometheus metrics over HTTP at this port (0: one the system
+      picks; ``None``: no metrics). Needs the ``ipcbus[metrics]`` extra (``prometheus_client``).
+    - ``metrics_host``: the address the metrics server binds; 127.0.0.1 by default, since the
+      metrics name every message type and queue group and HTTP proves no secret
+      (docs/security.md).
+    - ``tcp_publish_port`` / ``tcp_fanout_port``: on tcp, the ports of the hub's publish and
+      fan-out sockets (0: ones the system picks, told to clients in WELCOME); fix them to open
+      a firewall for three known ports.
     """
 
     hwm: int = 1000
@@ -148,6 +169,10 @@ class HubOptions(_Options):
     max_pending_handshakes: int = 256
     max_dead_letters: int = 1000
     max_dead_letter_bytes: int = 64 * 1024 * 1024
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    tcp_publish_port: int = 0
+    tcp_fanout_port: int = 0
 
     def __post_init__(self) -> None:
         self._check_positive(
@@ -167,6 +192,10 @@ class HubOptions(_Options):
             raise ValueError("drain_timeout and restart_grace must be >= 0")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
+        for name in ("metrics_port", "tcp_publish_port", "tcp_fanout_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port < 65536:
+                raise ValueError(f"{name} must be a port number (0 to 65535), not {port!r}")
 
 
 @dataclass(frozen=True)
@@ -223,3 +252,40 @@ class ClientOptions(_Options):
             raise TypeError(f"on_hub_state must be callable, not {self.on_hub_state!r}")
         if not self.linger >= 0:  # also refuses NaN
             raise ValueError(f"linger must be >= 0, not {self.linger!r}")
+
+
+@dataclass(frozen=True)
+class RunnerOptions(_Options):
+    """How ``ipcbus worker`` runs its worker processes (``ipcbus.worker``).
+
+    - ``processes``: worker processes, each with a broker of its own.
+    - ``start_method``: how they start (``"spawn"``, ``"fork"`` or ``"forkserver"``). Spawn by
+      default: a worker needs nothing of the runner, and forking a process that runs threads is
+      deprecated from Python 3.12 on.
+    - ``restart_backoff``: a worker that crashes is started again after this many seconds,
+      doubled for each crash in a row, up to ``max_backoff``.
+    - ``stable_after``: a worker that ran this long before it crashed starts a new row.
+    - ``max_crashes``: that many crashes in a row (each within ``stable_after`` of its start)
+      and the runner gives up: it stops every worker and exits 1, saying so.
+    - ``shutdown_timeout``: after SIGTERM, a worker gets this long to close its broker (which
+      finishes and acks what it holds within its ``linger``, 10 s by default, and hands the rest
+      back to the hub); past it, it is killed, and the hub redelivers what it still held.
+    """
+
+    processes: int = 2
+    start_method: str = "spawn"
+    restart_backoff: float = 1.0
+    max_backoff: float = 30.0
+    stable_after: float = 30.0
+    max_crashes: int = 5
+    shutdown_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        self._check_positive("processes", "max_backoff", "stable_after", "max_crashes")
+        self._check_positive("shutdown_timeout")
+        if not self.restart_backoff >= 0:  # also refuses NaN
+            raise ValueError(f"restart_backoff must be >= 0, not {self.restart_backoff!r}")
+        if self.start_method not in ("spawn", "fork", "forkserver"):
+            raise ValueError(
+                f"start_method must be spawn, fork or forkserver, not {self.start_method!r}"
+            )

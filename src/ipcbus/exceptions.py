@@ -17,6 +17,7 @@ __all__ = [
     "InsecurePathError",
     "MessageSerializationError",
     "MessageTooLargeError",
+    "MissingDependencyError",
     "PubSubError",
     "PublishTimeoutError",
     "QueueInUseError",
@@ -107,3 +108,8 @@ class RemoteError(PubSubError):
 
     def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str]]:
         return type(self), (self.remote_type, self.remote_message)
+
+
+class MissingDependencyError(PubSubError, ImportError):
+    """A feature was asked for whose optional dependency is not installed (hub metrics need
+    the ``ipcbus[metrics]`` extra); the message says what to install."""

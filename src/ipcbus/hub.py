@@ -23,6 +23,7 @@ from .client.admin import request_statistics
 from .client.queue_admin import MessageType, QueueAdminMixin, request_delete
 from .config import HubOptions, hub_started, hub_stopped
 from .exceptions import HubAddressError, HubUnavailableError
+from .server.metrics import require_prometheus
 from .server.process import check_address, remove_stale_socket_files, serve_in_child
 from .server.relay import Relay
 from .wire.address import Address
@@ -37,11 +38,12 @@ class Hub(QueueAdminMixin):
     """A hub process.
 
     ``Hub()`` serves at a private ``ipc://`` socket in a fresh 0700 directory (removed on stop);
-    ``Hub("ipc:///path/to/socket")`` at a given one. ``run()`` serves in the foreground until
-    SIGINT/SIGTERM; ``start()`` serves in a child process (explicit ``start_method``, default
-    ``"spawn"``: the hub needs nothing of its parent) and returns once it is ready; ``stop()``
-    ends it. As a context manager it starts and stops. Sockets are created inside the serving
-    process; the hub never unpickles what it relays. The other keyword arguments are the fields
+    ``Hub("ipc:///path/to/socket")`` at a given one; ``Hub("tcp://host:0")`` at a port the
+    system picks (``address`` then says which, once started). ``run()`` serves in the
+    foreground until SIGINT/SIGTERM; ``start()`` serves in a child process (explicit
+    ``start_method``, default ``"spawn"``: the hub needs nothing of its parent) and returns once
+    it is ready; ``stop()`` ends it. As a context manager it starts and stops. Sockets are
+    created inside the serving process; the hub never unpickles what it relays. The other keyword arguments are the fields
     of :class:`~ipcbus.config.HubOptions`, which documents them.
     """
 
@@ -57,7 +59,10 @@ class Hub(QueueAdminMixin):
         if unknown:
             raise TypeError(f"Hub() got unexpected keyword arguments: {sorted(unknown)}")
         self.options = (options or HubOptions()).with_(**overrides)
+        if self.options.metrics_port is not None:
+            require_prometheus()  # MissingDependencyError here, not in the hub process
         self._address: str | None = address
+        self._metrics_url: str | None = None
         self._private_dir: str | None = None
         self._start_method = start_method
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -74,6 +79,11 @@ class Hub(QueueAdminMixin):
         return self._address
 
     @property
+    def metrics_url(self) -> str | None:
+        """Where the running hub serves its Prometheus metrics (``metrics_port``), if it does."""
+        return self._metrics_url
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
@@ -88,8 +98,16 @@ class Hub(QueueAdminMixin):
             stop.set()
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        relay = Relay(address, self.options)
+
+        def serving() -> None:
+            self._address = relay.endpoint  # tcp://host:0: the port the system picked
+            self._metrics_url = relay.metrics_url
+            if ready is not None:
+                ready()
+
         try:
-            Relay(address, self.options).serve(stop.is_set, ready=ready)
+            relay.serve(stop.is_set, ready=serving)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -126,6 +144,9 @@ class Hub(QueueAdminMixin):
             if status == "address":
                 raise HubAddressError(detail)
             raise HubUnavailableError(f"hub at {address} failed to start: {detail}")
+        # tcp://host:0: the port the system picked.
+        address, self._metrics_url = detail
+        self._address = address
         hub_started(address)
         self._exported = True
         mp_util.Finalize(self, Hub._stop_at_exit, args=(weakref.ref(self),), exitpriority=5)

@@ -128,6 +128,9 @@ class HubBroker(QueueAdminMixin, Broker):
         self._request_ids = iter(range(1, 2**62))
         self._queue_subscriptions: dict[bytes, Subscription] = {}
         self._failed: str | None = None  # what died, once a thread of ours did
+        # True while close() lets the deliveries in hand finish: their handlers may still publish
+        # (a job's result), and close() flushes what they did.
+        self._finishing = False
         self._failure_cause: BaseException | None = None
         self._runner = QueueRunner(
             self._queue_subscriptions.get,
@@ -306,7 +309,8 @@ class HubBroker(QueueAdminMixin, Broker):
                 f"this HubBroker belongs to process {self._owner}; in a forked child use "
                 "get_message_broker(), which connects the child's own"
             )
-        self._check_open()
+        if not (self._finishing and runs_handlers()):
+            self._check_open()
         if self._failed is not None:
             raise BrokerFailedError(self._failed) from self._failure_cause
         error, self._deferred_error = self._deferred_error, None
@@ -489,6 +493,7 @@ class HubBroker(QueueAdminMixin, Broker):
             # meanwhile is dropped, not held (held, it would stall the hub, and the flush below).
             self._dispatcher.abandon()
         if self._failed is None and self._io.alive and self._io.hub_alive:
+            self._finishing = True
             flushed = self._close_flush()
             # Take no new queue deliveries; finish (and ack) those in hand, within the linger.
             # What is still unfinished then goes back to the hub with our goodbye.
@@ -496,6 +501,7 @@ class HubBroker(QueueAdminMixin, Broker):
                 self._io.cancel_consume(subscription_id)
             if not self._runner.wait_idle(linger):
                 logger.warning("closing %r with queue deliveries unfinished", self)
+            self._finishing = False  # a handler still running now publishes nothing more
             self._runner.flush_acks()
             if flushed and self._io.outbox.unconfirmed() and self._io.hub_alive:
                 self._close_flush()  # what the handlers published meanwhile

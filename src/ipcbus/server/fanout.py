@@ -69,16 +69,18 @@ class Fanout:
         """How many topics the hub keeps a message count for."""
         return len(self._topic_seq)
 
-    def relay(self, topic: bytes, meta: Any, count: int, payload: list[Any]) -> None:
-        """Send one batch of ``count`` messages to the topic's subscribers, numbered; held if a
-        pipe is full."""
+    def relay(
+        self, topic: bytes, meta: Any, count: int, payload: list[Any], publisher: bytes = b""
+    ) -> None:
+        """Send one batch of ``count`` messages to the topic's subscribers, numbered and with
+        its publisher's client id; held if a pipe is full."""
         if topic in self.topics:
             seq = self._topic_seq[topic] = self._topic_seq.get(topic, 0) + count
         else:
             # Nobody holds it (as far as XPUB told us yet): no count is kept. A subscriber
             # whose subscription XPUB applied before we read of it starts from its baseline.
             seq = count
-        frames = wire.fanout(topic, meta, seq, payload)
+        frames = wire.fanout(topic, meta, seq, payload, publisher)
         if not self._send(frames):
             self.stalled = frames
 

@@ -48,7 +48,9 @@ def serve_in_child(
         # outliving the program (no leftover processes).
         relay.serve(
             stop.is_set,
-            ready=lambda: conn.send(("ready", relay.pub_endpoint)),
+            # The address it serves at (tcp://host:0 became a port the system picked) and where
+            # its metrics are, if anywhere.
+            ready=lambda: conn.send(("ready", (relay.endpoint, relay.metrics_url))),
             watch_fd=conn.fileno(),
         )
     except HubAddressError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -26,6 +27,7 @@ from ..wire.statistics import HubStatistics
 from .claim import AddressClaim
 from .control import ControlPlane, send_reply
 from .fanout import Fanout
+from .metrics import HubMetrics
 from .preauth import PendingHandshakes, raise_fd_limit
 
 __all__ = ["Relay"]
@@ -56,8 +58,10 @@ class Relay:
     ) -> None:
         self.address = Address.parse(address)
         self.endpoint = str(self.address)
-        self.in_endpoint, self.pub_endpoint = self.address.data_endpoints()
         self.options = options = options or HubOptions()
+        self.in_endpoint, self.pub_endpoint = self.address.data_endpoints(
+            options.tcp_publish_port, options.tcp_fanout_port
+        )
         self._max_frames = max_frames
         self._hub_id = os.urandom(8).hex().encode()
         self._started = time.monotonic()
@@ -79,6 +83,11 @@ class Relay:
             str, int
         ] = {}  # type -> messages nobody was subscribed to  # tcp: per socket's monitor
         self._control_monitor: Socket | None = None
+        self.metrics: HubMetrics | None = None
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.metrics.url if self.metrics is not None else None
 
     @property
     def endpoints(self) -> tuple[str, str, str]:
@@ -126,6 +135,8 @@ class Relay:
     ) -> None:
         """Relay until ``should_stop()`` is true or ``watch_fd`` (the parent's pipe) hangs up."""
         options = self.options
+        if self.address.picks_port:
+            self._pick_port()
         claim = AddressClaim(self.address)
         claim.acquire()  # HubAddressError: another hub serves here, or the directory is unsafe
         context = zmq.Context()
@@ -160,9 +171,15 @@ class Relay:
                 router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable peer raises
             xpub.sndhwm = options.hwm
             xpub.setsockopt(zmq.XPUB_NODROP, 1)
-            control.bind(self.endpoint)
-            data.bind(self.in_endpoint)
-            xpub.bind(self.pub_endpoint)
+            for server, endpoint in (
+                (control, self.endpoint),
+                (data, self.in_endpoint),
+                (xpub, self.pub_endpoint),
+            ):
+                try:
+                    server.bind(endpoint)
+                except zmq.ZMQError as exc:  # a port in use, an address not of this host
+                    raise HubAddressError(f"cannot serve at {endpoint}: {exc}") from exc
             self.in_endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)
             self.pub_endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
             claim.bound()
@@ -188,14 +205,31 @@ class Relay:
             if self.address.is_tcp:
                 before, after = raise_fd_limit()
                 logger.info("open files: soft limit raised from %d to %d", before, after)
+            if options.metrics_port is not None:
+                self.metrics = _serve_metrics(options.metrics_host, options.metrics_port)
             if ready is not None:
                 ready()
             self._loop(zap, secret, monitors, control, data, xpub, should_stop, watch_fd)
         finally:
-            for socket in sockets:
-                socket.close(linger=0)
+            if self.metrics is not None:
+                self.metrics.close()
+            for server_socket in sockets:
+                server_socket.close(linger=0)
             context.term()
             claim.release()
+
+    def _pick_port(self) -> None:
+        """``tcp://host:0``: take a port the system gives now. Its key file and lock are named
+        after the port, so the port must be known before them; another process could take it
+        before the bind below (then the hub fails to start, saying so)."""
+        host = self.address.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port = int(probe.getsockname()[1])
+        self.address = self.address.with_port(port)
+        self.endpoint = str(self.address)
+        logger.info("serving at %s (port %d picked by the system)", self.endpoint, port)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -225,7 +259,10 @@ class Relay:
         full.register(data, zmq.POLLIN)
         book = self.control_plane.book
         drain_until: float | None = None
+        metrics = self.metrics
         while True:
+            if metrics is not None and metrics.wanted:
+                metrics.offer(self.statistics())
             if drain_until is None and should_stop():
                 # Graceful stop: take no new publishes or deliveries; give consumers up to
                 # drain_timeout to finish (ack) what they hold; then tell every client.
@@ -368,7 +405,7 @@ class Relay:
                     # published before the group's first subscribe_async() returned.
                     self._unsplittable += count
                     logger.warning("%d messages of %r reached no queue group", count, topic)
-            fanout.relay(topic, frames[3], count, frames[4:])
+            fanout.relay(topic, frames[3], count, frames[4:], identity)
         elif kind == wire.FLUSH and len(frames) == 3:
             send_reply(data, wire.flushed(identity, frames[2].bytes))
         else:
@@ -389,6 +426,13 @@ class Relay:
             send_reply(control, [frames[0].bytes, wire.header(wire.STATS), statistics])
         else:
             self.control_plane.handle(control, frames, (self.in_endpoint, self.pub_endpoint))
+
+
+def _serve_metrics(host: str, port: int) -> HubMetrics:
+    try:
+        return HubMetrics(host, port)
+    except OSError as exc:  # the port is taken, the host is not of this machine
+        raise HubAddressError(f"cannot serve metrics at {host}:{port}: {exc}") from exc
 
 
 def _restrict_ipc_files(*endpoints: str) -> None:

@@ -45,7 +45,8 @@ class Address:
             host = host.removeprefix("[").removesuffix("]")
             # isdigit() is true for non-ASCII digits, which int() accepts too.
             digits = port.isascii() and port.isdigit()
-            if not colon or not host or not digits or not 0 < int(port) < 65536:
+            # Port 0: the hub picks one when it binds, and reports the address it got.
+            if not colon or not host or not digits or not 0 <= int(port) < 65536:
                 raise ValueError(f"a tcp address needs a host and a port: {text!r}")
             return cls(text, TCP, host=host, port=port)
         raise ValueError(f"unsupported address {text!r}: use ipc:// or tcp://")
@@ -65,15 +66,27 @@ class Address:
     def _bracketed_host(self) -> str:
         return f"[{self.host}]" if ":" in self.host else self.host
 
-    def data_endpoints(self) -> tuple[str, str]:
+    @property
+    def picks_port(self) -> bool:
+        """A tcp address with port 0: the hub serves at a port the system picks."""
+        return self.is_tcp and int(self.port) == 0
+
+    def with_port(self, port: int) -> Address:
+        """The same tcp host at ``port``."""
+        return Address.parse(f"tcp://{self._bracketed_host}:{port}")
+
+    def data_endpoints(self, publish_port: int = 0, fanout_port: int = 0) -> tuple[str, str]:
         """Where the hub binds its publish and fan-out sockets, beside its control socket.
 
-        For tcp the ports are chosen by the system at bind time; the hub reports the endpoints
+        For tcp, a port of 0 is chosen by the system at bind time; the hub reports the endpoints
         it got in WELCOME."""
         if self.is_ipc:
             return f"ipc://{self.path}.in", f"ipc://{self.path}.pub"
-        any_port = f"tcp://{self._bracketed_host}:*"
-        return any_port, any_port
+        host = self._bracketed_host
+        return (
+            f"tcp://{host}:{publish_port or '*'}",
+            f"tcp://{host}:{fanout_port or '*'}",
+        )
 
     def socket_files(self) -> tuple[str, ...]:
         """The files of the hub's sockets (none for tcp)."""

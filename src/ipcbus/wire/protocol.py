@@ -176,6 +176,7 @@ from .frames import (
     pack_reply_meta,
     pack_request_meta,
     pack_seq,
+    pack_seq_from,
     pack_sizes,
     parse_failure,
     parse_kind,
@@ -190,6 +191,7 @@ from .frames import (
     unique_name_of,
     unpack_meta,
     unpack_seq,
+    unpack_seq_from,
     unpack_sizes,
 )
 from .queue_frames import (
@@ -294,6 +296,7 @@ __all__ = [
     "pack_reply_meta",
     "pack_request_meta",
     "pack_seq",
+    "pack_seq_from",
     "pack_sizes",
     "parse_acks",
     "parse_cancel",
@@ -313,6 +316,7 @@ __all__ = [
     "unique_name_of",
     "unpack_meta",
     "unpack_seq",
+    "unpack_seq_from",
     "unpack_sizes",
 ]
 
@@ -429,18 +433,22 @@ def parse_flushed(frames: Sequence[bytes]) -> bytes | None:
 # -- fan-out ----------------------------------------------------------------------------------
 
 
-def fanout(topic: Any, meta: Any, seq: int, payload: Sequence[Any]) -> list[Any]:
-    return [topic, meta, pack_seq(seq), *payload]
+def fanout(
+    topic: Any, meta: Any, seq: int, payload: Sequence[Any], publisher: bytes = b""
+) -> list[Any]:
+    return [topic, meta, pack_seq_from(seq, publisher), *payload]
 
 
 @dataclass(frozen=True)
 class Fanout:
-    """A batch as a subscriber receives it."""
+    """A batch as a subscriber receives it; ``publisher`` is the client id of the process that
+    published it (empty from a hub that did not say)."""
 
     topic: bytes
     meta: Meta
     seq: int
     payload: Sequence[Any]
+    publisher: bytes = b""
 
     @classmethod
     def parse(cls, frames: Sequence[Any]) -> Fanout:
@@ -450,4 +458,5 @@ class Fanout:
             frames[2].bytes,
             *frames[3:],
         )
-        return cls(topic, unpack_meta(meta), unpack_seq(seq), payload)
+        number, publisher = unpack_seq_from(seq)
+        return cls(topic, unpack_meta(meta), number, payload, publisher)
