@@ -43,8 +43,9 @@ class Hub(QueueAdminMixin):
     foreground until SIGINT/SIGTERM; ``start()`` serves in a child process (explicit
     ``start_method``, default ``"spawn"``: the hub needs nothing of its parent) and returns once
     it is ready; ``stop()`` ends it. As a context manager it starts and stops. Sockets are
-    created inside the serving process; the hub never unpickles what it relays. The other keyword arguments are the fields
-    of :class:`~ipcbus.config.HubOptions`, which documents them.
+    created inside the serving process; the hub never unpickles what it relays. The other
+    keyword arguments are the fields of :class:`~ipcbus.config.HubOptions`, which documents
+    them.
     """
 
     def __init__(
