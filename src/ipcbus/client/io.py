@@ -28,6 +28,7 @@ from ..wire.address import Address
 from ..wire.keys import prove
 from .acks import coalesce
 from .control import ControlChannel, DeleteAnswer
+from .data import DataChannel
 from .describe import describe
 from .outbox import FlushMarker, Outbox, Rejected
 from .session import Session
@@ -127,7 +128,6 @@ class IOThread:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._died: BaseException | None = None
-        self._sent: list[Any] | None = None  # frames waiting for room in the DEALER pipe
         self._thread = threading.Thread(
             target=guarded("ipcbus-io", self._run, on_death), name="ipcbus-io", daemon=True
         )
@@ -140,6 +140,7 @@ class IOThread:
         self._endpoints = ("", "")  # the hub's publish and fan-out endpoints, from WELCOME
         self._watch = ConnectionWatch(self.endpoint, self._hub_lost)
         self._dealer: Socket | None = None
+        self._data = DataChannel(self.outbox, self.session, on_space, self._waker.wake)
         self._sub: Socket | None = None
         self._resync_at: float | None = None  # when an unanswered sync is asked again
 
@@ -170,8 +171,11 @@ class IOThread:
         return self.session.hub_alive
 
     def publish(self, item: Message | FlushMarker) -> None:
-        self.outbox.append(item)
-        self.wake()
+        # A quiet bus sends at once, from the publisher's thread (client/data.py); otherwise
+        # the I/O thread batches what queued.
+        if isinstance(item, FlushMarker) or not self._data.send_at_once(item):
+            self.outbox.append(item)
+            self.wake()
 
     def wake(self) -> None:
         self._waker.wake()
@@ -268,7 +272,8 @@ class IOThread:
             raise
         finally:
             self._watch.close()
-            for sock in (self._control.socket, self._dealer, self._sub):
+            self._data.close()
+            for sock in (self._control.socket, self._sub):
                 if sock is not None:
                     sock.close()  # their linger is 0, but after a goodbye (_say_goodbye)
             context.term()
@@ -321,6 +326,7 @@ class IOThread:
         dealer.routing_id = self._client_id
         self._watch.watch(dealer, zmq.EVENT_DISCONNECTED)
         dealer.connect(welcome.publish_endpoint)
+        self._data.attach(dealer)
         sub = self._sub = self._subscriptions.sub = self._socket(context, zmq.SUB)
         sub.rcvhwm = self._hwm
         self._watch.watch(sub)
@@ -347,16 +353,18 @@ class IOThread:
         ):
             assert sock is not None
             if old != new:
-                with contextlib.suppress(zmq.ZMQError):
-                    sock.disconnect(old)
-                sock.connect(new)
+                with self._data.lock:  # publishers may use the DEALER too
+                    with contextlib.suppress(zmq.ZMQError):
+                        sock.disconnect(old)
+                    sock.connect(new)
         logger.info("the hub at %s moved its data sockets to %s", self.endpoint, endpoints)
         self._endpoints = endpoints
 
     def _welcome(self, welcome: wire.Welcome) -> bool:
         resync = bool(self._subscriptions.live_topics)
         was_available = self.session.available
-        reconnected = self.session.welcome(welcome, resync)
+        with self._data.lock:  # a publisher sending at once sees the hub back and resyncing
+            reconnected = self.session.welcome(welcome, resync)
         self.outbox.set_limit(welcome.max_message_size)
         if not was_available:
             self._on_hub_state(True)
@@ -380,7 +388,8 @@ class IOThread:
         poller = zmq.Poller()
         poller.register(self._waker.fd, zmq.POLLIN)
         poller.register(control, zmq.POLLIN)
-        poller.register(dealer, zmq.POLLIN)
+        # The DEALER's ZMQ_FD, not the DEALER: publishers use the socket too (client/data.py).
+        poller.register(self._data.fd, zmq.POLLIN)
         poller.register(sub, zmq.POLLIN)
         # The data DEALER's connection events: a hub that dies is noticed at once, not after a
         # heartbeat timeout, so publishes stop going into a connection that no longer exists
@@ -396,11 +405,10 @@ class IOThread:
             if not self._running:
                 self._control.send([wire.header(wire.BYE)])  # what we hold goes to others
                 return
-            self._pump(dealer)
+            self._data.pump()
             now = time.monotonic()
             self._heartbeat(now)
             self._control.drain()
-            poller.modify(dealer, zmq.POLLIN | (zmq.POLLOUT if self._sent is not None else 0))
             poller.modify(control, zmq.POLLIN | (zmq.POLLOUT if self._control.waiting else 0))
             held = self._subscriptions.held is not None
             poller.modify(sub, 0 if held else zmq.POLLIN)
@@ -416,8 +424,6 @@ class IOThread:
             self._resync_at = self._subscriptions.resync_due(time.monotonic())
             if control in events and events[control] & zmq.POLLIN:
                 self._read_control(control)
-            if dealer in events and events[dealer] & zmq.POLLIN:
-                self._read_replies(dealer)
             if sub in events and self._subscriptions.read():
                 self.wake()  # the pump may have waited for this sync answer
             for monitor in monitors:
@@ -438,7 +444,9 @@ class IOThread:
             self._control.send(wire.hello(self._client_id, self._description()))
 
     def _hub_lost(self, why: str) -> None:
-        if self.session.lost(why):
+        with self._data.lock:  # no publisher sends at once into a connection known gone
+            news = self.session.lost(why)
+        if news:
             self._on_space()  # publishers waiting for room learn that the hub is gone
 
     def _read_control(self, control: Socket) -> None:
@@ -485,35 +493,8 @@ class IOThread:
             if self._welcome(welcome) and self._subscriptions.live_topics:
                 self._subscriptions.resync(self.session.resynced, self._same_hub)
             self._control.restore_consumers()
-            self.outbox.resend_flushes()
+            with self._data.lock:
+                self.outbox.resend_flushes()
             self.wake()
 
     # -- data --------------------------------------------------------------------------------
-
-    def _pump(self, dealer: Socket) -> None:
-        """Send what the outbox holds until it is empty or the DEALER pipe is full.
-
-        While the hub is unreachable nothing is sent: the outbox holds what is published (up to
-        ``max_pending``, then publish() blocks) until a hub says WELCOME again."""
-        session = self.session
-        while session.hub_alive and session.resynced.is_set():
-            if self._sent is not None:
-                try:
-                    dealer.send_multipart(self._sent, zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    return
-                self._sent = None
-            if not self.outbox.items:
-                return
-            self._sent = self.outbox.take()
-            self._on_space()
-
-    def _read_replies(self, dealer: Socket) -> None:
-        for _ in range(_BURST):
-            try:
-                frames = dealer.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            token = wire.parse_flushed(frames)
-            if token is not None:
-                self.outbox.flushed(token)

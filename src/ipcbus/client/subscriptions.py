@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import zmq
 
 from ..wire import protocol as wire
+from ..wire.sockets import recv_frames
 
 __all__ = ["Subscriptions"]
 
@@ -127,7 +128,7 @@ class Subscriptions:
         synced = False
         for _ in range(_BURST):
             try:
-                frames = sub.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sub)
             except zmq.Again:
                 break
             topic = frames[0].bytes

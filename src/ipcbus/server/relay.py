@@ -22,6 +22,7 @@ from ..exceptions import HubAddressError, HubUnavailableError, InsecurePathError
 from ..wire import protocol as wire
 from ..wire.address import Address, endpoint_file
 from ..wire.keys import USERNAME, admits, load_or_create_secret, serve_securely
+from ..wire.sockets import recv_frames
 from ..wire.statistics import HubStatistics
 from .claim import AddressClaim
 from .control import ControlPlane, send_reply
@@ -318,7 +319,7 @@ class Relay:
             if stop_when_stalled and fanout.stalled is not None:
                 return
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(router)
             except zmq.Again:
                 return
             try:
