@@ -145,6 +145,7 @@ class HubBroker(Broker):
             hub_lost_timeout=options.hub_lost_timeout,
             on_death=self._thread_died,
         )
+        self._dispatcher.read_from(self._io.fanout)  # an idle dispatcher reads the SUB socket
         self._session = self._io.session
         self._gate = PublishGate(self._io, self._stopped)
         self._kinds = self._io.outbox.kinds  # the types publish() checked (weak)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -34,6 +33,7 @@ from .outbox import FlushMarker, Outbox, Rejected
 from .session import Session
 from .subscriptions import Subscriptions
 from .threads import OnDeath, guarded
+from .waker import Waker
 from .watch import ConnectionWatch
 
 __all__ = ["IOThread", "Waker"]
@@ -46,45 +46,6 @@ _HELD_POLL_MS = 1
 _GOODBYE_LINGER_MS = 200
 
 Socket = zmq.Socket[bytes]
-
-
-class Waker:
-    """The eventfd that wakes the I/O thread's poll.
-
-    Any thread may ``wake()`` it, also after ``close()`` (a queue worker acking once ``close()``
-    gave up waiting for it): writes and the close share a lock, and nothing is written once it is
-    closed. Before, such a late ack wrote 8 bytes into whatever file had reused the fd number.
-    """
-
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._lock = threading.Lock()
-        self._closed = False
-        self._pending = False
-
-    def wake(self) -> None:
-        if not self._pending:
-            with self._lock:
-                if self._closed:
-                    return  # nobody reads it any more, and the number may be another file's
-                self._pending = True
-                os.eventfd_write(self.fd, 1)
-
-    def clear(self) -> None:
-        """The I/O thread saw the fd readable."""
-        # Read, *then* clear the flag (the pump runs after both). Clearing first would let this
-        # read swallow the write of a publisher that set the flag meanwhile, leaving the flag set
-        # with nothing to wake the poll: later publishes would wait for the idle timeout (seen as
-        # 10x slower runs).
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.fd)
-        self._pending = False
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                os.close(self.fd)
 
 
 class IOThread:
@@ -112,7 +73,7 @@ class IOThread:
         self.outbox = Outbox(max_batch, on_reject)
         self.session = Session(self.endpoint, hub_lost_timeout)
         self._on_hub_state = on_hub_state
-        self._subscriptions = Subscriptions(client_id, deliver)
+        self._subscriptions = Subscriptions(client_id, deliver, self.wake)
         self._client_id = client_id
         self._secret = secret
         self._hwm = hwm
@@ -165,6 +126,11 @@ class IOThread:
     def auth_failures(self) -> int:
         """Handshakes with a peer at the hub's address that did not prove the bus secret."""
         return self._watch.auth_failures
+
+    @property
+    def fanout(self) -> Subscriptions:
+        """The SUB side, which the dispatcher reads when idle."""
+        return self._subscriptions
 
     @property
     def hub_alive(self) -> bool:
@@ -273,9 +239,9 @@ class IOThread:
         finally:
             self._watch.close()
             self._data.close()
-            for sock in (self._control.socket, self._sub):
-                if sock is not None:
-                    sock.close()  # their linger is 0, but after a goodbye (_say_goodbye)
+            self._subscriptions.close()
+            if self._control.socket is not None:
+                self._control.socket.close()  # linger 0, but after a goodbye (_say_goodbye)
             context.term()
             self._ready.set()
 
@@ -327,10 +293,11 @@ class IOThread:
         self._watch.watch(dealer, zmq.EVENT_DISCONNECTED)
         dealer.connect(welcome.publish_endpoint)
         self._data.attach(dealer)
-        sub = self._sub = self._subscriptions.sub = self._socket(context, zmq.SUB)
+        sub = self._sub = self._socket(context, zmq.SUB)
         sub.rcvhwm = self._hwm
         self._watch.watch(sub)
         sub.connect(welcome.fanout_endpoint)
+        self._subscriptions.attach(sub)
         self._ready.set()
         return True
 
@@ -348,15 +315,18 @@ class IOThread:
         endpoints = (welcome.publish_endpoint, welcome.fanout_endpoint)
         if endpoints == self._endpoints:
             return
-        for sock, old, new in zip(
-            (self._dealer, self._sub), self._endpoints, endpoints, strict=True
+        # Publishers use the DEALER too, the dispatcher the SUB socket: each under its lock.
+        locks = (self._data.lock, self._subscriptions.lock)
+        for sock, lock, old, new in zip(
+            (self._dealer, self._sub), locks, self._endpoints, endpoints, strict=True
         ):
             assert sock is not None
             if old != new:
-                with self._data.lock:  # publishers may use the DEALER too
+                with lock:
                     with contextlib.suppress(zmq.ZMQError):
                         sock.disconnect(old)
                     sock.connect(new)
+        self._subscriptions.wake_reader()  # the socket was used: let the dispatcher look
         logger.info("the hub at %s moved its data sockets to %s", self.endpoint, endpoints)
         self._endpoints = endpoints
 
@@ -390,7 +360,9 @@ class IOThread:
         poller.register(control, zmq.POLLIN)
         # The DEALER's ZMQ_FD, not the DEALER: publishers use the socket too (client/data.py).
         poller.register(self._data.fd, zmq.POLLIN)
-        poller.register(sub, zmq.POLLIN)
+        # Likewise the SUB socket's: the dispatcher reads it when idle (client/subscriptions.py).
+        sub_fd = self._subscriptions.fd
+        poller.register(sub_fd, zmq.POLLIN)
         # The data DEALER's connection events: a hub that dies is noticed at once, not after a
         # heartbeat timeout, so publishes stop going into a connection that no longer exists
         # (measured: ~1 000 messages lost per second of undetected outage before this).
@@ -411,8 +383,11 @@ class IOThread:
             self._control.drain()
             poller.modify(control, zmq.POLLIN | (zmq.POLLOUT if self._control.waiting else 0))
             held = self._subscriptions.held is not None
-            poller.modify(sub, 0 if held else zmq.POLLIN)
+            reading = self._subscriptions.reading  # a sync waits: read, as the dispatcher may not
+            poller.modify(sub_fd, zmq.POLLIN if reading else 0)
             timeout = _HELD_POLL_MS if held else _IDLE_POLL_MS
+            if reading and self._subscriptions.readable():
+                timeout = 0
             wake_at = self.session.wake_at()
             if self._resync_at is not None:
                 wake_at = min(wake_at, self._resync_at)
@@ -424,7 +399,7 @@ class IOThread:
             self._resync_at = self._subscriptions.resync_due(time.monotonic())
             if control in events and events[control] & zmq.POLLIN:
                 self._read_control(control)
-            if sub in events and self._subscriptions.read():
+            if self._subscriptions.reading and self._subscriptions.read():
                 self.wake()  # the pump may have waited for this sync answer
             for monitor in monitors:
                 if monitor in events:
