@@ -6,13 +6,15 @@ keep every message, each publisher's order, and flushes, between real processes,
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from ipcbus import HubBroker, connect
+from ipcbus import Hub, HubBroker, connect
 
 from .conftest import wait_until
 from .hubtools import Workers
@@ -22,6 +24,12 @@ pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_le
 
 THREADS = 4
 PER_THREAD = 400
+
+
+@pytest.fixture
+def hub_with_small_pipes() -> Iterator[Hub]:
+    with Hub(start_method="fork", hwm=20) as running:
+        yield running
 
 
 def _echo(address: str, ready: Any, stop: Any) -> None:
@@ -112,4 +120,44 @@ def test_flush_confirms_a_message_sent_at_once(fresh_hub: Any) -> None:
         broker.publish(Tick(1, "once"))
         broker.flush(30)
         assert got.wait(30)
+    assert broker.undelivered == 0
+
+
+def _flood(address: str, ready: Any, stop: Any) -> None:
+    """Publishes Ticks as fast as it can until the test closes its stop pipe (at most 60 s)."""
+    broker = connect(address)
+    ready.send("ready")
+    deadline = time.monotonic() + 60
+    seq = 0
+    while time.monotonic() < deadline and not stop.poll(0):
+        for _ in range(500):
+            broker.publish(Tick(seq, "flood"))
+            seq += 1
+    broker.close()
+
+
+def test_close_in_a_handler_under_a_flood_never_holds_the_hub(
+    hub_with_small_pipes: Any, workers: Workers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() in a broadcast handler: the dispatcher stops reading the SUB socket, so the I/O
+    thread reads (and drops) what keeps coming. Otherwise the pipe fills, the hub holds its
+    fan-out for this process, reads no more data, and close() waits out its linger for a
+    FLUSHED that cannot come."""
+    caplog.set_level(logging.WARNING, logger="ipcbus")
+    broker = HubBroker(hub_with_small_pipes.address, hwm=20, dispatch_queue=2, linger=5.0)
+    closed = threading.Event()
+
+    def on_tick(tick: Tick) -> None:
+        if tick.seq >= 2_000 and not closed.is_set():
+            closed.set()
+            broker.close()
+
+    try:
+        broker.subscribe(Tick, on_tick)
+        workers.start(_flood, hub_with_small_pipes.address)
+        assert closed.wait(60)
+        wait_until(lambda: broker.closed, 30)
+    finally:
+        broker.close()
+    assert not [r for r in caplog.records if "without a complete flush" in r.getMessage()]
     assert broker.undelivered == 0

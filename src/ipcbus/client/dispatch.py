@@ -115,6 +115,8 @@ class Dispatcher:
             self._serve()
         finally:
             self._waker.close()
+            if self._source is not None:
+                self._source.orphan()
 
     def _serve(self) -> None:
         poller = zmq.Poller()

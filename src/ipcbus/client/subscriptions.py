@@ -70,6 +70,7 @@ class Subscriptions:
         self._syncs: dict[bytes, _Sync] = {}
         self._sync_ids = iter(range(1, 2**62))
         self.held: list[zmq.Frame] | None = None  # a batch waiting for room in the dispatcher
+        self._orphaned = False  # the dispatcher reads no more (close() in a handler, stop)
 
     def attach(self, sub: zmq.Socket[bytes]) -> None:
         with self.lock:
@@ -85,10 +86,18 @@ class Subscriptions:
                 sub.close()
         self.wake_reader()  # it may poll the closed descriptor: let it look again
 
+    def orphan(self) -> None:
+        """The dispatcher ended: the I/O thread reads from now on. After close() in a handler
+        what comes is dropped there; unread, it would fill the pipe and hold the hub's fan-out
+        (and the FLUSHED that close() waits for) until the socket closes."""
+        self._orphaned = True
+        self._wake_io()
+
     @property
     def reading(self) -> bool:
-        """True while the I/O thread reads the socket too: a sync waits for its answer."""
-        return bool(self._syncs) and self.held is None
+        """True while the I/O thread reads the socket too: a sync waits for its answer, or
+        the dispatcher is gone."""
+        return (self._orphaned or bool(self._syncs)) and self.held is None
 
     def subscribe(self, topic: bytes, live: threading.Event) -> None:
         with self.lock:
