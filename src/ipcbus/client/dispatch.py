@@ -1,6 +1,8 @@
 """Broadcast dispatch in a client process: one thread calls the subscribe() handlers, in order.
 
-The I/O thread hands each fan-out batch to the dispatcher's bounded inbox; a full inbox makes the
+An idle dispatcher reads the SUB socket itself (``Subscriptions.take``: no hand-off between
+threads on the way from the socket to a handler). While a sync waits for its answer the I/O thread
+reads too, and hands each fan-out batch to the dispatcher's bounded inbox; a full inbox makes the
 I/O thread stop reading its SUB socket (backpressure reaches the hub, never a drop here). The
 dispatcher decodes a batch with this process's classes, checks the hub's per-topic message count
 (a skip is a gap: the hub stopped waiting for this process), and calls every accepting
@@ -17,10 +19,10 @@ the number of messages its meta frame announced.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -31,6 +33,10 @@ from ..core.requests import ReplyTo, call_responder
 from ..message import Message
 from ..wire import protocol as wire
 from .threads import OnDeath, start_thread
+from .waker import Waker
+
+if TYPE_CHECKING:
+    from .subscriptions import Subscriptions
 
 __all__ = ["Dispatcher"]
 
@@ -48,13 +54,20 @@ class Dispatcher:
     ) -> None:
         self._lock = threading.Lock()
         self._reply_to = reply_to  # how a handler's answer to a request goes back
+        # Takes a reply to this process's request() out of a batch read here (ReplyRoute.take).
+        self.take_reply: Callable[[list[zmq.Frame]], bool] = _not_a_reply
         self.subscriptions: dict[str, tuple[Subscription, ...]] = {}
         self._types: dict[str, type[Message]] = {}
         # Per topic, the hub's message count at the last batch seen (a skip is a gap).
         self._last_seq: dict[str, int] = {}
         self.gaps = 0  # messages the hub dropped for this process (see HubOptions.stall_timeout)
         self.undecodable = 0  # messages received that this process could not decode
-        self._inbox: queue.Queue[list[zmq.Frame] | None] = queue.Queue(capacity)
+        # Filled by the I/O thread under the SUB side's lock (its order is the socket's).
+        self._inbox: deque[list[zmq.Frame]] = deque()
+        self._capacity = capacity
+        self._waker = Waker()  # a batch in the inbox, something to read on the SUB socket, stop
+        self._source: Subscriptions | None = None  # the SUB side, read when idle
+        self._stopping = False
         # Set by close() called from a handler: this thread ends after that handler, and what
         # arrives meanwhile is dropped rather than held (held, it would stall the hub's fan-out
         # while close() waits for the hub to confirm a flush).
@@ -64,6 +77,12 @@ class Dispatcher:
     @property
     def thread(self) -> threading.Thread:
         return self._thread
+
+    def read_from(self, source: Subscriptions) -> None:
+        """Read ``source``'s SUB socket whenever idle (from then on, any thread)."""
+        source.wake_reader = self._waker.wake
+        self._source = source
+        self._waker.wake()
 
     # -- subscriptions (any thread) ------------------------------------------------------------
 
@@ -93,25 +112,63 @@ class Dispatcher:
     def put(self, frames: list[zmq.Frame]) -> bool:
         if self._abandoned:
             return True
-        try:
-            self._inbox.put_nowait(frames)
-        except queue.Full:
+        if len(self._inbox) >= self._capacity:
             return False  # the I/O thread stops reading the SUB socket: backpressure
+        self._inbox.append(frames)
+        self._waker.wake()
         return True
 
     # -- the dispatcher thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._waker.close()
+            if self._source is not None:
+                self._source.orphan()
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._waker.fd, zmq.POLLIN)
+        polled = -1  # the SUB socket's descriptor in the poller, if any
         while not self._abandoned:
-            frames = self._inbox.get()
-            if frames is None or self._abandoned:
+            frames = self._next()
+            if frames is None:
+                if self._stopping:
+                    return
+                source = self._source
+                fd = -1 if source is None else source.fd
+                if fd != polled:
+                    if polled >= 0:
+                        poller.unregister(polled)
+                    if fd >= 0:
+                        poller.register(fd, zmq.POLLIN)
+                    polled = fd
+                if source is not None and source.readable():
+                    continue  # the edge was consumed before we looked: never sleep on it
+                events = dict(poller.poll())
+                if self._waker.fd in events:
+                    self._waker.clear()
+                continue
+            if self._abandoned:
                 return
             try:
                 self._dispatch(frames)
             except Exception:
                 logger.exception("ipcbus could not dispatch a batch; it is dropped")
 
+    def _next(self) -> list[zmq.Frame] | None:
+        if self._inbox:
+            return self._inbox.popleft()
+        source = self._source
+        if source is None or self._stopping:
+            return None  # stopping: what the I/O thread read is handled, nothing more
+        return source.take(self._inbox)
+
     def _dispatch(self, frames: list[Any]) -> None:
+        if self.take_reply(frames):
+            return
         if wire.is_sync_topic(frames[0].bytes):
             self._synced(wire.SyncReply.parse(frames))
             return
@@ -205,9 +262,12 @@ class Dispatcher:
             # ourselves, never wait for room in our own inbox.
             self._abandoned = True
             return
-        try:
-            self._inbox.put(None, timeout=timeout)
-        except queue.Full:
-            logger.warning("the dispatcher is stuck in a handler; not waiting for it")
-            return
+        self._stopping = True  # it ends once nothing is left to read
+        self._waker.wake()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("the dispatcher is stuck in a handler; not waiting for it")
+
+
+def _not_a_reply(frames: list[zmq.Frame]) -> bool:
+    return False

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -28,11 +27,13 @@ from ..wire.address import Address
 from ..wire.keys import prove
 from .acks import coalesce
 from .control import ControlChannel, DeleteAnswer
+from .data import DataChannel
 from .describe import describe
 from .outbox import FlushMarker, Outbox, Prepared, Rejected
 from .session import Session
 from .subscriptions import Subscriptions
 from .threads import OnDeath, guarded
+from .waker import Waker
 from .watch import ConnectionWatch
 
 __all__ = ["IOThread", "Waker"]
@@ -45,45 +46,6 @@ _HELD_POLL_MS = 1
 _GOODBYE_LINGER_MS = 200
 
 Socket = zmq.Socket[bytes]
-
-
-class Waker:
-    """The eventfd that wakes the I/O thread's poll.
-
-    Any thread may ``wake()`` it, also after ``close()`` (a queue worker acking once ``close()``
-    gave up waiting for it): writes and the close share a lock, and nothing is written once it is
-    closed. Before, such a late ack wrote 8 bytes into whatever file had reused the fd number.
-    """
-
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._lock = threading.Lock()
-        self._closed = False
-        self._pending = False
-
-    def wake(self) -> None:
-        if not self._pending:
-            with self._lock:
-                if self._closed:
-                    return  # nobody reads it any more, and the number may be another file's
-                self._pending = True
-                os.eventfd_write(self.fd, 1)
-
-    def clear(self) -> None:
-        """The I/O thread saw the fd readable."""
-        # Read, *then* clear the flag (the pump runs after both). Clearing first would let this
-        # read swallow the write of a publisher that set the flag meanwhile, leaving the flag set
-        # with nothing to wake the poll: later publishes would wait for the idle timeout (seen as
-        # 10x slower runs).
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.fd)
-        self._pending = False
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                os.close(self.fd)
 
 
 class IOThread:
@@ -111,7 +73,7 @@ class IOThread:
         self.outbox = Outbox(max_batch, on_reject)
         self.session = Session(self.endpoint, hub_lost_timeout)
         self._on_hub_state = on_hub_state
-        self._subscriptions = Subscriptions(client_id, deliver)
+        self._subscriptions = Subscriptions(client_id, deliver, self.wake)
         self._client_id = client_id
         self._secret = secret
         self._hwm = hwm
@@ -127,7 +89,6 @@ class IOThread:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._died: BaseException | None = None
-        self._sent: list[Any] | None = None  # frames waiting for room in the DEALER pipe
         self._thread = threading.Thread(
             target=guarded("ipcbus-io", self._run, on_death), name="ipcbus-io", daemon=True
         )
@@ -140,6 +101,7 @@ class IOThread:
         self._endpoints = ("", "")  # the hub's publish and fan-out endpoints, from WELCOME
         self._watch = ConnectionWatch(self.endpoint, self._hub_lost)
         self._dealer: Socket | None = None
+        self._data = DataChannel(self.outbox, self.session, on_space, self._waker.wake)
         self._sub: Socket | None = None
         self._resync_at: float | None = None  # when an unanswered sync is asked again
 
@@ -166,12 +128,21 @@ class IOThread:
         return self._watch.auth_failures
 
     @property
+    def fanout(self) -> Subscriptions:
+        """The SUB side, which the dispatcher reads when idle."""
+        return self._subscriptions
+
+    @property
     def hub_alive(self) -> bool:
         return self.session.hub_alive
 
     def publish(self, item: Message | FlushMarker | Prepared) -> None:
-        self.outbox.append(item)
-        self.wake()
+        # A quiet bus sends a message at once, from the publisher's thread (client/data.py);
+        # otherwise the I/O thread batches what queued. Flush markers and prepared requests
+        # and replies always go through the outbox.
+        if not isinstance(item, Message) or not self._data.send_at_once(item):
+            self.outbox.append(item)
+            self.wake()
 
     def wake(self) -> None:
         self._waker.wake()
@@ -268,9 +239,10 @@ class IOThread:
             raise
         finally:
             self._watch.close()
-            for sock in (self._control.socket, self._dealer, self._sub):
-                if sock is not None:
-                    sock.close()  # their linger is 0, but after a goodbye (_say_goodbye)
+            self._data.close()
+            self._subscriptions.close()
+            if self._control.socket is not None:
+                self._control.socket.close()  # linger 0, but after a goodbye (_say_goodbye)
             context.term()
             self._ready.set()
 
@@ -321,10 +293,12 @@ class IOThread:
         dealer.routing_id = self._client_id
         self._watch.watch(dealer, zmq.EVENT_DISCONNECTED)
         dealer.connect(welcome.publish_endpoint)
-        sub = self._sub = self._subscriptions.sub = self._socket(context, zmq.SUB)
+        self._data.attach(dealer)
+        sub = self._sub = self._socket(context, zmq.SUB)
         sub.rcvhwm = self._hwm
         self._watch.watch(sub)
         sub.connect(welcome.fanout_endpoint)
+        self._subscriptions.attach(sub)
         self._ready.set()
         return True
 
@@ -342,21 +316,26 @@ class IOThread:
         endpoints = (welcome.publish_endpoint, welcome.fanout_endpoint)
         if endpoints == self._endpoints:
             return
-        for sock, old, new in zip(
-            (self._dealer, self._sub), self._endpoints, endpoints, strict=True
+        # Publishers use the DEALER too, the dispatcher the SUB socket: each under its lock.
+        locks = (self._data.lock, self._subscriptions.lock)
+        for sock, lock, old, new in zip(
+            (self._dealer, self._sub), locks, self._endpoints, endpoints, strict=True
         ):
             assert sock is not None
             if old != new:
-                with contextlib.suppress(zmq.ZMQError):
-                    sock.disconnect(old)
-                sock.connect(new)
+                with lock:
+                    with contextlib.suppress(zmq.ZMQError):
+                        sock.disconnect(old)
+                    sock.connect(new)
+        self._subscriptions.wake_reader()  # the socket was used: let the dispatcher look
         logger.info("the hub at %s moved its data sockets to %s", self.endpoint, endpoints)
         self._endpoints = endpoints
 
     def _welcome(self, welcome: wire.Welcome) -> bool:
         resync = bool(self._subscriptions.live_topics)
         was_available = self.session.available
-        reconnected = self.session.welcome(welcome, resync)
+        with self._data.lock:  # a publisher sending at once sees the hub back and resyncing
+            reconnected = self.session.welcome(welcome, resync)
         self.outbox.set_limit(welcome.max_message_size)
         if not was_available:
             self._on_hub_state(True)
@@ -380,8 +359,11 @@ class IOThread:
         poller = zmq.Poller()
         poller.register(self._waker.fd, zmq.POLLIN)
         poller.register(control, zmq.POLLIN)
-        poller.register(dealer, zmq.POLLIN)
-        poller.register(sub, zmq.POLLIN)
+        # The DEALER's ZMQ_FD, not the DEALER: publishers use the socket too (client/data.py).
+        poller.register(self._data.fd, zmq.POLLIN)
+        # Likewise the SUB socket's: the dispatcher reads it when idle (client/subscriptions.py).
+        sub_fd = self._subscriptions.fd
+        poller.register(sub_fd, zmq.POLLIN)
         # The data DEALER's connection events: a hub that dies is noticed at once, not after a
         # heartbeat timeout, so publishes stop going into a connection that no longer exists
         # (measured: ~1 000 messages lost per second of undetected outage before this).
@@ -396,15 +378,17 @@ class IOThread:
             if not self._running:
                 self._control.send([wire.header(wire.BYE)])  # what we hold goes to others
                 return
-            self._pump(dealer)
+            self._data.pump()
             now = time.monotonic()
             self._heartbeat(now)
             self._control.drain()
-            poller.modify(dealer, zmq.POLLIN | (zmq.POLLOUT if self._sent is not None else 0))
             poller.modify(control, zmq.POLLIN | (zmq.POLLOUT if self._control.waiting else 0))
             held = self._subscriptions.held is not None
-            poller.modify(sub, 0 if held else zmq.POLLIN)
+            reading = self._subscriptions.reading  # a sync waits: read, as the dispatcher may not
+            poller.modify(sub_fd, zmq.POLLIN if reading else 0)
             timeout = _HELD_POLL_MS if held else _IDLE_POLL_MS
+            if reading and self._subscriptions.readable():
+                timeout = 0
             wake_at = self.session.wake_at()
             if self._resync_at is not None:
                 wake_at = min(wake_at, self._resync_at)
@@ -416,9 +400,7 @@ class IOThread:
             self._resync_at = self._subscriptions.resync_due(time.monotonic())
             if control in events and events[control] & zmq.POLLIN:
                 self._read_control(control)
-            if dealer in events and events[dealer] & zmq.POLLIN:
-                self._read_replies(dealer)
-            if sub in events and self._subscriptions.read():
+            if self._subscriptions.reading and self._subscriptions.read():
                 self.wake()  # the pump may have waited for this sync answer
             for monitor in monitors:
                 if monitor in events:
@@ -438,7 +420,9 @@ class IOThread:
             self._control.send(wire.hello(self._client_id, self._description()))
 
     def _hub_lost(self, why: str) -> None:
-        if self.session.lost(why):
+        with self._data.lock:  # no publisher sends at once into a connection known gone
+            news = self.session.lost(why)
+        if news:
             self._on_space()  # publishers waiting for room learn that the hub is gone
 
     def _read_control(self, control: Socket) -> None:
@@ -485,35 +469,8 @@ class IOThread:
             if self._welcome(welcome) and self._subscriptions.live_topics:
                 self._subscriptions.resync(self.session.resynced, self._same_hub)
             self._control.restore_consumers()
-            self.outbox.resend_flushes()
+            with self._data.lock:
+                self.outbox.resend_flushes()
             self.wake()
 
     # -- data --------------------------------------------------------------------------------
-
-    def _pump(self, dealer: Socket) -> None:
-        """Send what the outbox holds until it is empty or the DEALER pipe is full.
-
-        While the hub is unreachable nothing is sent: the outbox holds what is published (up to
-        ``max_pending``, then publish() blocks) until a hub says WELCOME again."""
-        session = self.session
-        while session.hub_alive and session.resynced.is_set():
-            if self._sent is not None:
-                try:
-                    dealer.send_multipart(self._sent, zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    return
-                self._sent = None
-            if not self.outbox.items:
-                return
-            self._sent = self.outbox.take()
-            self._on_space()
-
-    def _read_replies(self, dealer: Socket) -> None:
-        for _ in range(_BURST):
-            try:
-                frames = dealer.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            token = wire.parse_flushed(frames)
-            if token is not None:
-                self.outbox.flushed(token)

@@ -68,7 +68,16 @@ class ReplyRoute:
 
         return deliver
 
-    def _take(self, frames: list[zmq.Frame]) -> None:  # I/O thread
+    def take(self, frames: list[zmq.Frame]) -> bool:
+        """The dispatcher, with a batch it read from the SUB socket itself: ``True`` when it
+        was a reply, taken here."""
+        first = frames[0]
+        if len(first) == len(self.topic) and first.bytes == self.topic:
+            self._take(frames)
+            return True
+        return False
+
+    def _take(self, frames: list[zmq.Frame]) -> None:  # I/O thread or idle dispatcher
         try:
             route = wire.route_of(frames[1].bytes)
             if route is None or route.kind == wire.ROUTE_REQUEST:
@@ -97,8 +106,16 @@ class ReplyRoute:
         _check_size(io, cls, frames)
         pending = self._table.open()
         meta = wire.pack_request_meta(codec_id, time.time(), pending.request_id, self.topic)
-        io.publish(Prepared(wire.publish(topic, meta, frames)))
-        got, outcome = self._table.wait(pending, timeout)
+        io.fanout.await_reply(True)
+        try:
+            try:
+                io.publish(Prepared(wire.publish(topic, meta, frames)))
+            except BaseException:
+                self._table.forget(pending.request_id)  # never sent: nothing waits for it
+                raise
+            got, outcome = self._table.wait(pending, timeout)
+        finally:
+            io.fanout.await_reply(False)
         if got:
             outcome = _decode(outcome)
         return result_of(message, got, outcome, timeout)

@@ -32,6 +32,7 @@ from typing import Any
 import zmq
 
 from ..wire import protocol as wire
+from ..wire.sockets import send_frames
 
 __all__ = ["Fanout"]
 
@@ -139,11 +140,7 @@ class Fanout:
 
     def _send(self, frames: list[Any]) -> bool:
         xpub = self._xpub
-        try:
-            xpub.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            pass
-        else:
+        if send_frames(xpub, frames):
             return True
         now = time.monotonic()
         if self.stalled is None:

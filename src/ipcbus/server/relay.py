@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import cast
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -23,6 +24,7 @@ from ..exceptions import HubAddressError, HubUnavailableError, InsecurePathError
 from ..wire import protocol as wire
 from ..wire.address import Address, endpoint_file
 from ..wire.keys import USERNAME, admits, load_or_create_secret, serve_securely
+from ..wire.sockets import recv_frames
 from ..wire.statistics import HubStatistics
 from .claim import AddressClaim
 from .control import ControlPlane, send_reply
@@ -42,6 +44,7 @@ _MAX_UNROUTED = 1000
 _OTHER_TYPES = "(other types)"
 # XPUB_NODROP gives no POLLOUT event for a full pipe: a stalled send is retried on this period.
 _STALLED_POLL_MS = 1
+_POLLIN = int(zmq.POLLIN)
 
 Socket = zmq.Socket[bytes]
 
@@ -356,10 +359,11 @@ class Relay:
         for _ in range(_BURST):
             if stop_when_stalled and fanout.stalled is not None:
                 return
-            try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            # Looking first costs a getsockopt; a receive that finds nothing raises zmq.Again
+            # (~3x that), which ended every read.
+            if not cast(int, router.getsockopt(zmq.EVENTS)) & _POLLIN:
                 return
+            frames = recv_frames(router)
             try:
                 if not 2 <= len(frames) <= self._max_frames:
                     raise ValueError(f"{len(frames)} frames")

@@ -1,0 +1,163 @@
+"""The quiet path: a publisher that finds the bus quiet sends at once, from its own thread, and a
+batch arriving at an idle dispatcher is read by the dispatcher itself (docs/architecture.md,
+"Where a round trip's time goes"). Nothing here asserts a timing: these prove that the short cuts
+keep every message, each publisher's order, and flushes, between real processes, at every pace
+(quiet, bursts, both at once from several threads)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ipcbus import Hub, HubBroker, connect
+
+from .conftest import wait_until
+from .hubtools import Workers
+from .messages import Ping, Pong, Tick
+
+pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
+
+THREADS = 4
+PER_THREAD = 400
+
+
+@pytest.fixture
+def hub_with_small_pipes() -> Iterator[Hub]:
+    with Hub(start_method="fork", hwm=20) as running:
+        yield running
+
+
+def _echo(address: str, ready: Any, stop: Any) -> None:
+    broker = connect(address)
+    broker.subscribe(Ping, lambda ping: broker.publish(Pong(ping.token, 0)))
+    ready.send("ready")
+    stop.poll(120)
+    broker.close()
+
+
+def test_round_trips_chained_in_handlers_across_processes(fresh_hub: Any, workers: Workers) -> None:
+    """Each Pong's handler publishes the next Ping: both sides publish from handler threads on
+    an otherwise quiet bus, every one of them at once."""
+    workers.start(_echo, fresh_hub.address)
+    total = 300
+    received: list[str] = []
+    done = threading.Event()
+    with HubBroker(fresh_hub.address) as broker:
+
+        def on_pong(pong: Pong) -> None:
+            received.append(pong.token)
+            if len(received) == total:
+                done.set()
+            else:
+                broker.publish(Ping(str(len(received))))
+
+        broker.subscribe(Pong, on_pong)
+        broker.publish(Ping("0"))
+        assert done.wait(60), f"{len(received)} of {total} round trips completed"
+        broker.flush(30)
+        assert broker.rejected == 0
+    assert received == [str(seq) for seq in range(total)]
+
+
+def _paced_publisher(address: str, ready: Any, stop: Any) -> None:
+    """THREADS threads publish PER_THREAD Ticks each: bursts (queued, batched) and single
+    messages after pauses (sent at once), interleaved between the threads."""
+    broker = connect(address)
+    ready.send("ready")
+    stop.poll(60)  # the test closes its end once it subscribed: go
+
+    def publish(source: str) -> None:
+        for seq in range(PER_THREAD):
+            broker.publish(Tick(seq, source))
+            if seq % 25 == 0:
+                time.sleep(0.002)  # quiet: the next publish goes at once
+            elif seq % 7 == 0:
+                time.sleep(0.0003)
+
+    threads = [threading.Thread(target=publish, args=(f"t{n}",)) for n in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    broker.flush(30)
+    broker.close()
+
+
+def test_quiet_and_busy_publishes_keep_each_threads_order(fresh_hub: Any) -> None:
+    received: dict[str, list[int]] = {f"t{n}": [] for n in range(THREADS)}
+    lock = threading.Lock()
+
+    def on_tick(tick: Tick) -> None:
+        with lock:
+            received[tick.source].append(tick.seq)
+
+    with HubBroker(fresh_hub.address) as broker:
+        broker.subscribe(Tick, on_tick)
+        workers = Workers()
+        try:
+            process = workers.start(_paced_publisher, fresh_hub.address)
+            process.stop_pipe.close()  # go
+            wait_until(lambda: sum(map(len, received.values())) >= THREADS * PER_THREAD, timeout=60)
+            process.join(30)
+            assert process.exitcode == 0
+        finally:
+            workers.close()
+        assert broker.gaps == 0
+    for source, seqs in received.items():
+        assert seqs == list(range(PER_THREAD)), f"{source}: out of order or incomplete"
+
+
+def test_flush_confirms_a_message_sent_at_once(fresh_hub: Any) -> None:
+    got = threading.Event()
+    with HubBroker(fresh_hub.address) as broker:
+        broker.subscribe(Tick, lambda tick: got.set())
+        time.sleep(0.01)  # quiet: the publish below goes at once
+        broker.publish(Tick(1, "once"))
+        broker.flush(30)
+        assert got.wait(30)
+    assert broker.undelivered == 0
+
+
+def _flood(address: str, ready: Any, stop: Any) -> None:
+    """Publishes Ticks as fast as it can until the test closes its stop pipe (at most 60 s)."""
+    broker = connect(address)
+    ready.send("ready")
+    deadline = time.monotonic() + 60
+    seq = 0
+    while time.monotonic() < deadline and not stop.poll(0):
+        for _ in range(500):
+            broker.publish(Tick(seq, "flood"))
+            seq += 1
+    broker.close()
+
+
+def test_close_in_a_handler_under_a_flood_never_holds_the_hub(
+    hub_with_small_pipes: Any, workers: Workers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() in a broadcast handler: the dispatcher stops reading the SUB socket, so the I/O
+    thread reads (and drops) what keeps coming. Otherwise the pipe fills, the hub holds its
+    fan-out for this process, reads no more data, and close() waits out its linger for a
+    FLUSHED that cannot come."""
+    caplog.set_level(logging.WARNING, logger="ipcbus")
+    broker = HubBroker(hub_with_small_pipes.address, hwm=20, dispatch_queue=2, linger=5.0)
+    closed = threading.Event()
+
+    def on_tick(tick: Tick) -> None:
+        if tick.seq >= 2_000 and not closed.is_set():
+            closed.set()
+            broker.close()
+
+    try:
+        broker.subscribe(Tick, on_tick)
+        workers.start(_flood, hub_with_small_pipes.address)
+        assert closed.wait(60)
+        wait_until(lambda: broker.closed, 30)
+    finally:
+        broker.close()
+    assert not [r for r in caplog.records if "without a complete flush" in r.getMessage()]
+    assert broker.undelivered == 0
