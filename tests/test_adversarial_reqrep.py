@@ -1,0 +1,137 @@
+"""Request/reply played against by a careless user and an attacker, across real processes:
+absurd timeouts, a requester interrupted while it waits, requesters killed -9 while their
+responder computes (docs/guarantees.md, "Request/reply")."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ipcbus import BrokerClosedError, HubBroker, MemoryBroker
+from ipcbus.client.admin import request_statistics
+
+from .conftest import wait_until
+from .messages import Ping, Pong
+
+pytestmark = [pytest.mark.hub, pytest.mark.usefixtures("no_leftovers")]
+
+
+@pytest.fixture
+def requester(fresh_hub: Any) -> Iterator[HubBroker]:
+    with HubBroker(fresh_hub.address) as broker:
+        yield broker
+
+
+@pytest.fixture
+def responder(fresh_hub: Any) -> Iterator[HubBroker]:
+    """A broker of its own that answers Ping with Pong (through the hub, like another process)."""
+    with HubBroker(fresh_hub.address) as broker:
+        broker.subscribe(Ping, lambda message: Pong(message.token, os.getpid()))
+        yield broker
+
+
+def test_a_huge_finite_timeout_is_a_long_wait_not_an_overflow(
+    responder: HubBroker, requester: HubBroker
+) -> None:
+    """``timeout=1e10`` is finite, so accepted: it must wait (here: get the reply), not raise
+    OverflowError from the wait and leave its entry in the table."""
+    for timeout in (1e10, 1e300):
+        assert requester.request(Ping("far"), timeout=timeout) == Pong("far", os.getpid())
+        assert requester.pending_requests == 0
+    with MemoryBroker() as memory:
+        memory.subscribe(Ping, lambda message: Pong(message.token, 0))
+        assert memory.request(Ping("far"), timeout=1e300) == Pong("far", 0)
+
+
+def test_a_huge_timeout_without_responder_ends_with_close(requester: HubBroker) -> None:
+    raised: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            requester.request(Ping("nobody"), timeout=1e12)
+        except BaseException as exc:
+            raised.append(exc)
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    wait_until(lambda: requester.pending_requests == 1 or raised, 30)
+    requester.close()
+    waiting.join(30)
+    assert not waiting.is_alive()
+    assert [type(exc) for exc in raised] == [BrokerClosedError]
+    assert requester.pending_requests == 0
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_requester_interrupted_while_it_waits_leaves_no_entry(requester: HubBroker) -> None:
+    """A signal handler raises in the waiting (main) thread, as Ctrl-C does: the request is
+    given up, nothing stays in ``pending_requests``."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(Interrupted):
+            requester.request(Ping("nobody"), timeout=60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert requester.pending_requests == 0
+    assert requester._requests._entries == {}
+
+
+def _request_then_die(address: str, token: str) -> None:  # a forked child
+    try:
+        broker = HubBroker(address)
+        threading.Thread(
+            target=lambda: broker.request(Ping(token), timeout=60), daemon=True
+        ).start()
+        deadline = time.monotonic() + 30
+        while broker.pending_requests == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.forks
+def test_replies_to_requesters_killed_meanwhile_do_not_fill_the_unrouted_table(
+    fresh_hub: Any,
+) -> None:
+    """Each requester has a reply topic of its own: a reply that outlives its requester must
+    not take a row of the hub's per-type ``unrouted`` table (bounded at 1 000 rows, past which
+    real types are lumped together)."""
+    answered = threading.Semaphore(0)
+    release = threading.Event()
+
+    def slow(message: Ping) -> Pong:
+        release.wait(30)
+        answered.release()
+        return Pong(message.token, os.getpid())
+
+    with HubBroker(fresh_hub.address) as responder:
+        responder.subscribe_async(Ping, slow, "slow", prefetch=10)
+        for index in range(3):
+            pid = os.fork()
+            if pid == 0:
+                _request_then_die(fresh_hub.address, str(index))
+            os.waitpid(pid, 0)
+        wait_until(lambda: responder.queues()[0].in_flight + responder.queues()[0].held == 3, 30)
+        release.set()
+        for _ in range(3):
+            assert answered.acquire(timeout=30)
+        responder.flush(30)
+        wait_until(lambda: sum(request_statistics(fresh_hub.address).unrouted.values()) == 3, 30)
+        unrouted = request_statistics(fresh_hub.address).unrouted
+    assert not any(name.startswith("ipcbus:reply:") for name in unrouted), unrouted
+    assert len(unrouted) == 1, unrouted
