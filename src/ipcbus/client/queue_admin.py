@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import zmq
 
 from ..core import codec
+from ..core.requests import check_timeout
 from ..exceptions import HubUnavailableError, QueueInUseError, UnknownQueueError
 from ..message import Message, get_unique_name_for_message
 from ..wire import queue_admin as wire
@@ -237,6 +238,8 @@ def _queue_request(op: bytes, message_type: MessageType, queue_name: str) -> lis
 
 
 def _ask(address: str, frames: list[bytes], timeout: float | None) -> wire.Reply:
+    # As request()'s: a negative one would poll for ever (ZeroMQ's -1), NaN fail in int().
+    timeout = check_timeout(timeout)
     try:
         parsed = Address.parse(address)
         secret = read_bus_secret(parsed)
