@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from ipcbus import BrokerClosedError, HubBroker, MemoryBroker
+from ipcbus import BrokerClosedError, Hub, HubBroker, MemoryBroker, RemoteError
 from ipcbus.client.admin import request_statistics
 
 from .conftest import wait_until
-from .messages import Ping, Pong
+from .messages import Blob, Ping, Pong
 
 pytestmark = [pytest.mark.hub, pytest.mark.usefixtures("no_leftovers")]
 
@@ -135,3 +135,23 @@ def test_replies_to_requesters_killed_meanwhile_do_not_fill_the_unrouted_table(
         unrouted = request_statistics(fresh_hub.address).unrouted
     assert not any(name.startswith("ipcbus:reply:") for name in unrouted), unrouted
     assert len(unrouted) == 1, unrouted
+
+
+def test_a_reply_too_large_for_the_hub_is_logged_without_its_repr(
+    tmp_path: Any, errors_logged: pytest.LogCaptureFixture
+) -> None:
+    """The responder's log says which reply could not be sent, not what it holds: the repr of
+    a 300 MB reply (a 1.2 GB string) stalled the responder's process for 15 s, long enough for
+    its I/O thread to miss the hub's heartbeats."""
+    with (
+        Hub(f"ipc://{tmp_path}/hub", start_method="fork", max_message_size=64 * 1024) as hub,
+        HubBroker(hub.address) as responder,
+        HubBroker(hub.address) as requester,
+    ):
+        responder.subscribe(Ping, lambda message: Blob(1, b"x" * 1024 * 1024))
+        with pytest.raises(RemoteError, match="MessageTooLargeError") as raised:
+            requester.request(Ping("big"), timeout=30)
+        assert "65536" in raised.value.remote_message
+    (record,) = [r for r in errors_logged.records if "cannot be sent" in r.getMessage()]
+    assert len(record.getMessage()) < 1000
+    assert "tests.messages.Blob" in record.getMessage()

@@ -137,7 +137,8 @@ class HubReply:
             codec_id, frames = codec.encode_objects(cls, [message])
             _check_size(self._io, cls, frames)
         except MessageSerializationError as exc:
-            logger.error("the reply %r cannot be sent: %s", message, exc)
+            # Its type (in exc), not its repr: the repr of a 300 MB reply took 15 s to build.
+            logger.error("a reply cannot be sent: %s", exc)
             self.fail(Failure.of(exc))
             return
         meta = wire.pack_reply_meta(codec_id, time.time(), self._route.correlation, False)
