@@ -7,13 +7,19 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from ipcbus import BrokerClosedError, Hub, HubBroker, MemoryBroker, RemoteError
+from ipcbus import (
+    BrokerClosedError,
+    Hub,
+    HubBroker,
+    HubUnavailableError,
+    MemoryBroker,
+    RemoteError,
+)
 from ipcbus.client.admin import request_statistics
 
 from .conftest import wait_until
@@ -92,14 +98,18 @@ def test_a_requester_interrupted_while_it_waits_leaves_no_entry(requester: HubBr
 
 
 def _request_then_die(address: str, token: str) -> None:  # a forked child
+    """Request, and die by SIGKILL while waiting, once the hub has the request (a flush from
+    the signal handler, in the waiting thread, confirms what was published before)."""
     try:
         broker = HubBroker(address)
-        threading.Thread(
-            target=lambda: broker.request(Ping(token), timeout=60), daemon=True
-        ).start()
-        deadline = time.monotonic() + 30
-        while broker.pending_requests == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+
+        def die(signum: int, frame: Any) -> None:
+            broker.flush(10)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        signal.signal(signal.SIGALRM, die)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        broker.request(Ping(token), timeout=60)
     finally:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -155,3 +165,38 @@ def test_a_reply_too_large_for_the_hub_is_logged_without_its_repr(
     (record,) = [r for r in errors_logged.records if "cannot be sent" in r.getMessage()]
     assert len(record.getMessage()) < 1000
     assert "tests.messages.Blob" in record.getMessage()
+
+
+@pytest.mark.parametrize("timeout", [None, 600.0])
+def test_a_request_waiting_when_the_hub_is_lost_for_good_raises_hub_unavailable(
+    tmp_path: Any, timeout: float | None
+) -> None:
+    """Killed hub, none back within ``hub_lost_timeout``: publish() and flush() raise
+    HubUnavailableError at once from then on; a request waiting for its reply must learn it
+    too, not wait for ever (``timeout=None``) or for its whole timeout."""
+    hub = Hub(
+        f"ipc://{tmp_path}/hub", start_method="fork", heartbeat_interval=0.2, heartbeat_timeout=1.0
+    ).start()
+    raised: list[BaseException] = []
+    try:
+        with HubBroker(hub.address, hub_lost_timeout=1.0) as requester:
+
+            def wait() -> None:
+                try:
+                    requester.request(Ping("nobody"), timeout=timeout)
+                except BaseException as exc:
+                    raised.append(exc)
+
+            waiting = threading.Thread(target=wait)
+            waiting.start()
+            wait_until(lambda: requester.pending_requests == 1, 30)
+            assert hub.pid is not None
+            os.kill(hub.pid, signal.SIGKILL)
+            hub.stop(timeout=10)
+            waiting.join(60)
+            assert not waiting.is_alive()
+            assert [type(exc) for exc in raised] == [HubUnavailableError]
+            assert "hub_lost_timeout" in str(raised[0])
+            assert requester.pending_requests == 0
+    finally:
+        hub.stop(timeout=10)

@@ -153,6 +153,11 @@ class PendingRequests:
         """Wake every waiting requester with ``error``; later ``open()`` raises it too."""
         with self._lock:
             self._closed = error
+        self.fail_waiting(error)
+
+    def fail_waiting(self, error: BaseException) -> None:
+        """Wake every waiting requester with ``error`` (later requests are not affected)."""
+        with self._lock:
             entries, self._entries = self._entries, {}
             for pending in entries.values():
                 pending.outcome = _Closed(error)
