@@ -58,10 +58,13 @@ def test_a_bad_admin_timeout_is_refused_at_once(hub: Hub, timeout: float) -> Non
             call()
 
 
-def test_the_cli_refuses_a_negative_timeout_with_usage(hub: Hub) -> None:
-    for args in (["queues"], ["purge", "tests.messages.Tick/work"]):
-        done = run_cli(*args, "--json", "--address", hub.address, "--timeout", "-1")
-        assert done.returncode == 2, done.stderr
+@pytest.mark.parametrize("timeout", ["-1", "nan", "inf"])
+def test_the_cli_refuses_a_bad_timeout_with_usage(hub: Hub, timeout: str) -> None:
+    """Every command that asks a hub: ``--timeout -1`` polled for ever (ZeroMQ's -1) once the
+    hub did not answer (``ipcbus stats`` included)."""
+    for args in (["queues", "--json"], ["purge", "tests.messages.Tick/work"], ["stats"], ["ping"]):
+        done = run_cli(*args, "--address", hub.address, "--timeout", timeout)
+        assert done.returncode == 2, (args, done.stderr)
         assert "timeout" in done.stderr
         assert done.stdout == ""
 
