@@ -19,6 +19,7 @@ from ipcbus import (
     HubUnavailableError,
     MemoryBroker,
     RemoteError,
+    RequestTimeoutError,
 )
 from ipcbus.client.admin import request_statistics
 
@@ -200,3 +201,36 @@ def test_a_request_waiting_when_the_hub_is_lost_for_good_raises_hub_unavailable(
             assert requester.pending_requests == 0
     finally:
         hub.stop(timeout=10)
+
+
+def test_a_first_request_to_a_hub_that_does_not_answer_ends_at_its_timeout(
+    fresh_hub: Any,
+) -> None:
+    """The first request subscribes the broker's reply topic and waits for the hub to confirm
+    it: that wait is part of ``timeout``, not ``subscribe_timeout`` (60 s here) on top."""
+    with HubBroker(fresh_hub.address, subscribe_timeout=60.0) as requester:
+        raised: list[BaseException] = []
+
+        def ask() -> None:
+            try:
+                requester.request(Ping("stopped hub"), timeout=1.0)
+            except BaseException as exc:
+                raised.append(exc)
+
+        os.kill(fresh_hub.pid, signal.SIGSTOP)
+        try:
+            asking = threading.Thread(target=ask)
+            asking.start()
+            asking.join(30)  # well before subscribe_timeout
+            alive = asking.is_alive()
+        finally:
+            os.kill(fresh_hub.pid, signal.SIGCONT)
+        asking.join(90)
+        assert not alive, "request(timeout=1.0) waited for subscribe_timeout"
+        assert [type(exc) for exc in raised] == [RequestTimeoutError]
+        assert "reply topic" in str(raised[0])
+        assert requester.pending_requests == 0
+        # Once the hub answers again, the reply topic goes live and requests are answered.
+        with HubBroker(fresh_hub.address) as responder:
+            responder.subscribe(Ping, lambda message: Pong(message.token, 0))
+            assert requester.request(Ping("back"), timeout=30) == Pong("back", 0)
