@@ -128,3 +128,26 @@ def test_requeue_of_one_id_from_two_operators_at_once_requeues_it_once(hub: Hub)
         assert sorted(done.requeued for done in results) == [0, 1]
         (stats,) = [q for q in broker.queues() if q.queue == "tests.messages.Tick/twice"]
         assert (stats.held, stats.dead_letters, stats.requeued) == (1, 0, 1)
+
+
+def test_a_limit_past_63_bits_means_all_not_a_silent_drop(hub: Hub) -> None:
+    """The hub drops a request whose limit does not fit 63 bits as malformed: the caller then
+    waited its whole timeout for "no hub answered" (exit code 4)."""
+    huge = 10**30
+    with HubBroker(hub.address) as broker:
+        _dead_letter(broker, Tick(1, "dead"), "work")
+        (record,) = request_dead_letters(hub.address, Tick, "work", limit=huge, timeout=10)
+        assert record.payload is not None
+    done = run_cli(
+        "dead-letters",
+        "tests.messages.Tick/work",
+        "--json",
+        "--limit",
+        str(huge),
+        "--address",
+        hub.address,
+        "--timeout",
+        "10",
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(_strict(done.stdout)["dead_letters"]) == 1
