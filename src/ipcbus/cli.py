@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -134,9 +135,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seconds(text: str) -> float:
+    """A ``--timeout``: finite and >= 0 (a negative one polled for ever: ZeroMQ's -1; NaN
+    ended in a traceback)."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"timeout must be finite and >= 0 seconds, not {text}")
+    return value
+
+
 def _hub_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help=f"the hub's address (default: ${ENV_ADDRESS})")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for it")
+    parser.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for it")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -177,7 +177,9 @@ def _dead_letters(address: str, args: argparse.Namespace, type_name: str, queue_
         "max_dead_letter_bytes": stats.max_dead_letter_bytes if stats else None,
     }
     if args.json:
-        print(json.dumps({**summary, "dead_letters": shown}, indent=2, default=repr))
+        print(
+            json.dumps({**summary, "dead_letters": shown}, indent=2, default=repr, allow_nan=False)
+        )
         return QueueExitCode.OK
     for row in shown:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["when"]))
@@ -206,15 +208,26 @@ def _describe(record: DeadLetterRecord, type_name: str, no_decode: bool) -> dict
         return row
     try:
         message = decode_dead_letter(record, type_name)
+        shown = repr(message)
     except Exception as exc:  # not importable here, or not what it claims: type and size only
         row["decode_error"] = f"{type(exc).__name__}: {exc}"
         return row
     row["decoded"] = True
-    row["repr"] = repr(message)
+    row["repr"] = shown
     if dataclasses.is_dataclass(message):
         fields = dataclasses.fields(message)
-        row["message"] = {field.name: getattr(message, field.name) for field in fields}
+        row["message"] = {field.name: _jsonable(getattr(message, field.name)) for field in fields}
     return row
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` if ``--json`` can print it as it is (default=repr covers sets, bytes, ...),
+    else its repr: a dict with tuple keys, or a NaN (``NaN`` is no JSON: jq refuses it)."""
+    try:
+        json.dumps(value, default=repr, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)
+    return value
 
 
 def _requeue(address: str, args: argparse.Namespace, type_name: str, queue_name: str) -> int:

@@ -225,7 +225,8 @@ class ClientOptions(_Options):
     - ``hub_lost_timeout``: once the hub has been unreachable this long (counted from when this
       client noticed: a closed connection, or ``heartbeat_timeout`` of silence), the client
       counts it as gone for good: ``publish()``, ``flush()`` and ``subscribe()`` raise
-      ``HubUnavailableError`` at once (what was accepted before stays queued), and
+      ``HubUnavailableError`` at once (what was accepted before stays queued), so does every
+      ``request()`` waiting for its reply, and
       ``HubBroker.hub_available`` turns false. A hub back at the address ends that state. Within
       the timeout a hub that restarts is waited for: publishes are held, then delivered. The
       default, 30 s, outlasts a hub restarted by a supervisor; ``None`` waits forever.

@@ -140,7 +140,7 @@ class HubBroker(QueueAdminMixin, Broker):
             reply_to=self._reply_to,
         )
         secret = _wait_for_secret(parsed, options.connect_timeout)
-        self._notifier = StateNotifier(options.on_hub_state, self._space_freed)
+        self._notifier = StateNotifier(options.on_hub_state, self._hub_state_changed)
         self._dispatcher = Dispatcher(options.dispatch_queue, self._thread_died, self._reply_to)
         client_id = os.urandom(8).hex().encode()
         self._replies = ReplyRoute(client_id, self._requests)
@@ -285,6 +285,20 @@ class HubBroker(QueueAdminMixin, Broker):
         gate = getattr(self, "_gate", None)  # None while the I/O thread is being made
         if gate is not None:
             gate.notify()
+
+    def _hub_state_changed(self) -> None:  # I/O thread
+        self._space_freed()
+        session = getattr(self, "_session", None)
+        if session is not None and not session.available:
+            # As flush() does: a request waiting for its reply learns that the hub is gone
+            # for good, instead of waiting for ever (timeout=None) or its whole timeout.
+            self._requests.fail_waiting(
+                HubUnavailableError(
+                    f"the hub at {self.address} has been unreachable for more than "
+                    f"{session.lost_timeout} s (hub_lost_timeout): the request or its reply "
+                    "may be lost with it"
+                )
+            )
 
     def _record_error(self, exc: BaseException) -> None:  # I/O thread
         self._deferred_error = exc

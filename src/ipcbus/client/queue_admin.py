@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import zmq
 
 from ..core import codec
+from ..core.requests import check_timeout
 from ..exceptions import HubUnavailableError, QueueInUseError, UnknownQueueError
 from ..message import Message, get_unique_name_for_message
 from ..wire import queue_admin as wire
@@ -38,6 +39,7 @@ __all__ = [
 DeadLetterRecord = wire.DeadLetterRecord
 QueueStatistics = wire.QueueStatistics
 MessageType = type[Message] | str
+_MAX_LIMIT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ def request_dead_letters(
     if not (isinstance(limit, int) and limit >= 0):
         raise ValueError(f"limit must be an int >= 0, not {limit!r}")
     frames = _queue_request(wire.DEAD_LETTERS, message_type, queue_name)
+    # A group keeps at most max_dead_letters; the hub drops a limit past 63 bits as malformed.
+    limit = min(limit, _MAX_LIMIT)
     answer = _ask(address, [*frames, b"%d" % limit, b"1" if payloads else b"0"], timeout)
     rows = answer.body["dead_letters"]
     if payloads and len(answer.payloads) != len(rows):
@@ -237,6 +241,8 @@ def _queue_request(op: bytes, message_type: MessageType, queue_name: str) -> lis
 
 
 def _ask(address: str, frames: list[bytes], timeout: float | None) -> wire.Reply:
+    # As request()'s: a negative one would poll for ever (ZeroMQ's -1), NaN fail in int().
+    timeout = check_timeout(timeout)
     try:
         parsed = Address.parse(address)
         secret = read_bus_secret(parsed)

@@ -27,7 +27,12 @@ import zmq
 
 from ..core import codec
 from ..core.requests import Failure, PendingRequests, result_of
-from ..exceptions import HubUnavailableError, MessageSerializationError, MessageTooLargeError
+from ..exceptions import (
+    HubUnavailableError,
+    MessageSerializationError,
+    MessageTooLargeError,
+    RequestTimeoutError,
+)
 from ..message import Message, get_unique_name_for_message
 from ..wire import protocol as wire
 from .io import IOThread
@@ -96,7 +101,9 @@ class ReplyRoute:
     ) -> Message:
         io = self._io
         assert io is not None
-        self._ensure_live(io, subscribe_timeout)
+        # One deadline for the whole request: the first one's wait for its reply topic too.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._ensure_live(io, message, timeout, subscribe_timeout)
         cls = type(message)
         topic = wire.topic_for(get_unique_name_for_message(cls))
         # Encoded here, in the caller: MessageSerializationError and MessageTooLargeError are
@@ -113,25 +120,40 @@ class ReplyRoute:
             except BaseException:
                 self._table.forget(pending.request_id)  # never sent: nothing waits for it
                 raise
-            got, outcome = self._table.wait(pending, timeout)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            got, outcome = self._table.wait(pending, left)
         finally:
             io.fanout.await_reply(False)
         if got:
             outcome = _decode(outcome)
         return result_of(message, got, outcome, timeout)
 
-    def _ensure_live(self, io: IOThread, timeout: float | None) -> None:
+    def _ensure_live(
+        self,
+        io: IOThread,
+        message: Message,
+        timeout: float | None,
+        subscribe_timeout: float | None,
+    ) -> None:
         """Subscribe to the reply topic once, and wait until the hub has it live (a reply sent
-        before would reach nobody)."""
+        before would reach nobody), within the request's ``timeout`` if it is the shorter."""
         with self._lock:
             live = self._live
             if live is None:
                 live = self._live = threading.Event()
                 io.subscribe(self.topic, live)
-        if not live.wait(timeout):
+        if timeout is not None and (subscribe_timeout is None or timeout <= subscribe_timeout):
+            if not live.wait(timeout):
+                raise RequestTimeoutError(
+                    f"no reply to the {get_unique_name_for_message(message)} request within "
+                    f"{timeout} s: the hub at {io.endpoint} did not confirm this broker's reply "
+                    "topic in that time; nothing was sent"
+                )
+            return
+        if not live.wait(subscribe_timeout):
             raise HubUnavailableError(
                 f"the hub at {io.endpoint} did not confirm this broker's reply topic within "
-                f"{timeout} s"
+                f"{subscribe_timeout} s"
             )
 
     @property
@@ -154,7 +176,8 @@ class HubReply:
             codec_id, frames = codec.encode_objects(cls, [message])
             _check_size(self._io, cls, frames)
         except MessageSerializationError as exc:
-            logger.error("the reply %r cannot be sent: %s", message, exc)
+            # Its type (in exc), not its repr: the repr of a 300 MB reply took 15 s to build.
+            logger.error("a reply cannot be sent: %s", exc)
             self.fail(Failure.of(exc))
             return
         meta = wire.pack_reply_meta(codec_id, time.time(), self._route.correlation, False)

@@ -128,8 +128,14 @@ class PendingRequests:
 
     def wait(self, pending: Pending, timeout: float | None) -> tuple[bool, object]:
         """``(True, outcome)`` once answered, ``(False, None)`` after ``timeout`` (the request
-        is then given up: a reply that comes later is late). Raises what closed the table."""
-        if not pending.done.wait(timeout):
+        is then given up: a reply that comes later is late). Raises what closed the table, and
+        gives the request up when the wait raises (a signal handler's exception, Ctrl-C)."""
+        try:
+            answered = pending.done.wait(timeout)
+        except BaseException:
+            self.forget(pending.request_id)
+            raise
+        if not answered:
             with self._lock:
                 if self._entries.pop(pending.request_id, None) is not None:
                     return False, None
@@ -147,6 +153,11 @@ class PendingRequests:
         """Wake every waiting requester with ``error``; later ``open()`` raises it too."""
         with self._lock:
             self._closed = error
+        self.fail_waiting(error)
+
+    def fail_waiting(self, error: BaseException) -> None:
+        """Wake every waiting requester with ``error`` (later requests are not affected)."""
+        with self._lock:
             entries, self._entries = self._entries, {}
             for pending in entries.values():
                 pending.outcome = _Closed(error)
@@ -204,14 +215,16 @@ def call_responder(subscription: Subscription, message: Message, reply_to: Reply
 
 
 def check_timeout(timeout: object) -> float | None:
-    """A request's timeout: ``None`` (wait for ever) or a finite number of seconds >= 0."""
+    """A request's timeout: ``None`` (wait for ever) or a finite number of seconds >= 0. One
+    past what a wait can take (``threading.TIMEOUT_MAX``, ~292 years on Linux) waits that long:
+    passed on, it would raise ``OverflowError`` from the wait."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
     if not math.isfinite(timeout) or timeout < 0:
         raise ValueError(f"timeout must be finite and >= 0, not {timeout!r}")
-    return float(timeout)
+    return min(float(timeout), threading.TIMEOUT_MAX)
 
 
 def result_of(request: Message, got: bool, outcome: object, timeout: float | None) -> Message:

@@ -42,6 +42,9 @@ _IDLE_POLL_MS = 100
 # Types counted apart in the unrouted statistics; past this many, the rest are counted together.
 _MAX_UNROUTED = 1000
 _OTHER_TYPES = "(other types)"
+# Replies whose requester is gone: each requester has a reply topic of its own, so one row per
+# topic would fill the table with dead requesters (one per process that ever requested).
+_GONE_REQUESTERS = "(replies to gone requesters)"
 # XPUB_NODROP gives no POLLOUT event for a full pipe: a stalled send is retried on this period.
 _STALLED_POLL_MS = 1
 _POLLIN = int(zmq.POLLIN)
@@ -419,7 +422,10 @@ class Relay:
         """Published with no subscriber and no queue group: not an error (broadcast to nobody),
         but counted per type for ``ipcbus stats`` (bounded: past _MAX_UNROUTED types, the rest
         are counted together)."""
-        name = wire.unique_name_of(topic)
+        if topic.startswith(wire.REPLY_PREFIX):
+            name = _GONE_REQUESTERS
+        else:
+            name = wire.unique_name_of(topic)
         if name not in self._unrouted and len(self._unrouted) >= _MAX_UNROUTED:
             name = _OTHER_TYPES
         self._unrouted[name] = self._unrouted.get(name, 0) + count
