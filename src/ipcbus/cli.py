@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -24,7 +25,13 @@ from importlib import metadata
 from typing import Any
 
 from .client.admin import request_clients, request_statistics
-from .config import ENV_ADDRESS, HubOptions, address_from_env, hub_options_from_env
+from .config import (
+    ENV_ADDRESS,
+    HubOptions,
+    address_from_env,
+    hub_options_from_env,
+    parse_hub_option,
+)
 from .exceptions import HubAddressError, HubUnavailableError, PubSubError
 from .hub import Hub
 from .wire.statistics import HubStatistics
@@ -87,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(HubOptions):
         hub.add_argument(
             "--" + field.name.replace("_", "-"),
-            type=float if field.type in ("float", float) else int,
+            type=functools.partial(_hub_option, field.name),
             default=None,
             metavar=field.name.upper(),
             help=f"default {field.default}",
@@ -128,6 +135,13 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("type", metavar="TYPE", help="the message type, as module.Class")
     publish.add_argument("--json", required=True, help="the message's fields, as a JSON object")
     return parser
+
+
+def _hub_option(name: str, text: str) -> Any:
+    try:
+        return parse_hub_option(name, text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _hub_address(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "address_from_env",
     "export_address",
     "hub_options_from_env",
+    "parse_hub_option",
     "hub_started",
     "hub_stopped",
 ]
@@ -76,14 +77,31 @@ def hub_options_from_env() -> HubOptions:
         text = os.environ.get(ENV_HUB_PREFIX + field.name.upper())
         if text is None:
             continue
-        kind = float if field.type in ("float", float) else int
         try:
-            values[field.name] = kind(text)
-        except ValueError:
-            raise ValueError(
-                f"{ENV_HUB_PREFIX}{field.name.upper()}={text!r} is not a {kind.__name__}"
-            ) from None
+            values[field.name] = parse_hub_option(field.name, text)
+        except ValueError as exc:
+            raise ValueError(f"{ENV_HUB_PREFIX}{field.name.upper()}={text!r}: {exc}") from None
     return HubOptions(**values)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_hub_option(name: str, text: str) -> Any:
+    """The value of the ``HubOptions`` field ``name`` written as ``text`` (environment, CLI)."""
+    kind = {field.name: str(field.type) for field in fields(HubOptions)}[name]
+    if kind == "bool":
+        if text.strip().lower() in _TRUE:
+            return True
+        if text.strip().lower() in _FALSE:
+            return False
+        raise ValueError(f"not a yes/no value: {text!r}")
+    if kind.startswith("str"):
+        return text or None
+    try:
+        return float(text) if kind == "float" else int(text)
+    except ValueError:
+        raise ValueError(f"not a{'' if kind == 'float' else 'n'} {kind}: {text!r}") from None
 
 
 class _Options:
@@ -130,6 +148,15 @@ class HubOptions(_Options):
       previous hub's subscribers are back first.
     - ``max_pending_handshakes``: on tcp, at most this many connections per socket may be
       waiting to authenticate; past it the oldest are shut down (docs/security.md).
+    - ``journal``: a directory (private to this user; created 0700) where the hub appends the
+      messages of topics that have queue groups, and their acks: a hub restarted with the same
+      journal (after a crash too) delivers again every message that was not acked or
+      dead-lettered. ``None``: queue messages live in the hub's memory only.
+    - ``journal_fsync``: the journal's records are written every loop turn and, when true,
+      synced to disk once per turn before ``flush()`` is answered (group commit). False is
+      faster and still survives a kill of the hub, but not a power loss or an OS crash.
+    - ``journal_max_bytes``: past this size (after compaction) the journal is full: every topic
+      with queue groups is held back as by a full group (FULL) until it shrinks to half.
     """
 
     hwm: int = 1000
@@ -142,9 +169,13 @@ class HubOptions(_Options):
     stall_timeout: float = 30.0
     restart_grace: float = 1.0
     max_pending_handshakes: int = 256
+    journal: str | None = None
+    journal_fsync: bool = True
+    journal_max_bytes: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
         self._check_positive(
+            "journal_max_bytes",
             "max_pending_handshakes",
             "hwm",
             "heartbeat_interval",

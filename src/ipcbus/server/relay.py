@@ -26,6 +26,7 @@ from ..wire.statistics import HubStatistics
 from .claim import AddressClaim
 from .control import ControlPlane, send_reply
 from .fanout import Fanout
+from .journal import Journal
 from .preauth import PendingHandshakes, raise_fd_limit
 
 __all__ = ["Relay"]
@@ -77,6 +78,7 @@ class Relay:
             str, int
         ] = {}  # type -> messages nobody was subscribed to  # tcp: per socket's monitor
         self._control_monitor: Socket | None = None
+        self.journal: Journal | None = None
 
     @property
     def endpoints(self) -> tuple[str, str, str]:
@@ -108,6 +110,7 @@ class Relay:
             bad_group_entries=self.control_plane.bad_group_entries,
             handshakes_shed=sum(pending.shed for pending in self._pending.values()),
             unrouted=dict(self._unrouted),
+            journal=self.journal.statistics() if self.journal is not None else {},
             queues=book.statistics(),
             dead_letters={
                 name: [asdict(record) for record in records]
@@ -135,6 +138,14 @@ class Relay:
             except (InsecurePathError, HubUnavailableError) as exc:
                 raise HubAddressError(f"cannot serve at {self.address}: {exc}") from exc
             self.control_plane.restore_groups(self.address.hub_file(".groups"))
+            if options.journal is not None:
+                journal = Journal(
+                    options.journal,
+                    fsync=options.journal_fsync,
+                    max_bytes=options.journal_max_bytes,
+                )
+                journal.open(self.control_plane.book)  # JournalError: unsafe or in use
+                self.journal = journal
             if restarted:
                 # A previous hub served here: give its clients restart_grace s to reconnect
                 # their SUB sockets before the backlog their publishers held is relayed.
@@ -190,6 +201,8 @@ class Relay:
                 ready()
             self._loop(zap, secret, monitors, control, data, xpub, should_stop, watch_fd)
         finally:
+            if self.journal is not None:
+                self.journal.close()
             for socket in sockets:
                 socket.close(linger=0)
             context.term()
@@ -265,10 +278,10 @@ class Relay:
             if fanout.lossy_ended():
                 self.control_plane.announce_lossy()
             self.control_plane.tick(control)
-            if not fanout.retry():
-                continue
-            if accepting and (data in events or poller is stalled):
+            if fanout.retry() and accepting and (data in events or poller is stalled):
                 self._read(data, lambda frames: self._handle_data(data, fanout, frames), True)
+            if self.journal is not None:
+                self.journal.end_of_turn(book)  # group commit, then the flushes held back
 
     def _authenticate(self, zap: Socket, secret: bytes) -> None:
         """Answer ZAP requests: the handshake of every connection to every hub socket."""
@@ -366,7 +379,10 @@ class Relay:
                     logger.warning("%d messages of %r reached no queue group", count, topic)
             fanout.relay(topic, frames[3], count, frames[4:])
         elif kind == wire.FLUSH and len(frames) == 3:
-            send_reply(data, wire.flushed(identity, frames[2].bytes))
+            if self.journal is not None:  # confirmed once what came before is journaled
+                self.journal.answer_later(data, wire.flushed(identity, frames[2].bytes))
+            else:
+                send_reply(data, wire.flushed(identity, frames[2].bytes))
         else:
             raise ValueError(f"unknown data request {kind!r}")
 
