@@ -243,7 +243,7 @@ def test_a_full_journal_holds_grouped_topics_back(tmp_path: Path) -> None:
 
 
 def test_the_journal_directory_is_private_and_locked(tmp_path: Path) -> None:
-    book, journal = _book(tmp_path / "j")
+    _, journal = _book(tmp_path / "j")
     try:
         assert (tmp_path / "j").stat().st_mode & 0o777 == 0o700
         with pytest.raises(JournalError, match="another hub uses"):

@@ -182,6 +182,11 @@ class Journal:
     def dropped(self, topic: bytes, name: str) -> None:
         self._add(records.dropped(topic, name))
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of records not written yet (the relay ends a turn's reading past a bound)."""
+        return self._pending_bytes
+
     def _add(self, parts: list[Any]) -> None:
         self._pending += parts
         self._pending_bytes += sum(len(part) for part in parts)
@@ -229,7 +234,9 @@ class Journal:
             for router, frames in answers:
                 with contextlib.suppress(zmq.ZMQError):  # the client left: nobody waits
                     router.send_multipart(frames, zmq.NOBLOCK)
-        if self._size >= self._next_check and self._size > self._floor:
+        # While full, every turn: publishers wait, so the segment grows by acks alone, and the
+        # checkpoint that reopens the topics must not wait for growth that cannot come.
+        if self.full or (self._size >= self._next_check and self._size > self._floor):
             self._next_check = self._size + self._floor // 8
             live = book.live_messages()
             # Half of what the segment recorded is settled: a checkpoint at least halves it.

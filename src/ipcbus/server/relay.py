@@ -39,6 +39,8 @@ _IDLE_POLL_MS = 100
 # Types counted apart in the unrouted statistics; past this many, the rest are counted together.
 _MAX_UNROUTED = 1000
 _OTHER_TYPES = "(other types)"
+# With a journal, a turn reads publishes until it has this many bytes to write (then commits).
+_JOURNAL_TURN_BYTES = 4 * 1024 * 1024
 # XPUB_NODROP gives no POLLOUT event for a full pipe: a stalled send is retried on this period.
 _STALLED_POLL_MS = 1
 
@@ -328,7 +330,7 @@ class Relay:
         fanout = self._fanout
         assert fanout is not None
         for _ in range(_BURST):
-            if stop_when_stalled and fanout.stalled is not None:
+            if stop_when_stalled and (fanout.stalled is not None or self._journal_turn_done()):
                 return
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -347,6 +349,11 @@ class Relay:
                 # A bug of ours that one request triggers must not stop the hub for everyone.
                 self._malformed += 1
                 logger.exception("dropped a request the hub could not handle")
+
+    def _journal_turn_done(self) -> bool:
+        # Bounded turns: a turn that read 40 batches of 1 MB wrote and synced 40 MB before it
+        # answered a heartbeat again (over a second, measured), and overshot journal_max_bytes.
+        return self.journal is not None and self.journal.pending_bytes >= _JOURNAL_TURN_BYTES
 
     def _handle_data(self, data: Socket, fanout: Fanout, frames: list[zmq.Frame]) -> None:
         identity, kind = frames[0].bytes, wire.parse_kind(frames[1].bytes)
