@@ -264,6 +264,34 @@ def run_mp_queue(count: int) -> float:
     return count / (end - start)
 
 
+# -- the queue journal ----------------------------------------------------------------------
+
+
+def run_journal_case(count: int, repeat: int) -> list[str]:
+    """Acked 1 producer -> 2 consumers with the queue journal on (fsync per loop turn, the
+    default), beside multiprocessing.Queue in the same rounds; prints its rows and returns the
+    exactly-once problems. Hub socket and journal share a private temporary directory."""
+    import shutil  # inside: the case is self-contained
+    import tempfile
+
+    results: dict[str, list[float]] = {"ipcbus + journal": [], "multiprocessing.Queue": []}
+    problems: list[str] = []
+    for round_ in range(repeat):
+        directory = tempfile.mkdtemp(prefix="ipcbus-bench-")
+        try:
+            with Hub(f"ipc://{directory}/hub", journal=f"{directory}/journal") as hub:
+                run = run_ipcbus_queue(hub.address, count, 1, 2)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        results["ipcbus + journal"].append(run.rate)
+        problems += [f"round {round_ + 1}, journal 1 -> 2: {p}" for p in run.problems]
+        run = run_mp_queue_shared(count, 1, 2)
+        results["multiprocessing.Queue"].append(run.rate)
+        problems += [f"round {round_ + 1}, multiprocessing.Queue 1 -> 2: {p}" for p in run.problems]
+    _report(f"journal on: 1 producer -> 2 consumers, {count} messages", results, repeat)
+    return problems
+
+
 # -- main -----------------------------------------------------------------------------------
 
 
@@ -305,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     for (producers, consumers), results in queues.items():
         title = f"{producers} producer(s) -> {consumers} consumers, {args.queue_messages} messages"
         _report(title, results, args.repeat)
+    problems += run_journal_case(args.queue_messages, args.repeat)
     runs = args.repeat * len(QUEUE_SHAPES) * 2
     if problems:
         print(f"exactly-once check FAILED in the queue cases ({len(problems)} problems):")
