@@ -216,6 +216,8 @@ class SoakConfig:
             "max_message_size": self.max_message_size,
             "hwm": self.hwm,
             "drain_timeout": 2.0,
+            # Queue jobs survive the hub's SIGKILL: every incarnation uses the same journal.
+            "journal": self.path("journal"),
         }
 
 

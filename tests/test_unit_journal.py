@@ -98,7 +98,7 @@ def test_a_torn_tail_and_a_corrupt_record_are_reported_not_raised() -> None:
 def test_what_was_not_acked_comes_back_with_its_attempts(tmp_path: Path) -> None:
     book, journal = _book(tmp_path / "j")
     book.declare(TOPIC, "g")
-    _enqueue(book, b"one", b"two", b"three", b"four")
+    _enqueue(book, b"one", b"two", b"three", b"four" * 1000)  # a size over 255 bytes too
     book.add_consumer(TOPIC, "g", KEY, prefetch=2)
     deliveries = book.dispatch(0.0)
     assert [d.run.count for d in deliveries] == [2]
@@ -111,7 +111,7 @@ def test_what_was_not_acked_comes_back_with_its_attempts(tmp_path: Path) -> None
 
     again, journal = _book(tmp_path / "j")
     try:
-        assert _held(again) == {"g": [(b"three", 1), (b"four", 1)]}
+        assert _held(again) == {"g": [(b"three", 1), (b"four" * 1000, 1)]}
         assert journal.statistics()["restored"] == 2
         # Redelivered with attempt + 1; new ids never collide with the restored ones.
         again.add_consumer(TOPIC, "g", KEY, prefetch=10)

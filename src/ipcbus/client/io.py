@@ -482,7 +482,10 @@ class IOThread:
         elif kind == wire.WELCOME:
             welcome = wire.Welcome.parse(body)
             self._follow(welcome)
-            if self._welcome(welcome) and self._subscriptions.live_topics:
+            reconnected = self._welcome(welcome)
+            if reconnected and not self._same_hub:
+                self.outbox.confirm.replaced()  # the dead hub's unconfirmed: again, or in doubt
+            if reconnected and self._subscriptions.live_topics:
                 self._subscriptions.resync(self.session.resynced, self._same_hub)
             self._control.restore_consumers()
             self.outbox.resend_flushes()
@@ -504,7 +507,11 @@ class IOThread:
                     return
                 self._sent = None
             if not self.outbox.items:
-                return
+                token = self.outbox.confirm.ask(time.monotonic())  # idle: what is unconfirmed
+                if token is None:
+                    return
+                self._sent = self.outbox.confirmation(token)
+                continue
             self._sent = self.outbox.take()
             self._on_space()
 

@@ -29,6 +29,7 @@ from ..core import codec
 from ..exceptions import MessageSerializationError, MessageTooLargeError
 from ..message import Message, get_unique_name_for_message
 from ..wire import protocol as wire
+from .confirm import Unconfirmed
 
 __all__ = ["FRAME_MARGIN", "FlushMarker", "Kind", "Outbox", "Rejected"]
 
@@ -96,6 +97,7 @@ class Outbox:
         self.taken = 0
         self.sent = 0
         self.confirmed = 0
+        self.confirm = Unconfirmed()  # what the hub has not confirmed: asked for, kept
 
     def __len__(self) -> int:
         return len(self.items)
@@ -129,6 +131,12 @@ class Outbox:
     def take(self) -> list[Any] | None:
         """The next request to send (``None``: nothing to send). Takes a run of messages of
         one type, or one flush marker (remembered until its FLUSHED comes back)."""
+        confirm = self.confirm
+        if confirm.resend:  # a new hub: first what the dead one did not confirm (grouped)
+            return confirm.resend.popleft()
+        token = confirm.ask(time.monotonic())
+        if token is not None:
+            return self.confirmation(token)
         items = self.items
         while items:
             first = items.popleft()
@@ -155,10 +163,18 @@ class Outbox:
                 return request
         return None
 
+    def confirmation(self, token: bytes) -> list[Any]:
+        """A FLUSH of the client's own: the hub's answer confirms what was sent before it."""
+        marker = FlushMarker(token)
+        marker.sent = self.sent
+        self.flushes[token] = marker
+        return wire.flush(token)
+
     def flushed(self, token: bytes) -> None:
         marker = self.flushes.pop(token, None)
         if marker is not None:
             self.confirmed = max(self.confirmed, marker.sent)
+            self.confirm.confirmed(marker.sent)
             marker.done.set()
 
     def resend_flushes(self) -> None:
@@ -208,7 +224,9 @@ class Outbox:
             kind.per_message = max(1, -(-len(frames[0]) // count))
             if len(frames) > 1:
                 kind.buffers = -(-(len(frames) - 1) // count)
-        return wire.publish(kind.topic, wire.pack_meta(codec_id, count, published_at), frames)
+        request = wire.publish(kind.topic, wire.pack_meta(codec_id, count, published_at), frames)
+        self.confirm.sent(self.sent, kind.topic, count, request if split else None)
+        return request
 
     def _trim(self, encode: Encode, cls: type, split: bool, batch: list[Message]) -> list[Message]:
         """The longest prefix of ``batch`` whose messages can go, and fit one frame together

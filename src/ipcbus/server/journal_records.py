@@ -26,6 +26,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..wire.protocol import unpack_sizes
+
 __all__ = [
     "BEGIN",
     "DELIVERED",
@@ -259,7 +261,7 @@ class Replay:
         offset += meta_length
         sizes = body[offset : offset + 4 * count]
         payloads = body[offset + 4 * count :]
-        if len(sizes) != 4 * count or sum(array("I", sizes)) != len(payloads):
+        if len(sizes) != 4 * count or sum(unpack_sizes(sizes)) != len(payloads):
             raise ValueError("sizes do not match the payloads")
         for name, first_id in targets:
             run = LiveRun(topic, name, first_id, count, meta, sizes, payloads, attempt)
