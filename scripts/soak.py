@@ -395,6 +395,9 @@ class Worker:
             "threads": self.threads_at_stop or sorted(t.name for t in threading.enumerate()),
             "thread_deaths": list(self.thread_deaths),
             "counters": counters,
+            # Broadcast messages a killed hub took before confirming them (HubBroker.in_doubt),
+            # per type: the publisher's report of what its subscribers may have lost.
+            "in_doubt": dict(getattr(broker, "in_doubt_by_type", None) or {}),
             **self.logs.snapshot(),
         }
 
@@ -1523,12 +1526,15 @@ class Analysis:
             for pub, have in received.items():
                 phantom += popcount(have & ~expected_by_pub.get(pub, 0))
             reported = sum(ledger["counters"].get(c, 0) for c in LOSS_COUNTERS)
+            in_doubt = self.in_doubt(ledger["types"])
+            reported += in_doubt
             row = {
                 "name": proc.name,
                 "expected": expected,
                 "received": got,
                 "duplicates": sum(ledger["duplicates"].values()),
                 "reported_lost": reported,
+                "in_doubt": in_doubt,
                 "missing": missing,
                 "unaccounted": missing - reported,
                 "phantom": phantom,
@@ -1543,6 +1549,17 @@ class Analysis:
             rows.append(row)
             self.check_broadcast(row)
         return rows
+
+    def in_doubt(self, types: list[str]) -> int:
+        """What the publishers of these types reported in doubt: sent to a hub that was killed
+        before it confirmed them (each subscriber may have lost them, or not)."""
+        total = 0
+        for ledger in self.ledgers.values():
+            if ledger and ledger.get("role") in ("publisher", "stage"):
+                for unique_name, count in ledger.get("in_doubt", {}).items():
+                    if unique_name.rpartition(".")[2] in types:
+                        total += count
+        return total
 
     def check_broadcast(self, row: dict[str, Any]) -> None:
         name = row["name"]
@@ -1987,13 +2004,15 @@ class Report:
             ),
             table(
                 "broadcast, per subscriber never SIGKILLed "
-                "(unaccounted = expected - received - reported lost)",
+                "(unaccounted = expected - received - reported lost; reported lost includes what "
+                "publishers reported in doubt after a hub SIGKILL)",
                 [
                     "name",
                     "expected",
                     "received",
                     "dups",
                     "reported lost",
+                    "in doubt",
                     "missing",
                     "unaccounted",
                     "phantom",
@@ -2009,6 +2028,7 @@ class Report:
                         r["received"],
                         r["duplicates"],
                         r["reported_lost"],
+                        r["in_doubt"],
                         r["missing"],
                         r["unaccounted"],
                         r["phantom"],
@@ -2140,6 +2160,7 @@ class Report:
                 "broadcast_expected": sum(r["expected"] for r in broadcast),
                 "broadcast_received": sum(r["received"] for r in broadcast),
                 "broadcast_reported_lost": sum(r["reported_lost"] for r in broadcast),
+                "broadcast_in_doubt": sum(r["in_doubt"] for r in broadcast),
                 "jobs_accepted": sum(r["accepted"] for r in groups),
                 "queue_processed": sum(r["processed"] for r in groups),
                 "dead_lettered": sum(r["dead_lettered"] for r in groups),

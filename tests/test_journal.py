@@ -244,3 +244,26 @@ def test_two_hubs_cannot_share_a_journal(tmp_path: Path) -> None:
             _hub(f"ipc://{tmp_path}/two", journal)
     finally:
         hub.stop()
+
+
+def test_jobs_on_their_way_when_the_hub_dies_are_sent_again(
+    tmp_path: Path, workers: Workers
+) -> None:
+    """The producer publishes without flushing while the hub is killed: what the dead hub had
+    not confirmed (on its way, read and not journaled) goes again to the new hub: 0 lost."""
+    address, journal, log = f"ipc://{tmp_path}/hub", tmp_path / "journal", tmp_path / "calls"
+    hub = _hub(address, journal)
+    try:
+        workers.start(_consumer, address, str(log), -1)
+        with HubBroker(address) as producer:
+            producer.declare_queue(Tick, "jobs")
+            for seq in range(20_000):
+                producer.publish(Tick(seq))
+                if seq == 8000:
+                    wait_until(lambda: len(_calls(log)) > 2000, 60)
+                    _kill(hub)
+                    hub = _hub(address, journal)
+            producer.flush(60)
+        wait_until(lambda: len({seq for seq, _ in _calls(log)}) == 20_000, 120)
+    finally:
+        hub.stop()
