@@ -12,7 +12,11 @@ from __future__ import annotations
 import contextlib
 import multiprocessing.connection
 import os
+import re
+import select
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ from ipcbus import AsyncMessageContext, Hub, HubAddressError, HubBroker, connect
 from ipcbus.client.admin import request_statistics
 
 from .conftest import wait_until
-from .hubtools import Workers
+from .hubtools import REPO, Workers, run_cli
 from .messages import Tick
 
 pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
@@ -267,3 +271,46 @@ def test_jobs_on_their_way_when_the_hub_dies_are_sent_again(
         wait_until(lambda: len({seq for seq, _ in _calls(log)}) == 20_000, 120)
     finally:
         hub.stop()
+
+
+def _cli_hub(address: str, *flags: str, **env: str) -> subprocess.Popen[str]:
+    """``ipcbus hub`` in the foreground of a subprocess; returns once it printed its address."""
+    environment = {k: v for k, v in os.environ.items() if k != "IPCBUS_ADDRESS"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ipcbus", "hub", "--address", address, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+        env={**environment, **env},
+    )
+    assert process.stdout is not None
+    ready = select.select([process.stdout], [], [], 30)[0]
+    assert ready, "ipcbus hub printed nothing within 30 s"
+    assert process.stdout.readline().strip() == address
+    return process
+
+
+def _end(process: subprocess.Popen[str], signum: int) -> None:
+    if process.poll() is None:
+        process.send_signal(signum)
+    process.wait(30)
+    assert process.stdout is not None
+    process.stdout.close()
+
+
+def test_the_command_line_hub_journals_by_flag_and_by_environment(tmp_path: Path) -> None:
+    address, journal = f"ipc://{tmp_path}/hub", str(tmp_path / "journal")
+    process = _cli_hub(address, "--journal", journal, "--journal-fsync", "yes")
+    try:
+        _publish(address, range(10))
+        _end(process, signal.SIGKILL)
+        process = _cli_hub(address, IPCBUS_HUB_JOURNAL=journal)
+        shown = run_cli("stats", "--address", address)
+        assert shown.returncode == 0, shown.stderr
+        assert re.search(r"^  restored +10$", shown.stdout, re.MULTILINE), shown.stdout
+    finally:
+        _end(process, signal.SIGTERM)
+    refused = run_cli("hub", "--address", address, "--journal-fsync", "maybe")
+    assert refused.returncode == 2
+    assert "yes/no" in refused.stderr

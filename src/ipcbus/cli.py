@@ -245,6 +245,10 @@ def _print_statistics(statistics: HubStatistics, previous: HubStatistics | None)
                 f"  dead letter {record['message_id']}: {record['attempts']} attempts, "
                 f"{record['error']}"
             )
+    if statistics.journal:
+        print("\njournal")
+        for name, count in sorted(statistics.journal.items()):
+            print(f"  {name:20} {count}")
     if statistics.unrouted:
         print("\npublished with no subscriber and no queue group")
         for name, count in sorted(statistics.unrouted.items()):
