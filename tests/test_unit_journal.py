@@ -113,6 +113,9 @@ def test_what_was_not_acked_comes_back_with_its_attempts(tmp_path: Path) -> None
     try:
         assert _held(again) == {"g": [(b"three", 1), (b"four" * 1000, 1)]}
         assert journal.statistics()["restored"] == 2
+        # The dead letter's record (ipcbus stats) outlives the hub too.
+        (group,) = again.groups()
+        assert [(r.attempts, r.error) for r in group.dead] == [(1, "poison")]
         # Redelivered with attempt + 1; new ids never collide with the restored ones.
         again.add_consumer(TOPIC, "g", KEY, prefetch=10)
         (redelivery,) = again.dispatch(0.0)
@@ -120,6 +123,29 @@ def test_what_was_not_acked_comes_back_with_its_attempts(tmp_path: Path) -> None
         _enqueue(again, b"five")
         ids = [run.first_id for _, run in again.live_runs()]
         assert len(set(ids)) == len(ids)
+    finally:
+        journal.close()
+
+
+def test_broadcast_counts_are_continued(tmp_path: Path) -> None:
+    """The fan-out's message counts, written before each send, come back (the last one wins),
+    through a checkpoint too."""
+    book, journal = _book(tmp_path / "j")
+    journal.counted(TOPIC, 10)
+    journal.counted(TOPIC, 25)
+    journal.counted(OTHER, 3)
+    journal.close()
+    for _ in range(2):  # each start is a checkpoint: the counts are copied into it
+        _, journal = _book(tmp_path / "j")
+        assert journal.restored_counts == {TOPIC: 25, OTHER: 3}
+        journal.close()
+    book, journal = _book(tmp_path / "j")
+    journal.count_source = lambda: {TOPIC: 30}
+    journal.checkpoint(book)
+    journal.close()
+    _, journal = _book(tmp_path / "j")
+    try:
+        assert journal.restored_counts == {TOPIC: 30}
     finally:
         journal.close()
 

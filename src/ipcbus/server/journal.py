@@ -21,7 +21,7 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -29,7 +29,7 @@ import zmq
 from ..exceptions import JournalError
 from ..wire.paths import check_directory, ensure_private_directory, open_private_file
 from . import journal_records as records
-from .queues import QueueBook
+from .queues import DeadRecord, QueueBook
 from .runs import Run
 
 __all__ = ["Journal"]
@@ -60,6 +60,10 @@ class Journal:
         self._failing = False  # the last write failed (disk full?): grouped topics held back
         self._answers: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
         self.full = False
+        # Broadcast topics' message counts: restored at open (the fan-out continues them), and
+        # where a checkpoint reads the current ones (set by the relay).
+        self.restored_counts: dict[bytes, int] = {}
+        self.count_source: Callable[[], dict[bytes, int]] = lambda: self.restored_counts
         self.counts = {
             "restored": 0,
             "torn_bytes": 0,
@@ -159,7 +163,11 @@ class Journal:
             part = whole if (low, high) == (0, live.count) else whole.part(low, high)
             book.restore(live.topic, live.name, part)
             restored += part.count
+        for (topic, name), dead in replay.dead.items():
+            for message_id, attempts, error in dead:
+                book.restore_dead(topic, name, DeadRecord(message_id, attempts, error))
         book.reserve_ids(replay.next_id)
+        self.restored_counts = replay.counts
         self.counts["restored"] = restored
         if restored:
             logger.info("journal: %d queue messages restored from %s", restored, self.directory)
@@ -173,6 +181,21 @@ class Journal:
         self._messages += len(groups) * (len(sizes) // 4)
         self._unsynced_data = True
 
+    def counted(self, topic: bytes, count: int) -> None:
+        """A fan-out send of ``topic`` takes its count to ``count``: on disk before it leaves
+        (one small write, no sync: it has to survive a kill of the hub, not a power loss)."""
+        record = records.counted(topic, count)
+        if not self.write():
+            return
+        try:
+            _write_all(self._fd, [record])
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            self.counts["write_errors"] += 1
+            return
+        self._size += len(record)
+
     def delivered(self, first_id: int, count: int, attempt: int) -> None:
         self._add(records.delivered(first_id, count, attempt))
 
@@ -181,6 +204,9 @@ class Journal:
 
     def dropped(self, topic: bytes, name: str) -> None:
         self._add(records.dropped(topic, name))
+
+    def dead(self, topic: bytes, name: str, message_id: str, attempts: int, error: str) -> None:
+        self._add(records.dead(topic, name, message_id, attempts, error))
 
     @property
     def pending_bytes(self) -> int:
@@ -271,6 +297,12 @@ class Journal:
         size = messages = 0
         try:
             parts: list[Any] = records.begin(book.next_id)
+            parts += [records.counted(t, n) for t, n in self.count_source().items()]
+            for group in book.groups():
+                for record in group.dead:
+                    parts += records.dead(
+                        group.topic, group.name, record.message_id, record.attempts, record.error
+                    )
             for group, run in book.live_runs():
                 parts += records.enqueued(
                     group.topic,

@@ -9,6 +9,11 @@ A record is a 9-byte header (kind, body length, CRC-32 of kind and body) and its
 - ``SETTLED``: a range of message ids is done (acked, dead-lettered, or dropped after every
   consumer rejected it);
 - ``DROPPED``: a queue group was deleted with what it held;
+- ``COUNTED``: a broadcast topic's message count, written before the batch that reached it is
+  sent, so that a hub restarted with the journal continues the counts and a subscriber counts,
+  in ``gaps``, what the dead hub had sent it and it never received;
+- ``DEAD``: the hub's record of a dead letter (message id, attempts, error: what ``ipcbus stats``
+  shows), so that it outlives a crash too;
 - ``BEGIN`` / ``END``: a checkpoint: the segment that starts with them holds every live message,
   so older segments are not needed (``BEGIN`` carries the next message id).
 
@@ -22,6 +27,7 @@ import bisect
 import struct
 import zlib
 from array import array
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +36,8 @@ from ..wire.protocol import unpack_sizes
 
 __all__ = [
     "BEGIN",
+    "COUNTED",
+    "DEAD",
     "DELIVERED",
     "DROPPED",
     "END",
@@ -39,6 +47,8 @@ __all__ = [
     "Replay",
     "Scan",
     "begin",
+    "counted",
+    "dead",
     "delivered",
     "dropped",
     "end",
@@ -47,8 +57,10 @@ __all__ = [
     "settled",
 ]
 
-ENQUEUED, DELIVERED, SETTLED, DROPPED, BEGIN, END = range(1, 7)
-_KINDS = frozenset(range(1, 7))
+ENQUEUED, DELIVERED, SETTLED, DROPPED, BEGIN, END, COUNTED, DEAD = range(1, 9)
+_KINDS = frozenset(range(1, 9))
+_MAX_ERROR = 4096  # bytes of a dead letter's error kept
+_MAX_DEAD = 1000  # dead letter records kept per group (as the hub's)
 HEADER = struct.Struct("<BII")  # kind, body length, crc32(kind byte + body)
 _RANGE = struct.Struct("<QI")  # first message id, count
 _ATTEMPT = struct.Struct("<QII")  # first message id, count, attempt
@@ -98,6 +110,16 @@ def settled(first_id: int, count: int) -> list[Any]:
 
 def dropped(topic: bytes, name: str) -> list[Any]:
     return _record(DROPPED, [_name(topic) + _name(name.encode())])
+
+
+def counted(topic: bytes, count: int) -> bytes:
+    """One piece (it is written on its own, before a fan-out send)."""
+    return b"".join(_record(COUNTED, [_GROUP_ID.pack(count) + topic]))
+
+
+def dead(topic: bytes, name: str, message_id: str, attempts: int, error: str) -> list[Any]:
+    head = _name(topic) + _name(name.encode()) + _name(message_id.encode())
+    return _record(DEAD, [head + _ATTEMPT.pack(0, 0, attempts) + error.encode()[:_MAX_ERROR]])
 
 
 def begin(next_id: int) -> list[Any]:
@@ -215,6 +237,9 @@ class Replay:
         self.runs: dict[int, LiveRun] = {}  # by first message id
         self._starts: list[int] = []  # sorted first ids
         self.next_id = 1
+        self.counts: dict[bytes, int] = {}  # broadcast topic -> its last message count
+        # (topic, group) -> its latest dead letter records: (message id, attempts, error)
+        self.dead: dict[tuple[bytes, str], deque[tuple[str, int, str]]] = {}
         self.began = self.ended = False
         self.bad_records = 0  # well-formed on disk (CRC good) but not understood
 
@@ -230,6 +255,17 @@ class Replay:
             self.began = True
         elif kind == END:
             self.ended = True
+        elif kind == DEAD:
+            topic, offset = _read_name(body, 0)
+            group, offset = _read_name(body, offset)
+            message_id, offset = _read_name(body, offset)
+            attempts = _ATTEMPT.unpack_from(body, offset)[2]
+            error = bytes(body[offset + _ATTEMPT.size :]).decode(errors="replace")
+            kept = self.dead.setdefault((topic, group.decode()), deque(maxlen=_MAX_DEAD))
+            kept.append((message_id.decode(), attempts, error))
+        elif kind == COUNTED:
+            (count,) = _GROUP_ID.unpack_from(body)
+            self.counts[bytes(body[_GROUP_ID.size :])] = count
         elif kind == ENQUEUED:
             self._enqueued(body)
         elif kind == DELIVERED:
@@ -241,6 +277,7 @@ class Replay:
         elif kind == DROPPED:
             topic, offset = _read_name(body, 0)
             name = _read_name(body, offset)[0].decode()
+            self.dead.pop((topic, name), None)
             for first_id in [k for k, r in self.runs.items() if (r.topic, r.name) == (topic, name)]:
                 del self.runs[first_id]
                 self._starts.remove(first_id)

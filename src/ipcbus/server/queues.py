@@ -73,6 +73,8 @@ class JournalHooks(Protocol):
 
     def dropped(self, topic: bytes, name: str) -> None: ...
 
+    def dead(self, topic: bytes, name: str, message_id: str, attempts: int, error: str) -> None: ...
+
     def write(self) -> bool: ...
 
 
@@ -387,6 +389,10 @@ class QueueBook:
         group.push(run)
         self._next_id = max(self._next_id, run.first_id + run.count)
 
+    def restore_dead(self, topic: bytes, name: str, record: DeadRecord) -> None:
+        """A dead letter record a previous hub kept (from its journal)."""
+        self.declare(topic, name).dead.append(record)
+
     def live_messages(self) -> int:
         """Messages held or in flight, every group (what a journal checkpoint would copy)."""
         return self.in_flight + sum(group.held for group in self._groups.values())
@@ -459,6 +465,10 @@ class QueueBook:
                 for index in range(part.count):
                     message_id = f"{self._hub_id.decode()}-{part.first_id + index}"
                     group.dead.append(DeadRecord(message_id, part.attempt, ack.error))
+                    if self.journal is not None:
+                        self.journal.dead(
+                            group.topic, group.name, message_id, part.attempt, ack.error
+                        )
         else:  # failed: retried after the delay the consumer decided (bounded by the wire)
             group.counts["retried"] += count
             for part in parts:

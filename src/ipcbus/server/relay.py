@@ -179,6 +179,10 @@ class Relay:
             claim.bound()
             _restrict_ipc_files(*self.endpoints)
             self._fanout = Fanout(xpub, options.stall_timeout)
+            if self.journal is not None:  # broadcast counts go on across a crash
+                self._fanout.restored_seq = self.journal.restored_counts
+                self._fanout.on_count = self.journal.counted
+                self.journal.count_source = self._fanout.counts
             # Peers that fail the handshake before the ZAP handler is asked (wrong mechanism,
             # garbage instead of ZMTP) are counted from the sockets' monitors.
             # The control socket's disconnections too: a client process that died (kill -9,
