@@ -72,6 +72,13 @@ class Unconfirmed:
         self._batches = 0
         return b"c%d" % next(self._tokens)
 
+    def due_at(self) -> float | None:
+        """When to ask for a confirmation of what waits, if nothing else comes (the I/O thread
+        wakes then: an idle publisher's last batches are confirmed within ~50 ms)."""
+        if self.asking or not self.window:
+            return None
+        return self._oldest + _ASK_AFTER
+
     def replaced(self) -> None:
         """A different hub welcomed this client: the previous one is gone with what it did not
         confirm."""

@@ -408,6 +408,9 @@ class IOThread:
             wake_at = self.session.wake_at()
             if self._resync_at is not None:
                 wake_at = min(wake_at, self._resync_at)
+            confirm_at = self.outbox.confirm.due_at()
+            if confirm_at is not None:
+                wake_at = min(wake_at, confirm_at)
             timeout = max(0, min(timeout, int((wake_at - now) * 1000) + 1))
             events = dict(poller.poll(timeout))
             if self._waker.fd in events:
