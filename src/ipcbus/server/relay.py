@@ -39,8 +39,6 @@ _IDLE_POLL_MS = 100
 # Types counted apart in the unrouted statistics; past this many, the rest are counted together.
 _MAX_UNROUTED = 1000
 _OTHER_TYPES = "(other types)"
-# With a journal, a turn reads publishes until it has this many bytes to write (then commits).
-_JOURNAL_TURN_BYTES = 4 * 1024 * 1024
 # XPUB_NODROP gives no POLLOUT event for a full pipe: a stalled send is retried on this period.
 _STALLED_POLL_MS = 1
 
@@ -140,14 +138,8 @@ class Relay:
             except (InsecurePathError, HubUnavailableError) as exc:
                 raise HubAddressError(f"cannot serve at {self.address}: {exc}") from exc
             self.control_plane.restore_groups(self.address.hub_file(".groups"))
-            if options.journal is not None:
-                journal = Journal(
-                    options.journal,
-                    fsync=options.journal_fsync,
-                    max_bytes=options.journal_max_bytes,
-                )
-                journal.open(self.control_plane.book)  # JournalError: unsafe or in use
-                self.journal = journal
+            if options.journal is not None:  # JournalError: unsafe or in use
+                self.journal = Journal.open_for(options, self.control_plane.book)
             if restarted:
                 # A previous hub served here: give its clients restart_grace s to reconnect
                 # their SUB sockets before the backlog their publishers held is relayed.
@@ -180,9 +172,7 @@ class Relay:
             _restrict_ipc_files(*self.endpoints)
             self._fanout = Fanout(xpub, options.stall_timeout)
             if self.journal is not None:  # broadcast counts go on across a crash
-                self._fanout.restored_seq = self.journal.restored_counts
-                self._fanout.on_count = self.journal.counted
-                self.journal.count_source = self._fanout.counts
+                self.journal.count_for(self._fanout)
             # Peers that fail the handshake before the ZAP handler is asked (wrong mechanism,
             # garbage instead of ZMTP) are counted from the sockets' monitors.
             # The control socket's disconnections too: a client process that died (kill -9,
@@ -334,7 +324,8 @@ class Relay:
         fanout = self._fanout
         assert fanout is not None
         for _ in range(_BURST):
-            if stop_when_stalled and (fanout.stalled is not None or self._journal_turn_done()):
+            journal_done = self.journal is not None and self.journal.turn_done
+            if stop_when_stalled and (fanout.stalled is not None or journal_done):
                 return
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -353,11 +344,6 @@ class Relay:
                 # A bug of ours that one request triggers must not stop the hub for everyone.
                 self._malformed += 1
                 logger.exception("dropped a request the hub could not handle")
-
-    def _journal_turn_done(self) -> bool:
-        # Bounded turns: a turn that read 40 batches of 1 MB wrote and synced 40 MB before it
-        # answered a heartbeat again (over a second, measured), and overshot journal_max_bytes.
-        return self.journal is not None and self.journal.pending_bytes >= _JOURNAL_TURN_BYTES
 
     def _handle_data(self, data: Socket, fanout: Fanout, frames: list[zmq.Frame]) -> None:
         identity, kind = frames[0].bytes, wire.parse_kind(frames[1].bytes)
