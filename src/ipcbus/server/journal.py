@@ -274,7 +274,11 @@ class Journal:
         if not self.write():
             return  # answers wait: what they confirm is not on disk
         if self.fsync and self._unsynced_data:
-            os.fdatasync(self._fd)
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:  # EIO: written, perhaps not on disk; the hub serves on
+                self.counts["write_errors"] += 1
+                logger.error("journal: cannot sync %s: %s", self.directory, exc)
             self.counts["fsyncs"] += 1
             self._unsynced_data = False
         if self._answers:
@@ -292,7 +296,11 @@ class Journal:
             # per turn for nothing).
             over = self._size > self.max_bytes
             if 2 * live <= self._messages or (over and 4 * live <= 3 * self._messages):
-                self.checkpoint(book)
+                try:
+                    self.checkpoint(book)
+                except OSError as exc:  # disk full: the old segment stays, tried again later
+                    self.counts["write_errors"] += 1
+                    logger.error("journal: cannot compact %s: %s", self.directory, exc)
         self._update_full()
 
     def _update_full(self) -> None:
