@@ -314,3 +314,25 @@ def test_the_command_line_hub_journals_by_flag_and_by_environment(tmp_path: Path
     refused = run_cli("hub", "--address", address, "--journal-fsync", "maybe")
     assert refused.returncode == 2
     assert "yes/no" in refused.stderr
+
+
+def test_jobs_a_stopped_hub_never_read_go_to_the_next_one_from_an_idle_producer(
+    tmp_path: Path, workers: Workers
+) -> None:
+    """The hub is stopped (SIGSTOP) when 13 jobs are published, then killed: they never reached
+    it. The producer, idle from then on, sends them to the next hub, before anything else."""
+    address, journal, log = f"ipc://{tmp_path}/hub", tmp_path / "journal", tmp_path / "calls"
+    hub = _hub(address, journal)
+    try:
+        workers.start(_consumer, address, str(log), -1)
+        with HubBroker(address) as producer:
+            producer.declare_queue(Tick, "jobs")
+            assert hub.pid is not None
+            os.kill(hub.pid, signal.SIGSTOP)
+            for seq in range(13):
+                producer.publish(Tick(seq))
+            _kill(hub)  # at once: no confirmation asked yet (that takes 50 ms)
+            hub = _hub(address, journal)
+            wait_until(lambda: len({seq for seq, _ in _calls(log)}) == 13, 30)
+    finally:
+        hub.stop()

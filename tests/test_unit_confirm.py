@@ -53,6 +53,8 @@ def test_a_new_hub_gets_the_queue_messages_again_and_broadcast_is_in_doubt(
     assert list(window.resend) == [[b"job-request"]]
     assert "17 broadcast messages (app.Tick: 17)" in caplog.text
     assert "3 queue messages" in caplog.text
+    # No confirmation is asked before what waits to go again has gone: it would cover it.
+    assert window.ask(window._oldest + 10) is None
     # Sent again and still unconfirmed: a second dead hub sends it again, once.
     window.replaced()
     assert list(window.resend) == [[b"job-request"]]

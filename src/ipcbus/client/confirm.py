@@ -63,8 +63,9 @@ class Unconfirmed:
             self._oldest = time.monotonic()
 
     def ask(self, now: float) -> bytes | None:
-        """A token to confirm with (a FLUSH after what was sent), when one is due."""
-        if self.asking or not self.window:
+        """A token to confirm with (a FLUSH after what was sent), when one is due. Never while
+        requests wait to go again: a confirmation asked before them would cover them unsent."""
+        if self.asking or not self.window or self.resend:
             return None
         if self._batches < _ASK_EVERY and now - self._oldest < _ASK_AFTER:
             return None

@@ -509,7 +509,7 @@ class IOThread:
                 except zmq.Again:
                     return
                 self._sent = None
-            if not self.outbox.items:
+            if not self.outbox.items and not self.outbox.confirm.resend:
                 token = self.outbox.confirm.ask(time.monotonic())  # idle: what is unconfirmed
                 if token is None:
                     return
