@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from ipcbus.client.confirm import Unconfirmed
+from ipcbus.client.outbox import FlushMarker, Outbox
 from ipcbus.wire import protocol as wire
 
 TICK = wire.topic_for("app.Tick")
@@ -61,3 +62,21 @@ def test_a_new_hub_gets_the_queue_messages_again_and_broadcast_is_in_doubt(
     assert window.in_doubt_total == 17
     window.confirmed(200)
     assert not window.window
+
+
+def test_a_flush_asked_again_of_a_new_hub_is_not_confirmed_by_the_old_request() -> None:
+    """The first FLUSH may still be in the data pipe ZeroMQ hands to the next hub, before what
+    the client sends again: its answer must not count as the answer to the request asked
+    again."""
+    outbox = Outbox(1000, lambda rejected: None)
+    marker = FlushMarker(b"7")
+    outbox.append(marker)
+    assert outbox.take() == wire.flush(b"7")
+    outbox.resend_flushes()
+    again = outbox.take()
+    assert again is not None
+    assert again != wire.flush(b"7")
+    outbox.flushed(b"7")  # the answer to the first request, through the old pipe
+    assert not marker.done.is_set()
+    outbox.flushed(again[1])
+    assert marker.done.is_set()

@@ -16,6 +16,7 @@ to ``on_reject``; its neighbours are sent.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -98,6 +99,7 @@ class Outbox:
         self.sent = 0
         self.confirmed = 0
         self.confirm = Unconfirmed()  # what the hub has not confirmed: asked for, kept
+        self._retokens = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -178,8 +180,12 @@ class Outbox:
             marker.done.set()
 
     def resend_flushes(self) -> None:
-        """Flushes a lost hub never confirmed: ask the next one, after what is queued."""
-        self.items.extend(self.flushes.values())
+        """Flushes a lost hub never confirmed: ask the next one, after what is queued, each
+        under a new token. The first request may still be in the data pipe, which ZeroMQ hands
+        to the next hub: its answer, coming before what is sent again, must not confirm it."""
+        for marker in self.flushes.values():
+            marker.token = b"%s/%d" % (marker.token.partition(b"/")[0], next(self._retokens))
+            self.items.append(marker)
         self.flushes.clear()
 
     def unconfirmed(self) -> int:
