@@ -22,7 +22,9 @@ One hub at an ipc:// address in a private 0700 directory, and worker processes (
 
 Meanwhile the parent injects faults at seeded random times: SIGKILL of a victim, SIGSTOP/SIGCONT of
 any worker (shorter and longer than ``stall_timeout``), SIGKILL of the hub and a new hub at the
-same address. It samples every process's RSS, fds and threads from /proc. Timeouts and pipes are
+same address, with the same queue journal (so queue jobs survive it; broadcast messages the
+killed hub took are reported by their publishers, ``HubBroker.in_doubt``, and by subscribers in
+``gaps``, and count as reported lost). It samples every process's RSS, fds and threads from /proc. Timeouts and pipes are
 small (``SoakConfig``) so that faults bite within a short run. ``--skip`` leaves fault kinds out,
 to find which one breaks what; the checks stay the same.
 
