@@ -192,6 +192,9 @@ def test_hub_option_defaults() -> None:
         "stall_timeout": 30.0,
         "restart_grace": 1.0,
         "max_pending_handshakes": 256,
+        "journal": None,
+        "journal_fsync": True,
+        "journal_max_bytes": 1024 * 1024 * 1024,
     }
     assert HubOptions.names() == tuple(dataclasses.asdict(options))
 
