@@ -24,9 +24,9 @@ Meanwhile the parent injects faults at seeded random times: SIGKILL of a victim,
 any worker (shorter and longer than ``stall_timeout``), SIGKILL of the hub and a new hub at the
 same address, with the same queue journal (so queue jobs survive it; broadcast messages the
 killed hub took are reported by their publishers, ``HubBroker.in_doubt``, and by subscribers in
-``gaps``, and count as reported lost). It samples every process's RSS, fds and threads from /proc. Timeouts and pipes are
-small (``SoakConfig``) so that faults bite within a short run. ``--skip`` leaves fault kinds out,
-to find which one breaks what; the checks stay the same.
+``gaps``, and count as reported lost). It samples every process's RSS, fds and threads from
+/proc. Timeouts and pipes are small (``SoakConfig``) so that faults bite within a short run.
+``--skip`` leaves fault kinds out, to find which one breaks what; the checks stay the same.
 
 Ledgers: each worker writes a JSON ledger to the private directory every ``LEDGER_INTERVAL`` s and
 when it ends. Queue consumers also append one line per handler call to a journal *before* the
