@@ -917,3 +917,32 @@ def test_of_two_hubs_racing_for_one_address_exactly_one_starts(
                 hub.stop()
         for socket_file in Address.parse(address).socket_files():
             assert not os.path.lexists(socket_file), f"{socket_file} left after the stop"
+
+
+@pytest.mark.parametrize("planted", ["directory-0700", "directory-0777", "symlink"])
+def test_a_journal_directory_another_user_made_first_is_refused(
+    attackers: Callable[[], Attacker], scratch: Callable[..., str], planted: str
+) -> None:
+    """The attacker makes the journal's directory first (its own 0700 or 0777 one), or plants a
+    symlink there to a directory of its own, in a shared sticky directory: the hub refuses to
+    start, names the path, and writes nothing there (the attacker would read every job)."""
+    shared = scratch(0o1777)
+    journal = os.path.join(shared, "journal")
+    own = os.path.join(shared, _random_name("attacker"))
+    address = f"ipc://{scratch(0o700)}/hub"
+    attacker = attackers()
+    try:
+        if planted == "symlink":
+            outcomes = attacker.fs(("mkdir", own, "0o777"), ("symlink", journal, own))
+            looked_at = own
+        else:
+            outcomes = attacker.fs(("mkdir", journal, "0o" + planted[-4:]))
+            looked_at = journal
+        assert set(outcomes) == {"ok"}, outcomes
+        with pytest.raises(HubAddressError) as refused:
+            Hub(address, start_method="fork", journal=journal).start()
+        assert journal in str(refused.value)
+        assert os.listdir(looked_at) == [], "the hub put a file in the attacker's directory"
+    finally:
+        attacker.close()
+        _remove_the_attackers(journal, own)

@@ -198,6 +198,9 @@ def test_hub_option_defaults() -> None:
         "metrics_host": "127.0.0.1",
         "tcp_publish_port": 0,
         "tcp_fanout_port": 0,
+        "journal": None,
+        "journal_fsync": True,
+        "journal_max_bytes": 1024 * 1024 * 1024,
     }
     assert HubOptions.names() == tuple(dataclasses.asdict(options))
 

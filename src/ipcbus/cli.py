@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -33,7 +34,7 @@ from .config import (
     HubOptions,
     address_from_env,
     hub_options_from_env,
-    option_kind,
+    parse_hub_option,
 )
 from .exceptions import HubAddressError, HubUnavailableError, PubSubError
 from .exit_codes import EPILOG, ExitCode
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(HubOptions):
         hub.add_argument(
             "--" + field.name.replace("_", "-"),
-            type=option_kind(field.type),
+            type=functools.partial(_hub_option, field.name),
             default=None,
             metavar=field.name.upper(),
             help=f"default {field.default}",
@@ -142,6 +143,13 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"timeout must be finite and >= 0 seconds, not {text}")
     return value
+
+
+def _hub_option(name: str, text: str) -> Any:
+    try:
+        return parse_hub_option(name, text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _hub_address(parser: argparse.ArgumentParser) -> None:
@@ -251,6 +259,10 @@ def _print_statistics(statistics: HubStatistics, previous: HubStatistics | None)
                 f"  dead letter {record['message_id']}: {record['attempts']} attempts, "
                 f"{record['error']}"
             )
+    if statistics.journal:
+        print("\njournal")
+        for name, count in sorted(statistics.journal.items()):
+            print(f"  {name:20} {count}")
     if statistics.unrouted:
         print("\npublished with no subscriber and no queue group")
         for name, count in sorted(statistics.unrouted.items()):

@@ -20,7 +20,7 @@ __all__ = [
     "address_from_env",
     "export_address",
     "hub_options_from_env",
-    "option_kind",
+    "parse_hub_option",
     "hub_started",
     "hub_stopped",
 ]
@@ -78,25 +78,31 @@ def hub_options_from_env() -> HubOptions:
         text = os.environ.get(ENV_HUB_PREFIX + field.name.upper())
         if text is None:
             continue
-        kind = option_kind(field.type)
         try:
-            values[field.name] = kind(text)
-        except ValueError:
-            raise ValueError(
-                f"{ENV_HUB_PREFIX}{field.name.upper()}={text!r} is not a {kind.__name__}"
-            ) from None
+            values[field.name] = parse_hub_option(field.name, text)
+        except ValueError as exc:
+            raise ValueError(f"{ENV_HUB_PREFIX}{field.name.upper()}={text!r}: {exc}") from None
     return HubOptions(**values)
 
 
-def option_kind(annotation: object) -> Callable[[str], Any]:
-    """How an option's text (a flag, an environment variable) becomes its value, from the
-    field's annotation (a string: this module has postponed annotations)."""
-    text = str(annotation)
-    if text.startswith("float"):
-        return float
-    if text.startswith("str"):
-        return str
-    return int
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_hub_option(name: str, text: str) -> Any:
+    """The value of the ``HubOptions`` field ``name`` written as ``text`` (environment, CLI)."""
+    kind = {field.name: str(field.type) for field in fields(HubOptions)}[name]
+    if kind == "bool":
+        if text.strip().lower() in _TRUE:
+            return True
+        if text.strip().lower() in _FALSE:
+            return False
+        raise ValueError(f"not a yes/no value: {text!r}")
+    if kind.startswith("str"):
+        return text or None
+    try:
+        return float(text) if kind == "float" else int(text)
+    except ValueError:
+        raise ValueError(f"not a{'' if kind == 'float' else 'n'} {kind}: {text!r}") from None
 
 
 class _Options:
@@ -155,6 +161,15 @@ class HubOptions(_Options):
     - ``tcp_publish_port`` / ``tcp_fanout_port``: on tcp, the ports of the hub's publish and
       fan-out sockets (0: ones the system picks, told to clients in WELCOME); fix them to open
       a firewall for three known ports.
+    - ``journal``: a directory (private to this user; created 0700) where the hub appends the
+      messages of topics that have queue groups, and their acks: a hub restarted with the same
+      journal (after a crash too) delivers again every message that was not acked or
+      dead-lettered. ``None``: queue messages live in the hub's memory only.
+    - ``journal_fsync``: the journal's records are written every loop turn and, when true,
+      synced to disk once per turn before ``flush()`` is answered (group commit). False is
+      faster and still survives a kill of the hub, but not a power loss or an OS crash.
+    - ``journal_max_bytes``: past this size (after compaction) the journal is full: every topic
+      with queue groups is held back as by a full group (FULL) until it shrinks to half.
     """
 
     hwm: int = 1000
@@ -173,11 +188,15 @@ class HubOptions(_Options):
     metrics_host: str = "127.0.0.1"
     tcp_publish_port: int = 0
     tcp_fanout_port: int = 0
+    journal: str | None = None
+    journal_fsync: bool = True
+    journal_max_bytes: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
         self._check_positive(
             "max_dead_letters",
             "max_dead_letter_bytes",
+            "journal_max_bytes",
             "max_pending_handshakes",
             "hwm",
             "heartbeat_interval",

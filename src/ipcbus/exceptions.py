@@ -15,6 +15,7 @@ __all__ = [
     "HubAddressError",
     "HubUnavailableError",
     "InsecurePathError",
+    "JournalError",
     "MessageSerializationError",
     "MessageTooLargeError",
     "MissingDependencyError",
@@ -73,6 +74,11 @@ class HubAddressError(PubSubError, ValueError):
 
 class InsecurePathError(PubSubError, PermissionError):
     """A directory or file another user could control was refused (see docs/security.md)."""
+
+
+class JournalError(HubAddressError):
+    """The hub cannot use its journal directory: another user's or open to others, a symlink,
+    in use by another hub, or unreadable. The hub does not start."""
 
 
 class QueueInUseError(PubSubError):

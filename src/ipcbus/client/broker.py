@@ -200,6 +200,19 @@ class HubBroker(QueueAdminMixin, Broker):
         return self._dispatcher.undecodable + self._runner.undecodable
 
     @property
+    def in_doubt(self) -> int:
+        """Broadcast messages this process sent to a hub that died (SIGKILL, a crash) before
+        it confirmed relaying them: they may or may not have reached their subscribers. Each
+        replacement of the hub is logged at WARNING. Messages of types with queue groups are
+        sent again to the new hub instead (docs/guarantees.md, "Hub kill -9")."""
+        return self._io.outbox.confirm.in_doubt_total
+
+    @property
+    def in_doubt_by_type(self) -> dict[str, int]:
+        """``in_doubt`` per message type (unique name)."""
+        return dict(self._io.outbox.confirm.in_doubt)
+
+    @property
     def hub_available(self) -> bool:
         """False once the hub has been unreachable for ``hub_lost_timeout``; True again when a
         hub welcomes this client (a short outage, within the timeout, leaves it true)."""

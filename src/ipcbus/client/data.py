@@ -140,8 +140,12 @@ class DataChannel:
                 if not send_frames(socket, self.waiting):
                     return
                 self.waiting = None
-            if not outbox.items:
-                return
+            if not outbox.items and not outbox.confirm.resend:
+                token = outbox.confirm.ask(time.monotonic())  # idle: what is unconfirmed
+                if token is None:
+                    return
+                self.waiting = outbox.confirmation(token)
+                continue
             self.waiting = outbox.take()
             self._on_space()
 

@@ -392,6 +392,9 @@ class IOThread:
             wake_at = self.session.wake_at()
             if self._resync_at is not None:
                 wake_at = min(wake_at, self._resync_at)
+            confirm_at = self.outbox.confirm.due_at()
+            if confirm_at is not None:
+                wake_at = min(wake_at, confirm_at)
             timeout = max(0, min(timeout, int((wake_at - now) * 1000) + 1))
             events = dict(poller.poll(timeout))
             if self._waker.fd in events:
@@ -466,7 +469,11 @@ class IOThread:
         elif kind == wire.WELCOME:
             welcome = wire.Welcome.parse(body)
             self._follow(welcome)
-            if self._welcome(welcome) and self._subscriptions.live_topics:
+            reconnected = self._welcome(welcome)
+            if reconnected and not self._same_hub:
+                with self._data.lock:  # a quiet publisher's send records into it too
+                    self.outbox.confirm.replaced()  # the dead hub's unconfirmed: again, or in doubt
+            if reconnected and self._subscriptions.live_topics:
                 self._subscriptions.resync(self.session.resynced, self._same_hub)
             self._control.restore_consumers()
             with self._data.lock:

@@ -16,6 +16,7 @@ to ``on_reject``; its neighbours are sent.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -29,6 +30,7 @@ from ..core import codec
 from ..exceptions import MessageSerializationError, MessageTooLargeError
 from ..message import Message, get_unique_name_for_message
 from ..wire import protocol as wire
+from .confirm import Unconfirmed
 
 __all__ = ["FRAME_MARGIN", "FlushMarker", "Kind", "Outbox", "Prepared", "Rejected"]
 
@@ -112,6 +114,8 @@ class Outbox:
         self.taken = 0
         self.sent = 0
         self.confirmed = 0
+        self.confirm = Unconfirmed()  # what the hub has not confirmed: asked for, kept
+        self._retokens = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -162,6 +166,12 @@ class Outbox:
     def take(self) -> list[Any] | None:
         """The next request to send (``None``: nothing to send). Takes a run of messages of
         one type, or one flush marker (remembered until its FLUSHED comes back)."""
+        confirm = self.confirm
+        if confirm.resend:  # a new hub: first what the dead one did not confirm (grouped)
+            return confirm.resend.popleft()
+        token = confirm.ask(time.monotonic())
+        if token is not None:
+            return self.confirmation(token)
         items = self.items
         while items:
             first = items.popleft()
@@ -193,15 +203,27 @@ class Outbox:
                 return request
         return None
 
+    def confirmation(self, token: bytes) -> list[Any]:
+        """A FLUSH of the client's own: the hub's answer confirms what was sent before it."""
+        marker = FlushMarker(token)
+        marker.sent = self.sent
+        self.flushes[token] = marker
+        return wire.flush(token)
+
     def flushed(self, token: bytes) -> None:
         marker = self.flushes.pop(token, None)
         if marker is not None:
             self.confirmed = max(self.confirmed, marker.sent)
+            self.confirm.confirmed(marker.sent)
             marker.done.set()
 
     def resend_flushes(self) -> None:
-        """Flushes a lost hub never confirmed: ask the next one, after what is queued."""
-        self.items.extend(self.flushes.values())
+        """Flushes a lost hub never confirmed: ask the next one, after what is queued, each
+        under a new token. The first request may still be in the data pipe, which ZeroMQ hands
+        to the next hub: its answer, coming before what is sent again, must not confirm it."""
+        for marker in self.flushes.values():
+            marker.token = b"%s/%d" % (marker.token.partition(b"/")[0], next(self._retokens))
+            self.items.append(marker)
         self.flushes.clear()
 
     def unconfirmed(self) -> int:
@@ -248,7 +270,9 @@ class Outbox:
                 kind.buffers = -(-(len(frames) - 1) // count)
                 kind.buffer_bytes = -(-sum(len(frame) for frame in frames[1:]) // count)
                 kind.big = True
-        return wire.publish(kind.topic, wire.pack_meta(codec_id, count, published_at), frames)
+        request = wire.publish(kind.topic, wire.pack_meta(codec_id, count, published_at), frames)
+        self.confirm.sent(self.sent, kind.topic, count, request if split else None)
+        return request
 
     def _trim(self, encode: Encode, cls: type, split: bool, batch: list[Message]) -> list[Message]:
         """The longest prefix of ``batch`` whose messages can go, and fit one frame together

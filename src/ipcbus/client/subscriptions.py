@@ -126,9 +126,12 @@ class Subscriptions:
             self._used()
 
     def resync(self, live: threading.Event, same_hub: bool) -> None:
-        """After a reconnect: ``live`` is set once the hub has every live topic. The same hub
-        (its counts go on) says what was missed meanwhile; a new one counts from scratch, and
-        checks asked of the old one are void."""
+        """After a reconnect: ``live`` is set once the hub has every live topic, and its counts
+        say what was missed meanwhile. The same hub's counts go on; so do those of a new hub
+        that restored them from its journal (the dead hub's sends this process never got are
+        counted). A new hub without one counts from zero: a count above ours is what it sent
+        before this process was subscribed again, also missed. Checks asked of an old hub are
+        void."""
         with self.lock:
             self._resync(live, same_hub)
             self._used()
@@ -140,8 +143,7 @@ class Subscriptions:
                     self._forget(sync)
                     if pending.live is not None:
                         pending.live.set()
-        kind = wire.SYNC_CHECK if same_hub else wire.SYNC_BASELINE
-        self._sync(_Sync(live, kind, sorted(self.live_topics), 0.0))
+        self._sync(_Sync(live, wire.SYNC_CHECK, sorted(self.live_topics), 0.0))
 
     def check(self) -> None:
         """The hub sent without waiting for some subscriber: count what this one missed."""

@@ -306,6 +306,8 @@ class ControlPlane:
             self._answer_waiting(control, now)
         deliveries = [] if self.draining else self.book.dispatch(now)
         if deliveries:
+            if self.book.journal is not None:
+                self.book.journal.write()  # their attempts, before a crash can follow the send
             self._deliver(control, deliveries)
         if self.book.update_full():
             self._full_version += 1

@@ -58,18 +58,24 @@ class DeadLetters:
         meta: bytes,
         payload: bytes,
         when: float | None = None,
-    ) -> None:
-        if len(payload) > self.max_bytes:
-            self.evicted += 1
-            return
+    ) -> DeadEntry | None:
+        """Keep a dead letter; ``None`` when its payload alone is over the byte bound."""
         entry = DeadEntry(
             message_id, attempts, error, time.time() if when is None else when, meta, payload
         )
+        return entry if self.restore(entry) else None
+
+    def restore(self, entry: DeadEntry) -> bool:
+        """Keep ``entry`` (a new one, or one a journal restored), within the bounds."""
+        if len(entry.payload) > self.max_bytes:
+            self.evicted += 1
+            return False
         self._entries.append(entry)
-        self.bytes += len(payload)
+        self.bytes += len(entry.payload)
         while len(self._entries) > self.max_count or self.bytes > self.max_bytes:
             self.bytes -= len(self._entries.popleft().payload)
             self.evicted += 1
+        return True
 
     def latest(self, limit: int) -> list[DeadEntry]:
         """The ``limit`` latest, oldest first (all for 0)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -58,6 +59,11 @@ class Fanout:
         self._lossy = False  # sent without waiting since the clients were last told
         self.stalls = 0  # sends refused by a full pipe (each then waited)
         self.stall_drops = 0  # sends made without waiting for a stalled subscriber
+        # With a journal: the counts a previous hub reached (continued when a topic is
+        # subscribed again, so a subscriber counts what the dead hub sent it and it never got),
+        # and where each new count is written before its batch leaves.
+        self.restored_seq: dict[bytes, int] = {}
+        self.on_count: Callable[[bytes, int], None] | None = None
 
     @property
     def retrying(self) -> bool:
@@ -77,6 +83,8 @@ class Fanout:
         its publisher's client id; held if a pipe is full."""
         if topic in self.topics:
             seq = self._topic_seq[topic] = self._topic_seq.get(topic, 0) + count
+            if self.on_count is not None:
+                self.on_count(topic, seq)
         else:
             # Nobody holds it (as far as XPUB told us yet): no count is kept. A subscriber
             # whose subscription XPUB applied before we read of it starts from its baseline.
@@ -121,9 +129,15 @@ class Fanout:
                 continue
             if subscribe:
                 self.topics[topic] = self.topics.get(topic, 0) + 1
+                if topic in self.restored_seq and topic not in self._topic_seq:
+                    self._topic_seq[topic] = self.restored_seq.pop(topic)
             elif topic in self.topics:
                 del self.topics[topic]
                 self._topic_seq.pop(topic, None)
+
+    def counts(self) -> dict[bytes, int]:
+        """Every topic's message count, restored ones not subscribed again included."""
+        return {**self.restored_seq, **self._topic_seq}
 
     def _send_sync_replies(self) -> None:
         for sync in list(self._sync_backlog):

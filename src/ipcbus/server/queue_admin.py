@@ -135,6 +135,8 @@ class QueueAdmin:
             sizes = memoryview(pack_sizes([len(entry.payload)]))
             group.push(Run(entry.meta, sizes, payload, number, 1))
         group.dead.requeued += len(taken)
+        if taken and self._book.journal is not None:
+            self._book.journal.rewrite()  # the journal has them dead: a checkpoint says otherwise
         if taken:
             logger.info("queue group %s: %d dead letters requeued", label, len(taken))
         return wire.reply(wire.STATUS_OK, {"requeued": len(taken), "missing": missing})
@@ -147,6 +149,8 @@ class QueueAdmin:
         group.delayed_messages = 0
         key = (group.topic, group.name)
         self._purged[key] = self._purged.get(key, 0) + purged
+        if purged and self._book.journal is not None:
+            self._book.journal.rewrite()  # the journal holds them: a checkpoint drops them
         logger.warning("queue group %s purged: %d held messages dropped", label, purged)
         return wire.reply(wire.STATUS_OK, {"purged": purged})
 

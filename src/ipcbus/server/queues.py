@@ -46,16 +46,39 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from ..wire.protocol import OUTCOME_DEAD, OUTCOME_OK, OUTCOME_REJECTED, Ack, Deliver, pack_sizes
-from .dead_letters import DeadLetters
+from .dead_letters import DeadEntry, DeadLetters
 from .runs import InFlight, Run, overlapping
 
 __all__ = ["ConsumerKey", "Delivery", "QueueBook", "QueueConsumer", "QueueGroup", "Run"]
 
 ConsumerKey = tuple[bytes, bytes]  # (client identity, subscription id)
+
+
+class JournalHooks(Protocol):
+    """What the book tells a journal (server.journal): ids of messages, never their content."""
+
+    full: bool
+
+    def enqueued(
+        self, topic: bytes, groups: Sequence[tuple[str, int]], meta: bytes, sizes: Any, data: Any
+    ) -> None: ...
+
+    def delivered(self, first_id: int, count: int, attempt: int) -> None: ...
+
+    def settled(self, first_id: int, count: int) -> None: ...
+
+    def dropped(self, topic: bytes, name: str) -> None: ...
+
+    def dead(self, topic: bytes, name: str, entry: DeadEntry) -> None: ...
+
+    def rewrite(self) -> None: ...
+
+    def write(self) -> bool: ...
 
 
 @dataclass(eq=False)
@@ -213,6 +236,7 @@ class QueueBook:
         self.stale_acks = 0  # acks for deliveries of another hub (before a restart)
         self.deleted_dropped = 0  # held messages dropped with their deleted group
         self.full_topics: frozenset[bytes] = frozenset()
+        self.journal: JournalHooks | None = None
 
     # -- membership -------------------------------------------------------------------------
 
@@ -316,6 +340,8 @@ class QueueBook:
             most = max(group.held for group in groups)
             if most >= self._max_held or (topic in self.full_topics and most > self._low_water):
                 full.add(topic)
+        if self.journal is not None and self.journal.full:
+            full.update(self._by_topic)  # every grouped topic goes to the journal
         if full == self.full_topics:
             return False
         self.full_topics = frozenset(full)
@@ -335,6 +361,8 @@ class QueueBook:
         if not groups:
             del self._by_topic[topic]
         self.deleted_dropped += group.held
+        if self.journal is not None:
+            self.journal.dropped(topic, name)
         return group.held
 
     def enqueue(self, topic: bytes, meta: bytes, payloads: list[bytes]) -> None:
@@ -353,11 +381,51 @@ class QueueBook:
         if not count:
             return
         sizes_view, payloads_view = memoryview(sizes), memoryview(payloads)
+        first_ids = []
         for group in groups:
             # Each group its own copy: its own message ids and history (the bytes are shared).
             group.push(Run(meta, sizes_view, payloads_view, self._next_id, count))
+            first_ids.append((group.name, self._next_id))
             self._next_id += count
             group.counts["published"] += count
+        if self.journal is not None:
+            self.journal.enqueued(topic, first_ids, meta, sizes, payloads)
+
+    # -- the journal ------------------------------------------------------------------------
+
+    @property
+    def next_id(self) -> int:
+        return self._next_id
+
+    def reserve_ids(self, next_id: int) -> None:
+        """Ids below ``next_id`` are taken (by messages a journal restored)."""
+        self._next_id = max(self._next_id, next_id)
+
+    def restore(self, topic: bytes, name: str, run: Run) -> None:
+        """A message run a previous hub held (from its journal), held again at the back."""
+        group = self.declare(topic, name)
+        group.push(run)
+        self._next_id = max(self._next_id, run.first_id + run.count)
+
+    def restore_dead(self, topic: bytes, name: str, entry: DeadEntry) -> None:
+        """A dead letter a previous hub kept (from its journal), payload included."""
+        self.declare(topic, name).dead.restore(entry)
+
+    def live_messages(self) -> int:
+        """Messages held or in flight, every group (what a journal checkpoint would copy)."""
+        return self.in_flight + sum(group.held for group in self._groups.values())
+
+    def live_runs(self) -> Iterator[tuple[QueueGroup, Run]]:
+        """Every message not settled, as runs: in flight, waiting for a retry, held."""
+        for group in self._groups.values():
+            for consumer in group.consumers.values():
+                for entry in consumer.in_flight.values():
+                    for run in entry.unsettled():
+                        yield group, run
+            for _due, _order, run in group.delayed:
+                yield group, run
+            for run in group.pending:
+                yield group, run
 
     def settle(self, ack: Ack, now: float) -> None:
         """Apply a consumer's answer for a range of its deliveries."""
@@ -379,6 +447,8 @@ class QueueBook:
             count, parts = entry.settle(low, high, ack.outcome != OUTCOME_OK)
             if not count:
                 continue
+            if self.journal is not None and ack.outcome in (OUTCOME_OK, OUTCOME_DEAD):
+                self.journal.settled(entry.run.first_id + low, high - low)
             settled += count
             if not entry.left:
                 del consumer.in_flight[entry.first_seq]
@@ -413,7 +483,9 @@ class QueueBook:
                 # Copies (payload_list): a view would keep the whole batch alive.
                 for index, payload in enumerate(part.payload_list()):
                     message_id = f"{self._hub_id.decode()}-{part.first_id + index}"
-                    group.dead.add(message_id, part.attempt, ack.error, part.meta, payload)
+                    entry = group.dead.add(message_id, part.attempt, ack.error, part.meta, payload)
+                    if self.journal is not None and entry is not None:
+                        self.journal.dead(group.topic, group.name, entry)
         else:  # failed: retried after the delay the consumer decided (bounded by the wire)
             group.counts["retried"] += count
             for part in parts:
@@ -467,6 +539,8 @@ class QueueBook:
             if rejected_by and all(c.key in rejected_by for c in consumers):
                 group.pop()
                 group.counts["rejected_dropped"] += run.count
+                if self.journal is not None:
+                    self.journal.settled(run.first_id, run.count)
                 continue
             consumer = self._next_with_credit(group, consumers, rejected_by)
             if consumer is None:
@@ -478,6 +552,8 @@ class QueueBook:
             else:
                 group.pop()
             run.attempt += 1
+            if self.journal is not None:
+                self.journal.delivered(run.first_id, run.count, run.attempt)
             seq = consumer.next_seq
             consumer.next_seq += run.count
             consumer.in_flight[seq] = InFlight(run, seq)

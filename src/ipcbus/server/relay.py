@@ -29,6 +29,7 @@ from ..wire.statistics import HubStatistics
 from .claim import AddressClaim
 from .control import ControlPlane, send_reply
 from .fanout import Fanout
+from .journal import Journal
 from .metrics import HubMetrics
 from .preauth import PendingHandshakes, raise_fd_limit
 
@@ -90,6 +91,7 @@ class Relay:
         ] = {}  # type -> messages nobody was subscribed to  # tcp: per socket's monitor
         self._control_monitor: Socket | None = None
         self.metrics: HubMetrics | None = None
+        self.journal: Journal | None = None
 
     @property
     def metrics_url(self) -> str | None:
@@ -125,6 +127,7 @@ class Relay:
             bad_group_entries=self.control_plane.bad_group_entries,
             handshakes_shed=sum(pending.shed for pending in self._pending.values()),
             unrouted=dict(self._unrouted),
+            journal=self.journal.statistics() if self.journal is not None else {},
             queues=book.statistics(),
             dead_letters={
                 name: [asdict(record) for record in records]
@@ -154,6 +157,8 @@ class Relay:
             except (InsecurePathError, HubUnavailableError) as exc:
                 raise HubAddressError(f"cannot serve at {self.address}: {exc}") from exc
             self.control_plane.restore_groups(self.address.hub_file(".groups"))
+            if options.journal is not None:  # JournalError: unsafe or in use
+                self.journal = Journal.open_for(options, self.control_plane.book)
             if restarted:
                 # A previous hub served here: give its clients restart_grace s to reconnect
                 # their SUB sockets before the backlog their publishers held is relayed.
@@ -191,6 +196,8 @@ class Relay:
             claim.bound()
             _restrict_ipc_files(*self.endpoints)
             self._fanout = Fanout(xpub, options.stall_timeout)
+            if self.journal is not None:  # broadcast counts go on across a crash
+                self.journal.count_for(self._fanout)
             # Peers that fail the handshake before the ZAP handler is asked (wrong mechanism,
             # garbage instead of ZMTP) are counted from the sockets' monitors.
             # The control socket's disconnections too: a client process that died (kill -9,
@@ -219,6 +226,8 @@ class Relay:
         finally:
             if self.metrics is not None:
                 self.metrics.close()
+            if self.journal is not None:
+                self.journal.close()
             for server_socket in sockets:
                 server_socket.close(linger=0)
             context.term()
@@ -310,10 +319,10 @@ class Relay:
             if fanout.lossy_ended():
                 self.control_plane.announce_lossy()
             self.control_plane.tick(control)
-            if not fanout.retry():
-                continue
-            if accepting and (data in events or poller is stalled):
+            if fanout.retry() and accepting and (data in events or poller is stalled):
                 self._read(data, lambda frames: self._handle_data(data, fanout, frames), True)
+            if self.journal is not None:
+                self.journal.end_of_turn(book)  # group commit, then the flushes held back
 
     def _authenticate(self, zap: Socket, secret: bytes) -> None:
         """Answer ZAP requests: the handshake of every connection to every hub socket."""
@@ -360,7 +369,8 @@ class Relay:
         fanout = self._fanout
         assert fanout is not None
         for _ in range(_BURST):
-            if stop_when_stalled and fanout.stalled is not None:
+            journal_done = self.journal is not None and self.journal.turn_done
+            if stop_when_stalled and (fanout.stalled is not None or journal_done):
                 return
             # Looking first costs a getsockopt; a receive that finds nothing raises zmq.Again
             # (~3x that), which ended every read.
@@ -414,7 +424,10 @@ class Relay:
                     logger.warning("%d messages of %r reached no queue group", count, topic)
             fanout.relay(topic, frames[3], count, frames[4:], identity)
         elif kind == wire.FLUSH and len(frames) == 3:
-            send_reply(data, wire.flushed(identity, frames[2].bytes))
+            if self.journal is not None:  # confirmed once what came before is journaled
+                self.journal.answer_later(data, wire.flushed(identity, frames[2].bytes))
+            else:
+                send_reply(data, wire.flushed(identity, frames[2].bytes))
         else:
             raise ValueError(f"unknown data request {kind!r}")
 

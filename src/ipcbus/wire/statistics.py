@@ -46,6 +46,10 @@ class HubStatistics:
     # Per type, messages published while no process subscribed and no queue group existed:
     # broadcast to nobody (declare_queue() keeps jobs for workers that start later).
     unrouted: dict[str, int] = field(default_factory=dict)
+    # The queue journal (Hub(journal=...)), empty without one: its size in bytes, messages
+    # restored at start, torn_bytes cut off its end and corrupt_records skipped at start,
+    # checkpoints (compactions), fsyncs, write_errors, and full (1 while it holds topics back).
+    journal: dict[str, int] = field(default_factory=dict)
     # Messages a queue group held when it was deleted (delete_queue): dropped with it.
     deleted_queue_dropped: int = 0
     # Topics publishers are told to hold back: a queue group of each holds max_held messages.

@@ -1,0 +1,300 @@
+"""The queue journal without a hub process: its records, replay, restore into a queue book,
+compaction, the size limit, a torn tail and the directory checks (server/journal.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from ipcbus.config import HubOptions, hub_options_from_env, parse_hub_option
+from ipcbus.exceptions import JournalError
+from ipcbus.server import journal_records as records
+from ipcbus.server.journal import Journal
+from ipcbus.server.queues import QueueBook
+from ipcbus.wire.protocol import OUTCOME_DEAD, OUTCOME_FAILED, OUTCOME_OK, Ack, pack_sizes
+
+TOPIC = b"tests.Job\x00"
+OTHER = b"tests.Other\x00"
+KEY = (b"client", b"sub")
+
+
+def _batch(*payloads: bytes) -> tuple[bytes, bytes]:
+    return pack_sizes(map(len, payloads)), b"".join(payloads)
+
+
+def _book(path: Path, **options: int) -> tuple[QueueBook, Journal]:
+    book = QueueBook(os.urandom(8).hex().encode(), max_held=options.pop("max_held", 100_000))
+    journal = Journal(str(path), max_bytes=options.pop("max_bytes", 1 << 30))
+    journal.open(book)
+    return book, journal
+
+
+def _enqueue(book: QueueBook, *payloads: bytes, topic: bytes = TOPIC) -> None:
+    sizes, data = _batch(*payloads)
+    book.enqueue_batch(topic, b"meta", sizes, data)
+
+
+def _held(book: QueueBook) -> dict[str, list[tuple[bytes, int]]]:
+    """Each group's messages and attempts, in the order the book would deliver them."""
+    found: dict[str, list[tuple[bytes, int]]] = {}
+    for group, run in book.live_runs():
+        for payload in run.payload_list():
+            found.setdefault(group.name, []).append((payload, run.attempt))
+    return found
+
+
+# -- records ----------------------------------------------------------------------------------
+
+
+def test_records_replay_to_what_is_live() -> None:
+    sizes, data = _batch(b"a", b"bb", b"ccc")
+    stream = b"".join(
+        b"".join(bytes(part) for part in record)
+        for record in (
+            records.begin(1),
+            records.enqueued(TOPIC, [("ga", 1), ("gb", 4)], b"m", sizes, data),
+            records.delivered(1, 2, 1),
+            records.settled(1, 1),  # ga's "a" acked
+            records.delivered(4, 3, 1),
+            records.settled(4, 3),  # gb all done
+            records.end(),
+        )
+    )
+    found = records.scan(stream)
+    assert (found.torn_bytes, found.corrupt, found.good_end) == (0, [], len(stream))
+    replay = records.Replay()
+    for kind, body in found.records:
+        replay.apply(kind, body)
+    live = [(run.name, low, high, attempt) for run, low, high, attempt in replay.live()]
+    # "bb" was delivered once (attempt 1), "ccc" never: cut where the attempt changes.
+    assert live == [("ga", 1, 2, 1), ("ga", 2, 3, 0)]
+    assert replay.next_id == 7
+    assert replay.began
+    assert replay.ended
+
+
+def test_a_torn_tail_and_a_corrupt_record_are_reported_not_raised() -> None:
+    sizes, data = _batch(b"x" * 100)
+    good = [records.enqueued(TOPIC, [("g", n)], b"m", sizes, data) for n in (1, 2, 3)]
+    blobs = [b"".join(bytes(part) for part in record) for record in good]
+    # The middle record's payload is damaged; the last one is cut short.
+    middle = bytearray(blobs[1])
+    middle[-5] ^= 0xFF
+    stream = blobs[0] + bytes(middle) + blobs[2] + blobs[0][:40]
+    found = records.scan(stream)
+    assert [kind for kind, _ in found.records] == [records.ENQUEUED, records.ENQUEUED]
+    assert len(found.corrupt) == 1
+    assert "checksum" in found.corrupt[0]
+    assert found.torn_bytes == 40
+    assert found.good_end == len(stream) - 40
+
+
+# -- a journal under a queue book -------------------------------------------------------------
+
+
+def test_what_was_not_acked_comes_back_with_its_attempts(tmp_path: Path) -> None:
+    book, journal = _book(tmp_path / "j")
+    book.declare(TOPIC, "g")
+    _enqueue(book, b"one", b"two", b"three", b"four" * 1000)  # a size over 255 bytes too
+    book.add_consumer(TOPIC, "g", KEY, prefetch=2)
+    deliveries = book.dispatch(0.0)
+    assert [d.run.count for d in deliveries] == [2]
+    stream = deliveries[0].stream
+    book.settle(Ack(stream, 1, 1, OUTCOME_OK, 0.0, ""), 0.0)  # "one" acked
+    book.settle(Ack(stream, 2, 2, OUTCOME_DEAD, 0.0, "poison"), 0.0)  # "two" dead-lettered
+    (_delivery,) = book.dispatch(0.0)  # "three", "four": in flight, not acked
+    journal.end_of_turn(book)
+    journal.close()  # as a kill would leave it: no checkpoint at the end
+
+    again, journal = _book(tmp_path / "j")
+    try:
+        assert _held(again) == {"g": [(b"three", 1), (b"four" * 1000, 1)]}
+        assert journal.statistics()["restored"] == 2
+        # The dead letter's record (ipcbus stats) outlives the hub too.
+        (group,) = again.groups()
+        assert [(r.attempts, r.error) for r in group.dead] == [(1, "poison")]
+        # Redelivered with attempt + 1; new ids never collide with the restored ones.
+        again.add_consumer(TOPIC, "g", KEY, prefetch=10)
+        (redelivery,) = again.dispatch(0.0)
+        assert redelivery.run.attempt == 2
+        _enqueue(again, b"five")
+        ids = [run.first_id for _, run in again.live_runs()]
+        assert len(set(ids)) == len(ids)
+    finally:
+        journal.close()
+
+
+def test_broadcast_counts_are_continued(tmp_path: Path) -> None:
+    """The fan-out's message counts, written before each send, come back (the last one wins),
+    through a checkpoint too."""
+    book, journal = _book(tmp_path / "j")
+    journal.counted(TOPIC, 10)
+    journal.counted(TOPIC, 25)
+    journal.counted(OTHER, 3)
+    journal.close()
+    for _ in range(2):  # each start is a checkpoint: the counts are copied into it
+        _, journal = _book(tmp_path / "j")
+        assert journal.restored_counts == {TOPIC: 25, OTHER: 3}
+        journal.close()
+    book, journal = _book(tmp_path / "j")
+    journal.count_source = lambda: {TOPIC: 30}
+    journal.checkpoint(book)
+    journal.close()
+    _, journal = _book(tmp_path / "j")
+    try:
+        assert journal.restored_counts == {TOPIC: 30}
+    finally:
+        journal.close()
+
+
+def test_a_deleted_group_and_retried_messages(tmp_path: Path) -> None:
+    book, journal = _book(tmp_path / "j")
+    book.declare(TOPIC, "g")
+    book.declare(OTHER, "gone")
+    _enqueue(book, b"retry-me")
+    _enqueue(book, b"dropped", topic=OTHER)
+    book.add_consumer(TOPIC, "g", KEY, prefetch=5)
+    (delivery,) = book.dispatch(0.0)
+    book.settle(Ack(delivery.stream, 1, 1, OUTCOME_FAILED, 60.0, "later"), 0.0)
+    assert book.delete(OTHER, "gone") == 1
+    journal.end_of_turn(book)
+    journal.close()
+    again, journal = _book(tmp_path / "j")
+    try:
+        assert _held(again) == {"g": [(b"retry-me", 1)]}  # waiting for its retry: held again
+    finally:
+        journal.close()
+
+
+def test_a_torn_tail_is_cut_off_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    book, journal = _book(tmp_path / "j")
+    book.declare(TOPIC, "g")
+    _enqueue(book, b"kept")
+    journal.end_of_turn(book)
+    _enqueue(book, b"torn")
+    journal.end_of_turn(book)
+    journal.close()
+    (segment,) = (tmp_path / "j").glob("*.journal")
+    os.truncate(segment, segment.stat().st_size - 3)  # the last record, cut mid-write
+    with caplog.at_level(logging.WARNING, logger="ipcbus.server.journal"):
+        again, journal = _book(tmp_path / "j")
+    try:
+        assert _held(again) == {"g": [(b"kept", 0)]}
+        assert journal.statistics()["torn_bytes"] > 0
+        assert "incomplete last record" in caplog.text
+    finally:
+        journal.close()
+
+
+def test_a_corrupt_record_in_the_middle_is_reported_and_the_rest_restored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    book, journal = _book(tmp_path / "j")
+    book.declare(TOPIC, "g")
+    for payload in (b"first-payload", b"middle-payload", b"last-payload"):
+        _enqueue(book, payload)
+        journal.end_of_turn(book)
+    journal.close()
+    (segment,) = (tmp_path / "j").glob("*.journal")
+    data = bytearray(segment.read_bytes())
+    data[data.index(b"middle-payload")] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR, logger="ipcbus.server.journal"):
+        again, journal = _book(tmp_path / "j")
+    try:
+        assert _held(again) == {"g": [(b"first-payload", 0), (b"last-payload", 0)]}
+        assert journal.statistics()["corrupt_records"] == 1
+        assert "checksum mismatch" in caplog.text
+    finally:
+        journal.close()
+
+
+def test_compaction_keeps_the_journal_bounded(tmp_path: Path) -> None:
+    """100 MB through a journal whose live part is at most ~100 KB: its file stays small."""
+    max_bytes = 2 * 1024 * 1024
+    book, journal = _book(tmp_path / "j", max_bytes=max_bytes)
+    try:
+        book.declare(TOPIC, "g")
+        book.add_consumer(TOPIC, "g", KEY, prefetch=100)
+        largest = 0
+        payload = b"p" * 1000
+        for _ in range(1000):
+            _enqueue(book, *[payload] * 100)
+            for delivery in book.dispatch(0.0):
+                book.settle(
+                    Ack(delivery.stream, delivery.first_seq, delivery.last_seq, OUTCOME_OK, 0, ""),
+                    0,
+                )
+            journal.end_of_turn(book)
+            largest = max(largest, sum(p.stat().st_size for p in (tmp_path / "j").iterdir()))
+        assert journal.statistics()["checkpoints"] > 10
+        assert largest <= max_bytes, largest
+        assert not journal.full
+    finally:
+        journal.close()
+
+
+def test_a_full_journal_holds_grouped_topics_back(tmp_path: Path) -> None:
+    book, journal = _book(tmp_path / "j", max_bytes=256 * 1024)
+    try:
+        book.declare(TOPIC, "g")
+        book.declare(OTHER, "h")
+        for _ in range(10):  # nobody consumes: everything stays live
+            _enqueue(book, b"x" * 40_000)
+            journal.end_of_turn(book)
+        assert journal.full
+        assert book.update_full()
+        assert book.full_topics == {TOPIC, OTHER}
+        # Consumers take and ack it all: compaction shrinks the journal, the topics reopen.
+        book.add_consumer(TOPIC, "g", KEY, prefetch=100)
+        for delivery in book.dispatch(0.0):
+            book.settle(
+                Ack(delivery.stream, delivery.first_seq, delivery.last_seq, OUTCOME_OK, 0, ""), 0
+            )
+        journal._next_check = 0  # as the next turns would, once the segment grows on
+        journal.end_of_turn(book)
+        assert not journal.full
+        assert book.update_full()
+        assert book.full_topics == frozenset()
+    finally:
+        journal.close()
+
+
+# -- the directory ----------------------------------------------------------------------------
+
+
+def test_the_journal_directory_is_private_and_locked(tmp_path: Path) -> None:
+    _, journal = _book(tmp_path / "j")
+    try:
+        assert (tmp_path / "j").stat().st_mode & 0o777 == 0o700
+        with pytest.raises(JournalError, match="another hub uses"):
+            _book(tmp_path / "j")
+    finally:
+        journal.close()
+    (tmp_path / "open").mkdir(mode=0o755)
+    os.chmod(tmp_path / "open", 0o755)
+    with pytest.raises(JournalError, match="mode 0755"):
+        _book(tmp_path / "open")
+    (tmp_path / "target").mkdir(mode=0o700)
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    with pytest.raises(JournalError, match="symlink"):
+        _book(tmp_path / "link")
+
+
+def test_journal_options_from_the_environment_and_the_command_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("IPCBUS_HUB_JOURNAL", "/somewhere")
+    monkeypatch.setenv("IPCBUS_HUB_JOURNAL_FSYNC", "no")
+    options = hub_options_from_env()
+    assert (options.journal, options.journal_fsync) == ("/somewhere", False)
+    assert HubOptions().journal is None
+    assert HubOptions().journal_fsync
+    assert parse_hub_option("journal_max_bytes", "1024") == 1024
+    with pytest.raises(ValueError, match="yes/no"):
+        parse_hub_option("journal_fsync", "maybe")
