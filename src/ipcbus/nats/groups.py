@@ -1,0 +1,333 @@
+"""Queue groups on JetStream: one stream per grouped type, one durable pull consumer per group.
+
+Which stream holds what, and why:
+
+- a type gets a stream (``<NAMESPACE>_<hash>``, subject: the type's subject only, retention
+  *interest*, file storage) when its first queue group is declared or joined, and loses it when
+  its last group is deleted. Types that only broadcast have no stream: their messages are never
+  stored, and cost what core NATS costs;
+- each group is a durable consumer of that stream (``g_<group>``: explicit acks, ``ack_wait``,
+  ``max_deliver`` = the members' ``max_attempts``, starting with the messages published after
+  its creation); interest retention keeps a message until every group acknowledged it, and a
+  group holds what is published while it has no member;
+- in each process, the members of one group share one pull subscription (a fetch loop on the
+  connection's loop thread) and take its deliveries round-robin, by predicate, as in-process
+  brokers do; a message no member here accepts is given back (``nak``) for another process, and
+  dropped, logged, at its last delivery.
+
+A delivery runs its handler on the handler loop (``ipcbus-nats-queue-loop``: coroutines there,
+plain functions in its thread pool), with ``in_progress`` sent every third of ``ack_wait`` while
+it runs. Success acks; a failure naks with the retry backoff of :mod:`ipcbus.core.retry`, and the
+last one publishes the same :class:`~ipcbus.message.DeadLetter` as every broker, then acks. A
+process killed mid-handler acks nothing: JetStream delivers the message again after ``ack_wait``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+
+from ..core.contract import AsyncMessageContext, Subscription
+from ..core.retry import after_failure, publish_dead_letter
+from ..core.routing import RouteTable
+from ..message import Message
+from .envelope import Envelope, open_envelope
+from .statistics import Counters
+from .subjects import consumer_name, stream_name, subject_for
+
+__all__ = ["GroupConsumer", "ensure_group", "running_queue_handler"]
+
+logger = logging.getLogger(__name__)
+
+# An idle fetch waits this long at the server; closing waits for the current one to end, so
+# that no message is handed to a subscription that is gone (it would wait ack_wait).
+FETCH_WAIT = 0.5
+MAX_FETCH = 256
+
+Answer = Callable[[Envelope, Any, BaseException | None], None]
+
+_local = threading.local()
+
+
+def running_queue_handler() -> bool:
+    """True in a thread that runs a plain-function queue handler now (``close()`` there must
+    not wait for that very handler)."""
+    return getattr(_local, "active", False)
+
+
+def _call_marked(handler: Callable[[Message], Any], message: Message) -> Any:
+    _local.active = True
+    try:
+        return handler(message)
+    finally:
+        _local.active = False
+
+
+async def ensure_group(
+    js: JetStreamContext,
+    namespace: str,
+    topic: str,
+    queue_name: str,
+    max_attempts: int,
+    ack_wait: float,
+) -> None:
+    """Create the type's stream and the group's durable consumer, if they do not exist."""
+    stream = stream_name(namespace, topic)
+    try:
+        await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(
+            js_api.StreamConfig(
+                name=stream,
+                description=topic,
+                subjects=[subject_for(namespace, topic)],
+                retention=js_api.RetentionPolicy.INTEREST,
+                storage=js_api.StorageType.FILE,
+            )
+        )
+    durable = consumer_name(queue_name)
+    try:
+        await js.consumer_info(stream, durable)
+        return
+    except nats.js.errors.NotFoundError:
+        pass
+    await js.add_consumer(
+        stream,
+        js_api.ConsumerConfig(
+            name=durable,
+            durable_name=durable,
+            description=queue_name,
+            deliver_policy=js_api.DeliverPolicy.NEW,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_deliver=max_attempts,
+        ),
+    )
+
+
+class GroupConsumer:
+    """This process's members of one queue group, fed by one pull subscription."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        namespace: str,
+        topic: str,
+        queue_name: str,
+        *,
+        message_type: type[Message],
+        max_attempts: int,
+        secret: bytes,
+        routes: RouteTable,
+        counters: Counters,
+        handler_loop: Callable[[], asyncio.AbstractEventLoop],
+        publish: Callable[[Message], None],
+        answer: Answer,
+        ack_wait: float,
+    ) -> None:
+        self.topic = topic
+        self.queue_name = queue_name
+        self.message_type = message_type
+        self.max_attempts = max_attempts
+        self.stream = stream_name(namespace, topic)
+        self.durable = consumer_name(queue_name)
+        self._js = js
+        self._secret = secret
+        self._routes = routes
+        self._counters = counters
+        self._handler_loop = handler_loop
+        self._publish = publish
+        self._answer = answer
+        self._ack_wait = ack_wait
+        self._prefetch = 1
+        self._in_hand = 0
+        self._room = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._psub: JetStreamContext.PullSubscription | None = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def in_hand(self) -> int:
+        return self._in_hand
+
+    def set_prefetch(self, prefetch: int) -> None:
+        self._prefetch = max(self._prefetch, prefetch)
+        self._room.set()
+
+    async def start(self) -> None:  # the connection's loop
+        self._psub = await self._js.pull_subscribe_bind(self.durable, self.stream)
+        self._task = asyncio.get_running_loop().create_task(self._pull())
+
+    async def stop(self) -> None:
+        """Fetch no more; the fetch under way ends within ``FETCH_WAIT`` (what it brings is
+        given back at once); deliveries in hand finish on their own."""
+        self._stopping = True
+        self._room.set()
+        if self._task is not None:
+            await asyncio.wait({self._task}, timeout=FETCH_WAIT + 2.0)
+            self._task.cancel()
+        if self._psub is not None:
+            try:
+                await self._psub.unsubscribe()
+            except Exception as exc:
+                logger.debug("unsubscribing the pull subscription of %s: %s", self.durable, exc)
+
+    async def _pull(self) -> None:
+        assert self._psub is not None
+        while not self._stopping:
+            free = self._prefetch - self._in_hand
+            if free <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                msgs = await self._psub.fetch(min(free, MAX_FETCH), timeout=FETCH_WAIT)
+            except asyncio.TimeoutError:
+                continue
+            except Exception as exc:
+                if self._stopping:
+                    return
+                logger.warning("fetching for queue group %r failed: %s", self.queue_name, exc)
+                await asyncio.sleep(FETCH_WAIT)
+                continue
+            for msg in msgs:
+                if self._stopping:
+                    await msg.nak()
+                else:
+                    await self._take(msg)
+
+    async def _take(self, msg: Msg) -> None:
+        envelope = open_envelope(self._secret, msg.subject, msg.headers, msg.data)
+        if envelope is None:
+            count = self._counters.add("rejected")
+            logger.error(
+                "queue group %r: dropped a stored message on %s without a valid signature "
+                "(forged, altered, or from another bus secret): not unpickled (%d rejected)",
+                self.queue_name,
+                msg.subject,
+                count,
+            )
+            await msg.term()
+            return
+        try:
+            message = envelope.decode(self.message_type)
+        except Exception as exc:
+            count = self._counters.add("undecodable")
+            logger.error(
+                "queue group %r: dropped a message of %s this process cannot decode (%s: %s; "
+                "%d so far)",
+                self.queue_name,
+                self.topic,
+                type(exc).__name__,
+                exc,
+                count,
+            )
+            await msg.term()
+            return
+        attempt = msg.metadata.num_delivered
+        member = self._routes.pick(self.topic, self.queue_name, message)
+        if member is None:
+            if attempt >= self.max_attempts:
+                logger.warning(
+                    "queue group %r: no member accepted %r by its last delivery: dropped",
+                    self.queue_name,
+                    message,
+                )
+                await msg.term()
+            else:
+                await msg.nak()  # for a member in another process
+            return
+        self._in_hand += 1
+        self.idle.clear()
+        asyncio.run_coroutine_threadsafe(
+            self._handle(member, message, envelope, msg, attempt), self._handler_loop()
+        )
+
+    async def _handle(
+        self,
+        member: Subscription,
+        message: Message,
+        envelope: Envelope,
+        msg: Msg,
+        attempt: int,
+    ) -> None:  # the handler loop
+        context = AsyncMessageContext._of(
+            self.queue_name, envelope.message_id, attempt, envelope.published_at
+        )
+        AsyncMessageContext._current.set(context)
+        task = asyncio.ensure_future(_run_returning(member, message))
+        try:
+            while not (await asyncio.wait({task}, timeout=self._ack_wait / 3))[0]:
+                self._on_client(msg.in_progress())
+        except asyncio.CancelledError:
+            # The broker closes: the delivery goes back to the group at once.
+            task.cancel()
+            self._on_client(msg.nak())
+            self._on_client(self._done())
+            raise
+        result: Any = None
+        failure: BaseException | None = None
+        try:
+            result = task.result()
+        except BaseException as exc:
+            failure = exc
+        if failure is None:
+            self._on_client(msg.ack())
+            if envelope.reply:
+                self._answer(envelope, result, None)
+        else:
+            verdict = after_failure(
+                member.policy, self.queue_name, member.handler, message, attempt, failure
+            )
+            if verdict.retry:
+                self._on_client(msg.nak(delay=verdict.delay or None))
+            else:
+                publish_dead_letter(self._publish, self.queue_name, message, attempt, failure)
+                self._on_client(msg.ack())
+                if envelope.reply:
+                    self._answer(envelope, None, failure)
+        self._on_client(self._done())
+
+    def _on_client(self, coroutine: Any) -> None:
+        """Run a coroutine of the client on its loop (we are on the handler loop)."""
+        loop = self._room_loop
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        future.add_done_callback(_log_failure)
+
+    @property
+    def _room_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._task is not None
+        return self._task.get_loop()
+
+    async def _done(self) -> None:  # the connection's loop
+        self._in_hand -= 1
+        self._room.set()
+        if self._in_hand == 0:
+            self.idle.set()
+
+
+def _log_failure(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("acknowledging a queue delivery failed: %s", future.exception())
+
+
+async def _run_returning(subscription: Subscription, message: Message) -> Any:
+    """:func:`ipcbus.core.handlers.run_queue_handler`, keeping what the handler returned."""
+    handler = subscription.handler
+    if inspect.iscoroutinefunction(handler):
+        return await handler(message)
+    result = await asyncio.to_thread(_call_marked, handler, message)
+    if inspect.isawaitable(result):
+        result = await result
+    return result

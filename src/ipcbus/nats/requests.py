@@ -1,0 +1,88 @@
+"""Request/reply on NATS: the requester's waiting room, and the errors a request raises.
+
+A request is published like any message, with the requester's reply inbox
+(``<connection inbox>.r.<n>``) in its signed headers; a responder, a handler that returned a
+``Message``, publishes its answer there, signed. The first valid answer wins; later ones (other
+responders) and answers after the requester gave up are dropped and counted
+(``replies_dropped``). Nothing is kept per request once it returns.
+"""
+
+from __future__ import annotations
+
+import threading
+from itertools import count
+
+from nats.aio.msg import Msg
+
+from ..exceptions import PubSubError
+from .envelope import Envelope, open_envelope
+from .statistics import Counters
+
+__all__ = ["PendingRequests", "RemoteError", "RequestTimeoutError"]
+
+
+class RequestTimeoutError(PubSubError, TimeoutError):
+    """No answer to ``request()`` within its timeout: no subscriber of the type answered."""
+
+
+class RemoteError(PubSubError):
+    """The responder's handler raised: ``remote_type`` is the exception's type name,
+    ``remote_message`` its text."""
+
+    def __init__(self, remote_type: str, remote_message: str) -> None:
+        super().__init__(f"the responder raised {remote_type}: {remote_message}")
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+
+
+class _Waiting:
+    __slots__ = ("closed", "done", "envelope")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.envelope: Envelope | None = None
+        self.closed = False
+
+
+class PendingRequests:
+    """The requests of one broker that wait for an answer."""
+
+    def __init__(self, secret: bytes, counters: Counters) -> None:
+        self._secret = secret
+        self._counters = counters
+        self._lock = threading.Lock()
+        self._waiting: dict[str, _Waiting] = {}
+        self._tokens = count(1)
+
+    def open(self) -> tuple[str, _Waiting]:
+        token = str(next(self._tokens))
+        waiting = _Waiting()
+        with self._lock:
+            self._waiting[token] = waiting
+        return token, waiting
+
+    def forget(self, token: str) -> None:
+        with self._lock:
+            self._waiting.pop(token, None)
+
+    def answer(self, token: str, msg: Msg) -> None:
+        """An answer arrived on the inbox (the connection's loop): check it, keep the first."""
+        envelope = open_envelope(self._secret, msg.subject, msg.headers, msg.data)
+        if envelope is None:
+            self._counters.add("rejected")
+            return
+        with self._lock:
+            waiting = self._waiting.pop(token, None)
+        if waiting is None:
+            self._counters.add("replies_dropped")
+            return
+        waiting.envelope = envelope
+        waiting.done.set()
+
+    def close_all(self) -> None:
+        """The broker closes: every waiting requester wakes (``BrokerClosedError``)."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting.values()), {}
+        for each in waiting:
+            each.closed = True
+            each.done.set()

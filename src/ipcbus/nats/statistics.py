@@ -1,0 +1,74 @@
+"""What a NatsBroker counts: every message it did not deliver is counted here, never silently
+gone (the NATS counterpart of a ``HubBroker``'s ``gaps``, ``undecodable`` and ``rejected``)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["Counters", "GroupStatistics", "NatsStatistics"]
+
+
+@dataclass(frozen=True)
+class GroupStatistics:
+    """A queue group as JetStream reports it: ``held`` messages not yet delivered to any
+    member, ``in_flight`` delivered and not yet acknowledged (retries waiting included)."""
+
+    held: int
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class NatsStatistics:
+    """Counts since the broker connected.
+
+    - ``dropped``: broadcast messages dropped in this process because its handlers fell behind
+      by more than ``pending_msgs_limit`` messages or ``pending_bytes_limit`` bytes (nats-py's
+      slow consumer); each burst is logged at ERROR;
+    - ``rejected``: messages whose signature did not check (forged, altered, or signed with
+      another bus secret): never unpickled; logged at ERROR;
+    - ``undecodable``: signed messages this process could not unpickle (a class it cannot
+      import); queue deliveries among them are dead-lettered;
+    - ``store_failures``: messages of a type with a queue group that JetStream refused to store
+      (its broadcast subscribers still got them); the next ``flush()`` raises for them;
+    - ``replies_dropped``: answers to a ``request()`` that came after the first one, or after
+      the requester gave up;
+    - ``reconnects``: how often the connection to the server was re-established (core NATS
+      messages published meanwhile by others may have been missed);
+    - ``in_hand``: queue deliveries this process's handlers hold now (not a count since);
+    - ``queues``: each queue group this broker declared or joined, by ``"type:group"``.
+    """
+
+    dropped: int = 0
+    rejected: int = 0
+    undecodable: int = 0
+    store_failures: int = 0
+    replies_dropped: int = 0
+    reconnects: int = 0
+    in_hand: int = 0
+    queues: dict[str, GroupStatistics] = field(default_factory=dict)
+
+
+_NOT_COUNTED = frozenset({"queues", "in_hand"})
+
+
+class Counters:
+    """The mutable counts behind :class:`NatsStatistics`, incremented from several threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.values = {f.name: 0 for f in fields(NatsStatistics) if f.name not in _NOT_COUNTED}
+
+    def add(self, name: str, count: int = 1) -> int:
+        with self._lock:
+            self.values[name] += count
+            return self.values[name]
+
+    def __getitem__(self, name: str) -> int:
+        return self.values[name]
+
+    def snapshot(self, **extra: Any) -> NatsStatistics:
+        with self._lock:
+            values = dict(self.values)
+        return NatsStatistics(**values, **extra)
