@@ -71,6 +71,7 @@ class NatsConnection:
         self._unacked: dict[int, str] = {}  # ack id -> subject, of stored publishes
         self._acked = threading.Condition()
         self._store_errors: list[str] = []
+        self._closing = False
         self.inbox = ""
         self.loop, self.thread = start_loop_thread("ipcbus-nats-io")
         try:
@@ -123,6 +124,8 @@ class NatsConnection:
         logger.error("NATS client error on %s: %s: %s", self.servers, type(exc).__name__, exc)
 
     async def _disconnected(self) -> None:
+        if self._closing:
+            return
         logger.warning("disconnected from the NATS server at %s; reconnecting", self.servers)
 
     async def _reconnected(self) -> None:
@@ -268,6 +271,7 @@ class NatsConnection:
 
     def close(self, linger: float) -> None:
         """Close the client (within ``linger``) and stop the loop thread."""
+        self._closing = True
         if self.loop.is_running():
             try:
                 self.call(self.client.close(), linger, "close")

@@ -262,8 +262,9 @@ class GroupConsumer:
         msg: Msg,
         attempt: int,
     ) -> None:  # the handler loop
+        # One id per message and group, the same on every attempt.
         context = AsyncMessageContext._of(
-            self.queue_name, envelope.message_id, attempt, envelope.published_at
+            self.queue_name, f"{envelope.message_id}/{self.durable}", attempt, envelope.published_at
         )
         AsyncMessageContext._current.set(context)
         task = asyncio.ensure_future(_run_returning(member, message))
