@@ -11,18 +11,39 @@
 - ``signing``: the bus secret and the HMAC every payload carries.
 - ``subjects``: message types as subjects, streams and consumer names.
 - ``statistics``: what a NatsBroker counts.
+
+Names are imported on first use (PEP 562), as in ``ipcbus``: the submodules import each other,
+never this package.
 """
 
 from __future__ import annotations
 
-from .broker import NatsBroker
-from .requests import RemoteError, RequestTimeoutError
-from .statistics import GroupStatistics, NatsStatistics
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "GroupStatistics",
-    "NatsBroker",
-    "NatsStatistics",
-    "RemoteError",
-    "RequestTimeoutError",
-]
+_EXPORTS = {
+    "GroupStatistics": "ipcbus.nats.statistics",
+    "NatsBroker": "ipcbus.nats.broker",
+    "NatsStatistics": "ipcbus.nats.statistics",
+    "RemoteError": "ipcbus.nats.requests",
+    "RequestTimeoutError": "ipcbus.nats.requests",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ipcbus.nats' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from .broker import NatsBroker as NatsBroker
+    from .requests import RemoteError as RemoteError
+    from .requests import RequestTimeoutError as RequestTimeoutError
+    from .statistics import GroupStatistics as GroupStatistics
+    from .statistics import NatsStatistics as NatsStatistics

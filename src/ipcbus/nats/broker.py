@@ -389,7 +389,9 @@ class NatsBroker(Broker):
         return group
 
     async def _ensure_group(self, topic: str, queue_name: str, max_attempts: int) -> None:
-        await ensure_group(self._js, self.namespace, topic, queue_name, max_attempts, self._ack_wait)
+        await ensure_group(
+            self._js, self.namespace, topic, queue_name, max_attempts, self._ack_wait
+        )
         self._known_groups.add((topic, queue_name))
         self._stored[topic] = True
         await self._conn.client.publish(f"{self.namespace}.streams", topic.encode())
@@ -515,17 +517,14 @@ class NatsBroker(Broker):
                 self._conn.call(_stop_all(groups), FETCH_WAIT + 3.0, "stop queue groups")
             except PubSubError as exc:
                 logger.warning("closing %r: %s", self, exc)
-        in_handler = running_queue_handler() or (
-            threading.current_thread() is self._handler_thread
-        )
+        in_handler = running_queue_handler() or (threading.current_thread() is self._handler_thread)
         deadline = time.monotonic() + self._linger
         while not in_handler and any(g.in_hand for g in groups) and time.monotonic() < deadline:
             time.sleep(0.01)
         if self._handler_loop is not None:
             self._handler_loop.call_soon_threadsafe(self._handler_loop.stop)
             if self._handler_thread is not None and not in_handler:
-                if threading.current_thread() is not self._handler_thread:
-                    self._handler_thread.join(self._linger)
+                self._handler_thread.join(self._linger)
         self._conn.close(self._linger)
         self._dispatcher.stop(self._linger)
 

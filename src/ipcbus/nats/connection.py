@@ -210,7 +210,9 @@ class NatsConnection:
             self._draining = True
         if start:
             self.loop.call_soon_threadsafe(self._start_drain)
-        if not marker.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+        if not marker.done.wait(
+            None if deadline is None else max(0.0, deadline - time.monotonic())
+        ):
             raise PublishTimeoutError(
                 f"the NATS server at {self.servers} did not confirm a flush within {timeout} s"
             )

@@ -190,6 +190,6 @@ class Dispatcher:
             if self._abandoned:
                 return
             if subscription.accepts(message):
-                result, exc = call_returning(subscription, message)
+                result, failure = call_returning(subscription, message)
                 if envelope.reply:
-                    self._answer(envelope, result, exc)
+                    self._answer(envelope, result, failure)

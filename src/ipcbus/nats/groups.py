@@ -193,7 +193,7 @@ class GroupConsumer:
                 continue
             try:
                 msgs = await self._psub.fetch(min(free, MAX_FETCH), timeout=FETCH_WAIT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             except Exception as exc:
                 if self._stopping:

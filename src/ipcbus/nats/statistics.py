@@ -70,5 +70,5 @@ class Counters:
 
     def snapshot(self, **extra: Any) -> NatsStatistics:
         with self._lock:
-            values = dict(self.values)
-        return NatsStatistics(**values, **extra)
+            values: dict[str, Any] = {**self.values, **extra}
+        return NatsStatistics(**values)

@@ -37,9 +37,7 @@ _MAX_CONSUMER_NAME = 64
 def check_namespace(namespace: str) -> str:
     """``namespace`` itself when it is a valid token of 1-32 ``A-Z a-z 0-9 _ -``."""
     if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
-        raise ValueError(
-            f"namespace must be 1-32 characters of A-Z a-z 0-9 _ -, not {namespace!r}"
-        )
+        raise ValueError(f"namespace must be 1-32 characters of A-Z a-z 0-9 _ -, not {namespace!r}")
     return namespace
 
 
