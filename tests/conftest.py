@@ -21,7 +21,7 @@ from ipcbus.nats import NatsBroker
 from ipcbus.testing import isolated_registry
 
 from .hubtools import BarrierWaiter, SplitBroker, Workers
-from .natstools import NatsServer, require_nats_server
+from .natstools import SECRET, NatsServer, require_nats_server
 
 pytest_plugins = ["pytester"]
 
@@ -155,7 +155,7 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
         broker = TestBroker(fail_fast=False)  # the contract: handler failures are isolated
     elif kind == "nats":
         server = request.getfixturevalue("nats_server")
-        broker = NatsBroker(server.url, namespace=server.namespace())
+        broker = NatsBroker(server.url, namespace=server.namespace(), secret=SECRET)
     else:
         address = request.getfixturevalue("fresh_hub").address
         broker = HubBroker(address) if kind == "hub" else SplitBroker(address)

@@ -18,11 +18,13 @@ import sys
 import sysconfig
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-__all__ = ["NatsServer", "find_nats_server", "require_nats_server"]
+__all__ = ["SECRET", "NatsServer", "find_nats_server", "require_nats_server"]
+
+# The bus secret of the test brokers: passed explicitly, so no test writes the default key file.
+SECRET = os.urandom(32).hex()
 
 
 def find_nats_server() -> str | None:
@@ -145,7 +147,3 @@ class NatsServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def store_is_gone(path: str) -> bool:
-    return not Path(path).exists()

@@ -347,6 +347,9 @@ class NatsBroker(Broker):
             self._routes.add(subscription)
             group = self._groups.get(key)
             if group is None:
+                # Made here, never on the client's loop: that loop must never wait for our lock
+                # (a first delivery there waited for a subscribe() that waited for the loop).
+                self._start_handler_loop()
                 try:
                     group = self._conn.call(
                         self._start_group(subscription), self._timeout, f"join {queue_name!r}"
@@ -371,7 +374,7 @@ class NatsBroker(Broker):
             secret=self._secret,
             routes=self._routes,
             counters=self._counters,
-            handler_loop=self._get_handler_loop,
+            handler_loop=self._handler_loop_now,
             publish=self.publish,
             answer=self._answer,
             ack_wait=self._ack_wait,
@@ -400,13 +403,13 @@ class NatsBroker(Broker):
         stream = stream_name(self.namespace, topic)
         return f"{self.namespace}.members.{stream}.{consumer_name(queue_name)}"
 
-    def _get_handler_loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._handler_loop is None:
-                self._handler_loop, self._handler_thread = start_loop_thread(
-                    "ipcbus-nats-queue-loop"
-                )
-            return self._handler_loop
+    def _start_handler_loop(self) -> None:  # under self._lock
+        if self._handler_loop is None:
+            self._handler_loop, self._handler_thread = start_loop_thread("ipcbus-nats-queue-loop")
+
+    def _handler_loop_now(self) -> asyncio.AbstractEventLoop:
+        assert self._handler_loop is not None  # started before the first group
+        return self._handler_loop
 
     def _cancel(self, subscription: Subscription) -> None:
         if _pid() != self._owner:
