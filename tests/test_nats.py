@@ -138,7 +138,7 @@ def test_a_forged_pickled_payload_is_never_unpickled(
     assert received == [OrderPlaced(1)]
     statistics = broker.statistics()
     assert statistics.rejected == 8
-    assert statistics.queues[f"tests.messages.OrderPlaced:work"].held == 0
+    assert statistics.queues["tests.messages.OrderPlaced:work"].held == 0
     assert any("without a valid signature" in r.getMessage() for r in caplog.records)
 
 
