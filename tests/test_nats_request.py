@@ -128,7 +128,8 @@ def test_close_wakes_a_waiting_requester(broker: NatsBroker) -> None:
     broker.close()
     asker.join(10)
     assert time.monotonic() - started < 10
-    assert len(outcome) == 1 and isinstance(outcome[0], BrokerClosedError)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], BrokerClosedError)
 
 
 def _responder(url: str, namespace: str, secret: str, ready: Any, stop: Any) -> None:
