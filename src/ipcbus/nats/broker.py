@@ -130,7 +130,11 @@ class NatsBroker(Broker):
         self._routes = RouteTable()
         self._requests = PendingRequests(raw_secret, self._counters)
         self._lock = threading.RLock()
-        self._subjects: dict[str, str] = {}
+        self._subjects: dict[str, str] = {}  # topic -> subject
+        # class -> (topic, subject), weakly: programs that make classes at run time get them back
+        self._by_class: weakref.WeakKeyDictionary[type, tuple[str, str]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._stored: dict[str, bool] = {}  # topic -> a stream stores it
         self._live: dict[str, NatsSubscription] = {}
         self._groups: dict[tuple[str, str], GroupConsumer] = {}
@@ -198,10 +202,13 @@ class NatsBroker(Broker):
 
     def _publish(self, message: Message, reply: str = "") -> None:
         self._check_usable()
-        topic = get_unique_name_for_message(message)
-        subject = self._subjects.get(topic)
-        if subject is None:
-            subject = self._subjects[topic] = subject_for(self.namespace, topic)
+        cls = type(message)
+        known = self._by_class.get(cls)
+        if known is None:
+            topic = get_unique_name_for_message(cls)
+            known = self._by_class[cls] = (topic, subject_for(self.namespace, topic))
+            self._subjects[topic] = known[1]
+        topic, subject = known
         codec, payload = encode_message(message)
         if len(payload) > self._max_payload - _HEADER_ROOM:
             raise MessageTooLargeError(

@@ -163,13 +163,14 @@ class Dispatcher:
     def _deliver(self, topic: str, msg: Msg) -> None:
         envelope = open_envelope(self._secret, msg.subject, msg.headers, msg.data)
         if envelope is None:
-            count = self._counters.add("rejected")
-            logger.error(
-                "dropped a message on %s without a valid signature (forged, altered, or from "
-                "another bus secret): not unpickled (%d rejected so far)",
-                msg.subject,
-                count,
-            )
+            count, log = self._counters.add_logged("rejected")
+            if log:
+                logger.error(
+                    "dropped a message on %s without a valid signature (forged, altered, or "
+                    "from another bus secret): not unpickled (%d rejected so far)",
+                    msg.subject,
+                    count,
+                )
             return
         subscriptions = self._routes.broadcast(topic)
         if not subscriptions:
@@ -177,14 +178,15 @@ class Dispatcher:
         try:
             message = envelope.decode(subscriptions[0].message_type)
         except Exception as exc:
-            count = self._counters.add("undecodable")
-            logger.error(
-                "dropped a message of %s this process cannot decode (%s: %s; %d so far)",
-                topic,
-                type(exc).__name__,
-                exc,
-                count,
-            )
+            count, log = self._counters.add_logged("undecodable")
+            if log:
+                logger.error(
+                    "dropped a message of %s this process cannot decode (%s: %s; %d so far)",
+                    topic,
+                    type(exc).__name__,
+                    exc,
+                    count,
+                )
             return
         for subscription in subscriptions:
             if self._abandoned:

@@ -210,29 +210,32 @@ class GroupConsumer:
     async def _take(self, msg: Msg) -> None:
         envelope = open_envelope(self._secret, msg.subject, msg.headers, msg.data)
         if envelope is None:
-            count = self._counters.add("rejected")
-            logger.error(
-                "queue group %r: dropped a stored message on %s without a valid signature "
-                "(forged, altered, or from another bus secret): not unpickled (%d rejected)",
-                self.queue_name,
-                msg.subject,
-                count,
-            )
+            count, log = self._counters.add_logged("rejected")
+            if log:
+                logger.error(
+                    "queue group %r: dropped a stored message on %s without a valid signature "
+                    "(forged, altered, or from another bus secret): not unpickled (%d "
+                    "rejected so far)",
+                    self.queue_name,
+                    msg.subject,
+                    count,
+                )
             await msg.term()
             return
         try:
             message = envelope.decode(self.message_type)
         except Exception as exc:
-            count = self._counters.add("undecodable")
-            logger.error(
-                "queue group %r: dropped a message of %s this process cannot decode (%s: %s; "
-                "%d so far)",
-                self.queue_name,
-                self.topic,
-                type(exc).__name__,
-                exc,
-                count,
-            )
+            count, log = self._counters.add_logged("undecodable")
+            if log:
+                logger.error(
+                    "queue group %r: dropped a message of %s this process cannot decode (%s: "
+                    "%s; %d so far)",
+                    self.queue_name,
+                    self.topic,
+                    type(exc).__name__,
+                    exc,
+                    count,
+                )
             await msg.term()
             return
         attempt = msg.metadata.num_delivered

@@ -4,6 +4,7 @@ gone (the NATS counterpart of a ``HubBroker``'s ``gaps``, ``undecodable`` and ``
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -59,6 +60,18 @@ class Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.values = {f.name: 0 for f in fields(NatsStatistics) if f.name not in _NOT_COUNTED}
+        self._logged: dict[str, float] = {}
+
+    def add_logged(self, name: str) -> tuple[int, bool]:
+        """Count one; also say whether to log it: the first, then at most once a second (a
+        publisher that forges thousands of messages must not flood the log)."""
+        with self._lock:
+            self.values[name] += 1
+            now = time.monotonic()
+            due = now - self._logged.get(name, -2.0) >= 1.0
+            if due:
+                self._logged[name] = now
+            return self.values[name], due
 
     def add(self, name: str, count: int = 1) -> int:
         with self._lock:
