@@ -265,3 +265,37 @@ def test_a_forked_child_refuses_the_parents_broker_and_connects_its_own(
     broker.publish(Tick(2))  # the parent's broker still works
     BarrierWaiter(broker).wait(broker, 10)
     assert received == [Tick(1), Tick(2)]
+
+
+# -- the server restarts ----------------------------------------------------------------------
+
+
+def test_stored_jobs_survive_a_killed_server_and_brokers_reconnect(tmp_path: Path) -> None:
+    from .natstools import require_nats_server
+
+    server = NatsServer(require_nats_server()).start()
+    try:
+        options: dict[str, Any] = dict(secret=SECRET, namespace="restart", reconnect_time_wait=0.2)
+        with NatsBroker(server.url, **options) as producer:
+            producer.declare_queue(Tick, "work")
+            for seq in range(50):
+                producer.publish(Tick(seq))
+            producer.flush(10)
+            server.kill()
+            server.start()
+            wait_until(lambda: _reconnects(producer) == 1, 30)
+            done: list[int] = []
+            producer.subscribe_async(Tick, lambda m: done.append(m.seq), "work")
+            wait_until(lambda: len(done) >= 50, 30)
+            producer.publish(Tick(50))  # and the connection works again both ways
+            wait_until(lambda: len(done) >= 51, 30)
+    finally:
+        server.stop()
+    assert sorted(done) == list(range(51))
+
+
+def _reconnects(broker: NatsBroker) -> int:
+    try:
+        return broker.statistics().reconnects
+    except Exception:  # the server is not back yet: statistics() asks it about the groups
+        return -1

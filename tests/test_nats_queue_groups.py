@@ -40,6 +40,7 @@ def _consume(
     stop: Any,
     delay: float,
     prefetch: int,
+    max_attempts: int = 3,
 ) -> None:
     """Consumer process: appends "seq attempt" to its log when a handler completes; returns
     when the parent sends on or closes ``stop``."""
@@ -53,7 +54,7 @@ def _consume(
 
     # ack_wait 1 s: a delivery of a killed consumer comes back after a second, not 30.
     broker = NatsBroker(url, namespace=namespace, secret=secret, ack_wait=1.0)
-    broker.subscribe_async(Tick, handle, queue_name, prefetch=prefetch)
+    broker.subscribe_async(Tick, handle, queue_name, prefetch=prefetch, max_attempts=max_attempts)
     ready.set()
     stop.poll(300)
     broker.close()
@@ -76,7 +77,13 @@ class Consumers:
         self.queue_name = queue
         self.processes: list[Any] = []
 
-    def start(self, delay: float = 0.0, prefetch: int = 10, name: str | None = None) -> Any:
+    def start(
+        self,
+        delay: float = 0.0,
+        prefetch: int = 10,
+        name: str | None = None,
+        max_attempts: int = 3,
+    ) -> Any:
         ready = SPAWN.Event()
         stop, child_stop = SPAWN.Pipe()
         log = self.directory / f"{name or len(self.processes)}-{self.queue_name}.log"
@@ -92,6 +99,7 @@ class Consumers:
                 child_stop,
                 delay,
                 prefetch,
+                max_attempts,
             ),
             daemon=True,
         )
@@ -295,3 +303,36 @@ def test_a_fast_consumer_takes_most_work_from_a_slow_one_with_prefetch_one(
     slow_share, fast_share = len(consumers.entries(slow)), len(consumers.entries(fast))
     assert slow_share + fast_share == 300
     assert fast_share > 4 * slow_share, f"fast {fast_share}, slow {slow_share}"
+
+
+def test_a_last_attempt_that_died_with_its_process_is_dead_lettered(
+    nats_server: NatsServer, namespace: str, tmp_path: Path
+) -> None:
+    """max_attempts=1 and the consumer is killed in its handler: the message is not silently
+    ended at JetStream's max_deliver but comes back once more, and is dead-lettered."""
+    consumers = Consumers(nats_server, namespace, tmp_path, "work")
+    try:
+        with _producer(nats_server, namespace) as producer:
+            dead: list[DeadLetter] = []
+            producer.subscribe(DeadLetter, dead.append)
+            doomed = consumers.start(delay=60.0, max_attempts=1, name="doomed")
+            producer.declare_queue(Tick, "work")  # exists: for its statistics here
+            producer.publish(Tick(1))
+            producer.flush(10)
+            wait_until(lambda: producer.statistics().queues[GROUP].in_flight == 1, 20)
+            os.kill(doomed.pid, signal.SIGKILL)
+            doomed.join(10)
+            heir = consumers.start(max_attempts=1, name="heir")
+            wait_until(lambda: dead != [], 30)
+            wait_until(lambda: producer.statistics().queues[GROUP].in_flight == 0, 20)
+    finally:
+        consumers.close()
+    assert consumers.entries(heir) == [], "the dead letter is not handled again"
+    assert dead == [
+        DeadLetter(
+            "work",
+            Tick(1),
+            1,
+            "ConsumerDiedError: the process that ran its last attempt died before acknowledging it",
+        )
+    ]

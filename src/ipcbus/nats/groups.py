@@ -7,8 +7,9 @@ Which stream holds what, and why:
   its last group is deleted. Types that only broadcast have no stream: their messages are never
   stored, and cost what core NATS costs;
 - each group is a durable consumer of that stream (``g_<group>``: explicit acks, ``ack_wait``,
-  ``max_deliver`` = the members' ``max_attempts``, starting with the messages published after
-  its creation); interest retention keeps a message until every group acknowledged it, and a
+  ``max_deliver`` = the members' ``max_attempts`` + 1, starting with the messages published
+  after its creation); the one delivery in reserve is for a message whose last attempt died
+  with its process: it comes back once more and is dead-lettered unhandled, never gone unseen; interest retention keeps a message until every group acknowledged it, and a
   group holds what is published while it has no member;
 - in each process, the members of one group share one pull subscription (a fetch loop on the
   connection's loop thread) and take its deliveries round-robin, by predicate, as in-process
@@ -39,6 +40,7 @@ from nats.js import api as js_api
 from ..core.contract import AsyncMessageContext, Subscription
 from ..core.retry import after_failure, publish_dead_letter
 from ..core.routing import RouteTable
+from ..exceptions import PubSubError
 from ..message import Message
 from .envelope import Envelope, open_envelope
 from .statistics import Counters
@@ -56,6 +58,10 @@ MAX_FETCH = 256
 Answer = Callable[[Envelope, Any, BaseException | None], None]
 
 _local = threading.local()
+
+
+class ConsumerDiedError(PubSubError):
+    """The error a DeadLetter names when the last attempt died with its process."""
 
 
 def running_queue_handler() -> bool:
@@ -109,7 +115,9 @@ async def ensure_group(
             deliver_policy=js_api.DeliverPolicy.NEW,
             ack_policy=js_api.AckPolicy.EXPLICIT,
             ack_wait=ack_wait,
-            max_deliver=max_attempts,
+            # One delivery in reserve: a message whose last attempt died with its process
+            # comes back once more, and is dead-lettered then instead of vanishing.
+            max_deliver=max_attempts + 1,
         ),
     )
 
@@ -239,6 +247,13 @@ class GroupConsumer:
             await msg.term()
             return
         attempt = msg.metadata.num_delivered
+        if attempt > self.max_attempts:
+            self._in_hand += 1
+            self.idle.clear()
+            asyncio.run_coroutine_threadsafe(
+                self._last_attempt_lost(message, msg, attempt - 1), self._handler_loop()
+            )
+            return
         member = self._routes.pick(self.topic, self.queue_name, message)
         if member is None:
             if attempt >= self.max_attempts:
@@ -301,6 +316,15 @@ class GroupConsumer:
                 self._on_client(msg.ack())
                 if envelope.reply:
                     self._answer(envelope, None, failure)
+        self._on_client(self._done())
+
+    async def _last_attempt_lost(self, message: Message, msg: Msg, attempts: int) -> None:
+        """The handler loop (publishing from the client's loop could wait for that loop)."""
+        lost = ConsumerDiedError(
+            "the process that ran its last attempt died before acknowledging it"
+        )
+        publish_dead_letter(self._publish, self.queue_name, message, attempts, lost)
+        self._on_client(msg.ack())
         self._on_client(self._done())
 
     def _on_client(self, coroutine: Any) -> None:
