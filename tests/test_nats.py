@@ -275,7 +275,11 @@ def test_stored_jobs_survive_a_killed_server_and_brokers_reconnect(tmp_path: Pat
 
     server = NatsServer(require_nats_server()).start()
     try:
-        options: dict[str, Any] = dict(secret=SECRET, namespace="restart", reconnect_time_wait=0.2)
+        options: dict[str, Any] = {
+            "secret": SECRET,
+            "namespace": "restart",
+            "reconnect_time_wait": 0.2,
+        }
         with NatsBroker(server.url, **options) as producer:
             producer.declare_queue(Tick, "work")
             for seq in range(50):
