@@ -10,7 +10,8 @@ Which stream holds what, and why:
   ``max_deliver`` = the members' ``max_attempts`` + 1, starting with the messages published
   after its creation); the one delivery in reserve is for a message whose last attempt died
   with its process: it comes back once more and is dead-lettered unhandled, never gone unseen;
-  interest retention keeps a message until every group acknowledged it, and a group holds what is published while it has no member;
+  interest retention keeps a message until every group acknowledged it, and a group holds
+  what is published while it has no member;
 - in each process, the members of one group share one pull subscription (a fetch loop on the
   connection's loop thread) and take its deliveries round-robin, by predicate, as in-process
   brokers do; a message no member here accepts is given back (``nak``) for another process, and
