@@ -27,7 +27,8 @@ from ipcbus import (
 )
 from ipcbus.exceptions import InsecurePathError
 from ipcbus.nats import NatsBroker
-from ipcbus.nats.signing import load_or_create_secret, sign
+from ipcbus.nats.envelope import seal
+from ipcbus.nats.signing import load_or_create_secret
 from ipcbus.nats.subjects import consumer_name, escape_token, subject_for, unescape_token
 
 from .conftest import wait_until
@@ -94,11 +95,11 @@ class Exploit:
         return (Path.touch, (self.marker,))
 
 
-async def _forge(url: str, subject: str, payload: bytes, headers_list: list[Any]) -> None:
+async def _forge(url: str, subject: str, forgeries: list[tuple[bytes, Any]]) -> None:
     client = await nats.connect(url)
     try:
-        for headers in headers_list:
-            await client.publish(subject, payload, headers=headers)
+        for data, headers in forgeries:
+            await client.publish(subject, data, headers=headers)
         await client.flush()
     finally:
         await client.close()
@@ -120,15 +121,16 @@ def test_a_forged_pickled_payload_is_never_unpickled(
     broker.subscribe_async(OrderPlaced, worked.append, "work")
     subject = subject_for(namespace, "tests.messages.OrderPlaced")
     payload = pickle.dumps(Exploit(marker))
-    meta = "forged-1 p 0.0"
     other_secret = os.urandom(32).hex().encode()
+    genuine = seal(other_secret, subject, "forged-1", "p", 0.0, payload)
+    head = genuine[: -len(payload) - 32]
     forgeries = [
-        None,  # no headers at all
-        {"Ipcbus-Meta": meta},  # no signature
-        {"Ipcbus-Meta": meta, "Ipcbus-Sig": "0" * 64},  # a made-up one
-        {"Ipcbus-Meta": meta, "Ipcbus-Sig": sign(other_secret, subject, meta, "", payload)},
+        (payload, None),  # a bare pickle
+        (payload, {"Ipcbus-Meta": "forged-1 p 0.0"}),  # with headers that look like ours
+        (head + b"\0" * 32 + payload, None),  # an envelope with a made-up signature
+        (genuine, None),  # signed, with another secret
     ]
-    asyncio.run(_forge(nats_server.url, subject, payload, forgeries))
+    asyncio.run(_forge(nats_server.url, subject, forgeries))
     # Broadcast and the queue group each see the four: 8 rejections.
     wait_until(lambda: broker.statistics().rejected == 8, 20)
     broker.publish(OrderPlaced(1))

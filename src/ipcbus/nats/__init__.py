@@ -7,7 +7,7 @@
   from the client to it (slow consumers counted, never silent).
 - ``groups``: queue groups as JetStream streams and durable pull consumers.
 - ``requests``: ``request()``'s waiting room and its errors.
-- ``envelope``: one message as it travels: payload and signed headers.
+- ``envelope``: one message as it travels: a signed envelope around the pickle.
 - ``signing``: the bus secret and the HMAC every payload carries.
 - ``subjects``: message types as subjects, streams and consumer names.
 - ``statistics``: what a NatsBroker counts.

@@ -28,7 +28,7 @@ from ..exceptions import (
 from ..message import Message, get_unique_name_for_message
 from .connection import NatsConnection
 from .dispatch import Dispatcher, Inbox
-from .envelope import Envelope, encode_message, encode_object, seal
+from .envelope import ERROR_CODEC, Envelope, encode_message, encode_object, seal
 from .groups import FETCH_WAIT, GroupConsumer, ensure_group, running_queue_handler
 from .requests import PendingRequests, RemoteError, RequestTimeoutError
 from .signing import check_secret, default_key_file, load_or_create_secret
@@ -40,7 +40,7 @@ __all__ = ["NatsBroker"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_SERVERS = "nats://127.0.0.1:4222"
-# Room for our headers (meta, signature) within the server's max_payload, which counts them.
+# Room for our envelope (meta, reply inbox, signature) within the server's max_payload.
 _HEADER_ROOM = 512
 
 # This process's pid, kept current across fork: os.getpid() is a system call, too slow for the
@@ -216,14 +216,14 @@ class NatsBroker(Broker):
                 f"server accepts at most {self._max_payload} (its max_payload)"
             )
         message_id = f"{self._id_prefix}{next(self._ids)}"
-        headers = seal(self._secret, subject, message_id, codec, time.time(), payload, reply)
+        data = seal(self._secret, subject, message_id, codec, time.time(), payload, reply)
         stored = self._stored.get(topic)
         if stored is None:
             stored = self._lookup_stored(topic)
         if stored:
-            self._conn.send_stored(subject, payload, headers)
+            self._conn.send_stored(subject, data)
         else:
-            self._conn.send(subject, payload, headers)
+            self._conn.send(subject, data)
 
     def _lookup_stored(self, topic: str) -> bool:
         """Does a stream store ``topic`` (asked once per type; announcements keep it current)."""
@@ -259,8 +259,8 @@ class NatsBroker(Broker):
         errors = self._conn.flush(timeout)
         if errors:
             raise PubSubError(
-                f"JetStream refused to store {len(errors)} messages since the last flush "
-                f"(their broadcast subscribers got them): {'; '.join(errors[:5])}"
+                f"messages since the last flush were not sent, or not stored by JetStream "
+                f"(see statistics(): unsent, store_failures): {'; '.join(errors[:5])}"
             )
 
     # -- request -----------------------------------------------------------------------------
@@ -293,22 +293,23 @@ class NatsBroker(Broker):
         """Send a handler's answer to a request (dispatcher thread, handler loop)."""
         error = ""
         if exc is not None:
-            codec, payload, error = "e", str(exc).encode(), type(exc).__qualname__
+            codec, payload, error = ERROR_CODEC, str(exc).encode(), type(exc).__qualname__
         elif isinstance(result, Message):
             try:
                 codec, payload = encode_object(result)
             except PubSubError as failure:
                 logger.error("cannot answer a request with %r: %s", result, failure)
-                codec, payload, error = "e", str(failure).encode(), type(failure).__qualname__
+                codec, payload = ERROR_CODEC, str(failure).encode()
+                error = type(failure).__qualname__
         else:
             return
         if self._closed and _pid() != self._owner:
             return
         message_id = f"{self._id_prefix}{next(self._ids)}"
-        headers = seal(
+        data = seal(
             self._secret, envelope.reply, message_id, codec, time.time(), payload, error=error
         )
-        self._conn.send(envelope.reply, payload, headers)
+        self._conn.send(envelope.reply, data)
 
     # -- subscribe ---------------------------------------------------------------------------
 

@@ -161,7 +161,7 @@ class Dispatcher:
                 self._deliver(topic, msg)
 
     def _deliver(self, topic: str, msg: Msg) -> None:
-        envelope = open_envelope(self._secret, msg.subject, msg.headers, msg.data)
+        envelope = open_envelope(self._secret, msg.subject, msg.data)
         if envelope is None:
             count, log = self._counters.add_logged("rejected")
             if log:

@@ -1,23 +1,31 @@
-"""One message as it travels on NATS: a payload and a few headers, signed.
+"""One message as it travels on NATS: a signed envelope around the pickled message, no headers.
 
-- payload: the message pickled alone by the codec of every broker
-  (:mod:`ipcbus.core.codec`: a plain dataclass as its ``__dict__``, rebuilt with the receiver's
-  own class; anything else pickled by reference, cloudpickled when pickle cannot);
-- ``Ipcbus-Meta``: ``<message id> <codec> <published_at>``;
-- ``Ipcbus-Reply`` (requests only): the inbox the answer goes to, which JetStream would not keep
-  in a stored message's reply subject (that is its ack subject);
-- ``Ipcbus-Sig``: the HMAC of the subject, the meta, the reply inbox and the payload
-  (:mod:`ipcbus.nats.signing`), checked before anything is unpickled.
+The NATS payload is::
 
-Answers to requests travel the same way to the requester's inbox; a responder's exception as
-the exception's type name after the meta, with its text as payload, signed too.
+    b"ipcbus1" | meta length (2 bytes, big endian) | meta | reply length (2) | reply
+              | signature (32 bytes) | the message, pickled
+
+- the message is pickled alone by the codec of every broker (:mod:`ipcbus.core.codec`: a plain
+  dataclass as its ``__dict__``, rebuilt with the receiver's own class; anything else pickled by
+  reference, cloudpickled when pickle cannot);
+- meta is ``<message id> <codec> <published_at>``, and for an answer that carries a responder's
+  exception `` <its type name>`` (its text is then the payload);
+- reply is the inbox the answer to a request goes to (empty otherwise); it travels here, not as
+  the NATS reply subject, which JetStream replaces with its ack subject in a stored message;
+- the signature is the HMAC-SHA256, with the bus secret, of the subject (length-prefixed),
+  everything before the signature and the payload (:mod:`ipcbus.nats.signing`). It is checked
+  before a byte is unpickled.
+
+No NATS headers: nats-py validates and encodes them per message, and a header-less ``PUB`` is
+what :class:`~ipcbus.nats.connection.NatsConnection` builds in the caller's thread.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import pickle
 from dataclasses import dataclass
-from typing import Any
 
 import cloudpickle
 
@@ -30,21 +38,14 @@ from ..core.codec import (
 )
 from ..exceptions import MessageSerializationError
 from ..message import Message
-from .signing import SIGNATURE_HEADER, sign, verify
 
-__all__ = [
-    "META_HEADER",
-    "REPLY_HEADER",
-    "Envelope",
-    "encode_message",
-    "encode_object",
-    "open_envelope",
-    "seal",
-]
+__all__ = ["ERROR_CODEC", "Envelope", "encode_message", "encode_object", "open_envelope", "seal"]
 
-META_HEADER = "Ipcbus-Meta"
-REPLY_HEADER = "Ipcbus-Reply"
+MAGIC = b"ipcbus1"
 OBJECT_CODEC = "p"
+ERROR_CODEC = "e"
+_SIGNATURE = 32
+_MAX_FIELD = 0xFFFF
 
 
 def encode_message(message: Message) -> tuple[str, bytes]:
@@ -53,16 +54,10 @@ def encode_message(message: Message) -> tuple[str, bytes]:
     The codec's split encoding of one message (``encode_split``), its common case inlined: one
     ``pickle.dumps`` (a plain dataclass as its ``__dict__``) instead of a batch of one."""
     cls = type(message)
-    plain = is_plain_dataclass(cls)
     try:
-        return (
-            ("d", pickle.dumps(message.__dict__, PROTOCOL))
-            if plain
-            else (
-                "p",
-                pickle.dumps(message, PROTOCOL),
-            )
-        )
+        if is_plain_dataclass(cls):
+            return "d", pickle.dumps(message.__dict__, PROTOCOL)
+        return OBJECT_CODEC, pickle.dumps(message, PROTOCOL)
     except Exception:
         pass  # the by-value attempt, and its errors, are the codec's
     codec, frames = encode_split(cls, (message,))
@@ -84,6 +79,13 @@ def encode_object(message: Message) -> tuple[str, bytes]:
         ) from exc
 
 
+def _mac(secret: bytes, subject: bytes, head: bytes, payload: bytes) -> bytes:
+    # One call of the one-shot C digest: an hmac.new() object updated part by part cost
+    # several times more per message (measured: 9 µs against 1.3 µs on a quiet machine).
+    data = b"%d:%s%s%s" % (len(subject), subject, head, payload)
+    return hmac.digest(secret, data, hashlib.sha256)
+
+
 def seal(
     secret: bytes,
     subject: str,
@@ -93,15 +95,20 @@ def seal(
     payload: bytes,
     reply: str = "",
     error: str = "",
-) -> dict[str, str]:
-    """The headers of one signed payload."""
+) -> bytes:
+    """The signed envelope of one payload, ready to be the data of a NATS message."""
     meta = f"{message_id} {codec} {published_at!r}"
     if error:
         meta += f" {error}"
-    headers = {META_HEADER: meta, SIGNATURE_HEADER: sign(secret, subject, meta, reply, payload)}
-    if reply:
-        headers[REPLY_HEADER] = reply
-    return headers
+    meta_bytes, reply_bytes = meta.encode(), reply.encode()
+    head = b"%s%s%s%s%s" % (
+        MAGIC,
+        len(meta_bytes).to_bytes(2, "big"),
+        meta_bytes,
+        len(reply_bytes).to_bytes(2, "big"),
+        reply_bytes,
+    )
+    return head + _mac(secret, subject.encode(), head, payload) + payload
 
 
 @dataclass(frozen=True)
@@ -124,26 +131,29 @@ class Envelope:
         return message
 
 
-def open_envelope(
-    secret: bytes, subject: str, headers: dict[str, str] | None, payload: bytes
-) -> Envelope | None:
-    """The checked envelope of a received payload; ``None`` when it is not signed with
-    ``secret`` (forged, altered, or from another bus), or malformed."""
-    if not headers:
-        return None
-    meta = headers.get(META_HEADER)
-    signature = headers.get(SIGNATURE_HEADER)
-    if meta is None or signature is None:
-        return None
-    reply = headers.get(REPLY_HEADER, "")
-    if not verify(secret, subject, meta, reply, payload, signature):
-        return None
-    parts: list[Any] = meta.split(" ", 3)
-    if len(parts) < 3:
+def open_envelope(secret: bytes, subject: str, data: bytes) -> Envelope | None:
+    """The checked envelope of received data; ``None`` when it is not signed with ``secret``
+    (forged, altered, from another bus) or not an envelope at all."""
+    if not data.startswith(MAGIC):
         return None
     try:
+        offset = len(MAGIC)
+        meta_length = int.from_bytes(data[offset : offset + 2], "big")
+        meta = data[offset + 2 : offset + 2 + meta_length]
+        offset += 2 + meta_length
+        reply_length = int.from_bytes(data[offset : offset + 2], "big")
+        reply = data[offset + 2 : offset + 2 + reply_length]
+        head_end = offset + 2 + reply_length
+        signature = data[head_end : head_end + _SIGNATURE]
+        if len(signature) != _SIGNATURE:
+            return None
+        payload = data[head_end + _SIGNATURE :]
+        expected = _mac(secret, subject.encode(), data[:head_end], payload)
+        if not hmac.compare_digest(expected, signature):
+            return None
+        parts = meta.decode().split(" ", 3)
         published_at = float(parts[2])
-    except ValueError:
-        return None
-    error = parts[3] if len(parts) == 4 else ""
-    return Envelope(parts[0], parts[1], published_at, reply, error, payload)
+        error = parts[3] if len(parts) == 4 else ""
+        return Envelope(parts[0], parts[1], published_at, reply.decode(), error, payload)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None  # signed but malformed: only a bug of ours, or of the secret's holder

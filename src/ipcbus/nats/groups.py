@@ -217,7 +217,7 @@ class GroupConsumer:
                     await self._take(msg)
 
     async def _take(self, msg: Msg) -> None:
-        envelope = open_envelope(self._secret, msg.subject, msg.headers, msg.data)
+        envelope = open_envelope(self._secret, msg.subject, msg.data)
         if envelope is None:
             count, log = self._counters.add_logged("rejected")
             if log:

@@ -1,7 +1,7 @@
 """Request/reply on NATS: the requester's waiting room, and the errors a request raises.
 
 A request is published like any message, with the requester's reply inbox
-(``<connection inbox>.r.<n>``) in its signed headers; a responder, a handler that returned a
+(``<connection inbox>.r.<n>``) in its signed envelope; a responder, a handler that returned a
 ``Message``, publishes its answer there, signed. The first valid answer wins; later ones (other
 responders) and answers after the requester gave up are dropped and counted
 (``replies_dropped``). Nothing is kept per request once it returns.
@@ -67,7 +67,7 @@ class PendingRequests:
 
     def answer(self, token: str, msg: Msg) -> None:
         """An answer arrived on the inbox (the connection's loop): check it, keep the first."""
-        envelope = open_envelope(self._secret, msg.subject, msg.headers, msg.data)
+        envelope = open_envelope(self._secret, msg.subject, msg.data)
         if envelope is None:
             self._counters.add("rejected")
             return

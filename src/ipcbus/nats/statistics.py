@@ -33,6 +33,9 @@ class NatsStatistics:
       import); queue deliveries among them are dead-lettered;
     - ``store_failures``: messages of a type with a queue group that JetStream refused to store
       (its broadcast subscribers still got them); the next ``flush()`` raises for them;
+    - ``unsent``: messages ``publish()`` accepted that could not be sent: the connection was
+      closed, or the server unreachable with nats-py's reconnect buffer (``pending_size``) full;
+      the next ``flush()`` raises for them;
     - ``replies_dropped``: answers to a ``request()`` that came after the first one, or after
       the requester gave up;
     - ``reconnects``: how often the connection to the server was re-established (core NATS
@@ -45,6 +48,7 @@ class NatsStatistics:
     rejected: int = 0
     undecodable: int = 0
     store_failures: int = 0
+    unsent: int = 0
     replies_dropped: int = 0
     reconnects: int = 0
     in_hand: int = 0
