@@ -384,6 +384,7 @@ class NatsBroker(Broker):
             counters=self._counters,
             handler_loop=self._handler_loop_now,
             publish=self.publish,
+            send=self._conn.send,
             answer=self._answer,
             ack_wait=self._ack_wait,
         )
@@ -536,6 +537,10 @@ class NatsBroker(Broker):
             self._handler_loop.call_soon_threadsafe(self._handler_loop.stop)
             if self._handler_thread is not None and not in_handler:
                 self._handler_thread.join(self._linger)
+        try:  # the acks and naks the stopped handlers sent
+            self._conn.flush(self._linger)
+        except PubSubError as exc:
+            logger.warning("closing %r: %s", self, exc)
         self._conn.close(self._linger)
         self._dispatcher.stop(self._linger)
 

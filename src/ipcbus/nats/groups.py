@@ -58,6 +58,12 @@ MAX_FETCH = 256
 
 Answer = Callable[[Envelope, Any, BaseException | None], None]
 
+# What a consumer publishes on a delivery's ack subject (JetStream's ack protocol).
+_ACK = b"+ACK"
+_NAK = b"-NAK"
+_IN_PROGRESS = b"+WPI"
+_TERM = b"+TERM"
+
 _local = threading.local()
 
 
@@ -124,7 +130,13 @@ async def ensure_group(
 
 
 class GroupConsumer:
-    """This process's members of one queue group, fed by one pull subscription."""
+    """This process's members of one queue group, fed by one pull subscription.
+
+    Threads: the fetch loop runs on the client's loop; each fetched burst crosses to the handler
+    loop in one hop; acks, naks and progress reports are plain publishes on the message's ack
+    subject, sent through the connection's outbox (``send``) from the handler loop: no
+    coroutine of the client per message.
+    """
 
     def __init__(
         self,
@@ -140,6 +152,7 @@ class GroupConsumer:
         counters: Counters,
         handler_loop: Callable[[], asyncio.AbstractEventLoop],
         publish: Callable[[Message], None],
+        send: Callable[[str, bytes], None],
         answer: Answer,
         ack_wait: float,
     ) -> None:
@@ -155,28 +168,38 @@ class GroupConsumer:
         self._counters = counters
         self._handler_loop = handler_loop
         self._publish = publish
+        self._send = send
         self._answer = answer
         self._ack_wait = ack_wait
         self._prefetch = 1
+        self._lock = threading.Lock()
         self._in_hand = 0
-        self._room = asyncio.Event()
+        self._waiting = False  # the fetch loop waits for room
+        self._room = asyncio.Event()  # touched on the client's loop only
+        self._client_loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._psub: JetStreamContext.PullSubscription | None = None
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self._tasks: set[asyncio.Future[None]] = set()
 
     @property
     def in_hand(self) -> int:
         return self._in_hand
 
-    def set_prefetch(self, prefetch: int) -> None:
-        self._prefetch = max(self._prefetch, prefetch)
-        self._room.set()
+    def set_prefetch(self, prefetch: int) -> None:  # any thread
+        with self._lock:
+            self._prefetch = max(self._prefetch, prefetch)
+        self._wake()
 
-    async def start(self) -> None:  # the connection's loop
+    def _wake(self) -> None:  # any thread
+        loop = self._client_loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._room.set)
+
+    async def start(self) -> None:  # the client's loop
+        self._client_loop = asyncio.get_running_loop()
         self._psub = await self._js.pull_subscribe_bind(self.durable, self.stream)
-        self._task = asyncio.get_running_loop().create_task(self._pull())
+        self._task = self._client_loop.create_task(self._pull())
 
     async def stop(self) -> None:
         """Fetch no more; the fetch under way ends within ``FETCH_WAIT`` (what it brings is
@@ -195,9 +218,11 @@ class GroupConsumer:
     async def _pull(self) -> None:
         assert self._psub is not None
         while not self._stopping:
-            free = self._prefetch - self._in_hand
+            self._room.clear()
+            with self._lock:
+                free = self._prefetch - self._in_hand
+                self._waiting = free <= 0
             if free <= 0:
-                self._room.clear()
                 await self._room.wait()
                 continue
             try:
@@ -210,13 +235,22 @@ class GroupConsumer:
                 logger.warning("fetching for queue group %r failed: %s", self.queue_name, exc)
                 await asyncio.sleep(FETCH_WAIT)
                 continue
+            burst = []
             for msg in msgs:
                 if self._stopping:
-                    await msg.nak()
-                else:
-                    await self._take(msg)
+                    self._send(msg.reply, _NAK)
+                    continue
+                work = self._take(msg)
+                if work is not None:
+                    burst.append(work)
+            if burst:
+                with self._lock:
+                    self._in_hand += len(burst)
+                asyncio.run_coroutine_threadsafe(self._run(burst), self._handler_loop())
 
-    async def _take(self, msg: Msg) -> None:
+    def _take(self, msg: Msg) -> tuple[Any, ...] | None:
+        """Check and decode one delivery: the work for the handler loop, or ``None`` when it
+        was settled here (rejected, undecodable, accepted by no member here)."""
         envelope = open_envelope(self._secret, msg.subject, msg.data)
         if envelope is None:
             count, log = self._counters.add_logged("rejected")
@@ -229,8 +263,8 @@ class GroupConsumer:
                     msg.subject,
                     count,
                 )
-            await msg.term()
-            return
+            self._send(msg.reply, _TERM)
+            return None
         try:
             message = envelope.decode(self.message_type)
         except Exception as exc:
@@ -245,16 +279,11 @@ class GroupConsumer:
                     exc,
                     count,
                 )
-            await msg.term()
-            return
+            self._send(msg.reply, _TERM)
+            return None
         attempt = msg.metadata.num_delivered
         if attempt > self.max_attempts:
-            self._in_hand += 1
-            self.idle.clear()
-            asyncio.run_coroutine_threadsafe(
-                self._last_attempt_lost(message, msg, attempt - 1), self._handler_loop()
-            )
-            return
+            return (None, message, envelope, msg, attempt)
         member = self._routes.pick(self.topic, self.queue_name, message)
         if member is None:
             if attempt >= self.max_attempts:
@@ -263,15 +292,21 @@ class GroupConsumer:
                     self.queue_name,
                     message,
                 )
-                await msg.term()
+                self._send(msg.reply, _TERM)
             else:
-                await msg.nak()  # for a member in another process
-            return
-        self._in_hand += 1
-        self.idle.clear()
-        asyncio.run_coroutine_threadsafe(
-            self._handle(member, message, envelope, msg, attempt), self._handler_loop()
-        )
+                self._send(msg.reply, _NAK)  # for a member in another process
+            return None
+        return (member, message, envelope, msg, attempt)
+
+    async def _run(self, burst: list[tuple[Any, ...]]) -> None:  # the handler loop
+        for member, message, envelope, msg, attempt in burst:
+            if member is None:
+                self._last_attempt_lost(message, msg, attempt - 1)
+            else:
+                # Kept referenced while they run: the loop holds tasks only weakly.
+                task = asyncio.ensure_future(self._handle(member, message, envelope, msg, attempt))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _handle(
         self,
@@ -289,12 +324,12 @@ class GroupConsumer:
         task = asyncio.ensure_future(_run_returning(member, message))
         try:
             while not (await asyncio.wait({task}, timeout=self._ack_wait / 3))[0]:
-                self._on_client(msg.in_progress())
+                self._send(msg.reply, _IN_PROGRESS)
         except asyncio.CancelledError:
             # The broker closes: the delivery goes back to the group at once.
             task.cancel()
-            self._on_client(msg.nak())
-            self._on_client(self._done())
+            self._send(msg.reply, _NAK)
+            self._done()
             raise
         result: Any = None
         failure: BaseException | None = None
@@ -303,7 +338,7 @@ class GroupConsumer:
         except BaseException as exc:
             failure = exc
         if failure is None:
-            self._on_client(msg.ack())
+            self._send(msg.reply, _ACK)
             if envelope.reply:
                 self._answer(envelope, result, None)
         else:
@@ -311,44 +346,30 @@ class GroupConsumer:
                 member.policy, self.queue_name, member.handler, message, attempt, failure
             )
             if verdict.retry:
-                self._on_client(msg.nak(delay=verdict.delay or None))
+                nak = _NAK if not verdict.delay else b'-NAK {"delay": %d}' % (verdict.delay * 1e9)
+                self._send(msg.reply, nak)
             else:
                 publish_dead_letter(self._publish, self.queue_name, message, attempt, failure)
-                self._on_client(msg.ack())
+                self._send(msg.reply, _ACK)
                 if envelope.reply:
                     self._answer(envelope, None, failure)
-        self._on_client(self._done())
+        self._done()
 
-    async def _last_attempt_lost(self, message: Message, msg: Msg, attempts: int) -> None:
+    def _last_attempt_lost(self, message: Message, msg: Msg, attempts: int) -> None:
         """The handler loop (publishing from the client's loop could wait for that loop)."""
         lost = ConsumerDiedError(
             "the process that ran its last attempt died before acknowledging it"
         )
         publish_dead_letter(self._publish, self.queue_name, message, attempts, lost)
-        self._on_client(msg.ack())
-        self._on_client(self._done())
+        self._send(msg.reply, _ACK)
+        self._done()
 
-    def _on_client(self, coroutine: Any) -> None:
-        """Run a coroutine of the client on its loop (we are on the handler loop)."""
-        loop = self._room_loop
-        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
-        future.add_done_callback(_log_failure)
-
-    @property
-    def _room_loop(self) -> asyncio.AbstractEventLoop:
-        assert self._task is not None
-        return self._task.get_loop()
-
-    async def _done(self) -> None:  # the connection's loop
-        self._in_hand -= 1
-        self._room.set()
-        if self._in_hand == 0:
-            self.idle.set()
-
-
-def _log_failure(future: Any) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        logger.warning("acknowledging a queue delivery failed: %s", future.exception())
+    def _done(self) -> None:  # the handler loop
+        with self._lock:
+            self._in_hand -= 1
+            wake, self._waiting = self._waiting, False
+        if wake:
+            self._wake()
 
 
 async def _run_returning(subscription: Subscription, message: Message) -> Any:
