@@ -27,7 +27,7 @@ from ipcbus import (
 )
 from ipcbus.exceptions import InsecurePathError
 from ipcbus.nats import NatsBroker
-from ipcbus.nats.envelope import seal
+from ipcbus.nats.envelope import Signer, seal
 from ipcbus.nats.signing import load_or_create_secret
 from ipcbus.nats.subjects import consumer_name, escape_token, subject_for, unescape_token
 
@@ -122,7 +122,7 @@ def test_a_forged_pickled_payload_is_never_unpickled(
     subject = subject_for(namespace, "tests.messages.OrderPlaced")
     payload = pickle.dumps(Exploit(marker))
     other_secret = os.urandom(32).hex().encode()
-    genuine = seal(other_secret, subject, "forged-1", "p", 0.0, payload)
+    genuine = seal(Signer(other_secret), subject, "forged-1", "p", 0.0, payload)
     head = genuine[: -len(payload) - 32]
     forgeries = [
         (payload, None),  # a bare pickle

@@ -28,7 +28,7 @@ from ..exceptions import (
 from ..message import Message, get_unique_name_for_message
 from .connection import NatsConnection
 from .dispatch import Dispatcher, Inbox
-from .envelope import ERROR_CODEC, Envelope, encode_message, encode_object, seal
+from .envelope import ERROR_CODEC, Envelope, Signer, encode_message, encode_object, seal
 from .groups import FETCH_WAIT, GroupConsumer, ensure_group, running_queue_handler
 from .requests import PendingRequests, RemoteError, RequestTimeoutError
 from .signing import check_secret, default_key_file, load_or_create_secret
@@ -108,7 +108,7 @@ class NatsBroker(Broker):
             raw_secret = check_secret(secret)
         else:
             raw_secret = load_or_create_secret(key_file or default_key_file())
-        self._secret = raw_secret
+        self._signer = Signer(raw_secret)
         self._settings: dict[str, Any] = dict(
             namespace=namespace,
             secret=raw_secret,
@@ -128,7 +128,7 @@ class NatsBroker(Broker):
         self._failed: str | None = None
         self._counters = Counters()
         self._routes = RouteTable()
-        self._requests = PendingRequests(raw_secret, self._counters)
+        self._requests = PendingRequests(self._signer, self._counters)
         self._lock = threading.RLock()
         self._subjects: dict[str, str] = {}  # topic -> subject
         # class -> (topic, subject), weakly: programs that make classes at run time get them back
@@ -145,7 +145,7 @@ class NatsBroker(Broker):
         self._ids = count(1)
         self._id_prefix = os.urandom(6).hex() + "-"
         self._dispatcher = Dispatcher(
-            raw_secret,
+            self._signer,
             self._routes,
             self._counters,
             max_msgs=pending_msgs_limit,
@@ -216,7 +216,7 @@ class NatsBroker(Broker):
                 f"server accepts at most {self._max_payload} (its max_payload)"
             )
         message_id = f"{self._id_prefix}{next(self._ids)}"
-        data = seal(self._secret, subject, message_id, codec, time.time(), payload, reply)
+        data = seal(self._signer, subject, message_id, codec, time.time(), payload, reply)
         stored = self._stored.get(topic)
         if stored is None:
             stored = self._lookup_stored(topic)
@@ -307,7 +307,7 @@ class NatsBroker(Broker):
             return
         message_id = f"{self._id_prefix}{next(self._ids)}"
         data = seal(
-            self._secret, envelope.reply, message_id, codec, time.time(), payload, error=error
+            self._signer, envelope.reply, message_id, codec, time.time(), payload, error=error
         )
         self._conn.send(envelope.reply, data)
 
@@ -379,7 +379,7 @@ class NatsBroker(Broker):
             queue_name,
             message_type=subscription.message_type,
             max_attempts=subscription.policy.max_attempts,
-            secret=self._secret,
+            signer=self._signer,
             routes=self._routes,
             counters=self._counters,
             handler_loop=self._handler_loop_now,

@@ -28,7 +28,7 @@ from ..client.threads import OnDeath, start_thread
 from ..core.failures import is_handler_failure
 from ..core.routing import RouteTable
 from ..message import Message
-from .envelope import Envelope, open_envelope
+from .envelope import Envelope, Signer, open_envelope
 from .statistics import Counters
 
 __all__ = ["Dispatcher", "Inbox", "call_returning"]
@@ -77,7 +77,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        secret: bytes,
+        signer: Signer,
         routes: RouteTable,
         counters: Counters,
         *,
@@ -86,7 +86,7 @@ class Dispatcher:
         answer: Answer,
         on_death: OnDeath,
     ) -> None:
-        self._secret = secret
+        self._signer = signer
         self._routes = routes
         self._counters = counters
         self._max_msgs = max_msgs
@@ -161,7 +161,7 @@ class Dispatcher:
                 self._deliver(topic, msg)
 
     def _deliver(self, topic: str, msg: Msg) -> None:
-        envelope = open_envelope(self._secret, msg.subject, msg.data)
+        envelope = open_envelope(self._signer, msg.subject, msg.data)
         if envelope is None:
             count, log = self._counters.add_logged("rejected")
             if log:

@@ -43,7 +43,7 @@ from ..core.retry import after_failure, publish_dead_letter
 from ..core.routing import RouteTable
 from ..exceptions import PubSubError
 from ..message import Message
-from .envelope import Envelope, open_envelope
+from .envelope import Envelope, Signer, open_envelope
 from .statistics import Counters
 from .subjects import consumer_name, stream_name, subject_for
 
@@ -147,7 +147,7 @@ class GroupConsumer:
         *,
         message_type: type[Message],
         max_attempts: int,
-        secret: bytes,
+        signer: Signer,
         routes: RouteTable,
         counters: Counters,
         handler_loop: Callable[[], asyncio.AbstractEventLoop],
@@ -163,7 +163,7 @@ class GroupConsumer:
         self.stream = stream_name(namespace, topic)
         self.durable = consumer_name(queue_name)
         self._js = js
-        self._secret = secret
+        self._signer = signer
         self._routes = routes
         self._counters = counters
         self._handler_loop = handler_loop
@@ -251,7 +251,7 @@ class GroupConsumer:
     def _take(self, msg: Msg) -> tuple[Any, ...] | None:
         """Check and decode one delivery: the work for the handler loop, or ``None`` when it
         was settled here (rejected, undecodable, accepted by no member here)."""
-        envelope = open_envelope(self._secret, msg.subject, msg.data)
+        envelope = open_envelope(self._signer, msg.subject, msg.data)
         if envelope is None:
             count, log = self._counters.add_logged("rejected")
             if log:

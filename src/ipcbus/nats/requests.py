@@ -15,7 +15,7 @@ from itertools import count
 from nats.aio.msg import Msg
 
 from ..exceptions import PubSubError
-from .envelope import Envelope, open_envelope
+from .envelope import Envelope, Signer, open_envelope
 from .statistics import Counters
 
 __all__ = ["PendingRequests", "RemoteError", "RequestTimeoutError"]
@@ -47,8 +47,8 @@ class _Waiting:
 class PendingRequests:
     """The requests of one broker that wait for an answer."""
 
-    def __init__(self, secret: bytes, counters: Counters) -> None:
-        self._secret = secret
+    def __init__(self, signer: Signer, counters: Counters) -> None:
+        self._signer = signer
         self._counters = counters
         self._lock = threading.Lock()
         self._waiting: dict[str, _Waiting] = {}
@@ -67,7 +67,7 @@ class PendingRequests:
 
     def answer(self, token: str, msg: Msg) -> None:
         """An answer arrived on the inbox (the connection's loop): check it, keep the first."""
-        envelope = open_envelope(self._secret, msg.subject, msg.data)
+        envelope = open_envelope(self._signer, msg.subject, msg.data)
         if envelope is None:
             self._counters.add("rejected")
             return
