@@ -373,7 +373,7 @@ class NatsBroker(Broker):
         topic, queue_name = subscription.topic, subscription.queue_name
         await self._ensure_group(topic, queue_name, subscription.policy.max_attempts)
         group = GroupConsumer(
-            self._js,
+            self._conn.client,
             self.namespace,
             topic,
             queue_name,

@@ -12,8 +12,9 @@ Which stream holds what, and why:
   with its process: it comes back once more and is dead-lettered unhandled, never gone unseen;
   interest retention keeps a message until every group acknowledged it, and a group holds
   what is published while it has no member;
-- in each process, the members of one group share one pull subscription (a fetch loop on the
-  connection's loop thread) and take its deliveries round-robin, by predicate, as in-process
+- in each process, the members of one group share one pull loop on the connection's loop
+  thread (one pull request at a time, its deliveries taken as the client reads them) and take
+  its deliveries round-robin, by predicate, as in-process
   brokers do; a message no member here accepts is given back (``nak``) for another process, and
   dropped, logged, at its last delivery.
 
@@ -34,7 +35,9 @@ from collections.abc import Callable
 from typing import Any
 
 import nats.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
@@ -43,6 +46,7 @@ from ..core.retry import after_failure, publish_dead_letter
 from ..core.routing import RouteTable
 from ..exceptions import PubSubError
 from ..message import Message
+from .connection import Handover
 from .envelope import Envelope, Signer, open_envelope
 from .statistics import Counters
 from .subjects import consumer_name, stream_name, subject_for
@@ -130,9 +134,9 @@ async def ensure_group(
 
 
 class GroupConsumer:
-    """This process's members of one queue group, fed by one pull subscription.
+    """This process's members of one queue group, fed by one pull loop.
 
-    Threads: the fetch loop runs on the client's loop; each fetched burst crosses to the handler
+    Threads: the pull loop runs on the client's loop; each fetched burst crosses to the handler
     loop in one hop; acks, naks and progress reports are plain publishes on the message's ack
     subject, sent through the connection's outbox (``send``) from the handler loop: no
     coroutine of the client per message.
@@ -140,7 +144,7 @@ class GroupConsumer:
 
     def __init__(
         self,
-        js: JetStreamContext,
+        client: Client,
         namespace: str,
         topic: str,
         queue_name: str,
@@ -162,7 +166,7 @@ class GroupConsumer:
         self.max_attempts = max_attempts
         self.stream = stream_name(namespace, topic)
         self.durable = consumer_name(queue_name)
-        self._js = js
+        self._client = client
         self._signer = signer
         self._routes = routes
         self._counters = counters
@@ -179,7 +183,11 @@ class GroupConsumer:
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._psub: JetStreamContext.PullSubscription | None = None
+        self._deliver = ""
+        self._sub: NatsSubscription | None = None
+        self._outstanding = 0
+        self._request_done = asyncio.Event()
+        self._burst: list[tuple[Any, ...]] = []
         self._tasks: set[asyncio.Future[None]] = set()
 
     @property
@@ -198,25 +206,34 @@ class GroupConsumer:
 
     async def start(self) -> None:  # the client's loop
         self._client_loop = asyncio.get_running_loop()
-        self._psub = await self._js.pull_subscribe_bind(self.durable, self.stream)
+        client = self._client
+        self._deliver = client.new_inbox()
+        # Deliveries are taken as the client reads them (no queue and task per message, as
+        # nats-py's fetch() has); pending_bytes_limit 0: nats-py never sees them taken.
+        self._sub = await client.subscribe(self._deliver, pending_bytes_limit=0)
+        self._sub._pending_queue = Handover(self._delivered)
         self._task = self._client_loop.create_task(self._pull())
 
     async def stop(self) -> None:
-        """Fetch no more; the fetch under way ends within ``FETCH_WAIT`` (what it brings is
-        given back at once); deliveries in hand finish on their own."""
+        """Ask for no more; the request under way ends within ``FETCH_WAIT`` (what it still
+        brings is given back at once); deliveries in hand finish on their own."""
         self._stopping = True
         self._room.set()
         if self._task is not None:
             await asyncio.wait({self._task}, timeout=FETCH_WAIT + 2.0)
             self._task.cancel()
-        if self._psub is not None:
+        if self._sub is not None:
             try:
-                await self._psub.unsubscribe()
+                await self._sub.unsubscribe()
             except Exception as exc:
-                logger.debug("unsubscribing the pull subscription of %s: %s", self.durable, exc)
+                logger.debug("unsubscribing the deliveries of %s: %s", self.durable, exc)
 
     async def _pull(self) -> None:
-        assert self._psub is not None
+        """One pull request at a time: up to the room left (at most ``MAX_FETCH``), waiting at
+        the server at most ``FETCH_WAIT``; the next when it is done."""
+        client = self._client
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
+        expires = int(FETCH_WAIT * 1e9)
         while not self._stopping:
             self._room.clear()
             with self._lock:
@@ -225,28 +242,52 @@ class GroupConsumer:
             if free <= 0:
                 await self._room.wait()
                 continue
+            self._outstanding = min(free, MAX_FETCH)
+            self._request_done = asyncio.Event()
             try:
-                msgs = await self._psub.fetch(min(free, MAX_FETCH), timeout=FETCH_WAIT)
-            except TimeoutError:
-                continue
+                await client.publish(
+                    subject,
+                    b'{"batch": %d, "expires": %d}' % (self._outstanding, expires),
+                    reply=self._deliver,
+                )
+                await asyncio.wait_for(self._request_done.wait(), FETCH_WAIT + 5.0)
             except Exception as exc:
                 if self._stopping:
                     return
-                logger.warning("fetching for queue group %r failed: %s", self.queue_name, exc)
+                logger.warning("pulling for queue group %r failed: %s", self.queue_name, exc)
                 await asyncio.sleep(FETCH_WAIT)
-                continue
-            burst = []
-            for msg in msgs:
-                if self._stopping:
-                    self._send(msg.reply, _NAK)
-                    continue
-                work = self._take(msg)
-                if work is not None:
-                    burst.append(work)
-            if burst:
-                with self._lock:
-                    self._in_hand += len(burst)
-                asyncio.run_coroutine_threadsafe(self._run(burst), self._handler_loop())
+
+    def _delivered(self, msg: Msg) -> None:  # the client's loop, as it reads
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is not None:
+            if status != "100":  # 404, 408: the request ended; 409: it was refused
+                if status == "409":
+                    logger.warning(
+                        "queue group %r: JetStream refused a pull request (%s)",
+                        self.queue_name,
+                        msg.headers.get("Description", "") if msg.headers else "",
+                    )
+                self._request_done.set()
+            return
+        self._outstanding -= 1
+        if self._outstanding <= 0:
+            self._request_done.set()
+        if self._stopping:
+            self._send(msg.reply, _NAK)
+            return
+        work = self._take(msg)
+        if work is None:
+            return
+        if not self._burst:
+            # Handed over once the client has read what arrived with it: one hop a burst.
+            asyncio.get_running_loop().call_soon(self._hand_over)
+        self._burst.append(work)
+
+    def _hand_over(self) -> None:  # the client's loop
+        burst, self._burst = self._burst, []
+        with self._lock:
+            self._in_hand += len(burst)
+        asyncio.run_coroutine_threadsafe(self._run(burst), self._handler_loop())
 
     def _take(self, msg: Msg) -> tuple[Any, ...] | None:
         """Check and decode one delivery: the work for the handler loop, or ``None`` when it
