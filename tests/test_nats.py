@@ -305,3 +305,33 @@ def _reconnects(broker: NatsBroker) -> int:
         return broker.statistics().reconnects
     except Exception:  # the server is not back yet: statistics() asks it about the groups
         return -1
+
+
+async def _delete_consumer(url: str, stream: str, durable: str) -> None:
+    client = await nats.connect(url)
+    try:
+        await client.jetstream().delete_consumer(stream, durable)
+    finally:
+        await client.close()
+
+
+def test_a_group_deleted_under_its_member_is_reported_without_a_busy_loop(
+    broker: NatsBroker,
+    nats_server: NatsServer,
+    namespace: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ipcbus.nats.subjects import stream_name
+
+    broker.subscribe_async(Tick, lambda m: None, "work")
+    stream = stream_name(namespace, "tests.messages.Tick")
+    asyncio.run(_delete_consumer(nats_server.url, stream, consumer_name("work")))
+    wait_until(lambda: any("refused a pull" in r.getMessage() for r in caplog.records), 10)
+    threading.Event().wait(2.0)
+    refusals = [r for r in caplog.records if "refused a pull" in r.getMessage()]
+    assert len(refusals) <= 6, f"{len(refusals)} refusals in 2 s: a busy loop"
+    received: list[Tick] = []
+    broker.subscribe(Tick, received.append)  # the broker still works
+    broker.publish(Tick(1))
+    BarrierWaiter(broker).wait(broker, 10)
+    assert received == [Tick(1)]

@@ -186,6 +186,7 @@ class GroupConsumer:
         self._deliver = ""
         self._sub: NatsSubscription | None = None
         self._outstanding = 0
+        self._refused = False
         self._request_done = asyncio.Event()
         self._burst: list[tuple[Any, ...]] = []
         self._tasks: set[asyncio.Future[None]] = set()
@@ -251,6 +252,9 @@ class GroupConsumer:
                     reply=self._deliver,
                 )
                 await asyncio.wait_for(self._request_done.wait(), FETCH_WAIT + 5.0)
+                if self._refused:
+                    self._refused = False
+                    await asyncio.sleep(FETCH_WAIT)
             except Exception as exc:
                 if self._stopping:
                     return
@@ -260,11 +264,15 @@ class GroupConsumer:
     def _delivered(self, msg: Msg) -> None:  # the client's loop, as it reads
         status = msg.headers.get("Status") if msg.headers else None
         if status is not None:
-            if status != "100":  # 404, 408: the request ended; 409: it was refused
-                if status == "409":
+            if status != "100":  # 404, 408: the request ended; others: it was refused
+                if status not in ("404", "408"):
+                    # The consumer is gone or busy (409), or JetStream is not there (503):
+                    # the next request waits, so that this is no busy loop.
+                    self._refused = True
                     logger.warning(
-                        "queue group %r: JetStream refused a pull request (%s)",
+                        "queue group %r: JetStream refused a pull request (%s %s)",
                         self.queue_name,
+                        status,
                         msg.headers.get("Description", "") if msg.headers else "",
                     )
                 self._request_done.set()
