@@ -178,7 +178,7 @@ class GroupConsumer:
         self._prefetch = 1
         self._lock = threading.Lock()
         self._in_hand = 0
-        self._waiting = False  # the fetch loop waits for room
+        self._waiting = False  # the pull loop waits for room
         self._room = asyncio.Event()  # touched on the client's loop only
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
