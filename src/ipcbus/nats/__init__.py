@@ -6,6 +6,7 @@
 - ``dispatch``: the thread that calls broadcast handlers, in order, and the bounded hand-over
   from the client to it (slow consumers counted, never silent).
 - ``groups``: queue groups as JetStream streams and durable pull consumers.
+- ``streams``: what a broker asks JetStream: stored types, groups, members, deletion.
 - ``requests``: ``request()``'s waiting room and its errors.
 - ``envelope``: one message as it travels: a signed envelope around the pickle.
 - ``signing``: the bus secret and the HMAC every payload carries.

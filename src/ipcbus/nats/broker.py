@@ -12,8 +12,6 @@ from itertools import count
 from multiprocessing import util as mp_util
 from typing import Any
 
-import nats.errors
-import nats.js.errors
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from ..core.contract import Broker, Subscription
@@ -29,11 +27,12 @@ from ..message import Message, get_unique_name_for_message
 from .connection import NatsConnection
 from .dispatch import Dispatcher, Inbox
 from .envelope import ERROR_CODEC, Envelope, Signer, encode_message, encode_object, seal
-from .groups import FETCH_WAIT, GroupConsumer, ensure_group, running_queue_handler
+from .groups import FETCH_WAIT, GroupConsumer, running_queue_handler
 from .requests import PendingRequests, RemoteError, RequestTimeoutError
 from .signing import check_secret, default_key_file, load_or_create_secret
-from .statistics import Counters, GroupStatistics, NatsStatistics
-from .subjects import check_namespace, consumer_name, stream_name, subject_for
+from .statistics import Counters, NatsStatistics
+from .streams import Streams
+from .subjects import check_namespace, subject_for
 
 __all__ = ["NatsBroker"]
 
@@ -135,11 +134,9 @@ class NatsBroker(Broker):
         self._by_class: weakref.WeakKeyDictionary[type, tuple[str, str]] = (
             weakref.WeakKeyDictionary()
         )
-        self._stored: dict[str, bool] = {}  # topic -> a stream stores it
         self._live: dict[str, NatsSubscription] = {}
         self._groups: dict[tuple[str, str], GroupConsumer] = {}
         self._presence: dict[tuple[str, str], NatsSubscription] = {}
-        self._known_groups: set[tuple[str, str]] = set()
         self._handler_loop: asyncio.AbstractEventLoop | None = None
         self._handler_thread: threading.Thread | None = None
         self._ids = count(1)
@@ -165,9 +162,10 @@ class NatsBroker(Broker):
         except BaseException:
             self._dispatcher.stop(linger)
             raise
-        self._js = self._conn.client.jetstream(timeout=operation_timeout)
+        js = self._conn.client.jetstream(timeout=operation_timeout)
+        self._streams = Streams(self._conn.client, js, self.namespace)
         self._max_payload = self._conn.client.max_payload
-        self._conn.call(self._listen_for_streams(), operation_timeout, "subscribe")
+        self._conn.call(self._streams.listen(), operation_timeout, "subscribe")
         mp_util.Finalize(self, _close_at_exit, args=(weakref.ref(self),), exitpriority=10)
 
     def _for_child(self) -> NatsBroker:
@@ -181,22 +179,9 @@ class NatsBroker(Broker):
         """What this broker counted (:class:`~ipcbus.nats.statistics.NatsStatistics`), and the
         queue groups it declared or joined as JetStream reports them."""
         self._check_usable()
-        queues = self._conn.call(self._group_statistics(), self._timeout, "statistics")
+        queues = self._conn.call(self._streams.statistics(), self._timeout, "statistics")
         in_hand = sum(group.in_hand for group in list(self._groups.values()))
         return self._counters.snapshot(queues=queues, in_hand=in_hand)
-
-    async def _group_statistics(self) -> dict[str, GroupStatistics]:
-        result = {}
-        for topic, queue_name in sorted(self._known_groups):
-            stream = stream_name(self.namespace, topic)
-            try:
-                info = await self._js.consumer_info(stream, consumer_name(queue_name))
-            except nats.js.errors.NotFoundError:
-                continue
-            result[f"{topic}:{queue_name}"] = GroupStatistics(
-                held=info.num_pending or 0, in_flight=info.num_ack_pending or 0
-            )
-        return result
 
     # -- publish -----------------------------------------------------------------------------
 
@@ -217,7 +202,7 @@ class NatsBroker(Broker):
             )
         message_id = f"{self._id_prefix}{next(self._ids)}"
         data = seal(self._signer, subject, message_id, codec, time.time(), payload, reply)
-        stored = self._stored.get(topic)
+        stored = self._streams.stored.get(topic)
         if stored is None:
             stored = self._lookup_stored(topic)
         if stored:
@@ -228,28 +213,13 @@ class NatsBroker(Broker):
     def _lookup_stored(self, topic: str) -> bool:
         """Does a stream store ``topic`` (asked once per type; announcements keep it current)."""
 
-        async def lookup() -> bool:
-            try:
-                await self._js.stream_info(stream_name(self.namespace, topic))
-            except nats.js.errors.NotFoundError:
-                return False
-            return True
-
-        stored = self._conn.call(lookup(), self._timeout, "stream lookup")
-        self._stored.setdefault(topic, stored)
-        return self._stored[topic]
-
-    async def _listen_for_streams(self) -> None:
-        async def announced(msg: Any) -> None:
-            self._stored[msg.data.decode()] = True
-
-        await self._conn.client.subscribe(f"{self.namespace}.streams", cb=announced)
-        await self._conn.client.flush()
+        stored = self._conn.call(self._streams.is_stored(topic), self._timeout, "stream lookup")
+        return self._streams.stored.setdefault(topic, stored)
 
     def _stored_gone(self, subject: str) -> None:
         for topic, known in list(self._subjects.items()):
             if known == subject:
-                self._stored[topic] = False
+                self._streams.stored[topic] = False
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the server has everything published before, and JetStream has stored
@@ -371,7 +341,9 @@ class NatsBroker(Broker):
     async def _start_group(self, subscription: Subscription) -> GroupConsumer:
         assert subscription.queue_name is not None
         topic, queue_name = subscription.topic, subscription.queue_name
-        await self._ensure_group(topic, queue_name, subscription.policy.max_attempts)
+        await self._streams.ensure(
+            topic, queue_name, subscription.policy.max_attempts, self._ack_wait
+        )
         group = GroupConsumer(
             self._conn.client,
             self.namespace,
@@ -389,28 +361,8 @@ class NatsBroker(Broker):
             ack_wait=self._ack_wait,
         )
         await group.start()
-        client = self._conn.client
-
-        async def present(msg: Any) -> None:
-            await client.publish(msg.reply, b"")
-
-        self._presence[(topic, queue_name)] = await client.subscribe(
-            self._presence_subject(topic, queue_name), cb=present
-        )
-        await client.flush()
+        self._presence[(topic, queue_name)] = await self._streams.join(topic, queue_name)
         return group
-
-    async def _ensure_group(self, topic: str, queue_name: str, max_attempts: int) -> None:
-        await ensure_group(
-            self._js, self.namespace, topic, queue_name, max_attempts, self._ack_wait
-        )
-        self._known_groups.add((topic, queue_name))
-        self._stored[topic] = True
-        await self._conn.client.publish(f"{self.namespace}.streams", topic.encode())
-
-    def _presence_subject(self, topic: str, queue_name: str) -> str:
-        stream = stream_name(self.namespace, topic)
-        return f"{self.namespace}.members.{stream}.{consumer_name(queue_name)}"
 
     def _start_handler_loop(self) -> None:  # under self._lock
         if self._handler_loop is None:
@@ -449,7 +401,7 @@ class NatsBroker(Broker):
         topic = get_unique_name_for_message(message_type)
         max_attempts = 3  # the default of QueuePolicy; members that join may raise it
         self._conn.call(
-            self._ensure_group(topic, queue_name, max_attempts),
+            self._streams.ensure(topic, queue_name, max_attempts, self._ack_wait),
             self._timeout,
             f"declare {queue_name!r}",
         )
@@ -460,7 +412,7 @@ class NatsBroker(Broker):
         if self._routes.has_members(topic, queue_name):
             raise self._refuse_deletion(message_type, queue_name)
         dropped = self._conn.call(
-            self._delete_group(topic, queue_name), self._timeout, f"delete {queue_name!r}"
+            self._streams.delete(topic, queue_name), self._timeout, f"delete {queue_name!r}"
         )
         if dropped is None:
             raise self._refuse_deletion(message_type, queue_name)
@@ -472,29 +424,6 @@ class NatsBroker(Broker):
                 dropped,
             )
         return dropped
-
-    async def _delete_group(self, topic: str, queue_name: str) -> int | None:
-        client = self._conn.client
-        try:
-            await client.request(self._presence_subject(topic, queue_name), b"", timeout=1.0)
-            return None  # a member answered: in use
-        except nats.errors.NoRespondersError:
-            pass
-        except nats.errors.TimeoutError:
-            return None  # a member is there, slow to answer: in use all the same
-        stream = stream_name(self.namespace, topic)
-        durable = consumer_name(queue_name)
-        try:
-            info = await self._js.consumer_info(stream, durable)
-        except nats.js.errors.NotFoundError:
-            return 0
-        held = (info.num_pending or 0) + (info.num_ack_pending or 0)
-        await self._js.delete_consumer(stream, durable)
-        self._known_groups.discard((topic, queue_name))
-        if (await self._js.stream_info(stream)).state.consumer_count == 0:
-            await self._js.delete_stream(stream)  # broadcast only again: nothing stored
-            self._stored[topic] = False
-        return held
 
     # -- state and close ---------------------------------------------------------------------
 
