@@ -17,9 +17,11 @@ import pytest
 from ipcbus import Broker, Hub, HubBroker, MemoryBroker, TestBroker
 from ipcbus.client.admin import request_statistics
 from ipcbus.config import ENV_ADDRESS
+from ipcbus.nats import NatsBroker
 from ipcbus.testing import isolated_registry
 
 from .hubtools import BarrierWaiter, SplitBroker, Workers
+from .natstools import SECRET, NatsServer, require_nats_server
 
 pytest_plugins = ["pytester"]
 
@@ -33,7 +35,7 @@ class Harness:
         self.kind = kind
         self.broker = broker
         self._barrier: BarrierWaiter | None = None
-        if isinstance(broker, HubBroker):
+        if isinstance(broker, HubBroker | NatsBroker):
             self._barrier = BarrierWaiter(broker)
         elif isinstance(broker, SplitBroker):
             self._barrier = BarrierWaiter(broker.local)
@@ -42,6 +44,11 @@ class Harness:
         if isinstance(self.broker, TestBroker):
             return self.broker.process_messages()
         self.broker.flush(timeout)
+        if isinstance(self.broker, NatsBroker):
+            assert self._barrier is not None
+            self._barrier.wait(self.broker, timeout)
+            wait_until(lambda: nats_idle(self.broker), timeout)  # type: ignore[arg-type]
+            return None
         if self._barrier is not None:
             self._barrier.wait(self.broker, timeout)
             wait_until(lambda: queues_idle(self.address), timeout)
@@ -59,8 +66,28 @@ class Harness:
         return not isinstance(self.broker, MemoryBroker)
 
 
-# "hub": publisher and subscribers share one HubBroker; "hub-split": they are in two processes.
-BROKER_KINDS = ["memory", "test", "hub", "hub-split"]
+# "hub": publisher and subscribers share one HubBroker; "hub-split": they are in two processes;
+# "nats": one NatsBroker on the session's nats-server.
+BROKER_KINDS = ["memory", "test", "hub", "hub-split", "nats"]
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    """One ``nats-server -js`` for the session; each test takes a namespace of its own
+    (``nats_server.namespace()``), so its streams and groups start empty."""
+    with NatsServer(require_nats_server()) as server:
+        yield server
+
+
+def nats_idle(broker: NatsBroker) -> bool:
+    """No queue group of ``broker`` holds a message or waits for an ack, and its handlers hold
+    nothing: asked twice, so that a delivery given back in between is not missed."""
+    for _ in range(2):
+        statistics = broker.statistics()
+        if statistics.in_hand or any(q.held or q.in_flight for q in statistics.queues.values()):
+            return False
+        time.sleep(0.02)
+    return True
 
 
 @pytest.fixture(scope="session")
@@ -126,6 +153,9 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
         broker = MemoryBroker()
     elif kind == "test":
         broker = TestBroker(fail_fast=False)  # the contract: handler failures are isolated
+    elif kind == "nats":
+        server = request.getfixturevalue("nats_server")
+        broker = NatsBroker(server.url, namespace=server.namespace(), secret=SECRET)
     else:
         address = request.getfixturevalue("fresh_hub").address
         broker = HubBroker(address) if kind == "hub" else SplitBroker(address)

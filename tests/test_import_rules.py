@@ -155,6 +155,20 @@ def test_the_client_side_never_imports_the_hub_side(module: str) -> None:
     assert strays == [], f"{module} loads {strays}"
 
 
+@pytest.mark.parametrize("module", modules_under("ipcbus.nats"))
+def test_the_nats_broker_uses_the_core_and_nothing_of_the_hub_or_zmq(module: str) -> None:
+    loaded = loads(module)
+    assert "zmq" not in loaded, f"{module} loads zmq"
+    allowed_client = {"ipcbus.client", "ipcbus.client.threads"}
+    strays = sorted(
+        name
+        for name in loaded
+        if name.startswith(("ipcbus.server", "ipcbus.hub", "ipcbus.wire.keys", "ipcbus.brokers"))
+        or (name.startswith("ipcbus.client") and name not in allowed_client)
+    )
+    assert strays == [], f"{module} loads {strays}"
+
+
 @pytest.mark.parametrize("module", modules_under("ipcbus.wire"))
 def test_the_wire_imports_neither_side(module: str) -> None:
     sides = ("ipcbus.server", "ipcbus.client", "ipcbus.core", "ipcbus.brokers", "ipcbus.hub")

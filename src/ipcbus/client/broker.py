@@ -9,7 +9,7 @@ import time
 import weakref
 from collections.abc import Callable
 from multiprocessing import util as mp_util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import ClientOptions, address_from_env, export_address
 from ..core.contract import Broker, Subscription
@@ -36,6 +36,9 @@ from .rejections import Rejections
 from .replies import HubReply, ReplyRoute
 from .runner import QueueRunner
 from .threads import runs_handlers
+
+if TYPE_CHECKING:
+    from ..nats.broker import NatsBroker
 
 __all__ = ["HubBroker", "connect"]
 
@@ -590,8 +593,10 @@ def _close_at_exit(ref: weakref.ref[HubBroker]) -> None:
         broker.close()
 
 
-def connect(address: str | None = None, **options: Any) -> HubBroker:
-    """Connect a :class:`HubBroker` to the hub at ``address`` (default: ``IPCBUS_ADDRESS``).
+def connect(address: str | None = None, **options: Any) -> HubBroker | NatsBroker:
+    """Connect a :class:`HubBroker` to the hub at ``address`` (default: ``IPCBUS_ADDRESS``);
+    a ``nats://`` or ``tls://`` address connects a :class:`~ipcbus.nats.NatsBroker` to that
+    NATS server instead (the extra ``ipcbus[nats]``), ``options`` going to it.
 
     Raises ``HubUnavailableError`` when no address is known or no hub answers within
     ``connect_timeout`` seconds. Sets ``IPCBUS_ADDRESS`` in this process when it is unset, so
@@ -604,4 +609,9 @@ def connect(address: str | None = None, **options: Any) -> HubBroker:
                 "no hub address: pass one to connect() or set IPCBUS_ADDRESS "
                 "(the hub prints it when it starts)"
             )
+    if address.startswith(("nats://", "tls://")):
+        from ..nats.broker import NatsBroker
+
+        export_address(address)
+        return NatsBroker(address, **options)
     return HubBroker(address, **options)

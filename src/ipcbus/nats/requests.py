@@ -1,0 +1,82 @@
+"""Request/reply on NATS: the requester's waiting room, and the errors a request raises.
+
+A request is published like any message, with the requester's reply inbox
+(``<connection inbox>.r.<n>``) in its signed envelope; a responder, a handler that returned a
+``Message``, publishes its answer there, signed. The first valid answer wins; later ones (other
+responders) and answers after the requester gave up are dropped and counted
+(``replies_dropped``). Nothing is kept per request once it returns.
+"""
+
+from __future__ import annotations
+
+import threading
+from itertools import count
+
+from nats.aio.msg import Msg
+
+from .envelope import Envelope, Signer, open_envelope
+from .statistics import Counters
+
+__all__ = ["PendingRequests"]
+
+
+class _Waiting:
+    __slots__ = ("closed", "done", "envelope")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.envelope: Envelope | None = None
+        self.closed = False
+
+
+class PendingRequests:
+    """The requests of one broker that wait for an answer."""
+
+    def __init__(self, signer: Signer, counters: Counters) -> None:
+        self._signer = signer
+        self._counters = counters
+        self._lock = threading.Lock()
+        self._waiting: dict[str, _Waiting] = {}
+        self._tokens = count(1)
+        self.late = 0  # answers dropped: a first one had come, or the requester gave up
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def open(self) -> tuple[str, _Waiting]:
+        token = str(next(self._tokens))
+        waiting = _Waiting()
+        with self._lock:
+            self._waiting[token] = waiting
+        return token, waiting
+
+    def forget(self, token: str) -> None:
+        with self._lock:
+            self._waiting.pop(token, None)
+
+    def answer(self, token: str, msg: Msg) -> None:
+        """An answer arrived on the inbox (the connection's loop): check it, keep the first."""
+        envelope = open_envelope(self._signer, msg.subject, msg.data)
+        if envelope is None:
+            self._counters.add("rejected")
+            return
+        with self._lock:
+            waiting = self._waiting.pop(token, None)
+        if waiting is None:
+            self.late += 1
+            self._counters.add("replies_dropped")
+            return
+        waiting.envelope = envelope
+        waiting.done.set()
+
+    def close(self, error: BaseException) -> None:
+        """``Broker.close()``: every waiting requester wakes (``BrokerClosedError``)."""
+        self.close_all()
+
+    def close_all(self) -> None:
+        """The broker closes: every waiting requester wakes (``BrokerClosedError``)."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting.values()), {}
+        for each in waiting:
+            each.closed = True
+            each.done.set()
