@@ -236,6 +236,25 @@ def test_big_fields_leave_as_views_in_batches_below_the_limit() -> None:
         assert memoryview(frame).obj is message.data, "the frame is a copy of the payload"
 
 
+@pytest.mark.parametrize(("size", "per_request"), [(8 * MiB, 1), (96 * 1024, 10)])
+def test_a_batch_of_big_fields_carries_about_a_mebibyte(size: int, per_request: int) -> None:
+    """A subscriber gets nothing of a batch until all of it has arrived, and the hub relays a
+    batch only once it has all of it: a batch of 31 8 MB payloads (what fits a 256 MiB limit)
+    made every hop wait for the one before and the subscriber saw nothing for seconds, then
+    everything. Big fields therefore go about 1 MiB to a request: an 8 MB payload alone."""
+    outbox = Outbox(max_batch=1000, on_reject=lambda rejected: None)
+    outbox.set_limit(256 * MiB)
+    messages = [_payload(seq, "bytes", size) for seq in range(30)]
+    outbox.check(messages[0])
+    for message in messages:
+        outbox.append(message)
+    counts = []
+    while (request := outbox.take()) is not None:
+        counts.append(wire.unpack_meta(request[2])[1])
+    assert sum(counts) == 30
+    assert max(counts) == per_request
+
+
 # -- one undecodable among a thousand ------------------------------------------------------
 
 PHANTOM_MODULE = "ipcbus_big_payload_phantom"
