@@ -30,6 +30,7 @@ import pytest
 
 from ipcbus import Hub, HubBroker, Message, MessageTooLargeError, connect
 from ipcbus.client.outbox import Outbox, Rejected
+from ipcbus.message import get_unique_name_for_message
 from ipcbus.wire import protocol as wire
 
 from .conftest import queues_idle, wait_until
@@ -234,6 +235,32 @@ def test_big_fields_leave_as_views_in_batches_below_the_limit() -> None:
     assert rejected == []
     for message, frame in zip(messages, buffers, strict=True):
         assert memoryview(frame).obj is message.data, "the frame is a copy of the payload"
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["broadcast", "queue group"])
+@pytest.mark.parametrize(("size", "per_request"), [(8 * MiB, 1), (96 * 1024, 10)])
+def test_a_batch_of_big_fields_carries_about_a_mebibyte(
+    size: int, per_request: int, grouped: bool
+) -> None:
+    """A subscriber gets nothing of a batch until all of it has arrived, and the hub relays a
+    batch only once it has all of it: a batch of 31 8 MB payloads (what fits a 256 MiB limit)
+    made every hop wait for the one before and the subscriber saw nothing for seconds, then
+    everything. Big fields therefore go about 1 MiB to a request: an 8 MB payload alone. So do
+    the in-band payloads of a topic with queue groups (the hub hands out nothing of a batch
+    before it has all of it either)."""
+    outbox = Outbox(max_batch=1000, on_reject=lambda rejected: None)
+    outbox.set_limit(256 * MiB)
+    if grouped:
+        outbox.grouped = frozenset({wire.topic_for(get_unique_name_for_message(Payload))})
+    messages = [_payload(seq, "bytes", size) for seq in range(30)]
+    outbox.check(messages[0])
+    for message in messages:
+        outbox.append(message)
+    counts = []
+    while (request := outbox.take()) is not None:
+        counts.append(wire.unpack_meta(request[2])[1])
+    assert sum(counts) == 30
+    assert max(counts) == per_request
 
 
 # -- one undecodable among a thousand ------------------------------------------------------
