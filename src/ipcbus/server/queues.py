@@ -43,168 +43,30 @@ Rules (docs/guarantees.md, "Queue groups"):
 
 from __future__ import annotations
 
-import heapq
 import itertools
-from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Iterator
 
-from ..wire.protocol import OUTCOME_DEAD, OUTCOME_OK, OUTCOME_REJECTED, Ack, Deliver, pack_sizes
-from .dead_letters import DeadEntry, DeadLetters
-from .runs import InFlight, Run, overlapping
+from ..wire.protocol import pack_sizes
+from .dead_letters import DeadEntry
+from .journal_hooks import JournalHooks
+from .queue_dispatch import QueueDispatch
+from .queue_group import ConsumerKey, DeadRecord, Delivery, QueueConsumer, QueueGroup
+from .runs import Run
 
-__all__ = ["ConsumerKey", "Delivery", "QueueBook", "QueueConsumer", "QueueGroup", "Run"]
-
-ConsumerKey = tuple[bytes, bytes]  # (client identity, subscription id)
-
-
-class JournalHooks(Protocol):
-    """What the book tells a journal (server.journal): ids of messages, never their content."""
-
-    full: bool
-
-    def enqueued(
-        self, topic: bytes, groups: Sequence[tuple[str, int]], meta: bytes, sizes: Any, data: Any
-    ) -> None: ...
-
-    def delivered(self, first_id: int, count: int, attempt: int) -> None: ...
-
-    def settled(self, first_id: int, count: int) -> None: ...
-
-    def dropped(self, topic: bytes, name: str) -> None: ...
-
-    def dead(self, topic: bytes, name: str, entry: DeadEntry) -> None: ...
-
-    def rewrite(self) -> None: ...
-
-    def write(self) -> bool: ...
+# The names other modules import from here, wherever they are defined now.
+__all__ = [
+    "ConsumerKey",
+    "DeadRecord",
+    "Delivery",
+    "JournalHooks",
+    "QueueBook",
+    "QueueConsumer",
+    "QueueGroup",
+    "Run",
+]
 
 
-@dataclass(eq=False)
-class QueueConsumer:
-    key: ConsumerKey
-    prefetch: int
-    stream: bytes  # its delivery stream (unique per hub and per coming of the consumer)
-    next_seq: int = 1
-    # Runs delivered and not settled, by first sequence number (ascending: insertion order).
-    in_flight: dict[int, InFlight] = field(default_factory=dict)
-    unacked: int = 0  # messages in flight
-    cancelled: bool = False  # takes nothing new; leaves once its deliveries are settled
-
-    @property
-    def credit(self) -> int:
-        return self.prefetch - self.unacked
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """A run handed to one consumer; the control plane sends it in a DELIVER request."""
-
-    consumer: QueueConsumer
-    run: Run
-    first_seq: int
-    topic: bytes
-    id_prefix: bytes
-
-    @property
-    def identity(self) -> bytes:
-        return self.consumer.key[0]
-
-    @property
-    def subscription_id(self) -> bytes:
-        return self.consumer.key[1]
-
-    @property
-    def stream(self) -> bytes:
-        return self.consumer.stream
-
-    @property
-    def last_seq(self) -> int:
-        return self.first_seq + self.run.count - 1
-
-    def wire(self) -> Deliver:
-        run = self.run
-        return Deliver(
-            self.subscription_id,
-            self.consumer.stream,
-            self.first_seq,
-            run.attempt,
-            self.id_prefix,
-            run.first_id,
-            self.topic,
-            run.meta,
-            run.sizes,
-            run.payloads,
-        )
-
-
-@dataclass(frozen=True)
-class DeadRecord:
-    message_id: str
-    attempts: int
-    error: str
-
-
-class QueueGroup:
-    """One ``queue_name`` on one topic."""
-
-    def __init__(
-        self, name: str, topic: bytes, max_held: int, max_dead: int, max_dead_bytes: int
-    ) -> None:
-        self.name = name
-        self.topic = topic
-        self.max_held = max_held
-        self.pending: deque[Run] = deque()
-        self.pending_messages = 0
-        self.delayed: list[tuple[float, int, Run]] = []  # retries waiting for backoff
-        self.delayed_messages = 0
-        self.consumers: dict[ConsumerKey, QueueConsumer] = {}
-        self.cursor = 0
-        self.dead = DeadLetters(max_dead, max_dead_bytes)  # with their payloads, bounded
-        self.counts = {
-            "published": 0,
-            "delivered": 0,
-            "acked": 0,
-            "redelivered": 0,
-            "retried": 0,
-            "dead_lettered": 0,
-            "rejected_dropped": 0,
-        }
-
-    @property
-    def held(self) -> int:
-        return self.pending_messages + self.delayed_messages
-
-    @property
-    def in_flight(self) -> int:
-        return sum(consumer.unacked for consumer in self.consumers.values())
-
-    def push(self, run: Run) -> None:
-        self.pending.append(run)
-        self.pending_messages += run.count
-
-    def push_front(self, runs: list[Run]) -> None:
-        """``runs``, in order, before everything held."""
-        self.pending.extendleft(reversed(runs))
-        self.pending_messages += sum(run.count for run in runs)
-
-    def pop(self) -> Run:
-        run = self.pending.popleft()
-        self.pending_messages -= run.count
-        return run
-
-    def statistics(self) -> dict[str, int]:
-        return {
-            **self.counts,
-            "consumers": len(self.consumers),
-            "held": self.held,
-            "in_flight": self.in_flight,
-            "dead_letters_kept": len(self.dead),
-        }
-
-
-class QueueBook:
+class QueueBook(QueueDispatch):
     """Every queue group of the hub, and the deliveries in flight."""
 
     def __init__(
@@ -426,157 +288,6 @@ class QueueBook:
                 yield group, run
             for run in group.pending:
                 yield group, run
-
-    def settle(self, ack: Ack, now: float) -> None:
-        """Apply a consumer's answer for a range of its deliveries."""
-        if not ack.stream.startswith(self._stream_prefix):
-            # Handed out by a previous hub at this address: what it settled is gone with it.
-            self.stale_acks += ack.count
-            return
-        found = self._streams.get(ack.stream)
-        if found is None:
-            # Its consumer was declared gone and its deliveries given to others (or a forged
-            # stream): ignored, never counted twice.
-            self.late_acks += ack.count
-            return
-        group, consumer = found
-        settled = 0
-        for entry in overlapping(consumer.in_flight, ack.first, ack.last):
-            low = max(ack.first, entry.first_seq) - entry.first_seq
-            high = min(ack.last, entry.last_seq) - entry.first_seq + 1
-            count, parts = entry.settle(low, high, ack.outcome != OUTCOME_OK)
-            if not count:
-                continue
-            if self.journal is not None and ack.outcome in (OUTCOME_OK, OUTCOME_DEAD):
-                self.journal.settled(entry.run.first_id + low, high - low)
-            settled += count
-            if not entry.left:
-                del consumer.in_flight[entry.first_seq]
-            self._apply(group, consumer, ack, parts, count, now)
-        consumer.unacked -= settled
-        self.in_flight -= settled
-        self.late_acks += ack.count - settled
-        if consumer.cancelled and not consumer.in_flight:
-            del group.consumers[consumer.key]
-            del self._streams[consumer.stream]
-
-    def _apply(
-        self,
-        group: QueueGroup,
-        consumer: QueueConsumer,
-        ack: Ack,
-        parts: list[Run],
-        count: int,
-        now: float,
-    ) -> None:
-        outcome = ack.outcome
-        if outcome == OUTCOME_OK:
-            group.counts["acked"] += count
-        elif outcome == OUTCOME_REJECTED:
-            for part in parts:
-                part.attempt -= 1  # a rejection is not an attempt
-                part.rejected_by = {*(part.rejected_by or ()), consumer.key}
-            group.push_front(parts)
-        elif outcome == OUTCOME_DEAD:
-            group.counts["dead_lettered"] += count
-            for part in parts:
-                # Copies (payload_list): a view would keep the whole batch alive.
-                for index, payload in enumerate(part.payload_list()):
-                    message_id = f"{self._hub_id.decode()}-{part.first_id + index}"
-                    entry = group.dead.add(message_id, part.attempt, ack.error, part.meta, payload)
-                    if self.journal is not None and entry is not None:
-                        self.journal.dead(group.topic, group.name, entry)
-        else:  # failed: retried after the delay the consumer decided (bounded by the wire)
-            group.counts["retried"] += count
-            for part in parts:
-                heapq.heappush(group.delayed, (now + ack.retry_delay, next(self._sequence), part))
-                group.delayed_messages += part.count
-
-    def unsend(self, delivery: Delivery) -> None:
-        """A delivery could not be sent after all: back to the front, not an attempt."""
-        consumer = delivery.consumer
-        entry = consumer.in_flight.get(delivery.first_seq)
-        found = self._streams.get(consumer.stream)
-        if entry is None or entry.run is not delivery.run or found is None:
-            return
-        del consumer.in_flight[delivery.first_seq]
-        group = found[0]
-        run = delivery.run
-        run.attempt -= 1
-        group.counts["delivered"] -= run.count
-        consumer.unacked -= run.count
-        self.in_flight -= run.count
-        group.push_front([run])
-
-    def next_due(self) -> float | None:
-        """When the earliest delayed retry becomes due (for the relay's poll timeout)."""
-        due = [group.delayed[0][0] for group in self._groups.values() if group.delayed]
-        return min(due) if due else None
-
-    def dispatch(self, now: float) -> list[Delivery]:
-        """Hand what is deliverable to consumers with credit (round-robin, fair shares)."""
-        deliveries: list[Delivery] = []
-        for group in self._groups.values():
-            while group.delayed and group.delayed[0][0] <= now:
-                run = heapq.heappop(group.delayed)[2]
-                group.delayed_messages -= run.count
-                group.push_front([run])
-            if group.pending and group.consumers:
-                self._dispatch_group(group, deliveries)
-        return deliveries
-
-    def _dispatch_group(self, group: QueueGroup, deliveries: list[Delivery]) -> None:
-        # Python runs here once per run: the consumer list is built once per turn.
-        consumers = [c for c in group.consumers.values() if not c.cancelled]
-        with_credit = sum(1 for c in consumers if c.credit > 0)
-        if not with_credit:
-            return
-        # At most a fair share each: 30 messages published at once reach all of 3 consumers.
-        share = -(-group.pending_messages // with_credit)
-        while group.pending and consumers:
-            run = group.pending[0]
-            rejected_by = run.rejected_by
-            if rejected_by and all(c.key in rejected_by for c in consumers):
-                group.pop()
-                group.counts["rejected_dropped"] += run.count
-                if self.journal is not None:
-                    self.journal.settled(run.first_id, run.count)
-                continue
-            consumer = self._next_with_credit(group, consumers, rejected_by)
-            if consumer is None:
-                break  # every willing consumer is at its prefetch limit
-            take = min(consumer.credit, share)
-            if take < run.count:
-                run = run.split_off(take)  # the rest stays first in line
-                group.pending_messages -= take
-            else:
-                group.pop()
-            run.attempt += 1
-            if self.journal is not None:
-                self.journal.delivered(run.first_id, run.count, run.attempt)
-            seq = consumer.next_seq
-            consumer.next_seq += run.count
-            consumer.in_flight[seq] = InFlight(run, seq)
-            consumer.unacked += run.count
-            self.in_flight += run.count
-            group.counts["delivered"] += run.count
-            deliveries.append(Delivery(consumer, run, seq, group.topic, self._hub_id))
-
-    @staticmethod
-    def _next_with_credit(
-        group: QueueGroup, consumers: list[QueueConsumer], rejected_by: set[ConsumerKey] | None
-    ) -> QueueConsumer | None:
-        count = len(consumers)
-        for step in range(count):
-            index = (group.cursor + step) % count
-            consumer = consumers[index]
-            if consumer.unacked >= consumer.prefetch or (
-                rejected_by and consumer.key in rejected_by
-            ):
-                continue
-            group.cursor = index + 1
-            return consumer
-        return None
 
     def statistics(self) -> dict[str, dict[str, int]]:
         return {
