@@ -6,7 +6,7 @@ dataclasses they exchange, the timing loop, and the processes' lifecycle.
 - the raw relay floor: the shape of ipcbus without ipcbus: single-threaded raw pyzmq clients, a
   minimal Python relay (DEALER -> ROUTER -> XPUB -> SUB, there and back), no authentication.
 - nats-py request/reply through ``nats-server``; redis pub/sub ping-pong through ``redis-server``
-  (both started by ``latency_servers``).
+  (both started by ``servers``).
 """
 
 from __future__ import annotations
