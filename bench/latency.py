@@ -1,7 +1,7 @@
 """Round-trip latency of ipcbus beside its peers, measured side by side in one run.
 
 A round trip sends a tiny frozen dataclass (``Ping``) and waits for the answer (``Pong``), both
-pickled. Each case runs in fresh processes (spawn) for every repetition: a warm-up, then
+pickled. Each case runs in fresh processes (``harness.FRESH``) for every repetition: a warm-up, then
 ``rounds`` timed round trips, back to back, timed by the pinging process with
 ``time.perf_counter_ns``. A repetition gives a p50 and a p99; the table shows the median of each
 over the repetitions, the cases interleaved.
@@ -45,7 +45,7 @@ from typing import Any
 from ipcbus import Hub, connect
 from latency_peers import (
     DEADLINE,
-    SPAWN,
+    FRESH,
     Outcome,
     Ping,
     Pong,
@@ -139,8 +139,8 @@ def _ipcbus_pinger(address: str, watch: list[int], rounds: int, warmup: int, res
 
 def _run_ipcbus(rounds: int, warmup: int, _servers: dict[str, Any]) -> Outcome:
     with Hub() as hub:
-        ready, stop = SPAWN.Event(), SPAWN.Event()
-        echo = SPAWN.Process(target=_ipcbus_echo, args=(hub.address, ready, stop))
+        ready, stop = FRESH.Event(), FRESH.Event()
+        echo = FRESH.Process(target=_ipcbus_echo, args=(hub.address, ready, stop))
         with processes(echo):
             if not ready.wait(DEADLINE):
                 return "the echo process did not subscribe"
@@ -207,7 +207,7 @@ def _measure(
         for name, server, run in cases:
             if (server is not None and server in skips) or name in failures:
                 continue
-            say(f"round trip {repetition + 1}/{repeat}: {name}")
+            say(f"round trip {repetition + 1}/{repeat}: {name} ({time.strftime('%H:%M:%S')})")
             outcome = run(rounds, warmup, servers)
             if isinstance(outcome, str):
                 failures[name] = f"repetition {repetition + 1}: {outcome}"

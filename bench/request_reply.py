@@ -13,16 +13,14 @@ trip is timed alone (one in flight). Reports p50 and p99 of each and their ratio
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from harness import FRESH
 from ipcbus import Hub, Message, connect
-
-SPAWN: Any = multiprocessing.get_context("spawn")
 
 
 @dataclass(frozen=True)
@@ -79,9 +77,9 @@ def measure(rounds: int = 2000, block: int = 100, warmup: int = 200) -> RequestR
     """``rounds`` round trips of each kind, in alternating blocks of ``block``, after ``warmup``
     of each, with a fresh hub and a fresh responder process."""
     with Hub() as hub:
-        ready, child_ready = SPAWN.Pipe(duplex=False)
-        child_stop, stop = SPAWN.Pipe(duplex=False)
-        process = SPAWN.Process(target=_responder, args=(hub.address, child_ready, child_stop))
+        ready, child_ready = FRESH.Pipe(duplex=False)
+        child_stop, stop = FRESH.Pipe(duplex=False)
+        process = FRESH.Process(target=_responder, args=(hub.address, child_ready, child_stop))
         process.start()
         try:
             if not (ready.poll(120) and ready.recv() == "ready"):

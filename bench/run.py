@@ -3,7 +3,7 @@
 One command, one run: it starts the peers' servers once (``servers.py``), then
 
 1. the throughput cases (``CASE_MODULES`` and ``LOCAL_CASES``: broadcast, fan-out, queue groups,
-   the queue journal, big payloads) ``--repeat`` times, interleaved, each run in fresh spawned
+   the queue journal, big payloads) ``--repeat`` times, interleaved, each run in fresh
    processes with a fresh hub per round, after a warm-up round;
 2. the round trips (``latency.py``): ipcbus through the hub beside ``multiprocessing.Pipe``,
    pyzmq REQ/REP, the raw relay floor, nats-py request/reply and redis pub/sub, ``--repeat``
@@ -22,7 +22,8 @@ that never completes fails its case): a run that lost or duplicated a message is
 FAILED, not as a number. ipcbus failing is the bench failing (exit status 1); a peer failing is
 reported and the bench goes on.
 
-``--quick`` is a smoke test: tiny sizes, one round, no warm-up round, a few hundred round trips.
+``--quick`` is a smoke test: tiny sizes, queue shapes 1 -> 2 and 4 -> 4 only, one round, no
+warm-up round, 200 round trips per case.
 
     python bench/run.py [--quick] [--repeat 3] [--only SCENARIO] [--json bench-results.json]
 """
@@ -72,7 +73,14 @@ LOCAL_CASES: list[Case] = [
     Case(JOURNAL, "multiprocessing.Queue", lambda s: queue_shared(s, 1, 2)),
 ]
 
-QUICK = Settings(messages=3_000, queue_messages=2_000, big_messages=4, big_size=1024 * 1024)
+# A smoke test: every kind of case once; 1 -> 4 adds no path that 1 -> 2 and 4 -> 4 miss.
+QUICK = Settings(
+    messages=3_000,
+    queue_messages=2_000,
+    big_messages=4,
+    big_size=1024 * 1024,
+    queue_shapes=((1, 2), (4, 4)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 (servers.addresses(), skipped),
             )
         if with_requests:
-            print("request() beside publish round trip ...", flush=True)
+            print(f"request() beside publish round trip ({time.monotonic() - began:.0f} s)")
             requests = request_reply.measure(trips.requests, trips.block, trips.warmup)
     elapsed = time.monotonic() - began
     print()
@@ -237,6 +245,7 @@ def _round(
             where = f"round {round_}/{repeat}" if tallies is not None else "warm-up"
             label = f"[{index:>2}/{len(cases)}] {where}  {case.scenario}  {case.contender}"
             print(f"{label} ...", end="", flush=True)
+            took = time.monotonic()
             try:
                 outcome = case.run(settings)
             except Exception as exc:  # a peer's library or server that misbehaves
@@ -244,7 +253,8 @@ def _round(
             if outcome.problems:
                 print(f" FAILED ({outcome.problems[0]})", flush=True)
             else:
-                print(f" {outcome.value:,.0f} {case.unit}", flush=True)
+                took = time.monotonic() - took
+                print(f" {outcome.value:,.0f} {case.unit}  ({took:.1f} s)", flush=True)
             if tallies is not None:
                 tally = tallies[(case.scenario, case.contender)]
                 if outcome.problems:

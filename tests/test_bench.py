@@ -24,7 +24,6 @@ SCENARIOS = {
     "broadcast 1 -> 1",
     "fan-out 1 -> 4",
     "queue 1 -> 2",
-    "queue 1 -> 4",
     "queue 4 -> 4",
     "256 KB payloads 1 -> 1",
     "queue 1 -> 2, journal on",
@@ -86,13 +85,15 @@ def test_the_quick_bench_runs_every_case_and_counts_what_arrived(tmp_path: Path)
             # Every round trip completed: a lost one is a failure, and has no p50.
             assert row["failure"] is None, (case, row["failure"])
             assert len(row["runs"]) == 1, case
-            assert row["p50_us"] is not None and row["p99_us"] is not None, case
+            assert row["p50_us"] is not None, case
+            assert row["p99_us"] is not None, case
             if case != "ipcbus through the hub":
                 assert row["ipcbus_p50_ratio"] > 0, case
     assert trips["cases"]["ipcbus through the hub"]["skipped"] is None
     requests = document["request_reply"]
     assert requests["failure"] is None, requests["failure"]
-    assert requests["request_p50_us"] > 0 and requests["publish_p50_us"] > 0
+    assert requests["request_p50_us"] > 0
+    assert requests["publish_p50_us"] > 0
     skipped = document["skipped"]
     for server, why in skipped.items():
         assert f"skipped: every {server} case: {why}" in output
