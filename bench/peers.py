@@ -52,7 +52,7 @@ def cases(settings: Settings) -> list[Case]:
             Case("fan-out 1 -> 4", name, _bind(run, "broadcast", 1, 4), needs=needs),
             Case(big_scenario(settings), name, _bind(run, "big", 1, 1), "MB/s", needs),
         ]
-    for producers, consumers in ((1, 2), (1, 4), (4, 4)):
+    for producers, consumers in settings.queue_shapes:
         run = _bind(nats_run, "queue", producers, consumers)
         found.append(Case(f"queue {producers} -> {consumers}", "nats-py", run, needs="nats"))
     return found

@@ -13,17 +13,14 @@ trip is timed alone (one in flight). Reports p50 and p99 of each and their ratio
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import statistics
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from harness import FRESH
 from ipcbus import Hub, Message, connect
-
-SPAWN: Any = multiprocessing.get_context("spawn")
 
 
 @dataclass(frozen=True)
@@ -60,78 +57,125 @@ def _percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+@dataclass(frozen=True)
+class RequestRows:
+    """p50 and p99 (µs) of each kind of round trip, or why the run failed."""
+
+    publish_p50_us: float = 0.0
+    publish_p99_us: float = 0.0
+    request_p50_us: float = 0.0
+    request_p99_us: float = 0.0
+    late_replies: int = 0
+    failure: str | None = None  # a lost Pong, a wrong reply, a responder that never started
+
+
+class _Lost(Exception):
+    pass
+
+
+def measure(rounds: int = 2000, block: int = 100, warmup: int = 200) -> RequestRows:
+    """``rounds`` round trips of each kind, in alternating blocks of ``block``, after ``warmup``
+    of each, with a fresh hub and a fresh responder process."""
+    with Hub() as hub:
+        ready, child_ready = FRESH.Pipe(duplex=False)
+        child_stop, stop = FRESH.Pipe(duplex=False)
+        process = FRESH.Process(target=_responder, args=(hub.address, child_ready, child_stop))
+        process.start()
+        try:
+            if not (ready.poll(120) and ready.recv() == "ready"):
+                return RequestRows(failure="the responder did not start")
+            broker = connect(hub.address)
+            try:
+                return _time(broker, rounds, block, warmup)
+            except _Lost as lost:
+                return RequestRows(failure=str(lost))
+            finally:
+                broker.close()
+        finally:
+            stop.close()
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+                process.join(10)
+
+
+def _time(broker: Any, rounds: int, block: int, warmup: int) -> RequestRows:
+    arrived = threading.Event()
+    expected = [-1]
+
+    def on_pong(message: Pong) -> None:
+        if message.seq == expected[0]:
+            arrived.set()
+
+    broker.subscribe(Pong, on_pong)
+
+    def publish_round(seq: int) -> float:
+        arrived.clear()
+        expected[0] = seq
+        started = time.perf_counter()
+        broker.publish(Ping(seq))
+        if not arrived.wait(30):
+            raise _Lost(f"Pong {seq} lost")
+        return time.perf_counter() - started
+
+    def request_round(seq: int) -> float:
+        started = time.perf_counter()
+        reply = broker.request(Ask(seq), timeout=30)
+        elapsed = time.perf_counter() - started
+        if reply != Answer(seq):
+            raise _Lost(f"wrong reply {reply!r} to {seq}")
+        return elapsed
+
+    for seq in range(warmup):
+        publish_round(seq)
+        request_round(seq)
+    published: list[float] = []
+    requested: list[float] = []
+    seq = warmup
+    while len(requested) < rounds:
+        size = min(block, rounds - len(requested))
+        for _ in range(size):
+            seq += 1
+            published.append(publish_round(seq))
+        for _ in range(size):
+            seq += 1
+            requested.append(request_round(seq))
+    return RequestRows(
+        _percentile(published, 0.5) * 1e6,
+        _percentile(published, 0.99) * 1e6,
+        _percentile(requested, 0.5) * 1e6,
+        _percentile(requested, 0.99) * 1e6,
+        broker.late_replies,
+    )
+
+
+def report(rows: RequestRows, rounds: int, block: int) -> bool:
+    """Print the two rows and their ratio; False when the run failed."""
+    print(f"request() beside publish round trip: {rounds} of each, alternating blocks of {block}")
+    if rows.failure is not None:
+        print(f"  FAILED: {rows.failure}")
+        return False
+    print(f"  {'round trip':<42} {'p50 µs':>8} {'p99 µs':>8}")
+    print(
+        f"  {'publish Ping -> handler publishes Pong':<42} {rows.publish_p50_us:8.0f} "
+        f"{rows.publish_p99_us:8.0f}"
+    )
+    print(f"  {'request(Ask) -> Answer':<42} {rows.request_p50_us:8.0f} {rows.request_p99_us:8.0f}")
+    print(
+        f"  request / publish round trip: p50 {rows.request_p50_us / rows.publish_p50_us:.2f}x, "
+        f"p99 {rows.request_p99_us / rows.publish_p99_us:.2f}x; late replies {rows.late_replies}"
+    )
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2000, help="round trips of each kind")
     parser.add_argument("--block", type=int, default=100, help="round trips per block")
     parser.add_argument("--warmup", type=int, default=200)
     args = parser.parse_args(argv)
-    with Hub() as hub:
-        ready, child_ready = SPAWN.Pipe(duplex=False)
-        child_stop, stop = SPAWN.Pipe(duplex=False)
-        process = SPAWN.Process(target=_responder, args=(hub.address, child_ready, child_stop))
-        process.start()
-        if not (ready.poll(60) and ready.recv() == "ready"):
-            raise SystemExit("the responder did not start")
-        broker = connect(hub.address)
-        arrived = threading.Event()
-        expected = [-1]
-
-        def on_pong(message: Pong) -> None:
-            if message.seq == expected[0]:
-                arrived.set()
-
-        broker.subscribe(Pong, on_pong)
-
-        def publish_round(seq: int) -> float:
-            arrived.clear()
-            expected[0] = seq
-            started = time.perf_counter()
-            broker.publish(Ping(seq))
-            if not arrived.wait(30):
-                raise SystemExit(f"Pong {seq} lost")
-            return time.perf_counter() - started
-
-        def request_round(seq: int) -> float:
-            started = time.perf_counter()
-            reply = broker.request(Ask(seq), timeout=30)
-            elapsed = time.perf_counter() - started
-            if reply != Answer(seq):
-                raise SystemExit(f"wrong reply {reply!r} to {seq}")
-            return elapsed
-
-        for seq in range(args.warmup):
-            publish_round(seq)
-            request_round(seq)
-        published: list[float] = []
-        requested: list[float] = []
-        seq = args.warmup
-        while len(requested) < args.rounds:
-            for _ in range(args.block):
-                seq += 1
-                published.append(publish_round(seq))
-            for _ in range(args.block):
-                seq += 1
-                requested.append(request_round(seq))
-        late = broker.late_replies
-        broker.close()
-        stop.close()
-        process.join(30)
-    rows = [
-        ("publish Ping -> handler publishes Pong", published),
-        ("request(Ask) -> Answer", requested),
-    ]
-    print(f"{args.rounds} round trips of each kind, in alternating blocks of {args.block}")
-    print(f"{'round trip':<42} {'p50 µs':>8} {'p99 µs':>8} {'mean µs':>8}")
-    for title, samples in rows:
-        print(
-            f"{title:<42} {_percentile(samples, 0.5) * 1e6:8.0f} "
-            f"{_percentile(samples, 0.99) * 1e6:8.0f} {statistics.fmean(samples) * 1e6:8.0f}"
-        )
-    p50 = _percentile(requested, 0.5) / _percentile(published, 0.5)
-    p99 = _percentile(requested, 0.99) / _percentile(published, 0.99)
-    print(f"request / publish round trip: p50 {p50:.2f}x, p99 {p99:.2f}x; late replies {late}")
-    return 0
+    rows = measure(args.rounds, args.block, args.warmup)
+    return 0 if report(rows, args.rounds, args.block) else 1
 
 
 if __name__ == "__main__":

