@@ -45,6 +45,7 @@ import time
 from typing import Any
 
 import latency
+import nats_cases
 import request_reply
 from harness import Case, Outcome, Settings
 from ipcbus import Hub
@@ -67,10 +68,27 @@ def ipcbus_journal(settings: Settings) -> Outcome:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def natsbroker_broadcast(settings: Settings) -> Outcome:
+    """ipcbus's own API on NATS (``NatsBroker``), 1 publisher -> 1 subscriber."""
+    assert settings.nats_url is not None
+    rate, dropped = nats_cases.run_broadcast(settings.nats_url, settings.messages)
+    return Outcome(rate, [f"{dropped} messages dropped (counted)"] if dropped else [])
+
+
+def natsbroker_queue(settings: Settings) -> Outcome:
+    """``NatsBroker`` queue group on JetStream, 1 producer -> 2 consumers, exactly once."""
+    assert settings.nats_url is not None
+    name = f"bench-{os.getpid()}-{time.monotonic_ns()}"  # a fresh durable consumer per run
+    rate, problems = nats_cases.run_queue(settings.nats_url, settings.queue_messages, name)
+    return Outcome(rate, problems)
+
+
 # Cases of this file: a function f(settings) -> Outcome, and one line here.
 LOCAL_CASES: list[Case] = [
     Case(JOURNAL, "ipcbus", ipcbus_journal),
     Case(JOURNAL, "multiprocessing.Queue", lambda s: queue_shared(s, 1, 2)),
+    Case("broadcast 1 -> 1", "NatsBroker", natsbroker_broadcast, needs="nats"),
+    Case("queue 1 -> 2", "NatsBroker", natsbroker_queue, needs="nats"),
 ]
 
 # A smoke test: every kind of case once; 1 -> 4 adds no path that 1 -> 2 and 4 -> 4 miss.

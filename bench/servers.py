@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -132,6 +133,8 @@ def _start_nats(servers: Servers, started: list[subprocess.Popen[bytes]], direct
         file.write(
             f"listen: 127.0.0.1:{port}\nmax_payload: 67108864\nmax_pending: 1073741824\n"
             "write_deadline: 60s\n"
+            # JetStream, for NatsBroker's queue groups (bench/nats_cases.py).
+            f"jetstream {{ store_dir: {json.dumps(os.path.join(directory, 'jetstream'))} }}\n"
         )
     process = subprocess.Popen(
         [binary, "-c", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
