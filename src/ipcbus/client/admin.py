@@ -14,7 +14,7 @@ from ..wire.address import Address
 from ..wire.keys import prove, read_bus_secret
 from ..wire.statistics import HubStatistics
 
-__all__ = ["request_clients", "request_statistics"]
+__all__ = ["request_clients", "request_statistics", "round_trip"]
 
 
 def request_statistics(address: str, timeout: float = 5.0) -> HubStatistics:
@@ -32,6 +32,16 @@ def request_clients(address: str, timeout: float = 5.0) -> list[dict[str, Any]]:
 
 
 def _ask(address: str, kind: bytes, timeout: float) -> bytes:
+    answer = round_trip(address, [wire.header(kind)], timeout)
+    if len(answer) != 1:
+        raise HubUnavailableError(f"unexpected answer from {address}: {len(answer)} frames")
+    return answer[0]
+
+
+def round_trip(address: str, frames: list[bytes], timeout: float | None) -> list[bytes]:
+    """Send ``frames`` (their first is the header) to the hub at ``address`` on a socket of
+    its own that proves the bus secret, and return the answer's frames after its header, which
+    must be the request's. ``timeout`` is checked already (``None``: wait for ever)."""
     try:
         parsed = Address.parse(address)
         secret = read_bus_secret(parsed)
@@ -43,13 +53,13 @@ def _ask(address: str, kind: bytes, timeout: float) -> bytes:
         dealer.linger = 0
         prove(dealer, secret)
         dealer.connect(address)
-        dealer.send_multipart([wire.header(kind)])
-        if not dealer.poll(int(timeout * 1000)):
+        dealer.send_multipart(frames)
+        if not dealer.poll(None if timeout is None else int(timeout * 1000)):
             raise HubUnavailableError(f"no hub answered at {address} within {timeout} s")
-        head, body = dealer.recv_multipart()
-        if head != wire.header(kind):
+        head, *rest = dealer.recv_multipart()
+        if head != frames[0]:
             raise HubUnavailableError(f"unexpected answer from {address}: {head!r}")
-        return body
+        return rest
     finally:
         dealer.close(linger=0)
         context.term()

@@ -11,16 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import zmq
-
 from ..core import codec
 from ..core.requests import check_timeout
 from ..exceptions import HubUnavailableError, QueueInUseError, UnknownQueueError
 from ..message import Message, get_unique_name_for_message
 from ..wire import queue_admin as wire
-from ..wire.address import Address
-from ..wire.frames import header, topic_for
-from ..wire.keys import prove, read_bus_secret
+from ..wire.frames import topic_for
+from .admin import round_trip
 
 __all__ = [
     "DeadLetterRecord",
@@ -242,31 +239,11 @@ def _queue_request(op: bytes, message_type: MessageType, queue_name: str) -> lis
 
 def _ask(address: str, frames: list[bytes], timeout: float | None) -> wire.Reply:
     # As request()'s: a negative one would poll for ever (ZeroMQ's -1), NaN fail in int().
-    timeout = check_timeout(timeout)
+    rest = round_trip(address, frames, check_timeout(timeout))
     try:
-        parsed = Address.parse(address)
-        secret = read_bus_secret(parsed)
-    except (ValueError, HubUnavailableError) as exc:
-        raise HubUnavailableError(f"no hub answered at {address}: {exc}") from exc
-    context = zmq.Context()
-    dealer: zmq.Socket[Any] = context.socket(zmq.DEALER)
-    try:
-        dealer.linger = 0
-        prove(dealer, secret)
-        dealer.connect(address)
-        dealer.send_multipart(frames)
-        if not dealer.poll(None if timeout is None else int(timeout * 1000)):
-            raise HubUnavailableError(f"no hub answered at {address} within {timeout} s")
-        head, *rest = dealer.recv_multipart()
-        if head != header(wire.QUEUE_ADMIN):
-            raise HubUnavailableError(f"unexpected answer from {address}: {head!r}")
-        try:
-            answer = wire.Reply.parse(rest)
-        except (ValueError, IndexError) as exc:
-            raise HubUnavailableError(f"unexpected answer from {address}: {exc}") from exc
-    finally:
-        dealer.close(linger=0)
-        context.term()
+        answer = wire.Reply.parse(rest)
+    except (ValueError, IndexError) as exc:
+        raise HubUnavailableError(f"unexpected answer from {address}: {exc}") from exc
     if answer.status == wire.STATUS_UNKNOWN:
         raise UnknownQueueError(f"the hub at {address} has no queue group {answer.body['queue']}")
     if answer.status == wire.STATUS_IN_USE:
