@@ -318,3 +318,24 @@ def test_client_options_with() -> None:
     assert options.linger == 10.0
     with pytest.raises(ValueError, match="max_pending must be > 0"):
         options.with_(max_pending=0)
+
+
+def test_a_failure_log_line_shows_a_big_payload_by_its_size() -> None:
+    """A 16 MB field logged whole made a 64 MB log line per failed attempt."""
+    from dataclasses import dataclass
+
+    from ipcbus import DeadLetter, Message
+    from ipcbus.core.failures import Brief
+
+    @dataclass(frozen=True)
+    class Upload(Message):
+        name: str
+        data: bytes
+
+    small = Upload("a.png", b"x")
+    assert repr(Brief(small)) == repr(small)
+    big = DeadLetter("q", Upload("b.png", bytes(16 * 1024 * 1024)), 3, "ValueError: " + "e" * 10**6)
+    text = repr(Brief(big))
+    assert "<bytes of 16777216 bytes>" in text
+    assert "Upload(name='b.png'" in text
+    assert len(text) < 1000

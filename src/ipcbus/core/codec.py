@@ -31,13 +31,10 @@ reach a stand-in are left out (``decode_batch(..., undecodable=[])``). The retry
 
 from __future__ import annotations
 
-import gc
-import io
 import pickle
-import types
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import cloudpickle
 
@@ -52,6 +49,8 @@ from ..wire.protocol import (
     pack_sizes,
     split_payloads,
 )
+from .stand_ins import StandIn as StandIn
+from .stand_ins import loads_with_stand_ins, stand_ins_in
 
 __all__ = [
     "BIG_FIELD",
@@ -275,10 +274,10 @@ def decode_batch(
         if undecodable is None:
             raise
         # Only now pay for the stand-ins: a good batch never gets here.
-        decoded = _loads_with_stand_ins(payload, buffers)
+        decoded = loads_with_stand_ins(payload, buffers)
         kept = []
         for item in decoded:
-            missing = _stand_ins_in(item)
+            missing = stand_ins_in(item)
             if missing:
                 undecodable.append(missing)
             else:
@@ -307,84 +306,16 @@ def _decode_split(
             decoded = pickle.loads(frame)
         except Exception as exc:
             try:
-                decoded = _loads_with_stand_ins(frame, ())
+                decoded = loads_with_stand_ins(frame, ())
             except Exception:
                 undecodable.append(f"{type(exc).__name__}: {exc}")
                 continue
-            missing = _stand_ins_in(decoded)
+            missing = stand_ins_in(decoded)
             if missing:
                 undecodable.append(missing)
                 continue
         messages.append(_rebuild_one(codec, decoded, cls))
     return messages
-
-
-# -- stand-ins for classes this process cannot import ------------------------------------------
-
-
-class StandIn:
-    """Base of the classes that stand in, while a batch is unpickled again, for classes this
-    process cannot import. Accepts whatever pickle does to an instance, and keeps nothing."""
-
-    missing: ClassVar[str] = ""  # "module.qualname" of the class it stands in for
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> StandIn:
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    # What pickle calls on instances of list and dict subclasses.
-    def append(self, item: Any) -> None:
-        pass
-
-    def extend(self, items: Any) -> None:
-        pass
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
-
-
-class _StandInUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            # A fresh class per name and batch: nothing accumulates across batches.
-            return type(name, (StandIn,), {"missing": f"{module}.{name}"})
-
-
-def _loads_with_stand_ins(payload: Any, buffers: Sequence[Any]) -> Any:
-    return _StandInUnpickler(io.BytesIO(payload), buffers=buffers).load()
-
-
-# Never searched for stand-ins: they reach whole modules (a function's globals), not message data.
-_OPAQUE = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType)
-
-
-def _stand_ins_in(root: Any) -> str:
-    """The classes ``root`` reaches stand-ins for ("" when none): any depth, any container
-    (``gc.get_referents``: also C containers and ``__slots__``)."""
-    missing: set[str] = set()
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, type):
-            if issubclass(item, StandIn):
-                missing.add(item.missing)
-            continue  # a class is not message data: do not walk into its namespace
-        if isinstance(item, StandIn):
-            missing.add(type(item).missing)
-            continue
-        if isinstance(item, _OPAQUE) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        stack.extend(gc.get_referents(item))
-    return ", ".join(sorted(missing))
 
 
 def _dumps_inband(obj: Any, cls: type) -> bytes:

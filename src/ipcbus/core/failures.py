@@ -14,9 +14,11 @@ end the program as they would without the broker; the caller sees them, nothing 
 
 from __future__ import annotations
 
+import reprlib
 import threading
+from typing import Any
 
-__all__ = ["is_handler_failure"]
+__all__ = ["Brief", "is_handler_failure"]
 
 
 def is_handler_failure(exc: BaseException) -> bool:
@@ -25,3 +27,35 @@ def is_handler_failure(exc: BaseException) -> bool:
     if isinstance(exc, KeyboardInterrupt | SystemExit):
         return threading.current_thread() is not threading.main_thread()
     return True
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+_BUFFERS = (bytes, bytearray, memoryview)
+
+
+class Brief:
+    """A message as log lines show it: its fields' reprs bounded, a big buffer by its size
+    (a 16 MB payload logged whole made a 64 MB line per failed attempt, and froze the process
+    while it was built). Lazy, as ``%r`` arguments are: built only when the line is emitted."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return _brief(self.value, 3)
+
+
+def _brief(value: Any, depth: int) -> str:
+    if isinstance(value, _BUFFERS):
+        size = memoryview(value).nbytes
+        return f"<{type(value).__name__} of {size} bytes>" if size > 64 else repr(value)
+    fields = getattr(type(value), "__dataclass_fields__", None)
+    if fields is None:
+        return _REPR.repr(value)
+    if depth == 0:
+        return f"{type(value).__qualname__}(...)"
+    inner = ", ".join(f"{name}={_brief(getattr(value, name, None), depth - 1)}" for name in fields)
+    return f"{type(value).__qualname__}({inner})"

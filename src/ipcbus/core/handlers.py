@@ -18,7 +18,7 @@ from typing import Any
 
 from ..message import Message
 from .contract import AsyncMessageContext, Subscription
-from .failures import is_handler_failure
+from .failures import Brief, is_handler_failure
 
 __all__ = ["call_handler", "call_to_completion", "is_cancellation", "run_queue_handler"]
 
@@ -35,11 +35,11 @@ def call_handler(
     try:
         subscription.handler(message)
     except Exception:
-        logger.exception("handler %r raised on %r", subscription.handler, message)
+        logger.exception("handler %r raised on %r", subscription.handler, Brief(message))
     except BaseException as exc:
         if not base_exceptions or not is_handler_failure(exc):
             raise
-        logger.error("handler %r raised on %r", subscription.handler, message, exc_info=exc)
+        logger.error("handler %r raised on %r", subscription.handler, Brief(message), exc_info=exc)
 
 
 def is_cancellation(exc: BaseException) -> bool:

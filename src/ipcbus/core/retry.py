@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..message import DeadLetter, Message
+from .failures import Brief
 
 __all__ = [
     "DEFAULT_PREFETCH",
@@ -97,7 +98,7 @@ def after_failure(
         "queue %r handler %r raised on %r (attempt %d of %d)",
         queue_name,
         handler,
-        message,
+        Brief(message),
         attempt,
         policy.max_attempts,
         exc_info=exc,
@@ -119,13 +120,15 @@ def publish_dead_letter(
     A failing DeadLetter handler is not dead-lettered again (it would feed itself forever), and a
     DeadLetter that cannot be published (the broker closed meanwhile) is logged, not raised.
     """
-    logger.error("queue %r dead-lettered %r after %d attempts", queue_name, message, attempts)
+    logger.error(
+        "queue %r dead-lettered %r after %d attempts", queue_name, Brief(message), attempts
+    )
     if isinstance(message, DeadLetter):
         return
     try:
         publish(DeadLetter(queue_name, message, attempts, describe_error(exc)))
     except Exception:
-        logger.exception("could not publish the DeadLetter for %r", message)
+        logger.exception("could not publish the DeadLetter for %r", Brief(message))
 
 
 def describe_error(exc: BaseException) -> str:
