@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import multiprocessing
 import os
+import shutil
 import stat
 import tempfile
 import threading
@@ -16,7 +18,7 @@ import pytest
 
 from ipcbus import Broker, Hub, HubBroker, MemoryBroker, TestBroker
 from ipcbus.client.admin import request_statistics
-from ipcbus.config import ENV_ADDRESS
+from ipcbus.config import ENV_ADDRESS, HubOptions
 from ipcbus.nats import NatsBroker
 from ipcbus.testing import isolated_registry
 
@@ -144,6 +146,37 @@ def no_tcp_key_directory_left() -> Iterator[None]:
     if not existed:
         with contextlib.suppress(OSError):  # not empty: something else uses it
             os.rmdir(directory)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_spool_directory_left() -> Iterator[None]:
+    """Hubs on ipc:// make their spool under the default root (/dev/shm) and remove it when
+    they stop; a hub the tests kill -9 leaves its directory for the next hub to sweep. The
+    session sweeps those of its own (their flock is free), and the per-user directory if it
+    made it."""
+    root = HubOptions().spool
+    if root is None:
+        yield
+        return
+    base = os.path.join(root, f"ipcbus-{os.getuid()}")
+    existed = os.path.isdir(base)
+    before = set(os.listdir(base)) if existed else set()
+    yield
+    if not os.path.isdir(base):
+        return
+    for name in set(os.listdir(base)) - before:
+        path = os.path.join(base, name)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a hub still serves there (not the session's)
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.rmdir(base)
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ _EXPORTS = {
     "QueueInUseError": "ipcbus.exceptions",
     "RemoteError": "ipcbus.exceptions",
     "RequestTimeoutError": "ipcbus.exceptions",
+    "SpoolError": "ipcbus.exceptions",
     "UnknownQueueError": "ipcbus.exceptions",
     "decode_dead_letter": "ipcbus.client.queue_admin",
     "Hub": "ipcbus.hub",
@@ -99,6 +100,7 @@ if TYPE_CHECKING:
     from .exceptions import QueueInUseError as QueueInUseError
     from .exceptions import RemoteError as RemoteError
     from .exceptions import RequestTimeoutError as RequestTimeoutError
+    from .exceptions import SpoolError as SpoolError
     from .exceptions import UnknownQueueError as UnknownQueueError
     from .hub import Hub as Hub
     from .hub import HubStatistics as HubStatistics

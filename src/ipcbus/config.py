@@ -69,6 +69,9 @@ def hub_stopped(address: str) -> None:
 
 ENV_HUB_PREFIX = "IPCBUS_HUB_"
 
+# Where hubs make their spool by default: a memory file system (Linux), else none.
+_DEFAULT_SPOOL = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
 
 def hub_options_from_env() -> HubOptions:
     """``HubOptions`` with the fields set in the environment as ``IPCBUS_HUB_<FIELD>`` (for
@@ -170,6 +173,12 @@ class HubOptions(_Options):
       faster and still survives a kill of the hub, but not a power loss or an OS crash.
     - ``journal_max_bytes``: past this size (after compaction) the journal is full: every topic
       with queue groups is held back as by a full group (FULL) until it shrinks to half.
+    - ``spool``: a directory on a memory file system (``/dev/shm`` where it exists) under which
+      an ``ipc://`` hub makes its spool, ``ipcbus-<uid>/<hub id>``: big out-of-band buffers
+      (1 MiB and more) of broadcast batches travel as files there instead of through the
+      encrypted sockets. ``None``: no spool, big payloads go inline. tcp hubs have none.
+    - ``spool_linger``: a spool file is removed this many seconds after it was written; a
+      subscriber that reads it later drops its message, counted (docs/guarantees.md).
     """
 
     hwm: int = 1000
@@ -191,6 +200,8 @@ class HubOptions(_Options):
     journal: str | None = None
     journal_fsync: bool = True
     journal_max_bytes: int = 1024 * 1024 * 1024
+    spool: str | None = _DEFAULT_SPOOL
+    spool_linger: float = 60.0
 
     def __post_init__(self) -> None:
         self._check_positive(
@@ -205,6 +216,7 @@ class HubOptions(_Options):
             "max_message_size",
             "handshake_timeout",
             "stall_timeout",
+            "spool_linger",
         )
         # "not >= 0" also refuses NaN, which would make a deadline that never comes.
         if not (self.drain_timeout >= 0 and self.restart_grace >= 0):

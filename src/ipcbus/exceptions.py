@@ -24,6 +24,7 @@ __all__ = [
     "QueueInUseError",
     "RemoteError",
     "RequestTimeoutError",
+    "SpoolError",
     "UnknownQueueError",
 ]
 
@@ -52,6 +53,12 @@ class MessageSerializationError(PubSubError):
 class MessageTooLargeError(MessageSerializationError):
     """A message encodes to a frame larger than the hub accepts (``HubOptions.max_message_size``,
     which the hub announces to each client); nothing was sent."""
+
+
+class SpoolError(PubSubError):
+    """A big payload could not be read back from the hub's spool (it expired, or the file is
+    not the one its publisher wrote): the batch that named it is dropped, counted as
+    undecodable and logged by the subscriber (docs/guarantees.md, "Big payloads")."""
 
 
 class BrokerClosedError(PubSubError):

@@ -31,6 +31,7 @@ from .queue_admin import QueueAdminMixin
 from .rejections import Rejections
 from .replies import HubReply, ReplyRoute
 from .runner import QueueRunner
+from .spool import SpoolStatistics
 from .threads import runs_handlers
 
 if TYPE_CHECKING:
@@ -196,6 +197,14 @@ class HubBroker(QueueAdminMixin, Closing):
     def in_doubt_by_type(self) -> dict[str, int]:
         """``in_doubt`` per message type (unique name)."""
         return dict(self._io.outbox.confirm.in_doubt)
+
+    @property
+    def spool(self) -> SpoolStatistics:
+        """Big payloads through the hub's spool directory in this process (docs/guarantees.md,
+        "Big payloads"): written, read back, sent inline for want of room, and missing (read
+        too late: those batches were dropped, and counted in ``undecodable`` too)."""
+        spool = self._io.outbox.spool
+        return spool.statistics() if spool is not None else SpoolStatistics("", 0, 0, 0, 0)
 
     @property
     def hub_available(self) -> bool:

@@ -31,6 +31,7 @@ from .data import DataChannel
 from .describe import describe
 from .outbox import FlushMarker, Outbox, Prepared, Rejected
 from .session import Session
+from .spool import Spool
 from .subscriptions import Subscriptions
 from .threads import OnDeath, guarded
 from .waker import Waker
@@ -241,6 +242,8 @@ class IOThread:
             self._watch.close()
             self._data.close()
             self._subscriptions.close()
+            if self.outbox.spool is not None:
+                self.outbox.spool.close()
             if self._control.socket is not None:
                 self._control.socket.close()  # linger 0, but after a goodbye (_say_goodbye)
             context.term()
@@ -331,12 +334,27 @@ class IOThread:
         logger.info("the hub at %s moved its data sockets to %s", self.endpoint, endpoints)
         self._endpoints = endpoints
 
+    def _use_spool(self, welcome: wire.Welcome) -> None:
+        """A hub with another spool directory (or none): leave the old one, register every
+        live topic in the new one (server.spool, client.spool)."""
+        old = self.outbox.spool
+        if old is not None:
+            old.close()
+        spool = Spool.open(welcome.spool_dir, welcome.max_message_size, self._client_id.decode())
+        with self._subscriptions.lock:
+            if spool is not None:
+                for topic in self._subscriptions.live_topics:
+                    spool.register(topic)
+            self.outbox.spool = self._subscriptions.spool = spool
+
     def _welcome(self, welcome: wire.Welcome) -> bool:
         resync = bool(self._subscriptions.live_topics)
         was_available = self.session.available
         with self._data.lock:  # a publisher sending at once sees the hub back and resyncing
             reconnected = self.session.welcome(welcome, resync)
         self.outbox.set_limit(welcome.max_message_size)
+        if welcome.spool_dir != (self.outbox.spool.path if self.outbox.spool else ""):
+            self._use_spool(welcome)
         if not was_available:
             self._on_hub_state(True)
         self._same_hub = welcome.hub_id == self._hub_id

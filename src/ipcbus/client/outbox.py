@@ -31,6 +31,7 @@ from ..exceptions import MessageSerializationError, MessageTooLargeError
 from ..message import Message, get_unique_name_for_message
 from ..wire import protocol as wire
 from .confirm import Unconfirmed
+from .spool import Spool
 
 __all__ = ["FRAME_MARGIN", "FlushMarker", "Kind", "Outbox", "Prepared", "Rejected"]
 
@@ -116,6 +117,7 @@ class Outbox:
         self.kinds: weakref.WeakKeyDictionary[type, Kind] = weakref.WeakKeyDictionary()
         self.flushes: dict[bytes, FlushMarker] = {}  # sent, waiting for FLUSHED
         self.max_message_size = 0  # the hub's, from its WELCOME
+        self.spool: Spool | None = None  # the hub's spool directory, from its WELCOME
         self.frame_budget = 1  # the largest frame sent
         # Counted on the I/O thread: messages taken (sent or rejected), sent, and, of those sent,
         # confirmed by a FLUSHED.
@@ -281,6 +283,8 @@ class Outbox:
                 kind.buffers = -(-(len(frames) - 1) // count)
                 kind.buffer_bytes = -(-sum(len(frame) for frame in frames[1:]) // count)
                 kind.big = True
+                if self.spool is not None:  # big buffers to files, not through the sockets
+                    codec_id, frames = self.spool.store(kind.topic, codec_id, frames)
         request = wire.publish(kind.topic, wire.pack_meta(codec_id, count, published_at), frames)
         self.confirm.sent(self.sent, kind.topic, count, request if split else None)
         return request

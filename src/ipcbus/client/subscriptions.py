@@ -36,6 +36,7 @@ import zmq
 
 from ..wire import protocol as wire
 from ..wire.sockets import recv_frames
+from .spool import Spool, read_spooled
 
 __all__ = ["Subscriptions"]
 
@@ -74,6 +75,7 @@ class Subscriptions:
         # request()s waiting for a reply: the I/O thread reads too, as the dispatcher may be
         # the requester (a handler that asks), or busy in a long handler while a reply waits.
         self._awaited = 0
+        self.spool: Spool | None = None  # the hub's, from its WELCOME: big payloads read here
 
     def attach(self, sub: zmq.Socket[bytes]) -> None:
         with self.lock:
@@ -114,6 +116,8 @@ class Subscriptions:
         with self.lock:
             assert self.sub is not None
             self.live_topics.add(topic)
+            if self.spool is not None:  # before it is live: every later message has a share
+                self.spool.register(topic)
             self.sub.setsockopt(zmq.SUBSCRIBE, topic)
             self._sync(_Sync(live, wire.SYNC_BASELINE, [topic], 0.0))
             self._used()
@@ -122,6 +126,8 @@ class Subscriptions:
         with self.lock:
             assert self.sub is not None
             self.live_topics.discard(topic)
+            if self.spool is not None:
+                self.spool.unregister(topic)
             self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
             self._used()
 
@@ -268,6 +274,8 @@ class Subscriptions:
                 answered = True
                 if len(frames) < 2:
                     continue
+            elif len(frames) > 5:  # out-of-band buffers: a spooled batch reads its files now
+                frames = read_spooled(self.spool, frames)
             return frames, answered
         return None, answered
 

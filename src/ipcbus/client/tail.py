@@ -30,6 +30,7 @@ from ..wire import protocol as wire
 from ..wire.address import Address
 from ..wire.keys import prove, read_bus_secret
 from .describe import describe
+from .spool import read_spooled
 
 __all__ = ["Batch", "Tail"]
 
@@ -197,7 +198,7 @@ class Tail:
                     self._live.set()
                 continue  # another client's answer (the tail subscribes to every prefix)
             try:
-                batch = wire.Fanout.parse(frames)
+                batch = wire.Fanout.parse(read_spooled(None, frames))
             except (ValueError, IndexError):
                 logger.warning("ipcbus tail: skipped a malformed batch of %r", topic[:64])
                 continue

@@ -59,6 +59,7 @@ class ControlPlane:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size  # announced in WELCOME: clients split below it
+        self.spool_dir = ""  # announced in WELCOME: where big payloads may wait (server.spool)
         self.book = QueueBook(
             hub_id,
             max_held=max_held,
@@ -116,6 +117,7 @@ class ControlPlane:
                 self.heartbeat_timeout,
                 self.max_message_size,
                 tuple(self.book.grouped_topics),
+                self.spool_dir,
             )
             self._send(control, welcome.frames(identity))
             if self.book.full_topics:

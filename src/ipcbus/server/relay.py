@@ -32,6 +32,7 @@ from .fanout import Fanout
 from .journal import Journal
 from .metrics import HubMetrics
 from .preauth import PendingHandshakes, raise_fd_limit
+from .spool import HubSpool
 
 __all__ = ["Relay"]
 
@@ -92,6 +93,7 @@ class Relay:
         self._control_monitor: Socket | None = None
         self.metrics: HubMetrics | None = None
         self.journal: Journal | None = None
+        self.spool: HubSpool | None = None
 
     @property
     def metrics_url(self) -> str | None:
@@ -128,6 +130,7 @@ class Relay:
             handshakes_shed=sum(pending.shed for pending in self._pending.values()),
             unrouted=dict(self._unrouted),
             journal=self.journal.statistics() if self.journal is not None else {},
+            spool=asdict(self.spool.statistics()) if self.spool is not None else {},
             queues=book.statistics(),
             dead_letters={
                 name: [asdict(record) for record in records]
@@ -159,6 +162,12 @@ class Relay:
             self.control_plane.restore_groups(self.address.hub_file(".groups"))
             if options.journal is not None:  # JournalError: unsafe or in use
                 self.journal = Journal.open_for(options, self.control_plane.book)
+            if options.spool is not None and self.address.is_ipc:  # same machine: files do
+                self.spool = HubSpool.create(
+                    options.spool, self._hub_id.decode(), options.spool_linger
+                )
+                if self.spool is not None:
+                    self.control_plane.spool_dir = self.spool.path
             if restarted:
                 # A previous hub served here: give its clients restart_grace s to reconnect
                 # their SUB sockets before the backlog their publishers held is relayed.
@@ -228,6 +237,8 @@ class Relay:
                 self.metrics.close()
             if self.journal is not None:
                 self.journal.close()
+            if self.spool is not None:
+                self.spool.close()
             for server_socket in sockets:
                 server_socket.close(linger=0)
             context.term()
@@ -323,6 +334,8 @@ class Relay:
                 self._read(data, lambda frames: self._handle_data(data, fanout, frames), True)
             if self.journal is not None:
                 self.journal.end_of_turn(book)  # group commit, then the flushes held back
+            if self.spool is not None:
+                self.spool.sweep()  # files older than spool_linger (once a period)
 
     def _authenticate(self, zap: Socket, secret: bytes) -> None:
         """Answer ZAP requests: the handshake of every connection to every hub socket."""

@@ -11,8 +11,10 @@ never blocks the control path (a stalled hub still answers HELLO and STATS):
 client control DEALER → hub control ROUTER (the hub's address)     ``[header, *body]``
     HELLO    ``[client_id, info?]``  → WELCOME ``[publish_endpoint, fanout_endpoint, hub_id,
                                 heartbeat_interval, heartbeat_timeout, max_message_size,
-                                *grouped_topics]``: max_message_size is the largest frame the
-                                hub accepts (a larger one costs the sender its connection)
+                                spool_dir, *grouped_topics]``: max_message_size is the largest
+                                frame the hub accepts (a larger one costs the sender its
+                                connection); spool_dir where big buffers may wait in files
+                                (empty: nowhere, send them inline; ``wire.spool``)
     STATS    ``[]``           → STATS ``[json]``
     CLIENTS  ``[]``           → CLIENTS ``[json]``: who is connected (``ipcbus clients``)
     QUEUE_ADMIN ``[op, *args]`` → QUEUE_ADMIN ``[status, json, *payloads]``: looking after queue
@@ -60,7 +62,9 @@ client control DEALER → hub control ROUTER (the hub's address)     ``[header, 
                                 stall_timeout) and has stopped: a subscriber asks for the
                                 sequence numbers of its topics (a check sync, below)
 client data DEALER → hub data ROUTER (``<address>.in``)
-    PUBLISH  ``[topic, meta, payload, *frames]``  relayed on XPUB without the header; with a split
+    PUBLISH  ``[topic, meta, payload, *frames]``  relayed on XPUB without the header; with a
+                                spooled codec ``[topic, meta, payload, spool_index, *frames]``
+                                (big buffers in files, ``wire.spool``); with a split
                                 codec ``[topic, meta, sizes, payloads]``: every message is
                                 pickled alone, ``payloads`` holds them end to end and ``sizes``
                                 their sizes (uint32, little-endian), so that the hub can hand
@@ -117,6 +121,8 @@ from .frames import (
     CODEC_OBJECTS,
     CODEC_SPLIT_DATACLASS,
     CODEC_SPLIT_OBJECTS,
+    CODEC_SPOOL_DATACLASS,
+    CODEC_SPOOL_OBJECTS,
     CONSUME,
     CONSUMING,
     DECLARE,
@@ -154,6 +160,7 @@ from .frames import (
     ROUTE_REPLY,
     ROUTE_REQUEST,
     SPLIT_CODECS,
+    SPOOL_CODECS,
     STATS,
     STOPPING,
     SYNC_BASELINE,
@@ -225,6 +232,8 @@ __all__ = [
     "CODEC_OBJECTS",
     "CODEC_SPLIT_DATACLASS",
     "CODEC_SPLIT_OBJECTS",
+    "CODEC_SPOOL_DATACLASS",
+    "CODEC_SPOOL_OBJECTS",
     "CONSUME",
     "CONSUMING",
     "Consume",
@@ -271,6 +280,7 @@ __all__ = [
     "ROUTE_REQUEST",
     "Route",
     "SPLIT_CODECS",
+    "SPOOL_CODECS",
     "STATS",
     "STOPPING",
     "SYNC_BASELINE",
@@ -349,6 +359,7 @@ class Welcome:
     heartbeat_timeout: float
     max_message_size: int
     grouped_topics: tuple[bytes, ...] = ()
+    spool_dir: str = ""
 
     def frames(self, identity: bytes) -> list[bytes]:
         return [
@@ -360,12 +371,13 @@ class Welcome:
             repr(self.heartbeat_interval).encode(),
             repr(self.heartbeat_timeout).encode(),
             b"%d" % self.max_message_size,
+            self.spool_dir.encode(),
             *self.grouped_topics,
         ]
 
     @classmethod
     def parse(cls, body: Sequence[bytes]) -> Welcome:
-        publish, fanout, hub_id, interval, timeout, max_size, *grouped = body
+        publish, fanout, hub_id, interval, timeout, max_size, spool_dir, *grouped = body
         return cls(
             publish.decode(),
             fanout.decode(),
@@ -374,6 +386,7 @@ class Welcome:
             _positive_float(timeout),
             _at_least_one(max_size),
             tuple(grouped),
+            spool_dir.decode(),
         )
 
 

@@ -50,6 +50,9 @@ class HubStatistics:
     # restored at start, torn_bytes cut off its end and corrupt_records skipped at start,
     # checkpoints (compactions), fsyncs, write_errors, and full (1 while it holds topics back).
     journal: dict[str, int] = field(default_factory=dict)
+    # The spool (big payloads in files, ipc:// hubs), empty without one: its directory, the
+    # files and bytes in it at the last sweep, files expired (spool_linger), gone hubs swept.
+    spool: dict[str, object] = field(default_factory=dict)
     # Messages a queue group held when it was deleted (delete_queue): dropped with it.
     deleted_queue_dropped: int = 0
     # Topics publishers are told to hold back: a queue group of each holds max_held messages.

@@ -1,0 +1,250 @@
+"""The hub's spool directory (hub process): where big payloads wait for their subscribers.
+
+A hub on ``ipc://`` makes a directory of its own, ``<root>/ipcbus-<uid>/<hub_id>`` (root: the
+``spool`` option, ``/dev/shm`` by default: memory, never a disk), names it in WELCOME, and holds an
+``flock`` on it while it serves. Publishers write big out-of-band buffers there, one share (hard
+link) for each process registered for the topic, and each subscriber unlinks its share as it
+reads it (``client.spool``, names in ``wire.spool``): the memory is free once all have read. The
+hub never opens a buffer. It sweeps, every tenth of ``spool_linger``: a reader whose lock is free
+is dead, and its registrations and unread shares go; a share older than ``spool_linger`` goes (its
+reader lags that much: it drops the message, counted); so do half-written files of publishers
+that died, and the directories of hubs that are gone (their flock is free). At stop it removes
+its own directory and everything in it.
+
+Another user may have been there first (docs/security.md, "The spool"): ``<root>/ipcbus-<uid>``
+is accepted only as a directory of this user with mode 0700, not a symlink; else the hub serves
+without a spool (big payloads inline, encrypted, as before) and says why at WARNING. Nothing in it
+is followed: every file is handled relative to a directory descriptor, without following links.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+from ..exceptions import InsecurePathError
+from ..wire.paths import ensure_private_directory
+from ..wire.spool import parse_lock_name
+
+__all__ = ["HubSpool", "SpoolStatistics"]
+
+logger = logging.getLogger(__name__)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class SpoolStatistics:
+    directory: str
+    files: int  # in the directory at the last sweep
+    bytes: int
+    expired: int  # shares and half-written files removed for their age (spool_linger)
+    readers_gone: int  # reader processes found dead: their registrations and shares removed
+    hubs_swept: int  # directories of hubs that were gone, removed
+
+
+class HubSpool:
+    """The spool directory of one hub while it serves."""
+
+    def __init__(self, path: str, fd: int, linger: float) -> None:
+        self.path = path
+        self._fd = fd  # holds the flock: this hub is alive
+        self._base = os.path.dirname(path)
+        self._linger = linger
+        # Sweeps are a stat per file: every tenth of the linger is enough (at least 0.5 s).
+        self._period = max(0.5, linger / 10)
+        self._next_sweep = 0.0
+        self._files = self._bytes = self._expired = self._readers_gone = self._hubs_swept = 0
+
+    @classmethod
+    def create(cls, root: str, hub_id: str, linger: float) -> HubSpool | None:
+        """The spool of hub ``hub_id`` under ``root``; ``None`` when it cannot be made safely
+        (then big payloads go inline: the hub serves as without one)."""
+        base = os.path.join(root, f"ipcbus-{os.getuid()}")
+        path = os.path.join(base, hub_id)
+        try:
+            if not os.path.isdir(root):
+                raise InsecurePathError(f"{root} is not a directory")
+            ensure_private_directory(base)
+            os.mkdir(path, 0o700)
+            fd = os.open(path, _DIR_FLAGS)
+        except (InsecurePathError, OSError) as exc:
+            logger.warning("serving without a spool: big payloads go inline, encrypted (%s)", exc)
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a directory new to us: nobody else holds it
+        logger.info("big payloads wait in %s (at most %.0f s)", path, linger)
+        return cls(path, fd, linger)
+
+    def statistics(self) -> SpoolStatistics:
+        return SpoolStatistics(
+            self.path,
+            self._files,
+            self._bytes,
+            self._expired,
+            self._readers_gone,
+            self._hubs_swept,
+        )
+
+    def sweep(self, now: float | None = None) -> None:
+        """Remove what is dead or older than ``spool_linger``, here and in gone hubs'
+        directories. Cheap to call every loop turn: it works once a period."""
+        monotonic = time.monotonic()
+        if monotonic < self._next_sweep:
+            return
+        self._next_sweep = monotonic + self._period
+        deadline = (time.time() if now is None else now) - self._linger
+        swept = _sweep(self._fd, deadline)
+        self._files, self._bytes = swept.files, swept.bytes
+        self._expired += swept.expired
+        self._readers_gone += swept.readers_gone
+        self._sweep_gone_hubs(deadline)
+
+    def close(self) -> None:
+        """Remove every file and the directory itself; release the lock."""
+        _remove_all(self._fd)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.path)
+        os.close(self._fd)
+
+    def _sweep_gone_hubs(self, deadline: float) -> None:
+        try:
+            base = os.open(self._base, _DIR_FLAGS)
+        except OSError:
+            return
+        try:
+            for entry in os.scandir(base):
+                if entry.name == os.path.basename(self.path):
+                    continue
+                try:
+                    fd = os.open(entry.name, _DIR_FLAGS, dir_fd=base)
+                except OSError:  # not a directory (or a symlink): not ours to touch
+                    continue
+                try:
+                    info = os.fstat(fd)
+                    if info.st_uid != os.getuid():
+                        continue
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # its hub serves
+                    # Its readers move to the next hub and leave it; until then, shares they
+                    # may still read stay (as here, for spool_linger).
+                    swept = _sweep(fd, deadline)
+                    self._expired += swept.expired
+                    if swept.files == 0 and swept.live_readers == 0:
+                        _remove_all(fd)
+                        with contextlib.suppress(OSError):
+                            os.rmdir(entry.name, dir_fd=base)
+                            self._hubs_swept += 1
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(base)
+
+
+@dataclass
+class _Swept:
+    files: int = 0  # buffers left (distinct files: a buffer's shares are one file)
+    bytes: int = 0
+    expired: int = 0  # shares and half-written files removed for their age
+    readers_gone: int = 0  # readers found dead (their lock free)
+    live_readers: int = 0
+
+
+def _sweep(directory: int, deadline: float) -> _Swept:
+    """One sweep of a spool directory (a descriptor): dead readers, their registrations and
+    shares; shares and files last modified before ``deadline`` (``time.time()`` clock)."""
+    swept = _Swept()
+    live: set[str] = set()
+    entries = list(os.scandir(directory))
+    for entry in entries:
+        reader = parse_lock_name(entry.name)
+        if reader is None:
+            continue
+        if _alive(directory, entry.name):
+            live.add(reader)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.name, dir_fd=directory)
+            swept.readers_gone += 1
+    swept.live_readers = len(live)
+    inodes: set[int] = set()
+    for entry in entries:
+        name = entry.name
+        if parse_lock_name(name) is not None or name.endswith(".lock.new"):
+            continue  # a lock being made: its reader renames it next
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and name.startswith("t-"):
+            _drop_registrations(directory, name, live)
+            continue
+        _, dot, reader = name.partition(".")
+        if not stat.S_ISREG(info.st_mode) or (dot and reader not in live):
+            _unlink(directory, name)  # not ours to keep, or the share of a dead reader
+        elif info.st_mtime < deadline:
+            _unlink(directory, name)
+            swept.expired += 1
+        elif info.st_ino not in inodes:
+            inodes.add(info.st_ino)
+            swept.files += 1
+            swept.bytes += info.st_size
+    return swept
+
+
+def _alive(directory: int, lock_name: str) -> bool:
+    """A reader's lock file is locked (by its process)."""
+    try:
+        fd = os.open(lock_name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True  # held
+    finally:
+        os.close(fd)  # releases the lock this process took, if it took it
+    return False
+
+
+def _drop_registrations(directory: int, name: str, live: set[str]) -> None:
+    try:
+        topic = os.open(name, _DIR_FLAGS, dir_fd=directory)
+    except OSError:
+        return
+    try:
+        for entry in os.scandir(topic):
+            if entry.name not in live:
+                _unlink(topic, entry.name)
+    finally:
+        os.close(topic)
+
+
+def _remove_all(directory: int) -> None:
+    """Everything in a spool directory: files, and registration directories with theirs."""
+    for entry in os.scandir(directory):
+        if entry.is_dir(follow_symlinks=False):
+            try:
+                inner = os.open(entry.name, _DIR_FLAGS, dir_fd=directory)
+            except OSError:
+                continue
+            try:
+                for item in os.scandir(inner):
+                    _unlink(inner, item.name)
+            finally:
+                os.close(inner)
+            with contextlib.suppress(OSError):
+                os.rmdir(entry.name, dir_fd=directory)
+        else:
+            _unlink(directory, entry.name)
+
+
+def _unlink(directory: int, name: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(name, dir_fd=directory)
