@@ -20,6 +20,7 @@ import pickle
 import resource
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -87,10 +88,30 @@ def _reader(address: str, conn: Connection) -> None:
     try:
         broker.subscribe(Blob, lambda blob: conn.send(("blob", _digest(blob))))
         conn.send(("ready", None))
-        while conn.recv() == "report":  # until "close"
-            conn.send(("report", (broker.spool, broker.undecodable)))
+        while (command := conn.recv()) != "close":
+            if command == "fork":  # a child that outlives this process (until killed)
+                pid = os.fork()
+                if pid == 0:
+                    _close_all_but_locks()
+                    time.sleep(TIMEOUT)
+                    os._exit(0)
+                conn.send(("fork", pid))
+            else:
+                conn.send(("report", (broker.spool, broker.undecodable)))
     finally:
         broker.close()
+
+
+def _close_all_but_locks() -> None:
+    """(In a forked grandchild) Close every inherited descriptor but lock files: the pipes to
+    the test (multiprocessing waits for its child's sentinel pipe to close), but not a lock a
+    fork would have kept, so the test sees it if ipcbus did not close it."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                if not os.readlink(f"/proc/self/fd/{fd}").endswith(".lock"):
+                    os.close(fd)
 
 
 class Reader:
@@ -242,6 +263,27 @@ def test_a_dead_subscribers_shares_are_swept(
             publisher.flush(TIMEOUT)
             assert (publisher.spool.stored, publisher.spool.inline) == (3, 3)
             assert _files(spool_root) == []
+
+
+def test_a_forked_child_does_not_keep_its_dead_parents_registration(
+    tmp_path: Any, spool_root: str, readers: Callable[..., Reader]
+) -> None:
+    """The reader's lock is an open file description, which a forked child inherits: the child
+    closes its copy, so the parent's death is seen while the child lives on."""
+    address = f"ipc://{tmp_path}/hub"
+    with Hub(address, start_method="fork", spool=spool_root, spool_linger=5) as hub:
+        reader = readers(hub.address)
+        reader.conn.send("fork")
+        grandchild = reader._next("fork")
+        try:
+            os.kill(reader.process.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            reader.process.join(TIMEOUT)
+            wait_until(lambda: hub.statistics().spool["readers_gone"] == 1, TIMEOUT)
+            os.kill(grandchild, 0)  # still alive: it did not hold the lock
+        finally:
+            os.kill(grandchild, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(grandchild, 0)
 
 
 def _publish_with_a_file_size_limit(address: str, conn: Connection) -> None:

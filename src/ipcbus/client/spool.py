@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import secrets
@@ -38,6 +37,7 @@ from ..exceptions import SpoolError
 from ..wire import protocol as wire
 from ..wire.spool import (
     SpoolEntry,
+    lock_reader,
     pack_spool_index,
     reader_lock_name,
     share_name,
@@ -63,6 +63,21 @@ _CODECS = {
 }
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+# Readers' lock files open in this process. A forked child inherits their open file
+# descriptions, which would keep a dead parent's lock alive: the child closes its copies.
+_locks: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _locks:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 @dataclass(frozen=True)
@@ -111,12 +126,14 @@ class Spool:
                     f"{stat.S_IMODE(info.st_mode):04o})"
                 )
             # Locked under a name of its own, then renamed: the hub never sees it unlocked (it
-            # would take this process for a dead one). A POSIX lock: a forked child lacks it.
+            # would take this process for a dead one).
             making = os.path.join(path, reader_lock_name(reader) + ".new")
             lock = os.open(making, _WRITE_FLAGS, 0o600)
             try:
-                fcntl.lockf(lock, fcntl.LOCK_EX)
+                if not lock_reader(lock):
+                    raise SpoolError(f"{making} is locked by another process")
                 os.rename(making, os.path.join(path, reader_lock_name(reader)))
+                _locks.add(lock)
             except BaseException:
                 os.close(lock)
                 with contextlib.suppress(OSError):
@@ -167,6 +184,7 @@ class Spool:
                 os.unlink(os.path.join(self.path, topic_directory_name(topic), self.reader))
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.path, reader_lock_name(self.reader)))
+        _locks.discard(self._lock_fd)
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
 

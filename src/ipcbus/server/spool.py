@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from ..exceptions import InsecurePathError
 from ..wire.paths import ensure_private_directory
-from ..wire.spool import parse_lock_name
+from ..wire.spool import lock_reader, parse_lock_name
 
 __all__ = ["HubSpool", "SpoolStatistics"]
 
@@ -205,12 +205,11 @@ def _alive(directory: int, lock_name: str) -> bool:
     except OSError:
         return False
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return not lock_reader(fd)  # taken: nobody holds it (closing the file releases it)
     except OSError:
-        return True  # held
+        return True  # cannot tell: leave it
     finally:
-        os.close(fd)  # releases the lock this process took, if it took it
-    return False
+        os.close(fd)
 
 
 def _drop_registrations(directory: int, name: str, live: set[str]) -> None:

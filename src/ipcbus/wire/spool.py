@@ -14,7 +14,10 @@ file's name as 16 random bytes (written in hexadecimal: a name cannot leave the 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import os
 import struct
 from dataclasses import dataclass
 
@@ -22,6 +25,7 @@ from .frames import MAX_BUFFERS
 
 __all__ = [
     "SpoolEntry",
+    "lock_reader",
     "pack_spool_index",
     "parse_lock_name",
     "reader_lock_name",
@@ -70,8 +74,7 @@ def unpack_spool_index(frame: bytes, buffers: int) -> list[SpoolEntry]:
 # <name>                 a buffer a publisher is writing (hex of the entry's 16 random bytes);
 #                        gone once it is linked to each reader
 # <name>.<reader>        a reader's share of it: a hard link the reader opens, then unlinks
-# r-<reader>.lock        a reader process, alive while it holds a POSIX lock on it (lockf: not
-#                        inherited by a forked child)
+# r-<reader>.lock        a reader process, alive while it holds a lock on it (lock_reader)
 # t-<topic hash>/<reader>  a reader subscribed to the topic: publishers link one share for each
 
 
@@ -92,3 +95,27 @@ def parse_lock_name(file_name: str) -> str | None:
     if file_name.startswith("r-") and file_name.endswith(".lock"):
         return file_name[2:-5] or None
     return None
+
+
+# struct flock: type, whence, start, len, pid (0 for an open file description lock), padded.
+_FLOCK = struct.Struct("hhqqi")
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
+
+
+def lock_reader(fd: int) -> bool:
+    """Take a reader's lock on the open file ``fd`` without waiting: True when taken, False when
+    another open file holds it. An open file description lock (Linux): unlike a POSIX lock it is
+    not dropped when the same process closes another descriptor of the file (the hub testing a
+    reader of its own process), and unlike ``flock`` on a spool directory it is the reader's own.
+    A forked child gets the description too: the client closes it in the child
+    (``client.spool``), so the lock ends with the process that took it."""
+    if _F_OFD_SETLK is None:
+        raise OSError(errno.ENOSYS, "no open file description locks on this system")
+    request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0) + bytes(8)
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, request)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
