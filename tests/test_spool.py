@@ -40,7 +40,7 @@ from ipcbus.wire.spool import (
 )
 
 from .conftest import wait_until
-from .hubtools import free_tcp_port
+from .hubtools import free_tcp_port, run_cli
 from .test_attacker_uid import FS_DENIED, Attacker, _remove_the_attackers, attackers, scratch
 
 __all__ = ["attackers", "scratch"]  # fixtures of test_attacker_uid, used here too
@@ -259,6 +259,9 @@ def test_a_dead_subscribers_shares_are_swept(
             publisher.flush(TIMEOUT)
             wait_until(lambda: hub.statistics().spool["readers_gone"] == 1, TIMEOUT)
             wait_until(lambda: _files(spool_root) == [], TIMEOUT)
+            shown = run_cli("stats", "--address", hub.address).stdout
+            assert "spool (big payloads in files)" in shown
+            assert "readers_gone         1" in shown
             publisher.publish(_blob(1))  # nobody registered now: inline (to nobody)
             publisher.flush(TIMEOUT)
             assert (publisher.spool.stored, publisher.spool.inline) == (3, 3)

@@ -263,6 +263,10 @@ def _print_statistics(statistics: HubStatistics, previous: HubStatistics | None)
         print("\njournal")
         for name, count in sorted(statistics.journal.items()):
             print(f"  {name:20} {count}")
+    if statistics.spool:
+        print("\nspool (big payloads in files)")
+        for name, value in sorted(statistics.spool.items()):
+            print(f"  {name:20} {value}")
     if statistics.unrouted:
         print("\npublished with no subscriber and no queue group")
         for name, count in sorted(statistics.unrouted.items()):

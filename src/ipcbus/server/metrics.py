@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from ..exceptions import MissingDependencyError
 from ..wire.statistics import HubStatistics
@@ -148,6 +148,18 @@ def _families(statistics: HubStatistics) -> Iterator[Any]:
     for name, count in sorted(statistics.unrouted.items()):
         unrouted.add_metric([name], count)
     yield unrouted
+    spool = statistics.spool
+    if spool:
+        yield GaugeMetricFamily(
+            _PREFIX + "spool_bytes",
+            "Bytes of big payloads waiting in the spool for their readers",
+            value=float(cast(int, spool["bytes"])),
+        )
+        yield CounterMetricFamily(
+            _PREFIX + "spool_expired",
+            "Spool shares removed unread: their reader lagged more than spool_linger",
+            value=float(cast(int, spool["expired"])),
+        )
     yield from _queue_families(statistics.queues)
 
 

@@ -5,7 +5,7 @@ A hub on ``ipc://`` makes a directory of its own, ``<root>/ipcbus-<uid>/<hub_id>
 ``flock`` on it while it serves. Publishers write big out-of-band buffers there, one share (hard
 link) for each process registered for the topic, and each subscriber unlinks its share as it
 reads it (``client.spool``, names in ``wire.spool``): the memory is free once all have read. The
-hub never opens a buffer. It sweeps, every tenth of ``spool_linger``: a reader whose lock is free
+hub never opens a buffer. It sweeps every 0.5 s: a reader whose lock is free
 is dead, and its registrations and unread shares go; a share older than ``spool_linger`` goes (its
 reader lags that much: it drops the message, counted); so do half-written files of publishers
 that died, and the directories of hubs that are gone (their flock is free). At stop it removes
@@ -56,8 +56,9 @@ class HubSpool:
         self._fd = fd  # holds the flock: this hub is alive
         self._base = os.path.dirname(path)
         self._linger = linger
-        # Sweeps are a stat per file: every tenth of the linger is enough (at least 0.5 s).
-        self._period = max(0.5, linger / 10)
+        # A sweep is a few system calls per reader and per file. Every 0.5 s: until a dead
+        # reader is found, publishers link shares for it that nobody will read.
+        self._period = min(0.5, max(0.05, linger / 10))
         self._next_sweep = 0.0
         self._files = self._bytes = self._expired = self._readers_gone = self._hubs_swept = 0
 
