@@ -431,11 +431,11 @@ def test_a_meta_frame_of_the_wrong_size_is_counted_and_dropped(
 
 
 def test_the_largest_legal_request_is_relayed(fresh_hub: Hub, raw_peers: RawPeers) -> None:
-    """The boundary of "too many frames": one frame fewer is a legal batch (a payload and
-    MAX_BUFFERS out-of-band buffers)."""
+    """The boundary of "too many frames": one frame fewer is a legal batch (a payload, a spool
+    index and MAX_BUFFERS out-of-band buffers)."""
     peer = AuthenticatedPeer(raw_peers, fresh_hub.address)
     payloads = [b"x"] * (_wire.MAX_FRAMES - 4)
-    assert len(payloads) == 1 + _wire.MAX_BUFFERS
+    assert len(payloads) == 2 + _wire.MAX_BUFFERS
     meta = _wire.pack_meta(b"P", len(payloads), time.time())
     peer.data_sync()
     before = fresh_hub.statistics()
