@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import logging
 import math
 from typing import Any
@@ -201,6 +202,8 @@ def test_hub_option_defaults() -> None:
         "journal": None,
         "journal_fsync": True,
         "journal_max_bytes": 1024 * 1024 * 1024,
+        "spool": "/dev/shm" if os.path.isdir("/dev/shm") else None,
+        "spool_linger": 60.0,
     }
     assert HubOptions.names() == tuple(dataclasses.asdict(options))
 
