@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import logging
 import math
+import os
 from typing import Any
 
 import pytest
