@@ -26,7 +26,9 @@ from ipcbus import Message
 # instead re-imports them, 0.6 s of CPU per process on the 2-core machine, and a quick run
 # starts about a hundred processes.
 FRESH: Any = multiprocessing.get_context("forkserver")
-FRESH.set_forkserver_preload(["ipcbus", "zmq", "harness", "throughput", "peers", "latency_peers"])
+FRESH.set_forkserver_preload(
+    ["ipcbus", "zmq", "harness", "throughput", "peers", "latency_peers", "main_class", "memory"]
+)
 START_TIMEOUT = 120.0  # a child on a busy 2-core machine can take seconds to start
 STALL = 20.0  # nothing arrived for this long, once started: what is missing is lost
 
@@ -59,6 +61,7 @@ class Case:
     run: Callable[[Settings], Outcome]
     unit: str = "msg/s"  # higher is better
     needs: str = ""  # "nats" or "redis": skipped (with a line saying why) without its server
+    note: str = ""  # how the scenario is run, printed under its table (one per scenario)
 
 
 # -- the consumer's side -------------------------------------------------------------------

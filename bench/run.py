@@ -52,7 +52,7 @@ from ipcbus import Hub
 from servers import running
 from throughput import ipcbus_queue, queue_shared
 
-CASE_MODULES = ("throughput", "peers")
+CASE_MODULES = ("throughput", "peers", "main_class")
 BASELINE = "ipcbus"
 JOURNAL = "queue 1 -> 2, journal on"
 
@@ -298,6 +298,8 @@ def _report(tallies: dict[tuple[str, str], Tally], repeat: int) -> None:
                 continue
             ratio = f"{ours / median:.2f}x" if ours and tally.case.contender != BASELINE else ""
             print(f"  {tally.case.contender:24} {median:>12,.0f} {ratio:>10}   {runs}")
+        for note in {t.case.note for t in found if t.case.note}:
+            print(f"  ({note})")
 
 
 def _write_json(
