@@ -106,9 +106,9 @@ def markdown(doc: dict[str, Any]) -> str:
             median = entry["median"]
             shown = "FAILED" if median is None else f"{median:,.0f} {entry['unit']}"
             ratio = f"{entry['ipcbus_ratio']:.2f}x" if "ipcbus_ratio" in entry else ""
-            lines.append(f"| {scenario} | {contender} | {shown} | {ratio} |")
+            lines.append(f"| {_cell(scenario)} | {_cell(contender)} | {shown} | {ratio} |")
             if entry.get("note"):
-                notes.append(f"{scenario}: {entry['note']}.")
+                notes.append(_cell(f"{scenario}: {entry['note']}."))
     lines += ["", *notes] if notes else []
     trips = doc.get("round_trips", {}).get("cases", {})
     if trips:
@@ -144,6 +144,11 @@ def markdown(doc: dict[str, Any]) -> str:
     if skipped:
         lines += ["", *(f"Skipped, every {name} case: {why}." for name, why in skipped.items())]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """``text`` as Markdown shows it verbatim (``__main__`` would turn bold)."""
+    return text.replace("\\", "\\\\").replace("_", "\\_").replace("|", "\\|")
 
 
 def _memory(memory: dict[str, Any] | None) -> list[str]:
