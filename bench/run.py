@@ -3,15 +3,18 @@
 One command, one run: it starts the peers' servers once (``servers.py``), then
 
 1. the throughput cases (``CASE_MODULES`` and ``LOCAL_CASES``: broadcast, fan-out, queue groups,
-   the queue journal, big payloads) ``--repeat`` times, interleaved, each run in fresh
-   processes with a fresh hub per round, after a warm-up round;
+   the queue journal, big payloads, a ``__main__`` class) ``--repeat`` times, interleaved, each
+   run in fresh processes with a fresh hub per round, after a warm-up round;
 2. the round trips (``latency.py``): ipcbus through the hub beside ``multiprocessing.Pipe``,
    pyzmq REQ/REP, the raw relay floor, nats-py request/reply and redis pub/sub, ``--repeat``
    repetitions in fresh processes, each after its own warm-up round trips;
 3. ``request()`` beside the publish round trip (``request_reply.py``);
+4. the hub's memory beside nats-server's and redis-server's, idle and under a slow consumer
+   (``memory.py``, fresh servers of its own);
 
 and reports each case's median and, per scenario, the ratio of ipcbus to each peer, and writes
-everything to one JSON file.
+everything to one JSON file (``--json``), the tables as Markdown (``--markdown``) and a PNG chart
+of the ratios (``--chart``, when matplotlib is installed; ``results.py``, ``chart.py``).
 
 A throughput case of this file is one function ``f(settings) -> Outcome`` and one line
 ``Case(scenario, contender, f)`` in ``LOCAL_CASES``; a module of cases has
@@ -23,9 +26,10 @@ FAILED, not as a number. ipcbus failing is the bench failing (exit status 1); a 
 reported and the bench goes on.
 
 ``--quick`` is a smoke test: tiny sizes, queue shapes 1 -> 2 and 4 -> 4 only, one round, no
-warm-up round, 200 round trips per case.
+warm-up round, 200 round trips per case, a flood of 600 messages for the memory case.
 
     python bench/run.py [--quick] [--repeat 3] [--only SCENARIO] [--json bench-results.json]
+                        [--markdown bench-results.md] [--chart bench-results.png]
 """
 
 from __future__ import annotations
