@@ -51,6 +51,7 @@ class Flood:
     size: int = 4096  # bytes of payload per message
     slow: float = 0.0002  # the subscriber's handler blocks this long per message
     deadline: float = 300.0
+    stall: float = STALL  # nothing more accounted for this long: what is missing is lost
 
 
 QUICK_FLOOD = Flood(messages=600, size=4096)
@@ -219,7 +220,7 @@ def _wait(flood: Flood, counts: Any, started: list[Any]) -> None:
             return
         if done != progress:
             progress, progressed = done, now
-        elif now - progressed > STALL:
+        elif now - progressed > flood.stall:
             return  # nothing more is coming: the accounting says what is missing
         time.sleep(0.01)
 

@@ -5,6 +5,7 @@ Markdown and PNG files. Asserts that the harness runs and counts, never a timing
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -186,3 +187,39 @@ def test_the_chart_is_skipped_with_a_line_saying_why_without_matplotlib(tmp_path
     )
     assert finished.stdout.strip() == "matplotlib is not installed (pip install -e '.[chart]')"
     assert not picture.exists()
+
+
+def test_the_memory_case_fails_a_run_that_loses_messages_it_does_not_report(
+    tmp_path: Path,
+) -> None:
+    # nats-py drops for real what overflows a pending limit of 20 while the handler is slow; a
+    # subscriber that counts the drops it is told of accounts for every message, one that
+    # ignores them leaves messages unaccounted for, and the run fails, saying how many.
+    script = (
+        "import sys\n"
+        "sys.path[:0] = ['bench', 'tests']\n"
+        "import bench_roles, memory\n"
+        "from servers import running\n"
+        "flood = memory.Flood(messages=2000, size=1024, slow=0.002, stall=3.0)\n"
+        "with running(True, False) as servers:\n"
+        "    assert servers.nats_url, servers.skipped\n"
+        "    for counted in (True, False):\n"
+        "        subscriber = (bench_roles.nats_dropping, (servers.nats_url, counted))\n"
+        "        publisher = (memory._nats_publisher, (servers.nats_url,))\n"
+        "        print(repr(memory._run(flood, servers.pids['nats'], subscriber, publisher)))\n"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    counted, ignored = (ast.literal_eval(line) for line in finished.stdout.splitlines())
+    _idle, _peak, received, lost = counted
+    assert lost > 0  # the limit did drop messages
+    assert received + lost == 2000
+    assert isinstance(ignored, str)
+    assert ignored.endswith("unaccounted for"), ignored
