@@ -14,6 +14,7 @@ every message once. A run that lost or duplicated a message is a failure, never 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,10 +25,25 @@ from ipcbus import Message
 # Every process of a case is a fresh one, forked from a server process (forkserver) that has
 # only imported the bench's modules: no hub, socket or thread of an earlier case. Spawning each
 # instead re-imports them, 0.6 s of CPU per process on the 2-core machine, and a quick run
-# starts about a hundred processes.
+# starts about a hundred processes. The forkserver starts as ``python -c`` and Python 3.11 does
+# not hand it the bench's sys.path: without PYTHONPATH every preload below but ipcbus and zmq
+# failed (silently), and each child imported them all again when it re-ran the main script
+# (0.5 s per process, measured: 18 ms with them preloaded). "run" brings what run.py imports.
+BENCH = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (BENCH, os.environ.get("PYTHONPATH"))))
 FRESH: Any = multiprocessing.get_context("forkserver")
 FRESH.set_forkserver_preload(
-    ["ipcbus", "zmq", "harness", "throughput", "peers", "latency_peers", "main_class", "memory"]
+    [
+        "ipcbus",
+        "zmq",
+        "harness",
+        "throughput",
+        "peers",
+        "latency_peers",
+        "main_class",
+        "memory",
+        "run",
+    ]
 )
 START_TIMEOUT = 120.0  # a child on a busy 2-core machine can take seconds to start
 STALL = 20.0  # nothing arrived for this long, once started: what is missing is lost
