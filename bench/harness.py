@@ -14,6 +14,7 @@ every message once. A run that lost or duplicated a message is a failure, never 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,9 +25,26 @@ from ipcbus import Message
 # Every process of a case is a fresh one, forked from a server process (forkserver) that has
 # only imported the bench's modules: no hub, socket or thread of an earlier case. Spawning each
 # instead re-imports them, 0.6 s of CPU per process on the 2-core machine, and a quick run
-# starts about a hundred processes.
+# starts about a hundred processes. The forkserver starts as ``python -c`` and Python 3.11 does
+# not hand it the bench's sys.path: without PYTHONPATH every preload below but ipcbus and zmq
+# failed (silently), and each child imported them all again when it re-ran the main script
+# (0.5 s per process, measured: 18 ms with them preloaded). "run" brings what run.py imports.
+BENCH = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (BENCH, os.environ.get("PYTHONPATH"))))
 FRESH: Any = multiprocessing.get_context("forkserver")
-FRESH.set_forkserver_preload(["ipcbus", "zmq", "harness", "throughput", "peers", "latency_peers"])
+FRESH.set_forkserver_preload(
+    [
+        "ipcbus",
+        "zmq",
+        "harness",
+        "throughput",
+        "peers",
+        "latency_peers",
+        "main_class",
+        "memory",
+        "run",
+    ]
+)
 START_TIMEOUT = 120.0  # a child on a busy 2-core machine can take seconds to start
 STALL = 20.0  # nothing arrived for this long, once started: what is missing is lost
 
@@ -59,6 +77,7 @@ class Case:
     run: Callable[[Settings], Outcome]
     unit: str = "msg/s"  # higher is better
     needs: str = ""  # "nats" or "redis": skipped (with a line saying why) without its server
+    note: str = ""  # how the scenario is run, printed under its table (one per scenario)
 
 
 # -- the consumer's side -------------------------------------------------------------------
@@ -127,21 +146,28 @@ def measure(
     results, go, stop_event = FRESH.Queue(), FRESH.Event(), FRESH.Event()
     started: list[Any] = []
     try:
+        # All consumers start at once, then all producers: a process's start overlaps the
+        # others' (in order, one waiting for the next, a quick run spent seconds more).
+        readies = []
         for slot, (target, args) in enumerate(consumers):
-            ready = FRESH.Event()
-            probe = Probe(counts, slot, total, ready, results)
+            readies.append(FRESH.Event())
+            probe = Probe(counts, slot, total, readies[-1], results)
             process = FRESH.Process(target=target, args=(*args, probe, stop_event), daemon=True)
             process.start()
             started.append(process)
+        for slot, ready in enumerate(readies):
             if not ready.wait(START_TIMEOUT):
                 return Outcome(0.0, [f"consumer {slot} did not start"])
         share = -(-total // len(producers))
+        readies = []
         for index, (target, args) in enumerate(producers):
-            ready = FRESH.Event()
+            readies.append(FRESH.Event())
             seqs = range(index * share, min(total, (index + 1) * share))
-            process = FRESH.Process(target=target, args=(*args, seqs, ready, go), daemon=True)
+            arguments = (*args, seqs, readies[-1], go)
+            process = FRESH.Process(target=target, args=arguments, daemon=True)
             process.start()
             started.append(process)
+        for index, ready in enumerate(readies):
             if not ready.wait(START_TIMEOUT):
                 return Outcome(0.0, [f"producer {index} did not start"])
         expected = total * len(consumers) if broadcast else total

@@ -28,6 +28,7 @@ from harness import FRESH
 from ipcbus import Message
 
 DEADLINE = 60.0  # seconds for one repetition of one case: past it the run fails
+STOP = b"stop"  # the nats pinger tells its echo it is done
 
 RoundTrip = Callable[[int], None]
 # What a pinging process reports: its round trips (ns), and per round trip the CPU time (µs)
@@ -287,15 +288,23 @@ def _nats_echo(url: str, ready: Any) -> None:
 
     async def main() -> None:
         client = await nats.connect(url)
+        done = asyncio.Event()
 
         async def answer(msg: Any) -> None:
+            if msg.data == STOP:
+                done.set()
+                return
             ping = pickle.loads(msg.data)
             await msg.respond(pickle.dumps(Pong(ping.seq), protocol=5))
 
         await client.subscribe("ping", cb=answer)
         await client.flush()
         ready.set()
-        await asyncio.sleep(DEADLINE * 5)
+        # Until the pinger is done: an echo left to its deadline held every run 5 s longer
+        # (processes() waits that long before it terminates what is left).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), DEADLINE * 5)
+        await client.close()
 
     asyncio.run(main())
 
@@ -312,6 +321,8 @@ def _nats_pinger(url: str, rounds: int, warmup: int, results: Any) -> None:
             check_pong(pickle.loads(reply.data), seq)
             if seq >= warmup:
                 samples.append(time.perf_counter_ns() - start)
+        await client.publish("ping", STOP)
+        await client.flush()
         await client.close()
         return {"samples": samples}
 

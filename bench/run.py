@@ -3,15 +3,18 @@
 One command, one run: it starts the peers' servers once (``servers.py``), then
 
 1. the throughput cases (``CASE_MODULES`` and ``LOCAL_CASES``: broadcast, fan-out, queue groups,
-   the queue journal, big payloads) ``--repeat`` times, interleaved, each run in fresh
-   processes with a fresh hub per round, after a warm-up round;
+   the queue journal, big payloads, a ``__main__`` class) ``--repeat`` times, interleaved, each
+   run in fresh processes with a fresh hub per round, after a warm-up round;
 2. the round trips (``latency.py``): ipcbus through the hub beside ``multiprocessing.Pipe``,
    pyzmq REQ/REP, the raw relay floor, nats-py request/reply and redis pub/sub, ``--repeat``
    repetitions in fresh processes, each after its own warm-up round trips;
 3. ``request()`` beside the publish round trip (``request_reply.py``);
+4. the hub's memory beside nats-server's and redis-server's, idle and under a slow consumer
+   (``memory.py``, fresh servers of its own);
 
 and reports each case's median and, per scenario, the ratio of ipcbus to each peer, and writes
-everything to one JSON file.
+everything to one JSON file (``--json``), the tables as Markdown (``--markdown``) and a PNG chart
+of the ratios (``--chart``, when matplotlib is installed; ``results.py``, ``chart.py``).
 
 A throughput case of this file is one function ``f(settings) -> Outcome`` and one line
 ``Case(scenario, contender, f)`` in ``LOCAL_CASES``; a module of cases has
@@ -23,20 +26,19 @@ FAILED, not as a number. ipcbus failing is the bench failing (exit status 1); a 
 reported and the bench goes on.
 
 ``--quick`` is a smoke test: tiny sizes, queue shapes 1 -> 2 and 4 -> 4 only, one round, no
-warm-up round, 200 round trips per case.
+warm-up round, 200 round trips per case, a flood of 600 messages for the memory case.
 
     python bench/run.py [--quick] [--repeat 3] [--only SCENARIO] [--json bench-results.json]
+                        [--markdown bench-results.md] [--chart bench-results.png]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import importlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -44,17 +46,21 @@ import tempfile
 import time
 from typing import Any
 
+import chart
 import latency
+import memory
 import nats_cases
 import request_reply
+import results
 from harness import Case, Outcome, Settings
 from ipcbus import Hub
 from servers import running
 from throughput import ipcbus_queue, queue_shared
 
-CASE_MODULES = ("throughput", "peers")
+CASE_MODULES = ("throughput", "peers", "main_class")
 BASELINE = "ipcbus"
 JOURNAL = "queue 1 -> 2, journal on"
+MEMORY = "hub memory, slow consumer"  # --only: memory.py's case
 
 
 def ipcbus_journal(settings: Settings) -> Outcome:
@@ -165,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         and (not args.no_peers or name in (latency.IPCBUS, "multiprocessing.Pipe"))
     ]
     with_requests = not args.only or args.only in "request/reply"
+    with_memory = not args.only or args.only in MEMORY
+    flood = memory.QUICK_FLOOD if args.quick else memory.Flood()
     needs = {case.needs for case in cases}
     needs |= {server for name, server, _ in latency.CASES if name in latency_cases and server}
     began = time.monotonic()
@@ -204,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         if with_requests:
             print(f"request() beside publish round trip ({time.monotonic() - began:.0f} s)")
             requests = request_reply.measure(trips.requests, trips.block, trips.warmup)
+    memory_rows: list[memory.MemoryRow] = []
+    if with_memory:  # servers of its own, fresh ones: their memory is the case's alone
+        names = {memory.IPCBUS} if args.no_peers else set(memory.CONTENDERS)
+        memory_rows = memory.measure(flood, repeat, lambda line: print(line, flush=True), names)
     elapsed = time.monotonic() - began
     print()
     _report(tallies, repeat)
@@ -213,10 +225,26 @@ def main(argv: list[str] | None = None) -> int:
     if requests is not None:
         print()
     requests_ok = requests is None or request_reply.report(requests, trips.requests, trips.block)
-    if args.json:
-        _write_json(args.json, settings, repeat, tallies, skipped, elapsed)
-        _add_round_trips(args.json, trips, latency_rows, requests)
-        print(f"\nwritten: {args.json}")
+    memory_ok = True
+    if memory_rows:
+        print()
+        memory_ok = memory.report(memory_rows, flood, repeat)
+    document = results.document(
+        quick=args.quick,
+        settings={k: v for k, v in dataclasses.asdict(settings).items() if k != "hub_address"},
+        repeat=repeat,
+        seconds=round(elapsed, 1),
+        skipped=skipped,
+        results=results.throughput(tallies),
+        round_trips={
+            **dataclasses.asdict(trips),
+            "cases": results.round_trips(latency_rows, latency.IPCBUS),
+        },
+        request_reply=dataclasses.asdict(requests) if requests is not None else None,
+        memory=memory.as_json(memory_rows, flood) if memory_rows else None,
+    )
+    print()
+    _write(args, document)
     failed = [t for t in tallies.values() if t.problems]
     for tally in failed:
         case = tally.case
@@ -229,7 +257,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     ours_failed = any(t.case.contender == BASELINE for t in failed)
     ours_failed |= any(row.failure for row in latency_rows if row.case == latency.IPCBUS)
-    return 1 if ours_failed or not requests_ok else 0
+    return 1 if ours_failed or not requests_ok or not memory_ok else 0
+
+
+def _write(args: argparse.Namespace, document: dict[str, Any]) -> None:
+    """The JSON file, the Markdown table and the chart, each where asked (or said why not)."""
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(document, file, indent=2)
+        print(f"written: {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as file:
+            file.write(results.markdown(document))
+        print(f"written: {args.markdown}")
+    if args.chart:
+        why = chart.write(document, args.chart)
+        print(f"chart skipped: {why}" if why else f"written: {args.chart}")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -246,6 +289,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-peers", action="store_true", help="ipcbus and the Queue only")
     parser.add_argument("--json", default="bench-results.json", help="where to write results")
+    parser.add_argument(
+        "--markdown", help="also write the tables as Markdown, with the date and machine"
+    )
+    parser.add_argument(
+        "--chart", default="bench-results.png", help="the PNG chart (needs matplotlib; '' skips)"
+    )
     return parser.parse_args(argv)
 
 
@@ -298,73 +347,8 @@ def _report(tallies: dict[tuple[str, str], Tally], repeat: int) -> None:
                 continue
             ratio = f"{ours / median:.2f}x" if ours and tally.case.contender != BASELINE else ""
             print(f"  {tally.case.contender:24} {median:>12,.0f} {ratio:>10}   {runs}")
-
-
-def _write_json(
-    path: str,
-    settings: Settings,
-    repeat: int,
-    tallies: dict[tuple[str, str], Tally],
-    skipped: dict[str, str],
-    elapsed: float,
-) -> None:
-    results: dict[str, dict[str, Any]] = {}
-    for (scenario, contender), tally in tallies.items():
-        results.setdefault(scenario, {})[contender] = {
-            "unit": tally.case.unit,
-            "runs": tally.values,
-            "median": tally.median,
-            "problems": tally.problems,
-        }
-    for contenders in results.values():
-        ours = contenders.get(BASELINE, {}).get("median")
-        for contender, entry in contenders.items():
-            if contender != BASELINE and ours and entry["median"]:
-                entry["ipcbus_ratio"] = ours / entry["median"]
-    document = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "settings": {
-            k: v for k, v in dataclasses.asdict(settings).items() if k not in ("hub_address",)
-        },
-        "repeat": repeat,
-        "seconds": round(elapsed, 1),
-        "skipped": skipped,
-        "results": results,
-    }
-    with open(path, "w") as file:
-        json.dump(document, file, indent=2)
-
-
-def _add_round_trips(
-    path: str,
-    trips: RoundTrips,
-    rows: list[latency.LatencyRow],
-    requests: request_reply.RequestRows | None,
-) -> None:
-    """The round trips into the JSON file: per case p50/p99 (µs), and ipcbus's p50 and p99
-    divided by the case's (lower is better for ipcbus, unlike the throughput ratios)."""
-    with open(path) as file:
-        document = json.load(file)
-    ours = next((row for row in rows if row.case == latency.IPCBUS and row.p50_us), None)
-    cases: dict[str, Any] = {}
-    for row in rows:
-        entry = dataclasses.asdict(row)
-        if ours is not None and row is not ours and row.p50_us and row.p99_us:
-            assert ours.p50_us is not None
-            assert ours.p99_us is not None
-            entry["ipcbus_p50_ratio"] = ours.p50_us / row.p50_us
-            entry["ipcbus_p99_ratio"] = ours.p99_us / row.p99_us
-        cases[row.case] = entry
-    document["round_trips"] = {**dataclasses.asdict(trips), "cases": cases}
-    if requests is not None:
-        document["request_reply"] = dataclasses.asdict(requests)
-    with open(path, "w") as file:
-        json.dump(document, file, indent=2)
+        for note in {t.case.note for t in found if t.case.note}:
+            print(f"  ({note})")
 
 
 if __name__ == "__main__":

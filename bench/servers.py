@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class Servers:
     nats_url: str | None = None
     redis_port: int | None = None
     skipped: dict[str, str] | None = None  # "nats"/"redis" -> why
+    pids: dict[str, int] = field(default_factory=dict)  # "nats"/"redis" -> its server's pid
 
     def addresses(self) -> dict[str, Any]:
         """Where the started servers listen, by name ("nats": url, "redis": port)."""
@@ -146,6 +147,7 @@ def _start_nats(servers: Servers, started: list[subprocess.Popen[bytes]], direct
         servers.skipped["nats"] = f"nats-server did not start: {exc}"
         return
     servers.nats_url = f"nats://127.0.0.1:{port}"
+    servers.pids["nats"] = process.pid
 
 
 def _start_redis(servers: Servers, started: list[subprocess.Popen[bytes]], directory: str) -> None:
@@ -185,3 +187,4 @@ def _start_redis(servers: Servers, started: list[subprocess.Popen[bytes]], direc
         servers.skipped["redis"] = f"redis-server did not start: {exc}"
         return
     servers.redis_port = port
+    servers.pids["redis"] = process.pid
