@@ -38,6 +38,7 @@ FRESH.set_forkserver_preload(
         "zmq",
         "harness",
         "throughput",
+        "big_kinds",
         "peers",
         "latency_peers",
         "main_class",

@@ -57,7 +57,7 @@ from ipcbus import Hub
 from servers import running
 from throughput import ipcbus_queue, queue_shared
 
-CASE_MODULES = ("throughput", "peers", "main_class")
+CASE_MODULES = ("throughput", "big_kinds", "peers", "main_class")
 BASELINE = "ipcbus"
 JOURNAL = "queue 1 -> 2, journal on"
 MEMORY = "hub memory, slow consumer"  # --only: memory.py's case

@@ -29,7 +29,9 @@ SCENARIOS = {
     "fan-out 1 -> 4",
     "queue 1 -> 2",
     "queue 4 -> 4",
-    "256 KB payloads 1 -> 1",
+    "1 MB payloads 1 -> 1",  # 1 MiB: big enough for the spool (ipcbus.client.spool)
+    "1 MB bytearray 1 -> 1",
+    "1 MB PickleBuffer 1 -> 1",
     "queue 1 -> 2, journal on",
     "__main__ class 1 -> 1",
 }
@@ -62,7 +64,7 @@ def test_the_quick_bench_runs_every_case_and_counts_what_arrived(tmp_path: Path)
             "--big-messages",
             "3",
             "--big-size",
-            str(256 * 1024),
+            str(1024 * 1024),
             "--json",
             str(results),
             "--markdown",
@@ -88,7 +90,7 @@ def test_the_quick_bench_runs_every_case_and_counts_what_arrived(tmp_path: Path)
             assert len(entry["runs"]) == 1, (scenario, contender)
             assert entry["median"] is not None
         assert {"ipcbus", "multiprocessing.Queue"} <= set(contenders), scenario
-        if scenario.startswith(("broadcast", "fan-out", "256 KB")):
+        if scenario.startswith(("broadcast", "fan-out", "1 MB payloads")):
             assert "pyzmq PUB/SUB" in contenders, scenario
     trips = document["round_trips"]
     assert set(trips["cases"]) == ROUND_TRIPS
