@@ -1,10 +1,10 @@
-"""Big payloads of the other kinds the issue names, 1 -> 1, in MB/s, beside
-``multiprocessing.Queue``: a ``bytearray`` field, and a buffer-protocol object through pickle
-protocol 5 (a ``pickle.PickleBuffer`` field, as numpy arrays travel). Distinct payloads, every
-one checked at arrival, as the ``bytes`` case of ``throughput.py``.
+"""Big payloads 1 -> 1, in MB/s, beside ``multiprocessing.Queue``: a ``bytes`` field
+(``harness.Blob``, the scenario peers.py runs too), a ``bytearray`` field, and a buffer-protocol
+object through pickle protocol 5 (a ``pickle.PickleBuffer`` field, as numpy arrays travel).
+Distinct payloads, every one checked at arrival.
 
 ``multiprocessing.Queue`` pickles with protocol 4, which cannot carry a ``PickleBuffer``: it gets
-the same payload as a ``bytearray`` in both cases (what a user of the Queue would send).
+the same payload as a ``bytearray`` then (what a user of the Queue would send).
 """
 
 from __future__ import annotations
@@ -14,11 +14,22 @@ import pickle
 from dataclasses import dataclass
 from typing import Any
 
-from harness import FRESH, Case, Outcome, Probe, Settings, big_payload, big_seq, measure
+from harness import (
+    FRESH,
+    Blob,
+    Case,
+    Outcome,
+    Probe,
+    Settings,
+    big_payload,
+    big_scenario,
+    big_seq,
+    measure,
+)
 from ipcbus import Message, connect
 
 MB = 1_000_000
-KINDS = ("bytearray", "PickleBuffer")
+KINDS = ("bytes", "bytearray", "PickleBuffer")
 
 
 @dataclass(frozen=True)
@@ -36,7 +47,7 @@ class BigView(Message):
 def cases(settings: Settings) -> list[Case]:
     found = []
     for kind in KINDS:
-        scenario = f"{_label(settings.big_size)} {kind} 1 -> 1"
+        scenario = big_scenario(settings, "payloads" if kind == "bytes" else kind)
         found += [
             Case(scenario, "ipcbus", _bind(ipcbus_big_kind, kind), "MB/s"),
             Case(scenario, "multiprocessing.Queue", _bind(queue_big_kind, kind), "MB/s"),
@@ -44,15 +55,16 @@ def cases(settings: Settings) -> list[Case]:
     return found
 
 
-def _label(size: int) -> str:
-    return f"{size // 2**20} MB" if size >= 2**20 else f"{size // 1024} KB"
-
-
 def _bind(run: Any, kind: str) -> Any:
     return lambda settings: run(settings, kind)
 
 
+_TYPES = {"bytes": Blob, "bytearray": BigArray, "PickleBuffer": BigView}
+
+
 def _message(kind: str, seq: int, payload: bytes) -> Message:
+    if kind == "bytes":
+        return Blob(seq, payload)
     if kind == "bytearray":
         return BigArray(seq, bytearray(payload))
     return BigView(seq, pickle.PickleBuffer(bytearray(payload)))
@@ -68,7 +80,7 @@ def _ipcbus_subscriber(address: str, kind: str, size: int, probe: Probe, stop: A
         else:
             probe.add(seq)
 
-    broker.subscribe(BigArray if kind == "bytearray" else BigView, on_message)
+    broker.subscribe(_TYPES[kind], on_message)
     probe.ready()
     stop.wait(3600)
     broker.close()
@@ -110,9 +122,10 @@ def _queue_consumer(queue: Any, size: int, probe: Probe, stop: Any) -> None:
     probe.report()
 
 
-def _queue_producer(queue: Any, size: int, seqs: range, ready: Any, go: Any) -> None:
+def _queue_producer(queue: Any, kind: str, size: int, seqs: range, ready: Any, go: Any) -> None:
     body = os.urandom(size)
-    payloads = [bytearray(big_payload(seq, size, body)) for seq in seqs]
+    as_sent = bytes if kind == "bytes" else bytearray
+    payloads = [as_sent(big_payload(seq, size, body)) for seq in seqs]
     ready.set()
     go.wait(3600)
     for payload in payloads:
@@ -126,7 +139,7 @@ def queue_big_kind(settings: Settings, kind: str) -> Outcome:
     return measure(
         settings,
         [(_queue_consumer, (queue, size))],
-        [(_queue_producer, (queue, size))],
+        [(_queue_producer, (queue, kind, size))],
         count,
         True,
         lambda: queue.put(None),

@@ -257,10 +257,13 @@ class Blob(Message):
     data: bytes
 
 
-def big_scenario(settings: Settings) -> str:
-    size = settings.big_size
-    label = f"{size // 2**20} MB" if size >= 2**20 else f"{size // 1024} KB"
-    return f"{label} payloads 1 -> 1"
+def size_label(size: int) -> str:
+    return f"{size // 2**20} MB" if size >= 2**20 else f"{size // 1024} KB"
+
+
+def big_scenario(settings: Settings, kind: str = "payloads") -> str:
+    """The name of a big payload scenario ("8 MB payloads 1 -> 1": bytes, the first one)."""
+    return f"{size_label(settings.big_size)} {kind} 1 -> 1"
 
 
 def big_payload(seq: int, size: int, body: bytes) -> bytes:

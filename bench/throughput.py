@@ -6,26 +6,21 @@
 - queue 1 -> 2, 1 -> 4, 4 -> 4 (``Settings.queue_shapes``): competing consumers (ipcbus: one
   queue group, default settings, every message acknowledged; the Queue: one shared queue,
   nothing acknowledged);
-- 8 MB payloads 1 -> 1: distinct ``bytes`` payloads, in MB/s.
+- (8 MB payloads: ``big_kinds.py``.)
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
 from harness import (
     FRESH,
-    Blob,
     Case,
     Outcome,
     Probe,
     Settings,
     Target,
-    big_payload,
-    big_scenario,
-    big_seq,
     measure,
     tick,
 )
@@ -47,11 +42,7 @@ def cases(settings: Settings) -> list[Case]:
             Case(scenario, "ipcbus", _bind(ipcbus_queue, producers, consumers)),
             Case(scenario, "multiprocessing.Queue", _bind(queue_shared, producers, consumers)),
         ]
-    found += [
-        Case(big_scenario(settings), "ipcbus", ipcbus_big, "MB/s"),
-        Case(big_scenario(settings), "multiprocessing.Queue", queue_big, "MB/s"),
-    ]
-    return found
+    return found  # the big payload cases: big_kinds.py
 
 
 def _bind(run: Any, producers: int, consumers: int) -> Any:
@@ -112,47 +103,6 @@ def ipcbus_queue(settings: Settings, producers: int, consumers: int) -> Outcome:
     )
 
 
-def _ipcbus_big_subscriber(address: str, size: int, probe: Probe, stop: Any) -> None:
-    broker = connect(address)
-
-    def on_blob(message: Blob) -> None:
-        seq = big_seq(message.data, size)
-        if seq is None or seq != message.seq:
-            probe.reject(f"a damaged payload (seq {message.seq})")
-        else:
-            probe.add(seq)
-
-    broker.subscribe(Blob, on_blob)
-    probe.ready()
-    stop.wait(3600)
-    broker.close()
-    probe.report()
-
-
-def _ipcbus_big_publisher(address: str, size: int, seqs: range, ready: Any, go: Any) -> None:
-    broker = connect(address)
-    body = os.urandom(size)
-    messages = [Blob(seq, big_payload(seq, size, body)) for seq in seqs]
-    ready.set()
-    go.wait(3600)
-    for message in messages:
-        broker.publish(message)
-    broker.flush(600)
-    broker.close()
-
-
-def ipcbus_big(settings: Settings) -> Outcome:
-    address, size, count = settings.hub_address, settings.big_size, settings.big_messages
-    return measure(
-        settings,
-        [(_ipcbus_big_subscriber, (address, size))],
-        [(_ipcbus_big_publisher, (address, size))],
-        count,
-        True,
-        volume=count * size / MB,
-    )
-
-
 # -- multiprocessing.Queue -------------------------------------------------------------------
 
 
@@ -206,39 +156,4 @@ def queue_shared(settings: Settings, producers: int, consumers: int) -> Outcome:
         settings.queue_messages,
         False,
         stop,
-    )
-
-
-def _queue_big_consumer(queue: Any, size: int, probe: Probe, stop: Any) -> None:
-    probe.ready()
-    while (data := queue.get()) is not None:
-        seq = big_seq(data, size)
-        if seq is None:
-            probe.reject("a damaged payload")
-        else:
-            probe.add(seq)
-    probe.report()
-
-
-def _queue_big_producer(queue: Any, size: int, seqs: range, ready: Any, go: Any) -> None:
-    body = os.urandom(size)
-    payloads = [big_payload(seq, size, body) for seq in seqs]
-    ready.set()
-    go.wait(3600)
-    for payload in payloads:
-        queue.put(payload)
-    queue.close()
-    queue.join_thread()
-
-
-def queue_big(settings: Settings) -> Outcome:
-    queue, size, count = FRESH.Queue(), settings.big_size, settings.big_messages
-    return measure(
-        settings,
-        [(_queue_big_consumer, (queue, size))],
-        [(_queue_big_producer, (queue, size))],
-        count,
-        True,
-        lambda: queue.put(None),
-        volume=count * size / MB,
     )
