@@ -25,6 +25,7 @@ from harness import (
     big_scenario,
     big_seq,
     measure,
+    publish_on_go,
 )
 from ipcbus import Message, connect
 
@@ -91,12 +92,7 @@ def _ipcbus_publisher(address: str, kind: str, size: int, seqs: range, ready: An
     broker = connect(address)
     body = os.urandom(size)
     messages = [_message(kind, seq, big_payload(seq, size, body)) for seq in seqs]
-    ready.set()
-    go.wait(3600)
-    for message in messages:
-        broker.publish(message)
-    broker.flush(600)
-    broker.close()
+    publish_on_go(broker, messages, ready, go)
 
 
 def ipcbus_big_kind(settings: Settings, kind: str) -> Outcome:

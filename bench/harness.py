@@ -278,3 +278,24 @@ def big_seq(data: Any, size: int) -> int | None:
     if view.nbytes != size or view[:8] != view[size - 8 :]:
         return None
     return int.from_bytes(view[:8], "big")
+
+
+def publish_on_go(broker: Any, messages: list[Any], ready: Any, go: Any) -> None:
+    """An ipcbus publisher's timed part: say ready, wait for go, publish everything (built
+    before the clock starts, as for every peer), wait until the hub has it all, close."""
+    ready.set()
+    go.wait(3600)
+    publish = broker.publish
+    for message in messages:
+        publish(message)
+    broker.flush(600)
+    broker.close()
+
+
+def redis_subscribed(pubsub: Any, channel: str) -> None:
+    """Subscribe and wait for the server's confirmation: subscribed before saying ready."""
+    pubsub.subscribe(channel)
+    while True:
+        confirmation = pubsub.get_message(timeout=1.0)
+        if confirmation is not None and confirmation["type"] == "subscribe":
+            return

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from harness import publish_on_go
 from ipcbus import Message, connect
 
 
@@ -52,14 +53,7 @@ def ipcbus_subscriber(address: str, probe: Any, stop: Any) -> None:
 
 def ipcbus_publisher(address: str, seqs: range, ready: Any, go: Any) -> None:
     broker = connect(address)
-    messages = [main_tick(seq) for seq in seqs]
-    ready.set()
-    go.wait(3600)
-    publish = broker.publish
-    for message in messages:
-        publish(message)
-    broker.flush(600)
-    broker.close()
+    publish_on_go(broker, [main_tick(seq) for seq in seqs], ready, go)
 
 
 def queue_consumer(queue: Any, probe: Any, stop: Any) -> None:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness import FRESH, STALL, START_TIMEOUT, Blob, big_payload
+from harness import FRESH, STALL, START_TIMEOUT, Blob, big_payload, redis_subscribed
 from ipcbus import Hub, connect
 from servers import running
 
@@ -341,11 +341,7 @@ def _redis_subscriber(
 
     client = redis.Redis(port=port)
     pubsub = client.pubsub()
-    pubsub.subscribe(SUBJECT)
-    while True:  # the server's confirmation: subscribed before saying ready
-        confirmation = pubsub.get_message(timeout=1.0)
-        if confirmation is not None and confirmation["type"] == "subscribe":
-            break
+    redis_subscribed(pubsub, SUBJECT)
     count = _Count(counts, total)
     ready.set()
     while True:

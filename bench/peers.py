@@ -31,6 +31,7 @@ from harness import (
     big_scenario,
     big_seq,
     measure,
+    redis_subscribed,
     tick,
 )
 
@@ -224,11 +225,7 @@ def _redis_subscriber(port: int, mode: str, size: int, probe: Probe, stop: Any) 
 
     client = redis.Redis(port=port)
     pubsub = client.pubsub()
-    pubsub.subscribe(REDIS_CHANNEL)
-    while True:  # the server's confirmation: subscribed before saying ready
-        confirmation = pubsub.get_message(timeout=1.0)
-        if confirmation is not None and confirmation["type"] == "subscribe":
-            break
+    redis_subscribed(pubsub, REDIS_CHANNEL)
     probe.ready()
     while True:
         message = pubsub.get_message(timeout=0.1)

@@ -22,6 +22,7 @@ from harness import (
     Settings,
     Target,
     measure,
+    publish_on_go,
     tick,
 )
 from ipcbus import connect
@@ -76,14 +77,7 @@ def _tick_type() -> Any:
 
 def _ipcbus_publisher(address: str, seqs: range, ready: Any, go: Any) -> None:
     broker = connect(address)
-    messages = [tick(seq) for seq in seqs]  # built before the clock starts, as for every peer
-    ready.set()
-    go.wait(3600)
-    publish = broker.publish
-    for message in messages:
-        publish(message)
-    broker.flush(600)
-    broker.close()
+    publish_on_go(broker, [tick(seq) for seq in seqs], ready, go)
 
 
 def ipcbus_broadcast(settings: Settings, subscribers: int) -> Outcome:
