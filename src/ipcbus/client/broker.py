@@ -11,7 +11,7 @@ from multiprocessing import util as mp_util
 from typing import TYPE_CHECKING, Any
 
 from ..config import ClientOptions, address_from_env, export_address
-from ..core.contract import Subscription
+from ..core.contract import Subscription, close_at_exit
 from ..exceptions import (
     BrokerFailedError,
     HubUnavailableError,
@@ -21,7 +21,7 @@ from ..message import Message, get_unique_name_for_message
 from ..wire import protocol as wire
 from ..wire.address import Address
 from ..wire.keys import read_bus_secret
-from .closing import Closing, close_at_exit
+from .closing import Closing
 from .dispatch import Dispatcher
 from .gate import PublishGate
 from .io import IOThread

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from typing import TYPE_CHECKING
 
 from ..exceptions import (
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
     from .notify import StateNotifier
     from .runner import QueueRunner
 
-__all__ = ["Closing", "close_at_exit"]
+__all__ = ["Closing"]
 
 # The broker's logger, as before the split: what close() reports is searched for under it.
 logger = logging.getLogger("ipcbus.client.broker")
@@ -85,9 +84,3 @@ class Closing(Subscribing):
                 self.undelivered,
                 self._io.outbox.never_sent(),
             )
-
-
-def close_at_exit(ref: weakref.ref[Closing]) -> None:
-    broker = ref()
-    if broker is not None:
-        broker.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from types import TracebackType
@@ -336,3 +337,12 @@ class Broker(ABC):
             raise TypeError(f"handler must be callable, not {handler!r}")
         if predicate is not None and not callable(predicate):
             raise TypeError(f"predicate must be callable or None, not {predicate!r}")
+
+
+def close_at_exit(ref: weakref.ref[Broker]) -> None:
+    """A broker's finalizer (``multiprocessing.util.Finalize``: it runs at interpreter exit and
+    at the exit of multiprocessing children, which skip atexit): close it if it still lives. In
+    a process that does not own it (a forked child) ``close()`` releases nothing of the owner's."""
+    broker = ref()
+    if broker is not None:
+        broker.close()

@@ -14,8 +14,7 @@ from typing import Any
 
 from nats.aio.subscription import Subscription as NatsSubscription
 
-from ..core.contract import Broker, Subscription
-from ..core.loops import start_loop_thread
+from ..core.contract import Subscription, close_at_exit
 from ..core.requests import Failure
 from ..core.routing import RouteTable
 from ..exceptions import (
@@ -31,6 +30,7 @@ from .connection import NatsConnection
 from .dispatch import Dispatcher, Inbox
 from .envelope import ERROR_CODEC, Envelope, Signer, encode_message, encode_object, seal
 from .groups import FETCH_WAIT, GroupConsumer, running_queue_handler
+from .queue_side import NatsQueueGroups, stop_all
 from .requests import PendingRequests
 from .signing import check_secret, default_key_file, load_or_create_secret
 from .statistics import Counters, NatsStatistics
@@ -62,7 +62,7 @@ def _pid() -> int:
     return _pid_now
 
 
-class NatsBroker(Broker):
+class NatsBroker(NatsQueueGroups):
     """A broker on a NATS server (``nats-server -js``): ``servers`` is a URL or a list of them.
 
     Everything of :class:`~ipcbus.core.contract.Broker` holds; where it differs from
@@ -169,7 +169,7 @@ class NatsBroker(Broker):
         self._streams = Streams(self._conn.client, js, self.namespace)
         self._max_payload = self._conn.client.max_payload
         self._conn.call(self._streams.listen(), operation_timeout, "subscribe")
-        mp_util.Finalize(self, _close_at_exit, args=(weakref.ref(self),), exitpriority=10)
+        mp_util.Finalize(self, close_at_exit, args=(weakref.ref(self),), exitpriority=10)
 
     def _for_child(self) -> NatsBroker:
         return NatsBroker(self.servers, **self._settings)
@@ -331,61 +331,6 @@ class NatsBroker(Broker):
         await client.flush()
         return sub
 
-    def _subscribe_queue(self, subscription: Subscription) -> None:
-        assert subscription.queue_name is not None
-        topic, queue_name = subscription.topic, subscription.queue_name
-        key = (topic, queue_name)
-        with self._lock:
-            self._routes.add(subscription)
-            group = self._groups.get(key)
-            if group is None:
-                # Made here, never on the client's loop: that loop must never wait for our lock
-                # (a first delivery there waited for a subscribe() that waited for the loop).
-                self._start_handler_loop()
-                try:
-                    group = self._conn.call(
-                        self._start_group(subscription), self._timeout, f"join {queue_name!r}"
-                    )
-                except BaseException:
-                    self._routes.remove(subscription)
-                    raise
-                self._groups[key] = group
-            group.set_prefetch(subscription.policy.prefetch)
-
-    async def _start_group(self, subscription: Subscription) -> GroupConsumer:
-        assert subscription.queue_name is not None
-        topic, queue_name = subscription.topic, subscription.queue_name
-        await self._streams.ensure(
-            topic, queue_name, subscription.policy.max_attempts, self._ack_wait
-        )
-        group = GroupConsumer(
-            self._conn.client,
-            self.namespace,
-            topic,
-            queue_name,
-            message_type=subscription.message_type,
-            max_attempts=subscription.policy.max_attempts,
-            signer=self._signer,
-            routes=self._routes,
-            counters=self._counters,
-            handler_loop=self._handler_loop_now,
-            publish=self.publish,
-            send=self._conn.send,
-            answer=self._answer,
-            ack_wait=self._ack_wait,
-        )
-        await group.start()
-        self._presence[(topic, queue_name)] = await self._streams.join(topic, queue_name)
-        return group
-
-    def _start_handler_loop(self) -> None:  # under self._lock
-        if self._handler_loop is None:
-            self._handler_loop, self._handler_thread = start_loop_thread("ipcbus-nats-queue-loop")
-
-    def _handler_loop_now(self) -> asyncio.AbstractEventLoop:
-        assert self._handler_loop is not None  # started before the first group
-        return self._handler_loop
-
     def _cancel(self, subscription: Subscription) -> None:
         if _pid() != self._owner:
             return
@@ -409,35 +354,6 @@ class NatsBroker(Broker):
         if presence is not None:
             self._conn.call(presence.unsubscribe(), self._timeout, "leave a queue group")
         self._conn.spawn(group.stop())
-
-    def _declare_queue(self, message_type: type[Message], queue_name: str) -> None:
-        self._check_usable()
-        topic = get_unique_name_for_message(message_type)
-        max_attempts = 3  # the default of QueuePolicy; members that join may raise it
-        self._conn.call(
-            self._streams.ensure(topic, queue_name, max_attempts, self._ack_wait),
-            self._timeout,
-            f"declare {queue_name!r}",
-        )
-
-    def _delete_queue(self, message_type: type[Message], queue_name: str) -> int:
-        self._check_usable()
-        topic = get_unique_name_for_message(message_type)
-        if self._routes.has_members(topic, queue_name):
-            raise self._refuse_deletion(message_type, queue_name)
-        dropped = self._conn.call(
-            self._streams.delete(topic, queue_name), self._timeout, f"delete {queue_name!r}"
-        )
-        if dropped is None:
-            raise self._refuse_deletion(message_type, queue_name)
-        if dropped:
-            logger.warning(
-                "deleted the queue group %r of %s and the %d messages it held",
-                queue_name,
-                topic,
-                dropped,
-            )
-        return dropped
 
     # -- state and close ---------------------------------------------------------------------
 
@@ -469,7 +385,7 @@ class NatsBroker(Broker):
             self._groups.clear()
         if groups and self._conn.loop.is_running():
             try:
-                self._conn.call(_stop_all(groups), FETCH_WAIT + 3.0, "stop queue groups")
+                self._conn.call(stop_all(groups), FETCH_WAIT + 3.0, "stop queue groups")
             except PubSubError as exc:
                 logger.warning("closing %r: %s", self, exc)
         in_handler = running_queue_handler() or (threading.current_thread() is self._handler_thread)
@@ -486,13 +402,3 @@ class NatsBroker(Broker):
             logger.warning("closing %r: %s", self, exc)
         self._conn.close(self._linger)
         self._dispatcher.stop(self._linger)
-
-
-async def _stop_all(groups: list[GroupConsumer]) -> None:
-    await asyncio.gather(*(group.stop() for group in groups))
-
-
-def _close_at_exit(ref: weakref.ref[NatsBroker]) -> None:
-    broker = ref()
-    if broker is not None and broker._owner == os.getpid():
-        broker.close()
