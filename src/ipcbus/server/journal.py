@@ -32,6 +32,7 @@ from ..wire.paths import check_directory, ensure_private_directory, open_private
 from . import journal_records as records
 from .dead_letters import DeadEntry
 from .fanout import Fanout
+from .journal_segments import replay_newest, segment_numbers, segment_path
 from .queues import QueueBook
 from .runs import Run
 
@@ -39,9 +40,7 @@ __all__ = ["Journal"]
 
 logger = logging.getLogger(__name__)
 
-_SUFFIX = ".journal"
 _IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
-_MAX_REPORTED = 10  # corrupt records logged one by one; the rest are counted
 # A turn reads publishes until it has this many bytes to write (then it commits). Unbounded, a
 # turn that read 40 batches of 1 MB wrote and synced 40 MB before it answered a heartbeat again
 # (over a second, measured), and overshot journal_max_bytes.
@@ -131,54 +130,13 @@ class Journal:
             raise
 
     def _segments(self) -> list[int]:
-        numbers = []
-        for name in os.listdir(self.directory):
-            stem, _, suffix = name.partition(".")
-            if "." + suffix == _SUFFIX and stem.isdigit():
-                numbers.append(int(stem))
-        return sorted(numbers)
+        return segment_numbers(self.directory)
 
     def _path(self, number: int) -> str:
-        return os.path.join(self.directory, f"{number:012d}{_SUFFIX}")
+        return segment_path(self.directory, number)
 
     def _replay(self, segments: list[int]) -> records.Replay | None:
-        """The newest complete checkpoint segment, replayed (a torn tail cut off)."""
-        for number in reversed(segments):
-            path = self._path(number)
-            try:
-                fd = open_private_file(path, os.O_RDWR)
-            except OSError as exc:
-                raise JournalError(f"cannot read the journal segment {path}: {exc}") from exc
-            with os.fdopen(fd, "r+b") as file:
-                data = file.read()
-                found = records.scan(data)
-                replay = records.Replay()
-                for kind, body in found.records:
-                    replay.apply(kind, body)
-                if not (replay.began and replay.ended):
-                    logger.warning("journal: %s is an unfinished checkpoint: not used", path)
-                    continue
-                if found.torn_bytes:
-                    # A hub killed while writing: its last record is incomplete. Cut it off, so
-                    # the segment ends with good records.
-                    file.truncate(found.good_end)
-                    self.counts["torn_bytes"] += found.torn_bytes
-                    logger.warning(
-                        "journal: cut an incomplete last record (%d bytes) off %s",
-                        found.torn_bytes,
-                        path,
-                    )
-            corrupt = [*found.corrupt, *["a record not understood"] * replay.bad_records]
-            self.counts["corrupt_records"] += len(corrupt)
-            for what in corrupt[:_MAX_REPORTED]:
-                logger.error("journal: %s: %s (skipped)", path, what)
-            if len(corrupt) > _MAX_REPORTED:
-                logger.error("journal: %s: %d more bad records", path, len(corrupt) - _MAX_REPORTED)
-            return replay
-        if segments:
-            logger.error("journal: no complete checkpoint in %s: nothing restored", self.directory)
-            self.counts["corrupt_records"] += 1
-        return None
+        return replay_newest(self.directory, segments, self.counts)
 
     def _restore(self, replay: records.Replay, book: QueueBook) -> None:
         restored = 0
