@@ -33,11 +33,8 @@ import logging
 import queue
 import threading
 import time
-from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from ..core import codec
 from ..core.contract import AsyncMessageContext, Subscription
 from ..core.handlers import call_to_completion, is_cancellation
 from ..core.loops import run_loop_forever
@@ -47,6 +44,7 @@ from ..core.retry import after_failure, describe_error, publish_dead_letter
 from ..message import Message
 from ..wire import protocol as wire
 from .acks import AckBuffer
+from .jobs import Job
 from .threads import OnDeath, start_thread
 
 __all__ = ["QueueRunner"]
@@ -61,72 +59,6 @@ _ACK_EVERY = 0.001
 # rest of its run. Faster ones run on the thread that has the run (GIL-bound, sharing them only
 # added hand-offs).
 _SLOW_HANDLER = 0.0001
-
-
-@dataclass(eq=False, slots=True)
-class _Job:
-    """Messages ``start`` to ``end - 1`` of a run, for one subscription; what is the same for
-    all of them is worked out once."""
-
-    subscription: Subscription
-    run: wire.Deliver
-    sizes: array[int]
-    offset: int  # where message ``start`` begins in the run's payloads
-    start: int
-    end: int
-    decode: Callable[[bytes], Message]
-    published_at: float
-    id_prefix: str  # a message id is this and the message's number
-    route: wire.Route | None = None  # a request's (a run of one message): where answers go
-
-    @classmethod
-    def of(cls, subscription: Subscription, run: wire.Deliver) -> _Job:
-        route = None
-        try:
-            codec_id, _count, published_at = wire.unpack_meta(run.meta)
-            if len(run.meta) != wire.META_LEN:
-                route = wire.route_of(run.meta)
-        except ValueError as exc:
-            # Each message is then undecodable: dead-lettered, one by one (_prepare).
-            codec_id, published_at = repr(exc).encode(), 0.0
-        return cls(
-            subscription,
-            run,
-            wire.unpack_sizes(run.sizes),
-            0,
-            0,
-            run.count,
-            codec.split_decoder(codec_id, subscription.message_type),
-            published_at,
-            f"{run.id_prefix.decode(errors='replace')}-",
-            route if route is not None and route.kind == wire.ROUTE_REQUEST else None,
-        )
-
-    def part(self, start: int) -> _Job:
-        """Its messages from ``start`` on, as a job of their own (this one ends there)."""
-        offset = self.offset + sum(self.sizes[self.start : start])
-        rest = _Job(
-            self.subscription,
-            self.run,
-            self.sizes,
-            offset,
-            start,
-            self.end,
-            self.decode,
-            self.published_at,
-            self.id_prefix,
-            self.route,
-        )
-        self.end = start
-        return rest
-
-    def payloads(self) -> list[bytes]:
-        """Each of its messages' payload (a slice of bytes: cheaper than a view, measured)."""
-        payloads, offset, found = self.run.payloads, self.offset, []
-        for size in self.sizes[self.start : self.end]:
-            found.append(payloads[offset : offset + size])
-            offset += size
-        return found
 
 
 class QueueRunner:
@@ -148,7 +80,7 @@ class QueueRunner:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
         self._idle_workers = 0  # waiting for a job (read without the lock: a hint)
         self._slow: dict[bytes, bool] = {}  # per subscription: were its handlers slow?
@@ -170,7 +102,7 @@ class QueueRunner:
         except (ValueError, IndexError) as exc:
             logger.error("ignored a malformed DELIVER: %s", exc)
             return
-        coroutines: list[tuple[_Job, int, bytes]] = []
+        coroutines: list[tuple[Job, int, bytes]] = []
         with self._idle:
             self._running += sum(run.count for run in runs)
         for run in runs:
@@ -180,7 +112,7 @@ class QueueRunner:
                 self._acks.add(wire.Ack(run.stream, run.first_seq, run.last_seq, _REJECTED))
                 self._done(run.count)
                 continue
-            job = _Job.of(subscription, run)
+            job = Job.of(subscription, run)
             if inspect.iscoroutinefunction(subscription.handler):
                 coroutines += zip(itertools.repeat(job), itertools.count(), job.payloads())
                 continue
@@ -253,7 +185,7 @@ class QueueRunner:
     # -- both kinds of handler ----------------------------------------------------------------
 
     def _prepare(
-        self, job: _Job, index: int, payload: bytes
+        self, job: Job, index: int, payload: bytes
     ) -> tuple[Message, AsyncMessageContext] | wire.Ack:
         """Decode and filter; the answer to send instead when the handler is not to run."""
         subscription, run = job.subscription, job.run
@@ -270,7 +202,7 @@ class QueueRunner:
         context = AsyncMessageContext._of(queue_name, message_id, run.attempt, job.published_at)
         return message, context
 
-    def _undecodable(self, job: _Job, index: int, message_id: str, exc: BaseException) -> wire.Ack:
+    def _undecodable(self, job: Job, index: int, message_id: str, exc: BaseException) -> wire.Ack:
         with self._lock:  # workers decode concurrently
             self.undecodable += 1
         logger.error(
@@ -286,19 +218,19 @@ class QueueRunner:
         self._answer_failure(job, exc)
         return wire.Ack(job.run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
 
-    def _answer(self, job: _Job, result: object) -> None:
+    def _answer(self, job: Job, result: object) -> None:
         """A request's handler returned ``result``: a Message answers."""
         if job.route is not None and self._reply_to is not None:
             answer_request(self._reply_to(job.route), result)
 
-    def _answer_failure(self, job: _Job, exc: BaseException) -> None:
+    def _answer_failure(self, job: Job, exc: BaseException) -> None:
         """A request's last attempt failed (dead-lettered): the failure answers."""
         if job.route is not None and self._reply_to is not None:
             self._reply_to(job.route).fail(Failure.of(exc))
 
     def _failed(
         self,
-        job: _Job,
+        job: Job,
         index: int,
         message: Message,
         context: AsyncMessageContext,
@@ -365,7 +297,7 @@ class QueueRunner:
                 if idle or self._jobs.empty() or len(self._acks) >= wire.MAX_ACKS:
                     self.flush_acks()
 
-    def _run_plain(self, job: _Job) -> None:
+    def _run_plain(self, job: Job) -> None:
         """The job's messages in order, on this thread; one ack entry for those that went well.
 
         What ``_prepare`` and ``call_to_completion`` do, written out in the loop: it runs once
@@ -440,14 +372,14 @@ class QueueRunner:
                 )
             return self._loop
 
-    def _start_tasks(self, deliveries: list[tuple[_Job, int, bytes]]) -> None:
+    def _start_tasks(self, deliveries: list[tuple[Job, int, bytes]]) -> None:
         loop = asyncio.get_running_loop()
         for job, index, payload in deliveries:
             task = loop.create_task(self._run_coroutine(job, index, payload))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run_coroutine(self, job: _Job, index: int, payload: bytes) -> None:
+    async def _run_coroutine(self, job: Job, index: int, payload: bytes) -> None:
         try:
             prepared = self._prepare(job, index, payload)
             if isinstance(prepared, wire.Ack):
