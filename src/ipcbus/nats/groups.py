@@ -34,12 +34,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
-from nats.js import JetStreamContext
-from nats.js import api as js_api
 
 from ..core.contract import AsyncMessageContext, Subscription
 from ..core.retry import after_failure, publish_dead_letter
@@ -49,9 +46,9 @@ from ..message import Message
 from .connection import Handover
 from .envelope import Envelope, Signer, open_envelope
 from .statistics import Counters
-from .subjects import consumer_name, stream_name, subject_for
+from .subjects import consumer_name, stream_name
 
-__all__ = ["GroupConsumer", "ensure_group", "running_queue_handler"]
+__all__ = ["GroupConsumer", "running_queue_handler"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,50 +84,6 @@ def _call_marked(handler: Callable[[Message], Any], message: Message) -> Any:
         return handler(message)
     finally:
         _local.active = False
-
-
-async def ensure_group(
-    js: JetStreamContext,
-    namespace: str,
-    topic: str,
-    queue_name: str,
-    max_attempts: int,
-    ack_wait: float,
-) -> None:
-    """Create the type's stream and the group's durable consumer, if they do not exist."""
-    stream = stream_name(namespace, topic)
-    try:
-        await js.stream_info(stream)
-    except nats.js.errors.NotFoundError:
-        await js.add_stream(
-            js_api.StreamConfig(
-                name=stream,
-                description=topic,
-                subjects=[subject_for(namespace, topic)],
-                retention=js_api.RetentionPolicy.INTEREST,
-                storage=js_api.StorageType.FILE,
-            )
-        )
-    durable = consumer_name(queue_name)
-    try:
-        await js.consumer_info(stream, durable)
-        return
-    except nats.js.errors.NotFoundError:
-        pass
-    await js.add_consumer(
-        stream,
-        js_api.ConsumerConfig(
-            name=durable,
-            durable_name=durable,
-            description=queue_name,
-            deliver_policy=js_api.DeliverPolicy.NEW,
-            ack_policy=js_api.AckPolicy.EXPLICIT,
-            ack_wait=ack_wait,
-            # One delivery in reserve: a message whose last attempt died with its process
-            # comes back once more, and is dead-lettered then instead of vanishing.
-            max_deliver=max_attempts + 1,
-        ),
-    )
 
 
 class GroupConsumer:

@@ -17,10 +17,10 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
+from nats.js import api as js_api
 
-from .groups import ensure_group
 from .statistics import GroupStatistics
-from .subjects import consumer_name, stream_name
+from .subjects import consumer_name, stream_name, subject_for
 
 __all__ = ["Streams"]
 
@@ -106,3 +106,47 @@ class Streams:
                 held=info.num_pending or 0, in_flight=info.num_ack_pending or 0
             )
         return result
+
+
+async def ensure_group(
+    js: JetStreamContext,
+    namespace: str,
+    topic: str,
+    queue_name: str,
+    max_attempts: int,
+    ack_wait: float,
+) -> None:
+    """Create the type's stream and the group's durable consumer, if they do not exist."""
+    stream = stream_name(namespace, topic)
+    try:
+        await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(
+            js_api.StreamConfig(
+                name=stream,
+                description=topic,
+                subjects=[subject_for(namespace, topic)],
+                retention=js_api.RetentionPolicy.INTEREST,
+                storage=js_api.StorageType.FILE,
+            )
+        )
+    durable = consumer_name(queue_name)
+    try:
+        await js.consumer_info(stream, durable)
+        return
+    except nats.js.errors.NotFoundError:
+        pass
+    await js.add_consumer(
+        stream,
+        js_api.ConsumerConfig(
+            name=durable,
+            durable_name=durable,
+            description=queue_name,
+            deliver_policy=js_api.DeliverPolicy.NEW,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            # One delivery in reserve: a message whose last attempt died with its process
+            # comes back once more, and is dead-lettered then instead of vanishing.
+            max_deliver=max_attempts + 1,
+        ),
+    )
