@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from ..exceptions import InsecurePathError
 from ..wire.paths import ensure_private_directory
-from ..wire.spool import lock_reader, parse_lock_name
+from ..wire.spool import lock_reader, parse_lock_name, reader_lock_name
 
 __all__ = ["HubSpool", "SpoolStatistics"]
 
@@ -174,6 +174,10 @@ def _sweep(directory: int, deadline: float) -> _Swept:
                 os.unlink(entry.name, dir_fd=directory)
             swept.readers_gone += 1
     swept.live_readers = len(live)
+    # A reader that took its lock after the listing above registers (and gets shares) before
+    # the loops below look: asked again, not taken for a dead one (its registration removed,
+    # every big message of the topic was dropped for it from then on).
+    late = _Late(directory, live)
     inodes: set[int] = set()
     for entry in entries:
         name = entry.name
@@ -184,10 +188,10 @@ def _sweep(directory: int, deadline: float) -> _Swept:
         except OSError:
             continue
         if stat.S_ISDIR(info.st_mode) and name.startswith("t-"):
-            _drop_registrations(directory, name, live)
+            _drop_registrations(directory, name, late)
             continue
         _, dot, reader = name.partition(".")
-        if not stat.S_ISREG(info.st_mode) or (dot and reader not in live):
+        if not stat.S_ISREG(info.st_mode) or (dot and not late.alive(reader)):
             _unlink(directory, name)  # not ours to keep, or the share of a dead reader
         elif info.st_mtime < deadline:
             _unlink(directory, name)
@@ -213,14 +217,28 @@ def _alive(directory: int, lock_name: str) -> bool:
         os.close(fd)
 
 
-def _drop_registrations(directory: int, name: str, live: set[str]) -> None:
+class _Late:
+    """Whether a reader lives: those of the sweep's listing, or asked of its lock file (once)."""
+
+    def __init__(self, directory: int, live: set[str]) -> None:
+        self._directory = directory
+        self._known = dict.fromkeys(live, True)
+
+    def alive(self, reader: str) -> bool:
+        known = self._known.get(reader)
+        if known is None:
+            known = self._known[reader] = _alive(self._directory, reader_lock_name(reader))
+        return known
+
+
+def _drop_registrations(directory: int, name: str, late: _Late) -> None:
     try:
         topic = os.open(name, _DIR_FLAGS, dir_fd=directory)
     except OSError:
         return
     try:
         for entry in os.scandir(topic):
-            if entry.name not in live:
+            if not late.alive(entry.name):
                 _unlink(topic, entry.name)
     finally:
         os.close(topic)
