@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from ipcbus import Hub, HubBroker
 from ipcbus.client.spool import Spool
 from ipcbus.server.spool import HubSpool
 from ipcbus.wire.spool import topic_directory_name
 
-from .test_spool import spool_root
+from .test_attacker_uid import Attacker, _remove_the_attackers, attackers, scratch
+from .test_spool import TIMEOUT, Reader, _blob, readers, spool_root
 
-__all__ = ["spool_root"]  # fixture of test_spool, used here too
+__all__ = ["attackers", "readers", "scratch", "spool_root"]  # fixtures of other modules
 
-pytestmark = [pytest.mark.usefixtures("no_leftovers")]
-
-TIMEOUT = 30.0
+pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
 
 
 @pytest.fixture
@@ -64,3 +65,33 @@ def test_a_sweep_never_drops_a_reader_that_registers_while_it_runs(hub_spool: Hu
     finally:
         for reader in readers:
             reader.close()
+
+
+def test_a_spool_root_another_user_owns_is_not_used(
+    tmp_path: Any,
+    attackers: Callable[[], Attacker],
+    scratch: Callable[..., str],
+    readers: Callable[..., Reader],
+) -> None:
+    """The ``spool`` option names a directory another user owns (0777, not sticky). The owner
+    of a directory may rename what is in it: it moved our ``ipcbus-<uid>`` aside and put one of
+    its own in its place, with a registration of its own, and publishers wrote there (sizes
+    and timing its to see), linked shares for it alone, and every subscriber dropped every big
+    message. The hub now refuses such a root as it refuses a foreign home: big payloads inline."""
+    own = os.path.join(scratch(0o1777), "attackers")
+    attacker = attackers()
+    try:
+        assert attacker.fs(("mkdir", own, "0o777")) == ["ok"]
+        with Hub(f"ipc://{tmp_path}/hub", start_method="fork", spool=own) as hub:
+            reader = readers(hub.address)
+            with HubBroker(hub.address) as publisher:
+                publisher.publish(_blob(4))
+                publisher.flush(TIMEOUT)
+                assert hub.statistics().spool == {}
+                assert publisher.spool.directory == ""
+                assert reader.take(1)[0][0] == 4  # inline
+                assert reader.report()[1] == 0
+        assert os.listdir(own) == [], "the hub put a file in the attacker's directory"
+    finally:
+        attacker.close()
+        _remove_the_attackers(own)

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 from ..exceptions import InsecurePathError
-from ..wire.paths import ensure_private_directory
+from ..wire.paths import check_ancestors, ensure_private_directory
 from ..wire.spool import lock_reader, parse_lock_name, reader_lock_name
 
 __all__ = ["HubSpool", "SpoolStatistics"]
@@ -71,6 +71,9 @@ class HubSpool:
         try:
             if not os.path.isdir(root):
                 raise InsecurePathError(f"{root} is not a directory")
+            # The owner of a directory may rename what is in it: under a root of another
+            # user's, our directory could be swapped for one of theirs while we serve.
+            check_ancestors(base)
             ensure_private_directory(base)
             os.mkdir(path, 0o700)
             fd = os.open(path, _DIR_FLAGS)
