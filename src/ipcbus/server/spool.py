@@ -36,6 +36,8 @@ __all__ = ["HubSpool", "SpoolStatistics"]
 logger = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# How long a stopping hub keeps removing what publishers still write into its spool.
+_CLOSE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,23 @@ class HubSpool:
 
     def close(self) -> None:
         """Remove every file and the directory itself; release the lock."""
-        _remove_all(self._fd)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.path)
+        # One listing while publishers and readers create and remove names misses some (half
+        # the shares, measured): again until the directory goes. Once the registrations are
+        # gone publishers send inline, so only writes already under way add files; a
+        # deadline all the same (what stays, the next hub of this root sweeps).
+        deadline = time.monotonic() + _CLOSE_TIMEOUT
+        while True:
+            _remove_all(self._fd)
+            try:
+                os.rmdir(self.path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    logger.warning("left the spool %s behind: %s", self.path, exc)
+                    break
+                time.sleep(0.01)
         os.close(self._fd)
 
     def _sweep_gone_hubs(self, deadline: float) -> None:
