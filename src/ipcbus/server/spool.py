@@ -28,14 +28,16 @@ import time
 from dataclasses import dataclass
 
 from ..exceptions import InsecurePathError
-from ..wire.paths import ensure_private_directory
-from ..wire.spool import lock_reader, parse_lock_name
+from ..wire.paths import check_ancestors, ensure_private_directory
+from ..wire.spool import lock_reader, parse_lock_name, reader_lock_name
 
 __all__ = ["HubSpool", "SpoolStatistics"]
 
 logger = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# How long a stopping hub keeps removing what publishers still write into its spool.
+_CLOSE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class HubSpool:
         try:
             if not os.path.isdir(root):
                 raise InsecurePathError(f"{root} is not a directory")
+            # The owner of a directory may rename what is in it: under a root of another
+            # user's, our directory could be swapped for one of theirs while we serve.
+            check_ancestors(base)
             ensure_private_directory(base)
             os.mkdir(path, 0o700)
             fd = os.open(path, _DIR_FLAGS)
@@ -107,9 +112,23 @@ class HubSpool:
 
     def close(self) -> None:
         """Remove every file and the directory itself; release the lock."""
-        _remove_all(self._fd)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.path)
+        # One listing while publishers and readers create and remove names misses some (half
+        # the shares, measured): again until the directory goes. Once the registrations are
+        # gone publishers send inline, so only writes already under way add files; a
+        # deadline all the same (what stays, the next hub of this root sweeps).
+        deadline = time.monotonic() + _CLOSE_TIMEOUT
+        while True:
+            _remove_all(self._fd)
+            try:
+                os.rmdir(self.path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    logger.warning("left the spool %s behind: %s", self.path, exc)
+                    break
+                time.sleep(0.01)
         os.close(self._fd)
 
     def _sweep_gone_hubs(self, deadline: float) -> None:
@@ -174,6 +193,10 @@ def _sweep(directory: int, deadline: float) -> _Swept:
                 os.unlink(entry.name, dir_fd=directory)
             swept.readers_gone += 1
     swept.live_readers = len(live)
+    # A reader that took its lock after the listing above registers (and gets shares) before
+    # the loops below look: asked again, not taken for a dead one (its registration removed,
+    # every big message of the topic was dropped for it from then on).
+    late = _Late(directory, live)
     inodes: set[int] = set()
     for entry in entries:
         name = entry.name
@@ -184,10 +207,10 @@ def _sweep(directory: int, deadline: float) -> _Swept:
         except OSError:
             continue
         if stat.S_ISDIR(info.st_mode) and name.startswith("t-"):
-            _drop_registrations(directory, name, live)
+            _drop_registrations(directory, name, late)
             continue
         _, dot, reader = name.partition(".")
-        if not stat.S_ISREG(info.st_mode) or (dot and reader not in live):
+        if not stat.S_ISREG(info.st_mode) or (dot and not late.alive(reader)):
             _unlink(directory, name)  # not ours to keep, or the share of a dead reader
         elif info.st_mtime < deadline:
             _unlink(directory, name)
@@ -213,14 +236,28 @@ def _alive(directory: int, lock_name: str) -> bool:
         os.close(fd)
 
 
-def _drop_registrations(directory: int, name: str, live: set[str]) -> None:
+class _Late:
+    """Whether a reader lives: those of the sweep's listing, or asked of its lock file (once)."""
+
+    def __init__(self, directory: int, live: set[str]) -> None:
+        self._directory = directory
+        self._known = dict.fromkeys(live, True)
+
+    def alive(self, reader: str) -> bool:
+        known = self._known.get(reader)
+        if known is None:
+            known = self._known[reader] = _alive(self._directory, reader_lock_name(reader))
+        return known
+
+
+def _drop_registrations(directory: int, name: str, late: _Late) -> None:
     try:
         topic = os.open(name, _DIR_FLAGS, dir_fd=directory)
     except OSError:
         return
     try:
         for entry in os.scandir(topic):
-            if entry.name not in live:
+            if not late.alive(entry.name):
                 _unlink(topic, entry.name)
     finally:
         os.close(topic)

@@ -22,7 +22,7 @@ import stat
 
 from ..exceptions import InsecurePathError
 
-__all__ = ["check_directory", "ensure_private_directory", "open_private_file"]
+__all__ = ["check_ancestors", "check_directory", "ensure_private_directory", "open_private_file"]
 
 
 def ensure_private_directory(path: str) -> None:
@@ -77,6 +77,12 @@ def open_private_file(path: str, flags: int, mode: int = 0o600) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def check_ancestors(path: str) -> None:
+    """Accept ``path`` only if no other user can change what it leads to (``_check_ancestors``):
+    a shared root such as ``/dev/shm`` (root's, sticky) passes, another user's directory not."""
+    _check_ancestors(os.path.abspath(path))
 
 
 def _check_ancestors(path: str, depth: int = 0) -> None:
