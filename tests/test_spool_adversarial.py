@@ -136,3 +136,21 @@ def test_a_hub_that_stops_while_big_messages_flow_leaves_no_spool_behind(
         for reader in readers:
             assert reader is not None
             reader.close()
+
+
+def test_a_hub_making_its_directory_is_not_taken_for_a_gone_one(hub_spool: HubSpool) -> None:
+    """A hub made its directory, then locked it: another hub's sweep in between found it
+    unlocked, took it for a gone hub's and removed it, and the new hub served a deleted
+    directory (its clients sent inline). A hub now makes it under a name of its own, locked,
+    then renames it; such a name is swept only once it is old (a hub that died making it)."""
+    base = os.path.dirname(hub_spool.path)
+    making = os.path.join(base, "making-another")
+    os.mkdir(making, 0o700)
+    hub_spool._next_sweep = 0.0
+    hub_spool.sweep()
+    assert os.path.isdir(making), "a directory being made was swept"
+    os.utime(making, (0, 0))  # left by a hub that died making it
+    hub_spool._next_sweep = 0.0
+    hub_spool.sweep()
+    assert not os.path.exists(making)
+    assert sorted(os.listdir(base)) == [os.path.basename(hub_spool.path)]

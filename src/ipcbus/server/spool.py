@@ -35,6 +35,10 @@ __all__ = ["HubSpool", "SpoolStatistics"]
 
 logger = logging.getLogger(__name__)
 
+# A hub's directory while it is made (see create()); one left by a hub that died then is
+# swept once it is this old.
+_MAKING = "making-"
+_MAKING_GRACE = 60.0
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # How long a stopping hub keeps removing what publishers still write into its spool.
 _CLOSE_TIMEOUT = 2.0
@@ -77,12 +81,16 @@ class HubSpool:
             # user's, our directory could be swapped for one of theirs while we serve.
             check_ancestors(base)
             ensure_private_directory(base)
-            os.mkdir(path, 0o700)
-            fd = os.open(path, _DIR_FLAGS)
+            # Made and locked under a name of its own, then renamed: another hub's sweep
+            # never sees it unlocked under a hub's name (it would take it for a gone hub's).
+            making = os.path.join(base, f"{_MAKING}{hub_id}")
+            os.mkdir(making, 0o700)
+            fd = os.open(making, _DIR_FLAGS)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(making, path)
         except (InsecurePathError, OSError) as exc:
             logger.warning("serving without a spool: big payloads go inline, encrypted (%s)", exc)
             return None
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a directory new to us: nobody else holds it
         logger.info("big payloads wait in %s (at most %.0f s)", path, linger)
         return cls(path, fd, linger)
 
@@ -141,6 +149,8 @@ class HubSpool:
                 if entry.name == os.path.basename(self.path):
                     continue
                 try:
+                    if entry.name.startswith(_MAKING) and _younger(entry, _MAKING_GRACE):
+                        continue  # a hub making its directory (it renames it next)
                     fd = os.open(entry.name, _DIR_FLAGS, dir_fd=base)
                 except OSError:  # not a directory (or a symlink): not ours to touch
                     continue
@@ -285,3 +295,7 @@ def _remove_all(directory: int) -> None:
 def _unlink(directory: int, name: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(name, dir_fd=directory)
+
+
+def _younger(entry: os.DirEntry[str], seconds: float) -> bool:
+    return time.time() - entry.stat(follow_symlinks=False).st_mtime < seconds
