@@ -17,15 +17,15 @@ from dataclasses import asdict
 from typing import cast
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from ..config import HubOptions
 from ..exceptions import HubAddressError, HubUnavailableError, InsecurePathError
 from ..wire import protocol as wire
 from ..wire.address import Address, endpoint_file
-from ..wire.keys import USERNAME, admits, load_or_create_secret, serve_securely
+from ..wire.keys import load_or_create_secret
 from ..wire.sockets import recv_frames
 from ..wire.statistics import HubStatistics
+from .binding import answer_zap, bind_sockets, read_monitor, watch_handshakes
 from .claim import AddressClaim
 from .control import ControlPlane, send_reply
 from .fanout import Fanout
@@ -172,34 +172,13 @@ class Relay:
                 # A previous hub served here: give its clients restart_grace s to reconnect
                 # their SUB sockets before the backlog their publishers held is relayed.
                 self._accept_after = time.monotonic() + options.restart_grace
-            # The ZAP handler must be bound before any socket that uses it.
-            zap = context.socket(zmq.REP)
-            sockets.append(zap)
-            zap.linger = 0
-            zap.bind("inproc://zeromq.zap.01")
-            control = context.socket(zmq.ROUTER)
-            data = context.socket(zmq.ROUTER)
-            xpub = context.socket(zmq.XPUB)
-            sockets += [control, data, xpub]
-            for server in (control, data, xpub):
-                server.linger = 0
-                serve_securely(server, secret)
-                server.setsockopt(zmq.HANDSHAKE_IVL, int(options.handshake_timeout * 1000))
-                server.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
-            for router in (control, data):
-                router.rcvhwm = router.sndhwm = options.hwm
-                router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable peer raises
-            xpub.sndhwm = options.hwm
-            xpub.setsockopt(zmq.XPUB_NODROP, 1)
-            for server, endpoint in (
-                (control, self.endpoint),
-                (data, self.in_endpoint),
-                (xpub, self.pub_endpoint),
-            ):
-                try:
-                    server.bind(endpoint)
-                except zmq.ZMQError as exc:  # a port in use, an address not of this host
-                    raise HubAddressError(f"cannot serve at {endpoint}: {exc}") from exc
+            zap, control, data, xpub = bind_sockets(
+                context,
+                sockets,
+                options,
+                secret,
+                (self.endpoint, self.in_endpoint, self.pub_endpoint),
+            )
             self.in_endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)
             self.pub_endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
             claim.bound()
@@ -207,21 +186,9 @@ class Relay:
             self._fanout = Fanout(xpub, options.stall_timeout)
             if self.journal is not None:  # broadcast counts go on across a crash
                 self.journal.count_for(self._fanout)
-            # Peers that fail the handshake before the ZAP handler is asked (wrong mechanism,
-            # garbage instead of ZMTP) are counted from the sockets' monitors.
-            # The control socket's disconnections too: a client process that died (kill -9,
-            # an unhandled SIGTERM) is found at once by probing, not at its heartbeat timeout.
-            failed = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            # On tcp, accepted connections are counted until they prove the key (preauth).
-            tcp = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED if self.address.is_tcp else 0
-            monitors = []
-            for server in (control, data, xpub):
-                events = failed | tcp | (zmq.EVENT_DISCONNECTED if server is control else 0)
-                monitor = server.get_monitor_socket(events)
-                monitors.append(monitor)
-                if tcp:
-                    port = int(server.getsockopt_string(zmq.LAST_ENDPOINT).rpartition(":")[2])
-                    self._pending[monitor] = PendingHandshakes(options.max_pending_handshakes, port)
+            monitors = watch_handshakes(
+                (control, data, xpub), self.address.is_tcp, options, self._pending
+            )
             sockets += monitors
             self._control_monitor = monitors[0]
             if self.address.is_tcp:
@@ -338,40 +305,11 @@ class Relay:
                 self.spool.sweep()  # files older than spool_linger (once a period)
 
     def _authenticate(self, zap: Socket, secret: bytes) -> None:
-        """Answer ZAP requests: the handshake of every connection to every hub socket."""
-        for _ in range(_BURST):
-            try:
-                request = zap.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            version, request_id, _domain, _address, _identity, mechanism, *credentials = request
-            allowed = admits(secret, mechanism, credentials)
-            if not allowed:
-                self._auth_rejected += 1
-                logger.warning("refused a connection that did not prove the bus secret")
-            status = (b"200", b"OK") if allowed else (b"400", b"no valid bus secret")
-            zap.send_multipart([version, request_id, *status, USERNAME if allowed else b"", b""])
+        self._auth_rejected += answer_zap(zap, secret)
 
     def _count_failed_handshakes(self, monitor: Socket) -> None:
-        pending = self._pending.get(monitor)
-        for _ in range(_BURST):
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            kind, value = event["event"], int(event["value"])
-            if kind == zmq.EVENT_ACCEPTED:
-                if pending is not None:
-                    pending.accepted(value)
-            elif kind == zmq.EVENT_DISCONNECTED:
-                if pending is not None:
-                    pending.closed(value)
-                if monitor is self._control_monitor:
-                    self.control_plane.probe_soon()
-            else:
-                self._auth_rejected += 1
-        if pending is not None:
-            pending.enforce()
+        on_disconnect = self.control_plane.probe_soon if monitor is self._control_monitor else None
+        self._auth_rejected += read_monitor(monitor, self._pending.get(monitor), on_disconnect)
 
     def _read(
         self,
