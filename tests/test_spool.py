@@ -19,6 +19,7 @@ import os
 import pickle
 import resource
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -326,18 +327,22 @@ def test_a_spool_write_that_fails_sends_the_payload_inline(
         assert _files(spool_root) == [f for f in _files(spool_root) if "/t-" in f]
 
 
+def _assert_no_spool_and_inline(hub: Hub, reader: Reader, seq: int) -> None:
+    """The hub has no spool, and a big message reaches the reader all the same (inline)."""
+    with HubBroker(hub.address) as publisher:
+        publisher.publish(_blob(seq))
+        publisher.flush(TIMEOUT)
+        assert reader.take(1)[0][0] == seq
+        assert publisher.spool.directory == ""
+        assert hub.statistics().spool == {}
+    reader.close()
+
+
 def test_a_tcp_hub_has_no_spool(readers: Callable[..., Reader]) -> None:
     address = f"tcp://127.0.0.1:{free_tcp_port()}"
     try:
         with Hub(address, start_method="fork") as hub:
-            reader = readers(hub.address)
-            with HubBroker(hub.address) as publisher:
-                publisher.publish(_blob(1))
-                publisher.flush(TIMEOUT)
-                assert reader.take(1)[0][0] == 1
-                assert publisher.spool.directory == ""
-                assert hub.statistics().spool == {}
-            reader.close()
+            _assert_no_spool_and_inline(hub, readers(hub.address), 1)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(Address.parse(address).key_file)
@@ -408,13 +413,7 @@ def test_a_spool_directory_another_user_made_first_is_not_used(
             looked_at = target
         assert set(outcomes) == {"ok"}, outcomes
         with Hub(f"ipc://{tmp_path}/hub", start_method="fork", spool=root) as hub:
-            reader = readers(hub.address)
-            with HubBroker(hub.address) as publisher:
-                publisher.publish(_blob(5))
-                publisher.flush(TIMEOUT)
-                assert reader.take(1)[0][0] == 5
-                assert publisher.spool.directory == ""
-                assert hub.statistics().spool == {}
+            _assert_no_spool_and_inline(hub, readers(hub.address), 5)
         assert os.listdir(looked_at) == [], "the hub put a file in the attacker's directory"
     finally:
         attacker.close()
@@ -459,3 +458,53 @@ def test_another_user_can_neither_read_nor_plant_what_waits_in_the_spool(
             assert reader.take(1)[0][0] == 9
     finally:
         attacker.close()
+
+
+@pytest.fixture
+def small_spool_root() -> Iterator[str]:
+    """A spool root on a tmpfs of its own, 16 MiB: room runs out after a few big messages. Needs
+    the right to mount (root, as the attacker tests need)."""
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root to mount a small tmpfs (running as uid {os.geteuid()})")
+    root = tempfile.mkdtemp(prefix="ipcbus-small-spool-")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=1777", "tmpfs", root],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        os.rmdir(root)
+        pytest.fail(f"cannot mount a tmpfs as root: {mounted.stderr.strip()}")
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", root], check=True)
+        os.rmdir(root)
+
+
+def test_a_spool_short_of_room_sends_inline_and_loses_nothing(
+    tmp_path: Any, small_spool_root: str, readers: Callable[..., Reader]
+) -> None:
+    """A stopped subscriber holds its shares; once less than a quarter of the spool's file
+    system is free, publishers go inline (counted), and every message arrives when it resumes."""
+    address = f"ipc://{tmp_path}/hub"
+    with Hub(address, start_method="fork", spool=small_spool_root) as hub:
+        reader = readers(hub.address)
+        blobs = [_blob(seq) for seq in range(6)]  # 5 MiB each: 30 MiB for a 16 MiB spool
+        with HubBroker(hub.address) as publisher:
+            os.kill(reader.process.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+            try:
+                for blob in blobs:
+                    publisher.publish(blob)
+                publisher.flush(TIMEOUT)
+                stored, inline = publisher.spool.stored, publisher.spool.inline
+            finally:
+                os.kill(reader.process.pid, signal.SIGCONT)  # type: ignore[arg-type]
+            assert reader.take(6) == [_expected(blob) for blob in blobs]
+            spool, undecodable = reader.report()
+        assert stored > 0
+        assert inline > 0
+        assert stored + inline == 18
+        assert (spool.read, spool.missing, undecodable) == (stored, 0, 0)
+        reader.close()

@@ -234,11 +234,17 @@ class Spool:
             return []
 
     def _room_for(self, size: int) -> bool:
+        """A quarter of the file system stays free after ``size`` more bytes, and a quarter of
+        the machine's memory: ``/dev/shm`` is often the size of the memory itself, and what
+        waits there for a stopped subscriber is memory."""
         try:
             fs = os.statvfs(self.path)
         except OSError:
             return False
-        return (fs.f_bavail * fs.f_frsize - size) >= fs.f_blocks * fs.f_frsize * _FREE_SHARE
+        if (fs.f_bavail * fs.f_frsize - size) < fs.f_blocks * fs.f_frsize * _FREE_SHARE:
+            return False
+        memory = _memory()
+        return memory is None or memory[1] - size >= memory[0] * _FREE_SHARE
 
     def _write(self, position: int, buffer: Any, readers: list[str]) -> SpoolEntry:
         """The buffer in a new file, linked once per reader; the file's own name is gone."""
@@ -355,3 +361,20 @@ def _nbytes(frame: Any) -> int:
         return len(frame)
     with memoryview(frame) as view:
         return view.nbytes
+
+
+def _memory() -> tuple[int, int] | None:
+    """The machine's total and available memory in bytes (Linux), else ``None``."""
+    try:
+        with open("/proc/meminfo", "rb") as file:
+            text = file.read(4096)
+    except OSError:
+        return None
+    found: dict[bytes, int] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(b":")
+        if name in (b"MemTotal", b"MemAvailable"):
+            found[name] = int(rest.split()[0]) * 1024
+    if len(found) != 2:
+        return None
+    return found[b"MemTotal"], found[b"MemAvailable"]
