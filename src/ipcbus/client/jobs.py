@@ -12,7 +12,7 @@ from ..core.contract import Subscription
 from ..message import Message
 from ..wire import protocol as wire
 
-__all__ = ["Job"]
+__all__ = ["Job", "ok"]
 
 
 @dataclass(eq=False, slots=True)
@@ -79,3 +79,8 @@ class Job:
             found.append(payloads[offset : offset + size])
             offset += size
         return found
+
+
+def ok(stream: bytes, first: int, last: int) -> wire.Ack:
+    """The ack of deliveries ``first`` to ``last`` of a stream that ran without fault."""
+    return wire.Ack(stream, first, last, wire.OUTCOME_OK)

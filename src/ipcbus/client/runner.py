@@ -36,15 +36,15 @@ import time
 from collections.abc import Callable
 
 from ..core.contract import AsyncMessageContext, Subscription
-from ..core.handlers import call_to_completion, is_cancellation
-from ..core.loops import run_loop_forever
+from ..core.handlers import call_to_completion
 from ..core.requests import Failure, ReplyTo
 from ..core.requests import answer as answer_request
 from ..core.retry import after_failure, describe_error, publish_dead_letter
 from ..message import Message
 from ..wire import protocol as wire
 from .acks import AckBuffer
-from .jobs import Job
+from .jobs import Job, ok
+from .runner_loop import CoroutineRuns
 from .threads import OnDeath, start_thread
 
 __all__ = ["QueueRunner"]
@@ -61,7 +61,7 @@ _ACK_EVERY = 0.001
 _SLOW_HANDLER = 0.0001
 
 
-class QueueRunner:
+class QueueRunner(CoroutineRuns):
     def __init__(
         self,
         lookup: Callable[[bytes], Subscription | None],
@@ -336,14 +336,14 @@ class QueueRunner:
                     answer = wire.Ack(stream, first_seq + index, first_seq + index, _REJECTED)
             if answer is not None:
                 if ok_from < index:
-                    answers.append(_ok(stream, first_seq + ok_from, first_seq + index - 1))
+                    answers.append(ok(stream, first_seq + ok_from, first_seq + index - 1))
                 answers.append(answer)
                 ok_from = index + 1
             index += 1
             if index < job.end and (now := time.monotonic()) - mark >= _ACK_EVERY:
                 # A long run: ack what is done (the hub gets credit back as it goes)...
                 if ok_from < index:
-                    answers.append(_ok(stream, first_seq + ok_from, first_seq + index - 1))
+                    answers.append(ok(stream, first_seq + ok_from, first_seq + index - 1))
                     ok_from = index
                 self._acks.extend(answers)
                 answers = []
@@ -355,63 +355,8 @@ class QueueRunner:
                     self._jobs.put(job.part(index + (job.end - index) // 2))
                 mark, since = now, index
         if ok_from < index:  # stopped (closed) before the end: the rest goes back to the hub
-            answers.append(_ok(stream, first_seq + ok_from, first_seq + index - 1))
+            answers.append(ok(stream, first_seq + ok_from, first_seq + index - 1))
         self._acks.extend(answers)
-
-    # -- coroutine functions: the event loop --------------------------------------------------
-
-    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None:
-                loop = self._loop = asyncio.new_event_loop()
-                self._loop_thread = start_thread(
-                    "ipcbus-queue-loop",
-                    lambda: run_loop_forever(loop),
-                    self._on_death,
-                    handlers=True,
-                )
-            return self._loop
-
-    def _start_tasks(self, deliveries: list[tuple[Job, int, bytes]]) -> None:
-        loop = asyncio.get_running_loop()
-        for job, index, payload in deliveries:
-            task = loop.create_task(self._run_coroutine(job, index, payload))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _run_coroutine(self, job: Job, index: int, payload: bytes) -> None:
-        try:
-            prepared = self._prepare(job, index, payload)
-            if isinstance(prepared, wire.Ack):
-                self._acks.add(prepared)
-                return
-            message, context = prepared
-            AsyncMessageContext._current.set(context)  # this task's own context
-            seq = job.run.first_seq + index
-            try:
-                result = await job.subscription.handler(message)
-            except BaseException as exc:
-                if is_cancellation(exc):
-                    raise  # the loop stops (close): the hub gets the delivery back
-                # A failed attempt (module docstring). Let through, SystemExit would stop the
-                # loop (asyncio re-raises it from run_forever) and a CancelledError the handler
-                # raised itself would leave the delivery unacked.
-                self._acks.add(self._failed(job, index, message, context, exc))
-            else:
-                self._answer(job, result)
-                self._acks.add(_ok(job.run.stream, seq, seq))
-        except Exception:
-            logger.exception("ipcbus could not run a queue delivery")
-        finally:
-            self._done(1, coroutine=True)
-            # The acks of one loop turn travel together: one wake-up of the I/O thread.
-            if not self._acks.flush_scheduled:
-                self._acks.flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self.flush_acks)
 
 
 _REJECTED = wire.OUTCOME_REJECTED
-
-
-def _ok(stream: bytes, first: int, last: int) -> wire.Ack:
-    return wire.Ack(stream, first, last, wire.OUTCOME_OK)

@@ -15,7 +15,6 @@ from typing import Any
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from ..core.contract import Subscription, close_at_exit
-from ..core.requests import Failure
 from ..core.routing import RouteTable
 from ..exceptions import (
     BrokerClosedError,
@@ -28,10 +27,10 @@ from ..exceptions import (
 from ..message import Message, get_unique_name_for_message
 from .connection import NatsConnection
 from .dispatch import Dispatcher, Inbox
-from .envelope import ERROR_CODEC, Envelope, Signer, encode_message, encode_object, seal
+from .envelope import Envelope, Signer, encode_message, seal
 from .groups import FETCH_WAIT, GroupConsumer, running_queue_handler
 from .queue_side import NatsQueueGroups, stop_all
-from .requests import PendingRequests
+from .requests import PendingRequests, answer_payload
 from .signing import check_secret, default_key_file, load_or_create_secret
 from .statistics import Counters, NatsStatistics
 from .streams import Streams
@@ -270,23 +269,10 @@ class NatsBroker(NatsQueueGroups):
 
     def _answer(self, envelope: Envelope, result: Any, exc: BaseException | None) -> None:
         """Send a handler's answer to a request (dispatcher thread, handler loop)."""
-        error = ""
-        if exc is not None:
-            failure = Failure.of(exc)
-            codec, payload, error = (
-                ERROR_CODEC,
-                failure.remote_message.encode(),
-                failure.remote_type,
-            )
-        elif isinstance(result, Message):
-            try:
-                codec, payload = encode_object(result)
-            except PubSubError as failure:
-                logger.error("cannot answer a request with %r: %s", result, failure)
-                codec, payload = ERROR_CODEC, str(failure).encode()
-                error = "ipcbus.exceptions.MessageSerializationError"
-        else:
-            return
+        answer = answer_payload(result, exc)
+        if answer is None:
+            return  # it returned no Message: no answer
+        codec, payload, error = answer
         if self._closed and _pid() != self._owner:
             return
         message_id = f"{self._id_prefix}{next(self._ids)}"

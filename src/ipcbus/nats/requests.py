@@ -9,15 +9,22 @@ responders) and answers after the requester gave up are dropped and counted
 
 from __future__ import annotations
 
+import logging
 import threading
 from itertools import count
+from typing import Any
 
 from nats.aio.msg import Msg
 
-from .envelope import Envelope, Signer, open_envelope
+from ..core.requests import Failure
+from ..exceptions import PubSubError
+from ..message import Message
+from .envelope import ERROR_CODEC, Envelope, Signer, encode_object, open_envelope
 from .statistics import Counters
 
-__all__ = ["PendingRequests"]
+__all__ = ["PendingRequests", "answer_payload"]
+
+logger = logging.getLogger("ipcbus.nats.broker")
 
 
 class _Waiting:
@@ -80,3 +87,20 @@ class PendingRequests:
         for each in waiting:
             each.closed = True
             each.done.set()
+
+
+def answer_payload(result: Any, exc: BaseException | None) -> tuple[str, bytes, str] | None:
+    """What a request's answer carries: ``(codec, payload, error)`` for the handler's failure or
+    the ``Message`` it returned (one that cannot be serialised answers as a failure); ``None``
+    when it returned anything else (no answer)."""
+    if exc is not None:
+        failure = Failure.of(exc)
+        return ERROR_CODEC, failure.remote_message.encode(), failure.remote_type
+    if not isinstance(result, Message):
+        return None
+    try:
+        codec, payload = encode_object(result)
+    except PubSubError as failure:
+        logger.error("cannot answer a request with %r: %s", result, failure)
+        return ERROR_CODEC, str(failure).encode(), "ipcbus.exceptions.MessageSerializationError"
+    return codec, payload, ""

@@ -1,10 +1,13 @@
 """The hub's sockets (hub process): made, secured, bound and watched for the serving loop
 (``relay.py``), and the answers to every handshake: the ZAP handler's, and the failures and
-disconnections the monitors report."""
+disconnections the monitors report. Also what a hub binds besides: a port picked for
+``tcp://host:0``, the metrics server, the socket files' mode."""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 
 import zmq
@@ -12,10 +15,20 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..config import HubOptions
 from ..exceptions import HubAddressError
+from ..wire.address import Address, endpoint_file
 from ..wire.keys import USERNAME, admits, serve_securely
+from .metrics import HubMetrics
 from .preauth import PendingHandshakes
 
-__all__ = ["answer_zap", "bind_sockets", "read_monitor", "watch_handshakes"]
+__all__ = [
+    "answer_zap",
+    "bind_sockets",
+    "read_monitor",
+    "restrict_ipc_files",
+    "serve_metrics",
+    "watch_handshakes",
+    "with_picked_port",
+]
 
 logger = logging.getLogger("ipcbus.server.relay")
 
@@ -140,3 +153,32 @@ def read_monitor(
     if pending is not None:
         pending.enforce()
     return failed
+
+
+def with_picked_port(address: Address) -> Address:
+    """``tcp://host:0``: the address with a port the system gives now. Its key file and lock are
+    named after the port, so the port must be known before them; another process could take it
+    before the bind (then the hub fails to start, saying so)."""
+    host = address.host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port = int(probe.getsockname()[1])
+    picked = address.with_port(port)
+    logger.info("serving at %s (port %d picked by the system)", picked, port)
+    return picked
+
+
+def serve_metrics(host: str, port: int) -> HubMetrics:
+    try:
+        return HubMetrics(host, port)
+    except OSError as exc:  # the port is taken, the host is not of this machine
+        raise HubAddressError(f"cannot serve metrics at {host}:{port}: {exc}") from exc
+
+
+def restrict_ipc_files(*endpoints: str) -> None:
+    """Sockets 0600: only this user may connect (docs/security.md). tcp endpoints have none."""
+    for endpoint in endpoints:
+        path = endpoint_file(endpoint)
+        if path is not None:
+            os.chmod(path, 0o600)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -20,6 +19,7 @@ from .clients import ClientDirectory
 from .groups_file import GroupsFile
 from .queue_admin import QueueAdmin
 from .queues import Delivery, QueueBook
+from .sending import send_reply, send_to_each
 
 __all__ = ["ControlPlane"]
 
@@ -320,11 +320,11 @@ class ControlPlane:
             )
         if self._full_pending:
             topics = sorted(self.book.full_topics)
-            self._send_pending(
+            send_to_each(
                 control, self._full_pending, lambda c: wire.full(c, self._full_version, topics)
             )
         if self._lossy_pending:
-            self._send_pending(control, self._lossy_pending, wire.lossy)
+            send_to_each(control, self._lossy_pending, wire.lossy)
         if now >= self._next_check:
             self._next_check = now + min(self.heartbeat_interval, 0.1)
             silent_since = now - self.heartbeat_timeout
@@ -356,21 +356,6 @@ class ControlPlane:
             else:
                 still_waiting.append((identity, answer, version, deadline))
         self._waiting = still_waiting
-
-    @staticmethod
-    def _send_pending(
-        control: Socket, pending: set[bytes], build: Callable[[bytes], list[bytes]]
-    ) -> None:
-        """Tell each client in ``pending`` what ``build`` says; one whose pipe is full stays
-        pending for the next turn (an announcement lost would leave it with a stale view)."""
-        for identity in list(pending):
-            try:
-                control.send_multipart(build(identity), zmq.NOBLOCK)
-            except zmq.Again:
-                continue
-            except zmq.ZMQError as exc:  # EHOSTUNREACH: gone, the heartbeats will tell
-                logger.debug("announcement to %r dropped: %s", identity, exc)
-            pending.discard(identity)
 
     def _deliver(self, control: Socket, deliveries: list[Delivery]) -> None:
         """Send each client its runs of this turn as one message (4 frames each)."""
@@ -404,12 +389,3 @@ class ControlPlane:
     @staticmethod
     def _send(control: Socket, frames: list[bytes]) -> None:
         send_reply(control, frames)
-
-
-def send_reply(router: Socket, frames: list[bytes]) -> None:
-    """Send ``[identity, header, *body]`` without waiting: a peer that left (EHOSTUNREACH) or
-    reads nothing (EAGAIN) is not waiting for it."""
-    try:
-        router.send_multipart(frames, zmq.NOBLOCK)
-    except zmq.ZMQError as exc:
-        logger.debug("reply to %r dropped: %s", frames[0], exc)

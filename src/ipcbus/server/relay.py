@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,17 +20,26 @@ import zmq
 from ..config import HubOptions
 from ..exceptions import HubAddressError, HubUnavailableError, InsecurePathError
 from ..wire import protocol as wire
-from ..wire.address import Address, endpoint_file
+from ..wire.address import Address
 from ..wire.keys import load_or_create_secret
 from ..wire.sockets import recv_frames
 from ..wire.statistics import HubStatistics
-from .binding import answer_zap, bind_sockets, read_monitor, watch_handshakes
+from .binding import (
+    answer_zap,
+    bind_sockets,
+    read_monitor,
+    restrict_ipc_files,
+    serve_metrics,
+    watch_handshakes,
+    with_picked_port,
+)
 from .claim import AddressClaim
-from .control import ControlPlane, send_reply
+from .control import ControlPlane
 from .fanout import Fanout
 from .journal import Journal
 from .metrics import HubMetrics
 from .preauth import PendingHandshakes, raise_fd_limit
+from .sending import send_reply
 from .spool import HubSpool
 
 __all__ = ["Relay"]
@@ -182,7 +190,7 @@ class Relay:
             self.in_endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)
             self.pub_endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
             claim.bound()
-            _restrict_ipc_files(*self.endpoints)
+            restrict_ipc_files(*self.endpoints)
             self._fanout = Fanout(xpub, options.stall_timeout)
             if self.journal is not None:  # broadcast counts go on across a crash
                 self.journal.count_for(self._fanout)
@@ -195,7 +203,7 @@ class Relay:
                 before, after = raise_fd_limit()
                 logger.info("open files: soft limit raised from %d to %d", before, after)
             if options.metrics_port is not None:
-                self.metrics = _serve_metrics(options.metrics_host, options.metrics_port)
+                self.metrics = serve_metrics(options.metrics_host, options.metrics_port)
             if ready is not None:
                 ready()
             self._loop(zap, secret, monitors, control, data, xpub, should_stop, watch_fd)
@@ -212,17 +220,8 @@ class Relay:
             claim.release()
 
     def _pick_port(self) -> None:
-        """``tcp://host:0``: take a port the system gives now. Its key file and lock are named
-        after the port, so the port must be known before them; another process could take it
-        before the bind below (then the hub fails to start, saying so)."""
-        host = self.address.host
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((host, 0))
-            port = int(probe.getsockname()[1])
-        self.address = self.address.with_port(port)
+        self.address = with_picked_port(self.address)
         self.endpoint = str(self.address)
-        logger.info("serving at %s (port %d picked by the system)", self.endpoint, port)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -400,18 +399,3 @@ class Relay:
             send_reply(control, [frames[0].bytes, wire.header(wire.STATS), statistics])
         else:
             self.control_plane.handle(control, frames, (self.in_endpoint, self.pub_endpoint))
-
-
-def _serve_metrics(host: str, port: int) -> HubMetrics:
-    try:
-        return HubMetrics(host, port)
-    except OSError as exc:  # the port is taken, the host is not of this machine
-        raise HubAddressError(f"cannot serve metrics at {host}:{port}: {exc}") from exc
-
-
-def _restrict_ipc_files(*endpoints: str) -> None:
-    """Sockets 0600: only this user may connect (docs/security.md). tcp endpoints have none."""
-    for endpoint in endpoints:
-        path = endpoint_file(endpoint)
-        if path is not None:
-            os.chmod(path, 0o600)
