@@ -170,6 +170,9 @@ class Spool:
     def unregister(self, topic: bytes) -> None:
         with self._guard:
             self._topics.discard(topic)
+        self._remove_registration(topic)
+
+    def _remove_registration(self, topic: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.path, topic_directory_name(topic), self.reader))
 
@@ -180,10 +183,8 @@ class Spool:
         with self._guard:
             topics, self._topics = self._topics, set()
         for topic in topics:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(self.path, topic_directory_name(topic), self.reader))
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(self.path, reader_lock_name(self.reader)))
+            self._remove_registration(topic)
+        self._remove(reader_lock_name(self.reader))
         _locks.discard(self._lock_fd)
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
