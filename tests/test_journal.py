@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,35 @@ def _consumer(
 ) -> None:
     """Queue consumer of Tick in group "jobs": logs ``seq attempt``; a seq below
     ``poison_below`` fails every time (one attempt: dead-lettered at once)."""
+    _consume(address, log_path, poison_below, ready, stop)
+
+
+def _slow_consumer(
+    address: str,
+    log_path: str,
+    ready: multiprocessing.connection.Connection,
+    stop: multiprocessing.connection.Connection,
+) -> None:
+    """As ``_consumer``, each job taking 0.5 ms: a kill "mid-load" comes while jobs remain (two
+    consumers acking at full speed finished 10,000 jobs between two looks of the test)."""
+    _consume(address, log_path, -1, ready, stop, pause=0.0005)
+
+
+def _consume(
+    address: str,
+    log_path: str,
+    poison_below: int,
+    ready: multiprocessing.connection.Connection,
+    stop: multiprocessing.connection.Connection,
+    pause: float = 0.0,
+) -> None:
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def handle(message: Tick) -> None:
         attempt = AsyncMessageContext.current().attempt
         os.write(log, b"%d %d\n" % (message.seq, attempt))
+        if pause:
+            time.sleep(pause)
         if message.seq < poison_below:
             raise ValueError("poison")
 
@@ -126,7 +151,7 @@ def test_a_kill_mid_load_loses_no_job_and_flags_every_duplicate(
     hub = _hub(address, journal)
     try:
         for log in logs:
-            workers.start(_consumer, address, str(log), -1)
+            workers.start(_slow_consumer, address, str(log))
         _publish(address, range(10_000))
         wait_until(lambda: sum(len(_calls(log)) for log in logs) >= 3000, 60)
         _kill(hub)
