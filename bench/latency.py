@@ -12,6 +12,8 @@ over the repetitions, the cases interleaved.
 - **pyzmq REQ/REP**: raw pyzmq over ``ipc://``, the dataclass pickled.
 - **raw relay floor**: the shape of ipcbus without ipcbus: single-threaded raw pyzmq clients,
   a minimal Python relay (DEALER -> ROUTER -> XPUB -> SUB, there and back), no authentication.
+  **raw relay floor + CURVE**: the same with CURVE on every socket, as ipcbus's: what the
+  security model costs the shape (the issue's target is against the floor without it).
 - **nats-py request/reply** through a ``nats-server`` started on a free loopback port.
 - **redis pub/sub ping-pong** through a ``redis-server`` started on a free loopback port.
 
@@ -52,6 +54,7 @@ from latency_peers import (
     per_round_trip,
     ping,
     processes,
+    run_curve_floor,
     run_floor,
     run_nats,
     run_pipe,
@@ -67,6 +70,7 @@ __all__ = ["LatencyRow", "measure", "report"]
 
 IPCBUS = "ipcbus through the hub"
 FLOOR = "raw relay floor"
+CURVE_FLOOR = "raw relay floor + CURVE"
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ CASES: tuple[tuple[str, str | None, Case], ...] = (
     ("multiprocessing.Pipe", None, run_pipe),
     ("pyzmq REQ/REP", None, run_req_rep),
     (FLOOR, None, run_floor),
+    (CURVE_FLOOR, None, run_curve_floor),
     ("nats-py request/reply", "nats", run_nats),
     ("redis pub/sub ping-pong", "redis", run_redis),
 )
@@ -267,6 +272,12 @@ def report(rows: list[LatencyRow], rounds: int, warmup: int, repeat: int) -> boo
             ratio = ours.p50_us / floor.p50_us
             verdict = "met" if ratio <= 1.2 else "NOT met"
             print(f"  target p50 <= 1.2x the raw relay floor: {ratio:.2f}x, {verdict}")
+        curve = next((row for row in rows if row.case == CURVE_FLOOR and row.p50_us), None)
+        if floor is not None and floor.p50_us and curve is not None and curve.p50_us:
+            print(
+                f"  CURVE alone: the floor with it is {curve.p50_us / floor.p50_us:.2f}x the "
+                f"floor without; ipcbus is {ours.p50_us / curve.p50_us:.2f}x the floor with it"
+            )
         verdict = "met" if ours.p99_us <= 1000 else "NOT met"
         print(f"  target p99 <= 1 ms: {ours.p99_us / 1000:.2f} ms, {verdict}")
     # Wall times swing with the machine's load; what each round trip costs barely does.

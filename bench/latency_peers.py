@@ -193,13 +193,20 @@ def run_req_rep(rounds: int, warmup: int, _servers: dict[str, Any]) -> Outcome:
 
 # -- the raw relay floor: DEALER -> ROUTER -> XPUB -> SUB, single-threaded, no auth -----------
 
+# The floor with encryption: the server's key pair, then the clients' (Z85), as ipcbus's sockets
+# use them (CURVE on every socket), so the table shows what the security model costs the shape.
+CurveKeys = tuple[bytes, bytes, bytes, bytes]
 
-def _relay(inbound: str, outbound: str, ready: Any) -> None:
+
+def _relay(inbound: str, outbound: str, ready: Any, keys: CurveKeys | None = None) -> None:
     """The least a Python relay of ipcbus's shape does: read a request, send it on XPUB."""
     context = zmq.Context()
     router, xpub = context.socket(zmq.ROUTER), context.socket(zmq.XPUB)
     for sock in (router, xpub):
         sock.linger = 0
+        if keys is not None:
+            sock.curve_server = True
+            sock.curve_secretkey = keys[1]
     router.bind(inbound)
     xpub.bind(outbound)
     poller = zmq.Poller()
@@ -222,30 +229,39 @@ def _relay(inbound: str, outbound: str, ready: Any) -> None:
 
 
 def _relay_client(
-    context: zmq.Context[Any], inbound: str, outbound: str, topic: bytes
+    context: zmq.Context[Any], inbound: str, outbound: str, topic: bytes, keys: CurveKeys | None
 ) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
     dealer, sub = context.socket(zmq.DEALER), context.socket(zmq.SUB)
     for sock in (dealer, sub):
         sock.linger = 0
+        if keys is not None:
+            sock.curve_serverkey = keys[0]
+            sock.curve_publickey, sock.curve_secretkey = keys[2], keys[3]
     dealer.connect(inbound)
     sub.connect(outbound)
     sub.setsockopt(zmq.SUBSCRIBE, topic)
     return dealer, sub
 
 
-def _relay_echo(inbound: str, outbound: str, ready: Any) -> None:
+def _relay_echo(inbound: str, outbound: str, ready: Any, keys: CurveKeys | None) -> None:
     with zmq.Context() as context:
-        dealer, sub = _relay_client(context, inbound, outbound, b"ping")
+        dealer, sub = _relay_client(context, inbound, outbound, b"ping", keys)
         ready.set()
         while (ping := pickle.loads(sub.recv_multipart()[1])) is not None:
             dealer.send_multipart([b"pong", pickle.dumps(Pong(ping.seq), protocol=5)])
 
 
 def _relay_pinger(
-    inbound: str, outbound: str, watch: list[int], rounds: int, warmup: int, results: Any
+    inbound: str,
+    outbound: str,
+    keys: CurveKeys | None,
+    watch: list[int],
+    rounds: int,
+    warmup: int,
+    results: Any,
 ) -> None:
     with zmq.Context() as context:
-        dealer, sub = _relay_client(context, inbound, outbound, b"pong")
+        dealer, sub = _relay_client(context, inbound, outbound, b"pong", keys)
         # Subscriptions travel asynchronously: ping until the first pong proves both are live.
         while True:
             dealer.send_multipart([b"ping", pickle.dumps(Ping(-1), protocol=5)])
@@ -268,16 +284,26 @@ def _relay_pinger(
 
 
 def run_floor(rounds: int, warmup: int, _servers: dict[str, Any]) -> Outcome:
+    return _run_relay(rounds, warmup, None)
+
+
+def run_curve_floor(rounds: int, warmup: int, _servers: dict[str, Any]) -> Outcome:
+    """The floor with CURVE on its four sockets, as ipcbus's (no ZAP handler: the handshake is
+    done before the timed round trips)."""
+    return _run_relay(rounds, warmup, (*zmq.curve_keypair(), *zmq.curve_keypair()))
+
+
+def _run_relay(rounds: int, warmup: int, keys: CurveKeys | None) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="ipcbus-bench-") as directory:
         inbound, outbound = f"ipc://{directory}/in", f"ipc://{directory}/pub"
         relay_ready, echo_ready = FRESH.Event(), FRESH.Event()
-        relay = FRESH.Process(target=_relay, args=(inbound, outbound, relay_ready))
-        echo = FRESH.Process(target=_relay_echo, args=(inbound, outbound, echo_ready))
+        relay = FRESH.Process(target=_relay, args=(inbound, outbound, relay_ready, keys))
+        echo = FRESH.Process(target=_relay_echo, args=(inbound, outbound, echo_ready, keys))
         with processes(relay, echo):
             if not (relay_ready.wait(DEADLINE) and echo_ready.wait(DEADLINE)):
                 return "the relay or its echo process did not start"
             watch = [relay.pid, echo.pid]
-            return ping(_relay_pinger, (inbound, outbound, watch, rounds, warmup))
+            return ping(_relay_pinger, (inbound, outbound, keys, watch, rounds, warmup))
 
 
 # -- nats-py request/reply through nats-server ----------------------------------------------

@@ -227,8 +227,8 @@ def test_big_fields_leave_as_views_in_batches_below_the_limit() -> None:
         outbox.append(message)
     buffers: list[Any] = []
     while (request := outbox.take()) is not None:
-        _header, _topic, meta, payload, *frames = request
-        _codec, count, _published_at = wire.unpack_meta(meta)
+        head, payload, *frames = request
+        _codec, count, _published_at = wire.unpack_meta(wire.parse_publish_head(head)[1])
         assert len(frames) == count
         assert len(payload) + sum(len(frame) for frame in frames) <= 20 * MiB
         buffers += frames
@@ -258,8 +258,8 @@ def test_a_batch_of_big_fields_carries_about_a_mebibyte(
         outbox.append(message)
     counts = []
     while (request := outbox.take()) is not None:
-        if request[0] == wire.header(wire.PUBLISH):  # not a confirmation the outbox asks for
-            counts.append(wire.unpack_meta(request[2])[1])
+        if wire.parse_data_kind(request[0]) == wire.PUBLISH:  # not a confirmation it asks for
+            counts.append(wire.unpack_meta(wire.parse_publish_head(request[0])[1])[1])
     assert sum(counts) == 30
     assert max(counts) == per_request
 

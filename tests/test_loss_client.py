@@ -238,8 +238,8 @@ def test_out_of_band_buffers_leave_uncopied_in_batches_that_keep_them_out_of_ban
         outbox.append(message)
     frames: list[Any] = []
     while (request := outbox.take()) is not None:
-        _header, _topic, meta, _payload, *buffers = request
-        _codec, count, _published_at = wire.unpack_meta(meta)
+        head, _payload, *buffers = request
+        _codec, count, _published_at = wire.unpack_meta(wire.parse_publish_head(head)[1])
         assert len(buffers) == count <= wire.MAX_BUFFERS
         frames += buffers
     assert rejected == []
@@ -291,8 +291,8 @@ def test_an_oversized_message_among_small_ones_is_rejected_alone_and_encoded_twi
         outbox.append(message)
     sent: list[int] = []
     while (request := outbox.take()) is not None:
-        _header, _topic, meta, payload, *_buffers = request
-        codec_id, _count, _published_at = wire.unpack_meta(meta)
+        head, payload, *_buffers = request
+        codec_id, _count, _published_at = wire.unpack_meta(wire.parse_publish_head(head)[1])
         assert len(payload) <= 64 * 1024
         sent += [message.seq for message in codec.decode_batch(codec_id, [payload], Blob)]
     assert sent == [seq for seq in range(500) if seq != 300]

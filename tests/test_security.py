@@ -72,7 +72,7 @@ class _Canary:
 def _hostile_publish(canary: Path, topic: bytes = TICK_TOPIC) -> list[bytes]:
     """A well-formed PUBLISH of Tick whose payload creates ``canary`` when unpickled."""
     payload = pickle.dumps([_Canary(canary)], protocol=5)
-    return [PUBLISH, topic, _wire.pack_meta(b"P", 1, time.time()), payload]
+    return _wire.publish(topic, _wire.pack_meta(b"P", 1, time.time()), [payload])
 
 
 def _canaries(directory: Path) -> list[Path]:
@@ -358,41 +358,36 @@ def test_peers_without_the_secret_get_nothing_routed_and_nothing_unpickled(
 # Requests on the data endpoint; each is dropped and counted once. A DEALER's frames reach the
 # hub behind the identity frame its ROUTER adds, and MAX_FRAMES counts that frame too.
 MALFORMED_DATA = {
-    "wrong version": [bytes((_wire.VERSION + 1,)) + _wire.PUBLISH, NOBODY_TOPIC, META, b"x"],
-    "version zero": [b"\x00" + _wire.PUBLISH, NOBODY_TOPIC, META, b"x"],
-    "header too long": [PUBLISH + b"!", NOBODY_TOPIC, META, b"x"],
+    "wrong version": [bytes((_wire.VERSION + 1,)) + _wire.PUBLISH + NOBODY_TOPIC + META, b"x"],
+    "version zero": [b"\x00" + _wire.PUBLISH + NOBODY_TOPIC + META, b"x"],
+    "header too long": [_wire.header(_wire.FLUSH) + b"!", b"token"],  # only a PUBLISH's is
     "header too short": [b"\x01"],
     "empty frame": [b""],
     "unknown kind": [_wire.header(b"Z"), b"x"],
     "control kind on data": [_wire.header(_wire.HELLO), b"raw-peer"],
-    "publish without topic": [PUBLISH],
-    "publish without meta": [PUBLISH, NOBODY_TOPIC],
-    "publish without payload": [PUBLISH, NOBODY_TOPIC, META],
-    "topic without terminator": [PUBLISH, TICK_TOPIC[:-1], META, b"x"],
-    "sync topic": [PUBLISH, _wire.SYNC_PREFIX + b"raw:1\x00", META, b"x"],
-    "topic too long": [PUBLISH, b"a" * _wire.MAX_TOPIC_LEN + b"\x00", META, b"x"],
-    "too many frames": [PUBLISH, NOBODY_TOPIC, META, *[b"x"] * (_wire.MAX_FRAMES - 3)],
+    "publish without topic": [PUBLISH, b"x"],
+    "publish without meta": [PUBLISH + NOBODY_TOPIC, b"x"],
+    "publish without payload": [PUBLISH + NOBODY_TOPIC + META],
+    "topic without terminator": [PUBLISH + TICK_TOPIC[:-1], b"x"],
+    "empty topic": [PUBLISH + b"\x00" + META, b"x"],
+    "sync topic": [PUBLISH + _wire.SYNC_PREFIX + b"raw:1\x00" + META, b"x"],
+    "topic too long": [PUBLISH + b"a" * _wire.MAX_TOPIC_LEN + b"\x00" + META, b"x"],
+    "too many frames": [PUBLISH + NOBODY_TOPIC + META, *[b"x"] * (_wire.MAX_FRAMES - 1)],
     # A split batch is two frames, sizes that add up to its payloads, one per message.
-    "split batch in one frame": [PUBLISH, NOBODY_TOPIC, SPLIT_META, b"x"],
-    "split batch in three frames": [PUBLISH, NOBODY_TOPIC, SPLIT_META, b"\x01\0\0\0", b"x", b"y"],
+    "split batch in one frame": [PUBLISH + NOBODY_TOPIC + SPLIT_META, b"x"],
+    "split batch in three frames": [PUBLISH + NOBODY_TOPIC + SPLIT_META, b"\x01\0\0\0", b"x", b"y"],
     "split sizes beyond the payloads": [
-        PUBLISH,
-        NOBODY_TOPIC,
-        SPLIT_META,
+        PUBLISH + NOBODY_TOPIC + SPLIT_META,
         _wire.pack_sizes([2]),
         b"x",
     ],
     "split sizes short of the payloads": [
-        PUBLISH,
-        NOBODY_TOPIC,
-        SPLIT_META,
+        PUBLISH + NOBODY_TOPIC + SPLIT_META,
         _wire.pack_sizes([1]),
         b"xy",
     ],
     "split sizes for more messages than the meta": [
-        PUBLISH,
-        NOBODY_TOPIC,
-        SPLIT_META,
+        PUBLISH + NOBODY_TOPIC + SPLIT_META,
         _wire.pack_sizes([1, 1]),
         b"xy",
     ],
@@ -423,7 +418,7 @@ def test_a_meta_frame_of_the_wrong_size_is_counted_and_dropped(
     peer = AuthenticatedPeer(raw_peers, fresh_hub.address)
     peer.data_sync()
     before = fresh_hub.statistics()
-    peer.data.send_multipart([PUBLISH, NOBODY_TOPIC, meta, b"x"])
+    peer.data.send_multipart([PUBLISH + NOBODY_TOPIC + meta, b"x"])
     peer.data_sync(timeout=2.0)  # the hub answers only if it is still alive
     after = fresh_hub.statistics()
     assert after.malformed_dropped - before.malformed_dropped == 1
@@ -434,12 +429,12 @@ def test_the_largest_legal_request_is_relayed(fresh_hub: Hub, raw_peers: RawPeer
     """The boundary of "too many frames": one frame fewer is a legal batch (a payload, a spool
     index and MAX_BUFFERS out-of-band buffers)."""
     peer = AuthenticatedPeer(raw_peers, fresh_hub.address)
-    payloads = [b"x"] * (_wire.MAX_FRAMES - 4)
+    payloads = [b"x"] * (_wire.MAX_FRAMES - 2)  # the identity, the head
     assert len(payloads) == 2 + _wire.MAX_BUFFERS
     meta = _wire.pack_meta(b"P", len(payloads), time.time())
     peer.data_sync()
     before = fresh_hub.statistics()
-    peer.data.send_multipart([PUBLISH, NOBODY_TOPIC, meta, *payloads])
+    peer.data.send_multipart(_wire.publish(NOBODY_TOPIC, meta, payloads))
     peer.data_sync()
     after = fresh_hub.statistics()
     assert after.malformed_dropped == before.malformed_dropped
@@ -452,7 +447,7 @@ MALFORMED_CONTROL = {
     "header too short": [b"\x01"],
     "empty frame": [b""],
     "unknown kind": [_wire.header(b"Z")],
-    "data kind on control": [PUBLISH, NOBODY_TOPIC, META, b"x"],
+    "data kind on control": [PUBLISH + NOBODY_TOPIC + META, b"x"],
     "ack without deliveries": [_wire.header(_wire.ACK)],
     "ack with five fields": [_wire.header(_wire.ACK), b"s 1 1 ok 0.0"],
     "ack with an empty range": [_wire.header(_wire.ACK), b"s 2 1 ok 0.0 "],
@@ -560,7 +555,7 @@ def test_an_oversized_frame_is_refused(raw_peers: RawPeers, tmp_path: Path) -> N
         big = raw_peers.socket(zmq.DEALER, hub.address + ".in", _secret(hub.address))
         monitor = big.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         try:
-            big.send_multipart([PUBLISH, NOBODY_TOPIC, META, b"x" * 8192])
+            big.send_multipart(_wire.publish(NOBODY_TOPIC, META, [b"x" * 8192]))
             assert monitor.poll(int(REPLY_TIMEOUT * 1000)), "the connection was not dropped"
         finally:
             big.disable_monitor()
@@ -594,10 +589,11 @@ def test_a_replayed_publish_is_just_another_publish(fresh_hub: Hub, raw_peers: R
         barrier = BarrierWaiter(broker)
         broker.publish(Tick(7, source))
         barrier.wait(broker)
-        # Fan-out is [topic, meta, seq, *payload] (see _wire): the hub numbers each batch.
-        topic, meta, _seq, *payload = _receive(capture)
+        # Fan-out is [head, *payload] (see _wire): the hub numbers each batch in its head.
+        head, *payload = _receive(capture)
+        topic, _seq, _publisher, meta = _wire.parse_fanout_head(head)
         assert topic == TICK_TOPIC
-        replayer.data.send_multipart([PUBLISH, topic, meta, *payload])
+        replayer.data.send_multipart(_wire.publish(topic, meta, payload))
         replayer.data_sync()
         barrier.wait(broker)
     assert received == [Tick(7, source), Tick(7, source)]
@@ -692,9 +688,10 @@ def _fuzz_message(rng: random.Random, pool: bytes) -> list[bytes]:
     if rng.random() < 0.25:
         kind = rng.choice(CLIENT_KINDS)
         frames[0] = _wire.header(kind)
-        if kind == _wire.PUBLISH and len(frames) >= 3 and rng.random() < 0.5:
-            # Half of the fuzz's PUBLISHes get a meta of the right size, to reach further.
-            frames[2] = rng.randbytes(13)
+        if kind == _wire.PUBLISH and len(frames) >= 2 and rng.random() < 0.5:
+            # Half of the fuzz's PUBLISHes get a topic and a meta of the right size, to reach
+            # further.
+            frames[0] += rng.choice([NOBODY_TOPIC, frames[1][:40] + b"\x00"]) + rng.randbytes(13)
     return frames
 
 
@@ -702,7 +699,8 @@ def _surely_malformed(frames: list[bytes]) -> bool:
     """Dropped at the frame count or header check, whatever the hub's state."""
     head = frames[0]
     too_many = len(frames) + 1 > _wire.MAX_FRAMES  # + the identity frame
-    return too_many or len(head) != _wire.HEADER_LEN or head[0] != _wire.VERSION
+    long_head = len(head) != _wire.HEADER_LEN and head[: _wire.HEADER_LEN] != PUBLISH
+    return too_many or long_head or len(head) < _wire.HEADER_LEN or head[0] != _wire.VERSION
 
 
 def _fuzz_child(

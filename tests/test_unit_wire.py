@@ -528,8 +528,31 @@ def test_parse_acks_refuses(body: list[bytes]) -> None:
 def test_publish() -> None:
     meta = wire.pack_meta(wire.CODEC_DATACLASS, 2, 1.0)
     frames = wire.publish(TOPIC, meta, [b"payload", b"buffer"])
-    assert wire.parse_kind(frames[0]) == wire.PUBLISH
-    assert frames[1:] == [TOPIC, meta, b"payload", b"buffer"]
+    assert wire.parse_data_kind(frames[0]) == wire.PUBLISH
+    assert wire.parse_publish_head(frames[0]) == (TOPIC, meta)
+    assert frames[1:] == [b"payload", b"buffer"]  # topic and meta ride in the head (version 8)
+
+
+def test_a_flush_is_told_from_a_publish_by_its_head() -> None:
+    assert wire.parse_data_kind(wire.flush(b"t")[0]) == wire.FLUSH
+    with pytest.raises(ValueError):
+        wire.parse_data_kind(wire.header(wire.FLUSH) + b"!")  # only a PUBLISH head is longer
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        wire.header(wire.PUBLISH),  # no topic at all
+        wire.header(wire.PUBLISH) + b"app.Tick",  # no terminator
+        wire.header(wire.PUBLISH) + b"\x00" + wire.pack_meta(b"D", 1, 0),  # an empty name
+        wire.header(wire.PUBLISH) + wire.SYNC_PREFIX + b"raw:1\x00" + wire.pack_meta(b"D", 1, 0),
+        wire.header(wire.PUBLISH) + b"a" * wire.MAX_TOPIC_LEN + b"\x00",
+        wire.header(wire.PUBLISH) + b"\xff\xfe\x00",  # not UTF-8
+    ],
+)
+def test_parse_publish_head_refuses(head: bytes) -> None:
+    with pytest.raises(ValueError):
+        wire.parse_publish_head(head)
 
 
 def test_flush_and_flushed() -> None:
@@ -558,7 +581,9 @@ def test_parse_flushed_is_none_for_anything_else(frames: list[bytes]) -> None:
 def test_fanout_round_trips() -> None:
     meta = wire.pack_meta(wire.CODEC_OBJECTS, 3, 12.5)
     frames = wire.fanout(TOPIC, meta, 42, [b"payload", b"buffer"])
-    assert frames[:2] == [TOPIC, meta]
+    assert len(frames) == 3
+    assert frames[0].startswith(TOPIC)  # the SUB socket's prefix match: the topic first
+    assert wire.parse_fanout_head(frames[0]) == (TOPIC, 42, b"", meta)
     batch = Fanout.parse(frames_of(frames))
     assert (batch.topic, batch.meta, batch.seq) == (TOPIC, (wire.CODEC_OBJECTS, 3, 12.5), 42)
     assert [frame.bytes for frame in batch.payload] == [b"payload", b"buffer"]
@@ -568,11 +593,13 @@ def test_fanout_round_trips() -> None:
     "frames",
     [
         [],
-        [TOPIC],
-        [TOPIC, wire.pack_meta(b"D", 1, 0.0)],
-        [TOPIC, b"short meta", wire.pack_seq(1)],
-        [TOPIC, wire.pack_meta(b"D", 1, 0.0), b"bad seq"],
-        [TOPIC, b"", b""],
+        [wire.fanout_head(TOPIC, 1, b"", wire.pack_meta(b"D", 1, 0.0))],  # no payload
+        [b"no terminator", b"p"],
+        [TOPIC + b"short", b"p"],  # a seq cut short
+        [TOPIC + wire.pack_seq(1), b"p"],  # no publisher length
+        [TOPIC + wire.pack_seq(1) + b"\x05ab", b"p"],  # a publisher longer than the head
+        [wire.fanout_head(TOPIC, 1, b"c", b"short meta"), b"p"],
+        [wire.fanout_head(TOPIC, 1, b"c", b""), b"p"],
     ],
 )
 def test_fanout_parse_refuses(frames: list[bytes]) -> None:
@@ -604,6 +631,8 @@ TOKENS = [
     wire.pack_meta(b"D", 1, 0.0),
     wire.pack_seq(7),
     wire.header(wire.FLUSHED),
+    wire.publish_head(TOPIC, wire.pack_meta(b"D", 1, 0.0)),
+    wire.fanout_head(TOPIC, 7, b"c", wire.pack_meta(b"D", 1, 0.0)),
 ]
 
 PARSERS: dict[str, Callable[[list[bytes]], Any]] = {
@@ -616,6 +645,8 @@ PARSERS: dict[str, Callable[[list[bytes]], Any]] = {
     "acks": wire.parse_acks,
     "flushed": wire.parse_flushed,
     "kind": lambda frames: wire.parse_kind(frames[0]),
+    "data kind": lambda frames: wire.parse_data_kind(frames[0]),
+    "publish head": lambda frames: wire.parse_publish_head(frames[0]),
     "meta": lambda frames: wire.unpack_meta(frames[0]),
     "seq": lambda frames: wire.unpack_seq(frames[0]),
     "topic": lambda frames: wire.check_topic(frames[0]),
@@ -634,6 +665,8 @@ VALID: dict[str, list[bytes]] = {
     ],
     "flushed": wire.flushed(b"id", b"token")[1:],
     "kind": [wire.header(wire.HELLO)],
+    "data kind": [wire.publish_head(TOPIC, wire.pack_meta(b"D", 1, 0.0))],
+    "publish head": [wire.publish_head(TOPIC, wire.pack_meta(b"D", 1, 0.0))],
     "meta": [wire.pack_meta(b"D", 1, 0.0)],
     "seq": [wire.pack_seq(1)],
     "topic": [TOPIC],
@@ -895,5 +928,8 @@ def test_fanout_carries_its_publisher() -> None:
     frames = wire.fanout(TOPIC, wire.pack_meta(b"D", 1, 0.0), 42, [b"p"], b"client-7")
     batch = Fanout.parse(frames_of(frames))
     assert (batch.seq, batch.publisher) == (42, b"client-7")
-    with pytest.raises(ValueError, match="bad seq frame"):
-        wire.unpack_seq_from(wire.pack_seq(1) + b"x" * 256)
+    longest = b"x" * 255  # a ZeroMQ routing id has 1 to 255 bytes
+    head = wire.fanout_head(TOPIC, 1, longest, wire.pack_meta(b"D", 1, 0.0))
+    assert Fanout.parse(frames_of([head, b"p"])).publisher == longest
+    with pytest.raises(ValueError):
+        wire.fanout_head(TOPIC, 1, longest + b"x", wire.pack_meta(b"D", 1, 0.0))

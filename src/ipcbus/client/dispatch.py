@@ -181,21 +181,22 @@ class Dispatcher:
             self._synced(wire.SyncReply.parse(frames))
             return
         # wire.Fanout.parse without its record (~2 µs a batch): the publisher is not needed.
-        topic = wire.unique_name_of(frames[0].bytes)
+        head = frames[0].bytes
+        topic_bytes, seq, _publisher, meta_bytes = wire.parse_fanout_head(head)
+        topic = wire.unique_name_of(topic_bytes)
         subscriptions = self.subscriptions.get(topic)
         if not subscriptions:
             return
-        meta = wire.unpack_meta(frames[1].bytes)
-        seq = wire.unpack_seq_from(frames[2].bytes)[0]
+        meta = wire.unpack_meta(meta_bytes)
         count = meta[1]
         last = self._last_seq.get(topic)
         self._last_seq[topic] = seq
         if last is not None and seq - count > last:
             self._missed(topic, seq - count - last)
-        messages = self._decode(topic, meta, frames[3:])
+        messages = self._decode(topic, meta, frames[1:])
         reply_to = None
-        if len(frames[1]) != wire.META_LEN and self._reply_to is not None:  # a request
-            route = wire.route_of(frames[1].bytes)
+        if len(meta_bytes) != wire.META_LEN and self._reply_to is not None:  # a request
+            route = wire.route_of(meta_bytes)
             if route is not None and route.kind == wire.ROUTE_REQUEST:
                 reply_to = self._reply_to(route)
         for message in messages:

@@ -62,11 +62,10 @@ class ReplyRoute:
     def deliver(self, dispatch: Deliver) -> Deliver:
         """What the I/O thread calls with each fan-out batch: replies are taken here, the rest
         goes on to ``dispatch`` (the dispatcher's inbox)."""
-        topic, size = self.topic, len(self.topic)
+        topic = self.topic
 
         def deliver(frames: list[zmq.Frame]) -> bool:
-            first = frames[0]
-            if len(first) == size and first.bytes == topic:
+            if frames[0].bytes.startswith(topic):
                 self._take(frames)
                 return True
             return dispatch(frames)
@@ -76,15 +75,14 @@ class ReplyRoute:
     def take(self, frames: list[zmq.Frame]) -> bool:
         """The dispatcher, with a batch it read from the SUB socket itself: ``True`` when it
         was a reply, taken here."""
-        first = frames[0]
-        if len(first) == len(self.topic) and first.bytes == self.topic:
+        if frames[0].bytes.startswith(self.topic):
             self._take(frames)
             return True
         return False
 
     def _take(self, frames: list[zmq.Frame]) -> None:  # I/O thread or idle dispatcher
         try:
-            route = wire.route_of(frames[1].bytes)
+            route = wire.route_of(wire.parse_fanout_head(frames[0].bytes)[3])
             if route is None or route.kind == wire.ROUTE_REQUEST:
                 raise ValueError("a batch on the reply topic that is no answer")
         except (ValueError, IndexError) as exc:

@@ -63,6 +63,8 @@ _CODECS = {
 }
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A spooled fan-out batch: [head, payload, index, *buffers].
+_BUFFERS = 3
 
 
 # Readers' lock files open in this process. A forked child inherits their open file
@@ -281,18 +283,17 @@ class Spool:
     # -- subscribing ---------------------------------------------------------------------------
 
     def fill(self, frames: list[Any]) -> list[Any]:
-        """The frames of a spooled fan-out batch (``[topic, meta, seq, payload, index,
-        *buffers]``) with this process's share of each spooled buffer read back, as ``bytes``;
-        a buffer that cannot be read becomes the ``SpoolError`` saying why (decoding the batch
-        raises it)."""
-        buffers = frames[5:]
+        """The frames of a spooled fan-out batch (``[head, payload, index, *buffers]``) with
+        this process's share of each spooled buffer read back, as ``bytes``; a buffer that
+        cannot be read becomes the ``SpoolError`` saying why (decoding the batch raises it)."""
+        buffers = frames[_BUFFERS:]
         try:
-            entries = unpack_spool_index(frames[4].bytes, len(buffers))
+            entries = unpack_spool_index(frames[_BUFFERS - 1].bytes, len(buffers))
         except ValueError as exc:
-            return [*frames[:5], *(SpoolError(str(exc)) for _ in buffers)]
+            return [*frames[:_BUFFERS], *(SpoolError(str(exc)) for _ in buffers)]
         filled = list(frames)
         for entry in entries:
-            filled[5 + entry.position] = self._read(entry)
+            filled[_BUFFERS + entry.position] = self._read(entry)
         return filled
 
     def _read(self, entry: SpoolEntry) -> bytes | SpoolError:
@@ -331,14 +332,20 @@ class Spool:
 
 
 def read_spooled(spool: Spool | None, frames: list[Any]) -> list[Any]:
-    """A fan-out batch as received (``[topic, meta, seq, payload, ...]``), with the buffers
-    of a spooled one read back (``Spool.fill``); any other batch as it is. A process without
-    a share (no spool, ``ipcbus tail``) gets a ``SpoolError`` in their place."""
-    if len(frames) <= 5 or frames[1].bytes[:1] not in wire.SPOOL_CODECS:
+    """A fan-out batch as received (``[head, payload, ...]``), with the buffers of a spooled
+    one read back (``Spool.fill``); any other batch as it is. A process without a share (no
+    spool, ``ipcbus tail``) gets a ``SpoolError`` in their place."""
+    if len(frames) <= _BUFFERS:
+        return frames
+    try:
+        codec = wire.parse_fanout_head(frames[0].bytes)[3][:1]
+    except ValueError:
+        return frames  # whoever parses it next drops it as malformed
+    if codec not in wire.SPOOL_CODECS:
         return frames
     if spool is None:
         why = SpoolError("big payloads in the hub's spool, for the processes subscribed to them")
-        return [*frames[:5], *(why for _ in frames[5:])]
+        return [*frames[:_BUFFERS], *(why for _ in frames[_BUFFERS:])]
     return spool.fill(frames)
 
 

@@ -274,7 +274,7 @@ class Subscriptions:
                 answered = True
                 if len(frames) < 2:
                     continue
-            elif len(frames) > 5:  # out-of-band buffers: a spooled batch reads its files now
+            elif len(frames) > 3:  # out-of-band buffers: a spooled batch reads its files now
                 frames = read_spooled(self.spool, frames)
             return frames, answered
         return None, answered

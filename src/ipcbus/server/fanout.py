@@ -77,7 +77,7 @@ class Fanout:
         return len(self._topic_seq)
 
     def relay(
-        self, topic: bytes, meta: Any, count: int, payload: list[Any], publisher: bytes = b""
+        self, topic: bytes, meta: bytes, count: int, payload: list[Any], publisher: bytes = b""
     ) -> None:
         """Send one batch of ``count`` messages to the topic's subscribers, numbered and with
         its publisher's client id; held if a pipe is full."""

@@ -342,24 +342,25 @@ class Relay:
                 logger.exception("dropped a request the hub could not handle")
 
     def _handle_data(self, data: Socket, fanout: Fanout, frames: list[zmq.Frame]) -> None:
-        identity, kind = frames[0].bytes, wire.parse_kind(frames[1].bytes)
+        identity, head = frames[0].bytes, frames[1].bytes
+        kind = wire.parse_data_kind(head)
         if kind == wire.PUBLISH:
-            if len(frames) < 5:
-                raise ValueError("PUBLISH without topic, meta and payload")
-            topic = wire.check_topic(frames[2].bytes)
-            meta = frames[3].bytes
+            if len(frames) < 3:
+                raise ValueError("PUBLISH without payload")
+            topic, meta = wire.parse_publish_head(head)
             codec, count, _ = wire.unpack_meta(meta)
             split = codec in wire.SPLIT_CODECS
             if split:
-                if len(frames) != 6:
-                    raise ValueError(f"a split batch in {len(frames) - 4} frames, not 2")
+                if len(frames) != 4:
+                    raise ValueError(f"a split batch in {len(frames) - 2} frames, not 2")
                 # The payloads as a view of the received frame: the hub copies no payload
                 # (8 MB messages, issue 12); queue runs are views of it in turn.
-                sizes, payloads = frames[4].bytes, frames[5].buffer
+                sizes, payloads = frames[2].bytes, frames[3].buffer
                 wire.check_split(count, sizes, payloads)
             self._batches += 1
             self._messages += count
-            self._bytes += sum(len(frame) for frame in frames[2:])
+            # Topic, meta and payload: what the hub relays of it.
+            self._bytes += sum(len(frame) for frame in frames[1:]) - wire.HEADER_LEN
             book = self.control_plane.book
             if not book.has_groups(topic) and fanout.topics.get(topic, 0) == 0:
                 self._count_unrouted(topic, count)
@@ -372,7 +373,7 @@ class Relay:
                     # published before the group's first subscribe_async() returned.
                     self._unsplittable += count
                     logger.warning("%d messages of %r reached no queue group", count, topic)
-            fanout.relay(topic, frames[3], count, frames[4:], identity)
+            fanout.relay(topic, meta, count, frames[2:], identity)
         elif kind == wire.FLUSH and len(frames) == 3:
             if self.journal is not None:  # confirmed once what came before is journaled
                 self.journal.answer_later(data, wire.flushed(identity, frames[2].bytes))
