@@ -42,6 +42,7 @@ ROUND_TRIPS = {
     "multiprocessing.Pipe",
     "pyzmq REQ/REP",
     "raw relay floor",
+    "raw relay floor + CURVE",
     "nats-py request/reply",
     "redis pub/sub ping-pong",
 }
