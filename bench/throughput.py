@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from harness import (
@@ -25,7 +26,7 @@ from harness import (
     publish_on_go,
     tick,
 )
-from ipcbus import connect
+from ipcbus import QueueInUseError, connect
 
 MB = 1_000_000
 
@@ -88,13 +89,32 @@ def ipcbus_broadcast(settings: Settings, subscribers: int) -> Outcome:
 
 def ipcbus_queue(settings: Settings, producers: int, consumers: int) -> Outcome:
     address = settings.hub_address
-    return measure(
-        settings,
-        [(_ipcbus_subscriber, (address, "work"))] * consumers,
-        [(_ipcbus_publisher, (address,))] * producers,
-        settings.queue_messages,
-        False,
-    )
+    try:
+        return measure(
+            settings,
+            [(_ipcbus_subscriber, (address, "work"))] * consumers,
+            [(_ipcbus_publisher, (address,))] * producers,
+            settings.queue_messages,
+            False,
+        )
+    finally:
+        _delete_group(address, "work")
+
+
+def _delete_group(address: str, name: str) -> None:
+    """Groups live as long as their hub: one left behind would take a copy of every Tick that
+    later cases of the round broadcast, and hold them (at max_held the type's publishers wait,
+    which a broadcast case took for lost messages)."""
+    with connect(address) as broker:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                broker.delete_queue(_tick_type(), name)
+                return
+            except QueueInUseError:  # the consumers' goodbyes are still on their way
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
 
 # -- multiprocessing.Queue -------------------------------------------------------------------
