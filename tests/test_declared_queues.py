@@ -26,7 +26,7 @@ from ipcbus import (
 from ipcbus.client.admin import request_statistics
 
 from .conftest import queues_idle, wait_until
-from .messages import OrderPlaced, Tick
+from .messages import Blob, OrderPlaced, Tick
 
 pytestmark = [pytest.mark.usefixtures("no_leftovers")]
 
@@ -172,6 +172,70 @@ def test_a_producer_that_starts_before_its_workers_loses_nothing(tmp_path: Path)
                 worker.join(30)
         # Each job once; how they are spread depends on which worker was ready first.
         assert sorted(seen[0] + seen[1]) == list(range(1000))
+
+
+def _blob_worker(address: str, ready: Any, results: Any, stop: Any) -> None:
+    broker = connect(address)
+    seen: list[tuple[int, int]] = []
+    broker.subscribe_async(
+        Blob, lambda m: seen.append((m.seq, int.from_bytes(m.data[:8], "big"))), "work"
+    )
+    ready.release()
+    stop.wait(120)
+    broker.close()
+    results.put(seen)
+
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.hub
+@pytest.mark.forks
+def test_a_group_of_big_jobs_is_bounded_by_its_bytes_and_loses_none(tmp_path: Path) -> None:
+    """4 MiB jobs for a declared group whose workers are not there yet: under the message
+    bound alone (100 000) the hub would hold them until its memory ran out. At max_held_bytes
+    (here 24 MiB) publish() of that type waits and times out (the job is not accepted, and says
+    so); a worker that comes takes every job that was accepted, each once."""
+    address = f"ipc://{tmp_path}/hub"
+    with (
+        Hub(address, start_method="fork", max_held_bytes=24 * MiB) as hub,
+        connect(address) as producer,
+    ):
+        producer.declare_queue(Blob, "work")
+        accepted = 0
+        refused: PublishTimeoutError | None = None
+        for seq in range(40):
+            data = seq.to_bytes(8, "big") + bytes(4 * MiB)  # distinct per job
+            try:
+                producer.publish(Blob(seq, data), timeout=2.0)
+            except PublishTimeoutError as exc:
+                refused = exc
+                break
+            accepted += 1
+            # Each one at the hub before the next: what is already on its way when the hub
+            # says FULL is taken too (up to the outbox's max_pending messages).
+            producer.flush(30)
+        assert refused is not None, "publish() never waited"
+        assert "tests.messages.Blob" in str(refused)
+        held = hub.statistics().queues["tests.messages.Blob/work"]
+        print(f"\n{accepted} jobs of 4 MiB accepted; the group held {held['held_bytes']} B")
+        assert 6 <= accepted <= 8  # full from the 6th on; FULL may pass one more on its way
+        assert held["held"] == accepted
+        assert 24 * MiB <= held["held_bytes"] <= 33 * MiB
+        ready, stop, results = SPAWN.Semaphore(0), SPAWN.Event(), SPAWN.Queue()
+        worker = SPAWN.Process(target=_blob_worker, args=(address, ready, results, stop))
+        worker.start()
+        try:
+            assert ready.acquire(timeout=60)
+            wait_until(lambda: queues_idle(address), 60)
+            producer.publish(Blob(99, bytes(8)), timeout=10)  # open again
+            producer.flush(10)
+            wait_until(lambda: queues_idle(address), 30)
+        finally:
+            stop.set()
+            seen = results.get(timeout=60)
+            worker.join(30)
+    assert sorted(seen) == [(seq, seq) for seq in range(accepted)] + [(99, 0)]
 
 
 @pytest.mark.hub

@@ -695,6 +695,53 @@ def test_a_topic_is_full_at_max_held_and_reopens_at_half() -> None:
     assert book.full_topics == frozenset()
 
 
+def test_a_topic_is_full_at_max_held_bytes_and_reopens_at_half() -> None:
+    """Few messages, big ones: the bytes bound the group (100 000 messages of 8 MB would be
+    800 GB of the hub's memory under the message bound alone)."""
+    book, group = book_with(max_held=1000, max_held_bytes=100)
+    book.enqueue(TOPIC, b"m", [b"a" * 30, b"b" * 30, b"c" * 30])
+    assert not book.update_full()
+    assert group.held_bytes == 90
+    book.enqueue(TOPIC, b"m", [b"d" * 30])
+    assert book.update_full()
+    assert book.full_topics == {TOPIC}
+    book.add_consumer(TOPIC, "workers", A, prefetch=1)
+    (first,) = dispatch(book, now=0.0)  # cut from a run of three: only it leaves
+    assert group.held_bytes == 90
+    assert not book.update_full()  # above half: still full
+    book.settle(failed(first, delay=5.0), now=0.0)  # waits out its retry delay: held again
+    assert group.held_bytes == 120
+    (second,) = dispatch(book, now=0.0)
+    book.settle(ok(second), now=0.0)
+    dispatch(book, now=0.0)  # the rest of the run goes out
+    assert group.held_bytes == 60  # the retry and the last one
+    assert not book.update_full()
+    assert book.statistics()["app.Order/workers"]["held_bytes"] == 60
+    book.remove_client(A[0])  # its delivery comes back to the front
+    assert group.held_bytes == 90
+    consumer = (b"client-c", b"sub-c")
+    book.add_consumer(TOPIC, "workers", consumer, prefetch=1)
+    (taken,) = dispatch(book, now=0.0)
+    book.settle(ok(taken), now=0.0)
+    dispatch(book, now=0.0)
+    assert group.held_bytes == 30  # the retry alone: at most half, open again
+    assert book.update_full()
+    assert book.full_topics == frozenset()
+
+
+def test_a_purge_leaves_no_bytes_held() -> None:
+    book, group = book_with(A, prefetch=1, max_held_bytes=100)
+    book.enqueue(TOPIC, b"m", [b"x" * 40, b"y" * 40, b"z" * 40])
+    (delivered,) = dispatch(book, now=0.0)
+    book.settle(failed(delivered, delay=5.0), now=0.0)  # a retry waiting: held too
+    assert group.held_bytes == 120
+    assert book.update_full()
+    assert group.clear() == 3
+    assert group.held_bytes == 0
+    assert book.update_full()
+    assert book.full_topics == frozenset()
+
+
 def test_no_groups_no_full_topics() -> None:
     book = QueueBook(b"hub", max_held=1)
     assert not book.update_full()
@@ -721,6 +768,7 @@ def test_statistics_and_dead_letters_shapes() -> None:
             "rejected_dropped": 0,
             "consumers": 1,
             "held": 1,
+            "held_bytes": 2,  # the retry waiting: p2
             "in_flight": 1,
             "dead_letters_kept": 1,
         },
@@ -734,6 +782,7 @@ def test_statistics_and_dead_letters_shapes() -> None:
             "rejected_dropped": 0,
             "consumers": 0,
             "held": 0,
+            "held_bytes": 0,
             "in_flight": 0,
             "dead_letters_kept": 0,
         },

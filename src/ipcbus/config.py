@@ -133,10 +133,11 @@ class HubOptions(_Options):
     - ``heartbeat_interval`` / ``heartbeat_timeout``: a client silent for ``heartbeat_timeout``
       seconds is declared gone (its queue deliveries go to other consumers); clients ping every
       ``heartbeat_interval`` seconds and declare a silent hub gone after the same timeout.
-    - ``max_held``: when a queue group holds this many messages (its consumers are slow or
-      gone), the hub tells every client that its topic is full: ``publish()`` of that topic,
-      and of no other, waits (``PublishTimeoutError`` past its timeout) until every group of the
-      topic holds at most half of it again, or the group is deleted (``delete_queue``).
+    - ``max_held`` / ``max_held_bytes``: when a queue group holds this many messages, or their
+      payloads this many bytes (its consumers are slow or gone), the hub tells every client that
+      its topic is full: ``publish()`` of that topic, and of no other, waits
+      (``PublishTimeoutError`` past its timeout) until every group of the topic holds at most
+      half of each again, or the group is deleted (``delete_queue``).
       Messages already on their way are still taken: a group may hold more, at most what its
       publishers had queued (``max_pending`` each) and in their pipes when they learned.
     - ``max_message_size``: a peer that sends a message part (frame) over this many bytes is
@@ -185,6 +186,7 @@ class HubOptions(_Options):
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 3.0
     max_held: int = 100_000
+    max_held_bytes: int = 1024 * 1024 * 1024
     max_message_size: int = 256 * 1024 * 1024
     handshake_timeout: float = 5.0
     drain_timeout: float = 5.0
@@ -213,6 +215,7 @@ class HubOptions(_Options):
             "heartbeat_interval",
             "heartbeat_timeout",
             "max_held",
+            "max_held_bytes",
             "max_message_size",
             "handshake_timeout",
             "stall_timeout",

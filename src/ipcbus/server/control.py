@@ -52,6 +52,7 @@ class ControlPlane:
         heartbeat_timeout: float,
         max_held: int,
         max_message_size: int,
+        max_held_bytes: int = 1024 * 1024 * 1024,
         max_dead_letters: int = 1000,
         max_dead_letter_bytes: int = 64 * 1024 * 1024,
     ) -> None:
@@ -63,6 +64,7 @@ class ControlPlane:
         self.book = QueueBook(
             hub_id,
             max_held=max_held,
+            max_held_bytes=max_held_bytes,
             max_dead=max_dead_letters,
             max_dead_bytes=max_dead_letter_bytes,
         )

@@ -142,11 +142,7 @@ class QueueAdmin:
         return wire.reply(wire.STATUS_OK, {"requeued": len(taken), "missing": missing})
 
     def _purge(self, group: QueueGroup, label: str) -> list[bytes]:
-        purged = group.held
-        group.pending.clear()
-        group.pending_messages = 0
-        group.delayed.clear()
-        group.delayed_messages = 0
+        purged = group.clear()
         key = (group.topic, group.name)
         self._purged[key] = self._purged.get(key, 0) + purged
         if purged and self._book.journal is not None:

@@ -4,7 +4,6 @@ in :mod:`ipcbus.server.queues`; ``QueueBook`` there owns the state below."""
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterator
 
 from ..wire.protocol import OUTCOME_DEAD, OUTCOME_OK, OUTCOME_REJECTED, Ack
@@ -90,8 +89,7 @@ class QueueDispatch:
         else:  # failed: retried after the delay the consumer decided (bounded by the wire)
             group.counts["retried"] += count
             for part in parts:
-                heapq.heappush(group.delayed, (now + ack.retry_delay, next(self._sequence), part))
-                group.delayed_messages += part.count
+                group.delay(now + ack.retry_delay, next(self._sequence), part)
 
     def unsend(self, delivery: Delivery) -> None:
         """A delivery could not be sent after all: back to the front, not an attempt."""
@@ -119,8 +117,7 @@ class QueueDispatch:
         deliveries: list[Delivery] = []
         for group in self._groups.values():
             while group.delayed and group.delayed[0][0] <= now:
-                run = heapq.heappop(group.delayed)[2]
-                group.delayed_messages -= run.count
+                run = group.undelay()
                 group.push_front([run])
             if group.pending and group.consumers:
                 self._dispatch_group(group, deliveries)
@@ -148,8 +145,7 @@ class QueueDispatch:
                 break  # every willing consumer is at its prefetch limit
             take = min(consumer.credit, share)
             if take < run.count:
-                run = run.split_off(take)  # the rest stays first in line
-                group.pending_messages -= take
+                run = group.take_front(take)  # the rest stays first in line
             else:
                 group.pop()
             run.attempt += 1

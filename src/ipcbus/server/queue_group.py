@@ -3,6 +3,7 @@ deliveries they hold, its counts and dead letters. The rules are in :mod:`ipcbus
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -93,6 +94,9 @@ class QueueGroup:
         self.pending_messages = 0
         self.delayed: list[tuple[float, int, Run]] = []  # retries waiting for backoff
         self.delayed_messages = 0
+        # What the held messages' payloads take (views of the frames they came in: a run of a
+        # batch keeps the batch's frame alive, so this is a lower bound of the memory).
+        self.held_bytes = 0
         self.consumers: dict[ConsumerKey, QueueConsumer] = {}
         self.cursor = 0
         self.dead = DeadLetters(max_dead, max_dead_bytes)  # with their payloads, bounded
@@ -117,22 +121,54 @@ class QueueGroup:
     def push(self, run: Run) -> None:
         self.pending.append(run)
         self.pending_messages += run.count
+        self.held_bytes += len(run.payloads)
 
     def push_front(self, runs: list[Run]) -> None:
         """``runs``, in order, before everything held."""
         self.pending.extendleft(reversed(runs))
         self.pending_messages += sum(run.count for run in runs)
+        self.held_bytes += sum(len(run.payloads) for run in runs)
 
     def pop(self) -> Run:
         run = self.pending.popleft()
         self.pending_messages -= run.count
+        self.held_bytes -= len(run.payloads)
         return run
+
+    def take_front(self, count: int) -> Run:
+        """The first ``count`` messages of the first run (fewer than it holds)."""
+        run = self.pending[0].split_off(count)
+        self.pending_messages -= count
+        self.held_bytes -= len(run.payloads)
+        return run
+
+    def delay(self, due: float, order: int, run: Run) -> None:
+        """``run`` waits until ``due`` (a retry's backoff), held all the same."""
+        heapq.heappush(self.delayed, (due, order, run))
+        self.delayed_messages += run.count
+        self.held_bytes += len(run.payloads)
+
+    def undelay(self) -> Run:
+        """The retry due first, no longer waiting."""
+        run = heapq.heappop(self.delayed)[2]
+        self.delayed_messages -= run.count
+        self.held_bytes -= len(run.payloads)
+        return run
+
+    def clear(self) -> int:
+        """Drop everything held (``purge``); how many messages that was."""
+        dropped = self.held
+        self.pending.clear()
+        self.delayed.clear()
+        self.pending_messages = self.delayed_messages = self.held_bytes = 0
+        return dropped
 
     def statistics(self) -> dict[str, int]:
         return {
             **self.counts,
             "consumers": len(self.consumers),
             "held": self.held,
+            "held_bytes": self.held_bytes,
             "in_flight": self.in_flight,
             "dead_letters_kept": len(self.dead),
         }

@@ -34,11 +34,11 @@ Rules (docs/guarantees.md, "Queue groups"):
 - a group lives as long as the hub (and, declared in the hub's groups file, across restarts):
   with no consumer, messages are held; ``delete()`` removes a group without consumers and drops
   what it holds (counted in ``deleted_dropped``);
-- a topic one group of which holds ``max_held`` messages is *full*: publishers of that topic (and
-  only of that topic) are told to wait, until every group of it holds at most half of
-  ``max_held`` again (``update_full``). The hub keeps taking what was already on its way, so a
-  group may hold more than ``max_held``: at most what its publishers had queued and in their
-  pipes when they learned (docs/guarantees.md).
+- a topic one group of which holds ``max_held`` messages, or ``max_held_bytes`` of payloads, is
+  *full*: publishers of that topic (and only of that topic) are told to wait, until every group
+  of it holds at most half of each again (``update_full``). The hub keeps taking what was
+  already on its way, so a group may hold more than ``max_held``: at most what its publishers
+  had queued and in their pipes when they learned (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -74,14 +74,17 @@ class QueueBook(QueueDispatch):
         hub_id: bytes,
         *,
         max_held: int = 100_000,
+        max_held_bytes: int = 1024 * 1024 * 1024,
         max_dead: int = 1000,
         max_dead_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._hub_id = hub_id
         self._max_held = max_held
+        self._max_held_bytes = max_held_bytes
         # A full topic opens again at this many held (hysteresis: not one announcement to every
         # client per message acked at the limit).
         self._low_water = max_held // 2
+        self._low_water_bytes = max_held_bytes // 2
         self._max_dead = max_dead
         self._max_dead_bytes = max_dead_bytes
         self._groups: dict[tuple[bytes, str], QueueGroup] = {}
@@ -200,7 +203,11 @@ class QueueBook(QueueDispatch):
         full = set()
         for topic, groups in self._by_topic.items():
             most = max(group.held for group in groups)
-            if most >= self._max_held or (topic in self.full_topics and most > self._low_water):
+            heaviest = max(group.held_bytes for group in groups)
+            over = most >= self._max_held or heaviest >= self._max_held_bytes
+            # Once full, open again only at half of both (hysteresis).
+            above_half = most > self._low_water or heaviest > self._low_water_bytes
+            if over or (topic in self.full_topics and above_half):
                 full.add(topic)
         if self.journal is not None and self.journal.full:
             full.update(self._by_topic)  # every grouped topic goes to the journal

@@ -86,6 +86,7 @@ class Relay:
             heartbeat_interval=options.heartbeat_interval,
             heartbeat_timeout=options.heartbeat_timeout,
             max_held=options.max_held,
+            max_held_bytes=options.max_held_bytes,
             max_message_size=options.max_message_size,
             max_dead_letters=options.max_dead_letters,
             max_dead_letter_bytes=options.max_dead_letter_bytes,

@@ -150,6 +150,7 @@ class QueueStatistics:
     purged: int
     publish_rate: float
     ack_rate: float
+    held_bytes: int = 0  # the payloads of what is held (a group is full at max_held_bytes)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> QueueStatistics:
