@@ -129,7 +129,8 @@ def _families(statistics: HubStatistics) -> Iterator[Any]:
     )
     yield GaugeMetricFamily(
         _PREFIX + "full_topics",
-        "Topics publishers hold back: a queue group of each holds max_held messages",
+        "Topics publishers hold back: a queue group of each holds max_held messages or "
+        "max_held_bytes",
         value=len(statistics.full_topics),
     )
     for field, (name, text) in _COUNTERS.items():
