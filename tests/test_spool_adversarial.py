@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -60,7 +61,7 @@ def test_a_sweep_never_drops_a_reader_that_registers_while_it_runs(hub_spool: Hu
         stop.set()
         sweeper.join(TIMEOUT)
     try:
-        hub_spool.sweep(now=0.0)  # one more, on its own
+        hub_spool.sweep()  # one more, on its own
         registered = os.listdir(os.path.join(hub_spool.path, topic_directory_name(topic)))
         assert len(registered) == len(readers)
     finally:
@@ -154,3 +155,35 @@ def test_a_hub_making_its_directory_is_not_taken_for_a_gone_one(hub_spool: HubSp
     hub_spool.sweep()
     assert not os.path.exists(making)
     assert sorted(os.listdir(base)) == [os.path.basename(hub_spool.path)]
+
+
+def test_setting_the_wall_clock_expires_nothing_early(spool_root: str) -> None:
+    """Shares expired when their modification time (the wall clock) was spool_linger old: the
+    clock set forward an hour (here: the files' times set an hour back) expired every big
+    message on its way at the next sweep, each dropped by its subscriber. A file's age now
+    counts from the sweep that first saw it, on the monotonic clock."""
+    spool = HubSpool.create(spool_root, "hub", linger=0.5)
+    assert spool is not None
+    reader = Spool.open(spool.path, 1 << 28, "reader")
+    assert reader is not None
+    try:
+        reader.register(b"t\x00")
+        reader.store(b"t\x00", b"D", [b"payload", os.urandom(SPOOL_MIN)])
+        (share,) = [name for name in os.listdir(spool.path) if name.endswith(".reader")]
+        path = os.path.join(spool.path, share)
+        an_hour_ago = time.time() - 3600
+        os.utime(path, (an_hour_ago, an_hour_ago))
+        first = time.monotonic()
+        spool.sweep()
+        assert os.path.exists(path), "expired by the wall clock"
+        while os.path.exists(path) and time.monotonic() - first < TIMEOUT:
+            spool._next_sweep = 0.0
+            spool.sweep()
+            time.sleep(0.01)
+        gone = time.monotonic() - first
+        assert not os.path.exists(path), "never expired"
+        assert gone >= 0.5  # spool_linger after the first look, not before
+        assert spool.statistics().expired == 1
+    finally:
+        reader.close()
+        spool.close()

@@ -178,8 +178,10 @@ class HubOptions(_Options):
       an ``ipc://`` hub makes its spool, ``ipcbus-<uid>/<hub id>``: big out-of-band buffers
       (1 MiB and more) of broadcast batches travel as files there instead of through the
       encrypted sockets. ``None``: no spool, big payloads go inline. tcp hubs have none.
-    - ``spool_linger``: a spool file is removed this many seconds after it was written; a
-      subscriber that reads it later drops its message, counted (docs/guarantees.md).
+    - ``spool_linger``: a spool file is removed this many seconds after the hub first saw it
+      (within 0.5 s of its writing; on the monotonic clock, so setting the wall clock moves
+      nothing); a subscriber that reads it later drops its message, counted
+      (docs/guarantees.md).
     """
 
     hwm: int = 1000

@@ -8,7 +8,9 @@ reads it (``client.spool``, names in ``wire.spool``): the memory is free once al
 hub never opens a buffer. It sweeps every 0.5 s: a reader whose lock is free
 is dead, and its registrations and unread shares go; a share older than ``spool_linger`` goes (its
 reader lags that much: it drops the message, counted); so do half-written files of publishers
-that died, and the directories of hubs that are gone (their flock is free). At stop it removes
+that died, and the directories of hubs that are gone (their flock is free). A file's age is
+counted from the sweep that first saw it, on the monotonic clock (``_Ages``): the wall clock set
+forward does not expire what waits, nor set back keep it. At stop it removes
 its own directory and everything in it.
 
 Another user may have been there first (docs/security.md, "The spool"): ``<root>/ipcbus-<uid>``
@@ -66,6 +68,7 @@ class HubSpool:
         # reader is found, publishers link shares for it that nobody will read.
         self._period = min(0.5, max(0.05, linger / 10))
         self._next_sweep = 0.0
+        self._ages = _Ages()
         self._files = self._bytes = self._expired = self._readers_gone = self._hubs_swept = 0
 
     @classmethod
@@ -104,19 +107,20 @@ class HubSpool:
             self._hubs_swept,
         )
 
-    def sweep(self, now: float | None = None) -> None:
+    def sweep(self) -> None:
         """Remove what is dead or older than ``spool_linger``, here and in gone hubs'
         directories. Cheap to call every loop turn: it works once a period."""
-        monotonic = time.monotonic()
-        if monotonic < self._next_sweep:
+        now = time.monotonic()
+        if now < self._next_sweep:
             return
-        self._next_sweep = monotonic + self._period
-        deadline = (time.time() if now is None else now) - self._linger
-        swept = _sweep(self._fd, deadline)
+        self._next_sweep = now + self._period
+        self._ages.start(now, self._linger)
+        swept = _sweep(self._fd, self._ages)
         self._files, self._bytes = swept.files, swept.bytes
         self._expired += swept.expired
         self._readers_gone += swept.readers_gone
-        self._sweep_gone_hubs(deadline)
+        self._sweep_gone_hubs()
+        self._ages.finish()
 
     def close(self) -> None:
         """Remove every file and the directory itself; release the lock."""
@@ -139,7 +143,7 @@ class HubSpool:
                 time.sleep(0.01)
         os.close(self._fd)
 
-    def _sweep_gone_hubs(self, deadline: float) -> None:
+    def _sweep_gone_hubs(self) -> None:
         try:
             base = os.open(self._base, _DIR_FLAGS)
         except OSError:
@@ -164,7 +168,7 @@ class HubSpool:
                         continue  # its hub serves
                     # Its readers move to the next hub and leave it; until then, shares they
                     # may still read stay (as here, for spool_linger).
-                    swept = _sweep(fd, deadline)
+                    swept = _sweep(fd, self._ages)
                     self._expired += swept.expired
                     if swept.files == 0 and swept.live_readers == 0:
                         _remove_all(fd)
@@ -177,6 +181,29 @@ class HubSpool:
             os.close(base)
 
 
+class _Ages:
+    """How long ago a sweep first saw each file, on the monotonic clock: a file's modification
+    time follows the wall clock, which may be set forward (every share would expire at once)
+    or back (none would for as long). Forgets the files a sweep no longer finds."""
+
+    def __init__(self) -> None:
+        self._first: dict[tuple[int, int, str], float] = {}  # (device, inode, name) -> seen
+        self._found: dict[tuple[int, int, str], float] = {}
+        self._now = 0.0
+        self._linger = 0.0
+
+    def start(self, now: float, linger: float) -> None:
+        self._now, self._linger, self._found = now, linger, {}
+
+    def expired(self, info: os.stat_result, name: str) -> bool:
+        key = (info.st_dev, info.st_ino, name)
+        first = self._found[key] = self._first.get(key, self._now)
+        return self._now - first > self._linger
+
+    def finish(self) -> None:
+        self._first = self._found
+
+
 @dataclass
 class _Swept:
     files: int = 0  # buffers left (distinct files: a buffer's shares are one file)
@@ -186,9 +213,9 @@ class _Swept:
     live_readers: int = 0
 
 
-def _sweep(directory: int, deadline: float) -> _Swept:
+def _sweep(directory: int, ages: _Ages) -> _Swept:
     """One sweep of a spool directory (a descriptor): dead readers, their registrations and
-    shares; shares and files last modified before ``deadline`` (``time.time()`` clock)."""
+    shares; shares and files first seen more than ``spool_linger`` ago (``ages``)."""
     swept = _Swept()
     live: set[str] = set()
     entries = list(os.scandir(directory))
@@ -222,7 +249,7 @@ def _sweep(directory: int, deadline: float) -> _Swept:
         _, dot, reader = name.partition(".")
         if not stat.S_ISREG(info.st_mode) or (dot and not late.alive(reader)):
             _unlink(directory, name)  # not ours to keep, or the share of a dead reader
-        elif info.st_mtime < deadline:
+        elif ages.expired(info, name):
             _unlink(directory, name)
             swept.expired += 1
         elif info.st_ino not in inodes:
