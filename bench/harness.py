@@ -41,6 +41,7 @@ FRESH.set_forkserver_preload(
         "big_kinds",
         "peers",
         "latency_peers",
+        "relay_floor",
         "main_class",
         "memory",
         "run",

@@ -54,14 +54,13 @@ from latency_peers import (
     per_round_trip,
     ping,
     processes,
-    run_curve_floor,
-    run_floor,
     run_nats,
     run_pipe,
     run_redis,
     run_req_rep,
     usage,
 )
+from relay_floor import run_curve_floor, run_floor
 from servers import running
 
 Progress = Callable[[str], None]

@@ -13,7 +13,8 @@ from collections import deque
 from collections.abc import Callable
 
 from ..wire import queue_admin as wire
-from ..wire.frames import pack_sizes, unique_name_of, unpack_meta
+from ..wire.frames import unique_name_of, unpack_meta
+from ..wire.sizes import pack_sizes
 from .queues import QueueBook, QueueGroup
 from .runs import Run
 

@@ -41,6 +41,7 @@ from .metrics import HubMetrics
 from .preauth import PendingHandshakes, raise_fd_limit
 from .sending import send_reply
 from .spool import HubSpool
+from .unrouted import Unrouted
 
 __all__ = ["Relay"]
 
@@ -49,12 +50,6 @@ logger = logging.getLogger(__name__)
 # How many inputs one loop turn handles before it polls again (keeps subscriptions responsive).
 _BURST = 256
 _IDLE_POLL_MS = 100
-# Types counted apart in the unrouted statistics; past this many, the rest are counted together.
-_MAX_UNROUTED = 1000
-_OTHER_TYPES = "(other types)"
-# Replies whose requester is gone: each requester has a reply topic of its own, so one row per
-# topic would fill the table with dead requesters (one per process that ever requested).
-_GONE_REQUESTERS = "(replies to gone requesters)"
 # XPUB_NODROP gives no POLLOUT event for a full pipe: a stalled send is retried on this period.
 _STALLED_POLL_MS = 1
 _POLLIN = int(zmq.POLLIN)
@@ -96,9 +91,7 @@ class Relay:
         self._malformed = self._unsplittable = self._auth_rejected = 0
         self._accept_after = 0.0
         self._pending: dict[Socket, PendingHandshakes] = {}
-        self._unrouted: dict[
-            str, int
-        ] = {}  # type -> messages nobody was subscribed to  # tcp: per socket's monitor
+        self._unrouted = Unrouted()
         self._control_monitor: Socket | None = None
         self.metrics: HubMetrics | None = None
         self.journal: Journal | None = None
@@ -137,7 +130,7 @@ class Relay:
             unsplittable_dropped=self._unsplittable,
             bad_group_entries=self.control_plane.bad_group_entries,
             handshakes_shed=sum(pending.shed for pending in self._pending.values()),
-            unrouted=dict(self._unrouted),
+            unrouted=dict(self._unrouted.counts),
             journal=self.journal.statistics() if self.journal is not None else {},
             spool=asdict(self.spool.statistics()) if self.spool is not None else {},
             queues=book.statistics(),
@@ -364,7 +357,7 @@ class Relay:
             self._bytes += sum(len(frame) for frame in frames[1:]) - wire.HEADER_LEN
             book = self.control_plane.book
             if not book.has_groups(topic) and fanout.topics.get(topic, 0) == 0:
-                self._count_unrouted(topic, count)
+                self._unrouted.add(topic, count)
             if book.has_groups(topic):
                 if split:
                     # Kept whole: the book cuts it only where a consumer's credit needs it.
@@ -382,18 +375,6 @@ class Relay:
                 send_reply(data, wire.flushed(identity, frames[2].bytes))
         else:
             raise ValueError(f"unknown data request {kind!r}")
-
-    def _count_unrouted(self, topic: bytes, count: int) -> None:
-        """Published with no subscriber and no queue group: not an error (broadcast to nobody),
-        but counted per type for ``ipcbus stats`` (bounded: past _MAX_UNROUTED types, the rest
-        are counted together)."""
-        if topic.startswith(wire.REPLY_PREFIX):
-            name = _GONE_REQUESTERS
-        else:
-            name = wire.unique_name_of(topic)
-        if name not in self._unrouted and len(self._unrouted) >= _MAX_UNROUTED:
-            name = _OTHER_TYPES
-        self._unrouted[name] = self._unrouted.get(name, 0) + count
 
     def _handle_control(self, control: Socket, frames: list[zmq.Frame]) -> None:
         if wire.parse_kind(frames[1].bytes) == wire.STATS:

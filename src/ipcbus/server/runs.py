@@ -10,11 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..wire.protocol import unpack_sizes
+from ..wire.sizes import SIZE_BYTES, unpack_sizes
 
 __all__ = ["InFlight", "Run", "overlapping"]
 
-_SIZE = 4  # bytes per message in a sizes frame
 _UNSETTLED = re.compile(b"\x00+")
 
 
@@ -30,11 +29,11 @@ class Run:
 
     def part(self, low: int, high: int) -> Run:
         """Messages ``low`` to ``high - 1`` as a run of their own (sharing the bytes)."""
-        start = sum(unpack_sizes(self.sizes[: low * _SIZE])) if low else 0
-        end = start + sum(unpack_sizes(self.sizes[low * _SIZE : high * _SIZE]))
+        start = sum(unpack_sizes(self.sizes[: low * SIZE_BYTES])) if low else 0
+        end = start + sum(unpack_sizes(self.sizes[low * SIZE_BYTES : high * SIZE_BYTES]))
         return Run(
             self.meta,
-            self.sizes[low * _SIZE : high * _SIZE],
+            self.sizes[low * SIZE_BYTES : high * SIZE_BYTES],
             self.payloads[start:end],
             self.first_id + low,
             high - low,
@@ -45,7 +44,7 @@ class Run:
     def split_off(self, count: int) -> Run:
         """The first ``count`` messages as a run of their own; this one keeps the rest."""
         head = self.part(0, count)
-        self.sizes = self.sizes[count * _SIZE :]
+        self.sizes = self.sizes[count * SIZE_BYTES :]
         self.payloads = self.payloads[len(head.payloads) :]
         self.first_id += count
         self.count -= count

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 import struct
-import sys
-from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +31,7 @@ from typing import Any
 # 82 % of the hub's ZeroMQ thread was encryption.
 # Version 8: a batch's small frames are one. A PUBLISH is ``[head, payload, ...]``, its head the
 # header, topic and meta end to end; a fan-out batch ``[head, payload, ...]``, its head the topic,
-# seq, publisher and meta (``publish_head``, ``fanout_head``). Each frame cost 3-6 us in pyzmq at
+# seq, publisher and meta (``wire.data_frames``). Each frame cost 3-6 us in pyzmq at
 # each end and a CURVE box in ZeroMQ's I/O threads: a round trip crossed eight frames more than
 # it needed.
 VERSION = 8
@@ -296,7 +294,6 @@ def parse_failure(payload: bytes) -> tuple[str, str]:
 
 
 _SEQ = struct.Struct("!Q")
-_PUBLISH_HEADER = bytes((VERSION,)) + PUBLISH
 
 
 def pack_seq(seq: int) -> bytes:
@@ -309,97 +306,6 @@ def unpack_seq(frame: bytes) -> int:
     except struct.error as exc:
         raise ValueError(f"bad seq frame: {exc}") from None
     return int(seq)
-
-
-# -- the head frame of a batch (version 8) ----------------------------------------------------
-
-
-def publish_head(topic: bytes, meta: bytes) -> bytes:
-    """A PUBLISH's first frame: header, topic (its terminator included), meta."""
-    return _PUBLISH_HEADER + topic + meta
-
-
-def parse_publish_head(head: bytes) -> tuple[bytes, bytes]:
-    """The topic (checked) and the meta (unchecked: ``unpack_meta``) of a PUBLISH head whose
-    header was checked; ``ValueError`` when it has no topic."""
-    end = head.find(TOPIC_END, HEADER_LEN) + 1
-    if end <= 0:
-        raise ValueError("a PUBLISH head without a topic")
-    return check_topic(head[HEADER_LEN:end]), head[end:]
-
-
-def fanout_head(topic: bytes, seq: int, publisher: bytes, meta: bytes) -> bytes:
-    """A fan-out batch's first frame: topic (terminator included, so the SUB socket's prefix
-    match sees it first), seq, the publisher's client id (length first: ZeroMQ routing ids are
-    1 to 255 bytes), meta."""
-    return topic + _SEQ.pack(seq) + bytes((len(publisher),)) + publisher + meta
-
-
-def parse_fanout_head(head: bytes) -> tuple[bytes, int, bytes, bytes]:
-    """The topic, seq, publisher and meta (unchecked: ``unpack_meta``) of a fan-out head;
-    ``ValueError`` when malformed."""
-    end = head.find(TOPIC_END) + 1
-    if end <= 0:
-        raise ValueError("a fan-out head without a topic")
-    try:
-        (seq,) = _SEQ.unpack_from(head, end)
-        start = end + _SEQ.size + 1
-        stop = start + head[start - 1]
-    except (struct.error, IndexError):
-        raise ValueError(f"a fan-out head of {len(head)} bytes") from None
-    if stop > len(head):
-        raise ValueError(f"a fan-out head of {len(head)} bytes")
-    return head[:end], int(seq), head[start:stop], head[stop:]
-
-
-# -- split batches: sizes and payloads --------------------------------------------------------
-
-# One uint32 per message, little-endian whatever the host (a tcp:// bus may mix them).
-_SIZE_BYTES = 4
-if array("I").itemsize != _SIZE_BYTES:  # pragma: no cover - no such CPython platform known
-    raise ImportError("ipcbus needs array('I') of 4 bytes")
-_SWAP = sys.byteorder != "little"
-
-
-def pack_sizes(sizes: Iterable[int]) -> bytes:
-    packed = array("I", sizes)
-    if _SWAP:  # pragma: no cover - big-endian hosts
-        packed.byteswap()
-    return packed.tobytes()
-
-
-def unpack_sizes(frame: Any) -> array[int]:
-    """The sizes a sizes frame (bytes-like) holds; ``ValueError`` when it holds no whole number
-    of them."""
-    if len(frame) % _SIZE_BYTES:
-        raise ValueError(f"a sizes frame of {len(frame)} bytes")
-    sizes = array("I")
-    sizes.frombytes(frame)
-    if _SWAP:  # pragma: no cover - big-endian hosts
-        sizes.byteswap()
-    return sizes
-
-
-def check_split(count: int, sizes: Any, payloads: Any) -> None:
-    """``ValueError`` unless ``sizes`` holds ``count`` sizes that add up to ``payloads``."""
-    if len(sizes) != _SIZE_BYTES * count:
-        raise ValueError(f"{len(sizes)} bytes of sizes for {count} messages")
-    if sum(unpack_sizes(sizes)) != len(payloads):
-        raise ValueError(f"sizes that do not add up to the {len(payloads)} bytes of payloads")
-
-
-def split_payloads(sizes: Any, payloads: Any) -> list[memoryview]:
-    """Each message's payload (a view, not a copy) of a split batch."""
-    view = memoryview(payloads)
-    parts = []
-    start = 0
-    for size in unpack_sizes(sizes):
-        end = start + size
-        parts.append(view[start:end])
-        start = end
-    if start != len(view):
-        raise ValueError(f"sizes that do not add up to the {len(view)} bytes of payloads")
-    return parts
 
 
 # -- checks -----------------------------------------------------------------------------------

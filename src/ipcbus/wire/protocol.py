@@ -113,10 +113,6 @@ Parsers raise ``ValueError`` (or ``IndexError``) on malformed input: the hub cou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
-
 from .control_frames import (
     Welcome,
     full,
@@ -128,6 +124,19 @@ from .control_frames import (
     parse_groups,
     parse_groups_ack,
     parse_hello,
+)
+from .data_frames import (
+    Fanout,
+    fanout,
+    fanout_head,
+    flush,
+    flushed,
+    parse_data_kind,
+    parse_fanout_head,
+    parse_flushed,
+    parse_publish_head,
+    publish,
+    publish_head,
 )
 from .frames import (
     ACK,
@@ -189,9 +198,7 @@ from .frames import (
     Meta,
     Route,
     SyncReply,
-    check_split,
     check_topic,
-    fanout_head,
     header,
     is_sync_topic,
     pack_failure,
@@ -199,24 +206,18 @@ from .frames import (
     pack_reply_meta,
     pack_request_meta,
     pack_seq,
-    pack_sizes,
     parse_failure,
-    parse_fanout_head,
     parse_kind,
-    parse_publish_head,
     parse_seq_sync,
-    publish_head,
     reply_topic,
     route_of,
     seq_sync_topic,
-    split_payloads,
     sync_reply,
     sync_topic,
     topic_for,
     unique_name_of,
     unpack_meta,
     unpack_seq,
-    unpack_sizes,
 )
 from .queue_frames import (
     DELETED_IN_USE,
@@ -238,6 +239,7 @@ from .queue_frames import (
     parse_deleted,
     parse_deliver,
 )
+from .sizes import check_split, pack_sizes, split_payloads, unpack_sizes
 
 __all__ = [
     "ACK",
@@ -357,62 +359,9 @@ __all__ = [
     "parse_groups",
     "parse_groups_ack",
     "parse_hello",
+    "fanout",
+    "flush",
+    "flushed",
+    "parse_flushed",
+    "publish",
 ]
-
-
-# -- data -------------------------------------------------------------------------------------
-
-
-def publish(topic: bytes, meta: bytes, payload: Sequence[Any]) -> list[Any]:
-    return [publish_head(topic, meta), *payload]
-
-
-def parse_data_kind(head: bytes) -> bytes:
-    """The kind of a request on the data socket: a PUBLISH's head holds more than its header
-    (``publish_head``); ``ValueError`` for a bad header."""
-    if head[:HEADER_LEN] == header(PUBLISH) and len(head) > HEADER_LEN:
-        return PUBLISH
-    return parse_kind(head)
-
-
-def flush(token: bytes) -> list[bytes]:
-    return [header(FLUSH), token]
-
-
-def flushed(identity: bytes, token: bytes) -> list[bytes]:
-    return [identity, header(FLUSHED), token]
-
-
-def parse_flushed(frames: Sequence[bytes]) -> bytes | None:
-    """The token of a FLUSHED reply, or ``None`` for anything else."""
-    if len(frames) == 2 and frames[0] == header(FLUSHED):
-        return frames[1]
-    return None
-
-
-# -- fan-out ----------------------------------------------------------------------------------
-
-
-def fanout(
-    topic: bytes, meta: bytes, seq: int, payload: Sequence[Any], publisher: bytes = b""
-) -> list[Any]:
-    return [fanout_head(topic, seq, publisher, meta), *payload]
-
-
-@dataclass(frozen=True)
-class Fanout:
-    """A batch as a subscriber receives it; ``publisher`` is the client id of the process that
-    published it (empty from a hub that did not say)."""
-
-    topic: bytes
-    meta: Meta
-    seq: int
-    payload: Sequence[Any]
-    publisher: bytes = b""
-
-    @classmethod
-    def parse(cls, frames: Sequence[Any]) -> Fanout:
-        if len(frames) < 2:
-            raise ValueError(f"a fan-out batch of {len(frames)} frames")
-        topic, seq, publisher, meta = parse_fanout_head(frames[0].bytes)
-        return cls(topic, unpack_meta(meta), seq, frames[1:], publisher)

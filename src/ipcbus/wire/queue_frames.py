@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .frames import (
-    _SIZE_BYTES,
     ACK,
     CANCEL,
     CONSUME,
@@ -24,10 +23,10 @@ from .frames import (
     OUTCOMES,
     _at_least_one,
     _count,
-    check_split,
     check_topic,
     header,
 )
+from .sizes import SIZE_BYTES, check_split
 
 # -- control: queue consumers -----------------------------------------------------------------
 
@@ -160,7 +159,7 @@ class Deliver:
 
     @property
     def count(self) -> int:
-        return len(self.sizes) // _SIZE_BYTES
+        return len(self.sizes) // SIZE_BYTES
 
     @property
     def last_seq(self) -> int:
@@ -199,7 +198,7 @@ def parse_deliver(body: Sequence[Any]) -> list[Deliver]:
         )
         if not subscription_id or not stream:
             raise ValueError(f"bad DELIVER descriptor {descriptor[:64]!r}")
-        check_split(len(sizes) // _SIZE_BYTES, sizes, payloads)
+        check_split(len(sizes) // SIZE_BYTES, sizes, payloads)
         runs.append(
             Deliver(
                 subscription_id,

@@ -1,0 +1,140 @@
+"""The data path's frames, in both directions: PUBLISH and FLUSH (client data DEALER -> hub data
+ROUTER), FLUSHED back, and a fan-out batch (hub XPUB -> client SUB). The reference is
+``wire.protocol``'s docstring. Imported by the hub and by clients; imports neither, nor zmq."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .frames import (
+    _SEQ,
+    FLUSH,
+    FLUSHED,
+    HEADER_LEN,
+    PUBLISH,
+    TOPIC_END,
+    VERSION,
+    Meta,
+    check_topic,
+    header,
+    parse_kind,
+    unpack_meta,
+)
+
+__all__ = [
+    "Fanout",
+    "fanout",
+    "fanout_head",
+    "flush",
+    "flushed",
+    "parse_data_kind",
+    "parse_fanout_head",
+    "parse_flushed",
+    "parse_publish_head",
+    "publish",
+    "publish_head",
+]
+
+
+# -- the head frame of a batch (version 8) ----------------------------------------------------
+
+_PUBLISH_HEADER = bytes((VERSION,)) + PUBLISH
+
+
+def publish_head(topic: bytes, meta: bytes) -> bytes:
+    """A PUBLISH's first frame: header, topic (its terminator included), meta."""
+    return _PUBLISH_HEADER + topic + meta
+
+
+def parse_publish_head(head: bytes) -> tuple[bytes, bytes]:
+    """The topic (checked) and the meta (unchecked: ``unpack_meta``) of a PUBLISH head whose
+    header was checked; ``ValueError`` when it has no topic."""
+    end = head.find(TOPIC_END, HEADER_LEN) + 1
+    if end <= 0:
+        raise ValueError("a PUBLISH head without a topic")
+    return check_topic(head[HEADER_LEN:end]), head[end:]
+
+
+def fanout_head(topic: bytes, seq: int, publisher: bytes, meta: bytes) -> bytes:
+    """A fan-out batch's first frame: topic (terminator included, so the SUB socket's prefix
+    match sees it first), seq, the publisher's client id (length first: ZeroMQ routing ids are
+    1 to 255 bytes), meta."""
+    return topic + _SEQ.pack(seq) + bytes((len(publisher),)) + publisher + meta
+
+
+def parse_fanout_head(head: bytes) -> tuple[bytes, int, bytes, bytes]:
+    """The topic, seq, publisher and meta (unchecked: ``unpack_meta``) of a fan-out head;
+    ``ValueError`` when malformed."""
+    end = head.find(TOPIC_END) + 1
+    if end <= 0:
+        raise ValueError("a fan-out head without a topic")
+    try:
+        (seq,) = _SEQ.unpack_from(head, end)
+        start = end + _SEQ.size + 1
+        stop = start + head[start - 1]
+    except (struct.error, IndexError):
+        raise ValueError(f"a fan-out head of {len(head)} bytes") from None
+    if stop > len(head):
+        raise ValueError(f"a fan-out head of {len(head)} bytes")
+    return head[:end], int(seq), head[start:stop], head[stop:]
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def publish(topic: bytes, meta: bytes, payload: Sequence[Any]) -> list[Any]:
+    return [publish_head(topic, meta), *payload]
+
+
+def parse_data_kind(head: bytes) -> bytes:
+    """The kind of a request on the data socket: a PUBLISH's head holds more than its header
+    (``publish_head``); ``ValueError`` for a bad header."""
+    if head[:HEADER_LEN] == header(PUBLISH) and len(head) > HEADER_LEN:
+        return PUBLISH
+    return parse_kind(head)
+
+
+def flush(token: bytes) -> list[bytes]:
+    return [header(FLUSH), token]
+
+
+def flushed(identity: bytes, token: bytes) -> list[bytes]:
+    return [identity, header(FLUSHED), token]
+
+
+def parse_flushed(frames: Sequence[bytes]) -> bytes | None:
+    """The token of a FLUSHED reply, or ``None`` for anything else."""
+    if len(frames) == 2 and frames[0] == header(FLUSHED):
+        return frames[1]
+    return None
+
+
+# -- fan-out ----------------------------------------------------------------------------------
+
+
+def fanout(
+    topic: bytes, meta: bytes, seq: int, payload: Sequence[Any], publisher: bytes = b""
+) -> list[Any]:
+    return [fanout_head(topic, seq, publisher, meta), *payload]
+
+
+@dataclass(frozen=True)
+class Fanout:
+    """A batch as a subscriber receives it; ``publisher`` is the client id of the process that
+    published it (empty from a hub that did not say)."""
+
+    topic: bytes
+    meta: Meta
+    seq: int
+    payload: Sequence[Any]
+    publisher: bytes = b""
+
+    @classmethod
+    def parse(cls, frames: Sequence[Any]) -> Fanout:
+        if len(frames) < 2:
+            raise ValueError(f"a fan-out batch of {len(frames)} frames")
+        topic, seq, publisher, meta = parse_fanout_head(frames[0].bytes)
+        return cls(topic, unpack_meta(meta), seq, frames[1:], publisher)
