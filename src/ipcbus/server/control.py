@@ -17,9 +17,10 @@ from ..wire import protocol as wire
 from ..wire.queue_admin import QUEUE_ADMIN
 from .clients import ClientDirectory
 from .groups_file import GroupsFile
+from .notices import Notices
 from .queue_admin import QueueAdmin
 from .queues import Delivery, QueueBook
-from .sending import send_reply, send_to_each
+from .sending import send_reply
 
 __all__ = ["ControlPlane"]
 
@@ -73,22 +74,10 @@ class ControlPlane:
         self.directory = ClientDirectory()  # what each client says about itself
         self.clients_lost = 0
         self.unapplied_acks = 0  # acks a bug of ours could not apply (logged with traceback)
-        self._groups_version = 0
-        self._acked_version: dict[bytes, int] = {}
-        # CONSUME requests waiting for every client to know their topic is grouped:
-        # (identity, subscription id, groups version, deadline)
-        # (identity, the answer, groups version, deadline)
-        self._waiting: list[tuple[bytes, list[bytes], int, float]] = []
+        self.notices = Notices(heartbeat_timeout)  # what every client must be told
         self._next_check = 0.0
         self.draining = False  # stopping: no new deliveries, only acks of those in flight
         self._groups_file: GroupsFile | None = None
-        # Topics a full queue group holds back (QueueBook.full_topics), as last announced, and
-        # the clients still to be told (their pipe was full: retried every turn, never dropped).
-        self._full_version = 0
-        self._full_pending: set[bytes] = set()
-        # Clients still to be told LOSSY (the fan-out sent without waiting for a subscriber).
-        self._lossy_pending: set[bytes] = set()
-        self.loss_notices = 0
         self._probes: list[float] = []  # when to probe every client (see probe_soon)
 
     # -- requests ---------------------------------------------------------------------------
@@ -111,7 +100,6 @@ class ControlPlane:
         if kind == wire.HELLO:
             self.directory.joined(identity, wire.parse_hello(body))
             self.clients[identity] = now
-            self._acked_version[identity] = self._groups_version
             welcome = wire.Welcome(
                 *endpoints,
                 self.hub_id,
@@ -122,8 +110,7 @@ class ControlPlane:
                 self.spool_dir,
             )
             self._send(control, welcome.frames(identity))
-            if self.book.full_topics:
-                self._full_pending.add(identity)  # after the WELCOME, which clears the list
+            self.notices.joined(identity, bool(self.book.full_topics))
             return
         if kind == wire.STATS:
             return  # answered by the relay, which owns the statistics
@@ -153,7 +140,7 @@ class ControlPlane:
         elif kind == wire.CANCEL:
             self.book.cancel_consumer((identity, wire.parse_cancel(body)))
         elif kind == wire.GROUPS_ACK:
-            self._acked_version[identity] = wire.parse_groups_ack(body)
+            self.notices.groups_acked(identity, wire.parse_groups_ack(body))
         elif kind == wire.BYE:
             self._drop_client(identity, "said goodbye")
         elif kind == wire.DELETE:
@@ -212,16 +199,8 @@ class ControlPlane:
     def _answer_once_grouped(
         self, control: Socket, answer: list[bytes], new_topic: bool, now: float
     ) -> None:
-        """Answer at once, or, for a topic that just got its first group, once every client
-        knows: publishers batch a grouped topic differently (one frame per message), and what
-        they published unsplit could not be held for the group."""
-        if not new_topic:
-            self._send(control, answer)
-            return
-        self._groups_version += 1
-        self._announce_groups(control)
-        deadline = now + self.heartbeat_timeout
-        self._waiting.append((answer[0], answer, self._groups_version, deadline))
+        topics = list(self.book.grouped_topics) if new_topic else None
+        self.notices.answer_once_grouped(control, self.clients, answer, topics, now)
 
     def _delete(self, control: Socket, identity: bytes, request: wire.DeleteQueue) -> None:
         dropped = self.delete_group(control, request.topic, request.queue_name)
@@ -244,8 +223,7 @@ class ControlPlane:
                     logger.error("queue group %s will come back after a restart: %s", label, exc)
             if not self.book.has_groups(topic):
                 # Its publishers may batch it again (no longer one frame per message).
-                self._groups_version += 1
-                self._announce_groups(control)
+                self.notices.groups_changed(control, self.clients, self.book.grouped_topics)
         return dropped
 
     def restore_groups(self, path: str) -> None:
@@ -268,19 +246,12 @@ class ControlPlane:
 
     def announce_stop(self, control: Socket) -> None:
         """The hub is stopping: clients stop waiting for it at once and try to reconnect."""
-        for client in list(self.clients):
-            self._send(control, [client, wire.header(wire.STOPPING)])
+        self.notices.stopping(control, self.clients)
 
     def announce_lossy(self) -> None:
         """The fan-out sent without waiting for a stalled subscriber and has stopped: every
         client checks what it missed (sent on the next turns, retried while a pipe is full)."""
-        self._lossy_pending = set(self.clients)
-        self.loss_notices += 1
-
-    def _announce_groups(self, control: Socket) -> None:
-        topics = self.book.grouped_topics
-        for client in list(self.clients):
-            self._send(control, wire.groups(client, self._groups_version, topics))
+        self.notices.lossy(self.clients)
 
     # -- every loop turn --------------------------------------------------------------------
 
@@ -306,27 +277,20 @@ class ControlPlane:
         if self._probes and now >= self._probes[0]:
             self._probes = [due for due in self._probes if due > now]
             self._probe(control)
-        if self._waiting:
-            self._answer_waiting(control, now)
+        if self.notices.waiting:
+            self.notices.answer_waiting(control, self.clients, now)
         deliveries = [] if self.draining else self.book.dispatch(now)
         if deliveries:
             if self.book.journal is not None:
                 self.book.journal.write()  # their attempts, before a crash can follow the send
             self._deliver(control, deliveries)
         if self.book.update_full():
-            self._full_version += 1
-            self._full_pending = set(self.clients)
+            self.notices.full_changed(self.clients)
             logger.info(
                 "topics held back by a full queue group: %s",
                 sorted(wire.unique_name_of(t) for t in self.book.full_topics) or "none",
             )
-        if self._full_pending:
-            topics = sorted(self.book.full_topics)
-            send_to_each(
-                control, self._full_pending, lambda c: wire.full(c, self._full_version, topics)
-            )
-        if self._lossy_pending:
-            send_to_each(control, self._lossy_pending, wire.lossy)
+        self.notices.send_pending(control, self.book.full_topics)
         if now >= self._next_check:
             self._next_check = now + min(self.heartbeat_interval, 0.1)
             silent_since = now - self.heartbeat_timeout
@@ -340,24 +304,10 @@ class ControlPlane:
         due = self.book.next_due()
         if due is not None:
             wake.append(due)
-        if self._waiting:
+        if self.notices.waiting:
             wake.append(time.monotonic() + 0.02)
         seconds = min(wake) - time.monotonic()
         return max(0, min(default_ms, int(seconds * 1000) + 1))
-
-    def _answer_waiting(self, control: Socket, now: float) -> None:
-        still_waiting = []
-        for identity, answer, version, deadline in self._waiting:
-            everyone_knows = all(
-                self._acked_version.get(client, 0) >= version for client in self.clients
-            )
-            if everyone_knows or now >= deadline:
-                if not everyone_knows:
-                    logger.warning("not every client confirmed the queue groups; going on")
-                self._send(control, answer)
-            else:
-                still_waiting.append((identity, answer, version, deadline))
-        self._waiting = still_waiting
 
     def _deliver(self, control: Socket, deliveries: list[Delivery]) -> None:
         """Send each client its runs of this turn as one message (4 frames each)."""
@@ -381,9 +331,7 @@ class ControlPlane:
     def _drop_client(self, identity: bytes, why: str) -> None:
         if self.clients.pop(identity, None) is None:
             return
-        self._acked_version.pop(identity, None)
-        self._full_pending.discard(identity)
-        self._lossy_pending.discard(identity)
+        self.notices.left(identity)
         self.clients_lost += why != "said goodbye"
         self.directory.left(identity, why)
         self.book.remove_client(identity)

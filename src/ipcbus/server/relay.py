@@ -119,7 +119,7 @@ class Relay:
             backpressure_stalls=fanout.stalls if fanout else 0,
             malformed_dropped=self._malformed,
             stall_drops=fanout.stall_drops if fanout else 0,
-            loss_notices=self.control_plane.loss_notices,
+            loss_notices=self.control_plane.notices.loss_notices,
             auth_rejected=self._auth_rejected,
             clients_lost=self.control_plane.clients_lost,
             late_acks=book.late_acks,
