@@ -24,12 +24,12 @@ from ..exceptions import HubUnavailableError
 from ..message import Message
 from ..wire import protocol as wire
 from ..wire.address import Address
-from ..wire.keys import prove
 from .acks import coalesce
 from .control import ControlChannel, DeleteAnswer
 from .control_reader import ControlReader
 from .data import DataChannel
 from .describe import describe
+from .handshake import data_sockets, greet, hub_socket
 from .outbox import FlushMarker, Outbox, Prepared, Rejected
 from .session import Session
 from .subscriptions import Subscriptions
@@ -257,59 +257,25 @@ class IOThread(ControlReader):
             control.linger = _GOODBYE_LINGER_MS  # closing must not discard it at once
 
     def _connect(self, context: zmq.Context[Any]) -> bool:
-        control = self._control.socket = self._socket(context, zmq.DEALER)
+        """HELLO and WELCOME, then the data sockets (``handshake``); False, with the reason in
+        ``_failure``, when no hub answers."""
+        control = self._control.socket = hub_socket(context, zmq.DEALER, self._secret)
         control.routing_id = self._client_id
-        monitor = self._watch.watch(control)
-        control.connect(self.endpoint)
-        control.send_multipart(wire.hello(self._client_id, self._description()))
-        timeout = self._connect_timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        poller = zmq.Poller()
-        poller.register(control, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        while not control.poll(0):
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                why = "no hub answered"
-                if self._watch.auth_failures:
-                    why = (
-                        "the peer there failed to prove the bus secret "
-                        f"({self._watch.auth_failures} handshakes): it is not our hub"
-                    )
-                self._failure = HubUnavailableError(f"{why} at {self.endpoint} within {timeout} s")
-                return False
-            poller.poll(None if left is None else int(left * 1000) + 1)
-            self._watch.read(monitor)
-        head, *body = control.recv_multipart()
+        hello = wire.hello(self._client_id, self._description())
         try:
-            if head != wire.header(wire.WELCOME):
-                raise ValueError(f"unexpected answer {head[:8]!r}")
-            welcome = wire.Welcome.parse(body)
-        except (ValueError, IndexError) as exc:
-            self._failure = HubUnavailableError(f"bad WELCOME from {self.endpoint}: {exc}")
+            welcome = greet(control, self._watch, self.endpoint, hello, self._connect_timeout)
+        except HubUnavailableError as exc:
+            self._failure = exc
             return False
         self._welcome(welcome)
         self._endpoints = (welcome.publish_endpoint, welcome.fanout_endpoint)
-        dealer = self._dealer = self._socket(context, zmq.DEALER)
-        dealer.sndhwm = dealer.rcvhwm = self._hwm
-        dealer.routing_id = self._client_id
-        self._watch.watch(dealer, zmq.EVENT_DISCONNECTED)
-        dealer.connect(welcome.publish_endpoint)
-        self._data.attach(dealer)
-        sub = self._sub = self._socket(context, zmq.SUB)
-        sub.rcvhwm = self._hwm
-        self._watch.watch(sub)
-        sub.connect(welcome.fanout_endpoint)
-        self._subscriptions.attach(sub)
+        self._dealer, self._sub = data_sockets(
+            context, self._secret, welcome, self._client_id, self._hwm, self._watch
+        )
+        self._data.attach(self._dealer)
+        self._subscriptions.attach(self._sub)
         self._ready.set()
         return True
-
-    def _socket(self, context: zmq.Context[Any], kind: int) -> Socket:
-        """A socket that proves the bus secret in its handshake (the hub's ZAP handler)."""
-        sock: Socket = context.socket(kind)
-        sock.linger = 0
-        prove(sock, self._secret)
-        return sock
 
     def _loop(self) -> None:
         control, dealer, sub = self._control.socket, self._dealer, self._sub
