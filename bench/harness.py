@@ -16,7 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,11 +197,7 @@ def measure(
     finally:
         go.set()
         stop_event.set()
-        for process in started:
-            process.join(30)
-            if process.is_alive():
-                process.kill()
-                process.join(10)
+        reap(started)
 
 
 def _check(results: Any, consumers: int, total: int, broadcast: bool) -> list[str]:
@@ -300,3 +296,24 @@ def redis_subscribed(pubsub: Any, channel: str) -> None:
         confirmation = pubsub.get_message(timeout=1.0)
         if confirmation is not None and confirmation["type"] == "subscribe":
             return
+
+
+def reap(processes: list[Any]) -> None:
+    """Wait for ``processes`` told to stop; kill what is still there after 30 s."""
+    for process in processes:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+            process.join(10)
+
+
+def redis_messages(pubsub: Any, stop: Any) -> Iterator[bytes]:
+    """The data of each message ``pubsub`` receives, until ``stop`` is set and none is left."""
+    while True:
+        message = pubsub.get_message(timeout=0.1)
+        if message is None:
+            if stop.is_set():
+                return
+            continue
+        if message["type"] == "message":
+            yield message["data"]

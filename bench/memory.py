@@ -35,7 +35,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness import FRESH, STALL, START_TIMEOUT, Blob, big_payload, redis_subscribed
+from harness import (
+    FRESH,
+    STALL,
+    START_TIMEOUT,
+    Blob,
+    big_payload,
+    reap,
+    redis_messages,
+    redis_subscribed,
+)
 from ipcbus import Hub, connect
 from servers import running
 
@@ -204,11 +213,7 @@ def _run(flood: Flood, pid: int, subscriber: Role, publisher: Role) -> tuple[Any
         return idle, peak, received, lost
     finally:
         stop.set()
-        for process in started:
-            process.join(30)
-            if process.is_alive():
-                process.kill()
-                process.join(10)
+        reap(started)
 
 
 def _wait(flood: Flood, counts: Any, started: list[Any]) -> None:
@@ -344,15 +349,9 @@ def _redis_subscriber(
     redis_subscribed(pubsub, SUBJECT)
     count = _Count(counts, total)
     ready.set()
-    while True:
-        message = pubsub.get_message(timeout=0.1)
-        if message is None:
-            if stop.is_set():
-                break
-            continue
-        if message["type"] == "message":
-            time.sleep(slow)
-            count.add(message["data"])
+    for data in redis_messages(pubsub, stop):
+        time.sleep(slow)
+        count.add(data)
     pubsub.close()
     client.close()
 

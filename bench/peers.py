@@ -31,6 +31,7 @@ from harness import (
     big_scenario,
     big_seq,
     measure,
+    redis_messages,
     redis_subscribed,
     tick,
 )
@@ -227,14 +228,8 @@ def _redis_subscriber(port: int, mode: str, size: int, probe: Probe, stop: Any) 
     pubsub = client.pubsub()
     redis_subscribed(pubsub, REDIS_CHANNEL)
     probe.ready()
-    while True:
-        message = pubsub.get_message(timeout=0.1)
-        if message is None:
-            if stop.is_set():
-                break
-            continue
-        if message["type"] == "message":
-            _receive(probe, message["data"], mode, size)
+    for data in redis_messages(pubsub, stop):
+        _receive(probe, data, mode, size)
     pubsub.close()
     client.close()
     probe.report()

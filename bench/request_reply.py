@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from harness import FRESH
+from harness import FRESH, reap
 from ipcbus import Hub, Message, connect
 
 
@@ -93,10 +93,7 @@ def measure(rounds: int = 2000, block: int = 100, warmup: int = 200) -> RequestR
                 broker.close()
         finally:
             stop.close()
-            process.join(30)
-            if process.is_alive():
-                process.kill()
-                process.join(10)
+            reap([process])
 
 
 def _time(broker: Any, rounds: int, block: int, warmup: int) -> RequestRows:
