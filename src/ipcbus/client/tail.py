@@ -28,9 +28,11 @@ import zmq
 from ..exceptions import HubUnavailableError
 from ..wire import protocol as wire
 from ..wire.address import Address
-from ..wire.keys import prove, read_bus_secret
+from ..wire.keys import read_bus_secret
 from .describe import describe
+from .handshake import greet, hub_socket
 from .spool import read_spooled
+from .watch import ConnectionWatch
 
 __all__ = ["Batch", "Tail"]
 
@@ -138,24 +140,17 @@ class Tail:
             raise HubUnavailableError(f"no hub answered at {self.address}: {exc}") from exc
         context = zmq.Context()
         sockets: list[zmq.Socket[Any]] = []
+        # Counts failed handshakes: an impostor at the address is named in the error.
+        watch = ConnectionWatch(self.address, lambda _why: None)
         try:
-            control: zmq.Socket[Any] = context.socket(zmq.DEALER)
+            control = hub_socket(context, zmq.DEALER, secret)
             sockets.append(control)
             control.linger = _LINGER_MS
             control.routing_id = self._client_id
-            prove(control, secret)
-            control.connect(self.address)
-            control.send_multipart(wire.hello(self._client_id, describe([], [])))
-            if not control.poll(int(timeout * 1000)):
-                raise HubUnavailableError(f"no hub answered at {self.address} within {timeout} s")
-            head, *body = control.recv_multipart()
-            if head != wire.header(wire.WELCOME):
-                raise HubUnavailableError(f"unexpected answer from {self.address}: {head[:8]!r}")
-            welcome = wire.Welcome.parse(body)
-            sub: zmq.Socket[Any] = context.socket(zmq.SUB)
+            hello = wire.hello(self._client_id, describe([], []))
+            welcome = greet(control, watch, self.address, hello, timeout)
+            sub = hub_socket(context, zmq.SUB, secret)
             sockets.append(sub)
-            sub.linger = 0
-            prove(sub, secret)
             sub.connect(welcome.fanout_endpoint)
             for topic in self._topics:
                 sub.subscribe(topic)
@@ -166,6 +161,7 @@ class Tail:
             with contextlib.suppress(zmq.ZMQError):
                 control.send_multipart([wire.header(wire.BYE)], zmq.NOBLOCK)
         finally:
+            watch.close()
             for socket in sockets:
                 socket.close()
             context.term()
