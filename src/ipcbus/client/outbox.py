@@ -199,22 +199,27 @@ class Outbox:
                 topic = wire.topic_for(get_unique_name_for_message(cls))
                 kind = self.kinds[cls] = Kind(topic, 1)
             split = kind.topic in self.grouped
-            # A split batch is one frame too (sizes aside), and has no out-of-band buffers.
-            limit = min(self._max_batch, self.frame_budget // kind.per_message)
-            if split:  # the hub hands out nothing of a batch before it has all of it either
-                limit = min(limit, BIG_BATCH_BYTES // kind.per_message)
-            elif kind.buffers:
-                limit = min(limit, wire.MAX_BUFFERS // kind.buffers)
-                per_message = kind.per_message + kind.buffer_bytes
-                limit = min(limit, min(self.frame_budget, BIG_BATCH_BYTES) // per_message)
-            limit = max(1, limit)
             batch = [first]
-            while items and len(batch) < limit and type(items[0]) is cls:
-                batch.append(items.popleft())  # type: ignore[arg-type]
+            if items and type(items[0]) is cls:  # a run of its type: a batch, up to the limit
+                limit = self._batch_limit(kind, split)
+                while items and len(batch) < limit and type(items[0]) is cls:
+                    batch.append(items.popleft())  # type: ignore[arg-type]
             request = self._encode(cls, kind, split, batch)
             if request is not None:
                 return request
         return None
+
+    def _batch_limit(self, kind: Kind, split: bool) -> int:
+        """How many messages of ``kind`` one batch takes at most."""
+        # A split batch is one frame too (sizes aside), and has no out-of-band buffers.
+        limit = min(self._max_batch, self.frame_budget // kind.per_message)
+        if split:  # the hub hands out nothing of a batch before it has all of it either
+            limit = min(limit, BIG_BATCH_BYTES // kind.per_message)
+        elif kind.buffers:
+            limit = min(limit, wire.MAX_BUFFERS // kind.buffers)
+            per_message = kind.per_message + kind.buffer_bytes
+            limit = min(limit, min(self.frame_budget, BIG_BATCH_BYTES) // per_message)
+        return max(1, limit)
 
     def confirmation(self, token: bytes) -> list[Any]:
         """A FLUSH of the client's own: the hub's answer confirms what was sent before it."""
@@ -319,6 +324,8 @@ class Outbox:
         """A frame over the limit (ZeroMQ would drop the connection), or several messages whose
         frames add up to more than it (one message alone may: each of its frames fits)."""
         budget = self.frame_budget
+        if len(frames) == 1:  # the usual batch: one payload frame
+            return len(frames[0]) > budget
         if max(len(frame) for frame in frames) > budget:
             return True
         return count > 1 and sum(len(frame) for frame in frames) > budget

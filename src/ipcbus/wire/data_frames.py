@@ -92,7 +92,7 @@ def publish(topic: bytes, meta: bytes, payload: Sequence[Any]) -> list[Any]:
 def parse_data_kind(head: bytes) -> bytes:
     """The kind of a request on the data socket: a PUBLISH's head holds more than its header
     (``publish_head``); ``ValueError`` for a bad header."""
-    if head[:HEADER_LEN] == header(PUBLISH) and len(head) > HEADER_LEN:
+    if head[:HEADER_LEN] == _PUBLISH_HEADER and len(head) > HEADER_LEN:
         return PUBLISH
     return parse_kind(head)
 

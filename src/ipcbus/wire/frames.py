@@ -187,8 +187,16 @@ def reply_topic(client_id: bytes) -> bytes:
     return REPLY_PREFIX + client_id + TOPIC_END
 
 
+# Topics found good, so that a topic is checked once, not in every batch (the hub checks every
+# PUBLISH's). Bounded: emptied when full (a peer naming ever new topics costs only the checks).
+_GOOD_TOPICS: set[bytes] = set()
+_GOOD_TOPICS_MAX = 4096
+
+
 def check_topic(topic: bytes) -> bytes:
     """A unique name plus terminator, or ``ValueError`` (input from peers is checked here)."""
+    if topic in _GOOD_TOPICS:
+        return topic
     if (
         len(topic) < 2  # a name, then its terminator
         or not topic.endswith(TOPIC_END)
@@ -198,6 +206,9 @@ def check_topic(topic: bytes) -> bytes:
     ):
         raise ValueError(f"bad topic {topic[:64]!r}")
     topic[:-1].decode()  # UnicodeDecodeError is a ValueError
+    if len(_GOOD_TOPICS) >= _GOOD_TOPICS_MAX:
+        _GOOD_TOPICS.clear()
+    _GOOD_TOPICS.add(topic)
     return topic
 
 
