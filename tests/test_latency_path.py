@@ -123,6 +123,45 @@ def test_flush_confirms_a_message_sent_at_once(fresh_hub: Any) -> None:
     assert broker.undelivered == 0
 
 
+def test_a_quiet_publisher_sends_a_due_confirmation_after_its_message() -> None:
+    """Every 32 batches a client asks the hub to confirm what it sent (client/confirm.py). On a
+    quiet bus the publisher's thread sends its message, then the request for the confirmation
+    (which covers the message too); before, the request went first and the message waited in
+    the outbox for the I/O thread: a wake-up on the way of one publish in 32."""
+    import zmq
+
+    from ipcbus.client.data import DataChannel
+    from ipcbus.client.outbox import Outbox
+    from ipcbus.client.session import Session
+    from ipcbus.wire import protocol as wire
+
+    outbox = Outbox(max_batch=1000, on_reject=lambda rejected: None)
+    outbox.set_limit(1024 * 1024)
+    outbox.check(Tick(0, "quiet"))
+    wakes: list[str] = []
+    channel = DataChannel(outbox, Session("ipc://test"), lambda: None, lambda: wakes.append("wake"))
+    context = zmq.Context()
+    hub_side, client_side = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    try:
+        hub_side.bind("inproc://data")
+        client_side.connect("inproc://data")
+        channel.attach(client_side)
+        kinds: list[bytes] = []
+        for seq in range(40):
+            time.sleep(0.001)  # quiet: each publish goes at once
+            assert channel.send_at_once(Tick(seq, "quiet"))
+            assert not outbox.items, f"message {seq} was left for the I/O thread"
+            while hub_side.poll(1000 if len(kinds) <= seq else 0):
+                kinds.append(wire.parse_data_kind(hub_side.recv_multipart()[0]))
+        assert kinds[31:33] == [wire.PUBLISH, wire.FLUSH]  # the 32nd message, then the ask
+        assert kinds.count(wire.PUBLISH) == 40
+        assert wakes == []  # the I/O thread had nothing to do
+    finally:
+        channel.close()
+        hub_side.close(linger=0)
+        context.term()
+
+
 def _flood(address: str, ready: Any, stop: Any) -> None:
     """Publishes Ticks as fast as it can until the test closes its stop pipe (at most 60 s)."""
     broker = connect(address)

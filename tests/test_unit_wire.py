@@ -129,6 +129,23 @@ def test_topic_helpers() -> None:
 def test_check_topic_refuses(topic: bytes) -> None:
     with pytest.raises(ValueError):
         wire.check_topic(topic)
+    wire.check_topic(b"app.Order\x00")  # a good one remembered changes nothing for the others
+    with pytest.raises(ValueError):
+        wire.check_topic(topic)
+
+
+def test_good_topics_are_remembered_within_a_bound() -> None:
+    """The hub checks every PUBLISH's topic: a good one is remembered (checked once), but a peer
+    naming ever new topics cannot grow what is remembered past its bound."""
+    from ipcbus.wire import frames
+
+    for number in range(3 * frames._GOOD_TOPICS_MAX):
+        topic = b"app.Topic%d\x00" % number
+        assert wire.check_topic(topic) is topic
+        assert len(frames._GOOD_TOPICS) <= frames._GOOD_TOPICS_MAX
+    assert b"app.Topic%d\x00" % (3 * frames._GOOD_TOPICS_MAX - 1) in frames._GOOD_TOPICS
+    with pytest.raises(ValueError):
+        wire.check_topic(b"app.Topic1")  # its terminator cut off: still refused
 
 
 # -- meta and seq -----------------------------------------------------------------------------

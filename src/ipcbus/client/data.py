@@ -92,16 +92,27 @@ class DataChannel:
                 socket is None
                 or self.waiting is not None
                 or outbox.items
+                or outbox.confirm.resend  # what a dead hub did not confirm goes first
                 or not session.hub_alive
                 or not session.resynced.is_set()
             ):
                 return False
-            # take() encodes, counts and rejects exactly as on the I/O thread.
+            # take_items() encodes, counts and rejects exactly as take() on the I/O thread.
             outbox.items.append(message)
-            request = outbox.take()
+            request = outbox.take_items()
             if request is not None and not send_frames(socket, request):
                 self.waiting = request
                 self._wake()  # the I/O thread waits for room
+            else:
+                # A confirmation due goes after the message (it covers it too), from here:
+                # asked first, as take() does, it handed the message to the I/O thread, a
+                # wake-up on the way of one publish in 32.
+                token = outbox.confirm.ask(now)
+                if token is not None:
+                    confirmation = outbox.confirmation(token)
+                    if not send_frames(socket, confirmation):
+                        self.waiting = confirmation
+                        self._wake()
             if outbox.items or (outbox.flushes and _events(socket) & _POLLIN):
                 # Others queued meanwhile, or this send consumed the edge that would have
                 # told the I/O thread of a reply. The only replies are FLUSHED: with no flush

