@@ -40,6 +40,7 @@ from .fanout import Fanout
 from .journal import Journal
 from .metrics import HubMetrics
 from .preauth import PendingHandshakes, raise_fd_limit
+from .quiet_sockets import QuietSockets
 from .sending import send_reply
 from .spool import HubSpool
 from .unrouted import Unrouted
@@ -237,10 +238,9 @@ class Relay:
         assert fanout is not None
         full = zmq.Poller()
         stalled = zmq.Poller()
+        quiet = QuietSockets((zap, *monitors))
         for poller in (full, stalled):
-            for monitor in monitors:
-                poller.register(monitor, zmq.POLLIN)
-            poller.register(zap, zmq.POLLIN)
+            quiet.register(poller)
             poller.register(control, zmq.POLLIN)
             poller.register(xpub, zmq.POLLIN)
             if watch_fd is not None:
@@ -284,15 +284,18 @@ class Relay:
                 timeout = max(0, min(_IDLE_POLL_MS, int((tick_due - now) * 1000) + 1))
                 if in_grace:
                     timeout = min(timeout, int((self._accept_after - now) * 1000) + 1)
+            if quiet.pending:
+                timeout = 0
             events = dict(poller.poll(timeout))
             if watch_fd is not None and watch_fd in events:
                 logger.info("the process that started the hub is gone: stopping")
                 return
-            if zap in events:
-                self._authenticate(zap, secret)
-            for monitor in monitors:
-                if monitor in events:
-                    self._count_failed_handshakes(monitor)
+            for sock in quiet.ready(events):
+                if sock is zap:
+                    self._authenticate(zap, secret)
+                else:
+                    self._count_failed_handshakes(sock)
+                quiet.read(sock)
             if xpub in events:
                 fanout.read_subscriptions()
             if control in events:
@@ -309,6 +312,7 @@ class Relay:
                 self._grouped
                 or lossy_ended
                 or len(events) > (data in events)
+                or quiet.pending
                 or time.monotonic() >= tick_due
             ):
                 self.control_plane.tick(control)
