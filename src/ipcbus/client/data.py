@@ -25,7 +25,7 @@ import zmq
 
 from ..message import Message
 from ..wire import protocol as wire
-from ..wire.sockets import send_frames
+from ..wire.sockets import readable, send_frames
 from .outbox import Outbox
 from .session import Session
 
@@ -113,7 +113,7 @@ class DataChannel:
                     if not send_frames(socket, confirmation):
                         self.waiting = confirmation
                         self._wake()
-            if outbox.items or (outbox.flushes and _events(socket) & _POLLIN):
+            if outbox.items or (outbox.flushes and readable(socket)):
                 # Others queued meanwhile, or this send consumed the edge that would have
                 # told the I/O thread of a reply. The only replies are FLUSHED: with no flush
                 # unanswered there is none to miss, and the look is skipped (a getsockopt,

@@ -35,14 +35,13 @@ from typing import cast
 import zmq
 
 from ..wire import protocol as wire
-from ..wire.sockets import recv_frames
+from ..wire.sockets import readable, recv_frames
 from .spool import Spool, read_spooled
 
 __all__ = ["Subscriptions"]
 
 _BURST = 256
 _RESYNC_AFTER = 1.0
-_POLLIN = int(zmq.POLLIN)
 
 
 @dataclass
@@ -206,7 +205,7 @@ class Subscriptions:
     def _used(self) -> None:
         """After the I/O thread used the socket (lock held): it may have consumed the edge of
         a batch that waits, and it does not read it itself; the dispatcher does."""
-        if self.sub is not None and not self.reading and _events(self.sub) & _POLLIN:
+        if self.sub is not None and not self.reading and readable(self.sub):
             self.wake_reader()
 
     def hand_on_held(self) -> None:
@@ -243,16 +242,14 @@ class Subscriptions:
                 self.held = None
                 return held
             frames, answered = self._next()
-            if answered or (self._syncs and self.sub is not None and _events(self.sub) & _POLLIN):
+            if answered or (self._syncs and self.sub is not None and readable(self.sub)):
                 self._wake_io()  # the pump waits for the answer, or one may wait behind this
             return frames
 
     def readable(self) -> bool:
         """Dispatcher, before it sleeps: is there something to read after all?"""
         with self.lock:
-            return self.held is not None or (
-                self.sub is not None and bool(_events(self.sub) & _POLLIN)
-            )
+            return self.held is not None or (self.sub is not None and readable(self.sub))
 
     def _next(self) -> tuple[list[zmq.Frame] | None, bool]:
         """The next frames to dispatch from the socket (lock held), and whether a sync was
@@ -261,7 +258,7 @@ class Subscriptions:
         answered = False
         # Looking first costs a getsockopt; a receive that finds nothing raises zmq.Again, which
         # costs ~3x that, and ends every read of an idle socket.
-        while sub is not None and _events(sub) & _POLLIN:
+        while sub is not None and readable(sub):
             frames = recv_frames(sub)
             topic = frames[0].bytes
             if wire.is_sync_topic(topic):
@@ -278,10 +275,6 @@ class Subscriptions:
                 frames = read_spooled(self.spool, frames)
             return frames, answered
         return None, answered
-
-
-def _events(sub: zmq.Socket[bytes]) -> int:
-    return cast(int, sub.getsockopt(zmq.EVENTS))
 
 
 def _nothing() -> None:

@@ -17,12 +17,11 @@ from typing import cast
 
 import zmq
 
+from ..wire.sockets import readable
+
 __all__ = ["QuietSockets"]
 
 Socket = zmq.Socket[bytes]
-
-_POLLIN = int(zmq.POLLIN)
-_EVENTS = int(zmq.EVENTS)
 
 
 class QuietSockets:
@@ -52,5 +51,5 @@ class QuietSockets:
 
     def read(self, sock: Socket) -> None:
         """``sock`` was read: if something is left (a burst cut short), look again next turn."""
-        if cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
+        if readable(sock):
             self._again.append(sock)

@@ -14,7 +14,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import cast
 
 import zmq
 
@@ -23,7 +22,7 @@ from ..exceptions import HubAddressError, HubUnavailableError, InsecurePathError
 from ..wire import protocol as wire
 from ..wire.address import Address
 from ..wire.keys import load_or_create_secret
-from ..wire.sockets import recv_frames
+from ..wire.sockets import readable, recv_frames
 from ..wire.statistics import HubStatistics
 from .binding import (
     answer_zap,
@@ -54,8 +53,6 @@ _BURST = 256
 _IDLE_POLL_MS = 100
 # XPUB_NODROP gives no POLLOUT event for a full pipe: a stalled send is retried on this period.
 _STALLED_POLL_MS = 1
-_POLLIN = int(zmq.POLLIN)
-_EVENTS = int(zmq.EVENTS)
 
 Socket = zmq.Socket[bytes]
 
@@ -346,7 +343,7 @@ class Relay:
                 return
             # Looking first costs a getsockopt; a receive that finds nothing raises zmq.Again
             # (~3x that), which ended every read.
-            if not polled and not cast(int, router.getsockopt(_EVENTS)) & _POLLIN:
+            if not polled and not readable(router):
                 return
             polled = False
             frames = recv_frames(router)
