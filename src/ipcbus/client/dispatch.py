@@ -73,7 +73,6 @@ class Dispatcher:
         # arrives meanwhile is dropped rather than held (held, it would stall the hub's fan-out
         # while close() waits for the hub to confirm a flush).
         self._abandoned = False
-        self._looked = False  # the last _next() looked at the SUB socket and found nothing
         self._thread = start_thread("ipcbus-dispatch", self._run, on_death, handlers=True)
 
     @property
@@ -137,9 +136,17 @@ class Dispatcher:
         waker = self._waker.fd
         poller.register(waker, select.POLLIN)
         polled = -1  # the SUB socket's descriptor in the poller, if any
+        inbox = self._inbox
         while not self._abandoned:
-            self._looked = False
-            frames = self._next()
+            # The next batch: what the I/O thread read before, or what the SUB socket has.
+            looked = False
+            if inbox:
+                frames: list[zmq.Frame] | None = inbox.popleft()
+            elif self._source is None or self._stopping:
+                frames = None  # stopping: what the I/O thread read is handled, nothing more
+            else:
+                looked = True
+                frames = self._source.take(inbox)
             if frames is None:
                 if self._stopping:
                     return
@@ -151,12 +158,12 @@ class Dispatcher:
                     if fd >= 0:
                         poller.register(fd, select.POLLIN)
                     polled = fd
-                    self._looked = False
+                    looked = False
                 # take() just looked at ZMQ_EVENTS (consuming the edge) and found nothing: a
                 # batch that comes now signals the descriptor again, and the I/O thread wakes
                 # us when it consumes an edge itself (Subscriptions._used). Looking a second
                 # time cost a lock and a getsockopt per batch (~5 µs of a leg, measured).
-                if not self._looked and source is not None and source.readable():
+                if not looked and source is not None and source.readable():
                     continue  # the edge was consumed before we looked: never sleep on it
                 for ready, _event in poller.poll():
                     if ready == waker:
@@ -168,15 +175,6 @@ class Dispatcher:
                 self._dispatch(frames)
             except Exception:
                 logger.exception("ipcbus could not dispatch a batch; it is dropped")
-
-    def _next(self) -> list[zmq.Frame] | None:
-        if self._inbox:
-            return self._inbox.popleft()
-        source = self._source
-        if source is None or self._stopping:
-            return None  # stopping: what the I/O thread read is handled, nothing more
-        self._looked = True
-        return source.take(self._inbox)
 
     def _dispatch(self, frames: list[Any]) -> None:
         if self.take_reply(frames):

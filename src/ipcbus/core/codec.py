@@ -88,11 +88,21 @@ _PICKLING_HOOKS = ("__reduce__", "__reduce_ex__", "__getstate__")
 _plain: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
+# The class asked last, and its answer: a publisher of one type asks about the same class each
+# time, and a WeakKeyDictionary lookup makes a weak reference and a Python call each time.
+_last_plain: tuple[Callable[[], type | None], bool] = (lambda: None, False)
+
+
 def is_plain_dataclass(cls: type) -> bool:
     """True when pickling an instance is exactly "the class, then its ``__dict__``"."""
+    global _last_plain
+    last, answer = _last_plain
+    if last() is cls:
+        return answer
     known = _plain.get(cls)
     if known is None:
         known = _plain[cls] = _is_plain_dataclass(cls)
+    _last_plain = (weakref.ref(cls), known)
     return known
 
 

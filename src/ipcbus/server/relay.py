@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 import zmq
+from zmq.backend import zmq_poll as _zmq_poll
 
 from ..config import HubOptions
 from ..exceptions import HubAddressError, HubUnavailableError, InsecurePathError
@@ -283,7 +284,7 @@ class Relay:
                     timeout = min(timeout, int((self._accept_after - now) * 1000) + 1)
             if quiet.pending:
                 timeout = 0
-            events = dict(poller.poll(timeout))
+            events = dict(_zmq_poll(poller.sockets, timeout))  # Poller.poll, without its wrapper
             if watch_fd is not None and watch_fd in events:
                 logger.info("the process that started the hub is gone: stopping")
                 return
