@@ -36,6 +36,7 @@ from .binding import (
 )
 from .claim import AddressClaim
 from .control import ControlPlane
+from .data_path import DataPath
 from .fanout import Fanout
 from .journal import Journal
 from .metrics import HubMetrics
@@ -43,7 +44,6 @@ from .preauth import PendingHandshakes, raise_fd_limit
 from .quiet_sockets import QuietSockets
 from .sending import send_reply
 from .spool import HubSpool
-from .unrouted import Unrouted
 
 __all__ = ["Relay"]
 
@@ -88,12 +88,10 @@ class Relay:
             max_dead_letter_bytes=options.max_dead_letter_bytes,
         )
         self._fanout: Fanout | None = None
-        self._batches = self._messages = self._bytes = 0
-        self._malformed = self._unsplittable = self._auth_rejected = 0
+        self._malformed = self._auth_rejected = 0
         self._accept_after = 0.0
         self._pending: dict[Socket, PendingHandshakes] = {}
-        self._unrouted = Unrouted()
-        self._grouped = False  # this turn relayed a batch of a topic with queue groups
+        self._data_path = DataPath(self.control_plane.book)
         self._control_monitor: Socket | None = None
         self.metrics: HubMetrics | None = None
         self.journal: Journal | None = None
@@ -115,9 +113,9 @@ class Relay:
             uptime=time.monotonic() - self._started,
             clients=len(self.control_plane.clients),
             topics=len(fanout.topics) if fanout else 0,
-            batches_relayed=self._batches,
-            messages_relayed=self._messages,
-            bytes_relayed=self._bytes,
+            batches_relayed=self._data_path.batches,
+            messages_relayed=self._data_path.messages,
+            bytes_relayed=self._data_path.bytes,
             backpressure_stalls=fanout.stalls if fanout else 0,
             malformed_dropped=self._malformed,
             stall_drops=fanout.stall_drops if fanout else 0,
@@ -129,10 +127,10 @@ class Relay:
             full_topics=sorted(wire.unique_name_of(topic) for topic in book.full_topics),
             stale_acks=book.stale_acks,
             unapplied_acks=self.control_plane.unapplied_acks,
-            unsplittable_dropped=self._unsplittable,
+            unsplittable_dropped=self._data_path.unsplittable,
             bad_group_entries=self.control_plane.bad_group_entries,
             handshakes_shed=sum(pending.shed for pending in self._pending.values()),
-            unrouted=dict(self._unrouted.counts),
+            unrouted=dict(self._data_path.unrouted.counts),
             journal=self.journal.statistics() if self.journal is not None else {},
             spool=asdict(self.spool.statistics()) if self.spool is not None else {},
             queues=book.statistics(),
@@ -187,7 +185,8 @@ class Relay:
             self.pub_endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
             claim.bound()
             restrict_ipc_files(*self.endpoints)
-            self._fanout = Fanout(xpub, options.stall_timeout)
+            self._fanout = self._data_path.fanout = Fanout(xpub, options.stall_timeout)
+            self._data_path.journal = self.journal
             if self.journal is not None:  # broadcast counts go on across a crash
                 self.journal.count_for(self._fanout)
             monitors = watch_handshakes(
@@ -251,7 +250,8 @@ class Relay:
         # only relayed broadcast batches changed nothing of its state, and skips it until then
         # (~10 us of the hub's ~125 per relayed batch, measured).
         tick_due = 0.0
-        on_data = functools.partial(self._handle_data, data, fanout)
+        data_path = self._data_path
+        on_data = functools.partial(data_path.handle, data)
         on_control = functools.partial(self._handle_control, control)
         while True:
             if metrics is not None and metrics.wanted:
@@ -301,13 +301,13 @@ class Relay:
             lossy_ended = fanout.lossy_ended()
             if lossy_ended:
                 self.control_plane.announce_lossy()
-            self._grouped = False
+            data_path.grouped = False
             if fanout.retry() and accepting and (data in events or poller is stalled):
                 self._read(data, on_data, True, data in events)
             # Anything but a relayed broadcast batch may have given the control plane work: a
             # queue group's batch, an ack, a client come or gone, a notice to send.
             if (
-                self._grouped
+                data_path.grouped
                 or lossy_ended
                 or len(events) > (data in events)
                 or quiet.pending
@@ -361,49 +361,6 @@ class Relay:
                 # A bug of ours that one request triggers must not stop the hub for everyone.
                 self._malformed += 1
                 logger.exception("dropped a request the hub could not handle")
-
-    def _handle_data(self, data: Socket, fanout: Fanout, frames: list[zmq.Frame]) -> None:
-        identity, head = frames[0].bytes, frames[1].bytes
-        kind = wire.parse_data_kind(head)
-        if kind == wire.PUBLISH:
-            if len(frames) < 3:
-                raise ValueError("PUBLISH without payload")
-            topic, meta = wire.parse_publish_head(head)
-            codec, count, _ = wire.unpack_meta(meta)
-            split = codec in wire.SPLIT_CODECS
-            if split:
-                if len(frames) != 4:
-                    raise ValueError(f"a split batch in {len(frames) - 2} frames, not 2")
-                # The payloads as a view of the received frame: the hub copies no payload
-                # (8 MB messages, issue 12); queue runs are views of it in turn.
-                sizes, payloads = frames[2].bytes, frames[3].buffer
-                wire.check_split(count, sizes, payloads)
-            self._batches += 1
-            self._messages += count
-            # Topic, meta and payload: what the hub relays of it.
-            self._bytes += sum(len(frame) for frame in frames[1:]) - wire.HEADER_LEN
-            book = self.control_plane.book
-            grouped = book.has_groups(topic)
-            if not grouped and fanout.topics.get(topic, 0) == 0:
-                self._unrouted.add(topic, count)
-            if grouped:
-                self._grouped = True
-                if split:
-                    # Kept whole: the book cuts it only where a consumer's credit needs it.
-                    book.enqueue_batch(topic, meta, sizes, payloads)
-                else:
-                    # Encoded before its publisher learned the topic has queue groups, i.e.
-                    # published before the group's first subscribe_async() returned.
-                    self._unsplittable += count
-                    logger.warning("%d messages of %r reached no queue group", count, topic)
-            fanout.relay(topic, meta, count, frames[2:], identity)
-        elif kind == wire.FLUSH and len(frames) == 3:
-            if self.journal is not None:  # confirmed once what came before is journaled
-                self.journal.answer_later(data, wire.flushed(identity, frames[2].bytes))
-            else:
-                send_reply(data, wire.flushed(identity, frames[2].bytes))
-        else:
-            raise ValueError(f"unknown data request {kind!r}")
 
     def _handle_control(self, control: Socket, frames: list[zmq.Frame]) -> None:
         if wire.parse_kind(frames[1].bytes) == wire.STATS:

@@ -1,0 +1,85 @@
+"""What the hub does with each request on its data socket (hub process): a PUBLISH checked,
+counted, held for its topic's queue groups and relayed on XPUB; a FLUSH answered once what the
+client sent before it is relayed (and journaled). Never unpickles: malformed input raises
+``ValueError``, which the serving loop counts and drops (docs/security.md)."""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+
+from ..wire import protocol as wire
+from .fanout import Fanout
+from .journal import Journal
+from .queues import QueueBook
+from .sending import send_reply
+from .unrouted import Unrouted
+
+__all__ = ["DataPath"]
+
+logger = logging.getLogger(__name__)
+
+Socket = zmq.Socket[bytes]
+
+
+class DataPath:
+    def __init__(self, book: QueueBook) -> None:
+        self._book = book
+        self.fanout: Fanout | None = None  # set once the hub's XPUB socket is bound
+        self.journal: Journal | None = None
+        self.batches = self.messages = self.bytes = 0
+        self.unsplittable = 0  # messages of a grouped topic that came unsplit: no group got them
+        self.unrouted = Unrouted()
+        # A batch of a topic with queue groups came since this was last cleared: the control
+        # plane has work (the serving loop skips it otherwise until its timers are due).
+        self.grouped = False
+
+    def handle(self, data: Socket, frames: list[zmq.Frame]) -> None:
+        """One request, ``frames`` with the client's identity first."""
+        identity, head = frames[0].bytes, frames[1].bytes
+        kind = wire.parse_data_kind(head)
+        if kind == wire.PUBLISH:
+            self._publish(identity, head, frames)
+        elif kind == wire.FLUSH and len(frames) == 3:
+            if self.journal is not None:  # confirmed once what came before is journaled
+                self.journal.answer_later(data, wire.flushed(identity, frames[2].bytes))
+            else:
+                send_reply(data, wire.flushed(identity, frames[2].bytes))
+        else:
+            raise ValueError(f"unknown data request {kind!r}")
+
+    def _publish(self, identity: bytes, head: bytes, frames: list[zmq.Frame]) -> None:
+        fanout = self.fanout
+        assert fanout is not None
+        if len(frames) < 3:
+            raise ValueError("PUBLISH without payload")
+        topic, meta = wire.parse_publish_head(head)
+        codec, count, _ = wire.unpack_meta(meta)
+        split = codec in wire.SPLIT_CODECS
+        if split:
+            if len(frames) != 4:
+                raise ValueError(f"a split batch in {len(frames) - 2} frames, not 2")
+            # The payloads as a view of the received frame: the hub copies no payload
+            # (8 MB messages, issue 12); queue runs are views of it in turn.
+            sizes, payloads = frames[2].bytes, frames[3].buffer
+            wire.check_split(count, sizes, payloads)
+        self.batches += 1
+        self.messages += count
+        # Topic, meta and payload: what the hub relays of it.
+        self.bytes += sum(len(frame) for frame in frames[1:]) - wire.HEADER_LEN
+        book = self._book
+        grouped = book.has_groups(topic)
+        if not grouped and fanout.topics.get(topic, 0) == 0:
+            self.unrouted.add(topic, count)
+        if grouped:
+            self.grouped = True
+            if split:
+                # Kept whole: the book cuts it only where a consumer's credit needs it.
+                book.enqueue_batch(topic, meta, sizes, payloads)
+            else:
+                # Encoded before its publisher learned the topic has queue groups, i.e.
+                # published before the group's first subscribe_async() returned.
+                self.unsplittable += count
+                logger.warning("%d messages of %r reached no queue group", count, topic)
+        fanout.relay(topic, meta, count, frames[2:], identity)
