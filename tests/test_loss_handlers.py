@@ -636,3 +636,32 @@ def test_a_batch_that_cannot_be_decoded_at_all_is_counted_whole() -> None:
         assert dispatcher.thread.is_alive()
     finally:
         dispatcher.stop(5)
+
+
+def test_a_batch_whose_head_cannot_be_read_is_counted_and_the_next_is_dispatched() -> None:
+    """Only an authenticated hub reaches the SUB socket, but a batch it sent malformed (a head
+    cut short, a meta of the wrong size) must not vanish silently: it counts as one
+    undecodable message (how many it held is unknown), and the dispatcher goes on."""
+    deaths: list[str] = []
+    received: list[int] = []
+    dispatcher = Dispatcher(4, lambda name, exc: deaths.append(name))
+    try:
+        dispatcher.add(
+            Subscription(NullBroker(), SlottedCarrier, lambda m: received.append(m.seq), None, None)
+        )
+        topic = wire.topic_for(get_unique_name_for_message(SlottedCarrier))
+        good = pickle.dumps([SlottedCarrier(2)], protocol=5)
+        meta = wire.pack_meta(codec.OBJECTS, 1, time.time())
+        cut_short = [zmq.Frame(topic + b"\x00\x01"), zmq.Frame(good)]  # a seq of 2 bytes
+        bad_meta = [zmq.Frame(wire.fanout_head(topic, 1, b"c", b"short")), zmq.Frame(good)]
+        for frames in (
+            cut_short,
+            bad_meta,
+            [zmq.Frame(f) for f in wire.fanout(topic, meta, 3, [good])],
+        ):
+            assert dispatcher.put(frames)
+        wait_until(lambda: received == [2], 10)
+        assert dispatcher.undecodable == 2
+        assert deaths == []
+    finally:
+        dispatcher.stop(5)

@@ -13,7 +13,8 @@ Handlers never end the thread: what they raise, ``BaseException`` included, is l
 (:func:`~ipcbus.core.handlers.call_handler`). A message this process cannot decode (it holds an
 instance of a class this process cannot import) is left out of its batch alone, counted in
 ``undecodable`` and logged with its type; a batch that cannot be decoded at all is counted with
-the number of messages its meta frame announced.
+the number of messages its meta frame announced, and one whose head cannot be read at all as
+one message (how many it held is unknown).
 """
 
 from __future__ import annotations
@@ -174,6 +175,9 @@ class Dispatcher:
             try:
                 self._dispatch(frames)
             except Exception:
+                # A batch the hub sent malformed (or a bug of ours): dropped, and counted as
+                # one message, at least one of its unknown number.
+                self.undecodable += 1
                 logger.exception("ipcbus could not dispatch a batch; it is dropped")
 
     def _dispatch(self, frames: list[Any]) -> None:
