@@ -654,11 +654,13 @@ def test_a_batch_whose_head_cannot_be_read_is_counted_and_the_next_is_dispatched
         meta = wire.pack_meta(codec.OBJECTS, 1, time.time())
         cut_short = [zmq.Frame(topic + b"\x00\x01"), zmq.Frame(good)]  # a seq of 2 bytes
         bad_meta = [zmq.Frame(wire.fanout_head(topic, 1, b"c", b"short")), zmq.Frame(good)]
-        for frames in (
-            cut_short,
-            bad_meta,
-            [zmq.Frame(f) for f in wire.fanout(topic, meta, 3, [good])],
-        ):
+        # A sync answer with seqs of the wrong size: dropped too, but it is no message.
+        sync = wire.seq_sync_topic(b"client", 1, wire.SYNC_CHECK, [topic])
+        bad_sync = [zmq.Frame(sync), zmq.Frame(b"\x00\x01\x02")]
+        with pytest.raises(ValueError):
+            wire.SyncReply.parse(bad_sync)
+        good_batch = [zmq.Frame(f) for f in wire.fanout(topic, meta, 3, [good])]
+        for frames in (cut_short, bad_meta, bad_sync, good_batch):
             assert dispatcher.put(frames)
         wait_until(lambda: received == [2], 10)
         assert dispatcher.undecodable == 2

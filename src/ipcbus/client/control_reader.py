@@ -99,9 +99,6 @@ class ControlReader:
     def _welcomed(self, welcome: wire.Welcome) -> None:
         self._follow(welcome)
         reconnected = self._welcome(welcome)
-        if reconnected and not self._same_hub:
-            with self._data.lock:  # a quiet publisher's send records into it too
-                self.outbox.confirm.replaced()  # the dead hub's unconfirmed: again, or in doubt
         if reconnected and self._subscriptions.live_topics:
             self._subscriptions.resync(self.session.resynced, self._same_hub)
         self._control.restore_consumers()
@@ -147,14 +144,20 @@ class ControlReader:
     def _welcome(self, welcome: wire.Welcome) -> bool:
         resync = bool(self._subscriptions.live_topics)
         was_available = self.session.available
+        same_hub = welcome.hub_id == self._hub_id
         with self._data.lock:  # a publisher sending at once sees the hub back and resyncing
             reconnected = self.session.welcome(welcome, resync)
+            if reconnected and not same_hub:
+                # The dead hub's unconfirmed: again, or in doubt. In the same hold of the lock:
+                # released in between, a quiet publisher could send to the new hub, and its
+                # message was taken for one the dead hub took (in doubt, or sent twice).
+                self.outbox.confirm.replaced()
         self.outbox.set_limit(welcome.max_message_size)
         if welcome.spool_dir != (self.outbox.spool.path if self.outbox.spool else ""):
             self._use_spool(welcome)
         if not was_available:
             self._on_hub_state(True)
-        self._same_hub = welcome.hub_id == self._hub_id
+        self._same_hub = same_hub
         self._hub_id = welcome.hub_id
         # Whatever an earlier hub held back, this one says again in a FULL of its own.
         if self.full_topics:

@@ -175,9 +175,6 @@ class Dispatcher:
             try:
                 self._dispatch(frames)
             except Exception:
-                # A batch the hub sent malformed (or a bug of ours): dropped, and counted as
-                # one message, at least one of its unknown number.
-                self.undecodable += 1
                 logger.exception("ipcbus could not dispatch a batch; it is dropped")
 
     def _dispatch(self, frames: list[Any]) -> None:
@@ -188,12 +185,19 @@ class Dispatcher:
             return
         # wire.Fanout.parse without its record (~2 µs a batch): the publisher is not needed.
         head = frames[0].bytes
-        topic_bytes, seq, _publisher, meta_bytes = wire.parse_fanout_head(head)
-        topic = wire.unique_name_of(topic_bytes)
-        subscriptions = self.subscriptions.get(topic)
-        if not subscriptions:
+        try:
+            topic_bytes, seq, _publisher, meta_bytes = wire.parse_fanout_head(head)
+            topic = wire.unique_name_of(topic_bytes)
+            subscriptions = self.subscriptions.get(topic)
+            if not subscriptions:
+                return
+            meta = wire.unpack_meta(meta_bytes)
+        except ValueError as exc:
+            # A batch the hub sent malformed: dropped, and counted as one message (at least
+            # one of its unknown number).
+            self.undecodable += 1
+            logger.error("dropped a batch whose head cannot be read: %s", exc)
             return
-        meta = wire.unpack_meta(meta_bytes)
         count = meta[1]
         last = self._last_seq.get(topic)
         self._last_seq[topic] = seq

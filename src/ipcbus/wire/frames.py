@@ -195,7 +195,7 @@ _GOOD_TOPICS_MAX = 4096
 
 def check_topic(topic: bytes) -> bytes:
     """A unique name plus terminator, or ``ValueError`` (input from peers is checked here)."""
-    if topic in _GOOD_TOPICS:
+    if type(topic) is bytes and topic in _GOOD_TOPICS:  # bytes exactly: hashable
         return topic
     if (
         len(topic) < 2  # a name, then its terminator
@@ -206,9 +206,10 @@ def check_topic(topic: bytes) -> bytes:
     ):
         raise ValueError(f"bad topic {topic[:64]!r}")
     topic[:-1].decode()  # UnicodeDecodeError is a ValueError
-    if len(_GOOD_TOPICS) >= _GOOD_TOPICS_MAX:
-        _GOOD_TOPICS.clear()
-    _GOOD_TOPICS.add(topic)
+    if type(topic) is bytes:
+        if len(_GOOD_TOPICS) >= _GOOD_TOPICS_MAX:
+            _GOOD_TOPICS.clear()
+        _GOOD_TOPICS.add(topic)
     return topic
 
 
