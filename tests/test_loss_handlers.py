@@ -610,9 +610,18 @@ class _ExitsWhenUnpickled:
         return sys.exit, ("unpickled",)
 
 
-def test_a_batch_that_cannot_be_decoded_at_all_is_counted_whole() -> None:
-    """Not a missing class: garbage, or unpickling that raises (SystemExit included). The
-    dispatcher counts the messages the meta frame announced and goes on."""
+@dataclass
+class _Carriers:
+    """A dispatcher with one subscription to SlottedCarrier, fed by hand."""
+
+    dispatcher: Dispatcher
+    topic: bytes
+    received: list[int]
+    deaths: list[str]
+
+
+@pytest.fixture
+def carriers() -> Iterator[_Carriers]:
     deaths: list[str] = []
     received: list[int] = []
     dispatcher = Dispatcher(4, lambda name, exc: deaths.append(name))
@@ -621,49 +630,49 @@ def test_a_batch_that_cannot_be_decoded_at_all_is_counted_whole() -> None:
             Subscription(NullBroker(), SlottedCarrier, lambda m: received.append(m.seq), None, None)
         )
         topic = wire.topic_for(get_unique_name_for_message(SlottedCarrier))
-
-        def batch(seq: int, count: int, payload: bytes) -> list[zmq.Frame]:
-            meta = wire.pack_meta(codec.OBJECTS, count, time.time())
-            return [zmq.Frame(f) for f in wire.fanout(topic, meta, seq, [payload])]
-
-        exits = pickle.dumps([SlottedCarrier(1, _ExitsWhenUnpickled())] * 3, protocol=5)
-        good = pickle.dumps([SlottedCarrier(2)], protocol=5)
-        for frames in (batch(1, 7, b"not a pickle"), batch(2, 3, exits), batch(3, 1, good)):
-            assert dispatcher.put(frames)
-        wait_until(lambda: received == [2], 10)
-        assert dispatcher.undecodable == 7 + 3
-        assert deaths == []
-        assert dispatcher.thread.is_alive()
+        yield _Carriers(dispatcher, topic, received, deaths)
     finally:
         dispatcher.stop(5)
 
 
-def test_a_batch_whose_head_cannot_be_read_is_counted_and_the_next_is_dispatched() -> None:
+def test_a_batch_that_cannot_be_decoded_at_all_is_counted_whole(carriers: _Carriers) -> None:
+    """Not a missing class: garbage, or unpickling that raises (SystemExit included). The
+    dispatcher counts the messages the meta frame announced and goes on."""
+    dispatcher, topic = carriers.dispatcher, carriers.topic
+
+    def batch(seq: int, count: int, payload: bytes) -> list[zmq.Frame]:
+        meta = wire.pack_meta(codec.OBJECTS, count, time.time())
+        return [zmq.Frame(f) for f in wire.fanout(topic, meta, seq, [payload])]
+
+    exits = pickle.dumps([SlottedCarrier(1, _ExitsWhenUnpickled())] * 3, protocol=5)
+    good = pickle.dumps([SlottedCarrier(2)], protocol=5)
+    for frames in (batch(1, 7, b"not a pickle"), batch(2, 3, exits), batch(3, 1, good)):
+        assert dispatcher.put(frames)
+    wait_until(lambda: carriers.received == [2], 10)
+    assert dispatcher.undecodable == 7 + 3
+    assert carriers.deaths == []
+    assert dispatcher.thread.is_alive()
+
+
+def test_a_batch_whose_head_cannot_be_read_is_counted_and_the_next_is_dispatched(
+    carriers: _Carriers,
+) -> None:
     """Only an authenticated hub reaches the SUB socket, but a batch it sent malformed (a head
     cut short, a meta of the wrong size) must not vanish silently: it counts as one
     undecodable message (how many it held is unknown), and the dispatcher goes on."""
-    deaths: list[str] = []
-    received: list[int] = []
-    dispatcher = Dispatcher(4, lambda name, exc: deaths.append(name))
-    try:
-        dispatcher.add(
-            Subscription(NullBroker(), SlottedCarrier, lambda m: received.append(m.seq), None, None)
-        )
-        topic = wire.topic_for(get_unique_name_for_message(SlottedCarrier))
-        good = pickle.dumps([SlottedCarrier(2)], protocol=5)
-        meta = wire.pack_meta(codec.OBJECTS, 1, time.time())
-        cut_short = [zmq.Frame(topic + b"\x00\x01"), zmq.Frame(good)]  # a seq of 2 bytes
-        bad_meta = [zmq.Frame(wire.fanout_head(topic, 1, b"c", b"short")), zmq.Frame(good)]
-        # A sync answer with seqs of the wrong size: dropped too, but it is no message.
-        sync = wire.seq_sync_topic(b"client", 1, wire.SYNC_CHECK, [topic])
-        bad_sync = [zmq.Frame(sync), zmq.Frame(b"\x00\x01\x02")]
-        with pytest.raises(ValueError):
-            wire.SyncReply.parse(bad_sync)
-        good_batch = [zmq.Frame(f) for f in wire.fanout(topic, meta, 3, [good])]
-        for frames in (cut_short, bad_meta, bad_sync, good_batch):
-            assert dispatcher.put(frames)
-        wait_until(lambda: received == [2], 10)
-        assert dispatcher.undecodable == 2
-        assert deaths == []
-    finally:
-        dispatcher.stop(5)
+    dispatcher, topic = carriers.dispatcher, carriers.topic
+    good = pickle.dumps([SlottedCarrier(2)], protocol=5)
+    meta = wire.pack_meta(codec.OBJECTS, 1, time.time())
+    cut_short = [zmq.Frame(topic + b"\x00\x01"), zmq.Frame(good)]  # a seq of 2 bytes
+    bad_meta = [zmq.Frame(wire.fanout_head(topic, 1, b"c", b"short")), zmq.Frame(good)]
+    # A sync answer with seqs of the wrong size: dropped too, but it is no message.
+    sync = wire.seq_sync_topic(b"client", 1, wire.SYNC_CHECK, [topic])
+    bad_sync = [zmq.Frame(sync), zmq.Frame(b"\x00\x01\x02")]
+    with pytest.raises(ValueError):
+        wire.SyncReply.parse(bad_sync)
+    good_batch = [zmq.Frame(f) for f in wire.fanout(topic, meta, 3, [good])]
+    for frames in (cut_short, bad_meta, bad_sync, good_batch):
+        assert dispatcher.put(frames)
+    wait_until(lambda: carriers.received == [2], 10)
+    assert dispatcher.undecodable == 2
+    assert carriers.deaths == []

@@ -187,3 +187,21 @@ def test_setting_the_wall_clock_expires_nothing_early(spool_root: str) -> None:
     finally:
         reader.close()
         spool.close()
+
+
+def test_a_file_that_reuses_an_expired_files_inode_and_name_starts_its_age_afresh() -> None:
+    """Ages are kept per (device, inode, name): the one removed for its age is forgotten, so a
+    new file the file system gives the same inode, under the same name, is not removed at once."""
+    from ipcbus.server.spool import _Ages
+
+    ages = _Ages()
+    info = os.stat_result((0o100600, 7, 1, 1, 0, 0, 10, 0, 0, 0))  # inode 7 on device 1
+    ages.start(100.0, 60.0)
+    assert not ages.expired(info, "share.1")
+    ages.finish()
+    ages.start(161.0, 60.0)
+    assert ages.expired(info, "share.1")  # first seen 61 s ago: removed
+    ages.finish()
+    ages.start(161.5, 60.0)
+    assert not ages.expired(info, "share.1")  # the same inode and name again: a new file
+    ages.finish()

@@ -160,10 +160,10 @@ class Dispatcher:
                         poller.register(fd, select.POLLIN)
                     polled = fd
                     looked = False
-                # take() just looked at ZMQ_EVENTS (consuming the edge) and found nothing: a
+                # take() just looked (ZMQ_EVENTS, consuming the edge) and found nothing: a
                 # batch that comes now signals the descriptor again, and the I/O thread wakes
                 # us when it consumes an edge itself (Subscriptions._used). Looking a second
-                # time cost a lock and a getsockopt per batch (~5 µs of a leg, measured).
+                # time cost a lock and a look per batch (~5 µs of a leg, measured).
                 if not looked and source is not None and source.readable():
                     continue  # the edge was consumed before we looked: never sleep on it
                 for ready, _event in poller.poll():

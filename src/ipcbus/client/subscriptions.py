@@ -256,7 +256,7 @@ class Subscriptions:
         answered on the way."""
         sub = self.sub
         answered = False
-        # Looking first costs a getsockopt; a receive that finds nothing raises zmq.Again, which
+        # Looking first costs a zmq_poll; a receive that finds nothing raises zmq.Again, which
         # costs ~3x that, and ends every read of an idle socket.
         while sub is not None and readable(sub):
             frames = recv_frames(sub)

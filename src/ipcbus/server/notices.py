@@ -8,7 +8,8 @@
   it missed.
 - **STOPPING**: the hub is going; clients reconnect at once.
 
-A notice whose client's pipe is full is retried every turn, never dropped (``send_to_each``).
+A notice whose client's pipe is full is retried on each turn that does the control plane's work
+(at least every 100 ms), never dropped (``send_to_each``).
 """
 
 from __future__ import annotations

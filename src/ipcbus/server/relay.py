@@ -87,7 +87,6 @@ class Relay:
             max_dead_letters=options.max_dead_letters,
             max_dead_letter_bytes=options.max_dead_letter_bytes,
         )
-        self._fanout: Fanout | None = None
         self._malformed = self._auth_rejected = 0
         self._accept_after = 0.0
         self._pending: dict[Socket, PendingHandshakes] = {}
@@ -96,6 +95,11 @@ class Relay:
         self.metrics: HubMetrics | None = None
         self.journal: Journal | None = None
         self.spool: HubSpool | None = None
+
+    @property
+    def _fanout(self) -> Fanout | None:
+        """The XPUB side, once bound (the data path relays through it)."""
+        return self._data_path.fanout
 
     @property
     def metrics_url(self) -> str | None:
@@ -185,10 +189,10 @@ class Relay:
             self.pub_endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
             claim.bound()
             restrict_ipc_files(*self.endpoints)
-            self._fanout = self._data_path.fanout = Fanout(xpub, options.stall_timeout)
+            self._data_path.fanout = Fanout(xpub, options.stall_timeout)
             self._data_path.journal = self.journal
             if self.journal is not None:  # broadcast counts go on across a crash
-                self.journal.count_for(self._fanout)
+                self.journal.count_for(self._data_path.fanout)
             monitors = watch_handshakes(
                 (control, data, xpub), self.address.is_tcp, options, self._pending
             )
@@ -342,7 +346,7 @@ class Relay:
             journal_done = self.journal is not None and self.journal.turn_done
             if stop_when_stalled and (fanout.stalled is not None or journal_done):
                 return
-            # Looking first costs a getsockopt; a receive that finds nothing raises zmq.Again
+            # Looking first costs a zmq_poll; a receive that finds nothing raises zmq.Again
             # (~3x that), which ended every read.
             if not polled and not readable(router):
                 return

@@ -198,7 +198,10 @@ class _Ages:
     def expired(self, info: os.stat_result, name: str) -> bool:
         key = (info.st_dev, info.st_ino, name)
         first = self._found[key] = self._first.get(key, self._now)
-        return self._now - first > self._linger
+        if self._now - first <= self._linger:
+            return False
+        del self._found[key]  # removed now: a new file that reuses the inode starts afresh
+        return True
 
     def finish(self) -> None:
         self._first = self._found
