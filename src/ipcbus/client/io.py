@@ -3,9 +3,9 @@ and sockets.
 
 ZeroMQ sockets are not thread-safe, so other threads talk to this one through deques and an
 eventfd: publishers append messages to the outbox, the broker appends commands (subscribe,
-unsubscribe, consume, ack, stop), and a write to the eventfd wakes the poll. What to batch is the
-outbox's business (``outbox``), when the hub counts as gone the session's (``session``); this
-module moves frames.
+unsubscribe, consume, ack, stop: ``io_calls``), and a write to the eventfd wakes the poll. What to
+batch is the outbox's business (``outbox``), when the hub counts as gone the session's
+(``session``); this module moves frames.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from ..exceptions import HubUnavailableError
 from ..message import Message
 from ..wire import protocol as wire
 from ..wire.address import Address
-from .acks import coalesce
-from .control import ControlChannel, DeleteAnswer
+from .control import ControlChannel
 from .control_reader import ControlReader
 from .data import DataChannel
-from .describe import describe
 from .handshake import data_sockets, greet, hub_socket
+from .io_calls import IOCalls
 from .outbox import FlushMarker, Outbox, Prepared, Rejected
 from .session import Session
 from .subscriptions import Subscriptions
@@ -48,7 +47,7 @@ _GOODBYE_LINGER_MS = 200
 Socket = zmq.Socket[bytes]
 
 
-class IOThread(ControlReader):
+class IOThread(IOCalls, ControlReader):
     """Owns the control DEALER, the data DEALER and the fan-out SUB socket of one client."""
 
     def __init__(
@@ -145,74 +144,6 @@ class IOThread(ControlReader):
         if not isinstance(item, Message) or not self._data.send_at_once(item):
             self.outbox.append(item)
             self.wake()
-
-    def wake(self) -> None:
-        self._waker.wake()
-
-    def call(self, command: Callable[[], None], describe: bool = False) -> None:
-        """Run ``command`` on the I/O thread; with ``describe``, then tell the hub what this
-        client subscribes to now (INFO, for ``ipcbus clients``)."""
-        self._commands.append(command)
-        if describe:
-            self._commands.append(self._describe_to_hub)
-        self.wake()
-
-    # -- what this client says about itself (a description, never used for routing) ----------
-
-    def _description(self) -> bytes:
-        return describe(self._subscriptions.live_topics, self._control.queues())
-
-    def _describe_to_hub(self) -> None:
-        if self._control.socket is not None and self.session.hub_alive:
-            self._control.send([wire.header(wire.INFO), self._description()])
-
-    def subscribe(self, topic: bytes, live: threading.Event) -> None:
-        self.call(lambda: self._subscriptions.subscribe(topic, live), describe=True)
-
-    def unsubscribe(self, topic: bytes) -> None:
-        self.call(lambda: self._subscriptions.unsubscribe(topic), describe=True)
-
-    def consume(self, request: wire.Consume, live: threading.Event) -> None:
-        self.call(lambda: self._control.consume(request, live), describe=True)
-
-    def cancel_consume(self, subscription_id: bytes) -> None:
-        self.call(lambda: self._control.cancel(subscription_id), describe=True)
-
-    def delete_queue(self, request: wire.DeleteQueue, answer: DeleteAnswer) -> None:
-        self.call(lambda: self._control.delete(request, answer))
-
-    def forget_delete(self, request_id: bytes) -> None:
-        self.call(lambda: self._control.forget_delete(request_id))
-
-    def declare_queue(self, request: wire.DeclareQueue, done: threading.Event) -> None:
-        self.call(lambda: self._control.declare(request, done))
-
-    def forget_declare(self, request_id: bytes) -> None:
-        self.call(lambda: self._control.forget_declare(request_id))
-
-    def ack(self, answers: list[wire.Ack]) -> None:
-        """Send ``answers`` (any thread). What several threads hand over before the I/O thread
-        gets to it leaves in one request, neighbouring ranges merged."""
-        with self._acks_lock:
-            first = not self._acks
-            self._acks += answers
-        if first:
-            self.call(self._send_acks)
-
-    def _send_acks(self) -> None:
-        with self._acks_lock:
-            answers, self._acks = self._acks, []
-        for request in wire.acks(coalesce(answers)):
-            self._control.send(request)
-
-    def request_stop(self) -> None:
-        """Say goodbye to the hub (it hands our queue deliveries to others) and end the thread,
-        without waiting for it."""
-
-        def stop() -> None:
-            self._running = False
-
-        self.call(stop)
 
     def stop(self, timeout: float | None) -> None:
         self.request_stop()

@@ -3,13 +3,13 @@ or for a full queue group to reopen, and the check that the broker can still be 
 
 from __future__ import annotations
 
-import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ..config import ClientOptions
+from ..core import process_id
 from ..core.contract import Broker
 from ..exceptions import (
     BrokerClosedError,
@@ -30,18 +30,6 @@ if TYPE_CHECKING:
     from .session import Session
 
 __all__ = ["Publishing"]
-
-# This process's pid, kept current across fork: os.getpid() is a system call, too slow for the
-# publish() hot path where it guards against a forked child using its parent's broker.
-_pid = os.getpid()
-
-
-def _update_pid() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_update_pid)
 
 
 class Publishing(Broker):
@@ -138,7 +126,7 @@ class Publishing(Broker):
 
     def _check_usable(self) -> None:
         if (
-            _pid == self._owner
+            process_id.pid == self._owner
             and not self._closed
             and self._failed is None
             and self._deferred_error is None
@@ -146,7 +134,7 @@ class Publishing(Broker):
             and self._io.alive
         ):
             return  # the usual case, in one test (every publish() asks)
-        if _pid != self._owner:
+        if process_id.pid != self._owner:
             raise BrokerClosedError(
                 f"this HubBroker belongs to process {self._owner}; in a forked child use "
                 "get_message_broker(), which connects the child's own"
@@ -202,4 +190,4 @@ class Publishing(Broker):
 
     def _foreign(self) -> bool:
         """True in a forked child: the broker, its sockets and threads belong to the parent."""
-        return _pid != self._owner
+        return process_id.pid != self._owner

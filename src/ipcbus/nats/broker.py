@@ -14,6 +14,7 @@ from typing import Any
 
 from nats.aio.subscription import Subscription as NatsSubscription
 
+from ..core import process_id
 from ..core.contract import Subscription, close_at_exit
 from ..core.routing import RouteTable
 from ..exceptions import (
@@ -21,16 +22,15 @@ from ..exceptions import (
     BrokerFailedError,
     MessageTooLargeError,
     PubSubError,
-    RemoteError,
-    RequestTimeoutError,
 )
 from ..message import Message, get_unique_name_for_message
 from .connection import NatsConnection
 from .dispatch import Dispatcher, Inbox
-from .envelope import Envelope, Signer, encode_message, seal
+from .envelope import Signer, encode_message, seal
 from .groups import FETCH_WAIT, GroupConsumer, running_queue_handler
 from .queue_side import NatsQueueGroups, stop_all
-from .requests import PendingRequests, answer_payload
+from .request_side import NatsRequesting
+from .requests import PendingRequests
 from .signing import check_secret, default_key_file, load_or_create_secret
 from .statistics import Counters, NatsStatistics
 from .streams import Streams
@@ -44,24 +44,8 @@ DEFAULT_SERVERS = "nats://127.0.0.1:4222"
 # Room for our envelope (meta, reply inbox, signature) within the server's max_payload.
 _HEADER_ROOM = 512
 
-# This process's pid, kept current across fork: os.getpid() is a system call, too slow for the
-# publish() hot path where it guards against a forked child using its parent's broker.
-_pid_now = os.getpid()
 
-
-def _update_pid() -> None:
-    global _pid_now
-    _pid_now = os.getpid()
-
-
-os.register_at_fork(after_in_child=_update_pid)
-
-
-def _pid() -> int:
-    return _pid_now
-
-
-class NatsBroker(NatsQueueGroups):
+class NatsBroker(NatsRequesting, NatsQueueGroups):
     """A broker on a NATS server (``nats-server -js``): ``servers`` is a URL or a list of them.
 
     Everything of :class:`~ipcbus.core.contract.Broker` holds; where it differs from
@@ -235,52 +219,6 @@ class NatsBroker(NatsQueueGroups):
                 f"(see statistics(): unsent, store_failures): {'; '.join(errors[:5])}"
             )
 
-    # -- request -----------------------------------------------------------------------------
-
-    @property
-    def late_replies(self) -> int:
-        return self._answers_to_me.late
-
-    @property
-    def pending_requests(self) -> int:
-        return len(self._answers_to_me)
-
-    def _request(self, message: Message, timeout: float | None) -> Message:
-        """See ``Broker.request``: the answer comes to this connection's inbox, signed."""
-        self._check_usable()
-        token, waiting = self._answers_to_me.open()
-        try:
-            self._publish(message, reply=f"{self._conn.inbox}.r.{token}")
-            answered = waiting.done.wait(timeout)
-        finally:
-            self._answers_to_me.forget(token)
-        if waiting.closed:
-            raise BrokerClosedError(f"{self!r} was closed while request() waited")
-        envelope = waiting.envelope
-        if not answered or envelope is None:
-            raise RequestTimeoutError(
-                f"no answer to {type(message).__qualname__} within {timeout} s: no subscriber "
-                "of its type returned a Message"
-            )
-        if envelope.error:
-            raise RemoteError(envelope.error, envelope.payload.decode(errors="replace"))
-        reply: Message = envelope.decode(None)
-        return reply
-
-    def _answer(self, envelope: Envelope, result: Any, exc: BaseException | None) -> None:
-        """Send a handler's answer to a request (dispatcher thread, handler loop)."""
-        answer = answer_payload(result, exc)
-        if answer is None:
-            return  # it returned no Message: no answer
-        codec, payload, error = answer
-        if self._closed and _pid() != self._owner:
-            return
-        message_id = f"{self._id_prefix}{next(self._ids)}"
-        data = seal(
-            self._signer, envelope.reply, message_id, codec, time.time(), payload, error=error
-        )
-        self._conn.send(envelope.reply, data)
-
     # -- subscribe ---------------------------------------------------------------------------
 
     def _subscribe(self, subscription: Subscription) -> None:
@@ -318,7 +256,7 @@ class NatsBroker(NatsQueueGroups):
         return sub
 
     def _cancel(self, subscription: Subscription) -> None:
-        if _pid() != self._owner:
+        if process_id.pid != self._owner:
             return
         topic = subscription.topic
         with self._lock:
@@ -347,7 +285,7 @@ class NatsBroker(NatsQueueGroups):
         self._failed = f"{self!r} failed: its {name} thread died ({type(exc).__name__}: {exc})"
 
     def _check_usable(self) -> None:
-        if _pid() != self._owner:
+        if process_id.pid != self._owner:
             raise BrokerClosedError(
                 f"this NatsBroker belongs to process {self._owner}; in a forked child use "
                 "get_message_broker(), which connects the child's own"
@@ -357,7 +295,7 @@ class NatsBroker(NatsQueueGroups):
             raise BrokerFailedError(self._failed)
 
     def _close(self) -> None:
-        if _pid() != self._owner:
+        if process_id.pid != self._owner:
             return  # the connection and threads belong to the parent
         self._answers_to_me.close_all()
         if threading.current_thread() is self._dispatcher.thread:
