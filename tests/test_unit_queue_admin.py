@@ -119,6 +119,25 @@ def test_requeue_puts_dead_letters_back_with_their_attempt_reset() -> None:
     assert book.in_flight == 0
 
 
+def test_a_requeue_into_a_full_group_goes_past_max_held_by_its_dead_letters_and_reports_full() -> (
+    None
+):
+    # Documented bound (guarantees.md, requeue): not refused, at most what the dead letters held.
+    book = _dead_book(3, max_held=2)
+    book.remove_consumer(A)  # nothing dispatched: the group holds what comes back
+    book.enqueue(TOPIC, META, [b"n0", b"n1"])
+    group = next(book.groups())
+    assert group.held == 2
+    book.update_full()
+    assert TOPIC in book.full_topics
+    dead = len(group.dead)
+    reply = _ask(QueueAdmin(book), admin_wire.REQUEUE, TOPIC, b"workers", b"")
+    assert reply.body == {"requeued": 3, "missing": []}
+    assert group.held == 2 + dead == 5
+    book.update_full()
+    assert TOPIC in book.full_topics
+
+
 def test_purge_drops_what_is_held_and_delayed_but_not_what_is_in_flight() -> None:
     book = QueueBook(b"hub")
     book.add_consumer(TOPIC, "workers", A, prefetch=2)
