@@ -946,3 +946,32 @@ def test_a_journal_directory_another_user_made_first_is_refused(
     finally:
         attacker.close()
         _remove_the_attackers(journal, own)
+
+
+@pytest.mark.parametrize("planted", ["directory", "symlink"])
+def test_a_journal_below_a_path_of_another_user_is_refused_before_anything_is_made(
+    attackers: Callable[[], Attacker], scratch: Callable[..., str], planted: str
+) -> None:
+    """The journal's parent is the attacker's directory, or the attacker's symlink to a
+    directory of ours: refused, and its directory was not made first (found by an adversarial
+    review: the hub made it, then refused it)."""
+    shared = scratch(0o1777)
+    theirs = os.path.join(shared, _random_name("attacker"))
+    ours = scratch(0o755)
+    attacker = attackers()
+    try:
+        if planted == "symlink":
+            outcomes = attacker.fs(("symlink", theirs, ours))
+            where_it_would_land = ours
+        else:
+            outcomes = attacker.fs(("mkdir", theirs, "0o777"))
+            where_it_would_land = theirs
+        assert set(outcomes) == {"ok"}, outcomes
+        journal = os.path.join(theirs, "journal")
+        with pytest.raises(HubAddressError) as refused:
+            Hub(f"ipc://{scratch(0o700)}/hub", start_method="fork", journal=journal).start()
+        assert theirs in str(refused.value)
+        assert os.listdir(where_it_would_land) == [], "made below a path of another user"
+    finally:
+        attacker.close()
+        _remove_the_attackers(theirs)

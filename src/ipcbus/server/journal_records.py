@@ -24,6 +24,7 @@ a kill mid-write) and corrupt records in the middle are reported, never raised.
 from __future__ import annotations
 
 import bisect
+import re
 import struct
 import zlib
 from array import array
@@ -62,6 +63,7 @@ _KINDS = frozenset(range(1, 9))
 _MAX_ERROR = 4096  # bytes of a dead letter's error kept
 _MAX_DEAD = 1000  # dead letter records kept per group (as the hub's)
 HEADER = struct.Struct("<BII")  # kind, body length, crc32(kind byte + body)
+_LENGTH = struct.Struct("<I")
 _RANGE = struct.Struct("<QI")  # first message id, count
 _ATTEMPT = struct.Struct("<QII")  # first message id, count, attempt
 _NAME = struct.Struct("<H")
@@ -170,9 +172,10 @@ class Scan:
 
 
 def scan(data: bytes) -> Scan:
-    """The records of one segment. A record cut short at the end is a torn tail; a record whose
-    CRC does not match in the middle is skipped and reported (and so is the rest of the segment
-    when its length cannot be trusted)."""
+    """The records of one segment. A record cut short at the end is a torn tail; a damaged
+    record in the middle is skipped and reported, and reading goes on at the next good record
+    (after it, by its length, or, when its length was what the damage hit, found by searching:
+    ``_resync``)."""
     view = memoryview(data)
     result = Scan()
     offset, size = 0, len(data)
@@ -180,29 +183,94 @@ def scan(data: bytes) -> Scan:
         if size - offset < HEADER.size:
             result.torn_bytes = size - offset
             break
-        kind, length, crc = HEADER.unpack_from(view, offset)
-        start, stop = offset + HEADER.size, offset + HEADER.size + length
-        if stop > size:
-            if kind in _KINDS:
-                result.torn_bytes = size - offset  # cut short while being written
-            else:
-                result.corrupt.append(f"garbage at byte {offset}: {size - offset} bytes skipped")
-            break
-        body = view[start:stop]
-        if kind not in _KINDS or zlib.crc32(body, zlib.crc32(bytes((kind,)))) != crc:
-            if stop == size and kind in _KINDS:
-                result.torn_bytes = size - offset  # the last record, half written
-                break
-            if kind not in _KINDS:
-                result.corrupt.append(f"garbage at byte {offset}: {size - offset} bytes skipped")
-                break
+        kind, length, _crc = HEADER.unpack_from(view, offset)
+        stop = offset + HEADER.size + length
+        if _good(view, offset) is not None:
+            result.records.append((kind, view[offset + HEADER.size : stop]))
+            offset = result.good_end = stop
+            continue
+        if kind in _KINDS and stop < size and _good(view, stop) is not None:
+            # The body was damaged, not its length: the next record starts where it said.
             result.corrupt.append(f"record at byte {offset} ({length} bytes): checksum mismatch")
             offset = stop
             continue
-        result.records.append((kind, body))
-        offset = stop
-        result.good_end = offset
+        found, searched = _resync(view, offset + 1)
+        if found is not None:
+            result.corrupt.append(
+                f"damage at byte {offset}: {found - offset} bytes skipped to the next good record"
+            )
+            offset = found
+            continue
+        if searched and kind in _KINDS and stop >= size:
+            result.torn_bytes = size - offset  # the last record, cut short while being written
+        elif searched:
+            result.corrupt.append(f"garbage at byte {offset}: {size - offset} bytes skipped")
+        else:
+            result.corrupt.append(
+                f"damage at byte {offset}: the {size - offset} bytes after it not searched for "
+                "good records (skipped)"
+            )
+        break
     return result
+
+
+def _good(view: memoryview, offset: int) -> int | None:
+    """The end of the record at ``offset`` if it is whole and its checksum matches."""
+    if len(view) - offset < HEADER.size:
+        return None
+    kind, length, crc = HEADER.unpack_from(view, offset)
+    stop: int = offset + HEADER.size + length
+    if kind not in _KINDS or stop > len(view):
+        return None
+    if zlib.crc32(view[offset + HEADER.size : stop], zlib.crc32(bytes((kind,)))) != crc:
+        return None
+    return stop
+
+
+_KIND_BYTE = re.compile(b"[\x01-\x08]")
+# What a search for the next good record may cost at most (a damaged length in a large segment):
+# candidate offsets looked at, and bytes checksummed. Past either it gives up (about a second).
+_RESYNC_CANDIDATES = 1_000_000
+_RESYNC_BYTES = 1 << 30
+
+
+def _resync(view: memoryview, start: int) -> tuple[int | None, bool]:
+    """The offset of the first good record at or after ``start`` that is followed by the end of
+    the segment, another record or a torn tail (so that a payload holding bytes shaped like a
+    record is not easily taken for one), and whether the search reached the end (``False``: it
+    gave up, past its budget)."""
+    size = len(view)
+    hashed = 0
+    for looked, match in enumerate(_KIND_BYTE.finditer(view, start)):
+        offset = match.start()
+        if size - offset < HEADER.size:
+            break
+        (length,) = _LENGTH.unpack_from(view, offset + 1)
+        stop = offset + HEADER.size + length
+        if stop > size or not _plausible_next(view, stop):
+            continue  # cheap tests first: the checksum is what costs
+        hashed += length
+        if looked >= _RESYNC_CANDIDATES or hashed > _RESYNC_BYTES:
+            return None, False
+        if _good(view, offset) is not None and (stop == size or _next_is_whole(view, stop)):
+            return offset, True
+    return None, True
+
+
+def _plausible_next(view: memoryview, offset: int) -> bool:
+    """Whether what starts at ``offset`` can follow a record: the end, a header cut short, or
+    a header of a known kind (its record whole or cut short at the end)."""
+    if len(view) - offset < HEADER.size:
+        return True
+    return view[offset] in _KINDS
+
+
+def _next_is_whole(view: memoryview, offset: int) -> bool:
+    """After a good record: a good record, or a torn tail (a record cut short at the end)."""
+    if len(view) - offset < HEADER.size:
+        return True
+    (length,) = _LENGTH.unpack_from(view, offset + 1)
+    return offset + HEADER.size + length > len(view) or _good(view, offset) is not None
 
 
 def _read_name(body: memoryview, offset: int) -> tuple[bytes, int]:
@@ -267,6 +335,8 @@ class Replay:
         # (topic, group) -> its latest dead letters
         self.dead: dict[tuple[bytes, str], deque[DeadLetterRecord]] = {}
         self.began = self.ended = False
+        # A record a checkpoint never writes (DELIVERED, SETTLED, DROPPED): its end was written.
+        self.after_checkpoint = False
         self.bad_records = 0  # well-formed on disk (CRC good) but not understood
 
     def apply(self, kind: int, body: memoryview) -> None:
@@ -313,6 +383,7 @@ class Replay:
             first, count = _RANGE.unpack_from(body)
             self._mark(first, count, None)
         elif kind == DROPPED:
+            self.after_checkpoint = True
             topic, offset = _read_name(body, 0)
             name = _read_name(body, offset)[0].decode()
             self.dead.pop((topic, name), None)
@@ -348,6 +419,8 @@ class Replay:
 
     def _mark(self, first: int, count: int, attempt: int | None) -> None:
         last = first + count  # exclusive
+        self.after_checkpoint = True
+        self.next_id = max(self.next_id, last)  # ids named are used, whatever BEGIN said
         index = bisect.bisect_right(self._starts, first) - 1
         index = max(index, 0)
         while index < len(self._starts) and self._starts[index] < last:

@@ -50,8 +50,19 @@ def replay_newest(
             for kind, body in found.records:
                 replay.apply(kind, body)
             if not (replay.began and replay.ended):
-                logger.warning("journal: %s is an unfinished checkpoint: not used", path)
-                continue
+                if number != segments[0] and not (found.corrupt and replay.after_checkpoint):
+                    # A hub killed while it wrote this checkpoint: the one before is whole.
+                    logger.warning("journal: %s is an unfinished checkpoint: not used", path)
+                    continue
+                # No segment before it (deleted once this checkpoint was on disk), or records
+                # that are only written after a checkpoint's end follow: damage, not a kill.
+                logger.log(
+                    logging.ERROR if found.corrupt else logging.WARNING,
+                    "journal: the checkpoint at the start of %s is %s: restored from what can "
+                    "be read of it",
+                    path,
+                    "damaged" if found.corrupt else "incomplete",
+                )
             if found.torn_bytes:
                 # A hub killed while writing: its last record is incomplete. Cut it off, so
                 # the segment ends with good records.
