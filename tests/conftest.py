@@ -67,6 +67,13 @@ class Harness:
         """MemoryBroker never serialises, so it need not reject unpicklable messages."""
         return not isinstance(self.broker, MemoryBroker)
 
+    @property
+    def runs_handlers_in_caller(self) -> bool:
+        """TestBroker runs handlers (and serialises their replies) in the thread that calls
+        ``process_messages()``: there ``SystemExit`` and ``KeyboardInterrupt`` on the main
+        thread end the program, by design (ipcbus.core.failures)."""
+        return isinstance(self.broker, TestBroker)
+
 
 # "hub": publisher and subscribers share one HubBroker; "hub-split": they are in two processes;
 # "nats": one NatsBroker on the session's nats-server.

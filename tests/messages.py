@@ -37,6 +37,38 @@ class Unpicklable(Message):
     lock: object = field(default_factory=threading.Lock)
 
 
+class RaisesWhenPickled:
+    """A field whose pickling raises ``exc`` (any ``BaseException``): user code that misbehaves
+    inside pickle, on whatever thread ipcbus serialises."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise self.exc
+
+
+class BadStr(Exception):
+    """An exception whose own ``__str__`` raises."""
+
+    def __str__(self) -> str:
+        raise ValueError("broken __str__")
+
+
+def unsendable_fields() -> dict[str, object]:
+    """What makes a message impossible to serialise, by kind: an object pickle refuses, and
+    fields whose pickling raises a ``BaseException`` or an exception that cannot be shown."""
+    return {
+        "lock": threading.Lock(),
+        "system-exit": RaisesWhenPickled(SystemExit(2)),
+        "keyboard-interrupt": RaisesWhenPickled(KeyboardInterrupt()),
+        "bad-str": RaisesWhenPickled(BadStr()),
+    }
+
+
+UNSENDABLE = ["lock", "system-exit", "keyboard-interrupt", "bad-str"]
+
+
 @dataclass(frozen=True)
 class Barrier(Message):
     """Published after a test's messages: once a subscriber sees it, it has seen them too."""

@@ -8,6 +8,8 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -176,3 +178,43 @@ def test_multiprocessing_children_bind_consumers_and_talk_through_the_hub(
     assert {p.pid for p in pongs if p.token == start_method} == {w.pid for w in workers}
     assert len(pongs) == 3
     assert [w.exitcode for w in workers] == [0, 0, 0]
+
+
+_FORK_AND_EXIT = """
+import os, sys
+from ipcbus import Hub, connect, set_message_broker, get_message_broker
+from tests.messages import Tick
+
+if __name__ == "__main__":
+    with Hub() as hub:
+        broker = connect(hub.address)
+        set_message_broker(broker)
+        pid = os.fork()
+        if pid == 0:  # a careless child: publishes, then returns the usual way (atexit runs)
+            get_message_broker().publish(Tick(1, "child"))
+            sys.exit(0)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+        print("hub alive", hub._process is not None and hub._process.is_alive())
+        broker.publish(Tick(2, "parent"))
+        broker.flush(20)
+        print("parent flushed")
+        broker.close()
+"""
+
+
+def test_a_forked_child_that_exits_normally_leaves_its_parents_hub_running() -> None:
+    """multiprocessing's exit handler in an os.fork() child terminated the daemonic processes
+    it inherited in its list of children: the parent's hub (found by an adversarial review)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_AND_EXIT],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        check=False,
+    )
+    assert done.stdout.splitlines() == ["child 0", "hub alive True", "parent flushed"], (
+        done.stdout + done.stderr
+    )
+    assert done.returncode == 0, done.stderr

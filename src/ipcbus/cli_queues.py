@@ -30,6 +30,7 @@ from .client.queue_admin import (
     request_queues,
     request_requeue,
 )
+from .core.failures import describe
 from .exceptions import QueueInUseError, UnknownQueueError
 
 __all__ = ["COMMANDS", "QueueExitCode", "add_parsers", "run"]
@@ -210,7 +211,7 @@ def _describe(record: DeadLetterRecord, type_name: str, no_decode: bool) -> dict
         message = decode_dead_letter(record, type_name)
         shown = repr(message)
     except Exception as exc:  # not importable here, or not what it claims: type and size only
-        row["decode_error"] = f"{type(exc).__name__}: {exc}"
+        row["decode_error"] = describe(exc)
         return row
     row["decoded"] = True
     row["repr"] = shown

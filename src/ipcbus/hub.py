@@ -34,6 +34,31 @@ __all__ = ["Hub", "HubAddressError", "HubStatistics"]
 logger = logging.getLogger(__name__)
 
 
+# Hubs this process started and has not stopped: a child made with os.fork() must not treat
+# them as its own (_forget_hubs_in_child).
+_running: weakref.WeakSet[Hub] = weakref.WeakSet()
+
+
+def _forget_hubs_in_child() -> None:
+    """In a child made with ``os.fork()``: its copy of ``multiprocessing``'s list of children
+    names the parent's hub processes, and at its exit ``multiprocessing`` terminates the daemonic
+    ones it lists, the parent's hub included (found by an adversarial review: a forked child
+    that returned normally stopped the bus). They are the parent's: forgotten here, and the
+    child's copy of the hub's pipe end closed (the hub stops when its starter is gone, not when
+    the starter's last forked child is)."""
+    children = getattr(multiprocessing.process, "_children", None)
+    for hub in list(_running):
+        if children is not None and hub._process is not None:
+            children.discard(hub._process)
+        if hub._parent_end is not None:
+            hub._parent_end.close()
+            hub._parent_end = None
+    _running.clear()
+
+
+os.register_at_fork(after_in_child=_forget_hubs_in_child)
+
+
 class Hub(QueueAdminMixin):
     """A hub process.
 
@@ -134,6 +159,7 @@ class Hub(QueueAdminMixin):
         process.start()
         child_end.close()
         self._process, self._parent_end = process, parent_end
+        _running.add(self)
         try:
             if not parent_end.poll(timeout):
                 raise HubUnavailableError(f"hub at {address} not ready within {timeout} s")
@@ -156,6 +182,7 @@ class Hub(QueueAdminMixin):
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM the hub process, then SIGKILL past ``timeout``; returns its exit code."""
         process, self._process = self._process, None
+        _running.discard(self)
         exitcode = None
         if process is not None and os.getpid() == self._owner:
             process.terminate()

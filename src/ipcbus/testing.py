@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import cloudpickle
 
 from .brokers.testing import HandlerFailure, TestBroker
+from .core.failures import describe
 from .core.registry import isolated_registry, set_message_broker
 from .exceptions import PubSubError
 
@@ -128,7 +129,7 @@ def _worker_main(
             pickled: bytes | None = cloudpickle.dumps(exc)
         except Exception:
             pickled = None
-        description = f"{type(exc).__name__}: {exc}"
+        description = describe(exc)
         answer = ("error", (pickled, description, traceback.format_exc()))
     finally:
         if broker is not None:

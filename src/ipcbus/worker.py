@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import RunnerOptions
+from .core.failures import describe
 from .exit_codes import ExitCode
 
 __all__ = ["WorkerRunner", "load_target"]
@@ -106,7 +107,7 @@ def _serve_worker(
     try:
         setups = [load_target(target) for target in spec.targets]
     except Exception as exc:
-        conn.send(("usage", f"cannot load {' '.join(spec.targets)}: {type(exc).__name__}: {exc}"))
+        conn.send(("usage", f"cannot load {' '.join(spec.targets)}: {describe(exc)}"))
         sys.exit(ExitCode.USAGE)
     try:
         broker = connect(spec.address)
@@ -126,7 +127,7 @@ def _serve_worker(
     except Exception as exc:
         logger.exception("worker %d failed", spec.index)
         with contextlib.suppress(OSError):
-            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+            conn.send(("failed", describe(exc)))
         raise SystemExit(ExitCode.FAILED) from exc
     finally:
         broker.close()  # in hand: finished and acked within the linger; the rest: to the hub

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import ClientOptions, address_from_env, export_address
 from ..core.contract import Subscription, close_at_exit
+from ..core.failures import describe
 from ..exceptions import (
     BrokerFailedError,
     HubUnavailableError,
@@ -241,7 +242,7 @@ class HubBroker(QueueAdminMixin, Closing):
         """One of our threads died (threads.guarded logged it CRITICAL): fail loudly."""
         self._failure_cause = exc
         self._failed = (
-            f"{self!r} failed: its {name} thread died ({type(exc).__name__}: {exc}); it can no "
+            f"{self!r} failed: its {name} thread died ({describe(exc)}); it can no "
             "longer deliver: close it and connect a new broker"
         )
         self._requests.close(BrokerFailedError(self._failed))  # waiting requesters learn it

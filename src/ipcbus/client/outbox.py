@@ -208,7 +208,15 @@ class Outbox:
                 limit = self._batch_limit(kind, split)
                 while items and len(batch) < limit and type(items[0]) is cls:
                     batch.append(items.popleft())  # type: ignore[arg-type]
-            request = self._encode(cls, kind, split, batch)
+            waiting = len(items)
+            try:
+                request = self._encode(cls, kind, split, batch)
+            except BaseException:
+                # Not a message's failure (those are rejected alone, and the codec makes any of
+                # them one): a bug of ours, and the I/O thread ends. What it took goes back, for
+                # close() to count in undelivered (less what _encode put back itself).
+                items.extendleft(reversed(batch[: len(batch) - (len(items) - waiting)]))
+                raise
             if request is not None:
                 return request
         return None

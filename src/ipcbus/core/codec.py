@@ -50,6 +50,7 @@ from ..wire.protocol import (
     pack_sizes,
     split_payloads,
 )
+from .failures import describe, is_handler_failure
 from .stand_ins import StandIn as StandIn
 from .stand_ins import loads_with_stand_ins, stand_ins_in
 
@@ -220,7 +221,8 @@ def encode_split(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[by
     dumps = pickle.dumps
     try:  # the common case in one comprehension: a call less per message
         parts = [dumps(state, PROTOCOL) for state in states]
-    except Exception:
+    except BaseException as exc:
+        _unless_an_interrupt(exc)
         parts = [_dumps_inband(state, cls) for state in states]
     return codec, [pack_sizes(map(len, parts)), b"".join(parts)]
 
@@ -339,7 +341,7 @@ def _decode_split(
             try:
                 decoded = loads_with_stand_ins(frame, ())
             except Exception:
-                undecodable.append(f"{type(exc).__name__}: {exc}")
+                undecodable.append(describe(exc))
                 continue
             missing = stand_ins_in(decoded)
             if missing:
@@ -349,17 +351,28 @@ def _decode_split(
     return messages
 
 
+def _unless_an_interrupt(exc: BaseException) -> None:
+    """Pickling runs the message's own code (``__reduce__``, ``__getstate__``): whatever it raises
+    is this message's failure, ``BaseException`` included (raised on the I/O thread, it ended
+    that thread and lost the batch), unless it is a real interrupt of the main thread."""
+    if not is_handler_failure(exc):
+        raise exc
+
+
+def _cannot(cls: type, exc: BaseException) -> MessageSerializationError:
+    return MessageSerializationError(f"cannot serialise {cls.__qualname__}: {describe(exc)}")
+
+
 def _dumps_inband(obj: Any, cls: type) -> bytes:
     try:
         return pickle.dumps(obj, protocol=PROTOCOL)
-    except Exception:
-        pass  # as in _dumps: the by-value attempt
+    except BaseException as exc:
+        _unless_an_interrupt(exc)  # as in _dumps: then the by-value attempt
     try:
         data: bytes = cloudpickle.dumps(obj, protocol=PROTOCOL)
-    except Exception as exc:
-        raise MessageSerializationError(
-            f"cannot serialise {cls.__qualname__}: {type(exc).__name__}: {exc}"
-        ) from exc
+    except BaseException as exc:
+        _unless_an_interrupt(exc)
+        raise _cannot(cls, exc) from exc
     return data
 
 
@@ -370,16 +383,16 @@ def _dumps(obj: Any, cls: type) -> list[Any]:
         if len(buffers) > MAX_BUFFERS:
             # Frames are bounded on the wire: this many buffers travel in-band instead.
             return [_dumps_inband(obj, cls)]
-    except Exception:
+    except BaseException as exc:
+        _unless_an_interrupt(exc)
         # Local classes, lambdas and closures: pickle raises PicklingError, AttributeError or
         # TypeError depending on the object; all of them deserve the by-value attempt.
         buffers.clear()
         try:
             payload = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
-        except Exception as exc:
-            raise MessageSerializationError(
-                f"cannot serialise {cls.__qualname__}: {type(exc).__name__}: {exc}"
-            ) from exc
+        except BaseException as exc:
+            _unless_an_interrupt(exc)
+            raise _cannot(cls, exc) from exc
         if len(buffers) > MAX_BUFFERS:
             return [_dumps_inband(obj, cls)]  # as above: frames are bounded on the wire
     return [payload, *(buffer.raw() for buffer in buffers)]

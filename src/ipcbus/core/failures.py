@@ -18,7 +18,7 @@ import reprlib
 import threading
 from typing import Any
 
-__all__ = ["Brief", "is_handler_failure"]
+__all__ = ["Brief", "describe", "is_handler_failure", "text_of"]
 
 
 def is_handler_failure(exc: BaseException) -> bool:
@@ -27,6 +27,22 @@ def is_handler_failure(exc: BaseException) -> bool:
     if isinstance(exc, KeyboardInterrupt | SystemExit):
         return threading.current_thread() is not threading.main_thread()
     return True
+
+
+def text_of(exc: BaseException) -> str:
+    """``str(exc)``, or a stand-in when the exception's own ``__str__`` raises: user code, never
+    trusted to work (one that raised ended the thread that was describing it)."""
+    try:
+        return str(exc)
+    except BaseException as inner:
+        if not is_handler_failure(inner):
+            raise
+        return f"<str() of this {type(exc).__name__} raised {type(inner).__name__}>"
+
+
+def describe(exc: BaseException) -> str:
+    """``"TypeName: message"``, safely (``text_of``)."""
+    return f"{type(exc).__name__}: {text_of(exc)}"
 
 
 _REPR = reprlib.Repr()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..exceptions import RemoteError, RequestTimeoutError
 from ..message import Message, get_unique_name_for_message
-from .failures import is_handler_failure
+from .failures import is_handler_failure, text_of
 
 if TYPE_CHECKING:
     from .subscription import Subscription
@@ -57,7 +57,7 @@ class Failure:
         kind = type(exc)
         module = kind.__module__
         name = kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
-        return cls(name, str(exc))
+        return cls(name, text_of(exc))
 
     def error(self) -> RemoteError:
         return RemoteError(self.remote_type, self.remote_message)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..message import DeadLetter, Message
-from .failures import Brief
+from .failures import Brief, describe
 
 __all__ = [
     "DEFAULT_PREFETCH",
@@ -132,4 +132,4 @@ def publish_dead_letter(
 
 
 def describe_error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    return describe(exc)

@@ -16,6 +16,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 
 from ..core import process_id
 from ..core.contract import Subscription, close_at_exit
+from ..core.failures import describe
 from ..core.routing import RouteTable
 from ..exceptions import (
     BrokerClosedError,
@@ -282,7 +283,7 @@ class NatsBroker(NatsRequesting, NatsQueueGroups):
     # -- state and close ---------------------------------------------------------------------
 
     def _thread_died(self, name: str, exc: BaseException) -> None:
-        self._failed = f"{self!r} failed: its {name} thread died ({type(exc).__name__}: {exc})"
+        self._failed = f"{self!r} failed: its {name} thread died ({describe(exc)})"
 
     def _check_usable(self) -> None:
         if process_id.pid != self._owner:

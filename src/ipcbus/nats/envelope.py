@@ -36,6 +36,7 @@ from ..core.codec import (
     split_decoder,
     split_messages,
 )
+from ..core.failures import describe, is_handler_failure
 from ..exceptions import MessageSerializationError
 from ..message import Message
 
@@ -77,13 +78,16 @@ def encode_object(message: Message) -> tuple[str, bytes]:
     type the requester may not have subscribed to."""
     try:
         return OBJECT_CODEC, pickle.dumps(message, PROTOCOL)
-    except Exception:
-        pass
+    except BaseException as exc:
+        if not is_handler_failure(exc):
+            raise
     try:
         return OBJECT_CODEC, cloudpickle.dumps(message, protocol=PROTOCOL)
-    except Exception as exc:
+    except BaseException as exc:
+        if not is_handler_failure(exc):
+            raise
         raise MessageSerializationError(
-            f"cannot serialise {type(message).__qualname__}: {type(exc).__name__}: {exc}"
+            f"cannot serialise {type(message).__qualname__}: {describe(exc)}"
         ) from exc
 
 
