@@ -546,6 +546,39 @@ def test_close_works_from_inside_a_handler(fresh_hub: Hub, kind: str) -> None:
 _OWN_THREADS = {"ipcbus-io", "ipcbus-dispatch", "ipcbus-queue-worker", "ipcbus-queue-loop"}
 
 
+def test_close_with_stuck_handlers_gives_them_one_linger_together(
+    fresh_hub: Hub, errors_logged: pytest.LogCaptureFixture
+) -> None:
+    """Four queue handlers and a broadcast handler that never return: close() returns after
+    the flush and one linger shared by every thread that runs handlers, not one linger per
+    thread (2 s took 8-10 s; found by an adversarial review). The bound is the documented
+    behaviour, not a speed: the old code took (2 + stuck threads) lingers."""
+    linger = 1.0
+    forever = threading.Event()
+    started = threading.Semaphore(0)
+
+    def stuck(message: object) -> None:
+        started.release()
+        forever.wait()
+
+    broker = connect(fresh_hub.address, linger=linger)
+    try:
+        broker.subscribe(Tick, stuck)
+        broker.subscribe_async(Ping, stuck, "jobs", prefetch=4)
+        for n in range(4):
+            broker.publish(Ping(str(n)))
+        broker.publish(Tick(0))
+        broker.flush(20)
+        assert sum(started.acquire(timeout=20) for _ in range(5)) == 5
+        began = time.monotonic()
+        broker.close()
+        took = time.monotonic() - began
+    finally:
+        forever.set()
+        broker.close()
+    assert took < 2 * linger + 2.0, f"close() took {took:.1f} s with linger={linger}"
+
+
 # == case 7: one undecodable value ==============================================================
 
 PHANTOM_MODULE = "ipcbus_phantom_module_of_the_publisher"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from ..exceptions import (
@@ -34,6 +35,9 @@ class Closing(Subscribing):
 
     def _close(self) -> None:
         linger = self.options.linger
+        # The deliveries in hand and every thread that runs handlers share one linger: each
+        # stuck handler thread waited for a linger of its own (close() took 2 + n lingers).
+        deadline = time.monotonic() + linger
         if self._foreign():
             return  # the sockets and threads belong to the parent: drop nothing, touch nothing
         if threading.current_thread() is self._dispatcher.thread:
@@ -47,16 +51,17 @@ class Closing(Subscribing):
             # What is still unfinished then goes back to the hub with our goodbye.
             for subscription_id in list(self._queue_subscriptions):
                 self._io.cancel_consume(subscription_id)
+            deadline = time.monotonic() + linger  # after the flush, which has its own
             if not self._runner.wait_idle(linger):
                 logger.warning("closing %r with queue deliveries unfinished", self)
             self._finishing = False  # a handler still running now publishes nothing more
             self._runner.flush_acks()
             if flushed and self._io.outbox.unconfirmed() and self._io.hub_alive:
                 self._close_flush()  # what the handlers published meanwhile
-        self._io.stop(linger)
-        self._runner.stop(linger)
-        self._dispatcher.stop(linger)
-        self._notifier.stop(linger)
+        self._io.stop(linger)  # runs no handler: quick, bounded on its own
+        self._runner.stop(_left(deadline))
+        self._dispatcher.stop(_left(deadline))
+        self._notifier.stop(_left(deadline))
         self._gate.wake_all()
         self._report_at_close()
 
@@ -84,3 +89,7 @@ class Closing(Subscribing):
                 self.undelivered,
                 self._io.outbox.never_sent(),
             )
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())

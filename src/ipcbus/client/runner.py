@@ -167,16 +167,17 @@ class QueueRunner(CoroutineRuns):
             self._workers = []
             self._stopped = True
         current = threading.current_thread()
+        deadline = None if timeout is None else time.monotonic() + timeout  # one for them all
         for _ in workers:
             self._jobs.put(None)
         if loop is not None and loop_thread is not None:
             with contextlib.suppress(RuntimeError):  # closed: the loop died already
                 loop.call_soon_threadsafe(loop.stop)
             if loop_thread is not current:
-                loop_thread.join(timeout)
+                loop_thread.join(_left(deadline))
         for worker in workers:
             if worker is not current:
-                worker.join(timeout)
+                worker.join(_left(deadline))
 
     def flush_acks(self) -> None:
         """Hand the acks collected so far to the I/O thread (any thread may call it)."""
@@ -360,3 +361,7 @@ class QueueRunner(CoroutineRuns):
 
 
 _REJECTED = wire.OUTCOME_REJECTED
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
