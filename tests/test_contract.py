@@ -7,6 +7,7 @@ A behaviour that is not stated here is not guaranteed.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -631,6 +632,26 @@ def test_a_responder_raising_an_exception_that_cannot_be_shown_answers_with_a_re
         harness.broker.request(Ping("s"), timeout=20)
     assert caught.value.remote_type.endswith("BadStr")
     assert "str() of this BadStr raised ValueError" in caught.value.remote_message
+
+
+def test_a_responder_raising_an_error_with_a_lone_surrogate_answers_with_a_remote_error(
+    harness: Harness, errors_logged: pytest.LogCaptureFixture
+) -> None:
+    """A file name os.fsdecode() made holds lone surrogates, which strict UTF-8 cannot encode:
+    on NATS that ended the dispatcher thread (found by review)."""
+    name = os.fsdecode(b"r\xe9sum\xe9.txt")
+
+    def refuse(message: Ping) -> Pong:
+        raise ValueError(f"cannot parse {name}")
+
+    harness.broker.subscribe(Ping, refuse)
+    with pytest.raises(RemoteError) as caught:
+        harness.broker.request(Ping("s"), timeout=20)
+    assert caught.value.remote_type == "ValueError"
+    assert caught.value.remote_message.startswith("cannot parse r")
+    harness.broker.subscribe(Pong, lambda m: None)  # the broker still works
+    harness.broker.publish(Pong("after", 0))
+    harness.settle()
 
 
 @pytest.mark.queue_groups

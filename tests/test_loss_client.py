@@ -302,6 +302,39 @@ def test_an_oversized_message_among_small_ones_is_rejected_alone_and_encoded_twi
     assert outbox.taken == outbox.sent + 1 == 500
 
 
+def test_a_batch_an_unexpected_error_interrupts_goes_back_to_the_outbox_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug of ours while encoding (here after one message of the batch was rejected): what the
+    outbox took goes back, in order, for close() to count in undelivered, without the rejected
+    one (counted already) and without a message twice (found by review: it was counted twice)."""
+    from ipcbus.core import codec
+
+    encode_batch = codec.encode_batch
+    calls = 0
+
+    def failing(cls: type, messages: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 5:  # the whole batch, then each alone (3), then the rest together
+            raise RuntimeError("a bug of ours")
+        return encode_batch(cls, messages)
+
+    monkeypatch.setattr(codec, "encode_batch", failing)
+    rejected: list[Rejected] = []
+    outbox = Outbox(max_batch=1000, on_reject=rejected.append)
+    outbox.set_limit(1 << 20)
+    good = [Tick(0), Tick(2)]
+    outbox.check(good[0])
+    for message in (good[0], Tick(threading.Lock()), good[1]):  # type: ignore[arg-type]
+        outbox.append(message)
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        outbox.take()
+    assert [r.position for r in rejected] == [1]
+    assert list(outbox.items) == good
+    assert outbox.never_sent() == 2
+
+
 # -- case 10: a bad message after the first of its type ----------------------------------------
 
 

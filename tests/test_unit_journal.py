@@ -99,7 +99,7 @@ def _stream(*blobs: list[Any]) -> bytes:
     return b"".join(b"".join(bytes(part) for part in record) for record in blobs)
 
 
-@pytest.mark.parametrize("damage", [10**7, 1, -1], ids=["too-long", "one-over", "one-short"])
+@pytest.mark.parametrize("damage", [1, -1, 7], ids=["one-over", "one-short", "seven-over"])
 def test_a_damaged_length_in_the_middle_skips_to_the_next_good_record(damage: int) -> None:
     sizes, data = _batch(b"y" * 50)
     blobs = [
@@ -128,12 +128,40 @@ def test_a_torn_tail_after_damage_in_the_middle_is_still_a_torn_tail() -> None:
         for n in (1, 2, 3)
     ]
     second = bytearray(blobs[1])
-    struct.pack_into("<I", second, 1, 10**7)
+    struct.pack_into("<I", second, 1, struct.unpack_from("<I", second, 1)[0] + 1)
     stream = blobs[0] + bytes(second) + blobs[2] + blobs[2][:30]
     found = records.scan(stream)
     assert [bytes(body) for _kind, body in found.records] == [blobs[0][9:], blobs[2][9:]]
     assert found.torn_bytes == 30
     assert len(found.corrupt) == 1
+
+
+def test_a_torn_tail_is_never_searched_for_records_its_payload_may_hold() -> None:
+    """A torn last record's payload is a publisher's bytes: records shaped inside it (here a
+    SETTLED of everything, and a DELIVERED naming ids no hub hands out) are not applied (found
+    by review: applied, they dropped the queue, or kept the hub from opening its journal)."""
+    sizes, data = _batch(b"job")
+    good = _stream(records.begin(1), records.enqueued(TOPIC, [("g", 1)], b"m", sizes, data))
+    forged = _stream(records.settled(1, (1 << 32) - 1), records.delivered((1 << 64) - 1, 1, 1))
+    hostile = forged + b"\x01\xff\xff\xff\xff" * 4
+    sizes, data = _batch(hostile)
+    torn = _stream(records.enqueued(TOPIC, [("g", 2)], b"m", sizes, data))[:-5]
+    found = records.scan(good + torn)
+    assert found.torn_bytes == len(torn)
+    assert (found.corrupt, found.searched_at) == ([], None)
+    assert [kind for kind, _ in found.records] == [records.BEGIN, records.ENQUEUED]
+
+
+def test_ranges_of_ids_no_hub_hands_out_are_bad_records_not_applied() -> None:
+    replay = records.Replay()
+    for record in (
+        records.begin(1),
+        records.delivered((1 << 64) - 10, 5, 1),
+        records.settled(1 << 63, 1),
+    ):
+        ((kind, body),) = records.scan(_stream(record)).records
+        replay.apply(kind, body)
+    assert (replay.bad_records, replay.next_id) == (2, 1)
 
 
 # -- a journal under a queue book -------------------------------------------------------------
@@ -389,7 +417,7 @@ def test_a_damaged_length_in_a_segment_is_not_cut_off_as_a_torn_tail(tmp_path: P
     (segment,) = (tmp_path / "j").glob("*.journal")
     data = bytearray(segment.read_bytes())
     first = _offset_of(bytes(data), lambda kind, body: b"one" in bytes(body))
-    struct.pack_into("<I", data, first + 1, 10**7)
+    struct.pack_into("<I", data, first + 1, struct.unpack_from("<I", data, first + 1)[0] + 1)
     segment.write_bytes(bytes(data))
     again, journal = _book(tmp_path / "j")
     try:
@@ -414,5 +442,27 @@ def test_an_unfinished_checkpoint_gives_way_to_the_segment_before_it(
     try:
         assert _held(again) == {"g": [(b"one", 0), (b"two", 0), (b"three", 0)]}
         assert "unfinished checkpoint" in caplog.text
+    finally:
+        journal.close()
+
+
+def test_records_a_search_found_do_not_prove_an_unfinished_checkpoint_ended(
+    tmp_path: Path,
+) -> None:
+    """A newer segment with BEGIN, damage, then SETTLED records found by searching past it:
+    they may be a payload's bytes, so the checkpoint counts as unfinished and the complete
+    segment before it is used (found by review: the newer one was used, nothing restored)."""
+    _two_turns_of_three(tmp_path / "j")
+    (segment,) = (tmp_path / "j").glob("*.journal")
+    newer = segment.with_name(f"{int(segment.stem) + 1:012d}.journal")
+    newer.write_bytes(
+        _stream(records.begin(1))
+        + b"\x00" * 20
+        + _stream(records.settled(1, 3), records.settled(1, 3))
+    )
+    newer.chmod(0o600)
+    again, journal = _book(tmp_path / "j")
+    try:
+        assert _held(again) == {"g": [(b"one", 0), (b"two", 0), (b"three", 0)]}
     finally:
         journal.close()

@@ -156,10 +156,18 @@ class Hub(QueueAdminMixin):
             name="ipcbus-hub",
             daemon=True,
         )
-        process.start()
-        child_end.close()
+        # Known as running before it runs: a fork in another thread meanwhile forgets it too.
         self._process, self._parent_end = process, parent_end
         _running.add(self)
+        try:
+            process.start()
+        except BaseException:
+            self._process, self._parent_end = None, None
+            _running.discard(self)
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
         try:
             if not parent_end.poll(timeout):
                 raise HubUnavailableError(f"hub at {address} not ready within {timeout} s")

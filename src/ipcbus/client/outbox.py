@@ -208,14 +208,16 @@ class Outbox:
                 limit = self._batch_limit(kind, split)
                 while items and len(batch) < limit and type(items[0]) is cls:
                     batch.append(items.popleft())  # type: ignore[arg-type]
-            waiting = len(items)
+            waiting, taken = len(items), self.taken
             try:
                 request = self._encode(cls, kind, split, batch)
             except BaseException:
                 # Not a message's failure (those are rejected alone, and the codec makes any of
                 # them one): a bug of ours, and the I/O thread ends. What it took goes back, for
-                # close() to count in undelivered (less what _encode put back itself).
-                items.extendleft(reversed(batch[: len(batch) - (len(items) - waiting)]))
+                # close() to count in undelivered: the batch's first messages, less what _encode
+                # put back itself (the last ones) and the one it rejected (counted already).
+                kept = len(batch) - (len(items) - waiting) - (self.taken - taken)
+                items.extendleft(reversed(batch[:kept]))
                 raise
             if request is not None:
                 return request
@@ -288,7 +290,11 @@ class Outbox:
                 fits = False
             if not fits:  # each one is fine alone, not together (never seen): one at a time
                 batch = self._put_back(batch, 1)
-                codec_id, frames = encode(cls, batch)
+                try:
+                    codec_id, frames = encode(cls, batch)
+                except MessageSerializationError as exc:  # fine a moment ago: pickling varies
+                    self._reject(cls, str(exc), self.taken)
+                    return None
         count = len(batch)
         self.taken += count
         self.sent += count

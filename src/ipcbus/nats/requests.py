@@ -95,12 +95,14 @@ def answer_payload(result: Any, exc: BaseException | None) -> tuple[str, bytes, 
     when it returned anything else (no answer)."""
     if exc is not None:
         failure = Failure.of(exc)
-        return ERROR_CODEC, failure.remote_message.encode(), failure.remote_type
+        # A message may hold lone surrogates (a file name os.fsdecode() made): never raise here.
+        return ERROR_CODEC, failure.remote_message.encode(errors="replace"), failure.remote_type
     if not isinstance(result, Message):
         return None
     try:
         codec, payload = encode_object(result)
     except PubSubError as failure:
         logger.error("cannot answer a request with %r: %s", result, failure)
-        return ERROR_CODEC, str(failure).encode(), "ipcbus.exceptions.MessageSerializationError"
+        error = str(failure).encode(errors="replace")
+        return ERROR_CODEC, error, "ipcbus.exceptions.MessageSerializationError"
     return codec, payload, ""

@@ -28,7 +28,12 @@ import zmq
 
 from ..config import HubOptions
 from ..exceptions import JournalError
-from ..wire.paths import check_directory, ensure_private_directory, open_private_file
+from ..wire.paths import (
+    check_ancestors,
+    check_directory,
+    ensure_private_directory,
+    open_private_file,
+)
 from . import journal_records as records
 from .dead_letters import DeadEntry
 from .fanout import Fanout
@@ -102,6 +107,7 @@ class Journal:
         """Take the directory, restore into ``book`` what the last hub left live, and start a
         fresh checkpoint segment. ``JournalError`` when the directory is not safe or in use."""
         try:
+            check_ancestors(self.directory)  # before mkdir: nothing made below another's path
             ensure_private_directory(self.directory)
             check_directory(self.directory)
             self._lock_fd = open_private_file(

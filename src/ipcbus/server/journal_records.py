@@ -59,6 +59,8 @@ __all__ = [
 ]
 
 ENQUEUED, DELIVERED, SETTLED, DROPPED, BEGIN, END, COUNTED, DEAD = range(1, 9)
+AFTER_CHECKPOINT = frozenset({DELIVERED, SETTLED, DROPPED})  # kinds a checkpoint never writes
+MAX_ID = 1 << 62  # message ids beyond: a damaged or foreign record (a hub starts at 1)
 _KINDS = frozenset(range(1, 9))
 _MAX_ERROR = 4096  # bytes of a dead letter's error kept
 _MAX_DEAD = 1000  # dead letter records kept per group (as the hub's)
@@ -169,13 +171,18 @@ class Scan:
     good_end: int = 0  # the offset just after the last good record
     torn_bytes: int = 0  # an incomplete record at the end (kill mid-write): cut off
     corrupt: list[str] = field(default_factory=list)  # records skipped, and why
+    # The index in ``records`` of the first record found by a search (``_resync``), if any: a
+    # payload's bytes may have been taken for it, so it proves less than one read in order.
+    searched_at: int | None = None
 
 
 def scan(data: bytes) -> Scan:
-    """The records of one segment. A record cut short at the end is a torn tail; a damaged
-    record in the middle is skipped and reported, and reading goes on at the next good record
-    (after it, by its length, or, when its length was what the damage hit, found by searching:
-    ``_resync``)."""
+    """The records of one segment. A record of a known kind that runs past the end is a torn
+    tail (a kill in the middle of a write), and nothing in it is searched: its payload is a
+    publisher's bytes, which may hold anything shaped like records. A damaged record in the middle
+    is skipped and reported, and reading goes on at the next good record: where it said it
+    ends, or, when that is no record (its length was damaged), found by a bounded search
+    (``_resync``). Records read after a search are counted from ``searched_at``."""
     view = memoryview(data)
     result = Scan()
     offset, size = 0, len(data)
@@ -189,28 +196,25 @@ def scan(data: bytes) -> Scan:
             result.records.append((kind, view[offset + HEADER.size : stop]))
             offset = result.good_end = stop
             continue
-        if kind in _KINDS and stop < size and _good(view, stop) is not None:
+        if kind in _KINDS and stop >= size:
+            result.torn_bytes = size - offset  # the last record, cut short while being written
+            break
+        if kind in _KINDS and _good(view, stop) is not None:
             # The body was damaged, not its length: the next record starts where it said.
             result.corrupt.append(f"record at byte {offset} ({length} bytes): checksum mismatch")
             offset = stop
             continue
         found, searched = _resync(view, offset + 1)
-        if found is not None:
-            result.corrupt.append(
-                f"damage at byte {offset}: {found - offset} bytes skipped to the next good record"
-            )
-            offset = found
-            continue
-        if searched and kind in _KINDS and stop >= size:
-            result.torn_bytes = size - offset  # the last record, cut short while being written
-        elif searched:
-            result.corrupt.append(f"garbage at byte {offset}: {size - offset} bytes skipped")
-        else:
-            result.corrupt.append(
-                f"damage at byte {offset}: the {size - offset} bytes after it not searched for "
-                "good records (skipped)"
-            )
-        break
+        if found is None:
+            what = "garbage" if searched else "damage, not searched further,"
+            result.corrupt.append(f"{what} at byte {offset}: {size - offset} bytes skipped")
+            break
+        result.corrupt.append(
+            f"damage at byte {offset}: {found - offset} bytes skipped to the next good record"
+        )
+        if result.searched_at is None:
+            result.searched_at = len(result.records)
+        offset = found
     return result
 
 
@@ -229,48 +233,46 @@ def _good(view: memoryview, offset: int) -> int | None:
 
 _KIND_BYTE = re.compile(b"[\x01-\x08]")
 # What a search for the next good record may cost at most (a damaged length in a large segment):
-# candidate offsets looked at, and bytes checksummed. Past either it gives up (about a second).
-_RESYNC_CANDIDATES = 1_000_000
+# candidate offsets looked at, and bytes checksummed. Past either it gives up (a few seconds).
+_RESYNC_CANDIDATES = 2_000_000
 _RESYNC_BYTES = 1 << 30
 
 
 def _resync(view: memoryview, start: int) -> tuple[int | None, bool]:
-    """The offset of the first good record at or after ``start`` that is followed by the end of
-    the segment, another record or a torn tail (so that a payload holding bytes shaped like a
-    record is not easily taken for one), and whether the search reached the end (``False``: it
-    gave up, past its budget)."""
+    """The offset of the first good record at or after ``start`` that is followed by another,
+    by a torn tail or by the end of the segment, and whether the search reached the end
+    (``False``: it gave up, past its budget)."""
     size = len(view)
     hashed = 0
     for looked, match in enumerate(_KIND_BYTE.finditer(view, start)):
+        if looked >= _RESYNC_CANDIDATES:
+            return None, False
         offset = match.start()
         if size - offset < HEADER.size:
             break
         (length,) = _LENGTH.unpack_from(view, offset + 1)
         stop = offset + HEADER.size + length
-        if stop > size or not _plausible_next(view, stop):
+        if stop > size or (stop < size and view[stop] not in _KINDS):
             continue  # cheap tests first: the checksum is what costs
         hashed += length
-        if looked >= _RESYNC_CANDIDATES or hashed > _RESYNC_BYTES:
+        if hashed > _RESYNC_BYTES:
             return None, False
-        if _good(view, offset) is not None and (stop == size or _next_is_whole(view, stop)):
+        if _good(view, offset) is not None and _ends_or_goes_on(view, stop):
             return offset, True
     return None, True
 
 
-def _plausible_next(view: memoryview, offset: int) -> bool:
-    """Whether what starts at ``offset`` can follow a record: the end, a header cut short, or
-    a header of a known kind (its record whole or cut short at the end)."""
-    if len(view) - offset < HEADER.size:
+def _ends_or_goes_on(view: memoryview, offset: int) -> bool:
+    """After a record the search found: the end, a good record, or a torn tail. (A payload may
+    hold bytes shaped like that too; the search runs only for damage in the middle, never
+    inside a torn tail.)"""
+    size = len(view)
+    if size - offset < HEADER.size:
+        return True  # the end, or a header cut short
+    kind, length, _crc = HEADER.unpack_from(view, offset)
+    if kind in _KINDS and offset + HEADER.size + length > size:
         return True
-    return view[offset] in _KINDS
-
-
-def _next_is_whole(view: memoryview, offset: int) -> bool:
-    """After a good record: a good record, or a torn tail (a record cut short at the end)."""
-    if len(view) - offset < HEADER.size:
-        return True
-    (length,) = _LENGTH.unpack_from(view, offset + 1)
-    return offset + HEADER.size + length > len(view) or _good(view, offset) is not None
+    return _good(view, offset) is not None
 
 
 def _read_name(body: memoryview, offset: int) -> tuple[bytes, int]:
@@ -335,8 +337,6 @@ class Replay:
         # (topic, group) -> its latest dead letters
         self.dead: dict[tuple[bytes, str], deque[DeadLetterRecord]] = {}
         self.began = self.ended = False
-        # A record a checkpoint never writes (DELIVERED, SETTLED, DROPPED): its end was written.
-        self.after_checkpoint = False
         self.bad_records = 0  # well-formed on disk (CRC good) but not understood
 
     def apply(self, kind: int, body: memoryview) -> None:
@@ -347,7 +347,10 @@ class Replay:
 
     def _apply(self, kind: int, body: memoryview) -> None:
         if kind == BEGIN:
-            (self.next_id,) = _GROUP_ID.unpack_from(body)
+            (next_id,) = _GROUP_ID.unpack_from(body)
+            if next_id > MAX_ID:
+                raise ValueError(f"a next message id of {next_id}")
+            self.next_id = next_id
             self.began = True
         elif kind == END:
             self.ended = True
@@ -383,7 +386,6 @@ class Replay:
             first, count = _RANGE.unpack_from(body)
             self._mark(first, count, None)
         elif kind == DROPPED:
-            self.after_checkpoint = True
             topic, offset = _read_name(body, 0)
             name = _read_name(body, offset)[0].decode()
             self.dead.pop((topic, name), None)
@@ -409,6 +411,8 @@ class Replay:
         payloads = body[offset + 4 * count :]
         if len(sizes) != 4 * count or sum(unpack_sizes(sizes)) != len(payloads):
             raise ValueError("sizes do not match the payloads")
+        if any(first_id + count > MAX_ID for _name, first_id in targets):
+            raise ValueError("message ids beyond any a hub hands out")
         for name, first_id in targets:
             run = LiveRun(topic, name, first_id, count, meta, sizes, payloads, attempt)
             if first_id in self.runs:
@@ -419,7 +423,8 @@ class Replay:
 
     def _mark(self, first: int, count: int, attempt: int | None) -> None:
         last = first + count  # exclusive
-        self.after_checkpoint = True
+        if last > MAX_ID:
+            raise ValueError(f"message ids up to {last}: more than any hub hands out")
         self.next_id = max(self.next_id, last)  # ids named are used, whatever BEGIN said
         index = bisect.bisect_right(self._starts, first) - 1
         index = max(index, 0)

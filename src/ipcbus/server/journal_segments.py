@@ -50,7 +50,11 @@ def replay_newest(
             for kind, body in found.records:
                 replay.apply(kind, body)
             if not (replay.began and replay.ended):
-                if number != segments[0] and not (found.corrupt and replay.after_checkpoint):
+                # Only what was read in order, before any search, can prove the checkpoint
+                # ended: a search may take a payload's bytes for records.
+                in_order = found.records[: found.searched_at]
+                ended = any(kind in records.AFTER_CHECKPOINT for kind, _body in in_order)
+                if number != segments[0] and not (found.corrupt and ended):
                     # A hub killed while it wrote this checkpoint: the one before is whole.
                     logger.warning("journal: %s is an unfinished checkpoint: not used", path)
                     continue

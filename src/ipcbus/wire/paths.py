@@ -27,9 +27,8 @@ __all__ = ["check_ancestors", "check_directory", "ensure_private_directory", "op
 
 def ensure_private_directory(path: str) -> None:
     """Create ``path`` with mode 0700, or accept it only if it is a private directory of ours.
-    What leads to it is checked first (``check_ancestors``): nothing is made below a directory
-    or a symlink another user controls."""
-    _check_ancestors(os.path.abspath(path))
+    Callers that must not create anything below a path another user controls check its
+    ancestors first (``check_ancestors``)."""
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
     info = os.lstat(path)
