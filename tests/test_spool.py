@@ -378,7 +378,7 @@ def test_a_reader_takes_only_the_file_its_publisher_wrote(spool_root: str) -> No
         bad = pack_spool_index([SpoolEntry(3, 1, 0, 0, b"\x00" * 16)])  # position out of range
         got = reader.fill([*head, Frame(bad), b""])
         assert isinstance(got[3], SpoolError)
-        assert reader.missing == 1
+        assert reader.counts.missing == 1
     finally:
         reader.close()
     # Its registration and lock file went with it; the topic's directory is the hub's to remove.
@@ -508,3 +508,69 @@ def test_a_spool_short_of_room_sends_inline_and_loses_nothing(
         assert stored + inline == 18
         assert (spool.read, spool.missing, undecodable) == (stored, 0, 0)
         reader.close()
+
+
+def test_a_write_that_others_outran_goes_inline_and_the_reserve_holds(
+    small_spool_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publishers look for room, then write: not atomic across processes, so several writing
+    at once took the spool below its reserve (a quarter free), down to no space at all (found
+    by an adversarial review). Another process's write is played here between the look and
+    this one: the batch goes inline, counted, and leaves no share behind."""
+    directory = os.path.join(small_spool_root, "spool")
+    os.mkdir(directory, 0o700)
+    spool = Spool.open(directory, 1 << 30, "r1")
+    assert spool is not None
+    write = Spool._write
+    other = os.path.join(small_spool_root, "another-publishers-file")
+
+    def outran(self: Spool, position: int, buffer: Any, readers: list[str]) -> Any:
+        if not os.path.exists(other):  # 11 of the 16 MiB, written since the look
+            with open(other, "wb") as filler:
+                filler.write(b"\0" * (11 << 20))
+        return write(self, position, buffer, readers)
+
+    monkeypatch.setattr(Spool, "_write", outran)
+    try:
+        spool.register(b"t\x00")
+        frames = [b"payload", os.urandom(2 << 20)]
+        codec, sent = spool.store(b"t\x00", b"D", frames)
+        assert (codec, sent) == (b"D", frames)  # inline after all
+        assert (spool.counts.stored, spool.counts.inline) == (0, 1)
+        assert [name for name in os.listdir(directory) if "." in name and "lock" not in name] == []
+    finally:
+        spool.close()
+        os.unlink(other)
+
+
+def test_what_a_subscriber_counted_of_the_spool_outlives_a_hub_restart(
+    tmp_path: Any, spool_root: str, readers: Callable[..., Reader]
+) -> None:
+    """The counts lived on the object of one hub's spool, made anew for the next hub's: after a
+    restart a subscriber's ``spool.missing`` read 0 (found by an adversarial review)."""
+    address = f"ipc://{tmp_path}/hub"
+    hub = Hub(address, start_method="fork", spool=spool_root, spool_linger=0.5).start()
+    try:
+        reader = readers(hub.address)
+        with HubBroker(hub.address) as publisher:
+            os.kill(reader.process.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+            try:
+                publisher.publish(_blob(0))
+                publisher.flush(TIMEOUT)
+                wait_until(lambda: hub.statistics().spool["expired"] >= 3, TIMEOUT)
+            finally:
+                os.kill(reader.process.pid, signal.SIGCONT)  # type: ignore[arg-type]
+            fresh = _blob(1)
+            publisher.publish(fresh)
+            publisher.flush(TIMEOUT)
+            assert reader.take(1) == [_expected(fresh)]
+        before, _undecodable = reader.report()
+        assert (before.missing, before.read) == (3, 3)
+        hub.stop()
+        hub = Hub(address, start_method="fork", spool=spool_root, spool_linger=0.5).start()
+        wait_until(lambda: reader.report()[0].directory not in ("", before.directory), TIMEOUT)
+        after, _undecodable = reader.report()
+        assert (after.missing, after.read) == (3, 3)
+        reader.close()
+    finally:
+        hub.stop()

@@ -204,8 +204,8 @@ class HubBroker(QueueAdminMixin, Closing):
         """Big payloads through the hub's spool directory in this process (docs/guarantees.md,
         "Big payloads"): written, read back, sent inline for want of room, and missing (read
         too late: those batches were dropped, and counted in ``undecodable`` too)."""
-        spool = self._io.outbox.spool
-        return spool.statistics() if spool is not None else SpoolStatistics("", 0, 0, 0, 0)
+        outbox = self._io.outbox
+        return outbox.spool_counts.statistics(outbox.spool.path if outbox.spool else "")
 
     @property
     def hub_available(self) -> bool:

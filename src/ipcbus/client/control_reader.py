@@ -134,7 +134,12 @@ class ControlReader:
         old = self.outbox.spool
         if old is not None:
             old.close()
-        spool = Spool.open(welcome.spool_dir, welcome.max_message_size, self._client_id.decode())
+        spool = Spool.open(
+            welcome.spool_dir,
+            welcome.max_message_size,
+            self._client_id.decode(),
+            self.outbox.spool_counts,  # kept across hubs
+        )
         with self._subscriptions.lock:
             if spool is not None:
                 for topic in self._subscriptions.live_topics:

@@ -31,7 +31,7 @@ from ..exceptions import MessageSerializationError, MessageTooLargeError
 from ..message import Message, get_unique_name_for_message
 from ..wire import protocol as wire
 from .confirm import Unconfirmed
-from .spool import Spool
+from .spool import Spool, SpoolCounts
 
 __all__ = ["FRAME_MARGIN", "FlushMarker", "Kind", "Outbox", "Prepared", "Rejected"]
 
@@ -118,6 +118,7 @@ class Outbox:
         self.flushes: dict[bytes, FlushMarker] = {}  # sent, waiting for FLUSHED
         self.max_message_size = 0  # the hub's, from its WELCOME
         self.spool: Spool | None = None  # the hub's spool directory, from its WELCOME
+        self.spool_counts = SpoolCounts()  # what went through the spools of every hub
         self.frame_budget = 1  # the largest frame sent
         # Counted on the I/O thread: messages taken (sent or rejected), sent, and, of those sent,
         # confirmed by a FLUSHED.

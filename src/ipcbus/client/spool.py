@@ -93,10 +93,25 @@ class SpoolStatistics:
     missing: int  # buffers it could not read back (expired, not the file written): dropped
 
 
+@dataclass
+class SpoolCounts:
+    """What a client counted of the spool, kept across hubs (each names a spool of its own)."""
+
+    stored: int = 0
+    read: int = 0
+    inline: int = 0
+    missing: int = 0
+
+    def statistics(self, directory: str) -> SpoolStatistics:
+        return SpoolStatistics(directory, self.stored, self.read, self.inline, self.missing)
+
+
 class Spool:
     """The spool directory one hub named, as one client process uses it (any thread)."""
 
-    def __init__(self, path: str, max_size: int, reader: str, lock_fd: int) -> None:
+    def __init__(
+        self, path: str, max_size: int, reader: str, lock_fd: int, counts: SpoolCounts
+    ) -> None:
         self.path = path
         self.max_size = max_size  # the hub's max_message_size: no file may claim more
         self.reader = reader  # this process's client id: the name of its shares
@@ -104,14 +119,13 @@ class Spool:
         self._pid = os.getpid()
         self._topics: set[bytes] = set()
         self._guard = threading.Lock()
-        self.stored = 0
-        self.read = 0
-        self.inline = 0
-        self.missing = 0
+        self.counts = counts
         self._retry_at = 0.0
 
     @classmethod
-    def open(cls, path: str, max_size: int, reader: str) -> Spool | None:
+    def open(
+        cls, path: str, max_size: int, reader: str, counts: SpoolCounts | None = None
+    ) -> Spool | None:
         """This process's use of the spool at ``path``, if that is a private directory of this
         user; ``None`` (big payloads go inline) when ``path`` is empty or not one."""
         if not path:
@@ -144,10 +158,10 @@ class Spool:
         except (OSError, SpoolError) as exc:  # another mount namespace than the hub's, say
             logger.warning("big payloads go inline: the hub's spool %s: %s", path, exc)
             return None
-        return cls(path, max_size, reader, lock)
+        return cls(path, max_size, reader, lock, SpoolCounts() if counts is None else counts)
 
     def statistics(self) -> SpoolStatistics:
-        return SpoolStatistics(self.path, self.stored, self.read, self.inline, self.missing)
+        return self.counts.statistics(self.path)
 
     # -- registration --------------------------------------------------------------------------
 
@@ -210,7 +224,7 @@ class Spool:
             or time.monotonic() < self._retry_at
             or not self._room_for(sum(_nbytes(frames[1 + i]) for i in big))
         ):
-            self.inline += len(big)
+            self.counts.inline += len(big)
             return codec, frames
         entries: list[SpoolEntry] = []
         try:
@@ -219,12 +233,20 @@ class Spool:
             for entry in entries:
                 for reader in readers:
                     self._remove(share_name(entry.file_name, reader))
-            self.inline += len(big)
+            self.counts.inline += len(big)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM):
                 self._retry_at = time.monotonic() + _BACKOFF
             logger.warning("a big payload goes inline: cannot write it to the spool: %s", exc)
             return codec, frames
-        self.stored += len(entries)
+        if not self._room_for(0):
+            # Others wrote meanwhile (the look above is no lock across processes): the reserve
+            # holds once each write is done, and this batch goes inline after all.
+            for entry in entries:
+                for reader in readers:
+                    self._remove(share_name(entry.file_name, reader))
+            self.counts.inline += len(big)
+            return codec, frames
+        self.counts.stored += len(entries)
         buffers = list(frames[1:])
         for entry in entries:
             buffers[entry.position] = b""
@@ -301,7 +323,7 @@ class Spool:
         try:
             fd = os.open(path, _READ_FLAGS)
         except OSError as exc:
-            self.missing += 1
+            self.counts.missing += 1
             why = exc.strerror
             if exc.errno == errno.ENOENT:
                 why = (
@@ -319,15 +341,15 @@ class Spool:
                 or (info.st_dev, info.st_ino, info.st_size)
                 != (entry.device, entry.inode, entry.size)
             ):
-                self.missing += 1
+                self.counts.missing += 1
                 return SpoolError(f"big payload {path}: not the file its publisher wrote")
             data = _read_all(fd, entry.size)
         except OSError as exc:
-            self.missing += 1
+            self.counts.missing += 1
             return SpoolError(f"big payload {path}: {exc.strerror}")
         finally:
             os.close(fd)
-        self.read += 1
+        self.counts.read += 1
         return data
 
 
