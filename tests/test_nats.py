@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -335,3 +336,36 @@ def test_a_group_deleted_under_its_member_is_reported_without_a_busy_loop(
     broker.publish(Tick(1))
     BarrierWaiter(broker).wait(broker, 10)
     assert received == [Tick(1)]
+
+
+def test_close_with_stuck_handlers_gives_them_one_linger_together(
+    nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broadcast handler and a queue handler that never return: close() gives the threads
+    that run handlers one linger together, not one each (as HubBroker's close, same test)."""
+    caplog.set_level(logging.CRITICAL, logger="ipcbus")
+    linger = 2.0
+    forever = threading.Event()
+    started = threading.Semaphore(0)
+
+    def stuck(message: object) -> None:
+        started.release()
+        forever.wait()
+
+    broker = NatsBroker(nats_server.url, namespace=namespace, secret=SECRET, linger=linger)
+    try:
+        broker.subscribe(Tick, stuck)
+        broker.subscribe_async(OrderPlaced, stuck, "jobs")
+        for message in (Tick(0), OrderPlaced(1)):
+            broker.publish(message)
+            assert started.acquire(timeout=20), f"{message} was not handled"
+        began = time.monotonic()
+        broker.close()
+        took = time.monotonic() - began
+    finally:
+        forever.set()
+        broker.close()
+        ours = [thread for thread in threading.enumerate() if thread.name.startswith("ipcbus")]
+        wait_until(lambda: not [thread for thread in ours if thread.is_alive()], 20)
+    # Before: a linger for the deliveries in hand, then one for each thread that runs handlers.
+    assert took < 2 * linger + 0.5, f"close() took {took:.1f} s with linger={linger}"

@@ -92,4 +92,6 @@ class Closing(Subscribing):
 
 
 def _left(deadline: float) -> float:
-    return max(0.0, deadline - time.monotonic())
+    """What is left of the linger; once spent, a moment for a thread that is merely finishing,
+    not another linger for one that is stuck."""
+    return max(0.1, deadline - time.monotonic())

@@ -364,4 +364,4 @@ _REJECTED = wire.OUTCOME_REJECTED
 
 
 def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
+    return None if deadline is None else max(0.1, deadline - time.monotonic())

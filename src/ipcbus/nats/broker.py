@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_SERVERS = "nats://127.0.0.1:4222"
 # Room for our envelope (meta, reply inbox, signature) within the server's max_payload.
 _HEADER_ROOM = 512
+# What a thread that runs handlers gets at close once the linger is spent: enough to end if it
+# is merely finishing, not another linger if it is stuck.
+_GRACE = 0.1
 
 
 class NatsBroker(NatsRequesting, NatsQueueGroups):
@@ -320,10 +323,11 @@ class NatsBroker(NatsRequesting, NatsQueueGroups):
         if self._handler_loop is not None:
             self._handler_loop.call_soon_threadsafe(self._handler_loop.stop)
             if self._handler_thread is not None and not in_handler:
-                self._handler_thread.join(self._linger)
+                self._handler_thread.join(max(_GRACE, deadline - time.monotonic()))
         try:  # the acks and naks the stopped handlers sent
             self._conn.flush(self._linger)
         except PubSubError as exc:
             logger.warning("closing %r: %s", self, exc)
         self._conn.close(self._linger)
-        self._dispatcher.stop(self._linger)
+        # Handler threads share the one linger (with n stuck handlers it took n lingers).
+        self._dispatcher.stop(max(_GRACE, deadline - time.monotonic()))
