@@ -70,6 +70,17 @@ UNSENDABLE = ["lock", "system-exit", "keyboard-interrupt", "bad-str"]
 
 
 @dataclass(frozen=True)
+class Checked(Message):
+    """Refuses a negative ``x`` in its own ``__post_init__``."""
+
+    x: int
+
+    def __post_init__(self) -> None:
+        if self.x < 0:
+            raise ValueError(f"x must be >= 0, not {self.x}")
+
+
+@dataclass(frozen=True)
 class Barrier(Message):
     """Published after a test's messages: once a subscriber sees it, it has seen them too."""
 

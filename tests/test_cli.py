@@ -91,12 +91,35 @@ def test_publish_sends_one_message_from_json(hub: Hub) -> None:
         ("tests.messages.Tick", "[1, 2]"),  # not an object
         ("tests.messages.Tick", "{not json"),
         ("tests.messages.Tick", '{"unknown_field": 1}'),
+        ("tests.messages.Checked", '{"x": -1}'),  # its __post_init__ refuses
+        pytest.param("tests.messages.Tick", "[" * 60_000, id="too-deep-for-the-decoder"),
     ],
 )
 def test_publish_refuses_what_it_cannot_build(hub: Hub, type_name: str, fields: str) -> None:
     refused = run_cli("publish", type_name, "--json", fields, "--address", hub.address)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.startswith("ipcbus publish: ")
+    assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ("stats", "--watch", "-1"),
+        ("stats", "--watch", "nan"),
+        ("stats", "--watch", "inf"),
+        ("stats", "--watch", "0"),
+        ("tail", "--timeout", "-1"),
+        ("tail", "--timeout", "nan"),
+        ("worker", "tests.messages", "--shutdown-timeout", "inf"),
+        ("worker", "tests.messages", "--max-backoff", "1e400"),
+    ],
+)
+def test_bad_periods_and_timeouts_are_usage_errors(arguments: tuple[str, ...]) -> None:
+    """Found by an adversarial review: these passed the parser, then ended in a traceback
+    (exit 1), or, for tail, waited for nothing."""
+    refused = run_cli(*arguments, "--address", "ipc:///nonexistent/hub")
+    assert refused.returncode == 2, refused.stderr
     assert "Traceback" not in refused.stderr
 
 

@@ -20,7 +20,6 @@ import functools
 import importlib
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from importlib import metadata
 from typing import Any
 
 from . import cli_ops, cli_queues
+from .cli_ops import seconds
 from .client.admin import request_clients, request_statistics
 from .config import (
     ENV_ADDRESS,
@@ -36,6 +36,7 @@ from .config import (
     hub_options_from_env,
     parse_hub_option,
 )
+from .core.failures import describe
 from .exceptions import HubAddressError, HubUnavailableError, PubSubError
 from .exit_codes import EPILOG, ExitCode
 from .hub import Hub
@@ -103,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     _hub_address(stats)
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.add_argument(
-        "--watch", type=float, metavar="SECONDS", help="print again every SECONDS, with rates"
+        "--watch", type=_period, metavar="SECONDS", help="print again every SECONDS, with rates"
     )
 
     clients = commands.add_parser(
@@ -136,12 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _seconds(text: str) -> float:
-    """A ``--timeout``: finite and >= 0 (a negative one polled for ever: ZeroMQ's -1; NaN
-    ended in a traceback)."""
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"timeout must be finite and >= 0 seconds, not {text}")
+def _period(text: str) -> float:
+    """A ``--watch`` period: finite and > 0 (a negative or NaN one ended in a traceback)."""
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("the period must be > 0 seconds")
     return value
 
 
@@ -154,7 +154,7 @@ def _hub_option(name: str, text: str) -> Any:
 
 def _hub_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help=f"the hub's address (default: ${ENV_ADDRESS})")
-    parser.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for it")
+    parser.add_argument("--timeout", type=seconds, default=5.0, help="seconds to wait for it")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -299,8 +299,8 @@ def _publish(address: str, type_name: str, fields: str, timeout: float) -> int:
     try:
         message_type = getattr(importlib.import_module(module_name), class_name)
         values: Any = json.loads(fields)
-    except (ImportError, AttributeError, ValueError) as exc:
-        print(f"ipcbus publish: {exc}", file=sys.stderr)
+    except (ImportError, AttributeError, ValueError, RecursionError) as exc:
+        print(f"ipcbus publish: {describe(exc)}", file=sys.stderr)
         return ExitCode.USAGE
     if not (isinstance(message_type, type) and issubclass(message_type, Message)):
         print(f"ipcbus publish: {type_name} is not a Message type", file=sys.stderr)
@@ -310,8 +310,8 @@ def _publish(address: str, type_name: str, fields: str, timeout: float) -> int:
         return ExitCode.USAGE
     try:
         message = message_type(**values)
-    except TypeError as exc:
-        print(f"ipcbus publish: {exc}", file=sys.stderr)
+    except Exception as exc:  # the class's own checks (__post_init__) too: the fields' fault
+        print(f"ipcbus publish: {type_name}: {describe(exc)}", file=sys.stderr)
         return ExitCode.USAGE
     try:
         with connect(address, connect_timeout=timeout) as broker:

@@ -5,6 +5,7 @@ their code lives here and in ``worker`` and ``client.tail``."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any
@@ -82,7 +83,16 @@ def add_commands(commands: Any, common: argparse.ArgumentParser, epilog: str) ->
         default=10_000,
         help="messages held for a slow output before some are left out (default %(default)s)",
     )
-    tail.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the hub")
+    tail.add_argument("--timeout", type=seconds, default=10.0, help="seconds to wait for the hub")
+
+
+def seconds(text: str) -> float:
+    """A ``--timeout``: finite and >= 0 (a negative one polled for ever: ZeroMQ's -1; NaN
+    ended in a traceback)."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"timeout must be finite and >= 0 seconds, not {text}")
+    return value
 
 
 def _address(parser: argparse.ArgumentParser) -> None:

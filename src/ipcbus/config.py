@@ -7,6 +7,7 @@ take theirs from these records. Imports nothing of ipcbus, so every process may 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -322,6 +323,9 @@ class RunnerOptions(_Options):
         self._check_positive("shutdown_timeout")
         if not self.restart_backoff >= 0:  # also refuses NaN
             raise ValueError(f"restart_backoff must be >= 0, not {self.restart_backoff!r}")
+        for name in ("restart_backoff", "max_backoff", "stable_after", "shutdown_timeout"):
+            if math.isinf(getattr(self, name)):  # waits end in process.join(): inf overflowed
+                raise ValueError(f"{name} must be finite, not {getattr(self, name)!r}")
         if self.start_method not in ("spawn", "fork", "forkserver"):
             raise ValueError(
                 f"start_method must be spawn, fork or forkserver, not {self.start_method!r}"
