@@ -244,3 +244,41 @@ def test_a_consumer_killed_by_sigterm_returns_its_deliveries_at_once(tmp_path: P
         finally:
             consumers.close()
     assert returned_after < 5.0, f"redelivered only after {returned_after:.1f} s (timeout 60 s)"
+
+
+@pytest.mark.hub
+def test_a_last_attempt_that_died_with_its_process_is_dead_lettered_by_the_hub(
+    queue_hub: Hub, tmp_path: Path
+) -> None:
+    """max_attempts=1 and the consumer is killed in its handler: the next consumer gets it
+    with attempt 2 and dead-letters it without running it (a job that kills its process,
+    os._exit or a crash, was redelivered for ever and took every worker down in turn; found
+    by an adversarial review). As NatsBroker does (test_nats_queue_groups.py)."""
+    consumers = Consumers(HubSpec(queue_hub.address), tmp_path)
+    group = "tests.messages.Tick/work"
+    try:
+        with HubBroker(queue_hub.address) as producer:
+            dead: list[DeadLetter] = []
+            producer.subscribe(DeadLetter, dead.append)
+            doomed = consumers.start(delay=60.0, max_attempts=1, name="doomed")
+            producer.publish(Tick(1))
+            producer.flush(10)
+            wait_until(lambda: queue_hub.statistics().queues[group]["in_flight"] == 1, 20)
+            os.kill(doomed.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            doomed.join(10)
+            heir = consumers.start(max_attempts=1, name="heir")
+            wait_until(lambda: dead != [], 30)
+            wait_until(lambda: queue_hub.statistics().queues[group]["in_flight"] == 0, 20)
+    finally:
+        consumers.close()
+    assert consumers.entries(heir) == [], "the dead letter is not handled again"
+    assert dead == [
+        DeadLetter(
+            "work",
+            Tick(1),
+            1,
+            "ConsumerDiedError: the process that ran its attempt 1 of 1 died before "
+            "acknowledging it",
+        )
+    ]
+    assert queue_hub.statistics().queues[group]["dead_lettered"] == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "BrokerClosedError",
+    "ConsumerDiedError",
     "BrokerFailedError",
     "BrokerNotInitializedError",
     "ConsumerAlreadyRegisteredError",
@@ -100,6 +101,11 @@ class UnknownQueueError(PubSubError, LookupError):
 
 class PublishTimeoutError(PubSubError, TimeoutError):
     """``publish(timeout=...)`` or ``flush(timeout)`` ran out of time under backpressure."""
+
+
+class ConsumerDiedError(PubSubError):
+    """The error a DeadLetter names when a queue message's last attempt died with its process
+    (it comes back once more, and is dead-lettered then without running the handler)."""
 
 
 class RequestTimeoutError(PubSubError, TimeoutError):

@@ -40,6 +40,7 @@ from ..core.handlers import call_to_completion
 from ..core.requests import Failure, ReplyTo
 from ..core.requests import answer as answer_request
 from ..core.retry import after_failure, describe_error, publish_dead_letter
+from ..exceptions import ConsumerDiedError
 from ..message import Message
 from ..wire import protocol as wire
 from .acks import AckBuffer
@@ -198,6 +199,10 @@ class QueueRunner(CoroutineRuns):
         if not subscription.accepts(message):
             seq = run.first_seq + index
             return wire.Ack(run.stream, seq, seq, _REJECTED)
+        if run.attempt > subscription.policy.max_attempts:
+            # Each attempt ended with its process (os._exit, a crash): the hub delivered it
+            # again, past the policy. Not run once more: it took down every worker in turn.
+            return self._died_every_time(job, index, message)
         queue_name = subscription.queue_name
         assert queue_name is not None
         context = AsyncMessageContext._of(queue_name, message_id, run.attempt, job.published_at)
@@ -218,6 +223,21 @@ class QueueRunner(CoroutineRuns):
         error = f"undecodable: {describe_error(exc)}"
         self._answer_failure(job, exc)
         return wire.Ack(job.run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
+
+    def _died_every_time(self, job: Job, index: int, message: Message) -> wire.Ack:
+        """Dead-letter, unhandled, a message whose last allowed attempt died with its process
+        (as NatsBroker does once JetStream delivers it past ``max_attempts``)."""
+        subscription, run = job.subscription, job.run
+        assert subscription.queue_name is not None
+        attempts = subscription.policy.max_attempts
+        lost = ConsumerDiedError(
+            f"the process that ran its attempt {attempts} of {attempts} died before "
+            "acknowledging it"
+        )
+        publish_dead_letter(self._publish, subscription.queue_name, message, attempts, lost)
+        self._answer_failure(job, lost)
+        seq = run.first_seq + index
+        return wire.Ack(run.stream, seq, seq, wire.OUTCOME_DEAD, error=describe_error(lost))
 
     def _answer(self, job: Job, result: object) -> None:
         """A request's handler returned ``result``: a Message answers."""
@@ -307,6 +327,7 @@ class QueueRunner(CoroutineRuns):
         queue_name = subscription.queue_name
         assert queue_name is not None
         stream, first_seq, first_id, attempt = run.stream, run.first_seq, run.first_id, run.attempt
+        max_attempts = subscription.policy.max_attempts
         decode, prefix, published_at = job.decode, job.id_prefix, job.published_at
         sizes, payloads, offset = job.sizes, run.payloads, job.offset
         answers: list[wire.Ack] = []
@@ -324,7 +345,11 @@ class QueueRunner(CoroutineRuns):
             except BaseException as exc:  # unpickling runs the classes' code: SystemExit too
                 answer = self._undecodable(job, index, message_id, exc)
             else:
-                if subscription.accepts(message):
+                if not subscription.accepts(message):
+                    answer = wire.Ack(stream, first_seq + index, first_seq + index, _REJECTED)
+                elif attempt > max_attempts:  # as in _prepare
+                    answer = self._died_every_time(job, index, message)
+                else:
                     context = AsyncMessageContext._of(queue_name, message_id, attempt, published_at)
                     try:
                         result = call_to_completion(subscription, message, context)
@@ -333,8 +358,6 @@ class QueueRunner(CoroutineRuns):
                     else:
                         if result is not None and job.route is not None:
                             self._answer(job, result)
-                else:
-                    answer = wire.Ack(stream, first_seq + index, first_seq + index, _REJECTED)
             if answer is not None:
                 if ok_from < index:
                     answers.append(ok(stream, first_seq + ok_from, first_seq + index - 1))

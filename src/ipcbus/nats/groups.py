@@ -41,7 +41,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from ..core.contract import AsyncMessageContext, Subscription
 from ..core.retry import after_failure, publish_dead_letter
 from ..core.routing import RouteTable
-from ..exceptions import PubSubError
+from ..exceptions import ConsumerDiedError as ConsumerDiedError
 from ..message import Message
 from .connection import Handover
 from .envelope import Envelope, Signer, open_envelope
@@ -66,10 +66,6 @@ _IN_PROGRESS = b"+WPI"
 _TERM = b"+TERM"
 
 _local = threading.local()
-
-
-class ConsumerDiedError(PubSubError):
-    """The error a DeadLetter names when the last attempt died with its process."""
 
 
 def running_queue_handler() -> bool:
