@@ -154,3 +154,28 @@ def test_a_responder_in_another_process_answers(nats_server: NatsServer, namespa
         stop.set()
         hung = reap([responder])
     assert hung == []
+
+
+def test_closing_a_responder_while_its_handler_answers_kills_no_thread(
+    nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The answer comes after close() stopped the connection's loop: it is counted as unsent,
+    not a dead dispatcher logged at CRITICAL (found by an adversarial review)."""
+    answering = threading.Event()
+
+    def slow(message: OrderPlaced) -> OrderShipped:
+        answering.set()
+        time.sleep(1.0)
+        return OrderShipped(message.order_id)
+
+    responder = NatsBroker(nats_server.url, namespace=namespace, secret=SECRET, linger=0.2)
+    with NatsBroker(nats_server.url, namespace=namespace, secret=SECRET) as requester:
+        responder.subscribe(OrderPlaced, slow)
+        closer = threading.Thread(target=lambda: (answering.wait(20), responder.close()))
+        closer.start()
+        with pytest.raises(RequestTimeoutError):
+            requester.request(OrderPlaced(1), timeout=3)
+        closer.join(20)
+    wait_until(lambda: not responder._dispatcher.thread.is_alive(), 20)
+    assert [r for r in caplog.records if r.levelname == "CRITICAL"] == []
+    assert responder._counters.snapshot(queues={}, in_hand=0).unsent >= 1

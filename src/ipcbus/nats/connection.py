@@ -170,7 +170,19 @@ class NatsConnection:
             if self._draining:
                 return
             self._draining = True
-        self.loop.call_soon_threadsafe(self._start_drain)
+        try:
+            self.loop.call_soon_threadsafe(self._start_drain)
+        except RuntimeError:  # the loop is closed: the broker closed (a handler's late answer)
+            with self._lock:
+                unsent = sum(isinstance(item, bytes) for item in self._outbox)
+                self._outbox = deque()
+                self._draining = False
+            count = self._counters.add("unsent", unsent)
+            logger.warning(
+                "could not send %d messages: the connection is closed (%d unsent so far)",
+                unsent,
+                count,
+            )
 
     def send_stored(self, subject: str, data: bytes) -> None:
         """``send`` for a subject a stream stores: JetStream acks it on our inbox, and
