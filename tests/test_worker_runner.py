@@ -47,6 +47,7 @@ class Runner:
             text=True,
             cwd=REPO,
             env=environment,
+            start_new_session=True,  # a process group of its own, to signal as systemd does
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr = ""
@@ -233,6 +234,30 @@ def test_close_lets_the_handlers_in_hand_publish_their_results(hub: Hub) -> None
             assert started.acquire(timeout=DEADLINE)
         worker.close()
         wait_until(lambda: ledger.count() == 4, DEADLINE)
+    assert sorted(ledger.done) == [0, 1, 2, 3]
+
+
+def test_sigterm_to_the_whole_process_group_is_one_orderly_stop(
+    hub: Hub, runners: list[Runner]
+) -> None:
+    """systemd's stop (KillMode=control-group), `kill -TERM -PGID` and `timeout` signal every
+    process of the group: each worker got its own SIGTERM and the one the runner passed on, and
+    took the second for the hard stop (jobs cut short, exit 1; found by an adversarial review)."""
+    queue = f"tests.ops_jobs.Job/{QUEUE}"
+    with HubBroker(hub.address) as broker:
+        ledger = Ledger(broker)
+        broker.declare_queue(Job, QUEUE)
+        runner = Runner(hub.address, "tests.ops_jobs", "--processes", "2")
+        runners.append(runner)
+        runner.ready(2)
+        for job_id in range(4):
+            broker.publish(Job(job_id, seconds=2.0))
+        broker.flush(DEADLINE)
+        wait_until(lambda: request_statistics(hub.address).queues[queue]["in_flight"] == 4, 30)
+        os.killpg(runner.process.pid, signal.SIGTERM)
+        assert runner.finish() == 0, runner.stderr
+        assert runner.stderr == "", "an orderly stop logged something"
+        wait_until(lambda: ledger.count() == 4, DEADLINE)  # the jobs in hand finished
     assert sorted(ledger.done) == [0, 1, 2, 3]
 
 

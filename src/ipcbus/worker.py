@@ -16,7 +16,9 @@ The runner itself never connects; it starts the workers, watches them and forwar
   stop (dramatiq's two stages): the workers leave at once and the hub redelivers what they held.
   A worker still there after ``shutdown_timeout`` is killed.
 - Workers ignore SIGINT (a Ctrl-C in a terminal reaches the whole process group: the runner
-  alone decides), and stop on their own when the runner is gone (their end of its pipe closes).
+  alone decides) and take SIGTERM once (a SIGTERM to the group reaches them twice: directly and
+  from the runner); the second stage reaches them as SIGUSR1. They stop on their own when the
+  runner is gone (their end of its pipe closes).
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ __all__ = ["WorkerRunner", "load_target"]
 
 logger = logging.getLogger("ipcbus.worker")
 
-# A worker's exit code when a second SIGTERM made it leave without closing its broker.
+# The runner's second stage to its workers: leave at once (SIGTERM asks them to close).
+_LEAVE_NOW = signal.SIGUSR1
+# A worker's exit code when the second stage made it leave without closing its broker.
 _KILLED = 3
 # How often an idle worker looks at the runner's pipe (its end closes when the runner dies).
 _PARENT_POLL = 0.2
@@ -91,14 +95,19 @@ def _serve_worker(
     stop = threading.Event()
 
     def on_term(signum: int, frame: types.FrameType | None) -> None:
-        if stop.is_set():
-            # The second stage: leave now. The hub sees the connection close and hands what this
-            # process held to other consumers.
-            os._exit(_KILLED)
+        # Once, however many come: a SIGTERM to the whole process group (systemd's stop,
+        # `kill -TERM -PGID`, `timeout`) reaches this process and the runner, which passes it
+        # on; taken for the runner's second stage, it cut every job short.
         stop.set()
+
+    def on_leave(signum: int, frame: types.FrameType | None) -> None:
+        # The runner's second stage: leave now. The hub sees the connection close and hands
+        # what this process held to other consumers.
+        os._exit(_KILLED)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(_LEAVE_NOW, on_leave)
     logging.basicConfig(level=spec.log_level, stream=sys.stderr, format=LOG_FORMAT)
     from .client.broker import connect
     from .core.registry import set_message_broker
@@ -190,7 +199,7 @@ class WorkerRunner:
     def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
         self._signals += 1
         if self._signals > 1:  # the second stage: workers leave at once
-            self._terminate_all()
+            self._terminate_all(_LEAVE_NOW)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -302,11 +311,11 @@ class WorkerRunner:
 
     # -- stopping ---------------------------------------------------------------------------
 
-    def _terminate_all(self) -> None:
+    def _terminate_all(self, signum: int = signal.SIGTERM) -> None:
         for slot in self._slots:
             if slot.process is not None and slot.process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.process.pid, signal.SIGTERM)
+                    os.kill(slot.process.pid, signum)
 
     def _shutdown(self, code: int | None) -> int:
         """SIGTERM every worker; wait up to ``shutdown_timeout`` each; kill the rest."""
