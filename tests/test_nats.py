@@ -21,6 +21,7 @@ import pytest
 from ipcbus import (
     AsyncMessageContext,
     BrokerClosedError,
+    HubUnavailableError,
     MessageTooLargeError,
     connect,
     get_message_broker,
@@ -369,3 +370,75 @@ def test_close_with_stuck_handlers_gives_them_one_linger_together(
         wait_until(lambda: not [thread for thread in ours if thread.is_alive()], 20)
     # Before: a linger for the deliveries in hand, then one for each thread that runs handlers.
     assert took < 2 * linger + 0.5, f"close() took {took:.1f} s with linger={linger}"
+
+
+def test_stores_unconfirmed_when_the_server_dies_are_counted_in_doubt_and_flush_returns(
+    tmp_path: Path,
+) -> None:
+    """Found by an adversarial review: after a server killed mid-stream, the confirmations
+    JetStream had not sent were waited for for ever (flush() hung or timed out every time) and
+    the messages it never stored were counted nowhere. Now: counted in store_in_doubt (an
+    upper bound), and flush() confirms what came after."""
+    from .natstools import require_nats_server
+
+    server = NatsServer(require_nats_server()).start()
+    try:
+        options: dict[str, Any] = {"secret": SECRET, "namespace": "doubt"}
+        with NatsBroker(server.url, reconnect_time_wait=0.2, **options) as producer:
+            producer.declare_queue(Tick, "work")
+            producer.flush(10)
+            for seq in range(2000):  # many stores on their way when the server dies
+                producer.publish(Tick(seq))
+            server.kill()
+            server.start()
+            wait_until(lambda: _reconnects(producer) == 1, 30)
+            producer.publish(Tick(2000))
+            producer.flush(20)  # confirms what came after: nothing from before holds it
+            statistics = producer.statistics()
+            held = statistics.queues["tests.messages.Tick:work"].held
+            # Every message is stored, unsent, or counted in doubt (what was lost is in there).
+            accounted = held + statistics.store_in_doubt + statistics.unsent
+            assert accounted >= 2001, statistics
+    finally:
+        server.stop()
+
+
+def test_a_request_wakes_when_the_connection_closes_for_good() -> None:
+    """The server gone and reconnection given up: a request waiting with timeout=None woke
+    never (found by an adversarial review), and one made afterwards waited out its timeout for
+    an answer to a message that never left."""
+    from .natstools import require_nats_server
+
+    server = NatsServer(require_nats_server()).start()
+    try:
+        broker = NatsBroker(
+            server.url,
+            secret=SECRET,
+            namespace="gone",
+            max_reconnect_attempts=2,
+            reconnect_time_wait=0.2,
+        )
+        try:
+            outcome: list[BaseException] = []
+
+            def waiting() -> None:
+                try:
+                    broker.request(Tick(1), timeout=None)
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            requester = threading.Thread(target=waiting)
+            requester.start()
+            wait_until(lambda: broker.pending_requests == 1, 10)
+            server.kill()
+            requester.join(30)
+            assert not requester.is_alive(), "request(timeout=None) still waits"
+            assert [type(exc) for exc in outcome] == [HubUnavailableError]
+            began = time.monotonic()
+            with pytest.raises(HubUnavailableError):
+                broker.request(Tick(2), timeout=30)
+            assert time.monotonic() - began < 10, "it waited for an answer that cannot come"
+        finally:
+            broker.close()
+    finally:
+        server.stop()

@@ -148,6 +148,7 @@ class NatsBroker(NatsRequesting, NatsQueueGroups):
                 on_reply=self._answers_to_me.answer,
                 on_stored_gone=self._stored_gone,
                 options=nats_options,
+                on_closed=self._answers_to_me.connection_lost,
             )
         except BaseException:
             self._dispatcher.stop(linger)

@@ -69,11 +69,13 @@ class NatsConnection:
         on_reply: Callable[[str, Msg], None],
         on_stored_gone: Callable[[str], None],
         options: dict[str, Any],
+        on_closed: Callable[[], None] = lambda: None,
     ) -> None:
         self.servers = servers
         self._counters = counters
         self._on_reply = on_reply
         self._on_stored_gone = on_stored_gone
+        self._on_closed = on_closed  # closed for good (reconnection gave up), not by close()
         self._outbox: deque[bytes | _FlushMarker] = deque()
         self._lock = threading.Lock()
         self._draining = False
@@ -105,6 +107,10 @@ class NatsConnection:
             raise HubUnavailableError(
                 f"the NATS server at {self.servers} did not answer ({what}) within {timeout} s"
             ) from None
+        except nats.errors.ConnectionClosedError as exc:  # reconnection gave up
+            raise HubUnavailableError(
+                f"the connection to the NATS server at {self.servers} is closed ({what})"
+            ) from exc
 
     def spawn(self, coroutine: Awaitable[Any]) -> None:
         """Run ``coroutine`` on the loop without waiting (from any thread); what it raises is
@@ -124,6 +130,7 @@ class NatsConnection:
             error_cb=self._error,
             disconnected_cb=self._disconnected,
             reconnected_cb=self._reconnected,
+            closed_cb=self._closed,
             **options,
         )
         self.inbox = client.new_inbox()
@@ -146,6 +153,7 @@ class NatsConnection:
         logger.warning("disconnected from the NATS server at %s; reconnecting", self.servers)
 
     async def _reconnected(self) -> None:
+        self._forget_unconfirmed("the connection to the server dropped")
         count = self._counters.add("reconnects")
         logger.warning(
             "reconnected to the NATS server at %s (reconnection %d): broadcast messages "
@@ -153,6 +161,34 @@ class NatsConnection:
             self.servers,
             count,
         )
+
+    async def _closed(self) -> None:
+        if self._closing:
+            return
+        logger.error("the connection to the NATS server at %s is closed for good", self.servers)
+        self._forget_unconfirmed("the connection to the server closed")
+        self._on_closed()
+
+    @property
+    def lost(self) -> bool:
+        """Closed for good without close(): the reconnection gave up."""
+        return bool(self.client.is_closed) and not self._closing
+
+    def _forget_unconfirmed(self, why: str) -> None:
+        """Stored publishes JetStream had not confirmed when the connection dropped: their
+        confirmations went with it (counted in doubt; flush() waited for them for ever)."""
+        with self._acked:
+            doubtful, self._unacked = len(self._unacked), {}
+            self._acked.notify_all()
+        if doubtful:
+            count = self._counters.add("store_in_doubt", doubtful)
+            logger.error(
+                "%s before JetStream confirmed storing %d messages: they may or may not be "
+                "stored (%d in doubt so far)",
+                why,
+                doubtful,
+                count,
+            )
 
     # -- sending -----------------------------------------------------------------------------
 

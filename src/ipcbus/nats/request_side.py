@@ -10,7 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..core import process_id
 from ..core.contract import Broker
-from ..exceptions import BrokerClosedError, RemoteError, RequestTimeoutError
+from ..exceptions import (
+    BrokerClosedError,
+    HubUnavailableError,
+    RemoteError,
+    RequestTimeoutError,
+)
 from ..message import Message
 from .envelope import Envelope, seal
 from .requests import PendingRequests, answer_payload
@@ -52,11 +57,20 @@ class NatsRequesting(Broker):
         token, waiting = self._answers_to_me.open()
         try:
             self._publish(message, reply=f"{self._conn.inbox}.r.{token}")
-            answered = waiting.done.wait(timeout)
+            if self._conn.lost:  # the request could not leave (counted in unsent)
+                waiting.lost = True
+                answered = False
+            else:
+                answered = waiting.done.wait(timeout)
         finally:
             self._answers_to_me.forget(token)
         if waiting.closed:
             raise BrokerClosedError(f"{self!r} was closed while request() waited")
+        if waiting.lost:
+            raise HubUnavailableError(
+                f"the connection of {self!r} to its NATS server closed for good while "
+                "request() waited"
+            )
         envelope = waiting.envelope
         if not answered or envelope is None:
             raise RequestTimeoutError(

@@ -28,12 +28,13 @@ logger = logging.getLogger("ipcbus.nats.broker")
 
 
 class _Waiting:
-    __slots__ = ("closed", "done", "envelope")
+    __slots__ = ("closed", "done", "envelope", "lost")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.envelope: Envelope | None = None
         self.closed = False
+        self.lost = False  # the connection closed for good meanwhile
 
 
 class PendingRequests:
@@ -82,10 +83,18 @@ class PendingRequests:
 
     def close_all(self) -> None:
         """The broker closes: every waiting requester wakes (``BrokerClosedError``)."""
+        self._wake_all(closed=True)
+
+    def connection_lost(self) -> None:
+        """The connection closed for good (its reconnection gave up): every waiting requester
+        wakes with ``HubUnavailableError``, whatever its timeout (``None`` waited for ever)."""
+        self._wake_all(closed=False)
+
+    def _wake_all(self, closed: bool) -> None:
         with self._lock:
             waiting, self._waiting = list(self._waiting.values()), {}
         for each in waiting:
-            each.closed = True
+            each.closed, each.lost = closed, not closed
             each.done.set()
 
 

@@ -33,6 +33,9 @@ class NatsStatistics:
       import); queue deliveries among them are dead-lettered;
     - ``store_failures``: messages of a type with a queue group that JetStream refused to store
       (its broadcast subscribers still got them); the next ``flush()`` raises for them;
+    - ``store_in_doubt``: messages of a type with a queue group whose storing JetStream had not
+      confirmed when the connection to the server dropped: stored or not (an upper bound of
+      what was lost); logged at ERROR. ``flush()`` no longer waits for them;
     - ``unsent``: messages ``publish()`` accepted that could not be sent: the connection was
       closed, or the server unreachable with nats-py's reconnect buffer (``pending_size``) full;
       the next ``flush()`` raises for them;
@@ -48,6 +51,7 @@ class NatsStatistics:
     rejected: int = 0
     undecodable: int = 0
     store_failures: int = 0
+    store_in_doubt: int = 0
     unsent: int = 0
     replies_dropped: int = 0
     reconnects: int = 0
