@@ -31,7 +31,8 @@ from ..exceptions import MessageSerializationError, MessageTooLargeError
 from ..message import Message, get_unique_name_for_message
 from ..wire import protocol as wire
 from .confirm import Unconfirmed
-from .spool import Spool, SpoolCounts
+from .spool import Spool
+from .spool_counts import SpoolCounts
 
 __all__ = ["FRAME_MARGIN", "FlushMarker", "Kind", "Outbox", "Prepared", "Rejected"]
 

@@ -37,10 +37,7 @@ from collections.abc import Callable
 
 from ..core.contract import AsyncMessageContext, Subscription
 from ..core.handlers import call_to_completion
-from ..core.requests import Failure, ReplyTo
-from ..core.requests import answer as answer_request
-from ..core.retry import after_failure, describe_error, publish_dead_letter
-from ..exceptions import ConsumerDiedError
+from ..core.requests import ReplyTo
 from ..message import Message
 from ..wire import protocol as wire
 from .acks import AckBuffer
@@ -207,73 +204,6 @@ class QueueRunner(CoroutineRuns):
         assert queue_name is not None
         context = AsyncMessageContext._of(queue_name, message_id, run.attempt, job.published_at)
         return message, context
-
-    def _undecodable(self, job: Job, index: int, message_id: str, exc: BaseException) -> wire.Ack:
-        with self._lock:  # workers decode concurrently
-            self.undecodable += 1
-        logger.error(
-            "queue %r could not decode a %s message (%s): %s: %s",
-            job.subscription.queue_name,
-            job.subscription.topic,
-            message_id,
-            type(exc).__name__,
-            exc,
-        )
-        seq = job.run.first_seq + index
-        error = f"undecodable: {describe_error(exc)}"
-        self._answer_failure(job, exc)
-        return wire.Ack(job.run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
-
-    def _died_every_time(self, job: Job, index: int, message: Message) -> wire.Ack:
-        """Dead-letter, unhandled, a message whose last allowed attempt died with its process
-        (as NatsBroker does once JetStream delivers it past ``max_attempts``)."""
-        subscription, run = job.subscription, job.run
-        assert subscription.queue_name is not None
-        attempts = subscription.policy.max_attempts
-        lost = ConsumerDiedError(
-            f"the process that ran its attempt {attempts} of {attempts} died before "
-            "acknowledging it"
-        )
-        publish_dead_letter(self._publish, subscription.queue_name, message, attempts, lost)
-        self._answer_failure(job, lost)
-        seq = run.first_seq + index
-        return wire.Ack(run.stream, seq, seq, wire.OUTCOME_DEAD, error=describe_error(lost))
-
-    def _answer(self, job: Job, result: object) -> None:
-        """A request's handler returned ``result``: a Message answers."""
-        if job.route is not None and self._reply_to is not None:
-            answer_request(self._reply_to(job.route), result)
-
-    def _answer_failure(self, job: Job, exc: BaseException) -> None:
-        """A request's last attempt failed (dead-lettered): the failure answers."""
-        if job.route is not None and self._reply_to is not None:
-            self._reply_to(job.route).fail(Failure.of(exc))
-
-    def _failed(
-        self,
-        job: Job,
-        index: int,
-        message: Message,
-        context: AsyncMessageContext,
-        exc: BaseException,
-    ) -> wire.Ack:
-        """The answer for a handler that raised: a retry, or a dead letter."""
-        subscription, run = job.subscription, job.run
-        seq = run.first_seq + index
-        verdict = after_failure(
-            subscription.policy,
-            context.queue_name,
-            subscription.handler,
-            message,
-            context.attempt,
-            exc,
-        )
-        error = describe_error(exc)
-        if verdict.retry:
-            return wire.Ack(run.stream, seq, seq, wire.OUTCOME_FAILED, verdict.delay, error)
-        publish_dead_letter(self._publish, context.queue_name, message, context.attempt, exc)
-        self._answer_failure(job, exc)
-        return wire.Ack(run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
 
     def _done(self, count: int, coroutine: bool = False) -> bool:
         """``count`` messages less in hand; True when none is left."""

@@ -14,6 +14,7 @@ from ..message import Message
 from ..wire import protocol as wire
 from .acks import AckBuffer
 from .jobs import Job, ok
+from .runner_outcomes import Outcomes
 from .threads import OnDeath, start_thread
 
 __all__ = ["CoroutineRuns"]
@@ -21,7 +22,7 @@ __all__ = ["CoroutineRuns"]
 logger = logging.getLogger("ipcbus.client.runner")
 
 
-class CoroutineRuns:
+class CoroutineRuns(Outcomes):
     """The event loop of :class:`~ipcbus.client.runner.QueueRunner`."""
 
     _lock: threading.Lock
@@ -34,19 +35,6 @@ class CoroutineRuns:
     def _prepare(
         self, job: Job, index: int, payload: bytes
     ) -> tuple[Message, AsyncMessageContext] | wire.Ack:
-        raise NotImplementedError
-
-    def _failed(
-        self,
-        job: Job,
-        index: int,
-        message: Message,
-        context: AsyncMessageContext,
-        exc: BaseException,
-    ) -> wire.Ack:
-        raise NotImplementedError
-
-    def _answer(self, job: Job, result: object) -> None:
         raise NotImplementedError
 
     def _done(self, count: int, coroutine: bool = False) -> bool:

@@ -30,7 +30,6 @@ import secrets
 import stat
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from ..exceptions import SpoolError
@@ -44,6 +43,7 @@ from ..wire.spool import (
     topic_directory_name,
     unpack_spool_index,
 )
+from .spool_counts import SpoolCounts, SpoolStatistics
 
 __all__ = ["SPOOL_MIN", "Spool", "SpoolStatistics", "read_spooled"]
 
@@ -80,30 +80,6 @@ def _close_inherited_locks() -> None:
 
 
 os.register_at_fork(after_in_child=_close_inherited_locks)
-
-
-@dataclass(frozen=True)
-class SpoolStatistics:
-    """What went through the spool in one process (``HubBroker.spool``)."""
-
-    directory: str  # the hub's spool directory; empty: none (big payloads go inline)
-    stored: int  # buffers this process wrote to spool files
-    read: int  # buffers it read back from them
-    inline: int  # big buffers it sent inline: nobody registered, no room, a failed write
-    missing: int  # buffers it could not read back (expired, not the file written): dropped
-
-
-@dataclass
-class SpoolCounts:
-    """What a client counted of the spool, kept across hubs (each names a spool of its own)."""
-
-    stored: int = 0
-    read: int = 0
-    inline: int = 0
-    missing: int = 0
-
-    def statistics(self, directory: str) -> SpoolStatistics:
-        return SpoolStatistics(directory, self.stored, self.read, self.inline, self.missing)
 
 
 class Spool:

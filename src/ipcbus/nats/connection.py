@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 
 from ..core.loops import start_loop_thread
 from ..exceptions import HubUnavailableError, PublishTimeoutError
+from .connection_faults import ConnectionFaults
 from .statistics import Counters
 
 __all__ = ["Handover", "NatsConnection"]
@@ -57,7 +58,7 @@ class _FlushMarker:
         self.error: BaseException | None = None
 
 
-class NatsConnection:
+class NatsConnection(ConnectionFaults):
     """A connected nats-py client on a loop thread of its own (``ipcbus-nats-io``)."""
 
     def __init__(
@@ -141,54 +142,6 @@ class NatsConnection:
         # Nothing is sent to the inbox before this connection has published: nothing is lost.
         inbox._pending_queue = Handover(self._inbox_message)
         return client
-
-    async def _error(self, exc: Exception) -> None:
-        if isinstance(exc, nats.errors.SlowConsumerError):
-            return  # counted and logged where it was dropped (dispatch.Inbox)
-        logger.error("NATS client error on %s: %s: %s", self.servers, type(exc).__name__, exc)
-
-    async def _disconnected(self) -> None:
-        if self._closing:
-            return
-        logger.warning("disconnected from the NATS server at %s; reconnecting", self.servers)
-
-    async def _reconnected(self) -> None:
-        self._forget_unconfirmed("the connection to the server dropped")
-        count = self._counters.add("reconnects")
-        logger.warning(
-            "reconnected to the NATS server at %s (reconnection %d): broadcast messages "
-            "published meanwhile by others were not received",
-            self.servers,
-            count,
-        )
-
-    async def _closed(self) -> None:
-        if self._closing:
-            return
-        logger.error("the connection to the NATS server at %s is closed for good", self.servers)
-        self._forget_unconfirmed("the connection to the server closed")
-        self._on_closed()
-
-    @property
-    def lost(self) -> bool:
-        """Closed for good without close(): the reconnection gave up."""
-        return bool(self.client.is_closed) and not self._closing
-
-    def _forget_unconfirmed(self, why: str) -> None:
-        """Stored publishes JetStream had not confirmed when the connection dropped: their
-        confirmations went with it (counted in doubt; flush() waited for them for ever)."""
-        with self._acked:
-            doubtful, self._unacked = len(self._unacked), {}
-            self._acked.notify_all()
-        if doubtful:
-            count = self._counters.add("store_in_doubt", doubtful)
-            logger.error(
-                "%s before JetStream confirmed storing %d messages: they may or may not be "
-                "stored (%d in doubt so far)",
-                why,
-                doubtful,
-                count,
-            )
 
     # -- sending -----------------------------------------------------------------------------
 

@@ -17,23 +17,24 @@ A record is a 9-byte header (kind, body length, CRC-32 of kind and body) and its
 - ``BEGIN`` / ``END``: a checkpoint: the segment that starts with them holds every live message,
   so older segments are not needed (``BEGIN`` carries the next message id).
 
-``scan`` reads a segment and tells where its good records end: a torn tail (a record cut short by
-a kill mid-write) and corrupt records in the middle are reported, never raised.
+``scan`` (``journal_scan``, re-exported here) reads a segment and tells where its good records
+end: a torn tail (a record cut short by a kill mid-write) and damaged records in the middle are
+reported, never raised.
 """
 
 from __future__ import annotations
 
 import bisect
-import re
 import struct
 import zlib
 from array import array
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..wire.protocol import unpack_sizes
+from .journal_scan import HEADER, Scan, scan
 
 __all__ = [
     "BEGIN",
@@ -61,11 +62,8 @@ __all__ = [
 ENQUEUED, DELIVERED, SETTLED, DROPPED, BEGIN, END, COUNTED, DEAD = range(1, 9)
 AFTER_CHECKPOINT = frozenset({DELIVERED, SETTLED, DROPPED})  # kinds a checkpoint never writes
 MAX_ID = 1 << 62  # message ids beyond: a damaged or foreign record (a hub starts at 1)
-_KINDS = frozenset(range(1, 9))
 _MAX_ERROR = 4096  # bytes of a dead letter's error kept
 _MAX_DEAD = 1000  # dead letter records kept per group (as the hub's)
-HEADER = struct.Struct("<BII")  # kind, body length, crc32(kind byte + body)
-_LENGTH = struct.Struct("<I")
 _RANGE = struct.Struct("<QI")  # first message id, count
 _ATTEMPT = struct.Struct("<QII")  # first message id, count, attempt
 _NAME = struct.Struct("<H")
@@ -161,118 +159,6 @@ class DeadLetterRecord:
     when: float
     meta: bytes
     payload: bytes
-
-
-@dataclass
-class Scan:
-    """What a segment holds: its good records, where they end, and what was wrong."""
-
-    records: list[tuple[int, memoryview]] = field(default_factory=list)
-    good_end: int = 0  # the offset just after the last good record
-    torn_bytes: int = 0  # an incomplete record at the end (kill mid-write): cut off
-    corrupt: list[str] = field(default_factory=list)  # records skipped, and why
-    # The index in ``records`` of the first record found by a search (``_resync``), if any: a
-    # payload's bytes may have been taken for it, so it proves less than one read in order.
-    searched_at: int | None = None
-
-
-def scan(data: bytes) -> Scan:
-    """The records of one segment. A record of a known kind that runs past the end is a torn
-    tail (a kill in the middle of a write), and nothing in it is searched: its payload is a
-    publisher's bytes, which may hold anything shaped like records. A damaged record in the middle
-    is skipped and reported, and reading goes on at the next good record: where it said it
-    ends, or, when that is no record (its length was damaged), found by a bounded search
-    (``_resync``). Records read after a search are counted from ``searched_at``."""
-    view = memoryview(data)
-    result = Scan()
-    offset, size = 0, len(data)
-    while offset < size:
-        if size - offset < HEADER.size:
-            result.torn_bytes = size - offset
-            break
-        kind, length, _crc = HEADER.unpack_from(view, offset)
-        stop = offset + HEADER.size + length
-        if _good(view, offset) is not None:
-            result.records.append((kind, view[offset + HEADER.size : stop]))
-            offset = result.good_end = stop
-            continue
-        if kind in _KINDS and stop >= size:
-            result.torn_bytes = size - offset  # the last record, cut short while being written
-            break
-        if kind in _KINDS and _good(view, stop) is not None:
-            # The body was damaged, not its length: the next record starts where it said.
-            result.corrupt.append(f"record at byte {offset} ({length} bytes): checksum mismatch")
-            offset = stop
-            continue
-        found, searched = _resync(view, offset + 1)
-        if found is None:
-            what = "garbage" if searched else "damage, not searched further,"
-            result.corrupt.append(f"{what} at byte {offset}: {size - offset} bytes skipped")
-            break
-        result.corrupt.append(
-            f"damage at byte {offset}: {found - offset} bytes skipped to the next good record"
-        )
-        if result.searched_at is None:
-            result.searched_at = len(result.records)
-        offset = found
-    return result
-
-
-def _good(view: memoryview, offset: int) -> int | None:
-    """The end of the record at ``offset`` if it is whole and its checksum matches."""
-    if len(view) - offset < HEADER.size:
-        return None
-    kind, length, crc = HEADER.unpack_from(view, offset)
-    stop: int = offset + HEADER.size + length
-    if kind not in _KINDS or stop > len(view):
-        return None
-    if zlib.crc32(view[offset + HEADER.size : stop], zlib.crc32(bytes((kind,)))) != crc:
-        return None
-    return stop
-
-
-_KIND_BYTE = re.compile(b"[\x01-\x08]")
-# What a search for the next good record may cost at most (a damaged length in a large segment):
-# candidate offsets looked at, and bytes checksummed. Past either it gives up (a few seconds).
-_RESYNC_CANDIDATES = 2_000_000
-_RESYNC_BYTES = 1 << 30
-
-
-def _resync(view: memoryview, start: int) -> tuple[int | None, bool]:
-    """The offset of the first good record at or after ``start`` that is followed by another,
-    by a torn tail or by the end of the segment, and whether the search reached the end
-    (``False``: it gave up, past its budget)."""
-    size = len(view)
-    hashed = 0
-    for looked, match in enumerate(_KIND_BYTE.finditer(view, start)):
-        if looked >= _RESYNC_CANDIDATES:
-            return None, False
-        offset = match.start()
-        if size - offset < HEADER.size:
-            break
-        (length,) = _LENGTH.unpack_from(view, offset + 1)
-        stop = offset + HEADER.size + length
-        if stop > size or (stop < size and view[stop] not in _KINDS):
-            continue  # cheap tests first: the checksum is what costs
-        hashed += length
-        if hashed > _RESYNC_BYTES:
-            return None, False
-        if _good(view, offset) is not None and _ends_or_goes_on(view, stop):
-            return offset, True
-    return None, True
-
-
-def _ends_or_goes_on(view: memoryview, offset: int) -> bool:
-    """After a record the search found: the end, a good record, or a torn tail. (A payload may
-    hold bytes shaped like that too; the search runs only for damage in the middle, never
-    inside a torn tail.)"""
-    size = len(view)
-    if size - offset < HEADER.size:
-        return True  # the end, or a header cut short
-    kind, length, _crc = HEADER.unpack_from(view, offset)
-    if kind in _KINDS and offset + HEADER.size + length > size:
-        return True
-    return _good(view, offset) is not None
 
 
 def _read_name(body: memoryview, offset: int) -> tuple[bytes, int]:

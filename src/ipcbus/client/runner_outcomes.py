@@ -1,0 +1,99 @@
+"""What a queue delivery's end is, when it is not a success (worker process): a retry or a
+dead letter for a handler that raised, a dead letter for what cannot be decoded or whose last
+attempt died with its process, and a request's answer. The runner's threads and its loop
+(``runner.py``, ``runner_loop.py``) call these."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from ..core.contract import AsyncMessageContext
+from ..core.requests import Failure, ReplyTo
+from ..core.requests import answer as answer_request
+from ..core.retry import after_failure, describe_error, publish_dead_letter
+from ..exceptions import ConsumerDiedError
+from ..message import Message
+from ..wire import protocol as wire
+from .jobs import Job
+
+__all__ = ["Outcomes"]
+
+logger = logging.getLogger("ipcbus.client.runner")
+
+
+class Outcomes:
+    """The ends of deliveries of :class:`~ipcbus.client.runner.QueueRunner`."""
+
+    _lock: threading.Lock
+    _publish: Callable[[Message], None]
+    _reply_to: Callable[[wire.Route], ReplyTo] | None
+    undecodable: int
+
+    def _undecodable(self, job: Job, index: int, message_id: str, exc: BaseException) -> wire.Ack:
+        with self._lock:  # workers decode concurrently
+            self.undecodable += 1
+        logger.error(
+            "queue %r could not decode a %s message (%s): %s: %s",
+            job.subscription.queue_name,
+            job.subscription.topic,
+            message_id,
+            type(exc).__name__,
+            exc,
+        )
+        seq = job.run.first_seq + index
+        error = f"undecodable: {describe_error(exc)}"
+        self._answer_failure(job, exc)
+        return wire.Ack(job.run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
+
+    def _died_every_time(self, job: Job, index: int, message: Message) -> wire.Ack:
+        """Dead-letter, unhandled, a message whose last allowed attempt died with its process
+        (as NatsBroker does once JetStream delivers it past ``max_attempts``)."""
+        subscription, run = job.subscription, job.run
+        assert subscription.queue_name is not None
+        attempts = subscription.policy.max_attempts
+        lost = ConsumerDiedError(
+            f"the process that ran its attempt {attempts} of {attempts} died before "
+            "acknowledging it"
+        )
+        publish_dead_letter(self._publish, subscription.queue_name, message, attempts, lost)
+        self._answer_failure(job, lost)
+        seq = run.first_seq + index
+        return wire.Ack(run.stream, seq, seq, wire.OUTCOME_DEAD, error=describe_error(lost))
+
+    def _answer(self, job: Job, result: object) -> None:
+        """A request's handler returned ``result``: a Message answers."""
+        if job.route is not None and self._reply_to is not None:
+            answer_request(self._reply_to(job.route), result)
+
+    def _answer_failure(self, job: Job, exc: BaseException) -> None:
+        """A request's last attempt failed (dead-lettered): the failure answers."""
+        if job.route is not None and self._reply_to is not None:
+            self._reply_to(job.route).fail(Failure.of(exc))
+
+    def _failed(
+        self,
+        job: Job,
+        index: int,
+        message: Message,
+        context: AsyncMessageContext,
+        exc: BaseException,
+    ) -> wire.Ack:
+        """The answer for a handler that raised: a retry, or a dead letter."""
+        subscription, run = job.subscription, job.run
+        seq = run.first_seq + index
+        verdict = after_failure(
+            subscription.policy,
+            context.queue_name,
+            subscription.handler,
+            message,
+            context.attempt,
+            exc,
+        )
+        error = describe_error(exc)
+        if verdict.retry:
+            return wire.Ack(run.stream, seq, seq, wire.OUTCOME_FAILED, verdict.delay, error)
+        publish_dead_letter(self._publish, context.queue_name, message, context.attempt, exc)
+        self._answer_failure(job, exc)
+        return wire.Ack(run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
