@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -283,3 +284,29 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         env=environment,
         check=False,
     )
+
+
+def close_with_stuck_handlers(
+    broker: Broker, subscribe: Callable[[Callable[[Any], None]], None], messages: list[Message]
+) -> float:
+    """``subscribe(handler)`` subscribes the broker with a handler that never returns; each of
+    ``messages`` is published once the one before is stuck in it (a delivery each, so a thread
+    each); then ``close()``: how long it took. The handlers are released afterwards."""
+    forever = threading.Event()
+    started = threading.Semaphore(0)
+
+    def stuck(message: object) -> None:
+        started.release()
+        forever.wait()
+
+    try:
+        subscribe(stuck)
+        for message in messages:
+            broker.publish(message)
+            assert started.acquire(timeout=20), f"{message} was not handled"
+        began = time.monotonic()
+        broker.close()
+        return time.monotonic() - began
+    finally:
+        forever.set()
+        broker.close()

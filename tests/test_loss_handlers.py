@@ -44,7 +44,7 @@ from ipcbus.core import codec
 from ipcbus.wire import protocol as wire
 
 from .conftest import queues_idle, wait_until
-from .hubtools import reap
+from .hubtools import close_with_stuck_handlers, reap
 from .messages import Barrier, Ping, Tick
 
 pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
@@ -554,28 +554,13 @@ def test_close_with_stuck_handlers_gives_them_one_linger_together(
     thread (2 s took 8-10 s; found by an adversarial review). The bound is the documented
     behaviour, not a speed: the old code took (2 + stuck threads) lingers."""
     linger = 1.0
-    forever = threading.Event()
-    started = threading.Semaphore(0)
-
-    def stuck(message: object) -> None:
-        started.release()
-        forever.wait()
-
     broker = connect(fresh_hub.address, linger=linger)
-    try:
+
+    def subscribe(stuck: Callable[[Any], None]) -> None:
         broker.subscribe(Tick, stuck)
         broker.subscribe_async(Ping, stuck, "jobs", prefetch=4)
-        # One at a time, each once the one before is stuck: a delivery each, so a worker each
-        # (a run of several could go to one worker, one message after the other).
-        for message in (Tick(0), Ping("0"), Ping("1"), Ping("2"), Ping("3")):
-            broker.publish(message)
-            assert started.acquire(timeout=20), f"{message} was not handled"
-        began = time.monotonic()
-        broker.close()
-        took = time.monotonic() - began
-    finally:
-        forever.set()
-        broker.close()
+
+    took = close_with_stuck_handlers(broker, subscribe, [Tick(0), *map(Ping, "0123")])
     assert took < 2 * linger + 2.0, f"close() took {took:.1f} s with linger={linger}"
 
 

@@ -11,7 +11,7 @@ import pickle
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from ipcbus.nats.signing import load_or_create_secret
 from ipcbus.nats.subjects import consumer_name, escape_token, subject_for, unescape_token
 
 from .conftest import wait_until
-from .hubtools import BarrierWaiter
+from .hubtools import BarrierWaiter, close_with_stuck_handlers
 from .messages import OrderPlaced, Tick
 from .natstools import SECRET, NatsServer
 
@@ -346,26 +346,16 @@ def test_close_with_stuck_handlers_gives_them_one_linger_together(
     that run handlers one linger together, not one each (as HubBroker's close, same test)."""
     caplog.set_level(logging.CRITICAL, logger="ipcbus")
     linger = 2.0
-    forever = threading.Event()
-    started = threading.Semaphore(0)
-
-    def stuck(message: object) -> None:
-        started.release()
-        forever.wait()
-
     broker = NatsBroker(nats_server.url, namespace=namespace, secret=SECRET, linger=linger)
-    try:
+
+    def subscribe(stuck: Callable[[Any], None]) -> None:
         broker.subscribe(Tick, stuck)
         broker.subscribe_async(OrderPlaced, stuck, "jobs")
-        for message in (Tick(0), OrderPlaced(1)):
-            broker.publish(message)
-            assert started.acquire(timeout=20), f"{message} was not handled"
-        began = time.monotonic()
-        broker.close()
-        took = time.monotonic() - began
+
+    ours: list[threading.Thread] = []
+    try:
+        took = close_with_stuck_handlers(broker, subscribe, [Tick(0), OrderPlaced(1)])
     finally:
-        forever.set()
-        broker.close()
         ours = [thread for thread in threading.enumerate() if thread.name.startswith("ipcbus")]
         wait_until(lambda: not [thread for thread in ours if thread.is_alive()], 20)
     # Before: a linger for the deliveries in hand, then one for each thread that runs handlers.

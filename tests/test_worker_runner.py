@@ -237,23 +237,31 @@ def test_close_lets_the_handlers_in_hand_publish_their_results(hub: Hub) -> None
     assert sorted(ledger.done) == [0, 1, 2, 3]
 
 
+def _four_jobs_in_hand(
+    hub: Hub, broker: HubBroker, runners: list[Runner], processes: int, seconds: float
+) -> Runner:
+    """A runner of ``processes`` workers holding four jobs of ``seconds`` each."""
+    broker.declare_queue(Job, QUEUE)
+    runner = Runner(hub.address, "tests.ops_jobs", "--processes", str(processes))
+    runners.append(runner)
+    runner.ready(processes)
+    for job_id in range(4):
+        broker.publish(Job(job_id, seconds=seconds))
+    broker.flush(DEADLINE)
+    queue = f"tests.ops_jobs.Job/{QUEUE}"
+    wait_until(lambda: request_statistics(hub.address).queues[queue]["in_flight"] == 4, 30)
+    return runner
+
+
 def test_sigterm_to_the_whole_process_group_is_one_orderly_stop(
     hub: Hub, runners: list[Runner]
 ) -> None:
     """systemd's stop (KillMode=control-group), `kill -TERM -PGID` and `timeout` signal every
     process of the group: each worker got its own SIGTERM and the one the runner passed on, and
     took the second for the hard stop (jobs cut short, exit 1; found by an adversarial review)."""
-    queue = f"tests.ops_jobs.Job/{QUEUE}"
     with HubBroker(hub.address) as broker:
         ledger = Ledger(broker)
-        broker.declare_queue(Job, QUEUE)
-        runner = Runner(hub.address, "tests.ops_jobs", "--processes", "2")
-        runners.append(runner)
-        runner.ready(2)
-        for job_id in range(4):
-            broker.publish(Job(job_id, seconds=2.0))
-        broker.flush(DEADLINE)
-        wait_until(lambda: request_statistics(hub.address).queues[queue]["in_flight"] == 4, 30)
+        runner = _four_jobs_in_hand(hub, broker, runners, processes=2, seconds=2.0)
         os.killpg(runner.process.pid, signal.SIGTERM)
         assert runner.finish() == 0, runner.stderr
         assert runner.stderr == "", "an orderly stop logged something"
@@ -269,14 +277,7 @@ def test_a_second_signal_stops_at_once_and_the_hub_redelivers(
     queue = f"tests.ops_jobs.Job/{QUEUE}"
     with HubBroker(hub.address) as broker:
         ledger = Ledger(broker)
-        broker.declare_queue(Job, QUEUE)
-        runner = Runner(hub.address, "tests.ops_jobs", "--processes", "1")
-        runners.append(runner)
-        runner.ready(1)
-        for job_id in range(4):
-            broker.publish(Job(job_id, seconds=20.0))
-        broker.flush(DEADLINE)
-        wait_until(lambda: request_statistics(hub.address).queues[queue]["in_flight"] == 4, 30)
+        runner = _four_jobs_in_hand(hub, broker, runners, processes=1, seconds=20.0)
         runner.process.send_signal(signal.SIGTERM)
         # The worker's close() has begun once it cancelled its consumer (it waits for its jobs).
         wait_until(lambda: request_statistics(hub.address).queues[queue]["consumers"] == 0, 30)
