@@ -197,7 +197,13 @@ def test_a_crash_loop_gives_up_loudly(hub: Hub) -> None:
 
 
 @pytest.mark.parametrize(
-    "target", ["no_such_module", "tests.ops_jobs:no_such_name", "tests.ops_jobs:not_callable"]
+    "target",
+    [
+        "no_such_module",
+        "tests.ops_jobs:no_such_name",
+        "tests.ops_jobs:not_callable",
+        "tests.exits_at_import",  # SystemExit at import: was retried as a crash, then exit 1
+    ],
 )
 def test_a_module_that_does_not_load_is_a_usage_error(hub: Hub, target: str) -> None:
     refused = run_cli("worker", target, "--processes", "2", "--address", hub.address)

@@ -115,7 +115,9 @@ def _serve_worker(
 
     try:
         setups = [load_target(target) for target in spec.targets]
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit at import too: it did not import, retrying is vain
+        if isinstance(exc, KeyboardInterrupt):
+            raise
         conn.send(("usage", f"cannot load {' '.join(spec.targets)}: {describe(exc)}"))
         sys.exit(ExitCode.USAGE)
     try:
