@@ -123,6 +123,14 @@ def test_bad_periods_and_timeouts_are_usage_errors(arguments: tuple[str, ...]) -
     assert "Traceback" not in refused.stderr
 
 
+@pytest.mark.parametrize("command", ["tail", "ping", "stats"])
+def test_a_malformed_address_is_said_not_a_traceback(command: str) -> None:
+    refused = run_cli(command, "--address", "garbage", "--timeout", "1")
+    assert refused.returncode == 4, refused.stderr
+    assert "unsupported address 'garbage'" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_stats_watch_prints_rates(hub: Hub) -> None:
     """While messages flow, each new table shows the rate since the previous one."""
     stop = threading.Event()

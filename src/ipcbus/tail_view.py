@@ -25,6 +25,7 @@ from .client.tail import Batch, Tail, as_json, describe_publishers
 from .exceptions import HubUnavailableError
 from .exit_codes import ExitCode
 from .wire import protocol as wire
+from .wire.address import Address
 
 __all__ = ["run_tail"]
 
@@ -50,8 +51,9 @@ def run_tail(
     """Print what passes until SIGINT/SIGTERM, ``count`` messages, or the hub stops."""
     out = out or sys.stdout
     try:
+        Address.parse(address)  # a malformed one is said as ping and stats say it, not a traceback
         tail = Tail(address, type_names, buffer=buffer, timeout=timeout)
-    except HubUnavailableError as exc:
+    except (HubUnavailableError, ValueError) as exc:
         print(f"ipcbus tail: {exc}", file=sys.stderr)
         return ExitCode.UNAVAILABLE
     stopping = False
