@@ -229,22 +229,27 @@ def test_a_subscriber_that_lags_past_the_linger_drops_and_counts(
         f"ipc://{tmp_path}/hub", start_method="fork", spool=spool_root, spool_linger=0.5
     ) as hub:
         reader = readers(hub.address)
-        with HubBroker(hub.address) as publisher:
-            os.kill(reader.process.pid, signal.SIGSTOP)  # type: ignore[arg-type]
-            try:
-                late = [_blob(seq) for seq in range(3)]
-                for blob in late:
-                    publisher.publish(blob)
-                publisher.flush(TIMEOUT)
-                wait_until(lambda: hub.statistics().spool["expired"] >= 9, TIMEOUT)
-            finally:
-                os.kill(reader.process.pid, signal.SIGCONT)  # type: ignore[arg-type]
-            fresh = _blob(3)
-            publisher.publish(fresh)
+        _lag_past_the_linger(hub, reader, late=3)
+        spool, undecodable = reader.report()
+        assert (spool.missing, undecodable, spool.read) == (9, 3, 3)
+
+
+def _lag_past_the_linger(hub: Hub, reader: Reader, late: int) -> None:
+    """``late`` Blobs (3 buffers each) published while ``reader`` is stopped, until the hub's
+    sweep expired their shares; then one more, which it gets (the late ones are not delivered)."""
+    with HubBroker(hub.address) as publisher:
+        os.kill(reader.process.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+        try:
+            for seq in range(late):
+                publisher.publish(_blob(seq))
             publisher.flush(TIMEOUT)
-            assert reader.take(1) == [_expected(fresh)]  # the late ones are not delivered
-            spool, undecodable = reader.report()
-            assert (spool.missing, undecodable, spool.read) == (9, 3, 3)
+            wait_until(lambda: hub.statistics().spool["expired"] >= 3 * late, TIMEOUT)
+        finally:
+            os.kill(reader.process.pid, signal.SIGCONT)  # type: ignore[arg-type]
+        fresh = _blob(late)
+        publisher.publish(fresh)
+        publisher.flush(TIMEOUT)
+        assert reader.take(1) == [_expected(fresh)]
 
 
 def test_a_dead_subscribers_shares_are_swept(
@@ -552,18 +557,7 @@ def test_what_a_subscriber_counted_of_the_spool_outlives_a_hub_restart(
     hub = Hub(address, start_method="fork", spool=spool_root, spool_linger=0.5).start()
     try:
         reader = readers(hub.address)
-        with HubBroker(hub.address) as publisher:
-            os.kill(reader.process.pid, signal.SIGSTOP)  # type: ignore[arg-type]
-            try:
-                publisher.publish(_blob(0))
-                publisher.flush(TIMEOUT)
-                wait_until(lambda: hub.statistics().spool["expired"] >= 3, TIMEOUT)
-            finally:
-                os.kill(reader.process.pid, signal.SIGCONT)  # type: ignore[arg-type]
-            fresh = _blob(1)
-            publisher.publish(fresh)
-            publisher.flush(TIMEOUT)
-            assert reader.take(1) == [_expected(fresh)]
+        _lag_past_the_linger(hub, reader, late=1)
         before, _undecodable = reader.report()
         assert (before.missing, before.read) == (3, 3)
         hub.stop()

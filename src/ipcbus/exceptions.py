@@ -9,10 +9,10 @@ from __future__ import annotations
 
 __all__ = [
     "BrokerClosedError",
-    "ConsumerDiedError",
     "BrokerFailedError",
     "BrokerNotInitializedError",
     "ConsumerAlreadyRegisteredError",
+    "ConsumerDiedError",
     "HubAddressError",
     "HubUnavailableError",
     "InsecurePathError",

@@ -10,9 +10,10 @@ import threading
 from collections.abc import Callable
 
 from ..core.contract import AsyncMessageContext
+from ..core.failures import describe
 from ..core.requests import Failure, ReplyTo
 from ..core.requests import answer as answer_request
-from ..core.retry import after_failure, describe_error, publish_dead_letter
+from ..core.retry import after_failure, publish_dead_letter
 from ..exceptions import ConsumerDiedError
 from ..message import Message
 from ..wire import protocol as wire
@@ -34,16 +35,15 @@ class Outcomes:
     def _undecodable(self, job: Job, index: int, message_id: str, exc: BaseException) -> wire.Ack:
         with self._lock:  # workers decode concurrently
             self.undecodable += 1
+        error = f"undecodable: {describe(exc)}"
         logger.error(
-            "queue %r could not decode a %s message (%s): %s: %s",
+            "queue %r could not decode a %s message (%s): %s",
             job.subscription.queue_name,
             job.subscription.topic,
             message_id,
-            type(exc).__name__,
-            exc,
+            error,
         )
         seq = job.run.first_seq + index
-        error = f"undecodable: {describe_error(exc)}"
         self._answer_failure(job, exc)
         return wire.Ack(job.run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
 
@@ -60,7 +60,7 @@ class Outcomes:
         publish_dead_letter(self._publish, subscription.queue_name, message, attempts, lost)
         self._answer_failure(job, lost)
         seq = run.first_seq + index
-        return wire.Ack(run.stream, seq, seq, wire.OUTCOME_DEAD, error=describe_error(lost))
+        return wire.Ack(run.stream, seq, seq, wire.OUTCOME_DEAD, error=describe(lost))
 
     def _answer(self, job: Job, result: object) -> None:
         """A request's handler returned ``result``: a Message answers."""
@@ -91,7 +91,7 @@ class Outcomes:
             context.attempt,
             exc,
         )
-        error = describe_error(exc)
+        error = describe(exc)
         if verdict.retry:
             return wire.Ack(run.stream, seq, seq, wire.OUTCOME_FAILED, verdict.delay, error)
         publish_dead_letter(self._publish, context.queue_name, message, context.attempt, exc)

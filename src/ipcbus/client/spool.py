@@ -206,9 +206,7 @@ class Spool:
         try:
             entries.extend(self._write(position, frames[1 + position], readers) for position in big)
         except OSError as exc:
-            for entry in entries:
-                for reader in readers:
-                    self._remove(share_name(entry.file_name, reader))
+            self._take_back(entries, readers)
             self.counts.inline += len(big)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM):
                 self._retry_at = time.monotonic() + _BACKOFF
@@ -217,9 +215,7 @@ class Spool:
         if not self._room_for(0):
             # Others wrote meanwhile (the look above is no lock across processes): the reserve
             # holds once each write is done, and this batch goes inline after all.
-            for entry in entries:
-                for reader in readers:
-                    self._remove(share_name(entry.file_name, reader))
+            self._take_back(entries, readers)
             self.counts.inline += len(big)
             return codec, frames
         self.counts.stored += len(entries)
@@ -227,6 +223,12 @@ class Spool:
         for entry in entries:
             buffers[entry.position] = b""
         return spooled, [frames[0], pack_spool_index(entries), *buffers]
+
+    def _take_back(self, entries: list[SpoolEntry], readers: list[str]) -> None:
+        """Remove the shares of a batch that goes inline after all."""
+        for entry in entries:
+            for reader in readers:
+                self._remove(share_name(entry.file_name, reader))
 
     def _readers(self, topic: bytes) -> list[str]:
         try:

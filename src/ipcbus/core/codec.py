@@ -62,6 +62,7 @@ __all__ = [
     "StandIn",
     "decode_batch",
     "decode_one",
+    "dumps_inband",
     "encode_batch",
     "encode_objects",
     "encode_split",
@@ -223,7 +224,7 @@ def encode_split(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[by
         parts = [dumps(state, PROTOCOL) for state in states]
     except BaseException as exc:
         _unless_an_interrupt(exc)
-        parts = [_dumps_inband(state, cls) for state in states]
+        parts = [dumps_inband(state, cls) for state in states]
     return codec, [pack_sizes(map(len, parts)), b"".join(parts)]
 
 
@@ -363,7 +364,10 @@ def _cannot(cls: type, exc: BaseException) -> MessageSerializationError:
     return MessageSerializationError(f"cannot serialise {cls.__qualname__}: {describe(exc)}")
 
 
-def _dumps_inband(obj: Any, cls: type) -> bytes:
+def dumps_inband(obj: Any, cls: type) -> bytes:
+    """``obj`` pickled in one piece (buffers in-band), by reference, else by value
+    (cloudpickle); ``MessageSerializationError`` naming ``cls`` when neither can, whatever the
+    object's own pickling code raised (but a real interrupt of the main thread)."""
     try:
         return pickle.dumps(obj, protocol=PROTOCOL)
     except BaseException as exc:
@@ -382,7 +386,7 @@ def _dumps(obj: Any, cls: type) -> list[Any]:
         payload = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
         if len(buffers) > MAX_BUFFERS:
             # Frames are bounded on the wire: this many buffers travel in-band instead.
-            return [_dumps_inband(obj, cls)]
+            return [dumps_inband(obj, cls)]
     except BaseException as exc:
         _unless_an_interrupt(exc)
         # Local classes, lambdas and closures: pickle raises PicklingError, AttributeError or
@@ -394,5 +398,5 @@ def _dumps(obj: Any, cls: type) -> list[Any]:
             _unless_an_interrupt(exc)
             raise _cannot(cls, exc) from exc
         if len(buffers) > MAX_BUFFERS:
-            return [_dumps_inband(obj, cls)]  # as above: frames are bounded on the wire
+            return [dumps_inband(obj, cls)]  # as above: frames are bounded on the wire
     return [payload, *(buffer.raw() for buffer in buffers)]

@@ -23,7 +23,6 @@ __all__ = [
     "QueuePolicy",
     "Verdict",
     "after_failure",
-    "describe_error",
     "publish_dead_letter",
 ]
 
@@ -126,10 +125,6 @@ def publish_dead_letter(
     if isinstance(message, DeadLetter):
         return
     try:
-        publish(DeadLetter(queue_name, message, attempts, describe_error(exc)))
+        publish(DeadLetter(queue_name, message, attempts, describe(exc)))
     except Exception:
         logger.exception("could not publish the DeadLetter for %r", Brief(message))
-
-
-def describe_error(exc: BaseException) -> str:
-    return describe(exc)

@@ -27,17 +27,15 @@ import hmac
 import pickle
 from dataclasses import dataclass
 
-import cloudpickle
-
 from ..core.codec import (
     PROTOCOL,
+    dumps_inband,
     encode_split,
     is_plain_dataclass,
     split_decoder,
     split_messages,
 )
-from ..core.failures import describe, is_handler_failure
-from ..exceptions import MessageSerializationError
+from ..core.failures import is_handler_failure
 from ..message import Message
 
 __all__ = [
@@ -67,8 +65,10 @@ def encode_message(message: Message) -> tuple[str, bytes]:
         if is_plain_dataclass(cls):
             return "d", pickle.dumps(message.__dict__, PROTOCOL)
         return OBJECT_CODEC, pickle.dumps(message, PROTOCOL)
-    except Exception:
-        pass  # the by-value attempt, and its errors, are the codec's
+    except BaseException as exc:  # the message's own pickling code: BaseException too
+        if not is_handler_failure(exc):
+            raise
+        # the by-value attempt, and its errors, are the codec's
     codec, frames = encode_split(cls, (message,))
     return codec.decode(), bytes(split_messages(frames)[0])
 
@@ -76,19 +76,7 @@ def encode_message(message: Message) -> tuple[str, bytes]:
 def encode_object(message: Message) -> tuple[str, bytes]:
     """A message pickled whole (its class by reference, else by value): for answers, whose
     type the requester may not have subscribed to."""
-    try:
-        return OBJECT_CODEC, pickle.dumps(message, PROTOCOL)
-    except BaseException as exc:
-        if not is_handler_failure(exc):
-            raise
-    try:
-        return OBJECT_CODEC, cloudpickle.dumps(message, protocol=PROTOCOL)
-    except BaseException as exc:
-        if not is_handler_failure(exc):
-            raise
-        raise MessageSerializationError(
-            f"cannot serialise {type(message).__qualname__}: {describe(exc)}"
-        ) from exc
+    return OBJECT_CODEC, dumps_inband(message, type(message))
 
 
 class Signer:
