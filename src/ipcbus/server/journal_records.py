@@ -34,7 +34,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..wire.protocol import unpack_sizes
-from .journal_scan import HEADER, Scan, scan
+from .journal_scan import (
+    BEGIN,
+    COUNTED,
+    DEAD,
+    DELIVERED,
+    DROPPED,
+    END,
+    ENQUEUED,
+    HEADER,
+    SETTLED,
+    Scan,
+    scan,
+)
 
 __all__ = [
     "BEGIN",
@@ -59,7 +71,6 @@ __all__ = [
     "settled",
 ]
 
-ENQUEUED, DELIVERED, SETTLED, DROPPED, BEGIN, END, COUNTED, DEAD = range(1, 9)
 AFTER_CHECKPOINT = frozenset({DELIVERED, SETTLED, DROPPED})  # kinds a checkpoint never writes
 MAX_ID = 1 << 62  # message ids beyond: a damaged or foreign record (a hub starts at 1)
 _MAX_ERROR = 4096  # bytes of a dead letter's error kept

@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 
 __all__ = ["HEADER", "KINDS", "Scan", "scan"]
 
-KINDS = frozenset(range(1, 9))  # ENQUEUED .. DEAD (journal_records)
+# The kinds of records (what each holds: journal_records), defined here, where reading needs
+# them, and imported there.
+ENQUEUED, DELIVERED, SETTLED, DROPPED, BEGIN, END, COUNTED, DEAD = range(1, 9)
+KINDS = frozenset(range(ENQUEUED, DEAD + 1))
 HEADER = struct.Struct("<BII")  # kind, body length, crc32(kind byte + body)
 _LENGTH = struct.Struct("<I")
-_KINDS = KINDS
 
 
 @dataclass
@@ -57,10 +59,10 @@ def scan(data: bytes) -> Scan:
             result.records.append((kind, view[offset + HEADER.size : stop]))
             offset = result.good_end = stop
             continue
-        if kind in _KINDS and stop >= size:
+        if kind in KINDS and stop >= size:
             result.torn_bytes = size - offset  # the last record, cut short while being written
             break
-        if kind in _KINDS and _good(view, stop) is not None:
+        if kind in KINDS and _good(view, stop) is not None:
             # The body was damaged, not its length: the next record starts where it said.
             result.corrupt.append(f"record at byte {offset} ({length} bytes): checksum mismatch")
             offset = stop
@@ -85,14 +87,14 @@ def _good(view: memoryview, offset: int) -> int | None:
         return None
     kind, length, crc = HEADER.unpack_from(view, offset)
     stop: int = offset + HEADER.size + length
-    if kind not in _KINDS or stop > len(view):
+    if kind not in KINDS or stop > len(view):
         return None
     if zlib.crc32(view[offset + HEADER.size : stop], zlib.crc32(bytes((kind,)))) != crc:
         return None
     return stop
 
 
-_KIND_BYTE = re.compile(b"[\x01-\x08]")
+_KIND_BYTE = re.compile(b"[%c-%c]" % (min(KINDS), max(KINDS)))  # a header's first byte
 # What a search for the next good record may cost at most (a damaged length in a large segment):
 # candidate offsets looked at, and bytes checksummed. Past either it gives up (a few seconds).
 _RESYNC_CANDIDATES = 2_000_000
@@ -113,7 +115,7 @@ def _resync(view: memoryview, start: int) -> tuple[int | None, bool]:
             break
         (length,) = _LENGTH.unpack_from(view, offset + 1)
         stop = offset + HEADER.size + length
-        if stop > size or (stop < size and view[stop] not in _KINDS):
+        if stop > size or (stop < size and view[stop] not in KINDS):
             continue  # cheap tests first: the checksum is what costs
         hashed += length
         if hashed > _RESYNC_BYTES:
@@ -131,6 +133,6 @@ def _ends_or_goes_on(view: memoryview, offset: int) -> bool:
     if size - offset < HEADER.size:
         return True  # the end, or a header cut short
     kind, length, _crc = HEADER.unpack_from(view, offset)
-    if kind in _KINDS and offset + HEADER.size + length > size:
+    if kind in KINDS and offset + HEADER.size + length > size:
         return True
     return _good(view, offset) is not None
