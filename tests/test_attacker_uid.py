@@ -930,6 +930,7 @@ def test_a_journal_directory_another_user_made_first_is_refused(
     journal = os.path.join(shared, "journal")
     own = os.path.join(shared, _random_name("attacker"))
     address = f"ipc://{scratch(0o700)}/hub"
+    hub = Hub(address, start_method="fork", journal=journal)
     attacker = attackers()
     try:
         if planted == "symlink":
@@ -940,10 +941,11 @@ def test_a_journal_directory_another_user_made_first_is_refused(
             looked_at = journal
         assert set(outcomes) == {"ok"}, outcomes
         with pytest.raises(HubAddressError) as refused:
-            Hub(address, start_method="fork", journal=journal).start()
+            hub.start()
         assert journal in str(refused.value)
         assert os.listdir(looked_at) == [], "the hub put a file in the attacker's directory"
     finally:
+        hub.stop()  # started only if the refusal regressed
         attacker.close()
         _remove_the_attackers(journal, own)
 
@@ -958,6 +960,7 @@ def test_a_journal_below_a_path_of_another_user_is_refused_before_anything_is_ma
     shared = scratch(0o1777)
     theirs = os.path.join(shared, _random_name("attacker"))
     ours = scratch(0o755)
+    hub = Hub(f"ipc://{scratch(0o700)}/hub", start_method="fork", journal=os.path.join(theirs, "j"))
     attacker = attackers()
     try:
         if planted == "symlink":
@@ -967,11 +970,11 @@ def test_a_journal_below_a_path_of_another_user_is_refused_before_anything_is_ma
             outcomes = attacker.fs(("mkdir", theirs, "0o777"))
             where_it_would_land = theirs
         assert set(outcomes) == {"ok"}, outcomes
-        journal = os.path.join(theirs, "journal")
         with pytest.raises(HubAddressError) as refused:
-            Hub(f"ipc://{scratch(0o700)}/hub", start_method="fork", journal=journal).start()
+            hub.start()
         assert theirs in str(refused.value)
         assert os.listdir(where_it_would_land) == [], "made below a path of another user"
     finally:
+        hub.stop()  # started only if the refusal regressed
         attacker.close()
         _remove_the_attackers(theirs)

@@ -561,7 +561,8 @@ def test_close_with_stuck_handlers_gives_them_one_linger_together(
         broker.subscribe_async(Ping, stuck, "jobs", prefetch=4)
 
     took = close_with_stuck_handlers(broker, subscribe, [Tick(0), *map(Ping, "0123")])
-    assert took < 2 * linger + 2.0, f"close() took {took:.1f} s with linger={linger}"
+    # Before: 6.0 s (2 + stuck threads lingers); now ~1.5 s on the loaded 2-core machine.
+    assert took < 2 * linger + 1.0, f"close() took {took:.1f} s with linger={linger}"
 
 
 # == case 7: one undecodable value ==============================================================

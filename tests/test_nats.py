@@ -274,31 +274,37 @@ def test_a_forked_child_refuses_the_parents_broker_and_connects_its_own(
 # -- the server restarts ----------------------------------------------------------------------
 
 
-def test_stored_jobs_survive_a_killed_server_and_brokers_reconnect(tmp_path: Path) -> None:
+@pytest.fixture
+def server() -> Iterator[NatsServer]:
+    """A nats-server of this test's own, to kill and restart (the session's stays up)."""
     from .natstools import require_nats_server
 
-    server = NatsServer(require_nats_server()).start()
+    private = NatsServer(require_nats_server()).start()
     try:
-        options: dict[str, Any] = {
-            "secret": SECRET,
-            "namespace": "restart",
-            "reconnect_time_wait": 0.2,
-        }
-        with NatsBroker(server.url, **options) as producer:
-            producer.declare_queue(Tick, "work")
-            for seq in range(50):
-                producer.publish(Tick(seq))
-            producer.flush(10)
-            server.kill()
-            server.start()
-            wait_until(lambda: _reconnects(producer) == 1, 30)
-            done: list[int] = []
-            producer.subscribe_async(Tick, lambda m: done.append(m.seq), "work")
-            wait_until(lambda: len(done) >= 50, 30)
-            producer.publish(Tick(50))  # and the connection works again both ways
-            wait_until(lambda: len(done) >= 51, 30)
+        yield private
     finally:
-        server.stop()
+        private.stop()
+
+
+def test_stored_jobs_survive_a_killed_server_and_brokers_reconnect(server: NatsServer) -> None:
+    options: dict[str, Any] = {
+        "secret": SECRET,
+        "namespace": "restart",
+        "reconnect_time_wait": 0.2,
+    }
+    with NatsBroker(server.url, **options) as producer:
+        producer.declare_queue(Tick, "work")
+        for seq in range(50):
+            producer.publish(Tick(seq))
+        producer.flush(10)
+        server.kill()
+        server.start()
+        wait_until(lambda: _reconnects(producer) == 1, 30)
+        done: list[int] = []
+        producer.subscribe_async(Tick, lambda m: done.append(m.seq), "work")
+        wait_until(lambda: len(done) >= 50, 30)
+        producer.publish(Tick(50))  # and the connection works again both ways
+        wait_until(lambda: len(done) >= 51, 30)
     assert sorted(done) == list(range(51))
 
 
@@ -363,72 +369,60 @@ def test_close_with_stuck_handlers_gives_them_one_linger_together(
 
 
 def test_stores_unconfirmed_when_the_server_dies_are_counted_in_doubt_and_flush_returns(
-    tmp_path: Path,
+    server: NatsServer,
 ) -> None:
     """Found by an adversarial review: after a server killed mid-stream, the confirmations
     JetStream had not sent were waited for for ever (flush() hung or timed out every time) and
     the messages it never stored were counted nowhere. Now: counted in store_in_doubt (an
     upper bound), and flush() confirms what came after."""
-    from .natstools import require_nats_server
-
-    server = NatsServer(require_nats_server()).start()
-    try:
-        options: dict[str, Any] = {"secret": SECRET, "namespace": "doubt"}
-        with NatsBroker(server.url, reconnect_time_wait=0.2, **options) as producer:
-            producer.declare_queue(Tick, "work")
-            producer.flush(10)
-            for seq in range(2000):  # many stores on their way when the server dies
-                producer.publish(Tick(seq))
-            server.kill()
-            server.start()
-            wait_until(lambda: _reconnects(producer) == 1, 30)
-            producer.publish(Tick(2000))
-            producer.flush(20)  # confirms what came after: nothing from before holds it
-            statistics = producer.statistics()
-            held = statistics.queues["tests.messages.Tick:work"].held
-            # Every message is stored, unsent, or counted in doubt (what was lost is in there).
-            accounted = held + statistics.store_in_doubt + statistics.unsent
-            assert accounted >= 2001, statistics
-    finally:
-        server.stop()
+    options: dict[str, Any] = {"secret": SECRET, "namespace": "doubt"}
+    with NatsBroker(server.url, reconnect_time_wait=0.2, **options) as producer:
+        producer.declare_queue(Tick, "work")
+        producer.flush(10)
+        for seq in range(2000):  # many stores on their way when the server dies
+            producer.publish(Tick(seq))
+        server.kill()
+        server.start()
+        wait_until(lambda: _reconnects(producer) == 1, 30)
+        producer.publish(Tick(2000))
+        producer.flush(20)  # confirms what came after: nothing from before holds it
+        statistics = producer.statistics()
+        held = statistics.queues["tests.messages.Tick:work"].held
+        # Every message is stored, unsent, or counted in doubt (what was lost is in there).
+        accounted = held + statistics.store_in_doubt + statistics.unsent
+        assert accounted >= 2001, statistics
 
 
-def test_a_request_wakes_when_the_connection_closes_for_good() -> None:
+def test_a_request_wakes_when_the_connection_closes_for_good(server: NatsServer) -> None:
     """The server gone and reconnection given up: a request waiting with timeout=None woke
     never (found by an adversarial review), and one made afterwards waited out its timeout for
     an answer to a message that never left."""
-    from .natstools import require_nats_server
-
-    server = NatsServer(require_nats_server()).start()
+    broker = NatsBroker(
+        server.url,
+        secret=SECRET,
+        namespace="gone",
+        max_reconnect_attempts=2,
+        reconnect_time_wait=0.2,
+    )
     try:
-        broker = NatsBroker(
-            server.url,
-            secret=SECRET,
-            namespace="gone",
-            max_reconnect_attempts=2,
-            reconnect_time_wait=0.2,
-        )
-        try:
-            outcome: list[BaseException] = []
+        outcome: list[BaseException] = []
 
-            def waiting() -> None:
-                try:
-                    broker.request(Tick(1), timeout=None)
-                except BaseException as exc:
-                    outcome.append(exc)
+        def waiting() -> None:
+            try:
+                broker.request(Tick(1), timeout=None)
+            except BaseException as exc:
+                outcome.append(exc)
 
-            requester = threading.Thread(target=waiting)
-            requester.start()
-            wait_until(lambda: broker.pending_requests == 1, 10)
-            server.kill()
-            requester.join(30)
-            assert not requester.is_alive(), "request(timeout=None) still waits"
-            assert [type(exc) for exc in outcome] == [HubUnavailableError]
-            began = time.monotonic()
-            with pytest.raises(HubUnavailableError):
-                broker.request(Tick(2), timeout=30)
-            assert time.monotonic() - began < 10, "it waited for an answer that cannot come"
-        finally:
-            broker.close()
+        requester = threading.Thread(target=waiting)
+        requester.start()
+        wait_until(lambda: broker.pending_requests == 1, 10)
+        server.kill()
+        requester.join(30)
+        assert not requester.is_alive(), "request(timeout=None) still waits"
+        assert [type(exc) for exc in outcome] == [HubUnavailableError]
+        began = time.monotonic()
+        with pytest.raises(HubUnavailableError):
+            broker.request(Tick(2), timeout=30)
+        assert time.monotonic() - began < 10, "it waited for an answer that cannot come"
     finally:
-        server.stop()
+        broker.close()

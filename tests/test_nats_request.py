@@ -161,17 +161,22 @@ def test_closing_a_responder_while_its_handler_answers_kills_no_thread(
 ) -> None:
     """The answer comes after close() stopped the connection's loop: it is counted as unsent,
     not a dead dispatcher logged at CRITICAL (found by an adversarial review)."""
-    answering = threading.Event()
+    answering, closed = threading.Event(), threading.Event()
 
     def slow(message: OrderPlaced) -> OrderShipped:
         answering.set()
-        time.sleep(1.0)
+        closed.wait(20)  # answers once close() has returned
         return OrderShipped(message.order_id)
+
+    def close() -> None:
+        answering.wait(20)
+        responder.close()
+        closed.set()
 
     responder = NatsBroker(nats_server.url, namespace=namespace, secret=SECRET, linger=0.2)
     with NatsBroker(nats_server.url, namespace=namespace, secret=SECRET) as requester:
         responder.subscribe(OrderPlaced, slow)
-        closer = threading.Thread(target=lambda: (answering.wait(20), responder.close()))
+        closer = threading.Thread(target=close)
         closer.start()
         with pytest.raises(RequestTimeoutError):
             requester.request(OrderPlaced(1), timeout=3)

@@ -545,7 +545,8 @@ def test_a_write_that_others_outran_goes_inline_and_the_reserve_holds(
         assert [name for name in os.listdir(directory) if "." in name and "lock" not in name] == []
     finally:
         spool.close()
-        os.unlink(other)
+        with contextlib.suppress(FileNotFoundError):  # not made if the write never came
+            os.unlink(other)
 
 
 def test_what_a_subscriber_counted_of_the_spool_outlives_a_hub_restart(

@@ -4,6 +4,7 @@ through (SIGTERM mid-jobs, a worker killed with SIGKILL)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -79,7 +80,7 @@ class Runner:
         try:
             _, self.stderr = self.process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self._kill()
             _, self.stderr = self.process.communicate(timeout=10)
             return f"killed after {timeout} s; stderr: {self.stderr}"
         self._reader.join(10)
@@ -87,8 +88,13 @@ class Runner:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()
+            self._kill()
         self.finish(10)
+
+    def _kill(self) -> None:
+        """The runner and its workers: its process group (it has one of its own)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 @pytest.fixture
