@@ -196,10 +196,6 @@ class QueueRunner(CoroutineRuns):
         if not subscription.accepts(message):
             seq = run.first_seq + index
             return wire.Ack(run.stream, seq, seq, _REJECTED)
-        if run.attempt > subscription.policy.max_attempts:
-            # Each attempt ended with its process (os._exit, a crash): the hub delivered it
-            # again, past the policy. Not run once more: it took down every worker in turn.
-            return self._died_every_time(job, index, message)
         queue_name = subscription.queue_name
         assert queue_name is not None
         context = AsyncMessageContext._of(queue_name, message_id, run.attempt, job.published_at)
@@ -257,7 +253,6 @@ class QueueRunner(CoroutineRuns):
         queue_name = subscription.queue_name
         assert queue_name is not None
         stream, first_seq, first_id, attempt = run.stream, run.first_seq, run.first_id, run.attempt
-        max_attempts = subscription.policy.max_attempts
         decode, prefix, published_at = job.decode, job.id_prefix, job.published_at
         sizes, payloads, offset = job.sizes, run.payloads, job.offset
         answers: list[wire.Ack] = []
@@ -277,8 +272,6 @@ class QueueRunner(CoroutineRuns):
             else:
                 if not subscription.accepts(message):
                     answer = wire.Ack(stream, first_seq + index, first_seq + index, _REJECTED)
-                elif attempt > max_attempts:  # as in _prepare
-                    answer = self._died_every_time(job, index, message)
                 else:
                     context = AsyncMessageContext._of(queue_name, message_id, attempt, published_at)
                     try:

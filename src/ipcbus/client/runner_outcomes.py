@@ -1,6 +1,6 @@
 """What a queue delivery's end is, when it is not a success (worker process): a retry or a
-dead letter for a handler that raised, a dead letter for what cannot be decoded or whose last
-attempt died with its process, and a request's answer. The runner's threads and its loop
+dead letter for a handler that raised, a dead letter for what cannot be decoded, and a request's
+answer. The runner's threads and its loop
 (``runner.py``, ``runner_loop.py``) call these."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from ..core.failures import describe
 from ..core.requests import Failure, ReplyTo
 from ..core.requests import answer as answer_request
 from ..core.retry import after_failure, publish_dead_letter
-from ..exceptions import ConsumerDiedError
 from ..message import Message
 from ..wire import protocol as wire
 from .jobs import Job
@@ -46,21 +45,6 @@ class Outcomes:
         seq = job.run.first_seq + index
         self._answer_failure(job, exc)
         return wire.Ack(job.run.stream, seq, seq, wire.OUTCOME_DEAD, error=error)
-
-    def _died_every_time(self, job: Job, index: int, message: Message) -> wire.Ack:
-        """Dead-letter, unhandled, a message whose last allowed attempt died with its process
-        (as NatsBroker does once JetStream delivers it past ``max_attempts``)."""
-        subscription, run = job.subscription, job.run
-        assert subscription.queue_name is not None
-        attempts = subscription.policy.max_attempts
-        lost = ConsumerDiedError(
-            f"the process that ran its attempt {attempts} of {attempts} died before "
-            "acknowledging it"
-        )
-        publish_dead_letter(self._publish, subscription.queue_name, message, attempts, lost)
-        self._answer_failure(job, lost)
-        seq = run.first_seq + index
-        return wire.Ack(run.stream, seq, seq, wire.OUTCOME_DEAD, error=describe(lost))
 
     def _answer(self, job: Job, result: object) -> None:
         """A request's handler returned ``result``: a Message answers."""
