@@ -149,7 +149,7 @@ class HubBroker(QueueAdminMixin, Closing):
         self._dispatcher.read_from(self._io.fanout)  # an idle dispatcher reads the SUB socket
         self._session = self._io.session
         self._replies.attach(self._io)
-        self._dispatcher.take_reply = self._replies.take
+        self._replies.on_subscribe = self._dispatcher.expect_replies(self._replies.take)
         self._gate = PublishGate(self._io, self._stopped)
         self._kinds = self._io.outbox.kinds  # the types publish() checked (weak)
         # The type of the last message published, weakly: the hot path's check (31 ns, as the

@@ -56,8 +56,9 @@ class Dispatcher:
     ) -> None:
         self._lock = threading.Lock()
         self._reply_to = reply_to  # how a handler's answer to a request goes back
-        # Takes a reply to this process's request() out of a batch read here (ReplyRoute.take).
-        self.take_reply: Callable[[list[zmq.Frame]], bool] = _not_a_reply
+        # Takes a reply to this process's request() out of a batch read here (ReplyRoute.take),
+        # once this process has asked one (expect_replies).
+        self.take_reply: Callable[[list[zmq.Frame]], bool] | None = None
         self.subscriptions: dict[str, tuple[Subscription, ...]] = {}
         self._types: dict[str, type[Message]] = {}
         # Per topic, the hub's message count at the last batch seen (a skip is a gap).
@@ -85,6 +86,15 @@ class Dispatcher:
         source.wake_reader = self._waker.wake
         self._source = source
         self._waker.wake()
+
+    def expect_replies(self, take: Callable[[list[zmq.Frame]], bool]) -> Callable[[], None]:
+        """What makes the dispatcher hand replies to ``take`` (``ReplyRoute.take``): called
+        once its reply topic is subscribed. Until then no batch is a reply, and none is asked."""
+
+        def expect() -> None:
+            self.take_reply = take
+
+        return expect
 
     # -- subscriptions (any thread) ------------------------------------------------------------
 
@@ -178,7 +188,8 @@ class Dispatcher:
                 logger.exception("ipcbus could not dispatch a batch; it is dropped")
 
     def _dispatch(self, frames: list[Any]) -> None:
-        if self.take_reply(frames):
+        take_reply = self.take_reply
+        if take_reply is not None and take_reply(frames):
             return
         if wire.is_sync_topic(frames[0].bytes):
             self._synced(wire.SyncReply.parse(frames))
@@ -288,7 +299,3 @@ class Dispatcher:
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("the dispatcher is stuck in a handler; not waiting for it")
-
-
-def _not_a_reply(frames: list[zmq.Frame]) -> bool:
-    return False

@@ -116,6 +116,9 @@ class Outbox:
         # Per message type, weak (types created at run time are not kept alive); one lookup per
         # batch.
         self.kinds: weakref.WeakKeyDictionary[type, Kind] = weakref.WeakKeyDictionary()
+        # The type taken last and its kind: a WeakKeyDictionary lookup is a Python call, and a
+        # quiet publisher's batches are one message each.
+        self._last_kind: tuple[Callable[[], type | None], Kind | None] = (_nobody, None)
         self.flushes: dict[bytes, FlushMarker] = {}  # sent, waiting for FLUSHED
         self.max_message_size = 0  # the hub's, from its WELCOME
         self.spool: Spool | None = None  # the hub's spool directory, from its WELCOME
@@ -153,16 +156,29 @@ class Outbox:
         if biggest > self.frame_budget:
             raise MessageTooLargeError(f"{name}: {self._too_large(biggest)}; nothing was sent")
         if topic in self.grouped:  # [sizes, payloads]
-            kind = self.kinds[cls] = Kind(topic, max(1, len(frames[1])))
+            kind = Kind(topic, max(1, len(frames[1])))
         else:
             buffers = frames[1:]
-            kind = self.kinds[cls] = Kind(
+            kind = Kind(
                 topic,
                 max(1, len(frames[0])),
                 len(buffers),
                 sum(map(len, buffers)),
                 bool(buffers),
             )
+        return self._learn(cls, kind)
+
+    def _learn(self, cls: type, kind: Kind) -> Kind:
+        self.kinds[cls] = kind
+        self._last_kind = (weakref.ref(cls), kind)
+        return kind
+
+    def _kind_of(self, cls: type) -> Kind:
+        kind = self.kinds.get(cls)
+        if kind is None:  # publish() learns each type; this is only a fallback
+            kind = self._learn(cls, Kind(wire.topic_for(get_unique_name_for_message(cls)), 1))
+        else:
+            self._last_kind = (weakref.ref(cls), kind)
         return kind
 
     def check_fields(self, message: Message) -> None:
@@ -200,10 +216,9 @@ class Outbox:
                 self.sent += 1
                 return first.frames
             cls = type(first)
-            kind = self.kinds.get(cls)
-            if kind is None:  # publish() learns each type; this is only a fallback
-                topic = wire.topic_for(get_unique_name_for_message(cls))
-                kind = self.kinds[cls] = Kind(topic, 1)
+            last, kind = self._last_kind
+            if kind is None or last() is not cls:
+                kind = self._kind_of(cls)
             split = kind.topic in self.grouped
             batch = [first]
             if items and type(items[0]) is cls:  # a run of its type: a batch, up to the limit
@@ -279,7 +294,11 @@ class Outbox:
             codec_id, frames = encode(cls, batch)
         except MessageSerializationError:
             frames = []
-        if not frames or self._too_big(frames, len(batch)):
+        # The usual batch, one payload frame within the limit, is judged without a call.
+        if not frames or (
+            (len(frames) != 1 or len(frames[0]) > self.frame_budget)
+            and self._too_big(frames, len(batch))
+        ):
             # The hot path serialises whole batches; only a batch that failed, or came out too
             # large, is looked at message by message.
             batch = self._trim(encode, cls, split, batch)
@@ -364,3 +383,7 @@ class Outbox:
             f"it encodes to a frame of {size} bytes, over the {self.max_message_size} bytes the "
             f"hub accepts (HubOptions.max_message_size, less {FRAME_MARGIN} bytes of margin)"
         )
+
+
+def _nobody() -> None:
+    return None

@@ -130,6 +130,7 @@ _BIG_TYPES = (bytes, bytearray)
 # Types whose messages have had big fields (weak, as _plain): only they pay for looking at each
 # field (~0.15 us per message), the hot path of small messages never does.
 _big: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+_some_big = False  # a type is in _big: until then no lookup there (a Python call each)
 
 
 class _OutOfBand:
@@ -161,12 +162,15 @@ def _rebuild_big(kind: type, view: Any) -> bytes | bytearray:
 def encode_batch(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[Any]]:
     """Serialise messages of type ``cls``: ``(codec, [payload, *out_of_band_buffers])``."""
     if is_plain_dataclass(cls):
-        if cls in _big:
+        if _some_big and cls in _big:
             return DATACLASS, _dumps(_big_states(messages), cls)
-        frames = _dumps([message.__dict__ for message in messages], cls)
+        if len(messages) == 1:  # a quiet publisher's batch: no list comprehension to run
+            frames = _dumps([messages[0].__dict__], cls)
+        else:
+            frames = _dumps([message.__dict__ for message in messages], cls)
         if len(frames[0]) >= BIG_FIELD * len(messages) and _any_big(messages):
             # Big fields went in-band, copied into the payload: from now on, not for this type.
-            _big[cls] = True
+            _mark_big(cls)
             frames = _dumps(_big_states(messages), cls)
         return DATACLASS, frames
     return OBJECTS, _dumps(list(messages), cls)
@@ -177,6 +181,12 @@ def encode_objects(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[
     that cannot tell the class from the topic (a reply travels on its requester's reply
     topic)."""
     return OBJECTS, _dumps(list(messages), cls)
+
+
+def _mark_big(cls: type) -> None:
+    global _some_big
+    _big[cls] = True
+    _some_big = True
 
 
 def _is_big(value: Any) -> bool:
@@ -301,7 +311,7 @@ def decode_batch(
         payload, *buffer_frames = frames
     # Read-only views: what arrives is one object for every subscription of this process, and
     # a PickleBuffer field arrives as the view itself (never as a ZeroMQ frame object).
-    buffers = [memoryview(frame).toreadonly() for frame in buffer_frames]
+    buffers = [memoryview(frame).toreadonly() for frame in buffer_frames] if buffer_frames else ()
     try:
         decoded = pickle.loads(payload, buffers=buffers)
     except Exception:
@@ -399,4 +409,6 @@ def _dumps(obj: Any, cls: type) -> list[Any]:
             raise _cannot(cls, exc) from exc
         if len(buffers) > MAX_BUFFERS:
             return [dumps_inband(obj, cls)]  # as above: frames are bounded on the wire
+    if not buffers:
+        return [payload]  # the usual message: no generator to run
     return [payload, *(buffer.raw() for buffer in buffers)]

@@ -67,7 +67,7 @@ class DataPath:
         self.batches += 1
         self.messages += count
         # Topic, meta and payload: what the hub relays of it.
-        self.bytes += sum(len(frame) for frame in frames[1:]) - wire.HEADER_LEN
+        self.bytes += sum(map(len, frames[1:])) - wire.HEADER_LEN
         book = self._book
         grouped = book.has_groups(topic)
         if not grouped and fanout.topics.get(topic, 0) == 0:

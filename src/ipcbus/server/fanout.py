@@ -96,7 +96,8 @@ class Fanout:
     def retry(self) -> bool:
         """Send what waits (the held batch, sync answers); True when nothing holds the publish
         path any more."""
-        self._send_sync_replies()
+        if self._sync_backlog:
+            self._send_sync_replies()
         if self.stalled is not None:
             if not self._send(self.stalled):
                 return False

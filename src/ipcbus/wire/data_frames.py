@@ -86,7 +86,7 @@ def parse_fanout_head(head: bytes) -> tuple[bytes, int, bytes, bytes]:
 
 
 def publish(topic: bytes, meta: bytes, payload: Sequence[Any]) -> list[Any]:
-    return [publish_head(topic, meta), *payload]
+    return [_PUBLISH_HEADER + topic + meta, *payload]  # publish_head(), one call fewer
 
 
 def parse_data_kind(head: bytes) -> bytes:
