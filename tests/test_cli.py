@@ -111,6 +111,9 @@ def test_publish_refuses_what_it_cannot_build(hub: Hub, type_name: str, fields: 
         ("stats", "--watch", "0"),
         ("tail", "--timeout", "-1"),
         ("tail", "--timeout", "nan"),
+        ("tail", "--timeout", "0"),
+        ("ping", "--timeout", "0"),
+        ("publish", "tests.messages.Ping", "--json", "{}", "--timeout", "0"),
         ("worker", "tests.messages", "--shutdown-timeout", "inf"),
         ("worker", "tests.messages", "--max-backoff", "1e400"),
     ],
@@ -123,11 +126,21 @@ def test_bad_periods_and_timeouts_are_usage_errors(arguments: tuple[str, ...]) -
     assert "Traceback" not in refused.stderr
 
 
-@pytest.mark.parametrize("command", ["tail", "ping", "stats"])
-def test_a_malformed_address_is_said_not_a_traceback(command: str) -> None:
-    refused = run_cli(command, "--address", "garbage", "--timeout", "1")
-    assert refused.returncode == 4, refused.stderr
-    assert "unsupported address 'garbage'" in refused.stderr
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("tail",),
+        ("ping",),
+        ("stats",),
+        ("publish", "tests.messages.Ping", "--json", "{}"),
+        ("worker", "tests.ops_jobs"),
+    ],
+)
+def test_a_malformed_address_is_an_address_error(command: tuple[str, ...]) -> None:
+    """Exit 3 (the address), not 4 (no hub answered), and said without "no hub answered"."""
+    refused = run_cli(*command, "--address", "garbage")
+    assert refused.returncode == 3, refused.stderr
+    assert refused.stderr.startswith(f"ipcbus {command[0]}: unsupported address 'garbage'")
     assert "Traceback" not in refused.stderr
 
 

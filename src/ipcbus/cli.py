@@ -27,7 +27,7 @@ from importlib import metadata
 from typing import Any
 
 from . import cli_ops, cli_queues
-from .cli_ops import seconds
+from .cli_ops import address_error, seconds
 from .client.admin import request_clients, request_statistics
 from .config import (
     ENV_ADDRESS,
@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     _hub_address(stats)
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.add_argument(
-        "--watch", type=_period, metavar="SECONDS", help="print again every SECONDS, with rates"
+        "--watch", type=seconds, metavar="SECONDS", help="print again every SECONDS, with rates"
     )
 
     clients = commands.add_parser(
@@ -135,14 +135,6 @@ def _parser() -> argparse.ArgumentParser:
     cli_queues.add_parsers(commands, common, _EPILOG, _hub_address)
     cli_ops.add_commands(commands, common, _EPILOG)
     return parser
-
-
-def _period(text: str) -> float:
-    """A ``--watch`` period: finite and > 0 (a negative or NaN one ended in a traceback)."""
-    value = seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("the period must be > 0 seconds")
-    return value
 
 
 def _hub_option(name: str, text: str) -> Any:
@@ -176,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return ExitCode.USAGE
+    problem = address_error(address, nats=args.command == "publish")
+    if problem is not None:
+        print(f"ipcbus {args.command}: {problem}", file=sys.stderr)
+        return ExitCode.ADDRESS
     try:
         if args.command == "stats":
             return _stats(address, args.json, args.timeout, args.watch)

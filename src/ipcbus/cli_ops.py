@@ -87,12 +87,27 @@ def add_commands(commands: Any, common: argparse.ArgumentParser, epilog: str) ->
 
 
 def seconds(text: str) -> float:
-    """A ``--timeout``: finite and >= 0 (a negative one polled for ever: ZeroMQ's -1; NaN
-    ended in a traceback)."""
+    """A ``--timeout`` or a period: finite and > 0 (a negative one polled for ever: ZeroMQ's
+    -1; NaN ended in a traceback; 0 asked a live hub and said that none answered)."""
     value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"timeout must be finite and >= 0 seconds, not {text}")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be finite and > 0 seconds, not {text}")
     return value
+
+
+def address_error(address: str, nats: bool) -> str | None:
+    """What is wrong with ``address`` (``None``: nothing), before anything connects: a
+    malformed address is the caller's mistake (exit 3), not a hub that did not answer (4).
+    ``nats``: the subcommand also runs on a NATS server (``nats://``, ``tls://``)."""
+    from .wire.address import Address
+
+    if nats and address.startswith(("nats://", "tls://")):
+        return None
+    try:
+        Address.parse(address)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _address(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +123,10 @@ def run(args: argparse.Namespace, log_level: str) -> int:
             file=sys.stderr,
         )
         return ExitCode.USAGE
+    problem = address_error(address, nats=args.command == "worker")
+    if problem is not None:
+        print(f"ipcbus {args.command}: {problem}", file=sys.stderr)
+        return ExitCode.ADDRESS
     if args.command == "worker":
         return _worker(args, address, log_level)
     if args.command == "tail":

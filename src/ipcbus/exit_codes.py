@@ -13,7 +13,7 @@ class ExitCode(IntEnum):
     OK = 0
     FAILED = 1  # anything else went wrong (the message says what)
     USAGE = 2  # bad arguments (argparse's own code)
-    ADDRESS = 3  # the hub cannot serve at this address: malformed, unsafe, or already served
+    ADDRESS = 3  # a malformed address; for `ipcbus hub` also one unsafe or already served
     UNAVAILABLE = 4  # no hub answered
 
 
