@@ -218,6 +218,32 @@ def test_a_module_that_does_not_load_is_a_usage_error(hub: Hub, target: str) -> 
     assert "Traceback" not in refused.stderr
 
 
+def test_a_worker_that_blocks_at_import_is_reported(hub: Hub) -> None:
+    """Found by an adversarial review: the runner waited in silence for a worker whose module
+    never finished importing. It says so (here after 0.5 s instead of 10), and SIGTERM still
+    stops it (the worker is killed past the shutdown timeout)."""
+    script = (
+        "import sys; import ipcbus.worker as w; w._SLOW_START_S = 0.5; "
+        "from ipcbus.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    command = [sys.executable, "-c", script, "worker", "tests.blocks_at_import"]
+    command += ["--processes", "1", "--shutdown-timeout", "1", "--address", hub.address]
+    with subprocess.Popen(
+        command, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as runner:
+        try:
+            assert runner.stderr is not None
+            line = runner.stderr.readline()  # blocks until the runner says something
+            assert "worker 0" in line and "is not ready 0.5 s after its start" in line, line
+            assert "importing tests.blocks_at_import" in line, line
+            runner.send_signal(signal.SIGTERM)
+            _, rest = runner.communicate(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(runner.pid, signal.SIGKILL)
+    assert "killing it" in rest, rest
+
+
 def test_no_hub_is_unavailable(tmp_path: Path) -> None:
     refused = run_cli(
         "worker", "tests.ops_jobs", "--processes", "1", "--address", f"ipc://{tmp_path}/none"

@@ -53,6 +53,9 @@ _LEAVE_NOW = signal.SIGUSR1
 _KILLED = 3
 # How often an idle worker looks at the runner's pipe (its end closes when the runner dies).
 _PARENT_POLL = 0.2
+# A worker not ready this long after its start is said to be (a module that blocks at import, a
+# setup that waits): without it the runner waited in silence.
+_SLOW_START_S = 10.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
@@ -156,6 +159,7 @@ class _Slot:
         self.said: tuple[str, Any] | None = None  # why it could not start, if it said
         self.crashes = 0
         self.restart_at: float | None = None
+        self.slow_at: float | None = None  # when to say that it is not ready yet
 
 
 class WorkerRunner:
@@ -215,7 +219,12 @@ class WorkerRunner:
                 if slot.process is not None:
                     waits += [slot.process.sentinel, slot.conn]
             now = time.monotonic()
-            due = [slot.restart_at for slot in self._slots if slot.restart_at is not None]
+            due = [
+                at
+                for slot in self._slots
+                for at in (slot.restart_at, slot.slow_at)
+                if at is not None
+            ]
             timeout = max(0.0, min(due) - now) if due else None
             ready = multiprocessing.connection.wait(waits, timeout)
             if wake_read in ready:
@@ -229,6 +238,8 @@ class WorkerRunner:
             for slot in self._slots:
                 if slot.restart_at is not None and now >= slot.restart_at and not self._signals:
                     self._start(slot)
+                if slot.slow_at is not None and now >= slot.slow_at:
+                    self._slow(slot)
         logger.info("stopping %d workers", sum(s.process is not None for s in self._slots))
         return None
 
@@ -248,6 +259,18 @@ class WorkerRunner:
         child_end.close()
         slot.process, slot.conn = process, parent_end
         slot.started_at, slot.restart_at = time.monotonic(), None
+        slot.slow_at = slot.started_at + _SLOW_START_S
+
+    def _slow(self, slot: _Slot) -> None:
+        slot.slow_at = None
+        logger.warning(
+            "worker %d (pid %s) is not ready %g s after its start: importing %s or its setup "
+            "still runs (a module that blocks at import keeps it there)",
+            slot.index,
+            slot.process.pid if slot.process is not None else "?",
+            _SLOW_START_S,
+            " ".join(self.targets),
+        )
 
     def _check(self, slot: _Slot) -> int | None:
         """Read what the worker said; handle its exit. A fatal exit code, or ``None``."""
@@ -257,7 +280,7 @@ class WorkerRunner:
             while slot.conn.poll():
                 said = slot.conn.recv()
                 if said[0] == "ready":
-                    slot.ever_ready = True
+                    slot.ever_ready, slot.slow_at = True, None
                     print(f"worker {slot.index} ready: pid {said[1]}", file=self._out, flush=True)
                 else:
                     slot.said = said
@@ -268,6 +291,7 @@ class WorkerRunner:
         slot.process.close()
         slot.conn.close()
         slot.process = slot.conn = None
+        slot.slow_at = None
         said, slot.said = slot.said, None
         if said is not None and not slot.ever_ready:
             # It never started: a module that does not import, no hub. Retrying would not help.
