@@ -234,7 +234,8 @@ def test_a_worker_that_blocks_at_import_is_reported(hub: Hub) -> None:
         try:
             assert runner.stderr is not None
             line = runner.stderr.readline()  # blocks until the runner says something
-            assert "worker 0" in line and "is not ready 0.5 s after its start" in line, line
+            assert "worker 0 (pid " in line, line
+            assert "is not ready 0.5 s after its start" in line, line
             assert "importing tests.blocks_at_import" in line, line
             runner.send_signal(signal.SIGTERM)
             _, rest = runner.communicate(timeout=30)
