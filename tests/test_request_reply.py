@@ -226,6 +226,50 @@ def test_a_handler_requests_from_another_process(
     assert replies == [Pong("3", pid)]
 
 
+def test_replies_are_read_while_the_dispatcher_runs_a_long_handler(
+    fresh_hub: Any, requester: HubBroker
+) -> None:
+    """An idle dispatcher reads the replies itself; while it runs a handler the I/O thread
+    reads them: a request that begins during a long handler, and one whose reply comes after
+    a long handler began, both return while that handler still runs."""
+    release, started = threading.Event(), threading.Event()
+    finished: list[int] = []
+
+    def long_handler(message: OrderPlaced) -> None:
+        started.set()
+        release.wait(60)
+        finished.append(message.order_id)
+
+    def slow_answer(message: Ping) -> Pong:
+        time.sleep(1.0 if message.token == "after" else 0.0)
+        return Pong(message.token, os.getpid())
+
+    requester.subscribe(OrderPlaced, long_handler)
+    with HubBroker(fresh_hub.address) as responder:
+        responder.subscribe(Ping, slow_answer)
+        try:
+            requester.publish(OrderPlaced(1))
+            assert started.wait(30)
+            assert requester.request(Ping("during"), timeout=30) == Pong("during", os.getpid())
+            release.set()
+            wait_until(lambda: finished == [1], 30)
+            started.clear()
+            release.clear()
+            outcome: list[object] = []
+            asking = threading.Thread(
+                target=lambda: outcome.append(requester.request(Ping("after"), timeout=30))
+            )
+            asking.start()  # the dispatcher is idle: the reply is its to read...
+            wait_until(lambda: requester.pending_requests == 1, 30)
+            requester.publish(OrderPlaced(2))  # ...until it runs this handler, for 60 s
+            assert started.wait(30)
+            asking.join(30)
+            assert outcome == [Pong("after", os.getpid())]
+            assert not release.is_set()
+        finally:
+            release.set()
+
+
 def test_a_handler_cannot_wait_for_its_own_process_broadcast_responder(
     requester: HubBroker,
 ) -> None:

@@ -26,7 +26,7 @@ import zmq
 from ..message import Message
 from ..wire import protocol as wire
 from ..wire.sockets import readable, send_frames
-from .outbox import Outbox
+from .outbox import Outbox, Prepared
 from .session import Session
 
 __all__ = ["DataChannel"]
@@ -77,9 +77,10 @@ class DataChannel:
 
     # -- a publisher's thread ------------------------------------------------------------------
 
-    def send_at_once(self, message: Message) -> bool:
-        """Send ``message`` now if the bus is quiet and nothing is queued before it; False
-        when it is for the outbox (the caller appends it and wakes the I/O thread)."""
+    def send_at_once(self, message: Message | Prepared) -> bool:
+        """Send ``message`` (or a prepared request or reply) now if the bus is quiet and
+        nothing is queued before it; False when it is for the outbox (the caller appends it and
+        wakes the I/O thread)."""
         now = time.monotonic()
         quiet = now - self._last_publish >= _QUIET_S
         self._last_publish = now

@@ -85,6 +85,7 @@ class Dispatcher:
         """Read ``source``'s SUB socket whenever idle (from then on, any thread)."""
         source.wake_reader = self._waker.wake
         self._source = source
+        source.idle()
         self._waker.wake()
 
     def expect_replies(self, take: Callable[[list[zmq.Frame]], bool]) -> Callable[[], None]:
@@ -220,15 +221,22 @@ class Dispatcher:
             route = wire.route_of(meta_bytes)
             if route is not None and route.kind == wire.ROUTE_REQUEST:
                 reply_to = self._reply_to(route)
-        for message in messages:
-            if self._abandoned:
-                return  # closed by a handler: no handler call after close() returned
-            for subscription in subscriptions:
-                if subscription.accepts(message):
-                    if reply_to is None:
-                        call_handler(subscription, message)
-                    else:
-                        call_responder(subscription, message, reply_to)
+        source = self._source
+        if source is not None:
+            source.handling()  # a reply awaited meanwhile is the I/O thread's to read
+        try:
+            for message in messages:
+                if self._abandoned:
+                    return  # closed by a handler: no handler call after close() returned
+                for subscription in subscriptions:
+                    if subscription.accepts(message):
+                        if reply_to is None:
+                            call_handler(subscription, message)
+                        else:
+                            call_responder(subscription, message, reply_to)
+        finally:
+            if source is not None and not self._stopping:
+                source.idle()
 
     def _decode(self, topic: str, meta: wire.Meta, payload: Any) -> list[Message]:
         codec_id, count, _published_at = meta
@@ -295,6 +303,8 @@ class Dispatcher:
             self._abandoned = True
             return
         self._stopping = True  # it ends once nothing is left to read
+        if self._source is not None:
+            self._source.handling()  # requests still waiting: the I/O thread reads for them
         self._waker.wake()
         self._thread.join(timeout)
         if self._thread.is_alive():

@@ -138,10 +138,10 @@ class IOThread(IOCalls, ControlReader):
         return self.session.hub_alive
 
     def publish(self, item: Message | FlushMarker | Prepared) -> None:
-        # A quiet bus sends a message at once, from the publisher's thread (client/data.py);
-        # otherwise the I/O thread batches what queued. Flush markers and prepared requests
-        # and replies always go through the outbox.
-        if not isinstance(item, Message) or not self._data.send_at_once(item):
+        # A quiet bus sends a message, a request or a reply at once, from the caller's thread
+        # (client/data.py); otherwise the I/O thread batches what queued. Flush markers always
+        # go through the outbox (the I/O thread keeps them until their answer).
+        if isinstance(item, FlushMarker) or not self._data.send_at_once(item):
             self.outbox.append(item)
             self.wake()
 

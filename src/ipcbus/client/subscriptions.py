@@ -73,7 +73,11 @@ class Subscriptions:
         self._orphaned = False  # the dispatcher reads no more (close() in a handler, stop)
         # request()s waiting for a reply: the I/O thread reads too, as the dispatcher may be
         # the requester (a handler that asks), or busy in a long handler while a reply waits.
-        self._awaited = 0
+        self.awaited = 0
+        # The dispatcher reads the socket now (idle, between batches), rather than running
+        # handlers or stopping: a reply awaited meanwhile is its to take, and the I/O thread
+        # need not wake for it (a wake-up, and a second reader woken by the same batch).
+        self.dispatcher_reads = False
         self.spool: Spool | None = None  # the hub's, from its WELCOME: big payloads read here
 
     def attach(self, sub: zmq.Socket[bytes]) -> None:
@@ -99,17 +103,32 @@ class Subscriptions:
 
     @property
     def reading(self) -> bool:
-        """True while the I/O thread reads the socket too: a sync waits for its answer, or
-        the dispatcher is gone."""
-        return (self._orphaned or bool(self._syncs) or self._awaited > 0) and self.held is None
+        """True while the I/O thread reads the socket too: a sync waits for its answer, a
+        request() its reply while the dispatcher runs handlers (it may be the requester, or in
+        a long handler), or the dispatcher is gone."""
+        return (
+            self._orphaned or bool(self._syncs) or (self.awaited > 0 and not self.dispatcher_reads)
+        ) and self.held is None
 
     def await_reply(self, waiting: bool) -> None:
         """A request() begins (``True``) or ends waiting for its reply (any thread)."""
         with self.lock:
-            self._awaited += 1 if waiting else -1
-            begun = waiting and self._awaited == 1
-        if begun:
+            self.awaited += 1 if waiting else -1
+        # Written, then the other's flag read, here and in the dispatcher (handling()): one of
+        # the two sees the other, and the I/O thread is woken whenever the reply may otherwise
+        # wait for a handler to return.
+        if waiting and not self.dispatcher_reads:
             self._wake_io()  # it polls the SUB socket from now on
+
+    def handling(self) -> None:
+        """Dispatcher: it runs handlers (or stops) and reads nothing until ``idle()``."""
+        self.dispatcher_reads = False
+        if self.awaited:
+            self._wake_io()  # a reply awaited: the I/O thread reads it meanwhile
+
+    def idle(self) -> None:
+        """Dispatcher: it reads the socket again."""
+        self.dispatcher_reads = True
 
     def subscribe(self, topic: bytes, live: threading.Event) -> None:
         with self.lock:
