@@ -5,11 +5,12 @@ once, on its first ``request()``, and kept until it closes: a route per request 
 subscription round trip to the hub per request, and a table at the hub that could leak. A request
 is a batch of one message whose meta carries its correlation id (the requester's own numbering,
 ``PendingRequests``) and the reply topic; a responder publishes its answer on that topic with the
-same id. The answer never reaches the dispatcher: the I/O thread recognises the reply topic and
-hands the frames to the waiting requester, which decodes them in its own thread. So a reply needs
-no free handler thread (a handler that requests waits on no other handler), and a requester that
-gave up leaves nothing behind: the entry is gone, and an answer that comes later is counted in
-``late_replies``.
+same id. The answer never reaches a handler: whichever thread reads the SUB socket (an idle
+dispatcher, or the I/O thread while the dispatcher runs handlers: ``Subscriptions.reading``)
+recognises the reply topic and hands the frames to the waiting requester, which decodes them in
+its own thread. So a reply needs no free handler thread (a handler that requests waits on no
+other handler), and a requester that gave up leaves nothing behind: the entry is gone, and an
+answer that comes later is counted in ``late_replies``.
 
 Who may answer: any client that holds the bus secret (CURVE authenticates every connection to
 the hub); it can also answer requests it never received (docs/security.md).
