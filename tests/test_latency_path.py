@@ -139,7 +139,9 @@ def test_a_quiet_publisher_sends_a_due_confirmation_after_its_message() -> None:
     outbox.set_limit(1024 * 1024)
     outbox.check(Tick(0, "quiet"))
     wakes: list[str] = []
-    channel = DataChannel(outbox, Session("ipc://test"), lambda: None, lambda: wakes.append("wake"))
+    channel = DataChannel(
+        outbox, Session("ipc://test"), lambda: None, lambda: wakes.append("wake"), 10_000
+    )
     context = zmq.Context()
     hub_side, client_side = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
     try:

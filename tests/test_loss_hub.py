@@ -496,6 +496,39 @@ def test_an_abandoned_full_queue_group_holds_back_its_topic_only(
         hub.stop()
 
 
+@pytest.mark.hub
+@pytest.mark.queue_groups
+def test_a_fast_publisher_takes_a_full_group_past_max_held_by_two_max_pending_at_most(
+    tmp_path: Path,
+) -> None:
+    """Found by an adversarial review: a publisher in a tight loop put 14 000 to 297 000
+    messages into a group of max_held=1 000 before publish() first waited (its I/O thread
+    pumped batches without reading the hub's FULL, and the pipes took whatever it sent). Now a
+    publisher has at most max_pending messages sent and unconfirmed by the hub, and its I/O
+    thread reads the hub between short bursts: the group takes at most max_held plus what the
+    publisher held queued and on its way (2 x max_pending)."""
+    max_held, max_pending = 1000, 2000
+    with (
+        Hub(f"ipc://{tmp_path}/hub", start_method="fork", max_held=max_held) as hub,
+        HubBroker(hub.address, max_pending=max_pending) as publisher,
+    ):
+        publisher.declare_queue(Tick, "nobody")
+        accepted, refusal = 0, None
+        for n in range(500_000):
+            try:
+                publisher.publish(Tick(n, "fast"), timeout=2.0)
+            except PublishTimeoutError as exc:
+                refusal = exc
+                break
+            accepted += 1
+        assert refusal is not None, "publish() never waited"
+        assert "max_held" in str(refusal)
+        publisher.flush(30)
+        held = hub.statistics().queues["tests.messages.Tick/nobody"]["held"]
+        assert held == accepted
+        assert held <= max_held + 2 * max_pending, f"{held} held"
+
+
 def test_a_group_is_full_at_max_held_and_open_again_below_half_of_it() -> None:
     book = QueueBook(b"0123456789abcdef", max_held=10)
     other_topic = wire.topic_for("tests.messages.Tick")

@@ -140,7 +140,8 @@ class HubOptions(_Options):
       (``PublishTimeoutError`` past its timeout) until every group of the topic holds at most
       half of each again, or the group is deleted (``delete_queue``).
       Messages already on their way are still taken: a group may hold more, at most what its
-      publishers had queued (``max_pending`` each) and in their pipes when they learned.
+      publishers had queued and sent unconfirmed when they learned (``max_pending`` of each,
+      per publisher).
     - ``max_message_size``: a peer that sends a message part (frame) over this many bytes is
       disconnected by ZeroMQ. The hub announces it in WELCOME: clients split batches below it,
       and a message that alone encodes to more is refused (``MessageTooLargeError``).
@@ -244,7 +245,9 @@ class ClientOptions(_Options):
     - ``publish_timeout``: how long ``publish()`` waits for room under backpressure (``None``:
       as long as it takes).
     - ``linger``: how long ``close()`` waits for the hub to confirm what was published.
-    - ``max_pending``: messages queued in this process before ``publish()`` blocks. Not in a
+    - ``max_pending``: messages queued in this process before ``publish()`` blocks; also the
+      messages sent and not yet confirmed by the hub at most (past it the I/O thread asks the
+      hub to confirm and sends on once it has). Not in a
       handler: ``publish()`` from a thread that runs handlers (dispatcher, queue workers, queue
       event loop) never blocks, because the hub may be waiting for that very thread to take its
       messages while it stops reading this process's (a circular wait: a pipeline stage

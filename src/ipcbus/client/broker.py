@@ -138,6 +138,7 @@ class HubBroker(QueueAdminMixin, Closing):
             secret=secret,
             hwm=options.hwm,
             max_batch=options.max_batch,
+            max_unconfirmed=options.max_pending,
             on_space=self._space_freed,
             on_error=self._record_error,
             on_delivery=self._runner.submit,

@@ -62,12 +62,15 @@ class Unconfirmed:
         if window:
             self._oldest = time.monotonic()
 
-    def ask(self, now: float) -> bytes | None:
-        """A token to confirm with (a FLUSH after what was sent), when one is due. Never while
-        requests wait to go again: a confirmation asked before them would cover them unsent."""
-        if self.asking or not self.window or self.resend:
+    def ask(self, now: float, at_once: bool = False) -> bytes | None:
+        """A token to confirm with (a FLUSH after what was sent), when one is due (``at_once``:
+        now, if none is asked). Never while requests wait to go again: a confirmation asked
+        before them would cover them unsent."""
+        if self.asking or self.resend:
             return None
-        if self._batches < _ASK_EVERY and now - self._oldest < _ASK_AFTER:
+        if not at_once and (
+            not self.window or (self._batches < _ASK_EVERY and now - self._oldest < _ASK_AFTER)
+        ):
             return None
         self.asking = True
         self._batches = 0

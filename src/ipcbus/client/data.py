@@ -31,7 +31,7 @@ from .session import Session
 
 __all__ = ["DataChannel"]
 
-_BURST = 256
+_BURST = 4
 # A publish that follows the previous one by less than this goes through the outbox: the
 # publisher is busy, and batches (~1 µs a message) beat a send per message (~15 µs).
 _QUIET_S = 0.0001
@@ -52,8 +52,14 @@ class DataChannel:
         session: Session,
         on_space: Callable[[], None],
         wake: Callable[[], None],
+        max_unconfirmed: int,
     ) -> None:
         self.lock = threading.Lock()
+        # Messages sent and not confirmed by the hub at most (ClientOptions.max_pending): past
+        # it nothing more is sent until the hub confirms. It bounds what one publisher has on
+        # its way to the hub, and so what a full queue group takes before the publisher learns
+        # (a fast publisher put 20x a group's max_held into it through the pipes).
+        self._max_unconfirmed = max_unconfirmed
         self.socket: Socket | None = None
         self.fd = -1  # the socket's ZMQ_FD, polled by the I/O thread
         self._outbox = outbox
@@ -85,7 +91,12 @@ class DataChannel:
         quiet = now - self._last_publish >= _QUIET_S
         self._last_publish = now
         outbox = self._outbox
-        if not quiet or outbox.items or not self.lock.acquire(blocking=False):
+        if (
+            not quiet
+            or outbox.items
+            or outbox.sent - outbox.confirmed >= self._max_unconfirmed
+            or not self.lock.acquire(blocking=False)
+        ):
             return False
         try:
             socket, session = self.socket, self._session
@@ -126,42 +137,67 @@ class DataChannel:
 
     # -- the I/O thread ------------------------------------------------------------------------
 
-    def pump(self) -> None:
+    def pump(self) -> bool:
         """Send what the outbox holds until it is empty or the pipe is full, then read the
-        replies. While the hub is unreachable nothing is sent: the outbox holds what is
-        published (up to ``max_pending``) until a hub says WELCOME again."""
+        replies; at most ``_BURST`` requests a call, so that the I/O thread reads what the hub
+        says in between (a FULL notice waited behind a publisher that kept the outbox from
+        emptying: a group took 20x its max_held). True when there is more to send at once.
+        While the hub is unreachable nothing is sent: the outbox holds what is published (up
+        to ``max_pending``) until a hub says WELCOME again."""
         with self.lock:
             socket = self.socket
             if socket is None:
-                return
-            session = self._session
+                return False
+            session, outbox = self._session, self._outbox
+            budget = _BURST
             for _ in range(_BURST):
                 sending = session.hub_alive and session.resynced.is_set()
                 if sending:
-                    self._send_queued(socket)
+                    budget = self._send_queued(socket, budget)
                 # Edge-triggered: whatever used the socket may have consumed the edge of a
                 # reply or of room in the pipe, so look before polling again.
                 events = _events(socket)
                 if events & _POLLIN:
                     self._read_replies(socket)
-                elif not (sending and self.waiting is not None and events & _POLLOUT):
-                    return
+                    continue
+                if not sending:
+                    return False
+                if self.waiting is not None:  # room in the pipe again: send on
+                    more = bool(events & _POLLOUT)
+                else:  # the burst ended, not the outbox
+                    more = budget <= 0 and bool(outbox.items or outbox.confirm.resend)
+                if not more or budget <= 0:
+                    return more
+            return True
 
-    def _send_queued(self, socket: Socket) -> None:
+    def _send_queued(self, socket: Socket, budget: int) -> int:
+        """Send up to ``budget`` requests; returns what is left of it."""
         outbox = self._outbox
-        while True:
+        while budget > 0:
             if self.waiting is not None:
                 if not send_frames(socket, self.waiting):
-                    return
+                    return budget
                 self.waiting = None
+                budget -= 1
             if not outbox.items and not outbox.confirm.resend:
                 token = outbox.confirm.ask(time.monotonic())  # idle: what is unconfirmed
                 if token is None:
-                    return
+                    return budget
+                self.waiting = outbox.confirmation(token)
+                continue
+            if (
+                outbox.sent - outbox.confirmed >= self._max_unconfirmed
+                and not outbox.confirm.resend  # sent again to a new hub: counted already
+            ):
+                # Enough on its way: ask the hub to confirm it, and send on once it has.
+                token = outbox.confirm.ask(time.monotonic(), at_once=True)
+                if token is None:
+                    return budget  # asked already: its FLUSHED wakes the I/O thread
                 self.waiting = outbox.confirmation(token)
                 continue
             self.waiting = outbox.take()
             self._on_space()
+        return budget
 
     def _read_replies(self, socket: Socket) -> None:
         outbox = self._outbox

@@ -59,6 +59,7 @@ class IOThread(IOCalls, ControlReader):
         secret: bytes,
         hwm: int,
         max_batch: int,
+        max_unconfirmed: int,
         on_space: Callable[[], None],
         on_error: Callable[[BaseException], None],
         on_delivery: Callable[[list[bytes]], None],  # a DELIVER request's body
@@ -101,7 +102,9 @@ class IOThread(IOCalls, ControlReader):
         self._endpoints = ("", "")  # the hub's publish and fan-out endpoints, from WELCOME
         self._watch = ConnectionWatch(self.endpoint, self._hub_lost)
         self._dealer: Socket | None = None
-        self._data = DataChannel(self.outbox, self.session, on_space, self._waker.wake)
+        self._data = DataChannel(
+            self.outbox, self.session, on_space, self._waker.wake, max_unconfirmed
+        )
         self._sub: Socket | None = None
         self._resync_at: float | None = None  # when an unanswered sync is asked again
 
@@ -240,7 +243,7 @@ class IOThread(IOCalls, ControlReader):
             if not self._running:
                 self._control.send([wire.header(wire.BYE)])  # what we hold goes to others
                 return
-            self._data.pump()
+            more = self._data.pump()  # True: its burst ended with more to send at once
             now = time.monotonic()
             self._heartbeat(now)
             self._control.drain()
@@ -248,7 +251,7 @@ class IOThread(IOCalls, ControlReader):
             held = self._subscriptions.held is not None
             reading = self._subscriptions.reading  # a sync waits: read, as the dispatcher may not
             poller.modify(sub_fd, zmq.POLLIN if reading else 0)
-            timeout = _HELD_POLL_MS if held else _IDLE_POLL_MS
+            timeout = 0 if more else _HELD_POLL_MS if held else _IDLE_POLL_MS
             if reading and self._subscriptions.readable():
                 timeout = 0
             wake_at = self.session.wake_at()

@@ -38,7 +38,7 @@ Rules (docs/guarantees.md, "Queue groups"):
   *full*: publishers of that topic (and only of that topic) are told to wait, until every group
   of it holds at most half of each again (``update_full``). The hub keeps taking what was
   already on its way, so a group may hold more than ``max_held``: at most what its publishers
-  had queued and in their pipes when they learned (docs/guarantees.md).
+  had queued and sent unconfirmed when they learned (docs/guarantees.md).
 """
 
 from __future__ import annotations
