@@ -145,7 +145,9 @@ def test_a_kill_mid_load_loses_no_job_and_flags_every_duplicate(
     tmp_path: Path, workers: Workers
 ) -> None:
     """10,000 jobs, two consumers acking, the hub killed while they work: after a restart,
-    every job was processed, and a job processed twice came again with a higher attempt."""
+    every job was processed, and a job processed twice came again with a higher attempt. (The
+    jobs are all confirmed before the kill: a copy its publisher sends again to the new hub is
+    a new message there, and not flagged; docs/guarantees.md, "Hub kill -9".)"""
     address, journal = f"ipc://{tmp_path}/hub", tmp_path / "journal"
     logs = [tmp_path / "calls-0", tmp_path / "calls-1"]
     hub = _hub(address, journal)

@@ -9,8 +9,8 @@ has a journal). When a *different* hub welcomes the client (the previous one die
 previous one did not confirm is (docs/guarantees.md, "Hub kill -9"):
 
 - for topics with queue groups, sent again, first: at least once (the dead hub may have
-  journaled it, then it comes twice, and its consumers see the higher ``attempt`` only if it
-  was delivered; a duplicate is possible either way);
+  journaled or delivered it, then it comes twice, and the copy sent again is a new message for
+  the new hub: ``attempt`` does not flag it);
 - broadcast, counted per type in ``in_doubt`` and logged at WARNING: it may have reached its
   subscribers or not, and sending it again could duplicate it.
 """
