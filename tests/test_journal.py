@@ -141,6 +141,7 @@ def test_jobs_flushed_with_no_consumer_survive_a_kill(tmp_path: Path, workers: W
         hub.stop()
 
 
+@pytest.mark.timeout(300)  # its waits add up to more than the default 120 s on a loaded machine
 def test_a_kill_mid_load_loses_no_job_and_flags_every_duplicate(
     tmp_path: Path, workers: Workers
 ) -> None:
