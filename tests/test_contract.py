@@ -371,6 +371,28 @@ def test_a_failing_queue_handler_is_retried_then_dead_lettered(
 
 
 @pytest.mark.queue_groups
+def test_a_plain_queue_handler_raising_stop_iteration_is_retried_then_dead_lettered(
+    harness: Harness, errors_logged: pytest.LogCaptureFixture
+) -> None:
+    # asyncio cannot hold a StopIteration in a Future: run as such, the delivery never ended.
+    attempts: list[int] = []
+    dead: list[DeadLetter] = []
+
+    def exhausted(message: Tick) -> None:
+        attempts.append(AsyncMessageContext.current().attempt)
+        next(iter([]))
+
+    harness.broker.subscribe_async(Tick, exhausted, "work", max_attempts=3, retry_backoff=0.01)
+    harness.broker.subscribe(DeadLetter, dead.append)
+    harness.broker.publish(Tick(4))
+    harness.settle()
+    harness.settle()
+    assert attempts == [1, 2, 3]
+    assert [(d.queue_name, d.message, d.attempts) for d in dead] == [("work", Tick(4), 3)]
+    assert "StopIteration" in dead[0].error
+
+
+@pytest.mark.queue_groups
 def test_a_retry_that_succeeds_is_not_dead_lettered(harness: Harness) -> None:
     attempts: list[int] = []
     dead: list[DeadLetter] = []
