@@ -645,3 +645,25 @@ def test_keyboard_interrupt_in_a_handler_always_propagates() -> None:
     broker.publish(OrderPlaced(1))
     with pytest.raises(KeyboardInterrupt):
         broker.process_messages()
+
+
+def test_a_broadcast_handler_returning_a_coroutine_fails_process_messages() -> None:
+    broker = TestBroker()
+    got: list[int] = []
+
+    def traced(function: Any) -> Any:
+        def wrapper(message: OrderPlaced) -> Any:
+            return function(message)
+
+        return wrapper
+
+    @traced
+    async def on_order(message: OrderPlaced) -> None:
+        got.append(message.order_id)
+
+    broker.subscribe(OrderPlaced, on_order)
+    broker.publish(OrderPlaced(1))
+    with pytest.raises(TypeError, match="subscribe_async") as raised:
+        broker.process_messages()
+    assert got == []
+    assert "wrapper" in "\n".join(raised.value.__notes__)  # the handler subscribed

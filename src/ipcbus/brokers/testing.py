@@ -11,6 +11,7 @@ from typing import Any
 
 from ..core.codec import encode_batch
 from ..core.contract import AsyncMessageContext, Broker, Subscription
+from ..core.failures import check_sync_result
 from ..core.handlers import call_handler, call_to_completion
 from ..core.requests import (
     Failure,
@@ -213,6 +214,7 @@ class TestBroker(Broker):
             return
         try:
             result = subscription.handler(message)
+            check_sync_result(subscription.handler, result)
         except BaseException as exc:
             self._fail(exc, subscription.handler, message, None, 1)
             raise

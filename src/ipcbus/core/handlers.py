@@ -18,7 +18,7 @@ from typing import Any
 
 from ..message import Message
 from .contract import AsyncMessageContext, Subscription
-from .failures import Brief, is_handler_failure, text_of
+from .failures import Brief, check_sync_result, is_handler_failure, text_of
 
 __all__ = [
     "call_handler",
@@ -39,7 +39,7 @@ def call_handler(
     ``base_exceptions=False`` logs only ``Exception`` and lets every other propagate
     (``TestBroker``'s behaviour, kept for now)."""
     try:
-        subscription.handler(message)
+        check_sync_result(subscription.handler, subscription.handler(message))
     except Exception:
         logger.exception("handler %r raised on %r", subscription.handler, Brief(message))
     except BaseException as exc:
