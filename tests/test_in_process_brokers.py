@@ -667,3 +667,51 @@ def test_a_broadcast_handler_returning_a_coroutine_fails_process_messages() -> N
         broker.process_messages()
     assert got == []
     assert "wrapper" in "\n".join(raised.value.__notes__)  # the handler subscribed
+
+
+def test_the_rest_of_a_failing_messages_deliveries_stays_pending() -> None:
+    broker = TestBroker()
+    seen: list[str] = []
+
+    def first(message: OrderPlaced) -> None:
+        seen.append(f"first {message.order_id}")
+        if message.order_id == 1:
+            raise RuntimeError("one")
+
+    broker.subscribe(OrderPlaced, first)
+    broker.subscribe(OrderPlaced, lambda m: seen.append(f"second {m.order_id}"))
+    broker.subscribe_async(OrderPlaced, lambda m: seen.append(f"queue a {m.order_id}"), "a")
+    broker.subscribe_async(OrderPlaced, lambda m: seen.append(f"queue b {m.order_id}"), "b")
+    broker.publish(OrderPlaced(1))
+    broker.publish(OrderPlaced(2))
+    with pytest.raises(RuntimeError, match="one"):
+        broker.process_messages()
+    assert seen == ["first 1"]
+    assert broker.process_messages() == 3 + 4
+    assert seen == [
+        "first 1",
+        "second 1",
+        "queue a 1",
+        "queue b 1",
+        "first 2",
+        "second 2",
+        "queue a 2",
+        "queue b 2",
+    ]
+
+
+def test_the_rest_of_a_messages_queue_groups_stays_pending_after_a_queue_failure() -> None:
+    broker = TestBroker()
+    seen: list[str] = []
+
+    def failing(message: OrderPlaced) -> None:
+        raise ValueError("a fails")
+
+    broker.subscribe_async(OrderPlaced, failing, "a")
+    broker.subscribe_async(OrderPlaced, lambda m: seen.append(f"b {m.order_id}"), "b")
+    broker.publish(OrderPlaced(1))
+    with pytest.raises(ValueError, match="a fails"):
+        broker.process_messages()
+    assert broker.pending == 1
+    assert broker.process_messages() == 1
+    assert seen == ["b 1"]
