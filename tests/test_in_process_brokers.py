@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from typing import Any
@@ -508,6 +509,123 @@ def test_a_memory_broker_closes_its_loop_thread() -> None:
     wait_until(lambda: not any(t.is_alive() for t in started), WAIT)
     with pytest.raises(BrokerClosedError):
         broker.publish(Tick(2))
+
+
+def _memory_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("ipcbus-memory")]
+
+
+def test_deliveries_on_a_publishers_loop_that_ends_are_handed_to_the_brokers_loop() -> None:
+    done: list[int] = []
+
+    async def handler(message: Tick) -> None:
+        await asyncio.sleep(0.01)
+        done.append(message.seq)
+
+    async def main() -> None:
+        for seq in range(5):
+            broker.publish(Tick(seq))
+
+    with MemoryBroker() as broker:
+        broker.subscribe_async(Tick, handler, "q")
+        asyncio.run(main())  # returns before the deliveries ran: it cancels them
+        broker.flush(WAIT)
+        assert sorted(done) == [0, 1, 2, 3, 4]
+        assert broker.undelivered == 0
+
+
+def test_deliveries_on_a_closed_publishers_loop_are_handed_to_the_brokers_loop() -> None:
+    done: list[int] = []
+
+    async def handler(message: Tick) -> None:
+        await asyncio.sleep(0)
+        done.append(message.seq)
+
+    async def main() -> None:
+        broker.publish(Tick(1))
+
+    with MemoryBroker() as broker:
+        broker.subscribe_async(Tick, handler, "q")
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(main())
+        loop.close()  # without running or cancelling the delivery
+        broker.flush(WAIT)
+        assert done == [1]
+
+
+def test_flush_waits_for_deliveries_on_a_loop_of_another_thread() -> None:
+    done: list[int] = []
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+
+    async def handler(message: Tick) -> None:
+        await asyncio.sleep(0.05)
+        done.append(message.seq)
+
+    async def publish() -> None:
+        broker.publish(Tick(7))
+
+    try:
+        with MemoryBroker() as broker:
+            broker.subscribe_async(Tick, handler, "q")
+            asyncio.run_coroutine_threadsafe(publish(), loop).result(WAIT)
+            broker.flush(WAIT)
+            assert done == [7]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(WAIT)
+        loop.close()
+
+
+def test_deliveries_lost_with_their_loop_after_close_are_counted_and_logged(
+    errors_logged: pytest.LogCaptureFixture,
+) -> None:
+    async def handler(message: Tick) -> None:
+        await asyncio.Event().wait()  # until its loop ends
+
+    async def main() -> None:
+        broker.publish(Tick(1))
+        broker.publish(Tick(2))
+        await asyncio.sleep(0)
+        broker.close()  # from this loop: it cannot wait for the deliveries on it
+
+    broker = MemoryBroker()
+    broker.subscribe_async(Tick, handler, "q")
+    asyncio.run(main())
+    assert broker.undelivered == 2
+    assert sum("Tick" in r.getMessage() for r in errors_logged.records) == 2
+
+
+@pytest.mark.parametrize("kind", ["plain", "coroutine"])
+def test_close_from_a_queue_handler_returns_without_waiting_for_it(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ipcbus")
+    outcome: list[str] = []
+    finished = threading.Event()
+    broker = MemoryBroker(linger=1.0)
+
+    def plain(message: Tick) -> None:
+        try:
+            broker.close()
+        except BaseException as exc:
+            outcome.append(repr(exc))
+        else:
+            outcome.append("closed")
+        finished.set()
+
+    async def coroutine(message: Tick) -> None:
+        plain(message)
+
+    broker.subscribe_async(Tick, plain if kind == "plain" else coroutine, "q")
+    broker.publish(Tick(1))
+    assert finished.wait(WAIT)
+    assert outcome == ["closed"]
+    assert broker.closed
+    wait_until(lambda: not _memory_threads(), WAIT)
+    # It did not wait out the linger for the very delivery that called it.
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 # == NullBroker ===============================================================================
