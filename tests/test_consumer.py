@@ -9,11 +9,14 @@ import pytest
 
 from ipcbus import (
     AsyncMessageContext,
+    BrokerClosedError,
+    BrokerNotInitializedError,
     Consumer,
     ConsumerAlreadyRegisteredError,
     MemoryBroker,
     Message,
     TestBroker,
+    get_message_broker,
     override_message_broker,
     set_message_broker,
 )
@@ -163,6 +166,34 @@ def test_binds_to_every_broker_installed_in_turn() -> None:
     first.publish(OrderPlaced(1))
     first.process_messages()
     assert seen == [("handler", 2), ("handler", 1)]
+
+
+def test_a_closed_broker_is_refused_and_not_installed() -> None:
+    seen: list[Message] = []
+    Consumer(OrderPlaced).on_message(seen.append)
+    current = TestBroker()
+    set_message_broker(current)
+    closed = TestBroker()
+    closed.close()
+    with pytest.raises(BrokerClosedError):
+        set_message_broker(closed)
+    with pytest.raises(BrokerClosedError), override_message_broker(closed):
+        pass
+    assert get_message_broker() is current
+    Consumer(Tick).on_message(seen.append)  # declarations still bind, to the installed broker
+    current.publish(OrderPlaced(1))
+    current.publish(Tick(2))
+    assert current.process_messages() == 2
+    assert seen == [OrderPlaced(1), Tick(2)]
+
+
+def test_a_closed_broker_is_refused_with_no_consumer_declared() -> None:
+    closed = MemoryBroker()
+    closed.close()
+    with pytest.raises(BrokerClosedError):
+        set_message_broker(closed)
+    with pytest.raises(BrokerNotInitializedError):
+        get_message_broker()
 
 
 def test_binds_once_per_broker() -> None:

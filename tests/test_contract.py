@@ -7,11 +7,13 @@ A behaviour that is not stated here is not guaranteed.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -245,6 +247,60 @@ def test_a_coroutine_handler_for_broadcast_is_a_type_error(harness: Harness) -> 
         harness.broker.subscribe(OrderPlaced, handler)
 
 
+def test_an_object_with_a_coroutine_call_for_broadcast_is_a_type_error(harness: Harness) -> None:
+    class Handler:
+        async def __call__(self, message: OrderPlaced) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="subscribe_async"):
+        harness.broker.subscribe(OrderPlaced, Handler())
+
+
+def _returning_coroutines(returned: list[Any]) -> Callable[[OrderPlaced], Any]:
+    """A coroutine function behind a plain decorator: subscribe() cannot tell in advance."""
+
+    async def on_order(message: OrderPlaced) -> None:
+        pass
+
+    def wrapper(message: OrderPlaced) -> Any:
+        coroutine = on_order(message)
+        returned.append(coroutine)
+        return coroutine
+
+    return wrapper
+
+
+def test_a_broadcast_handler_returning_a_coroutine_fails_that_call(
+    harness: Harness, errors_logged: pytest.LogCaptureFixture
+) -> None:
+    returned: list[Any] = []
+    after: list[int] = []
+    harness.broker.subscribe(OrderPlaced, _returning_coroutines(returned))
+    harness.broker.subscribe(OrderPlaced, lambda m: after.append(m.order_id))
+    harness.broker.publish(OrderPlaced(1))
+    harness.settle()
+    assert after == [1]
+    assert len(returned) == 1
+    # Closed, not left to warn "never awaited"; the failure logged, saying what to use.
+    assert inspect.getcoroutinestate(returned[0]) == inspect.CORO_CLOSED
+    failures = [r.exc_info[1] for r in errors_logged.records if r.exc_info is not None]
+    assert len(failures) == 1
+    assert isinstance(failures[0], TypeError)
+    assert "subscribe_async" in str(failures[0])
+
+
+def test_a_responder_returning_a_coroutine_answers_with_a_remote_error(
+    harness: Harness, errors_logged: pytest.LogCaptureFixture
+) -> None:
+    returned: list[Any] = []
+    harness.broker.subscribe(Ping, _returning_coroutines(returned))
+    with pytest.raises(RemoteError) as raised:
+        harness.broker.request(Ping("async"), timeout=20)
+    assert raised.value.remote_type == "TypeError"
+    assert "subscribe_async" in raised.value.remote_message
+    assert inspect.getcoroutinestate(returned[0]) == inspect.CORO_CLOSED
+
+
 def test_a_closed_broker_refuses_use_and_close_is_idempotent(harness: Harness) -> None:
     received: list[Message] = []
     harness.broker.subscribe(OrderPlaced, received.append)
@@ -368,6 +424,28 @@ def test_a_failing_queue_handler_is_retried_then_dead_lettered(
     harness.settle()
     assert attempts == [1, 2, 3]
     assert dead == [DeadLetter("work", Tick(9), 3, "ValueError: cannot handle 9")]
+
+
+@pytest.mark.queue_groups
+def test_a_plain_queue_handler_raising_stop_iteration_is_retried_then_dead_lettered(
+    harness: Harness, errors_logged: pytest.LogCaptureFixture
+) -> None:
+    # asyncio cannot hold a StopIteration in a Future: run as such, the delivery never ended.
+    attempts: list[int] = []
+    dead: list[DeadLetter] = []
+
+    def exhausted(message: Tick) -> None:
+        attempts.append(AsyncMessageContext.current().attempt)
+        next(iter([]))
+
+    harness.broker.subscribe_async(Tick, exhausted, "work", max_attempts=3, retry_backoff=0.01)
+    harness.broker.subscribe(DeadLetter, dead.append)
+    harness.broker.publish(Tick(4))
+    harness.settle()
+    harness.settle()
+    assert attempts == [1, 2, 3]
+    assert [(d.queue_name, d.message, d.attempts) for d in dead] == [("work", Tick(4), 3)]
+    assert "StopIteration" in dead[0].error
 
 
 @pytest.mark.queue_groups

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from typing import Any
@@ -510,6 +511,123 @@ def test_a_memory_broker_closes_its_loop_thread() -> None:
         broker.publish(Tick(2))
 
 
+def _memory_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("ipcbus-memory")]
+
+
+def test_deliveries_on_a_publishers_loop_that_ends_are_handed_to_the_brokers_loop() -> None:
+    done: list[int] = []
+
+    async def handler(message: Tick) -> None:
+        await asyncio.sleep(0.01)
+        done.append(message.seq)
+
+    async def main() -> None:
+        for seq in range(5):
+            broker.publish(Tick(seq))
+
+    with MemoryBroker() as broker:
+        broker.subscribe_async(Tick, handler, "q")
+        asyncio.run(main())  # returns before the deliveries ran: it cancels them
+        broker.flush(WAIT)
+        assert sorted(done) == [0, 1, 2, 3, 4]
+        assert broker.undelivered == 0
+
+
+def test_deliveries_on_a_closed_publishers_loop_are_handed_to_the_brokers_loop() -> None:
+    done: list[int] = []
+
+    async def handler(message: Tick) -> None:
+        await asyncio.sleep(0)
+        done.append(message.seq)
+
+    async def main() -> None:
+        broker.publish(Tick(1))
+
+    with MemoryBroker() as broker:
+        broker.subscribe_async(Tick, handler, "q")
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(main())
+        loop.close()  # without running or cancelling the delivery
+        broker.flush(WAIT)
+        assert done == [1]
+
+
+def test_flush_waits_for_deliveries_on_a_loop_of_another_thread() -> None:
+    done: list[int] = []
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+
+    async def handler(message: Tick) -> None:
+        await asyncio.sleep(0.05)
+        done.append(message.seq)
+
+    async def publish() -> None:
+        broker.publish(Tick(7))
+
+    try:
+        with MemoryBroker() as broker:
+            broker.subscribe_async(Tick, handler, "q")
+            asyncio.run_coroutine_threadsafe(publish(), loop).result(WAIT)
+            broker.flush(WAIT)
+            assert done == [7]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(WAIT)
+        loop.close()
+
+
+def test_deliveries_lost_with_their_loop_after_close_are_counted_and_logged(
+    errors_logged: pytest.LogCaptureFixture,
+) -> None:
+    async def handler(message: Tick) -> None:
+        await asyncio.Event().wait()  # until its loop ends
+
+    async def main() -> None:
+        broker.publish(Tick(1))
+        broker.publish(Tick(2))
+        await asyncio.sleep(0)
+        broker.close()  # from this loop: it cannot wait for the deliveries on it
+
+    broker = MemoryBroker()
+    broker.subscribe_async(Tick, handler, "q")
+    asyncio.run(main())
+    assert broker.undelivered == 2
+    assert sum("Tick" in r.getMessage() for r in errors_logged.records) == 2
+
+
+@pytest.mark.parametrize("kind", ["plain", "coroutine"])
+def test_close_from_a_queue_handler_returns_without_waiting_for_it(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ipcbus")
+    outcome: list[str] = []
+    finished = threading.Event()
+    broker = MemoryBroker(linger=1.0)
+
+    def plain(message: Tick) -> None:
+        try:
+            broker.close()
+        except BaseException as exc:
+            outcome.append(repr(exc))
+        else:
+            outcome.append("closed")
+        finished.set()
+
+    async def coroutine(message: Tick) -> None:
+        plain(message)
+
+    broker.subscribe_async(Tick, plain if kind == "plain" else coroutine, "q")
+    broker.publish(Tick(1))
+    assert finished.wait(WAIT)
+    assert outcome == ["closed"]
+    assert broker.closed
+    wait_until(lambda: not _memory_threads(), WAIT)
+    # It did not wait out the linger for the very delivery that called it.
+    assert [r.getMessage() for r in caplog.records] == []
+
+
 # == NullBroker ===============================================================================
 
 
@@ -645,3 +763,73 @@ def test_keyboard_interrupt_in_a_handler_always_propagates() -> None:
     broker.publish(OrderPlaced(1))
     with pytest.raises(KeyboardInterrupt):
         broker.process_messages()
+
+
+def test_a_broadcast_handler_returning_a_coroutine_fails_process_messages() -> None:
+    broker = TestBroker()
+    got: list[int] = []
+
+    def traced(function: Any) -> Any:
+        def wrapper(message: OrderPlaced) -> Any:
+            return function(message)
+
+        return wrapper
+
+    @traced
+    async def on_order(message: OrderPlaced) -> None:
+        got.append(message.order_id)
+
+    broker.subscribe(OrderPlaced, on_order)
+    broker.publish(OrderPlaced(1))
+    with pytest.raises(TypeError, match="subscribe_async") as raised:
+        broker.process_messages()
+    assert got == []
+    assert "wrapper" in "\n".join(raised.value.__notes__)  # the handler subscribed
+
+
+def test_the_rest_of_a_failing_messages_deliveries_stays_pending() -> None:
+    broker = TestBroker()
+    seen: list[str] = []
+
+    def first(message: OrderPlaced) -> None:
+        seen.append(f"first {message.order_id}")
+        if message.order_id == 1:
+            raise RuntimeError("one")
+
+    broker.subscribe(OrderPlaced, first)
+    broker.subscribe(OrderPlaced, lambda m: seen.append(f"second {m.order_id}"))
+    broker.subscribe_async(OrderPlaced, lambda m: seen.append(f"queue a {m.order_id}"), "a")
+    broker.subscribe_async(OrderPlaced, lambda m: seen.append(f"queue b {m.order_id}"), "b")
+    broker.publish(OrderPlaced(1))
+    broker.publish(OrderPlaced(2))
+    with pytest.raises(RuntimeError, match="one"):
+        broker.process_messages()
+    assert seen == ["first 1"]
+    assert broker.process_messages() == 3 + 4
+    assert seen == [
+        "first 1",
+        "second 1",
+        "queue a 1",
+        "queue b 1",
+        "first 2",
+        "second 2",
+        "queue a 2",
+        "queue b 2",
+    ]
+
+
+def test_the_rest_of_a_messages_queue_groups_stays_pending_after_a_queue_failure() -> None:
+    broker = TestBroker()
+    seen: list[str] = []
+
+    def failing(message: OrderPlaced) -> None:
+        raise ValueError("a fails")
+
+    broker.subscribe_async(OrderPlaced, failing, "a")
+    broker.subscribe_async(OrderPlaced, lambda m: seen.append(f"b {m.order_id}"), "b")
+    broker.publish(OrderPlaced(1))
+    with pytest.raises(ValueError, match="a fails"):
+        broker.process_messages()
+    assert broker.pending == 1
+    assert broker.process_messages() == 1
+    assert seen == ["b 1"]

@@ -8,13 +8,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Coroutine
-from typing import Any
+from contextvars import ContextVar
 
 from ..core.contract import AsyncMessageContext, Broker, Subscription
 from ..core.failures import is_handler_failure
 from ..core.handlers import call_handler, is_cancellation, run_queue_handler
-from ..core.loops import start_loop_thread
 from ..core.requests import (
     Failure,
     LocalReply,
@@ -25,12 +23,17 @@ from ..core.requests import (
 )
 from ..core.retry import after_failure, publish_dead_letter
 from ..core.routing import RouteTable
-from ..exceptions import BrokerClosedError, PublishTimeoutError, RequestTimeoutError
+from ..exceptions import PublishTimeoutError, RequestTimeoutError
 from ..message import Message, get_unique_name_for_message
+from .memory_deliveries import Deliveries, Job
 
 __all__ = ["MemoryBroker", "NullBroker"]
 
 logger = logging.getLogger(__name__)
+
+# The broker whose queue delivery this context runs (a coroutine handler's task, a plain
+# handler's thread): close() there must not wait for that very delivery.
+_delivering: ContextVar[MemoryBroker | None] = ContextVar("ipcbus_memory_delivering", default=None)
 
 
 class MemoryBroker(Broker):
@@ -39,8 +42,11 @@ class MemoryBroker(Broker):
     ``subscribe`` handlers are called synchronously inside ``publish()``, in subscription order.
     ``subscribe_async`` handlers run on an event loop: the running loop of the publishing thread if
     there is one, else a loop this broker owns on a thread of its own. ``flush(timeout)`` waits for
-    the deliveries on the owned loop (retries included); ``close()`` waits for them at most
-    ``linger`` seconds, then cancels what is left. A queue group without members (declared, or
+    the deliveries on both (retries included), but those on the caller's own running loop;
+    ``close()`` waits for them at most ``linger`` seconds, then cancels what is left (from one of
+    its handlers it returns at once, and lingers on a thread). A delivery whose publisher's loop
+    ends first is handed over to the owned loop, or, once the broker is closed, counted in
+    ``undelivered`` and logged. A queue group without members (declared, or
     whose members left) holds what is published, up to ``max_held`` messages (then ``publish()``
     raises ``PublishTimeoutError``), and hands it out when a member subscribes.
 
@@ -56,12 +62,7 @@ class MemoryBroker(Broker):
         self._max_held = max_held
         self._routes = RouteTable()
         self._ids = itertools.count(1)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
-        self._loop_lock = threading.Lock()
-        self._idle = threading.Condition()
-        self._in_flight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._deliveries = Deliveries(self._deliver)
 
     def _for_child(self) -> MemoryBroker:
         return type(self)(linger=self._linger, max_held=self._max_held)
@@ -109,8 +110,7 @@ class MemoryBroker(Broker):
             message_id = f"{os.getpid()}-{next(self._ids)}"
             member = self._routes.pick(topic, queue_name, message)
             if member is not None:
-                delivery = self._deliver(member, message, message_id, published_at, reply_to)
-                elsewhere |= not self._schedule(delivery)
+                elsewhere |= not self._schedule(member, message, message_id, published_at, reply_to)
             elif not self._routes.has_members(topic, queue_name):
                 # A declared group without members holds it until one comes.
                 elsewhere = True
@@ -140,7 +140,7 @@ class MemoryBroker(Broker):
             if member is None:
                 logger.debug("no member of queue %r accepted %r: dropped", queue_name, message)
                 continue
-            self._schedule(self._deliver(member, message, message_id, published_at, reply_to))
+            self._schedule(member, message, message_id, published_at, reply_to)
 
     def _cancel(self, subscription: Subscription) -> None:
         self._routes.remove(subscription)
@@ -154,85 +154,59 @@ class MemoryBroker(Broker):
         return dropped
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until the owned loop has finished every delivery (retries included)."""
-        with self._idle:
-            if not self._idle.wait_for(lambda: self._in_flight == 0, timeout):
-                raise PublishTimeoutError(
-                    f"{self._in_flight} queue deliveries still running after {timeout} s"
-                )
+        """Wait until every queue delivery has finished (retries included): on the owned loop
+        and on the publishers' loops, except the caller's own running loop."""
+        if not self._deliveries.wait_idle(timeout):
+            raise PublishTimeoutError(
+                f"{self._deliveries.in_flight} queue deliveries still running after {timeout} s"
+            )
+
+    @property
+    def undelivered(self) -> int:
+        """Queue deliveries lost because their event loop (a publisher's) ended them after this
+        broker closed, when they could no longer be handed over to its own loop."""
+        return self._deliveries.undelivered
 
     def _close(self) -> None:
-        try:
-            self.flush(self._linger)
-        except PublishTimeoutError:
-            logger.warning("closing MemoryBroker with %d deliveries still running", self._in_flight)
-        with self._loop_lock:
-            loop, thread = self._loop, self._loop_thread
-            self._loop = self._loop_thread = None
-        if loop is not None and thread is not None:
-            loop.call_soon_threadsafe(loop.stop)  # run_loop_forever cancels what is left
-            thread.join(timeout=self._linger)
+        if _delivering.get() is self:
+            # From one of our handlers: waiting here would wait for the very delivery that
+            # called (and, on the owned loop, block it). The linger runs on a thread instead.
+            threading.Thread(
+                target=self._finish_closing, name="ipcbus-memory-close", daemon=True
+            ).start()
+            return
+        self._finish_closing()
+
+    def _finish_closing(self) -> None:
+        if not self._deliveries.wait_idle(self._linger):
+            logger.warning(
+                "closing MemoryBroker with %d deliveries still running", self._deliveries.in_flight
+            )
+        self._deliveries.stop(self._linger)
         self._routes.clear()
 
     # -- queue deliveries --------------------------------------------------------------------
 
-    def _schedule(self, coro: Coroutine[Any, Any, None]) -> bool:
-        """Run a delivery; True when it runs on the caller's own running loop."""
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not None and running is self._loop:
-            # Published by a handler running on the owned loop: counted like any owned delivery.
-            with self._idle:
-                self._in_flight += 1
-            task = running.create_task(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            task.add_done_callback(lambda _: self._delivery_done())
-            return True
-        if running is not None:
-            task = running.create_task(coro)
-            # The loop keeps only weak references to tasks: hold them until they finish.
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return True
-        loop = self._owned_loop()
-        with self._idle:
-            self._in_flight += 1
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
-        future.add_done_callback(lambda _: self._delivery_done())
-        return False
-
-    def _delivery_done(self) -> None:
-        with self._idle:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.notify_all()
-
-    def _owned_loop(self) -> asyncio.AbstractEventLoop:
-        with self._loop_lock:
-            if self._closed:
-                raise BrokerClosedError("MemoryBroker is closed")
-            if self._loop is None:
-                self._loop, self._loop_thread = start_loop_thread("ipcbus-memory-loop")
-            return self._loop
-
-    async def _deliver(
+    def _schedule(
         self,
         member: Subscription,
         message: Message,
         message_id: str,
         published_at: float,
-        reply_to: ReplyTo | None = None,
-    ) -> None:
-        queue_name = member.queue_name
+        reply_to: ReplyTo | None,
+    ) -> bool:
+        """Start a delivery; True when it runs on the caller's own running loop."""
+        return self._deliveries.schedule(Job(member, message, message_id, published_at, reply_to))
+
+    async def _deliver(self, job: Job) -> None:
+        _delivering.set(self)  # this task's context, copied to a plain handler's thread
+        queue_name = job.member.queue_name
         assert queue_name is not None
-        policy = member.policy
-        attempt = 1
-        current: Subscription | None = member
+        message, reply_to = job.message, job.reply_to
+        current: Subscription | None = job.member
         while current is not None:
-            context = AsyncMessageContext(queue_name, message_id, attempt, published_at)
+            job.member = current
+            context = AsyncMessageContext(queue_name, job.message_id, job.attempt, job.published_at)
             token = AsyncMessageContext._current.set(context)
             try:
                 result = await run_queue_handler(current, message)
@@ -240,7 +214,9 @@ class MemoryBroker(Broker):
                 # A BaseException is a failure like any other: let through, SystemExit or
                 # KeyboardInterrupt would stop the loop (asyncio re-raises them from run_forever)
                 # and every delivery with it. Only our own cancellation (close) ends the task.
-                if is_cancellation(exc) or not is_handler_failure(exc):
+                # A run handed over to another loop ends here (closed when its task is
+                # collected, in another context: the token cannot be reset).
+                if job.abandoned or is_cancellation(exc) or not is_handler_failure(exc):
                     raise
                 error = exc
             else:
@@ -248,14 +224,17 @@ class MemoryBroker(Broker):
                     answer(reply_to, result)
                 return
             finally:
-                AsyncMessageContext._current.reset(token)
-            verdict = after_failure(policy, queue_name, current.handler, message, attempt, error)
+                if not job.abandoned:
+                    AsyncMessageContext._current.reset(token)
+            verdict = after_failure(
+                current.policy, queue_name, current.handler, message, job.attempt, error
+            )
             if not verdict.retry:
-                publish_dead_letter(self.publish, queue_name, message, attempt, error)
+                publish_dead_letter(self.publish, queue_name, message, job.attempt, error)
                 if reply_to is not None:
                     reply_to.fail(Failure.of(error))
                 return
-            attempt += 1
+            job.attempt += 1
             await asyncio.sleep(verdict.delay)
             current = self._routes.pick(current.topic, queue_name, message)
         logger.warning("queue %r has no member left for %r: dropped", queue_name, message)

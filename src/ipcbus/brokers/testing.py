@@ -11,6 +11,7 @@ from typing import Any
 
 from ..core.codec import encode_batch
 from ..core.contract import AsyncMessageContext, Broker, Subscription
+from ..core.failures import check_sync_result
 from ..core.handlers import call_handler, call_to_completion
 from ..core.requests import (
     Failure,
@@ -41,6 +42,18 @@ class _Retry:
     published_at: float
     attempt: int
     reply_to: ReplyTo | None = None
+
+
+@dataclass(frozen=True)
+class _Rest:
+    """What is left of a message's deliveries when a handler failed with ``fail_fast``: the
+    broadcast subscriptions not called yet, then the queue groups, delivered by the next
+    ``process_messages()``."""
+
+    message: Message
+    reply_to: ReplyTo | None
+    broadcast: tuple[Subscription, ...]
+    queue_names: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,7 @@ class TestBroker(Broker):
         self.published: list[Message] = []
         self.failures: list[HandlerFailure] = []
         self.fail_fast = fail_fast
-        self._pending: deque[Message | _Retry | _Requested] = deque()
+        self._pending: deque[Message | _Retry | _Requested | _Rest] = deque()
         self._routes = RouteTable()
         self._ids = itertools.count(1)
         self._max_deliveries = max_deliveries
@@ -163,7 +176,8 @@ class TestBroker(Broker):
 
     @property
     def pending(self) -> int:
-        """How many publishes and retries wait for ``process_messages()``."""
+        """How many publishes and retries wait for ``process_messages()`` (what a failure left
+        of a message's deliveries counts as one)."""
         return len(self._pending)
 
     def process_messages(self) -> int:
@@ -171,8 +185,9 @@ class TestBroker(Broker):
 
         Returns the number of handler calls made, retries included (a predicate that rejects is
         no call). With ``fail_fast`` a handler's exception propagates (what was not delivered yet
-        stays pending). Raises ``RuntimeError`` past ``max_deliveries`` calls, which only a
-        handler that publishes forever reaches.
+        stays pending, the failing message's later handlers and queue groups first). Raises
+        ``RuntimeError`` past ``max_deliveries`` calls, which only a handler that publishes
+        forever reaches.
         """
         self._check_open()
         calls = 0
@@ -186,22 +201,53 @@ class TestBroker(Broker):
             if isinstance(item, _Retry):
                 calls += self._attempt(item)
                 continue
-            reply_to: ReplyTo | None = None
-            if isinstance(item, _Requested):
-                reply_to = item.reply_to
-                item = item.message
-            topic = get_unique_name_for_message(item)
-            for subscription in self._routes.broadcast(topic):
-                if subscription.accepts(item):
-                    calls += 1
-                    self._call(subscription, item, reply_to)
-            published_at = time.time()
-            for queue_name in self._routes.queue_names(topic):
-                message_id = f"test-{next(self._ids)}"
-                calls += self._attempt(
-                    _Retry(topic, queue_name, item, message_id, published_at, 1, reply_to)
-                )
+            if not isinstance(item, _Rest):
+                item = self._deliveries(item)
+            calls += self._deliver(item)
         return calls
+
+    def _deliveries(self, item: Message | _Requested) -> _Rest:
+        """Every delivery of a message: its broadcast subscriptions, then its queue groups."""
+        reply_to: ReplyTo | None = None
+        if isinstance(item, _Requested):
+            reply_to = item.reply_to
+            item = item.message
+        topic = get_unique_name_for_message(item)
+        broadcast = tuple(self._routes.broadcast(topic))
+        return _Rest(item, reply_to, broadcast, tuple(self._routes.queue_names(topic)))
+
+    def _deliver(self, rest: _Rest) -> int:
+        """Make ``rest``'s deliveries in order; when one raises (``fail_fast``), what is left of
+        them goes back to the front of the pending messages before the exception propagates."""
+        message, reply_to = rest.message, rest.reply_to
+        calls = 0
+        for index, subscription in enumerate(rest.broadcast):
+            if subscription.active and subscription.accepts(message):
+                calls += 1
+                try:
+                    self._call(subscription, message, reply_to)
+                except BaseException:
+                    self._keep(
+                        _Rest(message, reply_to, rest.broadcast[index + 1 :], rest.queue_names)
+                    )
+                    raise
+        topic = get_unique_name_for_message(message)
+        published_at = time.time()
+        for index, queue_name in enumerate(rest.queue_names):
+            message_id = f"test-{next(self._ids)}"
+            try:
+                calls += self._attempt(
+                    _Retry(topic, queue_name, message, message_id, published_at, 1, reply_to)
+                )
+            except BaseException:
+                self._keep(_Rest(message, reply_to, (), rest.queue_names[index + 1 :]))
+                raise
+        return calls
+
+    def _keep(self, rest: _Rest) -> None:
+        """``rest`` back to the front of what is pending, unless nothing is left of it."""
+        if rest.broadcast or rest.queue_names:
+            self._pending.appendleft(rest)
 
     def _call(self, subscription: Subscription, message: Message, reply_to: ReplyTo | None) -> None:
         if not self.fail_fast:
@@ -213,6 +259,7 @@ class TestBroker(Broker):
             return
         try:
             result = subscription.handler(message)
+            check_sync_result(subscription.handler, result)
         except BaseException as exc:
             self._fail(exc, subscription.handler, message, None, 1)
             raise

@@ -163,11 +163,17 @@ class Broker(ABC):
         """Call ``handler(message)`` for every message of exactly ``message_type`` (broadcast).
 
         Once ``subscribe()`` has returned, every message published afterwards by any process
-        reaches it. ``handler`` is a plain callable; coroutine functions belong to
-        ``subscribe_async``.
+        reaches it. ``handler`` is a plain callable; coroutine functions (and objects whose
+        ``__call__`` is one) belong to ``subscribe_async``: ``TypeError``. A handler that returns
+        an awaitable all the same (a coroutine function behind a plain decorator) fails that
+        call: the awaitable is closed, unrun, and a ``TypeError`` logged (a request answered
+        with it).
         """
         self._check_subscription(message_type, handler, predicate)
-        if inspect.iscoroutinefunction(handler):
+        # A callable's type has a __call__ (checked above): an object's may be a coroutine one.
+        if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            type(handler).__call__
+        ):
             raise TypeError(
                 f"subscribe() handlers are called synchronously; {handler!r} is a coroutine "
                 "function: use subscribe_async() for it"

@@ -14,11 +14,15 @@ end the program as they would without the broker; the caller sees them, nothing 
 
 from __future__ import annotations
 
+import inspect
+import logging
 import reprlib
 import threading
 from typing import Any
 
-__all__ = ["Brief", "describe", "is_handler_failure", "text_of"]
+__all__ = ["Brief", "check_sync_result", "describe", "is_handler_failure", "text_of"]
+
+logger = logging.getLogger(__name__)
 
 
 def is_handler_failure(exc: BaseException) -> bool:
@@ -27,6 +31,26 @@ def is_handler_failure(exc: BaseException) -> bool:
     if isinstance(exc, KeyboardInterrupt | SystemExit):
         return threading.current_thread() is not threading.main_thread()
     return True
+
+
+def check_sync_result(handler: Any, result: Any) -> None:
+    """A ``subscribe()`` handler is called synchronously: one that returned an awaitable (a
+    coroutine function behind a plain decorator, say) did nothing, and its coroutine would only
+    warn "never awaited" when collected. Close it and raise ``TypeError``: a failure of that
+    call, which the caller logs (and answers with, for a request)."""
+    if result is None or not inspect.isawaitable(result):
+        return
+    close = getattr(result, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:
+            logger.debug("closing the awaitable %r that %r returned raised", result, handler)
+    raise TypeError(
+        f"subscribe() handler {handler!r} returned an awaitable ({type(result).__name__}), which "
+        "a broadcast handler cannot run: use subscribe_async() for a coroutine handler, or a "
+        "plain function"
+    )
 
 
 def text_of(exc: BaseException) -> str:

@@ -13,14 +13,20 @@ import contextvars
 import inspect
 import logging
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..message import Message
 from .contract import AsyncMessageContext, Subscription
-from .failures import Brief, is_handler_failure
+from .failures import Brief, check_sync_result, is_handler_failure, text_of
 
-__all__ = ["call_handler", "call_to_completion", "is_cancellation", "run_queue_handler"]
+__all__ = [
+    "call_handler",
+    "call_in_thread",
+    "call_to_completion",
+    "is_cancellation",
+    "run_queue_handler",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +39,7 @@ def call_handler(
     ``base_exceptions=False`` logs only ``Exception`` and lets every other propagate
     (``TestBroker``'s behaviour, kept for now)."""
     try:
-        subscription.handler(message)
+        check_sync_result(subscription.handler, subscription.handler(message))
     except Exception:
         logger.exception("handler %r raised on %r", subscription.handler, Brief(message))
     except BaseException as exc:
@@ -64,10 +70,24 @@ async def run_queue_handler(subscription: Subscription, message: Message) -> Any
     handler = subscription.handler
     if inspect.iscoroutinefunction(handler):
         return await handler(message)
-    result = await asyncio.to_thread(handler, message)
+    result = await asyncio.to_thread(call_in_thread, handler, message)
     if inspect.isawaitable(result):
         return await result
     return result
+
+
+def call_in_thread(handler: Callable[[Message], Any], message: Message) -> Any:
+    """Call a plain queue handler on a worker thread whose outcome goes into an asyncio Future
+    (``asyncio.to_thread``, an executor): return what it returned, raise what it raised, except
+    ``StopIteration`` (``next()`` on an empty iterator), which a Future cannot hold: set on one,
+    it raises ``TypeError`` in a loop callback and the Future never completes, so the delivery
+    would never end (no retry, no dead letter, ``flush()`` and ``close()`` waiting for it). It
+    becomes a ``RuntimeError`` caused by it, as Python does for a coroutine (PEP 479): a failure
+    of that call like any other."""
+    try:
+        return handler(message)
+    except StopIteration as exc:
+        raise RuntimeError(f"handler raised StopIteration: {text_of(exc)}") from exc
 
 
 def call_to_completion(

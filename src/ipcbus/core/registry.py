@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
-from ..exceptions import BrokerNotInitializedError
+from ..exceptions import BrokerClosedError, BrokerNotInitializedError
 from .contract import Broker, Subscription
 
 __all__ = [
@@ -64,15 +64,18 @@ os.register_at_fork(after_in_child=_reinit_after_fork)
 def set_message_broker(broker: Broker | None) -> None:
     """Install ``broker`` as this process's broker (``None`` uninstalls).
 
-    Every ``Consumer`` declared so far binds to it (once per broker).
+    Every ``Consumer`` declared so far binds to it (once per broker), before it is installed: a
+    closed broker (``BrokerClosedError``), or one a declaration fails to bind to, is refused and
+    the broker installed before stays.
     """
     global _current
     if broker is not None and not isinstance(broker, Broker):
         raise TypeError(f"set_message_broker() takes a Broker, not {type(broker).__name__}")
     with _lock:
-        _current = None if broker is None else (broker, os.getpid())
         if broker is not None:
+            _check_installable(broker)
             _bind_all(broker)
+        _current = None if broker is None else (broker, os.getpid())
 
 
 def get_message_broker() -> Broker:
@@ -106,9 +109,10 @@ def override_message_broker(broker: B) -> Iterator[B]:
     if not isinstance(broker, Broker):
         raise TypeError(f"override_message_broker() takes a Broker, not {type(broker).__name__}")
     with _lock:
+        _check_installable(broker)
+        _bind_all(broker)
         previous = _current
         _current = (broker, os.getpid())
-        _bind_all(broker)
     try:
         yield broker
     finally:
@@ -125,6 +129,12 @@ def register_consumer(consumer: Declaration) -> None:
         if _current is not None:
             broker = get_message_broker()
             _bind(broker, consumer)
+
+
+def _check_installable(broker: Broker) -> None:
+    if broker.closed:
+        # Installed, it would refuse every Consumer declaration from then on.
+        raise BrokerClosedError(f"cannot install a closed {type(broker).__name__}")
 
 
 def _child_broker(parent_broker: Broker) -> Broker:

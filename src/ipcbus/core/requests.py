@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..exceptions import RemoteError, RequestTimeoutError
 from ..message import Message, get_unique_name_for_message
-from .failures import is_handler_failure, text_of
+from .failures import check_sync_result, is_handler_failure, text_of
 
 if TYPE_CHECKING:
     from .subscription import Subscription
@@ -205,6 +205,7 @@ def call_responder(subscription: Subscription, message: Message, reply_to: Reply
     logged (as :func:`~ipcbus.core.handlers.call_handler` does) and answers as a failure."""
     try:
         result = subscription.handler(message)
+        check_sync_result(subscription.handler, result)
     except BaseException as exc:
         if not is_handler_failure(exc):
             raise

@@ -25,7 +25,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from ..client.threads import OnDeath, start_thread
-from ..core.failures import is_handler_failure
+from ..core.failures import check_sync_result, is_handler_failure
 from ..core.routing import RouteTable
 from ..message import Message
 from .envelope import Envelope, Signer, open_envelope
@@ -43,7 +43,9 @@ def call_returning(subscription: Any, message: Message) -> tuple[Any, BaseExcept
     """Call a broadcast handler: ``(result, None)``, or ``(None, exc)`` with ``exc`` logged
     (the rule of :func:`ipcbus.core.handlers.call_handler`, keeping what it returned)."""
     try:
-        return subscription.handler(message), None
+        result = subscription.handler(message)
+        check_sync_result(subscription.handler, result)
+        return result, None
     except Exception as exc:
         logger.exception("handler %r raised on %r", subscription.handler, message)
         return None, exc

@@ -39,6 +39,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from ..core.contract import AsyncMessageContext, Subscription
+from ..core.handlers import call_in_thread
 from ..core.retry import after_failure, publish_dead_letter
 from ..core.routing import RouteTable
 from ..exceptions import ConsumerDiedError as ConsumerDiedError
@@ -77,7 +78,7 @@ def running_queue_handler() -> bool:
 def _call_marked(handler: Callable[[Message], Any], message: Message) -> Any:
     _local.active = True
     try:
-        return handler(message)
+        return call_in_thread(handler, message)  # a StopIteration it raises made a RuntimeError
     finally:
         _local.active = False
 
