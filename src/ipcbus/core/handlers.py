@@ -39,7 +39,9 @@ def call_handler(
     ``base_exceptions=False`` logs only ``Exception`` and lets every other propagate
     (``TestBroker``'s behaviour, kept for now)."""
     try:
-        check_sync_result(subscription.handler, subscription.handler(message))
+        result = subscription.handler(message)
+        if result is not None:  # the usual handler returns nothing: no call on the hot path
+            check_sync_result(subscription.handler, result)
     except Exception:
         logger.exception("handler %r raised on %r", subscription.handler, Brief(message))
     except BaseException as exc:
