@@ -39,6 +39,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from ..core.contract import AsyncMessageContext, Subscription
+from ..core.handlers import is_cancellation
 from ..core.retry import after_failure, publish_dead_letter
 from ..core.routing import RouteTable
 from ..exceptions import ConsumerDiedError as ConsumerDiedError
@@ -74,10 +75,16 @@ def running_queue_handler() -> bool:
     return getattr(_local, "active", False)
 
 
-def _call_marked(handler: Callable[[Message], Any], message: Message) -> Any:
+def _call_marked(
+    handler: Callable[[Message], Any], message: Message
+) -> tuple[Any, BaseException | None]:
+    """Call a plain handler in a worker thread: what it returned, or what it raised (any
+    ``BaseException``: a failure of the call, never an exception of the pool or the loop)."""
     _local.active = True
     try:
-        return handler(message)
+        return handler(message), None
+    except BaseException as exc:
+        return None, exc
     finally:
         _local.active = False
 
@@ -329,12 +336,7 @@ class GroupConsumer:
             self._send(msg.reply, _NAK)
             self._done()
             raise
-        result: Any = None
-        failure: BaseException | None = None
-        try:
-            result = task.result()
-        except BaseException as exc:
-            failure = exc
+        result, failure = task.result()
         if failure is None:
             self._send(msg.reply, _ACK)
             if envelope.reply:
@@ -370,12 +372,23 @@ class GroupConsumer:
             self._wake()
 
 
-async def _run_returning(subscription: Subscription, message: Message) -> Any:
-    """:func:`ipcbus.core.handlers.run_queue_handler`, keeping what the handler returned."""
+async def _run_returning(
+    subscription: Subscription, message: Message
+) -> tuple[Any, BaseException | None]:
+    """:func:`ipcbus.core.handlers.run_queue_handler`: what the handler returned, or what it
+    raised. Whatever it raises, ``BaseException`` included, is a failure of that call
+    (:mod:`ipcbus.core.failures`): let out of this task, ``SystemExit`` or ``KeyboardInterrupt``
+    would end the handler loop's ``run_forever`` and, with it, every queue delivery of the
+    broker. Only the task's own cancellation (the broker closing) goes through."""
     handler = subscription.handler
-    if inspect.iscoroutinefunction(handler):
-        return await handler(message)
-    result = await asyncio.to_thread(_call_marked, handler, message)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
+    try:
+        if inspect.iscoroutinefunction(handler):
+            return await handler(message), None
+        result, failure = await asyncio.to_thread(_call_marked, handler, message)
+        if failure is None and inspect.isawaitable(result):
+            result = await result
+        return result, failure
+    except BaseException as exc:
+        if is_cancellation(exc):
+            raise
+        return None, exc
