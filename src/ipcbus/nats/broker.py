@@ -25,11 +25,13 @@ from ..exceptions import (
     PubSubError,
 )
 from ..message import Message, get_unique_name_for_message
+from .calls import running_queue_handler
 from .connection import NatsConnection
 from .dispatch import Dispatcher, Inbox
 from .envelope import Signer, encode_message, seal
-from .groups import FETCH_WAIT, GroupConsumer, running_queue_handler
+from .groups import FETCH_WAIT, GroupConsumer
 from .queue_side import NatsQueueGroups, stop_all
+from .rejections import Seen
 from .request_side import NatsRequesting
 from .requests import PendingRequests
 from .signing import check_secret, default_key_file, load_or_create_secret
@@ -127,6 +129,7 @@ class NatsBroker(NatsRequesting, NatsQueueGroups):
         self._live: dict[str, NatsSubscription] = {}
         self._groups: dict[tuple[str, str], GroupConsumer] = {}
         self._presence: dict[tuple[str, str], NatsSubscription] = {}
+        self._rejections: dict[tuple[str, str], Seen] = {}
         self._handler_loop: asyncio.AbstractEventLoop | None = None
         self._handler_thread: threading.Thread | None = None
         self._ids = count(1)
@@ -154,7 +157,7 @@ class NatsBroker(NatsRequesting, NatsQueueGroups):
             self._dispatcher.stop(linger)
             raise
         js = self._conn.client.jetstream(timeout=operation_timeout)
-        self._streams = Streams(self._conn.client, js, self.namespace)
+        self._streams = Streams(self._conn.client, js, self.namespace, self._id_prefix)
         self._max_payload = self._conn.client.max_payload
         self._conn.call(self._streams.listen(), operation_timeout, "subscribe")
         mp_util.Finalize(self, close_at_exit, args=(weakref.ref(self),), exitpriority=10)

@@ -7,16 +7,20 @@ Which stream holds what, and why:
   its last group is deleted. Types that only broadcast have no stream: their messages are never
   stored, and cost what core NATS costs;
 - each group is a durable consumer of that stream (``g_<group>``: explicit acks, ``ack_wait``,
-  ``max_deliver`` = the members' ``max_attempts`` + 1, starting with the messages published
-  after its creation); the one delivery in reserve is for a message whose last attempt died
-  with its process: it comes back once more and is dead-lettered unhandled, never gone unseen;
-  interest retention keeps a message until every group acknowledged it, and a group holds
-  what is published while it has no member;
+  no ``max_deliver``, starting with the messages published after its creation): JetStream
+  counts a rejected delivery as one that failed, so the members count attempts themselves
+  (``num_delivered`` minus the rejections heard of: :mod:`ipcbus.nats.rejections`); a message
+  whose last attempt died with its process comes back once more and is dead-lettered
+  unhandled, never gone unseen; interest retention keeps a message until every group
+  acknowledged it, and a group holds what is published while it has no member;
 - in each process, the members of one group share one pull loop on the connection's loop
   thread (one pull request at a time, its deliveries taken as the client reads them) and take
-  its deliveries round-robin, by predicate, as in-process
-  brokers do; a message no member here accepts is given back (``nak``) for another process, and
-  dropped, logged, at its last delivery.
+  its deliveries round-robin, by predicate, as in-process brokers do; a message no member here
+  accepts is given back (``nak`` with a delay, no attempt) for another process, and dropped,
+  logged, once every process with members rejected it. While its pulls bring only rejected
+  messages, a process pulls one at a time after a pause, so that the others are served. A
+  member cancelled with deliveries it has not begun hands them to another member here, or
+  back to the group (no attempt).
 
 A delivery runs its handler on the handler loop (``ipcbus-nats-queue-loop``: coroutines there,
 plain functions in its thread pool), with ``in_progress`` sent every third of ``ack_wait`` while
@@ -28,7 +32,6 @@ process killed mid-handler acks nothing: JetStream delivers the message again af
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 from collections.abc import Callable
@@ -39,17 +42,18 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from ..core.contract import AsyncMessageContext, Subscription
-from ..core.handlers import call_in_thread
 from ..core.retry import after_failure, publish_dead_letter
 from ..core.routing import RouteTable
 from ..exceptions import ConsumerDiedError as ConsumerDiedError
 from ..message import Message
+from .calls import NOT_RUN, run_returning
 from .connection import Handover
 from .envelope import Envelope, Signer, open_envelope
+from .rejections import Rejections, Seen
 from .statistics import Counters
 from .subjects import consumer_name, stream_name
 
-__all__ = ["GroupConsumer", "running_queue_handler"]
+__all__ = ["GroupConsumer"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,10 @@ logger = logging.getLogger(__name__)
 # that no message is handed to a subscription that is gone (it would wait ack_wait).
 FETCH_WAIT = 0.5
 MAX_FETCH = 256
+# While its pulls bring only what its members reject, a process waits this long (doubling up
+# to STEP_BACK_MAX) before its next pull request (of one message).
+STEP_BACK = 0.02
+STEP_BACK_MAX = 0.5
 
 Answer = Callable[[Envelope, Any, BaseException | None], None]
 
@@ -64,23 +72,7 @@ Answer = Callable[[Envelope, Any, BaseException | None], None]
 _ACK = b"+ACK"
 _NAK = b"-NAK"
 _IN_PROGRESS = b"+WPI"
-_TERM = b"+TERM"
-
-_local = threading.local()
-
-
-def running_queue_handler() -> bool:
-    """True in a thread that runs a plain-function queue handler now (``close()`` there must
-    not wait for that very handler)."""
-    return getattr(_local, "active", False)
-
-
-def _call_marked(handler: Callable[[Message], Any], message: Message) -> Any:
-    _local.active = True
-    try:
-        return call_in_thread(handler, message)  # a StopIteration it raises made a RuntimeError
-    finally:
-        _local.active = False
+_TERM = b"+TERM"  # and rejections.py
 
 
 class GroupConsumer:
@@ -109,6 +101,8 @@ class GroupConsumer:
         send: Callable[[str, bytes], None],
         answer: Answer,
         ack_wait: float,
+        token: str,
+        seen: Seen,
     ) -> None:
         self.topic = topic
         self.queue_name = queue_name
@@ -137,9 +131,14 @@ class GroupConsumer:
         self._sub: NatsSubscription | None = None
         self._outstanding = 0
         self._refused = False
+        self._rejected_now = 0  # rejections of the pull request under way
+        self._taken_now = 0  # and deliveries taken by a member here
+        self._step_back = 0.0  # the pause before the next request, while this process rejects
         self._request_done = asyncio.Event()
         self._burst: list[tuple[Any, ...]] = []
         self._tasks: set[asyncio.Future[None]] = set()
+        where = f"{self.stream}.{self.durable}"
+        self._rejections = Rejections(client, namespace, where, token, send, seen)
 
     @property
     def in_hand(self) -> int:
@@ -159,6 +158,7 @@ class GroupConsumer:
         self._client_loop = asyncio.get_running_loop()
         client = self._client
         self._deliver = client.new_inbox()
+        await self._rejections.start()  # before the first delivery: its notes come first
         # Deliveries are taken as the client reads them (no queue and task per message, as
         # nats-py's fetch() has); pending_bytes_limit 0: nats-py never sees them taken.
         self._sub = await client.subscribe(self._deliver, pending_bytes_limit=0)
@@ -178,6 +178,10 @@ class GroupConsumer:
                 await self._sub.unsubscribe()
             except Exception as exc:
                 logger.debug("unsubscribing the deliveries of %s: %s", self.durable, exc)
+        try:
+            await self._rejections.stop()
+        except Exception as exc:
+            logger.debug("unsubscribing the rejections of %s: %s", self.durable, exc)
 
     async def _pull(self) -> None:
         """One pull request at a time: up to the room left (at most ``MAX_FETCH``), waiting at
@@ -193,6 +197,12 @@ class GroupConsumer:
             if free <= 0:
                 await self._room.wait()
                 continue
+            if self._step_back:
+                # What this process last pulled it rejected: a short pause and a batch of one,
+                # so that the pull requests of members elsewhere are served first.
+                await asyncio.sleep(self._step_back)
+                free = 1
+            self._rejected_now = self._taken_now = 0
             self._outstanding = min(free, MAX_FETCH)
             self._request_done = asyncio.Event()
             try:
@@ -202,6 +212,10 @@ class GroupConsumer:
                     reply=self._deliver,
                 )
                 await asyncio.wait_for(self._request_done.wait(), FETCH_WAIT + 5.0)
+                if self._rejected_now and not self._taken_now:
+                    self._step_back = min(STEP_BACK_MAX, max(STEP_BACK, self._step_back * 2))
+                else:
+                    self._step_back = 0.0
                 if self._refused:
                     self._refused = False
                     await asyncio.sleep(FETCH_WAIT)
@@ -231,11 +245,12 @@ class GroupConsumer:
         if self._outstanding <= 0:
             self._request_done.set()
         if self._stopping:
-            self._send(msg.reply, _NAK)
+            self._give_back(msg)
             return
         work = self._take(msg)
         if work is None:
             return
+        self._taken_now += 1
         if not self._burst:
             # Handed over once the client has read what arrived with it: one hop a burst.
             asyncio.get_running_loop().call_soon(self._hand_over)
@@ -280,22 +295,27 @@ class GroupConsumer:
                 )
             self._send(msg.reply, _TERM)
             return None
-        attempt = msg.metadata.num_delivered
+        seq = msg.metadata.sequence.stream
+        # Rejections are no attempts (rejections.py).
+        attempt = max(1, msg.metadata.num_delivered - self._rejections.count(seq))
         if attempt > self.max_attempts:
             return (None, message, envelope, msg, attempt)
         member = self._routes.pick(self.topic, self.queue_name, message)
         if member is None:
-            if attempt >= self.max_attempts:
-                logger.warning(
-                    "queue group %r: no member accepted %r by its last delivery: dropped",
-                    self.queue_name,
-                    message,
-                )
-                self._send(msg.reply, _TERM)
-            else:
-                self._send(msg.reply, _NAK)  # for a member in another process
+            self._rejected(msg, message, seq)
             return None
         return (member, message, envelope, msg, attempt)
+
+    def _rejected(self, msg: Msg, message: Message, seq: int) -> None:  # the client's loop
+        """No member here accepts ``message``: given back for a member elsewhere, or dropped
+        once every process with members rejected it (rejections.py)."""
+        self._rejected_now += 1
+        self._rejections.rejected(msg.reply, message, seq, self.queue_name)
+
+    def _give_back(self, msg: Msg) -> None:  # the client's loop
+        """A delivery that no member here takes (cancelled before it began, or the group is
+        stopping here): back to the group at once, a rejection, not an attempt."""
+        self._rejections.give_back(msg.reply, msg.metadata.sequence.stream)
 
     async def _run(self, burst: list[tuple[Any, ...]]) -> None:  # the handler loop
         for member, message, envelope, msg, attempt in burst:
@@ -320,22 +340,29 @@ class GroupConsumer:
             self.queue_name, f"{envelope.message_id}/{self.durable}", attempt, envelope.published_at
         )
         AsyncMessageContext._current.set(context)
-        task = asyncio.ensure_future(_run_returning(member, message))
-        try:
-            while not (await asyncio.wait({task}, timeout=self._ack_wait / 3))[0]:
-                self._send(msg.reply, _IN_PROGRESS)
-        except asyncio.CancelledError:
-            # The broker closes: the delivery goes back to the group at once.
-            task.cancel()
-            self._send(msg.reply, _NAK)
-            self._done()
-            raise
-        result: Any = None
-        failure: BaseException | None = None
-        try:
-            result = task.result()
-        except BaseException as exc:
-            failure = exc
+        while True:
+            if not member.active:  # cancelled since the delivery was taken: another member
+                picked = self._routes.pick(self.topic, self.queue_name, message)
+                if picked is None:
+                    loop = self._client_loop
+                    if loop is not None and not loop.is_closed():
+                        loop.call_soon_threadsafe(self._give_back, msg)
+                    self._done()
+                    return
+                member = picked
+            task = asyncio.ensure_future(run_returning(member, message))
+            try:
+                while not (await asyncio.wait({task}, timeout=self._ack_wait / 3))[0]:
+                    self._send(msg.reply, _IN_PROGRESS)
+            except asyncio.CancelledError:
+                # The broker closes: the delivery goes back to the group at once.
+                task.cancel()
+                self._send(msg.reply, _NAK)
+                self._done()
+                raise
+            result, failure = task.result()
+            if result is not NOT_RUN:
+                break
         if failure is None:
             self._send(msg.reply, _ACK)
             if envelope.reply:
@@ -345,8 +372,7 @@ class GroupConsumer:
                 member.policy, self.queue_name, member.handler, message, attempt, failure
             )
             if verdict.retry:
-                nak = _NAK if not verdict.delay else b'-NAK {"delay": %d}' % (verdict.delay * 1e9)
-                self._send(msg.reply, nak)
+                self._send(msg.reply, _nak(verdict.delay))
             else:
                 publish_dead_letter(self._publish, self.queue_name, message, attempt, failure)
                 self._send(msg.reply, _ACK)
@@ -371,12 +397,6 @@ class GroupConsumer:
             self._wake()
 
 
-async def _run_returning(subscription: Subscription, message: Message) -> Any:
-    """:func:`ipcbus.core.handlers.run_queue_handler`, keeping what the handler returned."""
-    handler = subscription.handler
-    if inspect.iscoroutinefunction(handler):
-        return await handler(message)
-    result = await asyncio.to_thread(_call_marked, handler, message)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
+def _nak(delay: float) -> bytes:
+    """A ``nak``: delivered again after ``delay`` seconds."""
+    return _NAK if not delay else b'-NAK {"delay": %d}' % (delay * 1e9)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from ..core.contract import Broker, Subscription
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from ..core.routing import RouteTable
     from .connection import NatsConnection
     from .envelope import Signer
+    from .rejections import Seen
     from .statistics import Counters
     from .streams import Streams
 
@@ -43,6 +45,8 @@ class NatsQueueGroups(Broker):
     _counters: Counters
     _timeout: float
     _ack_wait: float
+    _id_prefix: str  # this broker's token among the members of a group
+    _rejections: dict[tuple[str, str], Seen]  # kept while members come and go
 
     def _check_usable(self) -> None:
         raise NotImplementedError
@@ -92,6 +96,8 @@ class NatsQueueGroups(Broker):
             send=self._conn.send,
             answer=self._answer,
             ack_wait=self._ack_wait,
+            token=self._id_prefix,
+            seen=self._rejections.setdefault((topic, queue_name), OrderedDict()),
         )
         await group.start()
         self._presence[(topic, queue_name)] = await self._streams.join(topic, queue_name)

@@ -28,8 +28,9 @@ __all__ = ["Streams"]
 class Streams:
     """One broker's view of JetStream; its coroutines run on the connection's loop."""
 
-    def __init__(self, client: Client, js: JetStreamContext, namespace: str) -> None:
+    def __init__(self, client: Client, js: JetStreamContext, namespace: str, token: str) -> None:
         self._client = client
+        self._token = token.encode()  # this broker's answer on presence subjects
         self._js = js
         self._namespace = namespace
         self.stored: dict[str, bool] = {}  # topic -> a stream stores it
@@ -65,7 +66,7 @@ class Streams:
         client = self._client
 
         async def present(msg: Any) -> None:
-            await client.publish(msg.reply, b"")
+            await client.publish(msg.reply, self._token)
 
         subscription = await client.subscribe(self._presence_subject(topic, queue_name), cb=present)
         await client.flush()
@@ -132,21 +133,23 @@ async def ensure_group(
         )
     durable = consumer_name(queue_name)
     try:
-        await js.consumer_info(stream, durable)
-        return
+        info = await js.consumer_info(stream, durable)
     except nats.js.errors.NotFoundError:
-        pass
-    await js.add_consumer(
-        stream,
-        js_api.ConsumerConfig(
-            name=durable,
-            durable_name=durable,
-            description=queue_name,
-            deliver_policy=js_api.DeliverPolicy.NEW,
-            ack_policy=js_api.AckPolicy.EXPLICIT,
-            ack_wait=ack_wait,
-            # One delivery in reserve: a message whose last attempt died with its process
-            # comes back once more, and is dead-lettered then instead of vanishing.
-            max_deliver=max_attempts + 1,
-        ),
+        info = None
+    if info is not None and info.config.max_deliver in (-1, 0, None):
+        return
+    # No max_deliver: JetStream counts a delivery that members rejected as one that failed, so
+    # its bound would drop messages other members accept. The members count attempts
+    # (rejections.py) and dead-letter; a message whose last attempt died with its process
+    # comes back once more, and is dead-lettered then instead of vanishing. A group made
+    # with a bound (before) loses it here: the same config, updated.
+    config = js_api.ConsumerConfig(
+        name=durable,
+        durable_name=durable,
+        description=queue_name,
+        deliver_policy=js_api.DeliverPolicy.NEW,
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        ack_wait=ack_wait if info is None else info.config.ack_wait,
+        max_deliver=-1,
     )
+    await js.add_consumer(stream, config)
