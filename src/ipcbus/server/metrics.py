@@ -14,7 +14,8 @@ each connection that never finished its request held a thread and a descriptor o
 as long as its peer kept it open, until the hub ran out of descriptors and its serving loop
 died. Now a connection has ``_REQUEST_TIMEOUT`` seconds to send its whole request head (at most
 ``_MAX_HEAD`` bytes), each write of the answer at most as long, and at most
-``_MAX_CONNECTIONS`` are served at once: one more is closed as soon as it is accepted.
+``_MAX_CONNECTIONS`` are served at once: one more is closed as soon as it is accepted (and the
+next accepted ``_REFUSAL_PAUSE`` later).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _FRESH_TIMEOUT = 1.0
 _REQUEST_TIMEOUT = 3.0
 _MAX_CONNECTIONS = 16
 _MAX_HEAD = 8192
+_REFUSAL_PAUSE = 0.005  # after closing a connection over the cap (at most 200 a second)
 _PREFIX = "ipcbus_hub_"
 
 # Counters of the statistics record: name in the record -> (metric name, help).
@@ -185,6 +187,10 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         if not self._slots.acquire(blocking=False):
             self.refused += 1
             self.shutdown_request(request)
+            # A peer that reconnects as fast as it is closed would keep this thread, and the
+            # interpreter lock the serving loop needs, busy: the next connections wait in the
+            # kernel's queue meanwhile (and past it, are refused there), costing the hub nothing.
+            time.sleep(_REFUSAL_PAUSE)
             return
         try:
             super().process_request(request, client_address)  # starts the thread
