@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -310,3 +314,100 @@ def close_with_stuck_handlers(
     finally:
         forever.set()
         broker.close()
+
+
+NOBODY = 65534
+
+
+class AsNobody:
+    """``main(stop_fd, report, *args)`` in a forked child that drops to uid ``nobody`` before
+    anything else (the tests run as root; the caller skips otherwise): another local user, as
+    an attacker would be. ``report(message)`` sends a JSON line to the parent (``recv``); the
+    child is told to leave when the parent closes its end of ``stop_fd`` (``stop``), and may
+    report once more then. ``files``: its limit on open files, set while still root."""
+
+    def __init__(self, main: Callable[..., None], *args: Any, files: int | None = None) -> None:
+        # Nobody cannot read this interpreter's library if it lies in root's home: what the
+        # child may load lazily is loaded now (socket.getaddrinfo needs the idna codec).
+        "localhost".encode("idna")
+        stop_read, self._stop = os.pipe()
+        self._reports, report_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child leaves through os._exit
+            code = 70
+            try:
+                os.close(self._stop)
+                os.close(self._reports)
+                if files is not None:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+
+                def report(message: Any) -> None:
+                    data = json.dumps(message).encode() + b"\n"
+                    while data:
+                        data = data[os.write(report_write, data) :]
+
+                main(stop_read, report, *args)
+                code = 0
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    os.write(
+                        report_write, json.dumps({"error": traceback.format_exc()}).encode() + b"\n"
+                    )
+            finally:
+                os._exit(code)
+        os.close(stop_read)
+        os.close(report_write)
+        self.pid: int | None = pid
+        self._buffer = b""
+
+    def recv(self, timeout: float) -> Any:
+        """The child's next report (an AssertionError if it failed, or said nothing in time)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            ready = select.select([self._reports], [], [], max(0.0, remaining))[0]
+            chunk = os.read(self._reports, 1 << 16) if ready else b""
+            if not chunk:
+                raise AssertionError(f"no report of the child within {timeout} s: {self._buffer!r}")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        message = json.loads(line)
+        if isinstance(message, dict) and "error" in message:
+            raise AssertionError(f"the child (as nobody) failed:\n{message['error']}")
+        return message
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Tell the child to leave; kill it past ``timeout``; reap it. Its exit status (``None``
+        if it had to be killed)."""
+        if self.pid is None:
+            return None
+        with contextlib.suppress(OSError):
+            os.close(self._stop)
+        deadline = time.monotonic() + timeout
+        pid, status = 0, 0
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.01)
+        if not pid:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        self.pid = None
+        return os.waitstatus_to_exitcode(status) if pid else None
+
+    def close(self) -> None:
+        self.stop()
+        with contextlib.suppress(OSError):
+            os.close(self._reports)
+
+
+def needs_root_for_nobody() -> None:
+    """Skip unless this process may switch to another uid (AsNobody)."""
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip(f"needs root to play a second uid (running as uid {os.geteuid()})")

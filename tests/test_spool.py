@@ -13,6 +13,7 @@ read what waits in it (played as uid nobody).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import multiprocessing
 import os
@@ -31,6 +32,7 @@ import pytest
 
 from ipcbus import Hub, HubBroker, Message, SpoolError
 from ipcbus.client.spool import SPOOL_MIN, Spool
+from ipcbus.server import spool as hub_spool
 from ipcbus.wire.address import Address
 from ipcbus.wire.spool import (
     SpoolEntry,
@@ -41,7 +43,7 @@ from ipcbus.wire.spool import (
 )
 
 from .conftest import wait_until
-from .hubtools import free_tcp_port, run_cli
+from .hubtools import free_tcp_port, round_trip, run_cli
 from .test_attacker_uid import FS_DENIED, Attacker, _remove_the_attackers, attackers, scratch
 
 __all__ = ["attackers", "scratch"]  # fixtures of test_attacker_uid, used here too
@@ -569,3 +571,49 @@ def test_what_a_subscriber_counted_of_the_spool_outlives_a_hub_restart(
         reader.close()
     finally:
         hub.stop()
+
+
+def _out_of_descriptors(*_: Any) -> None:
+    raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+
+def test_the_hub_serves_on_when_its_spool_sweep_fails(
+    tmp_path: Any, spool_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep out of descriptors (EMFILE, as a flood of connections left the hub): it is
+    logged and the hub serves on (its serving loop ended, the hub exited 1). The forked hub
+    inherits the failing sweep: it fails at every turn."""
+    monkeypatch.setattr(hub_spool.HubSpool, "sweep", _out_of_descriptors)
+    hub = Hub(f"ipc://{tmp_path}/hub", start_method="fork", spool=spool_root)
+    hub.start()
+    try:
+        deadline = time.monotonic() + 1.5  # three sweep periods
+        while time.monotonic() < deadline:
+            round_trip(hub.address, 5, timeout=TIMEOUT)
+        assert hub.statistics().spool  # it still has one
+    finally:
+        code = hub.stop()
+    assert code == 0
+
+
+def test_a_spool_closed_while_out_of_descriptors_is_removed_once_they_are_back(
+    spool_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() out of descriptors raised EMFILE and left the spool's files: it tries again."""
+    spool = hub_spool.HubSpool.create(spool_root, os.urandom(8).hex(), 60.0)
+    assert spool is not None
+    with open(os.path.join(spool.path, "waiting"), "wb") as file:
+        file.write(b"x")
+    remove_all = hub_spool._remove_all
+    failures = [2]
+
+    def remove_when_it_can(directory: int) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            _out_of_descriptors()
+        remove_all(directory)
+
+    monkeypatch.setattr(hub_spool, "_remove_all", remove_when_it_can)
+    spool.close()
+    assert failures == [0]
+    assert not os.path.exists(spool.path)

@@ -86,14 +86,15 @@ def watch_handshakes(
     pending: dict[Socket, PendingHandshakes],
 ) -> list[Socket]:
     """A monitor socket per server socket (control, data, fan-out), in that order; on tcp each
-    also counts the connections that have not proved the key yet (``pending``, preauth)."""
+    also counts the connections that have not completed their handshake yet (``pending``,
+    preauth)."""
     control = servers[0]
     # Peers that fail the handshake before the ZAP handler is asked (wrong mechanism,
     # garbage instead of ZMTP) are counted from the sockets' monitors.
     # The control socket's disconnections too: a client process that died (kill -9,
     # an unhandled SIGTERM) is found at once by probing, not at its heartbeat timeout.
     failed = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    # On tcp, accepted connections are counted until they prove the key (preauth).
+    # On tcp, accepted connections are counted until their handshake succeeds (preauth).
     tcp_events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED if tcp else 0
     monitors = []
     for server in servers:

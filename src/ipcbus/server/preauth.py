@@ -5,13 +5,19 @@ ZeroMQ accepts every tcp connection and keeps it for up to ``handshake_timeout``
 its file-descriptor limit for the whole handshake window, and authenticated clients waited. So:
 
 - the hub raises its soft ``RLIMIT_NOFILE`` to the hard limit when it starts;
-- it counts connections that have not shown they know the hub's public key, and when there are
+- it counts connections that have not completed their handshake, and when there are
   more than ``max_pending_handshakes``, it shuts the oldest of them down.
 
-How a connection shows it: CURVE's HELLO command is encrypted to the hub's public key (derived
-from the bus secret), and ZeroMQ drops a connection whose HELLO does not decrypt. A connection
-still open that has sent the greeting and HELLO (264 bytes, read from the kernel's ``TCP_INFO``)
-therefore belongs to a peer that holds the key; one that has sent less is pending. Authenticated
+How the hub tells a completed handshake: by what it sent the peer, never by what the peer sent.
+ZeroMQ answers a CURVE HELLO with WELCOME only if the HELLO decrypts with the hub's secret key,
+and sends READY only once the INITIATE that follows proved the client's key and the ZAP handler
+admitted it (a refused peer gets a short ERROR and is closed). So a connection to which the hub
+has sent, and whose peer has acknowledged, the greeting, WELCOME and at least the smallest READY
+(266 bytes, ``tcpi_bytes_acked`` of the kernel's ``TCP_INFO``) has completed its handshake; any
+other is pending. Bytes received proved nothing: a peer without the key reached any count by
+announcing a long command frame and sending part of it (ZeroMQ waits for the rest until
+``handshake_timeout``). ZeroMQ's own HANDSHAKE_SUCCEEDED monitor event does not name the
+connection (its value is 0, libzmq 4.3), so it cannot tell which one succeeded. Authenticated
 clients finish their handshake in about a millisecond, so they are never the oldest pending.
 """
 
@@ -30,11 +36,14 @@ __all__ = ["PendingHandshakes", "raise_fd_limit"]
 
 logger = logging.getLogger(__name__)
 
-# ZMTP 3 greeting (64 bytes) + CURVE HELLO command (200 bytes).
-_PROVEN_BYTES = 64 + 200
-# struct tcp_info (linux/tcp.h): tcpi_bytes_received is a u64 at offset 128 (Linux >= 4.1).
-_BYTES_RECEIVED = struct.Struct("=Q")
-_BYTES_RECEIVED_OFFSET = 128
+# What the hub sends a client that completes the handshake, at least: the ZMTP 3 greeting (64
+# bytes), WELCOME (a short command frame: 2 + 168 bytes) and READY (2 + 6 + an 8-byte nonce + a
+# 16-byte MAC, and its metadata). A refused peer gets the greeting, WELCOME and ERROR
+# (2 + 6 + 1 + a 3-byte status: 246 bytes in all), then is closed.
+_AUTHENTICATED_BYTES = 64 + (2 + 168) + (2 + 6 + 8 + 16)
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked is a u64 at offset 120 (Linux >= 4.1).
+_BYTES_ACKED = struct.Struct("=Q")
+_BYTES_ACKED_OFFSET = 120
 _TCP_INFO_LEN = 256
 
 
@@ -49,7 +58,7 @@ def raise_fd_limit() -> tuple[int, int]:
 
 
 class PendingHandshakes:
-    """The tcp connections accepted and not yet proven, oldest first."""
+    """The tcp connections accepted and not yet authenticated, oldest first."""
 
     def __init__(self, limit: int, port: int) -> None:
         self.limit = limit
@@ -65,12 +74,12 @@ class PendingHandshakes:
         self._accepted.pop(fd, None)
 
     def enforce(self) -> None:
-        """Forget proven connections; shut down the oldest pending ones over the limit."""
+        """Forget authenticated connections; shut down the oldest pending ones over the limit."""
         if len(self._accepted) <= self.limit:
             return
         for fd in list(self._accepted):
-            if _proven(fd, self._port) is not False:
-                del self._accepted[fd]  # proven, or not ours any more
+            if _authenticated(fd, self._port) is not False:
+                del self._accepted[fd]  # authenticated, or not ours any more
         excess = len(self._accepted) - self.limit
         for fd in list(self._accepted)[: max(0, excess)]:
             del self._accepted[fd]
@@ -102,8 +111,9 @@ def _peer(fd: int, port: int) -> socket.socket | None:
     return sock
 
 
-def _proven(fd: int, port: int) -> bool | None:
-    """True if the peer sent a greeting and a HELLO; None if ``fd`` is no connection of ours."""
+def _authenticated(fd: int, port: int) -> bool | None:
+    """True if the hub sent the peer READY (its handshake succeeded); None if ``fd`` is no
+    connection of ours."""
     sock = _peer(fd, port)
     if sock is None:
         return None
@@ -113,10 +123,10 @@ def _proven(fd: int, port: int) -> bool | None:
         return None
     finally:
         sock.close()
-    if len(info) < _BYTES_RECEIVED_OFFSET + _BYTES_RECEIVED.size:
+    if len(info) < _BYTES_ACKED_OFFSET + _BYTES_ACKED.size:
         return True  # an old kernel: never shed what cannot be told apart
-    (received,) = _BYTES_RECEIVED.unpack_from(info, _BYTES_RECEIVED_OFFSET)
-    return bool(received >= _PROVEN_BYTES)
+    (acked,) = _BYTES_ACKED.unpack_from(info, _BYTES_ACKED_OFFSET)
+    return bool(acked >= _AUTHENTICATED_BYTES)
 
 
 def _shut_down(fd: int, port: int) -> bool:

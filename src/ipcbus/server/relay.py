@@ -54,6 +54,8 @@ _BURST = 256
 _IDLE_POLL_MS = 100
 # XPUB_NODROP gives no POLLOUT event for a full pipe: a stalled send is retried on this period.
 _STALLED_POLL_MS = 1
+# A failure of the loop's own file-system work is logged at most this often.
+_FS_ERROR_LOG_PERIOD = 10.0
 
 Socket = zmq.Socket[bytes]
 
@@ -88,6 +90,8 @@ class Relay:
             max_dead_letter_bytes=options.max_dead_letter_bytes,
         )
         self._malformed = self._auth_rejected = 0
+        self._fs_errors = self._fs_errors_logged = 0
+        self._fs_error_logged_at = -_FS_ERROR_LOG_PERIOD
         self._accept_after = 0.0
         self._pending: dict[Socket, PendingHandshakes] = {}
         self._data_path = DataPath(self.control_plane.book)
@@ -319,10 +323,29 @@ class Relay:
             ):
                 self.control_plane.tick(control)
                 tick_due = time.monotonic() + self.control_plane.timeout_ms(_IDLE_POLL_MS) / 1000
-            if self.journal is not None:
-                self.journal.end_of_turn(book)  # group commit, then the flushes held back
-            if self.spool is not None:
-                self.spool.sweep()  # files older than spool_linger (once a period)
+            # The turn's file-system work. An OSError there (out of descriptors: EMFILE, a
+            # file system gone) is logged and tried again later: it must not end the hub.
+            try:
+                if self.journal is not None:
+                    self.journal.end_of_turn(book)  # group commit, then the flushes held back
+                if self.spool is not None:
+                    self.spool.sweep()  # files older than spool_linger (once a period)
+            except OSError as exc:
+                self._file_system_failed(exc)
+
+    def _file_system_failed(self, exc: OSError) -> None:
+        self._fs_errors += 1
+        now = time.monotonic()
+        if now - self._fs_error_logged_at < _FS_ERROR_LOG_PERIOD:
+            return
+        logger.error(
+            "the journal or spool work of a turn failed, the hub serves on: %s (%d failures "
+            "since the last report)",
+            exc,
+            self._fs_errors - self._fs_errors_logged,
+        )
+        self._fs_error_logged_at = now
+        self._fs_errors_logged = self._fs_errors
 
     def _authenticate(self, zap: Socket, secret: bytes) -> None:
         self._auth_rejected += answer_zap(zap, secret)

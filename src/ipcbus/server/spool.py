@@ -128,20 +128,24 @@ class HubSpool:
         # the shares, measured): again until the directory goes. Once the registrations are
         # gone publishers send inline, so only writes already under way add files; a
         # deadline all the same (what stays, the next hub of this root sweeps).
+        # A failure (out of descriptors: EMFILE) is tried again until then too; the lock is
+        # released whatever happens.
         deadline = time.monotonic() + _CLOSE_TIMEOUT
-        while True:
-            _remove_all(self._fd)
-            try:
-                os.rmdir(self.path)
-                break
-            except FileNotFoundError:
-                break
-            except OSError as exc:
-                if time.monotonic() > deadline:
-                    logger.warning("left the spool %s behind: %s", self.path, exc)
+        try:
+            while True:
+                try:
+                    _remove_all(self._fd)
+                    os.rmdir(self.path)
                     break
-                time.sleep(0.01)
-        os.close(self._fd)
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if time.monotonic() > deadline:
+                        logger.warning("left the spool %s behind: %s", self.path, exc)
+                        break
+                    time.sleep(0.01)
+        finally:
+            os.close(self._fd)
 
     def _sweep_gone_hubs(self) -> None:
         try:
