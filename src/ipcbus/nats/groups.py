@@ -41,14 +41,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
-from ..core.contract import AsyncMessageContext, Subscription
-from ..core.retry import after_failure, publish_dead_letter
 from ..core.routing import RouteTable
-from ..exceptions import ConsumerDiedError as ConsumerDiedError
 from ..message import Message
-from .calls import NOT_RUN, run_returning
 from .connection import Handover
-from .envelope import Envelope, Signer, open_envelope
+from .envelope import Signer, open_envelope
+from .group_runs import TERM, Answer, GroupRuns
 from .rejections import Rejections, Seen
 from .statistics import Counters
 from .subjects import consumer_name, stream_name
@@ -66,16 +63,8 @@ MAX_FETCH = 256
 STEP_BACK = 0.02
 STEP_BACK_MAX = 0.5
 
-Answer = Callable[[Envelope, Any, BaseException | None], None]
 
-# What a consumer publishes on a delivery's ack subject (JetStream's ack protocol).
-_ACK = b"+ACK"
-_NAK = b"-NAK"
-_IN_PROGRESS = b"+WPI"
-_TERM = b"+TERM"  # and rejections.py
-
-
-class GroupConsumer:
+class GroupConsumer(GroupRuns):
     """This process's members of one queue group, fed by one pull loop.
 
     Threads: the pull loop runs on the client's loop; each fetched burst crosses to the handler
@@ -277,7 +266,7 @@ class GroupConsumer:
                     msg.subject,
                     count,
                 )
-            self._send(msg.reply, _TERM)
+            self._send(msg.reply, TERM)
             return None
         try:
             message = envelope.decode(self.message_type)
@@ -293,7 +282,7 @@ class GroupConsumer:
                     exc,
                     count,
                 )
-            self._send(msg.reply, _TERM)
+            self._send(msg.reply, TERM)
             return None
         seq = msg.metadata.sequence.stream
         # Rejections are no attempts (rejections.py).
@@ -316,87 +305,3 @@ class GroupConsumer:
         """A delivery that no member here takes (cancelled before it began, or the group is
         stopping here): back to the group at once, a rejection, not an attempt."""
         self._rejections.give_back(msg.reply, msg.metadata.sequence.stream)
-
-    async def _run(self, burst: list[tuple[Any, ...]]) -> None:  # the handler loop
-        for member, message, envelope, msg, attempt in burst:
-            if member is None:
-                self._last_attempt_lost(message, msg, attempt - 1)
-            else:
-                # Kept referenced while they run: the loop holds tasks only weakly.
-                task = asyncio.ensure_future(self._handle(member, message, envelope, msg, attempt))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-    async def _handle(
-        self,
-        member: Subscription,
-        message: Message,
-        envelope: Envelope,
-        msg: Msg,
-        attempt: int,
-    ) -> None:  # the handler loop
-        # One id per message and group, the same on every attempt.
-        context = AsyncMessageContext._of(
-            self.queue_name, f"{envelope.message_id}/{self.durable}", attempt, envelope.published_at
-        )
-        AsyncMessageContext._current.set(context)
-        while True:
-            if not member.active:  # cancelled since the delivery was taken: another member
-                picked = self._routes.pick(self.topic, self.queue_name, message)
-                if picked is None:
-                    loop = self._client_loop
-                    if loop is not None and not loop.is_closed():
-                        loop.call_soon_threadsafe(self._give_back, msg)
-                    self._done()
-                    return
-                member = picked
-            task = asyncio.ensure_future(run_returning(member, message))
-            try:
-                while not (await asyncio.wait({task}, timeout=self._ack_wait / 3))[0]:
-                    self._send(msg.reply, _IN_PROGRESS)
-            except asyncio.CancelledError:
-                # The broker closes: the delivery goes back to the group at once.
-                task.cancel()
-                self._send(msg.reply, _NAK)
-                self._done()
-                raise
-            result, failure = task.result()
-            if result is not NOT_RUN:
-                break
-        if failure is None:
-            self._send(msg.reply, _ACK)
-            if envelope.reply:
-                self._answer(envelope, result, None)
-        else:
-            verdict = after_failure(
-                member.policy, self.queue_name, member.handler, message, attempt, failure
-            )
-            if verdict.retry:
-                self._send(msg.reply, _nak(verdict.delay))
-            else:
-                publish_dead_letter(self._publish, self.queue_name, message, attempt, failure)
-                self._send(msg.reply, _ACK)
-                if envelope.reply:
-                    self._answer(envelope, None, failure)
-        self._done()
-
-    def _last_attempt_lost(self, message: Message, msg: Msg, attempts: int) -> None:
-        """The handler loop (publishing from the client's loop could wait for that loop)."""
-        lost = ConsumerDiedError(
-            "the process that ran its last attempt died before acknowledging it"
-        )
-        publish_dead_letter(self._publish, self.queue_name, message, attempts, lost)
-        self._send(msg.reply, _ACK)
-        self._done()
-
-    def _done(self) -> None:  # the handler loop
-        with self._lock:
-            self._in_hand -= 1
-            wake, self._waiting = self._waiting, False
-        if wake:
-            self._wake()
-
-
-def _nak(delay: float) -> bytes:
-    """A ``nak``: delivered again after ``delay`` seconds."""
-    return _NAK if not delay else b'-NAK {"delay": %d}' % (delay * 1e9)

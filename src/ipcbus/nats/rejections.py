@@ -31,6 +31,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from ..core.failures import Brief
 from ..message import Message
 from .connection import Handover
+from .group_runs import NAK, TERM, nak
 
 __all__ = ["CENSUS_WAIT", "Rejections", "Seen", "census"]
 
@@ -111,7 +112,7 @@ class Rejections:
         this process rejected it before, drop it if every process with members did."""
         before, rejecters, delay = self.reject(seq)
         if not before:
-            self._send(reply, _nak(delay))
+            self._send(reply, nak(delay))
             return
         task = asyncio.get_running_loop().create_task(
             self._judge(reply, message, seq, rejecters, delay, queue_name)
@@ -139,20 +140,16 @@ class Rejections:
                 queue_name,
                 Brief(message),
             )
-            self._send(reply, b"+TERM")
+            self._send(reply, TERM)
             self._seen.pop(seq, None)
         else:
-            self._send(reply, _nak(delay))
+            self._send(reply, nak(delay))
 
     def give_back(self, reply: str, seq: int) -> None:
         """Back to the group at once, as a rejection (no attempt): a delivery no member here
         takes any more."""
         self.reject(seq)
-        self._send(reply, b"-NAK")
-
-
-def _nak(delay: float) -> bytes:
-    return b'-NAK {"delay": %d}' % (delay * 1e9)
+        self._send(reply, NAK)
 
 
 async def census(client: Client, presence: str) -> set[str]:
