@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 import zmq
 from zmq.backend import zmq_poll as _zmq_poll
@@ -24,7 +23,6 @@ from ..wire import protocol as wire
 from ..wire.address import Address
 from ..wire.keys import load_or_create_secret
 from ..wire.sockets import readable, recv_frames
-from ..wire.statistics import HubStatistics
 from .binding import (
     answer_zap,
     bind_sockets,
@@ -42,6 +40,7 @@ from .journal import Journal
 from .metrics import HubMetrics
 from .preauth import PendingHandshakes, raise_fd_limit
 from .quiet_sockets import QuietSockets
+from .relay_statistics import RelayStatistics
 from .sending import send_reply
 from .spool import HubSpool
 
@@ -60,7 +59,7 @@ _FS_ERROR_LOG_PERIOD = 10.0
 Socket = zmq.Socket[bytes]
 
 
-class Relay:
+class Relay(RelayStatistics):
     """Binds the hub's sockets and relays until ``should_stop()`` or the watched fd closes."""
 
     def __init__(
@@ -101,53 +100,12 @@ class Relay:
         self.spool: HubSpool | None = None
 
     @property
-    def _fanout(self) -> Fanout | None:
-        """The XPUB side, once bound (the data path relays through it)."""
-        return self._data_path.fanout
-
-    @property
     def metrics_url(self) -> str | None:
         return self.metrics.url if self.metrics is not None else None
 
     @property
     def endpoints(self) -> tuple[str, str, str]:
         return self.endpoint, self.in_endpoint, self.pub_endpoint
-
-    def statistics(self) -> HubStatistics:
-        fanout, book = self._fanout, self.control_plane.book
-        return HubStatistics(
-            address=self.endpoint,
-            pid=os.getpid(),
-            uptime=time.monotonic() - self._started,
-            clients=len(self.control_plane.clients),
-            topics=len(fanout.topics) if fanout else 0,
-            batches_relayed=self._data_path.batches,
-            messages_relayed=self._data_path.messages,
-            bytes_relayed=self._data_path.bytes,
-            backpressure_stalls=fanout.stalls if fanout else 0,
-            malformed_dropped=self._malformed,
-            stall_drops=fanout.stall_drops if fanout else 0,
-            loss_notices=self.control_plane.notices.loss_notices,
-            auth_rejected=self._auth_rejected,
-            clients_lost=self.control_plane.clients_lost,
-            late_acks=book.late_acks,
-            deleted_queue_dropped=book.deleted_dropped,
-            full_topics=sorted(wire.unique_name_of(topic) for topic in book.full_topics),
-            stale_acks=book.stale_acks,
-            unapplied_acks=self.control_plane.unapplied_acks,
-            unsplittable_dropped=self._data_path.unsplittable,
-            bad_group_entries=self.control_plane.bad_group_entries,
-            handshakes_shed=sum(pending.shed for pending in self._pending.values()),
-            unrouted=dict(self._data_path.unrouted.counts),
-            journal=self.journal.statistics() if self.journal is not None else {},
-            spool=asdict(self.spool.statistics()) if self.spool is not None else {},
-            queues=book.statistics(),
-            dead_letters={
-                name: [asdict(record) for record in records]
-                for name, records in book.dead_letters().items()
-                if records
-            },
-        )
 
     def serve(
         self,
