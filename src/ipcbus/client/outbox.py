@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..core import codec
+from ..core import big_fields, codec
 from ..exceptions import MessageSerializationError, MessageTooLargeError
 from ..message import Message, get_unique_name_for_message
 from ..wire import protocol as wire
@@ -186,7 +186,7 @@ class Outbox:
         ``MessageTooLargeError`` when one of its fields alone is over the limit. Cheaper than
         encoding it (``check``), and it catches what would otherwise be rejected on the I/O
         thread, after ``publish()`` returned."""
-        largest = codec.largest_field(message)
+        largest = big_fields.largest_field(message)
         if largest > self.frame_budget:
             name = get_unique_name_for_message(type(message))
             raise MessageTooLargeError(f"{name}: {self._too_large(largest)}; nothing was sent")

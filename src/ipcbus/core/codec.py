@@ -50,12 +50,12 @@ from ..wire.protocol import (
     pack_sizes,
     split_payloads,
 )
+from . import big_fields
 from .failures import describe, is_handler_failure
 from .stand_ins import StandIn as StandIn
 from .stand_ins import loads_with_stand_ins, stand_ins_in
 
 __all__ = [
-    "BIG_FIELD",
     "DATACLASS",
     "OBJECTS",
     "PROTOCOL",
@@ -69,7 +69,6 @@ __all__ = [
     "split_decoder",
     "split_messages",
     "is_plain_dataclass",
-    "largest_field",
 ]
 
 PROTOCOL = 5
@@ -121,57 +120,19 @@ def _is_plain_dataclass(cls: type) -> bool:
     )
 
 
-# A bytes or bytearray field this large travels out-of-band, as a frame of its own. Below it the
-# copy into the payload is cheaper than a frame (pyzmq: 3-6 us per frame; it copies frames under
-# 64 KiB even when asked not to, its COPY_THRESHOLD).
-BIG_FIELD = 64 * 1024
-_BIG_TYPES = (bytes, bytearray)
-
-# Types whose messages have had big fields (weak, as _plain): only they pay for looking at each
-# field (~0.15 us per message), the hot path of small messages never does.
-_big: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
-_some_big = False  # a type is in _big: until then no lookup there (a Python call each)
-
-
-class _OutOfBand:
-    """Stands for a big ``bytes``/``bytearray`` field while a batch is pickled: pickled as its
-    type called with a ``PickleBuffer`` of it (out-of-band), so the receiver calls
-    ``bytes(view)`` or ``bytearray(view)`` on a view of the frame and gets the same type."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: bytes | bytearray) -> None:
-        self.value = value
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return _rebuild_big, (type(self.value), pickle.PickleBuffer(self.value))
-
-
-def _rebuild_big(kind: type, view: Any) -> bytes | bytearray:
-    """A big field from the buffer it travelled in: a ``bytes`` buffer (read from a spool file)
-    is the field itself, anything else (a frame) is copied once into a new ``bytes`` or
-    ``bytearray`` (an 8 MB copy costs ~1-2 ms)."""
-    source = view.obj if isinstance(view, memoryview) else view
-    if kind is bytes and type(source) is bytes and len(source) == view.nbytes:
-        return source
-    if kind is bytearray:
-        return bytearray(view)
-    return bytes(view)
-
-
 def encode_batch(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[Any]]:
     """Serialise messages of type ``cls``: ``(codec, [payload, *out_of_band_buffers])``."""
     if is_plain_dataclass(cls):
-        if _some_big and cls in _big:
-            return DATACLASS, _dumps(_big_states(messages), cls)
+        if big_fields.some and cls in big_fields.types:
+            return DATACLASS, _dumps(big_fields.states(messages), cls)
         if len(messages) == 1:  # a quiet publisher's batch: no list comprehension to run
             frames = _dumps([messages[0].__dict__], cls)
         else:
             frames = _dumps([message.__dict__ for message in messages], cls)
-        if len(frames[0]) >= BIG_FIELD * len(messages) and _any_big(messages):
+        if len(frames[0]) >= big_fields.BIG_FIELD * len(messages) and big_fields.any_big(messages):
             # Big fields went in-band, copied into the payload: from now on, not for this type.
-            _mark_big(cls)
-            frames = _dumps(_big_states(messages), cls)
+            big_fields.mark(cls)
+            frames = _dumps(big_fields.states(messages), cls)
         return DATACLASS, frames
     return OBJECTS, _dumps(list(messages), cls)
 
@@ -181,45 +142,6 @@ def encode_objects(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[
     that cannot tell the class from the topic (a reply travels on its requester's reply
     topic)."""
     return OBJECTS, _dumps(list(messages), cls)
-
-
-def _mark_big(cls: type) -> None:
-    global _some_big
-    _big[cls] = True
-    _some_big = True
-
-
-def _is_big(value: Any) -> bool:
-    return type(value) in _BIG_TYPES and len(value) >= BIG_FIELD
-
-
-def _any_big(messages: Sequence[Message]) -> bool:
-    return any(_is_big(value) for message in messages for value in message.__dict__.values())
-
-
-def _big_states(messages: Sequence[Message]) -> list[dict[str, Any]]:
-    """The messages' ``__dict__``, each big field wrapped to travel out-of-band."""
-    states = []
-    for message in messages:
-        state = message.__dict__
-        if any(_is_big(value) for value in state.values()):
-            state = {
-                key: _OutOfBand(value) if _is_big(value) else value for key, value in state.items()
-            }
-        states.append(state)
-    return states
-
-
-def largest_field(message: Message) -> int:
-    """The size of the largest buffer (``bytes``, ``bytearray``, ``PickleBuffer``, ...) among
-    the message's fields (0 for a class without ``__dict__``): the size of the largest frame it
-    brings, checked by ``publish()`` for types that carry big fields."""
-    largest = 0
-    for value in getattr(message, "__dict__", {}).values():
-        if isinstance(value, (bytes, bytearray, memoryview, pickle.PickleBuffer)):
-            with memoryview(value) as view:
-                largest = max(largest, view.nbytes)
-    return largest
 
 
 def encode_split(cls: type, messages: Sequence[Message]) -> tuple[bytes, list[bytes]]:
