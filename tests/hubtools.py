@@ -69,6 +69,32 @@ def round_trip(address: str, count: int = 10, timeout: float = SETTLE_TIMEOUT) -
     assert received == list(range(count))
 
 
+def reap_pid(pid: int, timeout: float) -> int | None:
+    """Wait up to ``timeout`` for child ``pid`` to exit, SIGKILL it past that; reap it either
+    way. Its exit status, ``None`` if it had to be killed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+def stop_popen(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM a subprocess, SIGKILL it past 10 s, reap it, close its stdout."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+    if process.stdout is not None:
+        process.stdout.close()
+
+
 def free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -386,18 +412,9 @@ class AsNobody:
             return None
         with contextlib.suppress(OSError):
             os.close(self._stop)
-        deadline = time.monotonic() + timeout
-        pid, status = 0, 0
-        while time.monotonic() < deadline:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                break
-            time.sleep(0.01)
-        if not pid:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
+        status = reap_pid(self.pid, timeout)
         self.pid = None
-        return os.waitstatus_to_exitcode(status) if pid else None
+        return status
 
     def close(self) -> None:
         self.stop()

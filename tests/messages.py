@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import dataclass, field
 
@@ -106,3 +107,17 @@ class Pong(Message):
 
 class OutOfStock(Exception):
     """Raised by responders in the request/reply tests: its name travels back."""
+
+
+class Boom(BaseException):
+    """A BaseException subclass of the user's own (raised by handlers in the fault tests)."""
+
+
+# What the fault tests' handlers raise, by name (the name travels in their messages).
+RAISED: dict[str, type[BaseException]] = {
+    "SystemExit": SystemExit,
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "GeneratorExit": GeneratorExit,
+    "Boom": Boom,
+    "CancelledError": asyncio.CancelledError,
+}

@@ -27,7 +27,6 @@ import os
 import pickle
 import select
 import shutil
-import signal
 import stat
 import tempfile
 import threading
@@ -49,7 +48,7 @@ from ipcbus.wire import protocol as _wire
 from ipcbus.wire.address import Address
 
 from .conftest import wait_until
-from .hubtools import free_tcp_port, round_trip
+from .hubtools import free_tcp_port, reap_pid, round_trip
 from .messages import Ping, Tick
 
 pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
@@ -384,18 +383,7 @@ class Attacker:
             return self.exit_status
         with contextlib.suppress(OSError):
             self._channel.send({"op": "exit"})
-        deadline = time.monotonic() + ATTACKER_TIMEOUT
-        pid, status = 0, 0
-        while time.monotonic() < deadline:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                break
-            time.sleep(0.01)
-        if pid:
-            self.exit_status = os.waitstatus_to_exitcode(status)
-        else:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
+        self.exit_status = reap_pid(self.pid, ATTACKER_TIMEOUT)
         self.pid = None
         self._channel.close()
         return self.exit_status

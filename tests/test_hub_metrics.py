@@ -25,7 +25,7 @@ from ipcbus import Hub, HubBroker
 from ipcbus.server.metrics import HubMetrics
 
 from .conftest import wait_until
-from .hubtools import REPO, AsNobody, needs_root_for_nobody, round_trip, run_cli
+from .hubtools import REPO, AsNobody, needs_root_for_nobody, round_trip, run_cli, stop_popen
 from .messages import OrderPlaced, Tick
 
 pytestmark = [pytest.mark.hub, pytest.mark.usefixtures("no_leftovers")]
@@ -193,14 +193,7 @@ def metrics_hub(address: str, files: int, log: Path) -> Iterator[tuple[subproces
         assert lines[2].startswith("metrics at "), (lines, log.read_text())
         yield process, lines[2].split()[-1]
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        if process.stdout is not None:
-            process.stdout.close()
+        stop_popen(process)
 
 
 def _unfinished_request(port: int) -> socket.socket:

@@ -45,7 +45,7 @@ from ipcbus.wire import protocol as wire
 
 from .conftest import queues_idle, wait_until
 from .hubtools import close_with_stuck_handlers, reap
-from .messages import Barrier, Ping, Tick
+from .messages import RAISED, Barrier, Ping, Tick
 
 pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
 
@@ -75,20 +75,6 @@ class SlottedCarrier(Message):
 
     seq: int
     value: object = None
-
-
-class Boom(BaseException):
-    """A BaseException subclass of the user's own."""
-
-
-# Raised by handlers, by name (the name travels in the messages).
-RAISED: dict[str, type[BaseException]] = {
-    "SystemExit": SystemExit,
-    "KeyboardInterrupt": KeyboardInterrupt,
-    "GeneratorExit": GeneratorExit,
-    "Boom": Boom,
-    "CancelledError": asyncio.CancelledError,
-}
 
 
 def _ipcbus_threads() -> list[str]:

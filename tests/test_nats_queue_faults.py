@@ -4,7 +4,6 @@ while it holds deliveries. Against a real ``nats-server -js``."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from ipcbus import AsyncMessageContext, DeadLetter, Message
 from ipcbus.nats import NatsBroker
 
 from .conftest import nats_idle, wait_until
+from .messages import RAISED
 from .natstools import SECRET, NatsServer
 
 pytestmark = [pytest.mark.queue_groups, pytest.mark.usefixtures("no_leftovers")]
@@ -26,19 +26,6 @@ pytestmark = [pytest.mark.queue_groups, pytest.mark.usefixtures("no_leftovers")]
 class Job(Message):
     token: str
     seq: int = 0
-
-
-class Boom(BaseException):
-    """A BaseException subclass of the user's own."""
-
-
-RAISED: dict[str, type[BaseException]] = {
-    "SystemExit": SystemExit,
-    "KeyboardInterrupt": KeyboardInterrupt,
-    "GeneratorExit": GeneratorExit,
-    "Boom": Boom,
-    "CancelledError": asyncio.CancelledError,
-}
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from ipcbus.client.admin import request_statistics
 from ipcbus.config import HubOptions
 from ipcbus.wire.address import Address
 
-from .hubtools import AsNobody, free_tcp_port, needs_root_for_nobody, round_trip
+from .hubtools import AsNobody, free_tcp_port, needs_root_for_nobody, round_trip, stop_popen
 
 pytestmark = [pytest.mark.hub, pytest.mark.usefixtures("no_leftovers")]
 
@@ -61,14 +61,7 @@ def cli_hub(address: str, files: int) -> Iterator[subprocess.Popen[str]]:
         assert process.stdout.readline().strip() == address
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        if process.stdout is not None:
-            process.stdout.close()
+        stop_popen(process)
 
 
 def test_an_idle_connection_flood_does_not_keep_clients_waiting(many_files: None) -> None:
