@@ -164,6 +164,72 @@ def test_a_quiet_publisher_sends_a_due_confirmation_after_its_message() -> None:
         context.term()
 
 
+def test_past_max_unconfirmed_the_pump_asks_a_confirmation_and_waits_for_it() -> None:
+    """With max_unconfirmed messages sent and not confirmed, the I/O thread sends nothing more
+    but a request for a confirmation, and sends on once the hub answered. Also when the
+    confirmation asked before went back into the outbox (a lost hub: resend_flushes), behind
+    the messages that wait: the cap then held it back for ever (found by the hub-kill test)."""
+    import zmq
+
+    from ipcbus.client.data import DataChannel
+    from ipcbus.client.outbox import Outbox
+    from ipcbus.client.session import Session
+    from ipcbus.wire import protocol as wire
+
+    outbox = Outbox(max_batch=10, on_reject=lambda rejected: None)
+    outbox.set_limit(1024 * 1024)
+    outbox.check(Tick(0, "cap"))
+    channel = DataChannel(outbox, Session("ipc://test"), lambda: None, lambda: None, 20)
+    context = zmq.Context()
+    hub_side, client_side = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+
+    def received() -> list[list[bytes]]:
+        requests = []
+        while hub_side.poll(200):
+            requests.append(hub_side.recv_multipart())
+        return requests
+
+    def answer(requests: list[list[bytes]]) -> None:
+        for request in requests:
+            if wire.parse_data_kind(request[0]) == wire.FLUSH:
+                hub_side.send_multipart([wire.header(wire.FLUSHED), request[1]])
+        time.sleep(0.05)
+
+    try:
+        hub_side.bind("inproc://cap")
+        client_side.connect("inproc://cap")
+        channel.attach(client_side)
+        for seq in range(50):
+            outbox.append(Tick(seq, "cap"))
+        channel.pump()
+        first = received()
+        kinds = [wire.parse_data_kind(request[0]) for request in first]
+        assert kinds == [wire.PUBLISH, wire.PUBLISH, wire.FLUSH]  # 20 sent, then the ask
+        assert outbox.sent == 20
+        channel.pump()
+        assert received() == [], "sent past the cap without a confirmation"
+        answer(first)
+        channel.pump()
+        assert outbox.confirmed == 20
+        second = received()
+        assert [wire.parse_data_kind(request[0]) for request in second][:2] == [wire.PUBLISH] * 2
+        assert outbox.sent == 40
+        # The hub is lost before it answers: its confirmation goes back behind the queue.
+        outbox.resend_flushes()
+        assert outbox.flushes == {}
+        channel.pump()
+        third = received()
+        assert [wire.parse_data_kind(request[0]) for request in third] == [wire.FLUSH]
+        answer(third)
+        channel.pump()
+        assert outbox.confirmed == 40
+        assert outbox.sent == 50
+    finally:
+        channel.close()
+        hub_side.close(linger=0)
+        context.term()
+
+
 def _flood(address: str, ready: Any, stop: Any) -> None:
     """Publishes Ticks as fast as it can until the test closes its stop pipe (at most 60 s)."""
     broker = connect(address)
