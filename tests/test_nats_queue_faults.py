@@ -4,16 +4,20 @@ while it holds deliveries. Against a real ``nats-server -js``."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import nats
 import pytest
 
 from ipcbus import AsyncMessageContext, DeadLetter, Message
+from ipcbus.message import get_unique_name_for_message
 from ipcbus.nats import NatsBroker
+from ipcbus.nats.subjects import consumer_name, stream_name
 
 from .conftest import nats_idle, wait_until
 from .messages import RAISED
@@ -189,3 +193,46 @@ def test_a_cancelled_member_is_not_called_again(
     assert sorted([*started, *(seq for seq, _ in again)]) == list(range(300))
     assert len(started) <= handled + 1  # at most the one under way at cancel()
     assert {attempt for _, attempt in again} == {1}
+
+
+def test_unsigned_rejection_notes_change_no_attempt(
+    nats_server: NatsServer, open_broker: Callable[[], NatsBroker]
+) -> None:
+    """Rejection notes lower a delivery's attempt (a rejection is no attempt); unsigned, anyone
+    allowed to publish on the server could send them and keep a failing message from ever
+    reaching its last attempt. Notes without the bus secret's signature are ignored."""
+    broker = open_broker()
+    calls: list[int] = []
+    dead: list[DeadLetter] = []
+
+    def fail(job: Job) -> None:
+        calls.append(AsyncMessageContext.current().attempt)
+        raise ValueError("always")
+
+    broker.subscribe(DeadLetter, dead.append)
+    broker.subscribe_async(Job, fail, "forged", max_attempts=3, retry_backoff=0.05)
+    stream = stream_name(broker.namespace, get_unique_name_for_message(Job))
+    subject = f"{broker.namespace}.rejected.{stream}.{consumer_name('forged')}"
+    stop = threading.Event()
+
+    async def forge() -> None:
+        client = await nats.connect(nats_server.url)
+        try:
+            while not stop.is_set():
+                for seq in range(1, 4):
+                    await client.publish(subject, f"{seq} attacker".encode())
+                await client.flush()
+                await asyncio.sleep(0.005)
+        finally:
+            await client.close()
+
+    forger = threading.Thread(target=lambda: asyncio.run(forge()))
+    forger.start()
+    try:
+        broker.publish(Job("poison"))
+        wait_until(lambda: len(dead) == 1, 30)
+    finally:
+        stop.set()
+        forger.join(30)
+    assert dead[0].attempts == 3
+    assert calls == [1, 2, 3]

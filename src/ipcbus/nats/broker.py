@@ -157,7 +157,9 @@ class NatsBroker(NatsRequesting, NatsQueueGroups):
             self._dispatcher.stop(linger)
             raise
         js = self._conn.client.jetstream(timeout=operation_timeout)
-        self._streams = Streams(self._conn.client, js, self.namespace, self._id_prefix)
+        self._streams = Streams(
+            self._conn.client, js, self.namespace, self._id_prefix, self._signer
+        )
         self._max_payload = self._conn.client.max_payload
         self._conn.call(self._streams.listen(), operation_timeout, "subscribe")
         mp_util.Finalize(self, close_at_exit, args=(weakref.ref(self),), exitpriority=10)

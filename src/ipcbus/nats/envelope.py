@@ -45,7 +45,9 @@ __all__ = [
     "encode_message",
     "encode_object",
     "open_envelope",
+    "open_note",
     "seal",
+    "sign_note",
 ]
 
 MAGIC = b"ipcbus1"
@@ -94,6 +96,25 @@ class Signer:
         keyed = self._keyed.copy()
         keyed.update(b"%d:%s%s%s" % (len(subject), subject, head, payload))
         return keyed.digest()
+
+
+def sign_note(signer: Signer, subject: str, text: str) -> bytes:
+    """A short note between brokers of one bus (a rejection, an answer on a presence subject):
+    its text, then the HMAC of ``subject`` and the text, in hex. Without it anyone allowed to
+    publish there could lower a message's attempts (a poison message retried for ever) or keep
+    a message nobody accepts from being dropped."""
+    raw = text.encode()
+    return raw + b" " + signer.mac(subject.encode(), b"note", raw).hex().encode()
+
+
+def open_note(signer: Signer, subject: str, data: bytes) -> str | None:
+    """The text of a note signed for ``subject`` (``sign_note``), or ``None`` when the
+    signature does not hold."""
+    raw, _, mac = data.rpartition(b" ")
+    expected = signer.mac(subject.encode(), b"note", raw).hex().encode()
+    if not raw or not hmac.compare_digest(mac, expected):
+        return None
+    return raw.decode("utf-8", "replace")
 
 
 def seal(

@@ -127,7 +127,7 @@ class GroupConsumer(GroupRuns):
         self._burst: list[tuple[Any, ...]] = []
         self._tasks: set[asyncio.Future[None]] = set()
         where = f"{self.stream}.{self.durable}"
-        self._rejections = Rejections(client, namespace, where, token, send, seen)
+        self._rejections = Rejections(client, namespace, where, token, send, seen, signer)
 
     @property
     def in_hand(self) -> int:

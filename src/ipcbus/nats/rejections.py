@@ -31,6 +31,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from ..core.failures import Brief
 from ..message import Message
 from .connection import Handover
+from .envelope import Signer, open_note, sign_note
 from .group_runs import NAK, TERM, nak
 
 __all__ = ["CENSUS_WAIT", "Rejections", "Seen", "census"]
@@ -58,8 +59,10 @@ class Rejections:
         token: str,
         send: Callable[[str, bytes], None],
         seen: Seen,
+        signer: Signer,
     ) -> None:
         self._client = client
+        self._signer = signer  # notes and census answers are signed (envelope.sign_note)
         self.subject = f"{namespace}.rejected.{where}"
         self._presence = f"{namespace}.members.{where}"
         self._judging: set[asyncio.Task[None]] = set()
@@ -79,8 +82,12 @@ class Rejections:
             await self._sub.unsubscribe()
 
     def _noted(self, msg: Msg) -> None:
+        text = open_note(self._signer, self.subject, msg.data)
+        if text is None:
+            logger.debug("ignored a rejection note without a valid signature on %s", msg.subject)
+            return
         try:
-            seq_text, token = msg.data.decode().split(" ", 1)
+            seq_text, token = text.split(" ", 1)
             seq = int(seq_text)
         except ValueError:
             return
@@ -102,7 +109,7 @@ class Rejections:
         """Say that this process rejects the message ``seq``: whether it rejected it before, who
         rejected it so far, and the delay of its ``nak``."""
         before = self.token in self._seen.get(seq, (0, frozenset()))[1]
-        self._send(self.subject, f"{seq} {self.token}".encode())
+        self._send(self.subject, sign_note(self._signer, self.subject, f"{seq} {self.token}"))
         count, tokens = self._count(seq, self.token)
         delay = min(MAX_REJECT_DELAY, REJECT_DELAY * 2.0 ** min(count - 1, 16))
         return before, tokens, delay
@@ -130,7 +137,7 @@ class Rejections:
         queue_name: str,
     ) -> None:
         try:
-            present = await census(self._client, self._presence)
+            present = await census(self._client, self._presence, self._signer)
         except Exception as exc:
             logger.debug("queue group %r: no census (%s)", queue_name, exc)
             present = set()
@@ -152,14 +159,16 @@ class Rejections:
         self._send(reply, NAK)
 
 
-async def census(client: Client, presence: str) -> set[str]:
+async def census(client: Client, presence: str, signer: Signer) -> set[str]:
     """The tokens of the processes that have members of a group now (those that answer on its
-    presence subject within ``CENSUS_WAIT``)."""
+    presence subject within ``CENSUS_WAIT``, signed: ``Streams.join``)."""
     tokens: set[str] = set()
     inbox = client.new_inbox()
 
     async def answered(msg: Msg) -> None:
-        tokens.add(msg.data.decode())
+        token = open_note(signer, presence, msg.data)
+        if token is not None:
+            tokens.add(token)
 
     sub = await client.subscribe(inbox, cb=answered)
     try:

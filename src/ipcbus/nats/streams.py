@@ -19,6 +19,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
+from .envelope import Signer, sign_note
 from .statistics import GroupStatistics
 from .subjects import consumer_name, stream_name, subject_for
 
@@ -28,9 +29,12 @@ __all__ = ["Streams"]
 class Streams:
     """One broker's view of JetStream; its coroutines run on the connection's loop."""
 
-    def __init__(self, client: Client, js: JetStreamContext, namespace: str, token: str) -> None:
+    def __init__(
+        self, client: Client, js: JetStreamContext, namespace: str, token: str, signer: Signer
+    ) -> None:
         self._client = client
-        self._token = token.encode()  # this broker's answer on presence subjects
+        self._token = token  # this broker's answer on presence subjects, signed
+        self._signer = signer
         self._js = js
         self._namespace = namespace
         self.stored: dict[str, bool] = {}  # topic -> a stream stores it
@@ -64,11 +68,13 @@ class Streams:
     async def join(self, topic: str, queue_name: str) -> NatsSubscription:
         """Say, until the returned subscription ends, that this process has members."""
         client = self._client
+        subject = self._presence_subject(topic, queue_name)
+        answer = sign_note(self._signer, subject, self._token)
 
         async def present(msg: Any) -> None:
-            await client.publish(msg.reply, self._token)
+            await client.publish(msg.reply, answer)
 
-        subscription = await client.subscribe(self._presence_subject(topic, queue_name), cb=present)
+        subscription = await client.subscribe(subject, cb=present)
         await client.flush()
         return subscription
 
