@@ -199,7 +199,8 @@ class DataChannel:
                     return budget  # asked already: its FLUSHED wakes the I/O thread
                 self.waiting = outbox.confirmation(token)
                 continue
-            self.waiting = outbox.take()
+            # A batch takes no more than the room left below the bound.
+            self.waiting = outbox.take(self._max_unconfirmed - (outbox.sent - outbox.confirmed))
             self._on_space()
         return budget
 

@@ -191,7 +191,7 @@ class Outbox:
             name = get_unique_name_for_message(type(message))
             raise MessageTooLargeError(f"{name}: {self._too_large(largest)}; nothing was sent")
 
-    def take(self) -> list[Any] | None:
+    def take(self, room: int | None = None) -> list[Any] | None:
         """The next request to send (``None``: nothing to send). Takes a run of messages of
         one type, or one flush marker (remembered until its FLUSHED comes back)."""
         confirm = self.confirm
@@ -200,10 +200,11 @@ class Outbox:
         token = confirm.ask(time.monotonic())
         if token is not None:
             return self.confirmation(token)
-        return self.take_items()
+        return self.take_items(room)
 
-    def take_items(self) -> list[Any] | None:
-        """As ``take()``, from the queued items only: no confirmation asked first."""
+    def take_items(self, room: int | None = None) -> list[Any] | None:
+        """As ``take()``, from the queued items only: no confirmation asked first. ``room``:
+        messages one batch may take at most (what is left below the unconfirmed bound)."""
         items = self.items
         while items:
             first = items.popleft()
@@ -223,6 +224,8 @@ class Outbox:
             batch = [first]
             if items and type(items[0]) is cls:  # a run of its type: a batch, up to the limit
                 limit = self._batch_limit(kind, split)
+                if room is not None:
+                    limit = min(limit, max(1, room))
                 while items and len(batch) < limit and type(items[0]) is cls:
                     batch.append(items.popleft())  # type: ignore[arg-type]
             waiting, taken = len(items), self.taken
