@@ -252,6 +252,7 @@ class IOThread(IOCalls, ControlReader):
             reading = self._subscriptions.reading  # a sync waits: read, as the dispatcher may not
             poller.modify(sub_fd, zmq.POLLIN if reading else 0)
             timeout = 0 if more else _HELD_POLL_MS if held else _IDLE_POLL_MS
+            looked = reading  # the look below may take the edge of a batch that waits
             if reading and self._subscriptions.readable():
                 timeout = 0
             wake_at = self.session.wake_at()
@@ -268,8 +269,14 @@ class IOThread(IOCalls, ControlReader):
             self._resync_at = self._subscriptions.resync_due(time.monotonic())
             if control in events and events[control] & zmq.POLLIN:
                 self._read_control(control)
-            if self._subscriptions.reading and self._subscriptions.read():
-                self.wake()  # the pump may have waited for this sync answer
+            if self._subscriptions.reading:
+                if self._subscriptions.read():
+                    self.wake()  # the pump may have waited for this sync answer
+            elif looked:
+                # It stopped reading since it looked (the dispatcher took the sync answer): a
+                # batch whose edge that look took is the dispatcher's, which may be asleep on
+                # it. Found by a round trip that waited for ever, 5 in 3 000 runs.
+                self._subscriptions.hand_over()
             for monitor in monitors:
                 if monitor in events:
                     self._watch.read(monitor)

@@ -227,6 +227,12 @@ class Subscriptions:
         if self.sub is not None and not self.reading and readable(self.sub):
             self.wake_reader()
 
+    def hand_over(self) -> None:
+        """I/O thread, which looked at the socket and reads no more: wake the dispatcher if
+        something waits (``_used``)."""
+        with self.lock:
+            self._used()
+
     def hand_on_held(self) -> None:
         """Offer the held batch to the dispatcher again."""
         if self.held is not None:
