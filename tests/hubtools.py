@@ -69,6 +69,22 @@ def round_trip(address: str, count: int = 10, timeout: float = SETTLE_TIMEOUT) -
     assert received == list(range(count))
 
 
+def request_in_thread(broker: Broker, message: Message) -> tuple[threading.Thread, list[Any]]:
+    """Start a thread that waits in ``broker.request(message, timeout=None)``; what it returned
+    or raised goes into the list."""
+    outcome: list[Any] = []
+
+    def waiting() -> None:
+        try:
+            outcome.append(broker.request(message, timeout=None))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=waiting)
+    thread.start()
+    return thread, outcome
+
+
 def reap_pid(pid: int, timeout: float) -> int | None:
     """Wait up to ``timeout`` for child ``pid`` to exit, SIGKILL it past that; reap it either
     way. Its exit status, ``None`` if it had to be killed."""

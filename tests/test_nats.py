@@ -34,7 +34,7 @@ from ipcbus.nats.signing import load_or_create_secret
 from ipcbus.nats.subjects import consumer_name, escape_token, subject_for, unescape_token
 
 from .conftest import wait_until
-from .hubtools import BarrierWaiter, close_with_stuck_handlers
+from .hubtools import BarrierWaiter, close_with_stuck_handlers, request_in_thread
 from .messages import OrderPlaced, Tick
 from .natstools import SECRET, NatsServer
 
@@ -405,16 +405,7 @@ def test_a_request_wakes_when_the_connection_closes_for_good(server: NatsServer)
         reconnect_time_wait=0.2,
     )
     try:
-        outcome: list[BaseException] = []
-
-        def waiting() -> None:
-            try:
-                broker.request(Tick(1), timeout=None)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        requester = threading.Thread(target=waiting)
-        requester.start()
+        requester, outcome = request_in_thread(broker, Tick(1))
         wait_until(lambda: broker.pending_requests == 1, 10)
         server.kill()
         requester.join(30)

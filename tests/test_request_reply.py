@@ -31,6 +31,7 @@ from ipcbus.client.admin import request_statistics
 from ipcbus.wire import protocol as wire
 
 from .conftest import wait_until
+from .hubtools import request_in_thread
 from .messages import OrderPlaced, OutOfStock, Ping, Pong
 
 pytestmark = [pytest.mark.hub, pytest.mark.usefixtures("no_leftovers")]
@@ -186,16 +187,7 @@ def test_without_a_responder_a_request_times_out(requester: HubBroker) -> None:
 
 
 def test_close_wakes_a_waiting_requester(requester: HubBroker) -> None:
-    outcome: list[BaseException] = []
-
-    def wait_for_ever() -> None:
-        try:
-            requester.request(Ping("nobody"), timeout=None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=wait_for_ever)
-    thread.start()
+    thread, outcome = request_in_thread(requester, Ping("nobody"))
     wait_until(lambda: requester.pending_requests == 1, 30)
     requester.close()
     thread.join(30)

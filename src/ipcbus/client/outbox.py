@@ -118,7 +118,7 @@ class Outbox:
         self.kinds: weakref.WeakKeyDictionary[type, Kind] = weakref.WeakKeyDictionary()
         # The type taken last and its kind: a WeakKeyDictionary lookup is a Python call, and a
         # quiet publisher's batches are one message each.
-        self._last_kind: tuple[Callable[[], type | None], Kind | None] = (_nobody, None)
+        self._last_kind: tuple[weakref.ref[type], Kind] | None = None
         self.flushes: dict[bytes, FlushMarker] = {}  # sent, waiting for FLUSHED
         self.max_message_size = 0  # the hub's, from its WELCOME
         self.spool: Spool | None = None  # the hub's spool directory, from its WELCOME
@@ -217,9 +217,8 @@ class Outbox:
                 self.sent += 1
                 return first.frames
             cls = type(first)
-            last, kind = self._last_kind
-            if kind is None or last() is not cls:
-                kind = self._kind_of(cls)
+            last = self._last_kind
+            kind = last[1] if last is not None and last[0]() is cls else self._kind_of(cls)
             split = kind.topic in self.grouped
             batch = [first]
             if items and type(items[0]) is cls:  # a run of its type: a batch, up to the limit
@@ -386,7 +385,3 @@ class Outbox:
             f"it encodes to a frame of {size} bytes, over the {self.max_message_size} bytes the "
             f"hub accepts (HubOptions.max_message_size, less {FRAME_MARGIN} bytes of margin)"
         )
-
-
-def _nobody() -> None:
-    return None

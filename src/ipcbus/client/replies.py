@@ -58,7 +58,7 @@ class ReplyRoute:
         self.malformed = 0  # answers on the reply topic that were not one (logged)
         # Called once, before the reply topic is subscribed: the dispatcher looks for replies
         # from then on (no batch of the topic can reach it before).
-        self.on_subscribe: Callable[[], None] = _nothing
+        self.on_subscribe: Callable[[], None] | None = None
 
     def attach(self, io: IOThread) -> None:
         self._io = io
@@ -143,7 +143,8 @@ class ReplyRoute:
             live = self._live
             if live is None:
                 live = self._live = threading.Event()
-                self.on_subscribe()
+                if self.on_subscribe is not None:
+                    self.on_subscribe()
                 io.subscribe(self.topic, live)
         if timeout is not None and (subscribe_timeout is None or timeout <= subscribe_timeout):
             if not live.wait(timeout):
@@ -216,7 +217,3 @@ def _decode(outcome: object) -> Message | Failure:
     if not isinstance(reply, Message):
         return Failure("TypeError", f"a reply that is not a Message: {type(reply).__name__}")
     return reply
-
-
-def _nothing() -> None:
-    pass
