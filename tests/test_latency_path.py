@@ -167,7 +167,8 @@ def test_a_quiet_publisher_sends_a_due_confirmation_after_its_message() -> None:
 def test_past_max_unconfirmed_the_pump_asks_a_confirmation_and_waits_for_it() -> None:
     """With max_unconfirmed messages sent and not confirmed, the I/O thread sends nothing more
     but a request for a confirmation, and sends on once the hub answered. Also when the
-    confirmation asked before went back into the outbox (a lost hub: resend_flushes), behind
+    confirmation asked before went back into the outbox (a lost hub: resend_flushes, which now
+    forgets it was asked), behind
     the messages that wait: the cap then held it back for ever (found by the hub-kill test)."""
     import zmq
 

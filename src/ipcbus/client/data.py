@@ -190,10 +190,6 @@ class DataChannel:
                 and not outbox.confirm.resend  # sent again to a new hub: counted already
             ):
                 # Enough on its way: ask the hub to confirm it, and send on once it has.
-                if not outbox.flushes:
-                    # Nothing sent waits for an answer: a confirmation asked of a hub that was
-                    # lost went back into the outbox (resend_flushes), behind what waits here.
-                    outbox.confirm.asking = False
                 token = outbox.confirm.ask(time.monotonic(), at_once=True)
                 if token is None:
                     return budget  # asked already: its FLUSHED wakes the I/O thread

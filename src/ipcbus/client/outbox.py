@@ -276,6 +276,9 @@ class Outbox:
             marker.token = b"%s/%d" % (marker.token.partition(b"/")[0], next(self._retokens))
             self.items.append(marker)
         self.flushes.clear()
+        # A confirmation asked of the lost hub is no longer outstanding: it went back behind
+        # what is queued, which the unconfirmed bound may hold back (DataChannel asks anew).
+        self.confirm.asking = False
 
     def unconfirmed(self) -> int:
         """Messages accepted and not confirmed by a hub: still here, or sent and not confirmed
