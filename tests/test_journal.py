@@ -147,8 +147,8 @@ def test_a_kill_mid_load_loses_no_job_and_flags_every_duplicate(
 ) -> None:
     """10,000 jobs, two consumers acking, the hub killed while they work: after a restart,
     every job was processed, and a job processed twice came again with a higher attempt. (The
-    jobs are all confirmed before the kill: a copy its publisher sends again to the new hub is
-    a new message there, and not flagged; docs/guarantees.md, "Hub kill -9".)"""
+    jobs are all confirmed before the kill; for what is sent again, see
+    ``test_jobs_on_their_way_when_the_hub_dies_are_sent_again``.)"""
     address, journal = f"ipc://{tmp_path}/hub", tmp_path / "journal"
     logs = [tmp_path / "calls-0", tmp_path / "calls-1"]
     hub = _hub(address, journal)
@@ -282,7 +282,9 @@ def test_jobs_on_their_way_when_the_hub_dies_are_sent_again(
     tmp_path: Path, workers: Workers
 ) -> None:
     """The producer publishes without flushing while the hub is killed: what the dead hub had
-    not confirmed (on its way, read and not journaled) goes again to the new hub: 0 lost."""
+    not confirmed goes again to the new hub: 0 lost. The copies the dead hub had journaled
+    (restored by the new one) are dropped, and every job handled twice came the second time
+    with attempt 2: no job is handled twice as a first delivery (attempt 1)."""
     address, journal, log = f"ipc://{tmp_path}/hub", tmp_path / "journal", tmp_path / "calls"
     hub = _hub(address, journal)
     try:
@@ -297,6 +299,44 @@ def test_jobs_on_their_way_when_the_hub_dies_are_sent_again(
                     hub = _hub(address, journal)
             producer.flush(60)
         wait_until(lambda: len({seq for seq, _ in _calls(log)}) == 20_000, 120)
+        firsts: dict[int, int] = {}
+        for seq, attempt in _calls(log):
+            firsts[seq] = firsts.get(seq, 0) + (attempt == 1)
+        assert [seq for seq, count in firsts.items() if count > 1] == []
+    finally:
+        hub.stop()
+
+
+def test_a_kill_without_a_journal_hands_the_new_hub_no_job_twice(
+    tmp_path: Path, workers: Workers
+) -> None:
+    """ZeroMQ hands what was still in the producer's pipe when the hub died to the new hub, and
+    the producer sends what the dead hub did not confirm again: the new hub drops the copies of
+    what it has (before: the whole burst came twice). A copy of what the dead hub read comes with
+    attempt 2 (it may have been delivered); what it held is lost with it, without a journal."""
+    address, log = f"ipc://{tmp_path}/hub", tmp_path / "calls"
+    hub = Hub(address, **HEARTBEAT).start()
+    try:
+        with HubBroker(address) as producer:
+            producer.declare_queue(Tick, "jobs")  # held by the hub: no consumer yet
+            producer.flush(30)
+            for seq in range(2000):
+                producer.publish(Tick(seq))
+            _kill(hub)  # at once: most of the burst is still on its way
+            hub = Hub(address, **HEARTBEAT).start()
+            producer.flush(60)  # confirmed by the new hub: what was sent again came first
+        duplicates = request_statistics(address).duplicates_dropped
+        workers.start(_consumer, address, str(log), -1)
+        wait_until(lambda: request_statistics(address).queues[QUEUE]["held"] == 0, 60)
+        calls = sorted(_calls(log))
+        assert calls
+        assert len({seq for seq, _ in calls}) == len(calls)  # each once
+        # In publish order: what the dead hub read and did not confirm (sent again: attempt
+        # 2), then what it never read (out of the pipe, or still in the outbox: attempt 1).
+        attempts = [attempt for _, attempt in calls]
+        assert attempts == sorted(attempts, reverse=True)
+        assert set(attempts) <= {1, 2}
+        assert duplicates <= 2000 - attempts.count(2)
     finally:
         hub.stop()
 

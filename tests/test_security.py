@@ -675,6 +675,7 @@ CLIENT_KINDS = [
     _wire.GROUPS_ACK,
     _wire.BYE,
     _wire.PUBLISH,
+    _wire.NUMBERED,
     _wire.FLUSH,
 ]
 
@@ -692,6 +693,10 @@ def _fuzz_message(rng: random.Random, pool: bytes) -> list[bytes]:
             # Half of the fuzz's PUBLISHes get a topic and a meta of the right size, to reach
             # further.
             frames[0] += rng.choice([NOBODY_TOPIC, frames[1][:40] + b"\x00"]) + rng.randbytes(13)
+        elif kind == _wire.NUMBERED and len(frames) >= 2 and rng.random() < 0.5:
+            # Flags (mostly valid), a position, a topic and a meta.
+            flags = bytes((rng.choice([0, _wire.AGAIN, rng.randrange(256)]),))
+            frames[0] += flags + rng.randbytes(8) + NOBODY_TOPIC + rng.randbytes(13)
     return frames
 
 
@@ -699,7 +704,10 @@ def _surely_malformed(frames: list[bytes]) -> bool:
     """Dropped at the frame count or header check, whatever the hub's state."""
     head = frames[0]
     too_many = len(frames) + 1 > _wire.MAX_FRAMES  # + the identity frame
-    long_head = len(head) != _wire.HEADER_LEN and head[: _wire.HEADER_LEN] != PUBLISH
+    long_head = len(head) != _wire.HEADER_LEN and head[: _wire.HEADER_LEN] not in (
+        PUBLISH,
+        _wire.header(_wire.NUMBERED),
+    )
     return too_many or long_head or len(head) < _wire.HEADER_LEN or head[0] != _wire.VERSION
 
 

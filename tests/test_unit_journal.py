@@ -11,12 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from ipcbus.config import HubOptions, hub_options_from_env, parse_hub_option
 from ipcbus.exceptions import JournalError
 from ipcbus.server import journal_records as records
+from ipcbus.server.data_path import DataPath
+from ipcbus.server.fanout import Fanout
 from ipcbus.server.journal import Journal
+from ipcbus.server.positions import Positions
 from ipcbus.server.queues import QueueBook
+from ipcbus.wire import protocol as wire
 from ipcbus.wire.protocol import OUTCOME_DEAD, OUTCOME_FAILED, OUTCOME_OK, Ack, pack_sizes
 
 TOPIC = b"tests.Job\x00"
@@ -197,6 +202,98 @@ def test_what_was_not_acked_comes_back_with_its_attempts(tmp_path: Path) -> None
         assert len(set(ids)) == len(ids)
     finally:
         journal.close()
+
+
+def _numbered(publisher: bytes, position: int, again: bool, *payloads: bytes) -> list[zmq.Frame]:
+    """A split batch as the hub's data socket receives it: identity first."""
+    meta = wire.pack_meta(wire.CODEC_SPLIT_OBJECTS, len(payloads), 0.0)
+    request = wire.publish_numbered(TOPIC, meta, list(_batch(*payloads)), position)
+    if again:
+        wire.sent_again(request)
+    return [zmq.Frame(publisher), *(zmq.Frame(part) for part in request)]
+
+
+def test_a_copy_sent_again_is_dropped_if_journaled_and_flagged_if_not(tmp_path: Path) -> None:
+    """After a kill, a publisher sends again what the dead hub did not confirm: the new hub
+    drops the batches the journal holds (restored already), and holds the others as delivered
+    once, so that a job that comes twice comes the second time with attempt 2."""
+    with zmq.Context() as context, context.socket(zmq.XPUB) as xpub:
+        xpub.linger = 0
+        xpub.bind("inproc://journal-dedupe")
+
+        def hub(book: QueueBook, journal: Journal) -> DataPath:
+            path = DataPath(book)
+            path.fanout, path.journal = Fanout(xpub, 30.0), journal
+            return path
+
+        book, journal = _book(tmp_path / "j")
+        book.declare(TOPIC, "g")
+        first = hub(book, journal)
+        first.handle(xpub, _numbered(b"A", 2, False, b"a1", b"a2"))
+        first.handle(xpub, _numbered(b"A", 4, False, b"a3", b"a4"))
+        journal.end_of_turn(book)
+        journal.close()  # killed before it confirmed either batch
+
+        book, journal = _book(tmp_path / "j")
+        second = hub(book, journal)
+        second.handle(xpub, _numbered(b"A", 2, True, b"a1", b"a2"))  # journaled: dropped
+        second.handle(xpub, _numbered(b"A", 4, True, b"a3", b"a4"))  # journaled: dropped
+        second.handle(xpub, _numbered(b"A", 6, True, b"a5", b"a6"))  # read, never journaled
+        second.handle(xpub, _numbered(b"B", 4, True, b"b1"))  # another publisher's position
+        second.handle(xpub, _numbered(b"A", 7, False, b"a7"))  # a new publish
+        assert second.duplicates == 4
+        assert _held(book) == {
+            "g": [
+                *[(b"a1", 0), (b"a2", 0), (b"a3", 0), (b"a4", 0)],  # restored
+                *[(b"a5", 1), (b"a6", 1), (b"b1", 1)],  # as delivered once
+                (b"a7", 0),
+            ]
+        }
+        book.add_consumer(TOPIC, "g", KEY, prefetch=100)
+        delivered = [(p, d.run.attempt) for d in book.dispatch(0.0) for p in d.run.payload_list()]
+        assert delivered == [
+            *[(b"a1", 1), (b"a2", 1), (b"a3", 1), (b"a4", 1)],
+            *[(b"a5", 2), (b"a6", 2), (b"b1", 2)],
+            (b"a7", 1),
+        ]
+        journal.checkpoint(book)  # the positions outlive compaction
+        journal.close()
+
+        book, journal = _book(tmp_path / "j")
+        try:
+            positions = book.positions
+            assert [positions.taken(*at) for at in [(b"A", 7), (b"B", 4)]] == [True, True]
+            assert [positions.taken(*at) for at in [(b"A", 8), (b"C", 1)]] == [False, False]
+        finally:
+            journal.close()
+
+
+def test_a_copy_of_what_came_through_the_pipe_is_dropped_without_a_journal() -> None:
+    """ZeroMQ hands what was in a client's pipe when its hub died to the next hub, and the
+    client sends the same batches again: the hub takes the first and drops the copies."""
+    with zmq.Context() as context, context.socket(zmq.XPUB) as xpub:
+        xpub.linger = 0
+        xpub.bind("inproc://pipe-dedupe")
+        book = QueueBook(b"hub", max_held=100)
+        book.declare(TOPIC, "g")
+        path = DataPath(book)
+        path.fanout = Fanout(xpub, 30.0)
+        path.handle(xpub, _numbered(b"A", 2, False, b"a1", b"a2"))  # out of the pipe
+        path.handle(xpub, _numbered(b"A", 2, True, b"a1", b"a2"))  # sent again
+        path.handle(xpub, _numbered(b"A", 3, True, b"a3"))  # sent again, never came
+        assert path.duplicates == 2
+        assert _held(book) == {"g": [(b"a1", 0), (b"a2", 0), (b"a3", 1)]}
+
+
+def test_positions_keep_the_publishers_that_published_last() -> None:
+    positions = Positions(limit=2)
+    positions.note(b"A", 10)
+    positions.note(b"B", 5)
+    positions.note(b"A", 3)  # older than what it had: kept at 10, and now the most recent
+    positions.note(b"C", 1)  # B published least recently: forgotten
+    assert list(positions.items()) == [(b"A", 10), (b"C", 1)]
+    assert positions.taken(b"A", 10)
+    assert not positions.taken(b"B", 5)
 
 
 def test_broadcast_counts_are_continued(tmp_path: Path) -> None:

@@ -572,6 +572,39 @@ def test_parse_publish_head_refuses(head: bytes) -> None:
         wire.parse_publish_head(head)
 
 
+def test_a_numbered_publish_carries_its_position_and_is_flagged_when_sent_again() -> None:
+    meta = wire.pack_meta(wire.CODEC_SPLIT_OBJECTS, 2, 1.0)
+    request = wire.publish_numbered(TOPIC, meta, [b"sizes", b"payloads"], 2**40)
+    assert wire.parse_data_kind(request[0]) == wire.NUMBERED
+    assert wire.parse_numbered_head(request[0]) == (0, 2**40, TOPIC, meta)
+    assert request[1:] == [b"sizes", b"payloads"]
+    wire.sent_again(request)
+    wire.sent_again(request)  # a second new hub: still one flag
+    assert wire.parse_numbered_head(request[0]) == (wire.AGAIN, 2**40, TOPIC, meta)
+    plain = wire.publish(TOPIC, meta, [b"payload"])
+    wire.sent_again(plain)  # only a numbered request is flagged
+    assert plain == wire.publish(TOPIC, meta, [b"payload"])
+
+
+_NUMBERED = wire.header(wire.NUMBERED)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        _NUMBERED,  # nothing after the header
+        _NUMBERED + b"\x00" * 9,  # a position and no topic
+        _NUMBERED + struct.pack("<BQ", 2, 1) + TOPIC,  # an unknown flag
+        _NUMBERED + struct.pack("<BQ", 0, 2**63) + TOPIC,  # a position no client reaches
+        _NUMBERED + struct.pack("<BQ", 0, 1) + b"app.Tick",  # no terminator
+        _NUMBERED + struct.pack("<BQ", 0, 1) + wire.SYNC_PREFIX + b"raw:1\x00",
+    ],
+)
+def test_parse_numbered_head_refuses(head: bytes) -> None:
+    with pytest.raises(ValueError):
+        wire.parse_numbered_head(head)
+
+
 def test_flush_and_flushed() -> None:
     request = wire.flush(b"token-1")
     assert wire.parse_kind(request[0]) == wire.FLUSH

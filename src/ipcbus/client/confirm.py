@@ -8,9 +8,9 @@ under load). The hub answers a FLUSH after what came before it (relayed, and jou
 has a journal). When a *different* hub welcomes the client (the previous one died), what the
 previous one did not confirm is (docs/guarantees.md, "Hub kill -9"):
 
-- for topics with queue groups, sent again, first: at least once (the dead hub may have
-  journaled or delivered it, then it comes twice, and the copy sent again is a new message for
-  the new hub: ``attempt`` does not flag it);
+- for topics with queue groups, sent again, first, flagged as such (``wire.sent_again``): a new
+  hub with the dead one's journal drops the copies it journaled, and delivers the others with
+  ``attempt`` 2 (the dead hub may have delivered them: at least once, every duplicate flagged);
 - broadcast, counted per type in ``in_doubt`` and logged at WARNING: it may have reached its
   subscribers or not, and sending it again could duplicate it.
 """
@@ -93,7 +93,8 @@ class Unconfirmed:
         again = 0
         for _position, topic, count, request in window:
             if request is not None:
-                self.resend.append(request)
+                wire.sent_again(request)  # flagged: the new hub may know it, or deliver it as
+                self.resend.append(request)  # delivered once (attempt 2)
                 again += count
             else:
                 name = wire.unique_name_of(topic)

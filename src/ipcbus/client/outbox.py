@@ -334,8 +334,13 @@ class Outbox:
                 kind.big = True
                 if self.spool is not None:  # big buffers to files, not through the sockets
                     codec_id, frames = self.spool.store(kind.topic, codec_id, frames)
-        request = wire.publish(kind.topic, wire.pack_meta(codec_id, count, published_at), frames)
-        self.confirm.sent(self.sent, kind.topic, count, request if split else None)
+        meta = wire.pack_meta(codec_id, count, published_at)
+        if split:  # numbered: a new hub with the journal drops a copy the dead one journaled
+            request = wire.publish_numbered(kind.topic, meta, frames, self.sent)
+            self.confirm.sent(self.sent, kind.topic, count, request)
+        else:
+            request = wire.publish(kind.topic, meta, frames)
+            self.confirm.sent(self.sent, kind.topic, count, None)
         return request
 
     def _trim(self, encode: Encode, cls: type, split: bool, batch: list[Message]) -> list[Message]:

@@ -1,7 +1,9 @@
 """What the hub does with each request on its data socket (hub process): a PUBLISH checked,
 counted, held for its topic's queue groups and relayed on XPUB; a FLUSH answered once what the
-client sent before it is relayed (and journaled). Never unpickles: malformed input raises
-``ValueError``, which the serving loop counts and drops (docs/security.md)."""
+client sent before it is relayed (and journaled). A numbered PUBLISH (a split batch) sent again
+to this hub after another died is dropped if this hub has it already, else held as delivered
+once (``positions``). Never unpickles: malformed input raises ``ValueError``, which the
+serving loop counts and drops (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class DataPath:
         self.journal: Journal | None = None
         self.batches = self.messages = self.bytes = 0
         self.unsplittable = 0  # messages of a grouped topic that came unsplit: no group got them
+        self.duplicates = 0  # messages sent again that this hub had taken already: dropped
         self.unrouted = Unrouted()
         # A batch of a topic with queue groups came since this was last cleared: the control
         # plane has work (the serving loop skips it otherwise until its timers are due).
@@ -40,7 +43,9 @@ class DataPath:
         identity, head = frames[0].bytes, frames[1].bytes
         kind = wire.parse_data_kind(head)
         if kind == wire.PUBLISH:
-            self._publish(identity, head, frames)
+            self._publish(identity, *wire.parse_publish_head(head), frames)
+        elif kind == wire.NUMBERED:
+            self._numbered(identity, head, frames)
         elif kind == wire.FLUSH and len(frames) == 3:
             if self.journal is not None:  # confirmed once what came before is journaled
                 self.journal.answer_later(data, wire.flushed(identity, frames[2].bytes))
@@ -49,12 +54,32 @@ class DataPath:
         else:
             raise ValueError(f"unknown data request {kind!r}")
 
-    def _publish(self, identity: bytes, head: bytes, frames: list[zmq.Frame]) -> None:
+    def _numbered(self, identity: bytes, head: bytes, frames: list[zmq.Frame]) -> None:
+        flags, position, topic, meta = wire.parse_numbered_head(head)
+        positions = self._book.positions
+        again = flags & wire.AGAIN  # sent again: the hub before this one did not confirm it
+        if again and positions.taken(identity, position):
+            # Taken already: from the client's pipe (ZeroMQ hands it to the next hub), or
+            # journaled by the hub before (restored).
+            self.duplicates += wire.unpack_meta(meta)[1]
+            return
+        positions.note(identity, position)
+        # Sent again, the hub before may have delivered it: as delivered once (attempt 2 next).
+        self._publish(identity, topic, meta, frames, 1 if again else 0, position)
+
+    def _publish(
+        self,
+        identity: bytes,
+        topic: bytes,
+        meta: bytes,
+        frames: list[zmq.Frame],
+        attempt: int = 0,
+        position: int | None = None,
+    ) -> None:
         fanout = self.fanout
         assert fanout is not None
         if len(frames) < 3:
             raise ValueError("PUBLISH without payload")
-        topic, meta = wire.parse_publish_head(head)
         codec, count, _ = wire.unpack_meta(meta)
         split = codec in wire.SPLIT_CODECS
         if split:
@@ -76,7 +101,8 @@ class DataPath:
             self.grouped = True
             if split:
                 # Kept whole: the book cuts it only where a consumer's credit needs it.
-                book.enqueue_batch(topic, meta, sizes, payloads)
+                publisher = None if position is None else (identity, position)
+                book.enqueue_batch(topic, meta, sizes, payloads, attempt, publisher)
             else:
                 # Encoded before its publisher learned the topic has queue groups, i.e.
                 # published before the group's first subscribe_async() returned.

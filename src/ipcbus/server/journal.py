@@ -159,6 +159,8 @@ class Journal:
                 book.restore_dead(topic, name, entry)
         book.reserve_ids(replay.next_id)
         self.restored_counts = replay.counts
+        for publisher, position in replay.positions.items():
+            book.positions.note(publisher, position)  # what it journaled is restored already
         self.counts["restored"] = restored
         if restored:
             logger.info("journal: %d queue messages restored from %s", restored, self.directory)
@@ -166,9 +168,18 @@ class Journal:
     # -- the queue book's hooks -------------------------------------------------------------
 
     def enqueued(
-        self, topic: bytes, groups: Sequence[tuple[str, int]], meta: bytes, sizes: Any, data: Any
+        self,
+        topic: bytes,
+        groups: Sequence[tuple[str, int]],
+        meta: bytes,
+        sizes: Any,
+        data: Any,
+        attempt: int = 0,
+        publisher: tuple[bytes, int] | None = None,
     ) -> None:
-        self._add(records.enqueued(topic, groups, meta, sizes, data))
+        self._add(records.enqueued(topic, groups, meta, sizes, data, attempt))
+        if publisher is not None:  # numbered: a copy sent again to the next hub is dropped
+            self._add(records.position(*publisher))
         self._messages += len(groups) * (len(sizes) // 4)
         self._unsynced_data = True
 
@@ -310,6 +321,8 @@ class Journal:
         try:
             parts: list[Any] = records.begin(book.next_id)
             parts += [records.counted(t, n) for t, n in self.count_source().items()]
+            for publisher, position in book.positions.items():
+                parts += records.position(publisher, position)
             for group in book.groups():
                 for entry in group.dead:
                     parts += _dead_record(group.topic, group.name, entry)

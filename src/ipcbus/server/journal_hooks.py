@@ -17,7 +17,14 @@ class JournalHooks(Protocol):
     full: bool
 
     def enqueued(
-        self, topic: bytes, groups: Sequence[tuple[str, int]], meta: bytes, sizes: Any, data: Any
+        self,
+        topic: bytes,
+        groups: Sequence[tuple[str, int]],
+        meta: bytes,
+        sizes: Any,
+        data: Any,
+        attempt: int = 0,
+        publisher: tuple[bytes, int] | None = None,
     ) -> None: ...
 
     def delivered(self, first_id: int, count: int, attempt: int) -> None: ...

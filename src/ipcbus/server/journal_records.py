@@ -14,6 +14,9 @@ A record is a 9-byte header (kind, body length, CRC-32 of kind and body) and its
   in ``gaps``, what the dead hub had sent it and it never received;
 - ``DEAD``: the hub's record of a dead letter (message id, attempts, error: what ``ipcbus stats``
   shows), so that it outlives a crash too;
+- ``POSITION``: a publisher's position (its client id and the messages it sent up to the
+  batch): the batch it numbered so is journaled (``server.positions``), written after the
+  batch's ``ENQUEUED`` and, for every publisher kept, by a checkpoint;
 - ``BEGIN`` / ``END``: a checkpoint: the segment that starts with them holds every live message,
   so older segments are not needed (``BEGIN`` carries the next message id).
 
@@ -43,6 +46,7 @@ from .journal_scan import (
     END,
     ENQUEUED,
     HEADER,
+    POSITION,
     SETTLED,
     Scan,
     scan,
@@ -56,6 +60,7 @@ __all__ = [
     "DROPPED",
     "END",
     "ENQUEUED",
+    "POSITION",
     "SETTLED",
     "LiveRun",
     "Replay",
@@ -67,6 +72,7 @@ __all__ = [
     "dropped",
     "end",
     "enqueued",
+    "position",
     "scan",
     "settled",
 ]
@@ -147,6 +153,10 @@ def dead(
     head += _ATTEMPT.pack(0, 0, attempts) + _WHEN.pack(when)
     head += _name(error.encode()[:_MAX_ERROR]) + _name(bytes(meta))
     return _record(DEAD, [head, payload])
+
+
+def position(publisher: bytes, at: int) -> list[Any]:
+    return _record(POSITION, [_GROUP_ID.pack(at) + publisher])
 
 
 def begin(next_id: int) -> list[Any]:
@@ -233,6 +243,8 @@ class Replay:
         self.counts: dict[bytes, int] = {}  # broadcast topic -> its last message count
         # (topic, group) -> its latest dead letters
         self.dead: dict[tuple[bytes, str], deque[DeadLetterRecord]] = {}
+        # publisher (client id) -> the last position journaled, the most recent last
+        self.positions: dict[bytes, int] = {}
         self.began = self.ended = False
         self.bad_records = 0  # well-formed on disk (CRC good) but not understood
 
@@ -271,6 +283,13 @@ class Replay:
                     bytes(body[offset:]),
                 )
             )
+        elif kind == POSITION:
+            (at,) = _GROUP_ID.unpack_from(body)
+            publisher = bytes(body[_GROUP_ID.size :])
+            if not 0 < len(publisher) < 256:  # a ZeroMQ routing id
+                raise ValueError(f"a publisher id of {len(publisher)} bytes")
+            last = self.positions.pop(publisher, at)
+            self.positions[publisher] = max(last, at)
         elif kind == COUNTED:
             (count,) = _GROUP_ID.unpack_from(body)
             self.counts[bytes(body[_GROUP_ID.size :])] = count

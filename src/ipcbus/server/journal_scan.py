@@ -20,8 +20,8 @@ __all__ = ["HEADER", "KINDS", "Scan", "scan"]
 
 # The kinds of records (what each holds: journal_records), defined here, where reading needs
 # them, and imported there.
-ENQUEUED, DELIVERED, SETTLED, DROPPED, BEGIN, END, COUNTED, DEAD = range(1, 9)
-KINDS = frozenset(range(ENQUEUED, DEAD + 1))
+ENQUEUED, DELIVERED, SETTLED, DROPPED, BEGIN, END, COUNTED, DEAD, POSITION = range(1, 10)
+KINDS = frozenset(range(ENQUEUED, POSITION + 1))
 HEADER = struct.Struct("<BII")  # kind, body length, crc32(kind byte + body)
 _LENGTH = struct.Struct("<I")
 

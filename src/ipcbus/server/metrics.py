@@ -67,6 +67,7 @@ _DROPS = {
     "stall_drops": "stalled_subscriber",
     "unsplittable_dropped": "unsplittable",
     "deleted_queue_dropped": "deleted_queue",
+    "duplicates_dropped": "duplicate",
 }
 # Counts of a queue group that only grow; the others (held, in_flight, consumers, ...) go up
 # and down.

@@ -49,6 +49,7 @@ from collections.abc import Iterator
 from ..wire.protocol import pack_sizes
 from .dead_letters import DeadEntry
 from .journal_hooks import JournalHooks
+from .positions import Positions
 from .queue_dispatch import QueueDispatch
 from .queue_group import ConsumerKey, DeadRecord, Delivery, QueueConsumer, QueueGroup
 from .runs import Run
@@ -100,6 +101,9 @@ class QueueBook(QueueDispatch):
         self.late_acks = 0  # acks for this hub's deliveries it no longer has
         self.stale_acks = 0  # acks for deliveries of another hub (before a restart)
         self.deleted_dropped = 0  # held messages dropped with their deleted group
+        # Per publisher, the last numbered batch taken (the data path drops a copy sent again
+        # of one; a journal keeps them across a crash).
+        self.positions = Positions()
         self.full_topics: frozenset[bytes] = frozenset()
         self.journal: JournalHooks | None = None
 
@@ -239,10 +243,18 @@ class QueueBook(QueueDispatch):
         self.enqueue_batch(topic, meta, pack_sizes(map(len, payloads)), b"".join(payloads))
 
     def enqueue_batch(
-        self, topic: bytes, meta: bytes, sizes: bytes, payloads: bytes | memoryview
+        self,
+        topic: bytes,
+        meta: bytes,
+        sizes: bytes,
+        payloads: bytes | memoryview,
+        attempt: int = 0,
+        publisher: tuple[bytes, int] | None = None,
     ) -> None:
         """A split batch as it came (``wire.check_split`` passed) for every group of ``topic``:
-        kept whole, it is cut only where a consumer's credit or share needs it."""
+        kept whole, it is cut only where a consumer's credit or share needs it. ``attempt``: the
+        deliveries it may have had (1 for a copy sent again to a new hub); ``publisher``: its
+        client id and position, for the journal (``server.positions``)."""
         groups = self._by_topic.get(topic)
         if not groups:
             return
@@ -253,12 +265,12 @@ class QueueBook(QueueDispatch):
         first_ids = []
         for group in groups:
             # Each group its own copy: its own message ids and history (the bytes are shared).
-            group.push(Run(meta, sizes_view, payloads_view, self._next_id, count))
+            group.push(Run(meta, sizes_view, payloads_view, self._next_id, count, attempt))
             first_ids.append((group.name, self._next_id))
             self._next_id += count
             group.counts["published"] += count
         if self.journal is not None:
-            self.journal.enqueued(topic, first_ids, meta, sizes, payloads)
+            self.journal.enqueued(topic, first_ids, meta, sizes, payloads, attempt, publisher)
 
     # -- the journal ------------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ class RelayStatistics:
             stale_acks=book.stale_acks,
             unapplied_acks=self.control_plane.unapplied_acks,
             unsplittable_dropped=self._data_path.unsplittable,
+            duplicates_dropped=self._data_path.duplicates,
             bad_group_entries=self.control_plane.bad_group_entries,
             handshakes_shed=sum(pending.shed for pending in self._pending.values()),
             unrouted=dict(self._data_path.unrouted.counts),

@@ -14,6 +14,7 @@ from .frames import (
     FLUSH,
     FLUSHED,
     HEADER_LEN,
+    NUMBERED,
     PUBLISH,
     TOPIC_END,
     VERSION,
@@ -25,6 +26,7 @@ from .frames import (
 )
 
 __all__ = [
+    "AGAIN",
     "Fanout",
     "fanout",
     "fanout_head",
@@ -33,9 +35,12 @@ __all__ = [
     "parse_data_kind",
     "parse_fanout_head",
     "parse_flushed",
+    "parse_numbered_head",
     "parse_publish_head",
     "publish",
     "publish_head",
+    "publish_numbered",
+    "sent_again",
 ]
 
 
@@ -89,11 +94,50 @@ def publish(topic: bytes, meta: bytes, payload: Sequence[Any]) -> list[Any]:
     return [_PUBLISH_HEADER + topic + meta, *payload]  # publish_head(), one call fewer
 
 
+# -- numbered: a split batch (version 9) ------------------------------------------------------
+
+_NUMBERED_HEADER = bytes((VERSION,)) + NUMBERED
+_NUMBER = struct.Struct("<BQ")  # flags, position
+AGAIN = 1  # flag: a copy sent again to a new hub (its predecessor did not confirm it)
+_MAX_POSITION = 1 << 63
+
+
+def publish_numbered(topic: bytes, meta: bytes, payload: Sequence[Any], position: int) -> list[Any]:
+    """A split batch: as ``publish()``, its head numbered with the publisher's ``position``
+    (messages it sent up to this batch's last)."""
+    return [_NUMBERED_HEADER + _NUMBER.pack(0, position) + topic + meta, *payload]
+
+
+def sent_again(request: list[Any]) -> None:
+    """Flag a numbered request as a copy sent again to a new hub (in place; anything else is
+    left as it is)."""
+    head = bytes(request[0])
+    if head[:HEADER_LEN] == _NUMBERED_HEADER and len(head) > HEADER_LEN + _NUMBER.size:
+        request[0] = head[:HEADER_LEN] + bytes((head[HEADER_LEN] | AGAIN,)) + head[HEADER_LEN + 1 :]
+
+
+def parse_numbered_head(head: bytes) -> tuple[int, int, bytes, bytes]:
+    """The flags, position, topic (checked) and meta (unchecked) of a numbered head whose
+    header was checked; ``ValueError`` when malformed."""
+    start = HEADER_LEN + _NUMBER.size
+    if len(head) <= start:
+        raise ValueError(f"a numbered PUBLISH head of {len(head)} bytes")
+    flags, position = _NUMBER.unpack_from(head, HEADER_LEN)
+    if flags & ~AGAIN or position >= _MAX_POSITION:
+        raise ValueError(f"a numbered PUBLISH head with flags {flags}, position {position}")
+    end = head.find(TOPIC_END, start) + 1
+    if end <= 0:
+        raise ValueError("a numbered PUBLISH head without a topic")
+    return flags, position, check_topic(head[start:end]), head[end:]
+
+
 def parse_data_kind(head: bytes) -> bytes:
     """The kind of a request on the data socket: a PUBLISH's head holds more than its header
     (``publish_head``); ``ValueError`` for a bad header."""
     if head[:HEADER_LEN] == _PUBLISH_HEADER and len(head) > HEADER_LEN:
         return PUBLISH
+    if head[:HEADER_LEN] == _NUMBERED_HEADER:
+        return NUMBERED
     return parse_kind(head)
 
 

@@ -34,7 +34,11 @@ from typing import Any
 # seq, publisher and meta (``wire.data_frames``). Each frame cost 3-6 us in pyzmq at
 # each end and a CURVE box in ZeroMQ's I/O threads: a round trip crossed eight frames more than
 # it needed.
-VERSION = 8
+# Version 9: a split batch (a topic with queue groups) is a numbered PUBLISH: its head carries the
+# publisher's position (messages it sent up to this batch's last) and a flag for a copy sent again
+# to a new hub, so that a hub restarted with the journal drops the copies the dead one journaled
+# and delivers the rest with ``attempt`` 2 (they may have been delivered once).
+VERSION = 9
 HEADER_LEN = 2
 
 # control, client -> hub
@@ -65,6 +69,7 @@ DELETED = b"k"
 DECLARED = b"y"
 # data, client -> hub and back
 PUBLISH = b"P"
+NUMBERED = b"N"  # a PUBLISH of a split batch, with the publisher's position (data_frames)
 FLUSH = b"F"
 FLUSHED = b"f"
 

@@ -82,6 +82,14 @@ client data DEALER → hub data ROUTER (``<address>.in``)
                                 ``b"e"`` (the responder's failure: type name, NUL, text) and the
                                 correlation id. The hub relays both as any batch (fan-out, queue
                                 groups): it checks the route, never acts on it
+    NUMBERED ``[header flags position topic meta, sizes, payloads]``: a split batch (the only
+                                kind a topic with queue groups gets), numbered: ``flags`` (1
+                                byte; ``AGAIN`` = 1: a copy sent again to a new hub, whose
+                                predecessor did not confirm it) and ``position`` (uint64: the
+                                messages this client sent up to this batch's last). A hub with
+                                a journal remembers each publisher's last position and drops a
+                                copy sent again that the dead hub had journaled; the rest of
+                                such copies it delivers as if delivered once (``attempt`` 2)
     FLUSH    ``[token]``      → FLUSHED ``[token]`` once every earlier PUBLISH of this client was
                                 handed to the XPUB socket (one DEALER: the order is kept)
 hub XPUB (``<address>.pub``) → client SUB   ``[topic seq publisher meta, *payload]`` (one head
@@ -126,6 +134,7 @@ from .control_frames import (
     parse_hello,
 )
 from .data_frames import (
+    AGAIN,
     Fanout,
     fanout,
     fanout_head,
@@ -134,9 +143,12 @@ from .data_frames import (
     parse_data_kind,
     parse_fanout_head,
     parse_flushed,
+    parse_numbered_head,
     parse_publish_head,
     publish,
     publish_head,
+    publish_numbered,
+    sent_again,
 )
 from .frames import (
     ACK,
@@ -172,6 +184,7 @@ from .frames import (
     MAX_RETRY_DELAY,
     MAX_TOPIC_LEN,
     META_LEN,
+    NUMBERED,
     OUTCOME_DEAD,
     OUTCOME_FAILED,
     OUTCOME_OK,
@@ -242,6 +255,7 @@ from .queue_frames import (
 from .sizes import check_split, pack_sizes, split_payloads, unpack_sizes
 
 __all__ = [
+    "AGAIN",
     "ACK",
     "Ack",
     "BYE",
@@ -284,6 +298,7 @@ __all__ = [
     "MAX_TOPIC_LEN",
     "META_LEN",
     "Meta",
+    "NUMBERED",
     "OUTCOMES",
     "OUTCOME_DEAD",
     "OUTCOME_FAILED",
@@ -327,8 +342,10 @@ __all__ = [
     "pack_seq",
     "fanout_head",
     "parse_fanout_head",
+    "parse_numbered_head",
     "parse_publish_head",
     "publish_head",
+    "publish_numbered",
     "parse_data_kind",
     "pack_sizes",
     "parse_acks",
@@ -341,6 +358,7 @@ __all__ = [
     "parse_seq_sync",
     "reply_topic",
     "route_of",
+    "sent_again",
     "seq_sync_topic",
     "split_payloads",
     "sync_reply",

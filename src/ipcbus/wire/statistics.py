@@ -41,6 +41,9 @@ class HubStatistics:
     # acks of the same request were applied.
     unapplied_acks: int = 0
     unsplittable_dropped: int = 0
+    # Messages a client sent again after a hub died that this hub had taken already (from the
+    # client's pipe, or journaled by the hub before): dropped, not delivered twice.
+    duplicates_dropped: int = 0
     bad_group_entries: int = 0  # lines of the queue-groups file skipped at start
     handshakes_shed: int = 0  # tcp connections shut down before authenticating (preauth)
     # Per type, messages published while no process subscribed and no queue group existed:
