@@ -528,8 +528,9 @@ def test_a_fast_publisher_takes_a_full_group_past_max_held_by_two_max_pending_at
         held = hub.statistics().queues["tests.messages.Tick/nobody"]["held"]
         assert held == accepted
         # Plus what it accepted while the notice travelled (the hub's control socket is read
-        # between bursts of 4 batches): one batch, as measured (5 007 once, under load).
-        assert held <= max_held + 2 * max_pending + max_batch, f"{held} held"
+        # between bursts of 4 batches): up to two batches, as measured (mostly 4 001; 5 007
+        # and 6 001 under load; before the bound, 14 000 to 297 000).
+        assert held <= max_held + 2 * max_pending + 2 * max_batch, f"{held} held"
 
 
 def test_a_group_is_full_at_max_held_and_open_again_below_half_of_it() -> None:
