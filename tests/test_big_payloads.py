@@ -258,8 +258,11 @@ def test_a_batch_of_big_fields_carries_about_a_mebibyte(
         outbox.append(message)
     counts = []
     while (request := outbox.take()) is not None:
-        if wire.parse_data_kind(request[0]) == wire.PUBLISH:  # not a confirmation it asks for
+        kind = wire.parse_data_kind(request[0])  # not a confirmation it asks for:
+        if kind == wire.PUBLISH:
             counts.append(wire.unpack_meta(wire.parse_publish_head(request[0])[1])[1])
+        elif kind == wire.NUMBERED:  # a split batch (queue group)
+            counts.append(wire.unpack_meta(wire.parse_numbered_head(request[0])[3])[1])
     assert sum(counts) == 30
     assert max(counts) == per_request
 
