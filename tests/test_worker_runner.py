@@ -247,7 +247,14 @@ def test_a_worker_that_blocks_at_import_is_reported(hub: Hub) -> None:
 
 def test_no_hub_is_unavailable(tmp_path: Path) -> None:
     refused = run_cli(
-        "worker", "tests.ops_jobs", "--processes", "1", "--address", f"ipc://{tmp_path}/none"
+        "worker",
+        "tests.ops_jobs",
+        "--processes",
+        "1",
+        "--connect-timeout",
+        "1",
+        "--address",
+        f"ipc://{tmp_path}/none",
     )
     assert refused.returncode == 4, refused.stderr
     assert "no hub answered" in refused.stderr
@@ -334,6 +341,7 @@ def test_a_second_signal_stops_at_once_and_the_hub_redelivers(
         (["--processes", "0"], "processes must be > 0"),
         (["--restart-backoff", "nan"], "restart_backoff must be >= 0"),
         (["--max-crashes", "0"], "max_crashes must be > 0"),
+        (["--connect-timeout", "0"], "connect_timeout must be > 0"),
     ],
 )
 def test_bad_runner_options_are_usage_errors(flags: list[str], message: str) -> None:

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from .config import ENV_ADDRESS, RunnerOptions, address_from_env
+from .config import ENV_ADDRESS, RUNNER_PERIODS, RunnerOptions, address_from_env
 from .exit_codes import ExitCode
 
 __all__ = ["COMMANDS", "add_commands", "run"]
@@ -44,7 +44,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser, epilog: str) ->
         default=defaults.start_method,
         help="default %(default)s",
     )
-    for name in ("restart_backoff", "max_backoff", "stable_after", "shutdown_timeout"):
+    for name in RUNNER_PERIODS:
         worker.add_argument(
             "--" + name.replace("_", "-"),
             type=float,
@@ -158,6 +158,7 @@ def _worker(args: argparse.Namespace, address: str, log_level: str) -> int:
             stable_after=args.stable_after,
             max_crashes=args.max_crashes,
             shutdown_timeout=args.shutdown_timeout,
+            connect_timeout=args.connect_timeout,
         )
     except ValueError as exc:
         print(f"ipcbus worker: {exc}", file=sys.stderr)

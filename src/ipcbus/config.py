@@ -17,6 +17,7 @@ __all__ = [
     "ENV_ADDRESS",
     "ClientOptions",
     "HubOptions",
+    "RUNNER_PERIODS",
     "RunnerOptions",
     "address_from_env",
     "export_address",
@@ -295,6 +296,15 @@ class ClientOptions(_Options):
             raise ValueError(f"linger must be >= 0, not {self.linger!r}")
 
 
+RUNNER_PERIODS = (
+    "restart_backoff",
+    "max_backoff",
+    "stable_after",
+    "shutdown_timeout",
+    "connect_timeout",
+)
+
+
 @dataclass(frozen=True)
 class RunnerOptions(_Options):
     """How ``ipcbus worker`` runs its worker processes (``ipcbus.worker``).
@@ -311,6 +321,8 @@ class RunnerOptions(_Options):
     - ``shutdown_timeout``: after SIGTERM, a worker gets this long to close its broker (which
       finishes and acks what it holds within its ``linger``, 10 s by default, and hands the rest
       back to the hub); past it, it is killed, and the hub redelivers what it still held.
+    - ``connect_timeout``: how long a worker waits for the hub (or NATS server) at its start;
+      past it, the runner stops and exits 4 (no hub answered), as the worker's ``connect()``.
     """
 
     processes: int = 2
@@ -320,13 +332,14 @@ class RunnerOptions(_Options):
     stable_after: float = 30.0
     max_crashes: int = 5
     shutdown_timeout: float = 30.0
+    connect_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         self._check_positive("processes", "max_backoff", "stable_after", "max_crashes")
-        self._check_positive("shutdown_timeout")
+        self._check_positive("shutdown_timeout", "connect_timeout")
         if not self.restart_backoff >= 0:  # also refuses NaN
             raise ValueError(f"restart_backoff must be >= 0, not {self.restart_backoff!r}")
-        for name in ("restart_backoff", "max_backoff", "stable_after", "shutdown_timeout"):
+        for name in RUNNER_PERIODS:
             if math.isinf(getattr(self, name)):  # waits end in process.join(): inf overflowed
                 raise ValueError(f"{name} must be finite, not {getattr(self, name)!r}")
         if self.start_method not in ("spawn", "fork", "forkserver"):

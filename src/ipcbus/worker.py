@@ -85,6 +85,7 @@ class _Spec:
     targets: tuple[str, ...]
     address: str
     log_level: str
+    connect_timeout: float
 
 
 def _serve_worker(
@@ -124,7 +125,7 @@ def _serve_worker(
         conn.send(("usage", f"cannot load {' '.join(spec.targets)}: {describe(exc)}"))
         sys.exit(ExitCode.USAGE)
     try:
-        broker = connect(spec.address)
+        broker = connect(spec.address, connect_timeout=spec.connect_timeout)
     except HubUnavailableError as exc:
         conn.send(("unavailable", str(exc)))
         sys.exit(ExitCode.UNAVAILABLE)
@@ -249,7 +250,9 @@ class WorkerRunner:
         if self.options.start_method == "fork":
             ends = [s.conn.fileno() for s in self._slots if s.conn is not None]
             inherited = (*ends, parent_end.fileno(), *self._wake_fds)
-        spec = _Spec(slot.index, self.targets, self.address, self._log_level)
+        spec = _Spec(
+            slot.index, self.targets, self.address, self._log_level, self.options.connect_timeout
+        )
         process = self._context.Process(
             target=_serve_worker,
             args=(spec, child_end, inherited),
