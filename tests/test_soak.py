@@ -23,11 +23,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.hub, pytest.mark.forks]
 
 SOAK = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
 SUMMARY_PREFIX = "SOAK-SUMMARY "
-# 35 s of faults, at most 30 s to drain: about 60 s when everything drains, 100 s at most.
+# 25 s of faults, at most 30 s to drain: about 50 s when everything drains, 90 s at most.
 # Every fault but the hub's SIGKILL, which `make soak` injects too: its hub has a journal, and
 # the ledger counts what the publishers report in doubt (docs/guarantees.md, "Hub kill -9");
 # a 3-minute run with 7 to 11 hub kills accounts for every message.
-ARGUMENTS = ["--seconds", "35", "--seed", "9", "--drain-seconds", "30", "--skip", "sigkill_hub"]
+ARGUMENTS = ["--seconds", "25", "--seed", "9", "--drain-seconds", "30", "--skip", "sigkill_hub"]
 DEADLINE = 240.0
 
 
