@@ -37,7 +37,15 @@ from ..wire.paths import (
 from . import journal_records as records
 from .dead_letters import DeadEntry
 from .fanout import Fanout
-from .journal_segments import replay_newest, segment_numbers, segment_path
+from .journal_segments import (
+    dead_record,
+    replay_newest,
+    segment_numbers,
+    segment_path,
+    sync_directory,
+    write_all,
+    write_checkpoint,
+)
 from .queues import QueueBook
 from .runs import Run
 
@@ -45,7 +53,6 @@ __all__ = ["Journal"]
 
 logger = logging.getLogger(__name__)
 
-_IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
 # A turn reads publishes until it has this many bytes to write (then it commits). Unbounded, a
 # turn that read 40 batches of 1 MB wrote and synced 40 MB before it answered a heartbeat again
 # (over a second, measured), and overshot journal_max_bytes.
@@ -190,7 +197,7 @@ class Journal:
         if not self.write():
             return
         try:
-            _write_all(self._fd, [record])
+            write_all(self._fd, [record])
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self._size)
@@ -208,7 +215,7 @@ class Journal:
         self._add(records.dropped(topic, name))
 
     def dead(self, topic: bytes, name: str, entry: DeadEntry) -> None:
-        self._add(_dead_record(topic, name, entry))
+        self._add(dead_record(topic, name, entry))
 
     def rewrite(self) -> None:
         """The book changed in a way no record says (``ipcbus requeue``, ``purge``): write a
@@ -231,7 +238,7 @@ class Journal:
         if not self._pending:
             return True
         try:
-            _write_all(self._fd, self._pending)
+            write_all(self._fd, self._pending)
         except OSError as exc:
             # Disk full or failing: take back the half-written part, keep the records, hold
             # the grouped topics back and try again next turn.
@@ -313,39 +320,7 @@ class Journal:
         """A new segment with every live message; the old one is deleted once it is on disk."""
         self.write()
         number = self._number + 1
-        path = self._path(number)
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        size = messages = 0
-        try:
-            parts: list[Any] = records.begin(book.next_id)
-            parts += [records.counted(t, n) for t, n in self.count_source().items()]
-            for publisher, position in book.positions.items():
-                parts += records.position(publisher, position)
-            for group in book.groups():
-                for entry in group.dead:
-                    parts += _dead_record(group.topic, group.name, entry)
-            for group, run in book.live_runs():
-                parts += records.enqueued(
-                    group.topic,
-                    [(group.name, run.first_id)],
-                    run.meta,
-                    run.sizes,
-                    run.payloads,
-                    run.attempt,
-                )
-                messages += run.count
-                if len(parts) >= _IOV_MAX:
-                    size += _write_all(fd, parts)
-                    parts = []
-            size += _write_all(fd, [*parts, *records.end()])
-            os.fdatasync(fd)  # always: the old segment goes next
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
+        fd, size, messages = write_checkpoint(self._path(number), book, self.count_source())
         old = self._fd
         self._fd, self._number, self._size, self._messages = fd, number, size, messages
         self._next_check = size + self._floor // 8
@@ -356,7 +331,7 @@ class Journal:
             if stale != number:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._path(stale))
-        _sync_directory(self.directory)
+        sync_directory(self.directory)
         self.counts["checkpoints"] += 1
 
     def statistics(self) -> dict[str, int]:
@@ -369,39 +344,3 @@ class Journal:
             if fd >= 0:
                 os.close(fd)
         self._fd = self._lock_fd = -1
-
-
-def _write_all(fd: int, parts: list[Any]) -> int:
-    """``writev`` every part, in order, however the kernel splits it; the bytes written."""
-    total = 0
-    for start in range(0, len(parts), _IOV_MAX):
-        chunk = parts[start : start + _IOV_MAX]
-        expected = sum(len(part) for part in chunk)
-        written = os.writev(fd, chunk)
-        if written < expected:  # rare on a regular file: the rest in one piece
-            rest = b"".join(bytes(part) for part in chunk)[written:]
-            while rest:
-                rest = rest[os.write(fd, rest) :]
-        total += expected
-    return total
-
-
-def _sync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _dead_record(topic: bytes, name: str, entry: DeadEntry) -> list[Any]:
-    return records.dead(
-        topic,
-        name,
-        entry.message_id,
-        entry.attempts,
-        entry.error,
-        entry.when,
-        entry.meta,
-        entry.payload,
-    )

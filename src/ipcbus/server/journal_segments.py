@@ -1,22 +1,38 @@
-"""The queue journal's segment files (hub process): their names, and reading the newest
-complete checkpoint back at start, a torn tail cut off and corrupt records counted. The journal
-itself (``journal.py``) writes them."""
+"""The queue journal's segment files (hub process): their names, writing a checkpoint (a new
+segment with every live message), and reading the newest complete checkpoint back at start, a
+torn tail cut off and corrupt records counted. The journal itself (``journal.py``) appends to
+them."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import TYPE_CHECKING, Any
 
 from ..exceptions import JournalError
 from ..wire.paths import open_private_file
 from . import journal_records as records
+from .dead_letters import DeadEntry
 
-__all__ = ["replay_newest", "segment_numbers", "segment_path"]
+if TYPE_CHECKING:
+    from .queues import QueueBook
+
+__all__ = [
+    "dead_record",
+    "replay_newest",
+    "segment_numbers",
+    "segment_path",
+    "sync_directory",
+    "write_all",
+    "write_checkpoint",
+]
 
 logger = logging.getLogger("ipcbus.server.journal")
 
 SUFFIX = ".journal"
 _MAX_REPORTED = 10  # corrupt records logged one by one; the rest are counted
+_IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
 
 
 def segment_numbers(directory: str) -> list[int]:
@@ -88,3 +104,77 @@ def replay_newest(
         logger.error("journal: no complete checkpoint in %s: nothing restored", directory)
         counts["corrupt_records"] += 1
     return None
+
+
+def write_checkpoint(path: str, book: QueueBook, counts: dict[bytes, int]) -> tuple[int, int, int]:
+    """Write a checkpoint of ``book`` to the new segment ``path`` and sync it: the next message
+    id, the broadcast ``counts``, the publishers' positions, the dead letters and every live
+    message. Returns its descriptor (open for appending), its size and the live messages."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    size = messages = 0
+    try:
+        parts: list[Any] = records.begin(book.next_id)
+        parts += [records.counted(topic, count) for topic, count in counts.items()]
+        for publisher, position in book.positions.items():
+            parts += records.position(publisher, position)
+        for group in book.groups():
+            for entry in group.dead:
+                parts += dead_record(group.topic, group.name, entry)
+        for group, run in book.live_runs():
+            parts += records.enqueued(
+                group.topic,
+                [(group.name, run.first_id)],
+                run.meta,
+                run.sizes,
+                run.payloads,
+                run.attempt,
+            )
+            messages += run.count
+            if len(parts) >= _IOV_MAX:
+                size += write_all(fd, parts)
+                parts = []
+        size += write_all(fd, [*parts, *records.end()])
+        os.fdatasync(fd)  # always: the old segment goes next
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return fd, size, messages
+
+
+def dead_record(topic: bytes, name: str, entry: DeadEntry) -> list[Any]:
+    """The record of a group's dead letter (what ``ipcbus stats`` shows, and its payload)."""
+    return records.dead(
+        topic,
+        name,
+        entry.message_id,
+        entry.attempts,
+        entry.error,
+        entry.when,
+        entry.meta,
+        entry.payload,
+    )
+
+
+def write_all(fd: int, parts: list[Any]) -> int:
+    """``writev`` every part, in order, however the kernel splits it; the bytes written."""
+    total = 0
+    for start in range(0, len(parts), _IOV_MAX):
+        chunk = parts[start : start + _IOV_MAX]
+        expected = sum(len(part) for part in chunk)
+        written = os.writev(fd, chunk)
+        if written < expected:  # rare on a regular file: the rest in one piece
+            rest = b"".join(bytes(part) for part in chunk)[written:]
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+        total += expected
+    return total
+
+
+def sync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
