@@ -563,3 +563,55 @@ def test_records_a_search_found_do_not_prove_an_unfinished_checkpoint_ended(
         assert _held(again) == {"g": [(b"one", 0), (b"two", 0), (b"three", 0)]}
     finally:
         journal.close()
+
+
+def test_a_copy_sent_again_below_what_came_through_the_pipe_is_not_taken_for_one(
+    tmp_path: Path,
+) -> None:
+    """The batches a killed hub never read (lost in the socket buffers) come to the next hub
+    only as copies sent again, after the later batches ZeroMQ handed over from the pipe: their
+    positions are below the pipe's, and yet the hub never had them. They must be held (as
+    delivered once), not dropped; and a later hub restored from the journal must know the same."""
+    with zmq.Context() as context, context.socket(zmq.XPUB) as xpub:
+        xpub.linger = 0
+        xpub.bind("inproc://pipe-below")
+        book, journal = _book(tmp_path / "j")
+        book.declare(TOPIC, "g")
+        path = DataPath(book)
+        path.fanout, path.journal = Fanout(xpub, 30.0), journal
+        path.handle(xpub, _numbered(b"A", 6, False, b"a5", b"a6"))  # out of the pipe
+        path.handle(xpub, _numbered(b"A", 2, True, b"a1", b"a2"))  # lost in the buffers
+        path.handle(xpub, _numbered(b"A", 4, True, b"a3", b"a4"))  # lost in the buffers
+        path.handle(xpub, _numbered(b"A", 6, True, b"a5", b"a6"))  # came through the pipe
+        assert path.duplicates == 2
+        expected = {
+            "g": [(b"a5", 0), (b"a6", 0), *[(b"a1", 1), (b"a2", 1), (b"a3", 1), (b"a4", 1)]]
+        }
+        assert _held(book) == expected
+        journal.end_of_turn(book)
+        journal.close()  # killed before it confirmed anything
+
+        # Killed again: the next hub restores the runs it journaled, and nothing more.
+        book, journal = _book(tmp_path / "j")
+        try:
+            positions = book.positions
+            assert [positions.taken(b"A", at) for at in (2, 4, 6)] == [True, True, True]
+            assert [positions.taken(b"A", at) for at in (7, 8)] == [False, False]
+        finally:
+            journal.close()
+
+        # A hub that journaled only what came through the pipe: the lower copies are news.
+        book, journal = _book(tmp_path / "k")
+        book.declare(TOPIC, "g")
+        path = DataPath(book)
+        path.fanout, path.journal = Fanout(xpub, 30.0), journal
+        path.handle(xpub, _numbered(b"A", 6, False, b"a5", b"a6"))  # out of the pipe
+        journal.end_of_turn(book)
+        journal.checkpoint(book)  # compaction keeps what it knows, no more
+        journal.close()
+        book, journal = _book(tmp_path / "k")
+        try:
+            positions = book.positions
+            assert [positions.taken(b"A", at) for at in (2, 4, 6)] == [False, False, True]
+        finally:
+            journal.close()
