@@ -18,7 +18,7 @@ from ipcbus.client.admin import request_statistics
 from .conftest import wait_until
 from .hubtools import Workers
 from .messages import Tick
-from .test_journal import HEARTBEAT, QUEUE, _calls, _consumer, _hub, _kill
+from .test_journal import HEARTBEAT, QUEUE, _calls, _consumer, _kill
 
 pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
 
@@ -48,9 +48,9 @@ def test_jobs_lost_on_the_way_to_a_stopped_hub_are_not_taken_for_duplicates(
     lost batches number below what came out of the pipe: they must not be dropped as
     duplicates."""
     address, journal, log = f"ipc://{tmp_path}/hub", tmp_path / "journal", tmp_path / "calls"
-    options: dict[str, Any] = {"journal": str(journal)} if journaled else {}
+    options: dict[str, Any] = {**HEARTBEAT, "journal": str(journal) if journaled else None}
     count = 20_000
-    hub = Hub(address, **HEARTBEAT, **options).start()
+    hub = Hub(address, **options).start()
     try:
         with HubBroker(address, max_pending=10 * count) as producer:
             producer.declare_queue(Tick, "jobs")
@@ -62,7 +62,7 @@ def test_jobs_lost_on_the_way_to_a_stopped_hub_are_not_taken_for_duplicates(
                 producer.publish(Tick(seq, padding))
             time.sleep(1)  # the I/O thread fills the socket buffers, then its pipe
             _kill(hub)
-            hub = Hub(address, **HEARTBEAT, **options).start()
+            hub = Hub(address, **options).start()
             producer.flush(60)
         dropped = request_statistics(address).duplicates_dropped
         calls = _handled(address, log, workers)

@@ -19,7 +19,7 @@ from ipcbus.server import journal_records as records
 from ipcbus.server.data_path import DataPath
 from ipcbus.server.fanout import Fanout
 from ipcbus.server.journal import Journal
-from ipcbus.server.positions import Positions
+from ipcbus.server.positions import MAX_RUNS, Positions
 from ipcbus.server.queues import QueueBook
 from ipcbus.wire import protocol as wire
 from ipcbus.wire.protocol import OUTCOME_DEAD, OUTCOME_FAILED, OUTCOME_OK, Ack, pack_sizes
@@ -289,11 +289,36 @@ def test_positions_keep_the_publishers_that_published_last() -> None:
     positions = Positions(limit=2)
     positions.note(b"A", 10)
     positions.note(b"B", 5)
-    positions.note(b"A", 3)  # older than what it had: kept at 10, and now the most recent
+    positions.note(b"A", 3)  # back: a run of its own (copies sent again), A the most recent
+    positions.note(b"A", 4)  # the run goes on
     positions.note(b"C", 1)  # B published least recently: forgotten
-    assert list(positions.items()) == [(b"A", 10), (b"C", 1)]
-    assert positions.taken(b"A", 10)
+    assert list(positions.items()) == [(b"A", 3, 4), (b"A", 10, 10), (b"C", 1, 1)]
+    assert [positions.taken(b"A", at) for at in (2, 3, 4, 5, 9, 10, 11)] == [
+        *(False, True, True, False),  # 5 to 9: never read in a row with what this hub had
+        *(False, True, False),
+    ]
     assert not positions.taken(b"B", 5)
+
+
+def test_runs_of_positions_merge_and_are_bounded() -> None:
+    positions = Positions()
+    positions.restore(b"A", 20, 30)  # journaled by the hub before
+    positions.restore(b"A", 5, 9)
+    positions.restore(b"A", 8, 21)  # overlaps both: one run
+    assert list(positions.items()) == [(b"A", 5, 30)]
+    positions.restore(b"A", 7, 3)  # not a run: ignored
+    assert positions.run(b"A", 40) == (40, 40)  # this hub read nothing of A yet
+    assert positions.note(b"A", 40) == (40, 40)
+    assert positions.note(b"A", 50) == (40, 50)
+    assert positions.note(b"A", 45) == (45, 45)  # back: a run of its own, in the one before
+    assert list(positions.items()) == [(b"A", 5, 30), (b"A", 40, 50)]
+    lowest = 10_000 - 10 * (2 * MAX_RUNS - 1)
+    for at in range(10_000, lowest - 1, -10):  # each goes back: a run of its own
+        positions.note(b"B", at)
+    runs = [(low, high) for publisher, low, high in positions.items() if publisher == b"B"]
+    assert len(runs) == MAX_RUNS
+    assert runs[-1] == (10_000, 10_000)
+    assert not positions.taken(b"B", lowest)  # forgotten: its copy comes with attempt 2
 
 
 def test_broadcast_counts_are_continued(tmp_path: Path) -> None:

@@ -62,10 +62,12 @@ class DataPath:
             # Taken already: from the client's pipe (ZeroMQ hands it to the next hub), or
             # journaled by the hub before (restored).
             self.duplicates += wire.unpack_meta(meta)[1]
+            positions.note(identity, position)  # read: the run goes on
             return
-        positions.note(identity, position)
         # Sent again, the hub before may have delivered it: as delivered once (attempt 2 next).
-        self._publish(identity, topic, meta, frames, 1 if again else 0, position)
+        run = positions.run(identity, position)
+        self._publish(identity, topic, meta, frames, 1 if again else 0, run)
+        positions.note(identity, position)  # once it passed the checks
 
     def _publish(
         self,
@@ -74,7 +76,7 @@ class DataPath:
         meta: bytes,
         frames: list[zmq.Frame],
         attempt: int = 0,
-        position: int | None = None,
+        run: tuple[int, int] | None = None,
     ) -> None:
         fanout = self.fanout
         assert fanout is not None
@@ -101,7 +103,7 @@ class DataPath:
             self.grouped = True
             if split:
                 # Kept whole: the book cuts it only where a consumer's credit needs it.
-                publisher = None if position is None else (identity, position)
+                publisher = None if run is None else (identity, *run)
                 book.enqueue_batch(topic, meta, sizes, payloads, attempt, publisher)
             else:
                 # Encoded before its publisher learned the topic has queue groups, i.e.

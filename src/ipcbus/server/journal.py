@@ -166,8 +166,9 @@ class Journal:
                 book.restore_dead(topic, name, entry)
         book.reserve_ids(replay.next_id)
         self.restored_counts = replay.counts
-        for publisher, position in replay.positions.items():
-            book.positions.note(publisher, position)  # what it journaled is restored already
+        for publisher, runs in replay.positions.items():
+            for low, high in runs.items():  # what it journaled is restored already
+                book.positions.restore(publisher, low, high)
         self.counts["restored"] = restored
         if restored:
             logger.info("journal: %d queue messages restored from %s", restored, self.directory)
@@ -182,7 +183,7 @@ class Journal:
         sizes: Any,
         data: Any,
         attempt: int = 0,
-        publisher: tuple[bytes, int] | None = None,
+        publisher: tuple[bytes, int, int] | None = None,
     ) -> None:
         self._add(records.enqueued(topic, groups, meta, sizes, data, attempt))
         if publisher is not None:  # numbered: a copy sent again to the next hub is dropped

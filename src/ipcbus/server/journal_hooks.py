@@ -24,7 +24,7 @@ class JournalHooks(Protocol):
         sizes: Any,
         data: Any,
         attempt: int = 0,
-        publisher: tuple[bytes, int] | None = None,
+        publisher: tuple[bytes, int, int] | None = None,
     ) -> None: ...
 
     def delivered(self, first_id: int, count: int, attempt: int) -> None: ...

@@ -14,9 +14,10 @@ A record is a 9-byte header (kind, body length, CRC-32 of kind and body) and its
   in ``gaps``, what the dead hub had sent it and it never received;
 - ``DEAD``: the hub's record of a dead letter (message id, attempts, error: what ``ipcbus stats``
   shows), so that it outlives a crash too;
-- ``POSITION``: a publisher's position (its client id and the messages it sent up to the
-  batch): the batch it numbered so is journaled (``server.positions``), written after the
-  batch's ``ENQUEUED`` and, for every publisher kept, by a checkpoint;
+- ``POSITION``: a run of a publisher's positions (two positions, then its client id): every
+  batch it numbered from the low to the high one was read in a row by the hub
+  (``server.positions``); written after each batch's ``ENQUEUED`` (the run up to it) and, for
+  every run kept, by a checkpoint;
 - ``BEGIN`` / ``END``: a checkpoint: the segment that starts with them holds every live message,
   so older segments are not needed (``BEGIN`` carries the next message id).
 
@@ -86,6 +87,7 @@ _ATTEMPT = struct.Struct("<QII")  # first message id, count, attempt
 _NAME = struct.Struct("<H")
 _ENQUEUED_TAIL = struct.Struct("<IHI")  # attempt, meta length, count
 _GROUP_ID = struct.Struct("<Q")
+_RUN = struct.Struct("<QQ")  # a run of a publisher's positions: low, high
 _WHEN = struct.Struct("<d")  # a dead letter's time.time()
 
 
@@ -155,8 +157,8 @@ def dead(
     return _record(DEAD, [head, payload])
 
 
-def position(publisher: bytes, at: int) -> list[Any]:
-    return _record(POSITION, [_GROUP_ID.pack(at) + publisher])
+def position(publisher: bytes, low: int, high: int) -> list[Any]:
+    return _record(POSITION, [_RUN.pack(low, high) + publisher])
 
 
 def begin(next_id: int) -> list[Any]:
@@ -243,8 +245,9 @@ class Replay:
         self.counts: dict[bytes, int] = {}  # broadcast topic -> its last message count
         # (topic, group) -> its latest dead letters
         self.dead: dict[tuple[bytes, str], deque[DeadLetterRecord]] = {}
-        # publisher (client id) -> the last position journaled, the most recent last
-        self.positions: dict[bytes, int] = {}
+        # publisher (client id) -> its runs journaled: low -> the highest high seen with it
+        # (a run grows one batch, one record, at a time)
+        self.positions: dict[bytes, dict[int, int]] = {}
         self.began = self.ended = False
         self.bad_records = 0  # well-formed on disk (CRC good) but not understood
 
@@ -284,12 +287,15 @@ class Replay:
                 )
             )
         elif kind == POSITION:
-            (at,) = _GROUP_ID.unpack_from(body)
-            publisher = bytes(body[_GROUP_ID.size :])
+            low, high = _RUN.unpack_from(body)
+            publisher = bytes(body[_RUN.size :])
             if not 0 < len(publisher) < 256:  # a ZeroMQ routing id
                 raise ValueError(f"a publisher id of {len(publisher)} bytes")
-            last = self.positions.pop(publisher, at)
-            self.positions[publisher] = max(last, at)
+            if not low <= high < 1 << 63:
+                raise ValueError(f"a run of positions from {low} to {high}")
+            runs = self.positions.pop(publisher, {})
+            self.positions[publisher] = runs  # the most recent last
+            runs[low] = max(runs.get(low, high), high)
         elif kind == COUNTED:
             (count,) = _GROUP_ID.unpack_from(body)
             self.counts[bytes(body[_GROUP_ID.size :])] = count

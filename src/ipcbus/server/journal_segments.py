@@ -115,8 +115,8 @@ def write_checkpoint(path: str, book: QueueBook, counts: dict[bytes, int]) -> tu
     try:
         parts: list[Any] = records.begin(book.next_id)
         parts += [records.counted(topic, count) for topic, count in counts.items()]
-        for publisher, position in book.positions.items():
-            parts += records.position(publisher, position)
+        for publisher, low, high in book.positions.items():
+            parts += records.position(publisher, low, high)
         for group in book.groups():
             for entry in group.dead:
                 parts += dead_record(group.topic, group.name, entry)

@@ -249,12 +249,13 @@ class QueueBook(QueueDispatch):
         sizes: bytes,
         payloads: bytes | memoryview,
         attempt: int = 0,
-        publisher: tuple[bytes, int] | None = None,
+        publisher: tuple[bytes, int, int] | None = None,
     ) -> None:
         """A split batch as it came (``wire.check_split`` passed) for every group of ``topic``:
         kept whole, it is cut only where a consumer's credit or share needs it. ``attempt``: the
         deliveries it may have had (1 for a copy sent again to a new hub); ``publisher``: its
-        client id and position, for the journal (``server.positions``)."""
+        client id and the run of positions it belongs to, for the journal (``server.positions``).
+        """
         groups = self._by_topic.get(topic)
         if not groups:
             return
