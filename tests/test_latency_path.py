@@ -193,7 +193,7 @@ def test_past_max_unconfirmed_the_pump_asks_a_confirmation_and_waits_for_it() ->
     def answer(requests: list[list[bytes]]) -> None:
         for request in requests:
             if wire.parse_data_kind(request[0]) == wire.FLUSH:
-                hub_side.send_multipart([wire.header(wire.FLUSHED), request[1]])
+                hub_side.send_multipart(wire.flushed(b"", request[1], b"")[1:])
         time.sleep(0.05)
 
     try:

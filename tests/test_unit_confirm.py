@@ -80,3 +80,52 @@ def test_a_flush_asked_again_of_a_new_hub_is_not_confirmed_by_the_old_request() 
     assert not marker.done.is_set()
     outbox.flushed(again[1])
     assert marker.done.is_set()
+
+
+def test_only_the_hub_that_welcomed_the_client_confirms_a_flush() -> None:
+    """A FLUSH still in the data pipe when the hub died reaches the next hub, which may answer
+    it before the client has read its WELCOME: that answer would confirm, after the batches the
+    pipe handed over, the ones the dead hub lost in its socket buffers (never sent again). The
+    client takes a FLUSHED only from the hub that welcomed it; the flush is asked again, under a
+    new token, once the new hub has (Outbox.resend_flushes)."""
+    import zmq
+
+    from ipcbus.client.data import DataChannel
+    from ipcbus.client.session import Session
+
+    outbox = Outbox(1000, lambda rejected: None)
+    session = Session("ipc://test")
+    session.hub_id = b"dead-hub"
+    channel = DataChannel(outbox, session, lambda: None, lambda: None, 10_000)
+    context = zmq.Context()
+    hub_side, client_side = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    try:
+        hub_side.bind("inproc://flushed-by-whom")
+        client_side.connect("inproc://flushed-by-whom")
+        channel.attach(client_side)
+        marker = FlushMarker(b"7")
+        outbox.append(marker)
+        channel.pump()
+        assert hub_side.poll(1000)
+        assert hub_side.recv_multipart() == wire.flush(b"7")
+        # The new hub answers the request it found in the pipe, before its WELCOME is read.
+        hub_side.send_multipart(wire.flushed(b"", b"7", b"new-hub")[1:])
+        assert client_side.poll(1000)
+        channel.pump()
+        assert not marker.done.is_set()
+        assert outbox.flushes, "the old request was forgotten"
+        # Its WELCOME read: the flush is asked again, and the new hub's answer counts.
+        session.hub_id = b"new-hub"
+        outbox.resend_flushes()
+        channel.pump()
+        assert hub_side.poll(1000)
+        token = hub_side.recv_multipart()[1]
+        assert token != b"7"
+        hub_side.send_multipart(wire.flushed(b"", token, b"new-hub")[1:])
+        assert client_side.poll(1000)
+        channel.pump()
+        assert marker.done.is_set()
+    finally:
+        channel.close()
+        hub_side.close(linger=0)
+        context.term()

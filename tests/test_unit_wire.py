@@ -609,9 +609,10 @@ def test_flush_and_flushed() -> None:
     request = wire.flush(b"token-1")
     assert wire.parse_kind(request[0]) == wire.FLUSH
     assert request[1:] == [b"token-1"]
-    reply = wire.flushed(b"identity", b"token-1")
+    reply = wire.flushed(b"identity", b"token-1", b"hub")
     assert reply[0] == b"identity"
-    assert wire.parse_flushed(reply[1:]) == b"token-1"  # the DEALER sees it without identity
+    # The DEALER sees it without identity; the hub's id says which hub confirms.
+    assert wire.parse_flushed(reply[1:]) == (b"token-1", b"hub")
 
 
 @pytest.mark.parametrize(
@@ -619,7 +620,8 @@ def test_flush_and_flushed() -> None:
     [
         [],
         [wire.header(wire.FLUSHED)],
-        [wire.header(wire.FLUSHED), b"a", b"b"],
+        [wire.header(wire.FLUSHED), b"token"],  # no hub id (before version 9)
+        [wire.header(wire.FLUSHED), b"a", b"b", b"c"],
         [wire.header(wire.FLUSH), b"token"],
         [bytes((wire.VERSION + 1,)) + wire.FLUSHED, b"token"],
     ],
@@ -713,7 +715,7 @@ VALID: dict[str, list[bytes]] = {
     "acks": wire.acks([Ack(b"s", 1, 1, OUTCOME_FAILED, 1.0, "e"), Ack(b"s", 2, 9, OUTCOME_OK)])[0][
         1:
     ],
-    "flushed": wire.flushed(b"id", b"token")[1:],
+    "flushed": wire.flushed(b"id", b"token", b"hub")[1:],
     "kind": [wire.header(wire.HELLO)],
     "data kind": [wire.publish_head(TOPIC, wire.pack_meta(b"D", 1, 0.0))],
     "publish head": [wire.publish_head(TOPIC, wire.pack_meta(b"D", 1, 0.0))],
@@ -778,7 +780,7 @@ def check_result(name: str, result: Any) -> None:
         assert math.isfinite(result.heartbeat_timeout)
         assert result.heartbeat_timeout > 0
     elif name == "flushed":
-        assert result is None or isinstance(result, bytes)
+        assert result is None or [type(part) for part in result] == [bytes, bytes]
     elif name == "topic":
         assert result.endswith(wire.TOPIC_END)
         assert not wire.is_sync_topic(result)

@@ -207,9 +207,13 @@ class DataChannel:
                 frames = socket.recv_multipart(zmq.NOBLOCK)  # rare: FLUSHED
             except zmq.Again:
                 return
-            token = wire.parse_flushed(frames)
-            if token is not None:
-                outbox.flushed(token)
+            answer = wire.parse_flushed(frames)
+            # Only the hub that welcomed this client confirms: a FLUSH still in the pipe when
+            # the hub died reaches the next one first, and its answer would confirm what the
+            # dead hub lost (it is asked again, under a new token, once the new hub welcomed
+            # this client: Outbox.resend_flushes).
+            if answer is not None and answer[1] == self._session.hub_id:
+                outbox.flushed(answer[0])
 
 
 def _events(socket: Socket) -> int:

@@ -30,6 +30,7 @@ _HELLO_BACKOFF_MAX = 1.0
 class Session:
     def __init__(self, endpoint: str, lost_timeout: float | None = None) -> None:
         self.endpoint = endpoint
+        self.hub_id = b""  # of the hub that welcomed this client last
         self.hub_alive = True
         # False once the hub has been unreachable for lost_timeout (read by publishers).
         self.available = True
@@ -51,6 +52,7 @@ class Session:
     def welcome(self, welcome: Welcome, resync: bool) -> bool:
         """A hub said WELCOME; True when it ends an outage (a reconnect). With ``resync``,
         publishing waits for ``resynced`` (at most a heartbeat timeout)."""
+        self.hub_id = welcome.hub_id
         self.heartbeat_interval = welcome.heartbeat_interval
         self.hub_timeout = welcome.heartbeat_timeout
         reconnected = not self.hub_alive

@@ -47,10 +47,11 @@ class DataPath:
         elif kind == wire.NUMBERED:
             self._numbered(identity, head, frames)
         elif kind == wire.FLUSH and len(frames) == 3:
+            answer = wire.flushed(identity, frames[2].bytes, self._book.hub_id)
             if self.journal is not None:  # confirmed once what came before is journaled
-                self.journal.answer_later(data, wire.flushed(identity, frames[2].bytes))
+                self.journal.answer_later(data, answer)
             else:
-                send_reply(data, wire.flushed(identity, frames[2].bytes))
+                send_reply(data, answer)
         else:
             raise ValueError(f"unknown data request {kind!r}")
 

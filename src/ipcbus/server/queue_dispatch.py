@@ -17,7 +17,7 @@ __all__ = ["QueueDispatch"]
 class QueueDispatch:
     """Dispatch and ack settlement of :class:`~ipcbus.server.queues.QueueBook`."""
 
-    _hub_id: bytes
+    hub_id: bytes
     _groups: dict[tuple[bytes, str], QueueGroup]
     _streams: dict[bytes, tuple[QueueGroup, QueueConsumer]]  # consumers by delivery stream
     _stream_prefix: bytes
@@ -82,7 +82,7 @@ class QueueDispatch:
             for part in parts:
                 # Copies (payload_list): a view would keep the whole batch alive.
                 for index, payload in enumerate(part.payload_list()):
-                    message_id = f"{self._hub_id.decode()}-{part.first_id + index}"
+                    message_id = f"{self.hub_id.decode()}-{part.first_id + index}"
                     entry = group.dead.add(message_id, part.attempt, ack.error, part.meta, payload)
                     if self.journal is not None and entry is not None:
                         self.journal.dead(group.topic, group.name, entry)
@@ -157,7 +157,7 @@ class QueueDispatch:
             consumer.unacked += run.count
             self.in_flight += run.count
             group.counts["delivered"] += run.count
-            deliveries.append(Delivery(consumer, run, seq, group.topic, self._hub_id))
+            deliveries.append(Delivery(consumer, run, seq, group.topic, self.hub_id))
 
     @staticmethod
     def _next_with_credit(

@@ -79,7 +79,7 @@ class QueueBook(QueueDispatch):
         max_dead: int = 1000,
         max_dead_bytes: int = 64 * 1024 * 1024,
     ) -> None:
-        self._hub_id = hub_id
+        self.hub_id = hub_id
         self._max_held = max_held
         self._max_held_bytes = max_held_bytes
         # A full topic opens again at this many held (hysteresis: not one announcement to every

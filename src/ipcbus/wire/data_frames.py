@@ -145,14 +145,17 @@ def flush(token: bytes) -> list[bytes]:
     return [header(FLUSH), token]
 
 
-def flushed(identity: bytes, token: bytes) -> list[bytes]:
-    return [identity, header(FLUSHED), token]
+def flushed(identity: bytes, token: bytes, hub_id: bytes) -> list[bytes]:
+    """The answer to a FLUSH, with the id of the hub that gives it: a client takes it only
+    from the hub it was welcomed by (a FLUSH still in its pipe when its hub died reaches the
+    next hub, whose answer would confirm what the dead one lost)."""
+    return [identity, header(FLUSHED), token, hub_id]
 
 
-def parse_flushed(frames: Sequence[bytes]) -> bytes | None:
-    """The token of a FLUSHED reply, or ``None`` for anything else."""
-    if len(frames) == 2 and frames[0] == header(FLUSHED):
-        return frames[1]
+def parse_flushed(frames: Sequence[bytes]) -> tuple[bytes, bytes] | None:
+    """The token and hub id of a FLUSHED reply, or ``None`` for anything else."""
+    if len(frames) == 3 and frames[0] == header(FLUSHED):
+        return frames[1], frames[2]
     return None
 
 
