@@ -220,11 +220,10 @@ class AuthenticatedPeer:
         token = b"sync-%d" % next(self._tokens)
         self.data.send_multipart([_wire.header(_wire.FLUSH), token])
         deadline = time.monotonic() + timeout
-        while _receive(self.data, max(0.0, deadline - time.monotonic())) != [
-            _wire.header(_wire.FLUSHED),
-            token,
-        ]:
-            pass
+        while True:
+            answer = _wire.parse_flushed(_receive(self.data, max(0.0, deadline - time.monotonic())))
+            if answer is not None and answer[0] == token:
+                return
 
 
 # -- peers without the secret ----------------------------------------------------------------
