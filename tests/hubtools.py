@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -444,3 +444,22 @@ def needs_root_for_nobody() -> None:
         import pytest
 
         pytest.skip(f"needs root to play a second uid (running as uid {os.geteuid()})")
+
+
+@contextlib.contextmanager
+def paired_channel(channel: Any, name: str) -> Iterator[tuple[Any, Any]]:
+    """A client's ``DataChannel`` (client/data.py) attached to one end of an in-process PAIR, the
+    other end playing the hub's data socket; yields (hub side, client side). Closed after."""
+    import zmq
+
+    context = zmq.Context()
+    hub_side, client_side = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    try:
+        hub_side.bind(f"inproc://{name}")
+        client_side.connect(f"inproc://{name}")
+        channel.attach(client_side)
+        yield hub_side, client_side
+    finally:
+        channel.close()
+        hub_side.close(linger=0)
+        context.term()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from .conftest import wait_until
 from .hubtools import Workers
 from .messages import Tick
 from .test_journal import HEARTBEAT, QUEUE, _calls, _consumer, _kill
+from .test_security import AuthenticatedPeer, RawPeers
 
 pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
 
@@ -149,9 +151,7 @@ HOSTILE_NUMBERED: dict[str, list[bytes]] = {
 
 
 @pytest.fixture
-def peers() -> Any:
-    from .test_security import RawPeers
-
+def peers() -> Iterator[RawPeers]:
     raw = RawPeers()
     try:
         yield raw
@@ -161,22 +161,16 @@ def peers() -> Any:
 
 @pytest.mark.parametrize("case", list(HOSTILE_NUMBERED))
 def test_a_malformed_numbered_batch_of_a_grouped_topic_is_counted_and_taken_for_nothing(
-    fresh_hub: Hub, peers: Any, case: str
+    fresh_hub: Hub, peers: RawPeers, case: str
 ) -> None:
     """Malformed, it is counted and dropped, and it numbers nothing: the same position, well
     formed and sent again, is held (attempt 2), not dropped as one the hub had."""
-    from .test_security import AuthenticatedPeer
-
     address = fresh_hub.address
     with HubBroker(address) as producer:
         producer.declare_queue(Tick, "jobs")
         producer.flush(30)
     peer = AuthenticatedPeer(peers, address)
-    peer.data_sync()
-    before = fresh_hub.statistics()
-    peer.data.send_multipart(HOSTILE_NUMBERED[case])
-    peer.data_sync()
-    middle = fresh_hub.statistics()
+    before, middle = peer.send_data(fresh_hub, HOSTILE_NUMBERED[case])
     assert middle.malformed_dropped - before.malformed_dropped == 1
     assert middle.queues[QUEUE]["held"] == before.queues[QUEUE]["held"]
     # Sent again, well formed, at the position the malformed one named (if it named one).

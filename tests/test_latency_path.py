@@ -17,7 +17,7 @@ import pytest
 from ipcbus import Hub, HubBroker, connect
 
 from .conftest import wait_until
-from .hubtools import Workers
+from .hubtools import Workers, paired_channel
 from .messages import Ping, Pong, Tick
 
 pytestmark = [pytest.mark.hub, pytest.mark.forks, pytest.mark.usefixtures("no_leftovers")]
@@ -128,7 +128,6 @@ def test_a_quiet_publisher_sends_a_due_confirmation_after_its_message() -> None:
     quiet publisher by time, not every 32 messages. When one is due, the publisher's thread
     sends its message, then the request for the confirmation (which covers the message too);
     before, the request went first and the message waited in the outbox for the I/O thread."""
-    import zmq
 
     from ipcbus.client.data import DataChannel
     from ipcbus.client.outbox import Outbox
@@ -142,12 +141,7 @@ def test_a_quiet_publisher_sends_a_due_confirmation_after_its_message() -> None:
     channel = DataChannel(
         outbox, Session("ipc://test"), lambda: None, lambda: wakes.append("wake"), 10_000
     )
-    context = zmq.Context()
-    hub_side, client_side = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
-    try:
-        hub_side.bind("inproc://data")
-        client_side.connect("inproc://data")
-        channel.attach(client_side)
+    with paired_channel(channel, "data") as (hub_side, _client):
         kinds: list[bytes] = []
         for seq in range(41):
             # Quiet: each publish goes at once; the last one after a confirmation is due.
@@ -159,10 +153,6 @@ def test_a_quiet_publisher_sends_a_due_confirmation_after_its_message() -> None:
         assert kinds[:40] == [wire.PUBLISH] * 40  # no confirmation asked every 32 messages
         assert kinds[40:] == [wire.PUBLISH, wire.FLUSH]  # the message, then the ask
         assert wakes == []  # the I/O thread had nothing to do
-    finally:
-        channel.close()
-        hub_side.close(linger=0)
-        context.term()
 
 
 def test_past_max_unconfirmed_the_pump_asks_a_confirmation_and_waits_for_it() -> None:
@@ -171,7 +161,6 @@ def test_past_max_unconfirmed_the_pump_asks_a_confirmation_and_waits_for_it() ->
     confirmation asked before went back into the outbox (a lost hub: resend_flushes, which now
     forgets it was asked), behind
     the messages that wait: the cap then held it back for ever (found by the hub-kill test)."""
-    import zmq
 
     from ipcbus.client.data import DataChannel
     from ipcbus.client.outbox import Outbox
@@ -182,8 +171,6 @@ def test_past_max_unconfirmed_the_pump_asks_a_confirmation_and_waits_for_it() ->
     outbox.set_limit(1024 * 1024)
     outbox.check(Tick(0, "cap"))
     channel = DataChannel(outbox, Session("ipc://test"), lambda: None, lambda: None, 20)
-    context = zmq.Context()
-    hub_side, client_side = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
 
     def received() -> list[list[bytes]]:
         requests = []
@@ -197,10 +184,7 @@ def test_past_max_unconfirmed_the_pump_asks_a_confirmation_and_waits_for_it() ->
                 hub_side.send_multipart(wire.flushed(b"", request[1], b"")[1:])
         time.sleep(0.05)
 
-    try:
-        hub_side.bind("inproc://cap")
-        client_side.connect("inproc://cap")
-        channel.attach(client_side)
+    with paired_channel(channel, "cap") as (hub_side, _client):
         for seq in range(50):
             outbox.append(Tick(seq, "cap"))
         channel.pump()
@@ -226,10 +210,6 @@ def test_past_max_unconfirmed_the_pump_asks_a_confirmation_and_waits_for_it() ->
         channel.pump()
         assert outbox.confirmed == 40
         assert outbox.sent == 50
-    finally:
-        channel.close()
-        hub_side.close(linger=0)
-        context.term()
 
 
 def _flood(address: str, ready: Any, stop: Any) -> None:

@@ -215,6 +215,15 @@ class AuthenticatedPeer:
         (body,) = self.expect(_wire.STATS, timeout)
         return HubStatistics.from_json(body)
 
+    def send_data(self, hub: Hub, frames: list[bytes]) -> tuple[HubStatistics, HubStatistics]:
+        """Send ``frames`` on the data socket: the hub's statistics once it has handled what
+        came before them, and once it has handled them."""
+        self.data_sync()
+        before = hub.statistics()
+        self.data.send_multipart(frames)
+        self.data_sync()
+        return before, hub.statistics()
+
     def data_sync(self, timeout: float = REPLY_TIMEOUT) -> None:
         """Return once the hub has handled everything this peer sent on the data socket."""
         token = b"sync-%d" % next(self._tokens)
@@ -400,11 +409,7 @@ def test_malformed_data_requests_are_counted_and_dropped(
     fresh_hub: Hub, raw_peers: RawPeers, case: str
 ) -> None:
     peer = AuthenticatedPeer(raw_peers, fresh_hub.address)
-    peer.data_sync()
-    before = fresh_hub.statistics()
-    peer.data.send_multipart(MALFORMED_DATA[case])
-    peer.data_sync()
-    after = fresh_hub.statistics()
+    before, after = peer.send_data(fresh_hub, MALFORMED_DATA[case])
     assert after.malformed_dropped - before.malformed_dropped == 1
     assert after.batches_relayed == before.batches_relayed, "a malformed request was relayed"
     round_trip(fresh_hub.address, 20)

@@ -10,6 +10,8 @@ from ipcbus.client.confirm import Unconfirmed
 from ipcbus.client.outbox import FlushMarker, Outbox
 from ipcbus.wire import protocol as wire
 
+from .hubtools import paired_channel
+
 TICK = wire.topic_for("app.Tick")
 JOB = wire.topic_for("app.Job")
 
@@ -99,7 +101,6 @@ def test_only_the_hub_that_welcomed_the_client_confirms_a_flush() -> None:
     pipe handed over, the ones the dead hub lost in its socket buffers (never sent again). The
     client takes a FLUSHED only from the hub that welcomed it; the flush is asked again, under a
     new token, once the new hub has (Outbox.resend_flushes)."""
-    import zmq
 
     from ipcbus.client.data import DataChannel
     from ipcbus.client.session import Session
@@ -108,12 +109,7 @@ def test_only_the_hub_that_welcomed_the_client_confirms_a_flush() -> None:
     session = Session("ipc://test")
     session.hub_id = b"dead-hub"
     channel = DataChannel(outbox, session, lambda: None, lambda: None, 10_000)
-    context = zmq.Context()
-    hub_side, client_side = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
-    try:
-        hub_side.bind("inproc://flushed-by-whom")
-        client_side.connect("inproc://flushed-by-whom")
-        channel.attach(client_side)
+    with paired_channel(channel, "flushed-by-whom") as (hub_side, client_side):
         marker = FlushMarker(b"7")
         outbox.append(marker)
         channel.pump()
@@ -136,7 +132,3 @@ def test_only_the_hub_that_welcomed_the_client_confirms_a_flush() -> None:
         assert client_side.poll(1000)
         channel.pump()
         assert marker.done.is_set()
-    finally:
-        channel.close()
-        hub_side.close(linger=0)
-        context.term()
