@@ -246,6 +246,19 @@ def errors_logged(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 
 @pytest.fixture
+def raw_peers() -> Iterator[Any]:
+    """Raw ZeroMQ peers of a hub (test_security.RawPeers: with or without the secret), all
+    closed afterwards."""
+    from .test_security import RawPeers
+
+    peers = RawPeers()
+    try:
+        yield peers
+    finally:
+        peers.close()
+
+
+@pytest.fixture
 def workers() -> Iterator[Workers]:
     """Spawned worker processes of the test (see hubtools.Workers), all stopped afterwards."""
     started = Workers()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,18 +149,9 @@ HOSTILE_NUMBERED: dict[str, list[bytes]] = {
 }
 
 
-@pytest.fixture
-def peers() -> Iterator[RawPeers]:
-    raw = RawPeers()
-    try:
-        yield raw
-    finally:
-        raw.close()
-
-
 @pytest.mark.parametrize("case", list(HOSTILE_NUMBERED))
 def test_a_malformed_numbered_batch_of_a_grouped_topic_is_counted_and_taken_for_nothing(
-    fresh_hub: Hub, peers: RawPeers, case: str
+    fresh_hub: Hub, raw_peers: RawPeers, case: str
 ) -> None:
     """Malformed, it is counted and dropped, and it numbers nothing: the same position, well
     formed and sent again, is held (attempt 2), not dropped as one the hub had."""
@@ -169,7 +159,7 @@ def test_a_malformed_numbered_batch_of_a_grouped_topic_is_counted_and_taken_for_
     with HubBroker(address) as producer:
         producer.declare_queue(Tick, "jobs")
         producer.flush(30)
-    peer = AuthenticatedPeer(peers, address)
+    peer = AuthenticatedPeer(raw_peers, address)
     before, middle = peer.send_data(fresh_hub, HOSTILE_NUMBERED[case])
     assert middle.malformed_dropped - before.malformed_dropped == 1
     assert middle.queues[QUEUE]["held"] == before.queues[QUEUE]["held"]

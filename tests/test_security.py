@@ -22,7 +22,6 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,15 +162,6 @@ def _handshake_failed(monitor: zmq.Socket[bytes], timeout: float) -> bool:
         if event in failures:
             return True
     return False
-
-
-@pytest.fixture
-def raw_peers() -> Iterator[RawPeers]:
-    peers = RawPeers()
-    try:
-        yield peers
-    finally:
-        peers.close()
 
 
 def _receive(sock: zmq.Socket[bytes], timeout: float = REPLY_TIMEOUT) -> list[bytes]:
