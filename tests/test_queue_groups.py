@@ -88,16 +88,20 @@ def test_load_is_balanced_and_every_group_gets_every_message(
 
 def test_consumers_killed_mid_handler_lose_nothing(backend: Backend, tmp_path: Path) -> None:
     """SIGKILL consumers in the middle of handlers, again and again, while messages are
-    published: every message is still processed to completion at least once."""
+    published: every message is still processed to completion at least once. (NatsBroker
+    counts a delivery whose consumer died as an attempt, docs/guarantees.md: with 3 attempts, a
+    message in the hands of three victims in a row was dead-lettered, 2 of 1 660 in one CI run.
+    The consumers get an attempt per kill, so none runs out.)"""
     rounds = backend.kill_rounds
     per_round = 5000 // backend.scale // rounds
     count = per_round * rounds
     consumers = Consumers(backend.spec, tmp_path)
     rng = random.Random(7)
     kills = 0
+    attempts = rounds + 1
     try:
         for _ in range(3):
-            consumers.start(delay=0.002)
+            consumers.start(delay=0.002, max_attempts=attempts)
         with backend.producer() as producer:
             for round_ in range(rounds):
                 for seq in range(round_ * per_round, (round_ + 1) * per_round):
@@ -110,7 +114,7 @@ def test_consumers_killed_mid_handler_lose_nothing(backend: Backend, tmp_path: P
                 os.kill(victim.pid, signal.SIGKILL)
                 victim.join(10)
                 kills += 1
-                consumers.start(delay=0.002)
+                consumers.start(delay=0.002, max_attempts=attempts)
             wait_until(lambda: len(consumers.done()) == count, 120)
             wait_until(lambda: backend.idle(producer), 30)  # nothing held or unacked left
     finally:
