@@ -267,6 +267,24 @@ def test_connect_without_an_address_names_the_variable(monkeypatch: pytest.Monke
 # -- 2. hub basics ----------------------------------------------------------------------------
 
 
+def test_a_hub_process_that_cannot_start_leaves_no_private_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Process.start() raising (spawn from a module a spawned child is importing raises
+    RuntimeError) left the private directory behind: found in the temporary directory."""
+
+    def refuse(process: Any) -> None:
+        raise RuntimeError("cannot start a process now")
+
+    monkeypatch.setattr(multiprocessing.get_context("spawn").Process, "start", refuse)
+    hub = Hub(start_method="spawn")
+    directory = os.path.dirname(_ipc_path(hub.address))
+    assert os.path.isdir(directory)
+    with pytest.raises(RuntimeError, match="cannot start"):
+        hub.start(timeout=START_TIMEOUT)
+    assert not os.path.exists(directory)
+
+
 @pytest.mark.parametrize("start_method", ["spawn", "fork"])
 def test_a_default_hub_serves_from_a_private_directory_removed_on_stop(
     start_method: str, monkeypatch: pytest.MonkeyPatch

@@ -161,10 +161,11 @@ class Hub(QueueAdminMixin):
         _running.add(self)
         try:
             process.start()
-        except BaseException:
+        except BaseException:  # e.g. spawn from a module being imported by a spawned child
             self._process, self._parent_end = None, None
             _running.discard(self)
             parent_end.close()
+            self._remove_private_dir()  # made for this hub: nothing else will remove it
             raise
         finally:
             child_end.close()
