@@ -182,9 +182,9 @@ def test_past_max_unconfirmed_the_pump_asks_a_confirmation_and_waits_for_it() ->
         for request in requests:
             if wire.parse_data_kind(request[0]) == wire.FLUSH:
                 hub_side.send_multipart(wire.flushed(b"", request[1], b"")[1:])
-        time.sleep(0.05)
+                assert client_side.poll(1000)  # there for the pump to read
 
-    with paired_channel(channel, "cap") as (hub_side, _client):
+    with paired_channel(channel, "cap") as (hub_side, client_side):
         for seq in range(50):
             outbox.append(Tick(seq, "cap"))
         channel.pump()

@@ -11,9 +11,9 @@ fell on it, measured. The hub answers a FLUSH after what came before it (relayed
 it has a journal). When a *different* hub welcomes the client (the previous one died), what the
 previous one did not confirm is (docs/guarantees.md, "Hub kill -9"):
 
-- for topics with queue groups, sent again, first, flagged as such (``wire.sent_again``): a new
-  hub with the dead one's journal drops the copies it journaled, and delivers the others with
-  ``attempt`` 2 (the dead hub may have delivered them: at least once, every duplicate flagged);
+- for topics with queue groups, sent again, first, flagged as such (``wire.sent_again``): the
+  new hub drops the copies of batches it has (out of this client's pipe, or journaled by the
+  dead hub), and delivers the others with ``attempt`` 2 (the dead hub may have delivered them);
 - broadcast, counted per type in ``in_doubt`` and logged at WARNING: it may have reached its
   subscribers or not, and sending it again could duplicate it.
 """

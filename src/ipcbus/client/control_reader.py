@@ -42,7 +42,6 @@ class ControlReader:
     _dealer: Socket | None
     _sub: Socket | None
     _endpoints: tuple[str, str]
-    _hub_id: bytes | None
     _same_hub: bool
     _full_version: int
     _on_hub_state: Callable[[bool], None]
@@ -149,7 +148,7 @@ class ControlReader:
     def _welcome(self, welcome: wire.Welcome) -> bool:
         resync = bool(self._subscriptions.live_topics)
         was_available = self.session.available
-        same_hub = welcome.hub_id == self._hub_id
+        same_hub = welcome.hub_id == self.session.hub_id  # the one before this WELCOME
         with self._data.lock:  # a publisher sending at once sees the hub back and resyncing
             reconnected = self.session.welcome(welcome, resync)
             if reconnected and not same_hub:
@@ -163,7 +162,6 @@ class ControlReader:
         if not was_available:
             self._on_hub_state(True)
         self._same_hub = same_hub
-        self._hub_id = welcome.hub_id
         # Whatever an earlier hub held back, this one says again in a FULL of its own.
         if self.full_topics:
             self.full_topics = frozenset()

@@ -96,8 +96,7 @@ class IOThread(IOCalls, ControlReader):
         # Topics whose queue groups are full: publish() of them waits (the hub's FULL).
         self.full_topics: frozenset[bytes] = frozenset()
         self._full_version = 0
-        self._hub_id: bytes | None = None  # the hub of the last WELCOME
-        self._same_hub = True  # ... and whether the one before it was the same
+        self._same_hub = True  # whether the hub of the last WELCOME was the one before it
         self._connect_timeout: float | None = None
         self._endpoints = ("", "")  # the hub's publish and fan-out endpoints, from WELCOME
         self._watch = ConnectionWatch(self.endpoint, self._hub_lost)

@@ -59,16 +59,17 @@ class DataPath:
         flags, position, topic, meta = wire.parse_numbered_head(head)
         positions = self._book.positions
         again = flags & wire.AGAIN  # sent again: the hub before this one did not confirm it
+        run = positions.run(identity, position)
         if again and positions.taken(identity, position):
             # Taken already: from the client's pipe (ZeroMQ hands it to the next hub), or
-            # journaled by the hub before (restored).
-            self.duplicates += wire.unpack_meta(meta)[1]
-            positions.note(identity, position)  # read: the run goes on
+            # journaled by the hub before (restored). Checked as any batch, so that what is
+            # counted is what it held (a malformed one is malformed, not a duplicate).
+            self.duplicates += _checked(meta, frames)[0]
+            positions.note(identity, run)  # read: the run goes on
             return
         # Sent again, the hub before may have delivered it: as delivered once (attempt 2 next).
-        run = positions.run(identity, position)
         self._publish(identity, topic, meta, frames, 1 if again else 0, run)
-        positions.note(identity, position)  # once it passed the checks
+        positions.note(identity, run)  # once it passed the checks
 
     def _publish(
         self,
@@ -81,17 +82,11 @@ class DataPath:
     ) -> None:
         fanout = self.fanout
         assert fanout is not None
-        if len(frames) < 3:
-            raise ValueError("PUBLISH without payload")
-        codec, count, _ = wire.unpack_meta(meta)
-        split = codec in wire.SPLIT_CODECS
+        count, split = _checked(meta, frames)
         if split:
-            if len(frames) != 4:
-                raise ValueError(f"a split batch in {len(frames) - 2} frames, not 2")
             # The payloads as a view of the received frame: the hub copies no payload
             # (8 MB messages, issue 12); queue runs are views of it in turn.
             sizes, payloads = frames[2].bytes, frames[3].buffer
-            wire.check_split(count, sizes, payloads)
         self.batches += 1
         self.messages += count
         # Topic, meta and payload: what the hub relays of it.
@@ -112,3 +107,17 @@ class DataPath:
                 self.unsplittable += count
                 logger.warning("%d messages of %r reached no queue group", count, topic)
         fanout.relay(topic, meta, count, frames[2:], identity)
+
+
+def _checked(meta: bytes, frames: list[zmq.Frame]) -> tuple[int, bool]:
+    """The message count and whether it is split, of a PUBLISH whose frames are
+    ``[identity, head, payload, ...]``; ``ValueError`` when they do not hold what it says."""
+    if len(frames) < 3:
+        raise ValueError("PUBLISH without payload")
+    codec, count, _ = wire.unpack_meta(meta)
+    split = codec in wire.SPLIT_CODECS
+    if split:
+        if len(frames) != 4:
+            raise ValueError(f"a split batch in {len(frames) - 2} frames, not 2")
+        wire.check_split(count, frames[2].bytes, frames[3].buffer)
+    return count, split

@@ -86,14 +86,13 @@ class Positions:
             return position, position
         return runs.start, position
 
-    def note(self, publisher: bytes, position: int) -> tuple[int, int]:
-        """The batch ``publisher`` numbered ``position`` was read by this hub (taken, or
-        dropped as one it had): returns the run it belongs to (``run``)."""
-        low, high = self.run(publisher, position)
+    def note(self, publisher: bytes, run: tuple[int, int]) -> None:
+        """The batch that ends ``run`` (``run()``) was read by this hub (taken, or dropped as
+        one it had)."""
+        low, high = run
         runs = self._keep(publisher)
         runs.add(low, high)
         runs.start, runs.last = low, high
-        return low, high
 
     def restore(self, publisher: bytes, low: int, high: int) -> None:
         """A run a hub before this one journaled (this hub's reading of the publisher starts
@@ -120,6 +119,3 @@ class Positions:
                 for low, high in zip(runs.lows, runs.highs, strict=True)
             ]
         )
-
-    def __len__(self) -> int:
-        return len(self._runs)

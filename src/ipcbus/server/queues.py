@@ -101,8 +101,8 @@ class QueueBook(QueueDispatch):
         self.late_acks = 0  # acks for this hub's deliveries it no longer has
         self.stale_acks = 0  # acks for deliveries of another hub (before a restart)
         self.deleted_dropped = 0  # held messages dropped with their deleted group
-        # Per publisher, the last numbered batch taken (the data path drops a copy sent again
-        # of one; a journal keeps them across a crash).
+        # Per publisher, the runs of numbered batches taken (the data path drops a copy sent
+        # again of one; a journal keeps them across a crash).
         self.positions = Positions()
         self.full_topics: frozenset[bytes] = frozenset()
         self.journal: JournalHooks | None = None

@@ -36,8 +36,10 @@ from typing import Any
 # it needed.
 # Version 9: a split batch (a topic with queue groups) is a numbered PUBLISH: its head carries the
 # publisher's position (messages it sent up to this batch's last) and a flag for a copy sent again
-# to a new hub, so that a hub restarted with the journal drops the copies the dead one journaled
-# and delivers the rest with ``attempt`` 2 (they may have been delivered once).
+# to a new hub, so that the new hub drops the copies of batches it has (out of the client's pipe,
+# or journaled by the dead hub) and delivers the rest with ``attempt`` 2 (they may have been
+# delivered once). FLUSHED carries the hub's id: a client takes it only from the hub that
+# welcomed it.
 VERSION = 9
 HEADER_LEN = 2
 

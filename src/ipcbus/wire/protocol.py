@@ -86,12 +86,14 @@ client data DEALER → hub data ROUTER (``<address>.in``)
                                 kind a topic with queue groups gets), numbered: ``flags`` (1
                                 byte; ``AGAIN`` = 1: a copy sent again to a new hub, whose
                                 predecessor did not confirm it) and ``position`` (uint64: the
-                                messages this client sent up to this batch's last). A hub with
-                                a journal remembers each publisher's last position and drops a
-                                copy sent again that the dead hub had journaled; the rest of
-                                such copies it delivers as if delivered once (``attempt`` 2)
-    FLUSH    ``[token]``      → FLUSHED ``[token]`` once every earlier PUBLISH of this client was
-                                handed to the XPUB socket (one DEALER: the order is kept)
+                                messages this client sent up to this batch's last). The hub
+                                keeps the runs of positions it read of each publisher (with a
+                                journal, across a crash: ``server.positions``) and drops a copy
+                                sent again of a batch it has; the other copies it delivers as
+                                if delivered once (``attempt`` 2)
+    FLUSH    ``[token]``      → FLUSHED ``[token, hub_id]`` once every earlier PUBLISH of this
+                                client was handed to the XPUB socket (one DEALER: the order is
+                                kept); a client takes it only from the hub that welcomed it
 hub XPUB (``<address>.pub``) → client SUB   ``[topic seq publisher meta, *payload]`` (one head
     frame, ``fanout_head``: the topic first, for the SUB socket's prefix match; publisher is the
     client id of the process that published, length first) or a sync answer
